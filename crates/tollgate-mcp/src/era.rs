@@ -1,0 +1,272 @@
+//! MCP protocol eras and the 2026-07-28 routing headers.
+//!
+//! The handshake era (2024-11-05 … 2025-11-25) negotiates a version with
+//! `initialize` and may use sessions; the stateless era (2026-07-28) carries the
+//! version in every request's `params._meta` and mirrors method and name into
+//! headers. Tollgate decides on the body, so a header that disagrees with the
+//! body is refused: otherwise a header-routed component could be steered around
+//! the policy.
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::jsonrpc::{Kind, Message};
+
+/// The first protocol version of the stateless era.
+pub const STATELESS_PROTOCOL_VERSION: &str = "2026-07-28";
+
+/// The `_meta` key that carries the protocol version in the stateless era.
+pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// Which generation of MCP a request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Era {
+    /// `initialize` handshake, optional `Mcp-Session-Id` sessions.
+    Handshake,
+    /// Per-request metadata, no sessions (2026-07-28 and later).
+    Stateless,
+}
+
+/// `params._meta["io.modelcontextprotocol/protocolVersion"]`, when present.
+pub fn meta_protocol_version(message: &Message) -> Option<&str> {
+    message.meta()?.get(PROTOCOL_VERSION_META)?.as_str()
+}
+
+fn is_stateless_version(version: &str) -> bool {
+    // Versions are ISO dates, so they order as strings.
+    version >= STATELESS_PROTOCOL_VERSION
+}
+
+/// The era of one message, from its body first and the `MCP-Protocol-Version` header second.
+pub fn era_of(message: &Message, header_version: Option<&str>) -> Era {
+    match meta_protocol_version(message).or(header_version) {
+        Some(version) if is_stateless_version(version) => Era::Stateless,
+        _ => Era::Handshake,
+    }
+}
+
+/// Headers of a POST that mirror fields of its body, as received (`None` when absent).
+#[derive(Debug, Clone, Default)]
+pub struct RoutingHeaders<'a> {
+    /// `MCP-Protocol-Version`.
+    pub protocol_version: Option<&'a [u8]>,
+    /// `Mcp-Method`.
+    pub method: Option<&'a [u8]>,
+    /// `Mcp-Name`.
+    pub name: Option<&'a [u8]>,
+}
+
+/// A header that is missing, malformed or disagrees with the body (JSON-RPC -32020, HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("header mismatch: {0}")]
+pub struct HeaderMismatch(pub String);
+
+/// Decodes a header value, including the `=?base64?…?=` sentinel form of 2026-07-28.
+pub fn decode_header_value(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?;
+    if !text
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..=0x7e).contains(&b))
+    {
+        return None;
+    }
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|t| t.strip_suffix("?="))
+    {
+        Some(encoded) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(text.to_owned()),
+    }
+}
+
+/// The body value `Mcp-Name` mirrors: `params.name`, else `params.uri`.
+fn body_name(params: Option<&Map<String, Value>>) -> Option<&str> {
+    let params = params?;
+    params.get("name").or_else(|| params.get("uri"))?.as_str()
+}
+
+fn requires_name(method: &str) -> bool {
+    matches!(method, "tools/call" | "resources/read" | "prompts/get")
+}
+
+impl RoutingHeaders<'_> {
+    /// Checks the headers against the body. Headers present in any era must agree
+    /// with it; in the stateless era the standard ones are also required.
+    pub fn validate(&self, message: &Message) -> Result<(), HeaderMismatch> {
+        let header = |name: &str, raw: Option<&[u8]>| -> Result<Option<String>, HeaderMismatch> {
+            raw.map(|raw| {
+                decode_header_value(raw).ok_or_else(|| {
+                    HeaderMismatch(format!(
+                        "{name} header value is not valid (visible ASCII or =?base64?…?=)"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        let version = header("MCP-Protocol-Version", self.protocol_version)?;
+        let method = header("Mcp-Method", self.method)?;
+        let name = header("Mcp-Name", self.name)?;
+        let stateless = meta_protocol_version(message);
+
+        if let (Some(header), Some(body)) = (&version, stateless) {
+            if header != body {
+                return Err(HeaderMismatch(format!(
+                    "MCP-Protocol-Version header value '{header}' does not match body value '{body}'"
+                )));
+            }
+        }
+        if let Some(header) = &method {
+            let body = message.method().unwrap_or("");
+            if header != body {
+                return Err(HeaderMismatch(format!(
+                    "Mcp-Method header value '{header}' does not match body value '{body}'"
+                )));
+            }
+        }
+        if let Some(header) = &name {
+            let body = body_name(message.params()).unwrap_or("");
+            if header != body {
+                return Err(HeaderMismatch(format!(
+                    "Mcp-Name header value '{header}' does not match body value '{body}'"
+                )));
+            }
+        }
+        if stateless.is_some_and(is_stateless_version) && message.kind() == Kind::Request {
+            if version.is_none() {
+                return Err(HeaderMismatch(
+                    "the MCP-Protocol-Version header is required".into(),
+                ));
+            }
+            let body_method = message.method().unwrap_or("");
+            if method.is_none() {
+                return Err(HeaderMismatch("the Mcp-Method header is required".into()));
+            }
+            if requires_name(body_method) && name.is_none() {
+                return Err(HeaderMismatch(format!(
+                    "the Mcp-Name header is required for {body_method}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::Incoming;
+
+    fn msg(body: &str) -> Message {
+        match Incoming::parse(body.as_bytes()).unwrap() {
+            Incoming::Single(m) => m,
+            Incoming::Batch(_) => panic!("batch"),
+        }
+    }
+
+    const STATELESS_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_weather","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+
+    fn headers<'a>(
+        v: Option<&'a str>,
+        m: Option<&'a str>,
+        n: Option<&'a str>,
+    ) -> RoutingHeaders<'a> {
+        RoutingHeaders {
+            protocol_version: v.map(str::as_bytes),
+            method: m.map(str::as_bytes),
+            name: n.map(str::as_bytes),
+        }
+    }
+
+    #[test]
+    fn detects_eras() {
+        let call = msg(STATELESS_CALL);
+        assert_eq!(era_of(&call, None), Era::Stateless);
+        let init = msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}"#,
+        );
+        assert_eq!(era_of(&init, Some("2025-11-25")), Era::Handshake);
+        assert_eq!(era_of(&init, None), Era::Handshake);
+    }
+
+    #[test]
+    fn accepts_matching_headers() {
+        let call = msg(STATELESS_CALL);
+        headers(Some("2026-07-28"), Some("tools/call"), Some("get_weather"))
+            .validate(&call)
+            .unwrap();
+        let encoded = "=?base64?Z2V0X3dlYXRoZXI=?=";
+        headers(Some("2026-07-28"), Some("tools/call"), Some(encoded))
+            .validate(&call)
+            .unwrap();
+    }
+
+    #[test]
+    fn refuses_a_name_that_smuggles_another_tool() {
+        let call = msg(STATELESS_CALL);
+        let err =
+            headers(Some("2026-07-28"), Some("tools/call"), Some("delete_all")).validate(&call);
+        assert!(
+            err.unwrap_err()
+                .0
+                .contains("Mcp-Name header value 'delete_all'")
+        );
+        let err =
+            headers(Some("2026-07-28"), Some("tools/list"), Some("get_weather")).validate(&call);
+        assert!(err.unwrap_err().0.contains("Mcp-Method"));
+        let err =
+            headers(Some("2025-11-25"), Some("tools/call"), Some("get_weather")).validate(&call);
+        assert!(err.unwrap_err().0.contains("MCP-Protocol-Version"));
+    }
+
+    #[test]
+    fn requires_standard_headers_in_the_stateless_era() {
+        let call = msg(STATELESS_CALL);
+        assert!(
+            headers(None, Some("tools/call"), Some("get_weather"))
+                .validate(&call)
+                .is_err()
+        );
+        assert!(
+            headers(Some("2026-07-28"), None, Some("get_weather"))
+                .validate(&call)
+                .is_err()
+        );
+        assert!(
+            headers(Some("2026-07-28"), Some("tools/call"), None)
+                .validate(&call)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn checks_headers_present_in_the_handshake_era_too() {
+        let call = msg(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a"}}"#);
+        headers(Some("2025-11-25"), None, None)
+            .validate(&call)
+            .unwrap();
+        assert!(
+            headers(Some("2025-11-25"), None, Some("b"))
+                .validate(&call)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_header_values() {
+        let call = msg(STATELESS_CALL);
+        let bad = RoutingHeaders {
+            protocol_version: Some(b"2026-07-28"),
+            method: Some(b"tools/call"),
+            name: Some(b"get_weather\x01"),
+        };
+        assert!(bad.validate(&call).is_err());
+        assert_eq!(decode_header_value(b"=?base64?not base64!?="), None);
+        assert_eq!(decode_header_value(b"plain").as_deref(), Some("plain"));
+    }
+}

@@ -1,0 +1,332 @@
+//! JSON-RPC 2.0 messages over `serde_json::Value`.
+
+use serde_json::{Map, Value, json};
+
+/// JSON-RPC and MCP error codes Tollgate answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The body is not JSON.
+    ParseError,
+    /// JSON, but not a JSON-RPC 2.0 message.
+    InvalidRequest,
+    /// An internal error, used for upstream failures.
+    InternalError,
+    /// A tool call refused by the policy (`deny_as: error`).
+    DeniedByPolicy,
+    /// MCP `HeaderMismatch`: routing headers disagree with the body.
+    HeaderMismatch,
+}
+
+impl ErrorCode {
+    /// The numeric code on the wire.
+    pub fn code(self) -> i64 {
+        match self {
+            ErrorCode::ParseError => -32700,
+            ErrorCode::InvalidRequest => -32600,
+            ErrorCode::InternalError => -32603,
+            ErrorCode::DeniedByPolicy => -32001,
+            ErrorCode::HeaderMismatch => -32020,
+        }
+    }
+}
+
+/// Why a body could not be framed as JSON-RPC.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FramingError {
+    /// The body is not valid JSON.
+    #[error("parse error: the body is not valid JSON ({0})")]
+    Parse(#[from] serde_json::Error),
+    /// Valid JSON that is not a JSON-RPC 2.0 message.
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+impl FramingError {
+    /// The JSON-RPC error code that answers this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FramingError::Parse(_) => ErrorCode::ParseError,
+            FramingError::Invalid(_) => ErrorCode::InvalidRequest,
+        }
+    }
+}
+
+/// What kind of JSON-RPC message a [`Message`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and `id`.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `id` and `result` or `error`.
+    Response,
+}
+
+/// One JSON-RPC message, validated once and kept as its JSON value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    value: Value,
+    kind: Kind,
+}
+
+/// A body: one message, or a JSON-RPC batch (MCP 2025-03-26).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// One message.
+    Single(Message),
+    /// A non-empty batch.
+    Batch(Vec<Message>),
+}
+
+impl Incoming {
+    /// Parses and validates a body.
+    pub fn parse(body: &[u8]) -> Result<Incoming, FramingError> {
+        match serde_json::from_slice::<Value>(body)? {
+            Value::Array(items) if items.is_empty() => Err(FramingError::Invalid(
+                "an empty batch is not a JSON-RPC message",
+            )),
+            Value::Array(items) => items
+                .into_iter()
+                .map(Message::from_value)
+                .collect::<Result<_, _>>()
+                .map(Incoming::Batch),
+            value => Message::from_value(value).map(Incoming::Single),
+        }
+    }
+}
+
+/// The parts of a `tools/call` request the policy reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolCallRef<'a> {
+    /// `params.name`.
+    pub name: &'a str,
+    /// `params.arguments`, `Null` when absent.
+    pub arguments: &'a Value,
+}
+
+static NULL: Value = Value::Null;
+
+impl Message {
+    /// Validates that `value` is a JSON-RPC 2.0 request, notification or response.
+    pub fn from_value(value: Value) -> Result<Message, FramingError> {
+        let Value::Object(map) = &value else {
+            return Err(FramingError::Invalid(
+                "a JSON-RPC message must be a JSON object",
+            ));
+        };
+        if map.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Err(FramingError::Invalid(r#"`jsonrpc` must be "2.0""#));
+        }
+        let id_ok = |id: &Value| matches!(id, Value::String(_) | Value::Number(_));
+        let kind = match (map.get("method"), map.get("id")) {
+            (Some(Value::String(_)), None) => Kind::Notification,
+            (Some(Value::String(_)), Some(id)) if id_ok(id) => Kind::Request,
+            (Some(Value::String(_)), Some(_)) => {
+                return Err(FramingError::Invalid("`id` must be a string or a number"));
+            }
+            (Some(_), _) => return Err(FramingError::Invalid("`method` must be a string")),
+            (None, Some(_)) if map.contains_key("result") || map.contains_key("error") => {
+                Kind::Response
+            }
+            (None, _) => {
+                return Err(FramingError::Invalid(
+                    "a message needs `method` (request, notification) or `result`/`error` (response)",
+                ));
+            }
+        };
+        if let Some(params) = map.get("params") {
+            if !(params.is_object() || params.is_array()) {
+                return Err(FramingError::Invalid(
+                    "`params` must be an object or an array",
+                ));
+            }
+        }
+        Ok(Message { value, kind })
+    }
+
+    /// Request, notification or response.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// `method`, for requests and notifications.
+    pub fn method(&self) -> Option<&str> {
+        self.value.get("method").and_then(Value::as_str)
+    }
+
+    /// `id`, for requests and responses.
+    pub fn id(&self) -> Option<&Value> {
+        self.value.get("id")
+    }
+
+    /// `params`, when present.
+    pub fn params(&self) -> Option<&Map<String, Value>> {
+        self.value.get("params").and_then(Value::as_object)
+    }
+
+    /// `params._meta`, when present.
+    pub fn meta(&self) -> Option<&Map<String, Value>> {
+        self.params()?.get("_meta").and_then(Value::as_object)
+    }
+
+    /// The tool name and arguments when this is a `tools/call` request.
+    pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
+        if self.kind != Kind::Request || self.method() != Some("tools/call") {
+            return None;
+        }
+        let params = self.params()?;
+        Some(ToolCallRef {
+            name: params.get("name")?.as_str()?,
+            arguments: params.get("arguments").unwrap_or(&NULL),
+        })
+    }
+
+    /// `params.progressToken` from `_meta`, when the client asked for progress.
+    pub fn progress_token(&self) -> Option<&Value> {
+        self.meta()?.get("progressToken")
+    }
+
+    /// The JSON value.
+    pub fn as_value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The JSON value, consumed.
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+
+    /// Serialises the message as it was evaluated.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising a `Value` cannot fail: its keys are strings.
+        serde_json::to_vec(&self.value).unwrap_or_default()
+    }
+}
+
+/// A JSON-RPC error response. `id` is `Null` when the request's id is unknown.
+pub fn error_response(
+    id: Option<&Value>,
+    code: ErrorCode,
+    message: &str,
+    data: Option<Value>,
+) -> Value {
+    let mut error = json!({ "code": code.code(), "message": message });
+    if let (Some(data), Value::Object(map)) = (data, &mut error) {
+        map.insert("data".into(), data);
+    }
+    json!({ "jsonrpc": "2.0", "id": id.cloned().unwrap_or(Value::Null), "error": error })
+}
+
+/// A JSON-RPC result response.
+pub fn result_response(id: &Value, result: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn single(body: &str) -> Message {
+        match Incoming::parse(body.as_bytes()).unwrap() {
+            Incoming::Single(m) => m,
+            Incoming::Batch(_) => panic!("expected a single message"),
+        }
+    }
+
+    #[test]
+    fn classifies_requests_notifications_and_responses() {
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).kind(),
+            Kind::Request
+        );
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).kind(),
+            Kind::Notification
+        );
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).kind(),
+            Kind::Response
+        );
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#).kind(),
+            Kind::Response
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_json_rpc() {
+        for body in [
+            r#"{"id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":7}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":"s"}"#,
+            r#"[]"#,
+            r#"42"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}, 3]"#,
+        ] {
+            let err = Incoming::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidRequest, "{body}");
+        }
+        let err = Incoming::parse(b"{not json").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ParseError);
+    }
+
+    #[test]
+    fn reads_batches() {
+        let body = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"}]"#;
+        let Incoming::Batch(items) = Incoming::parse(body.as_bytes()).unwrap() else {
+            panic!("expected a batch")
+        };
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn extracts_tool_calls_only_from_tools_call_requests() {
+        let msg = single(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a":1},"_meta":{"progressToken":7}}}"#,
+        );
+        let call = msg.tool_call().unwrap();
+        assert_eq!(call.name, "x");
+        assert_eq!(call.arguments, &json!({"a": 1}));
+        assert_eq!(msg.progress_token(), Some(&json!(7)));
+        let no_args =
+            single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#);
+        assert_eq!(no_args.tool_call().unwrap().arguments, &Value::Null);
+        let notification =
+            single(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}"#);
+        assert!(notification.tool_call().is_none());
+        let nameless =
+            single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":3}}"#);
+        assert!(nameless.tool_call().is_none());
+    }
+
+    #[test]
+    fn keeps_unknown_fields_when_reserialised() {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"future/thing","params":{"x":{"y":[1,2]}},"extra":true}"#;
+        let msg = single(body);
+        let again: Value = serde_json::from_slice(&msg.to_bytes()).unwrap();
+        assert_eq!(again, serde_json::from_str::<Value>(body).unwrap());
+    }
+
+    #[test]
+    fn builds_error_responses() {
+        let err = error_response(
+            Some(&json!(3)),
+            ErrorCode::DeniedByPolicy,
+            "no",
+            Some(json!({"k": 1})),
+        );
+        assert_eq!(
+            err,
+            json!({"jsonrpc":"2.0","id":3,"error":{"code":-32001,"message":"no","data":{"k":1}}})
+        );
+        assert_eq!(
+            error_response(None, ErrorCode::ParseError, "bad", None)["id"],
+            Value::Null
+        );
+    }
+}
