@@ -113,12 +113,12 @@ impl RoutingHeaders<'_> {
         let name = header("Mcp-Name", self.name)?;
         let stateless = meta_protocol_version(message);
 
-        if let (Some(header), Some(body)) = (&version, stateless) {
-            if header != body {
-                return Err(HeaderMismatch(format!(
-                    "MCP-Protocol-Version header value '{header}' does not match body value '{body}'"
-                )));
-            }
+        if let (Some(header), Some(body)) = (&version, stateless)
+            && header != body
+        {
+            return Err(HeaderMismatch(format!(
+                "MCP-Protocol-Version header value '{header}' does not match body value '{body}'"
+            )));
         }
         if let Some(header) = &method {
             let body = message.method().unwrap_or("");

@@ -135,12 +135,12 @@ impl Message {
                 ));
             }
         };
-        if let Some(params) = map.get("params") {
-            if !(params.is_object() || params.is_array()) {
-                return Err(FramingError::Invalid(
-                    "`params` must be an object or an array",
-                ));
-            }
+        if let Some(params) = map.get("params")
+            && !(params.is_object() || params.is_array())
+        {
+            return Err(FramingError::Invalid(
+                "`params` must be an object or an array",
+            ));
         }
         Ok(Message { value, kind })
     }
