@@ -1,1 +1,77 @@
-fn main() {}
+//! `tollgate`: a policy-enforcing proxy for the Model Context Protocol.
+//!
+//! A thin clap dispatcher; each subcommand lives in its own module under `command/`.
+//! Exit codes (SPEC §2): 0 ok, 1 a policy/config/test failure the user must fix,
+//! 2 usage or I/O error.
+
+mod command;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// `version (git hash)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("TOLLGATE_GIT_HASH"),
+    ")"
+);
+
+/// Tollgate: decide every MCP tool call against a policy kept in git.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version = VERSION, about, propagate_version = true)]
+struct Cli {
+    /// Output format of validate, test and explain.
+    #[arg(long, global = true, value_enum, default_value_t = command::Format::Human)]
+    format: command::Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve(command::serve::ServeArgs),
+    /// Run the proxy in front of a built-in demo upstream, for a first try.
+    Demo(command::demo::DemoArgs),
+    /// Run only the built-in demo MCP server (for containers, tests and benchmarks).
+    DemoUpstream(command::demo::DemoUpstreamArgs),
+    /// Check policy and config files; exit 1 on any error.
+    Validate(command::validate::ValidateArgs),
+    /// Run policy test cases (`*.test.yaml`).
+    Test(command::test::TestArgs),
+    /// Say which rule decides a call, and why.
+    Explain(command::explain::ExplainArgs),
+    /// Approve or deny held calls through the admin API.
+    Approvals(command::approvals::ApprovalsArgs),
+    /// Print the JSON Schema of the policy file.
+    Schema,
+    /// Exit 0 when a Tollgate admin listener (or an MCP endpoint) is healthy.
+    Health(command::health::HealthArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => command::serve::run(args),
+        Command::Demo(args) => command::demo::run(args),
+        Command::DemoUpstream(args) => command::demo::run_upstream(args),
+        Command::Validate(args) => command::validate::run(args, cli.format),
+        Command::Test(args) => command::test::run(args, cli.format),
+        Command::Explain(args) => command::explain::run(args, cli.format),
+        Command::Approvals(args) => command::approvals::run(args),
+        Command::Schema => command::schema(),
+        Command::Health(args) => command::health::run(args),
+    }
+}

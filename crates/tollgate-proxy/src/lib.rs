@@ -1,1 +1,124 @@
-//! placeholder
+//! Tollgate's proxy: the axum server in front of upstream MCP servers.
+//!
+//! A request passes named stages: guard → authenticate → decode → session →
+//! evaluate → audit → forward. The policy is read from an atomically swapped
+//! snapshot on every request, so a reload applies to the next call and never to
+//! one in flight. Messages stay `serde_json::Value`s end to end: only what the
+//! policy needs is typed, and everything else passes through untouched.
+
+mod admin;
+mod approvals;
+mod audit;
+mod config;
+mod enforce;
+mod error;
+mod forward;
+mod hold;
+mod http;
+mod metrics;
+mod ops;
+mod reload;
+mod session;
+mod state;
+mod webhook;
+
+pub use admin::{Admin, admin_router};
+pub use approvals::{Approval, Approvals, Status as ApprovalStatus};
+pub use audit::{Audit, AuditOpenError, digest};
+pub use config::{
+    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, Limits, ServerConfig, Transport,
+    expand_env, parse_duration, parse_size,
+};
+pub use enforce::refusal;
+pub use error::ProxyError;
+pub use http::router;
+pub use metrics::Metrics;
+pub use reload::{PolicyWatcher, ReloadReport, reload_all, watch};
+pub use state::{AppState, BuildError, LoadedPolicy, PolicyInfo, Server};
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Serves the proxy on `listener` until `shutdown` completes, then lets requests in
+/// flight finish for at most `grace` (streams that never end, like GET streams,
+/// would otherwise hold the process forever).
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let sweeper = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                state.sweep();
+            }
+        })
+    };
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let deadline = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the grace period; exiting");
+            Ok(())
+        }
+    };
+    sweeper.abort();
+    state.audit.flush();
+    result
+}
+
+/// Why the admin listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminStartError {
+    /// A non-loopback admin listener needs a token.
+    #[error("admin.listen {0} is not a loopback address, so admin.token is required")]
+    TokenRequired(SocketAddr),
+}
+
+/// Checks the admin settings and records the admin URL (approvals need it).
+pub fn prepare_admin(
+    state: &AppState,
+    bound: SocketAddr,
+    token: Option<&str>,
+    version: &str,
+) -> Result<Admin, AdminStartError> {
+    let token = token.filter(|t| !t.is_empty());
+    if token.is_none() && !bound.ip().is_loopback() {
+        return Err(AdminStartError::TokenRequired(bound));
+    }
+    let _ = state.admin_url.set(format!("http://{bound}"));
+    Ok(Admin {
+        app: state.clone(),
+        token: token.map(Into::into),
+        version: version.into(),
+    })
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve_admin(
+    admin: Admin,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, admin_router(admin))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,45 @@
+//! One module per subcommand, plus what they share.
+
+pub mod approvals;
+pub mod demo;
+pub mod explain;
+pub mod health;
+pub mod serve;
+pub mod test;
+pub mod validate;
+
+use std::process::ExitCode;
+
+/// Output format of the policy commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Lines for people.
+    Human,
+    /// JSON for scripts.
+    Json,
+}
+
+/// `tollgate schema`.
+pub fn schema() -> ExitCode {
+    match serde_json::to_string_pretty(&tollgate_policy::policy_schema()) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Reads a file, naming it in the error (exit code 2 territory).
+pub fn read_file(path: &std::path::Path) -> Result<String, String> {
+    if path.is_dir() {
+        return Err(format!(
+            "{}: is a directory, expected a file",
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}

@@ -1,0 +1,109 @@
+//! `tollgate explain`: which rule decides a call, and why.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tollgate_policy::{Action, Policy, RateLimiter, ToolCall, evaluate};
+
+use super::{Format, read_file};
+
+/// Arguments of `tollgate explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The policy file.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// The tool called.
+    #[arg(long)]
+    pub tool: String,
+    /// The call's arguments, as JSON.
+    #[arg(long)]
+    pub args: Option<String>,
+    /// The session (for per-session rules).
+    #[arg(long, default_value = "default")]
+    pub session: String,
+    /// The authenticated client (for rules with `clients:`).
+    #[arg(long)]
+    pub client: Option<String>,
+}
+
+/// Runs `tollgate explain`.
+pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
+    let source = match read_file(&args.policy) {
+        Ok(source) => source,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let policy = match Policy::from_yaml(&source, &args.policy.display().to_string()) {
+        Ok(policy) => policy,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let arguments: Value = match args.args.as_deref().map(serde_json::from_str).transpose() {
+        Ok(arguments) => arguments.unwrap_or(Value::Null),
+        Err(err) => {
+            eprintln!("error: --args is not valid JSON: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let client_key = args.client.clone().unwrap_or_else(|| "default".to_owned());
+    let call = ToolCall {
+        tool: &args.tool,
+        arguments: &arguments,
+        client: args.client.as_deref(),
+        session_key: &args.session,
+        client_key: &client_key,
+    };
+    let decision = evaluate(&policy, &mut RateLimiter::new(), &call, Duration::ZERO);
+    let action = match decision.action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::RequireApproval => "require_approval",
+    };
+    let rule = decision.rule.as_ref().map_or_else(
+        || "default (no rule matches)".to_owned(),
+        ToString::to_string,
+    );
+    match format {
+        Format::Json => {
+            let mut out = decision.meta_json();
+            out["decision"] = json!(action);
+            out["failing_path"] = json!(decision.failing_path);
+            if let Some(approval) = &decision.approval {
+                out["approval_timeout_s"] = json!(approval.timeout.as_secs());
+            }
+            println!("{out}");
+        }
+        Format::Human => {
+            let kind = decision
+                .kind
+                .map(|k| format!(" ({})", k.as_str()))
+                .unwrap_or_default();
+            println!("decision: {action}{kind}");
+            println!("rule:     {rule}");
+            println!("reason:   {}", decision.reason);
+            if let Some(path) = &decision.failing_path {
+                println!("argument: {path}");
+            }
+            if let Some(approval) = &decision.approval {
+                println!(
+                    "approval: a human has {}s, via {:?}",
+                    approval.timeout.as_secs(),
+                    approval.via
+                );
+            }
+            if policy.mode() == tollgate_policy::Mode::Audit {
+                println!(
+                    "mode:     audit (the proxy logs this decision but lets the call through)"
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

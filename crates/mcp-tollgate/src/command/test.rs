@@ -1,0 +1,279 @@
+//! `tollgate test PATH...`: run policy test cases (SPEC §5) kept beside the policy.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tollgate_policy::{Action, Decision, Policy, RateLimiter, ToolCall, evaluate};
+
+use super::{Format, read_file};
+
+/// Arguments of `tollgate test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// `*.test.yaml` files, or directories searched for them.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// A test file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    /// The policy under test, relative to the test file.
+    pub policy: PathBuf,
+    /// The cases, run in order against one rate-limit state.
+    pub cases: Vec<Case>,
+}
+
+/// Expected decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    /// Let through.
+    Allow,
+    /// Refused.
+    Deny,
+    /// Held for a human.
+    RequireApproval,
+}
+
+/// One case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    /// Shown when it fails.
+    pub name: String,
+    /// The tool called.
+    pub tool: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub arguments: Option<Value>,
+    /// The session (default `default`).
+    #[serde(default)]
+    pub session: Option<String>,
+    /// The authenticated client.
+    #[serde(default)]
+    pub client: Option<String>,
+    /// Seconds since the start of the test file.
+    #[serde(default)]
+    pub at: f64,
+    /// The same call this many times (default 1).
+    #[serde(default = "one")]
+    pub repeat: u32,
+    /// Expected decision of every call (of all but the last when `expect_last` is set).
+    #[serde(default)]
+    pub expect: Option<Expect>,
+    /// Expected decision of the last call.
+    #[serde(default)]
+    pub expect_last: Option<Expect>,
+    /// Expected refusal kind of the last call: deny, arguments or rate_limit.
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn action_of(expect: Expect) -> Action {
+    match expect {
+        Expect::Allow => Action::Allow,
+        Expect::Deny => Action::Deny,
+        Expect::RequireApproval => Action::RequireApproval,
+    }
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::RequireApproval => "require_approval",
+    }
+}
+
+/// Parses a test file and compiles its policy.
+pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<String>> {
+    let suite: Suite = tollgate_policy::from_yaml_str(source, &path.display().to_string())
+        .map_err(|e| vec![e.to_string()])?;
+    let mut problems = Vec::new();
+    for (i, case) in suite.cases.iter().enumerate() {
+        if case.expect.is_none() && case.expect_last.is_none() {
+            problems.push(format!(
+                "{}: cases[{i}] `{}`: needs `expect` or `expect_last`",
+                path.display(),
+                case.name
+            ));
+        }
+        if case.repeat == 0 {
+            problems.push(format!(
+                "{}: cases[{i}] `{}`: `repeat` must be at least 1",
+                path.display(),
+                case.name
+            ));
+        }
+        if !(case.at.is_finite() && case.at >= 0.0) {
+            problems.push(format!(
+                "{}: cases[{i}] `{}`: `at` must be seconds >= 0",
+                path.display(),
+                case.name
+            ));
+        }
+        if let Some(kind) = &case.kind {
+            if !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit") {
+                problems.push(format!(
+                    "{}: cases[{i}] `{}`: kind must be deny, arguments or rate_limit",
+                    path.display(),
+                    case.name
+                ));
+            }
+        }
+    }
+    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
+    let policy_source = read_file(&policy_path).map_err(|e| vec![e])?;
+    let policy = Policy::from_yaml(&policy_source, &policy_path.display().to_string())
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    if problems.is_empty() {
+        Ok((suite, policy))
+    } else {
+        Err(problems)
+    }
+}
+
+/// Runs the cases of one suite; returns failure messages.
+pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
+    let mut limiter = RateLimiter::new();
+    let mut failures = Vec::new();
+    let null = Value::Null;
+    for case in &suite.cases {
+        let arguments = case.arguments.as_ref().unwrap_or(&null);
+        let session = case.session.as_deref().unwrap_or("default");
+        let client_key = case.client.as_deref().unwrap_or("default");
+        let call = ToolCall {
+            tool: &case.tool,
+            arguments,
+            client: case.client.as_deref(),
+            session_key: session,
+            client_key,
+        };
+        let now = Duration::from_secs_f64(case.at);
+        let decisions: Vec<Decision> = (0..case.repeat)
+            .map(|_| evaluate(policy, &mut limiter, &call, now))
+            .collect();
+        let describe = |d: &Decision| {
+            let rule = d
+                .rule
+                .as_ref()
+                .map_or_else(|| "default".to_owned(), ToString::to_string);
+            let kind = d
+                .kind
+                .map(|k| format!(" ({})", k.as_str()))
+                .unwrap_or_default();
+            format!("{}{kind} by {rule}: {}", action_name(d.action), d.reason)
+        };
+        let last_index = decisions.len().saturating_sub(1);
+        let mut failure = None;
+        for (i, decision) in decisions.iter().enumerate() {
+            let expected = match (case.expect, case.expect_last) {
+                (_, Some(last)) if i == last_index => Some(last),
+                (Some(all), _) => Some(all),
+                _ => None,
+            };
+            if let Some(expected) = expected {
+                if decision.action != action_of(expected) {
+                    failure = Some(format!(
+                        "call {} of {}: expected {}, got {}",
+                        i + 1,
+                        decisions.len(),
+                        action_name(action_of(expected)),
+                        describe(decision)
+                    ));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            if let (Some(kind), Some(last)) = (&case.kind, decisions.last()) {
+                let got = last.kind.map_or("none", |k| k.as_str());
+                if got != kind {
+                    failure = Some(format!("expected kind {kind}, got {}", describe(last)));
+                }
+            }
+        }
+        if let Some(message) = failure {
+            failures.push((case.name.clone(), message));
+        }
+    }
+    failures
+}
+
+fn is_test_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
+}
+
+/// Runs `tollgate test`.
+pub fn run(args: TestArgs, format: Format) -> ExitCode {
+    let (files, mut io_errors) = super::validate::collect(&args.paths, is_test_file);
+    let (mut passed, mut failed, mut broken) = (0usize, 0usize, 0usize);
+    let mut report = Vec::new();
+    for file in &files {
+        let source = match read_file(file) {
+            Ok(source) => source,
+            Err(err) => {
+                io_errors.push(err);
+                continue;
+            }
+        };
+        let (suite, policy) = match load_suite(file, &source) {
+            Ok(loaded) => loaded,
+            Err(problems) => {
+                broken += 1;
+                for problem in &problems {
+                    eprintln!("error: {problem}");
+                }
+                report.push(json!({"path": file.display().to_string(), "errors": problems}));
+                continue;
+            }
+        };
+        let failures = run_suite(&suite, &policy);
+        passed += suite.cases.len() - failures.len();
+        failed += failures.len();
+        if format == Format::Human {
+            for (name, message) in &failures {
+                println!("FAIL {}: {name}: {message}", file.display());
+            }
+            println!(
+                "{}: {} of {} case(s) passed",
+                file.display(),
+                suite.cases.len() - failures.len(),
+                suite.cases.len()
+            );
+        }
+        report.push(json!({"path": file.display().to_string(), "cases": suite.cases.len(),
+            "failures": failures.iter().map(|(n, m)| json!({"name": n, "message": m})).collect::<Vec<_>>()}));
+    }
+    for error in &io_errors {
+        eprintln!("error: {error}");
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"passed": passed, "failed": failed, "files": report, "io_errors": io_errors})
+        ),
+        Format::Human => println!("{passed} passed, {failed} failed, {broken} broken file(s)"),
+    }
+    if !io_errors.is_empty() || files.is_empty() {
+        if files.is_empty() && io_errors.is_empty() {
+            eprintln!("error: no *.test.yaml files found");
+        }
+        ExitCode::from(2)
+    } else if failed > 0 || broken > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,189 @@
+//! The policy file as written: serde types, also the source of `tollgate schema`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What a rule (or the default) does with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Forward the call.
+    Allow,
+    /// Refuse it with the rule's reason.
+    Deny,
+    /// Hold it until a human approves.
+    RequireApproval,
+}
+
+/// Enforce decisions, or only log them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Refuse what the policy denies.
+    #[default]
+    Enforce,
+    /// Decide and log, but let everything through.
+    Audit,
+}
+
+/// How a refusal is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyAs {
+    /// A tool result with `isError: true` the model can read.
+    #[default]
+    Result,
+    /// A JSON-RPC error, code -32001.
+    Error,
+}
+
+/// Which calls share a rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// Each downstream MCP session (in the stateless era: the client, else the peer address).
+    #[default]
+    Session,
+    /// Each authenticated client (else the peer address).
+    Client,
+    /// All calls the rule matches.
+    Global,
+}
+
+/// How a human is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalVia {
+    /// The admin queue: API, web page, CLI, webhook.
+    #[default]
+    Queue,
+    /// The MCP client's own user, with an `elicitation/create` form (handshake era).
+    Elicitation,
+}
+
+/// Seconds, or a number with `s`, `m` or `h`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Duration {
+    /// Seconds.
+    Seconds(u64),
+    /// `30s`, `1m`, `1h`.
+    Text(String),
+}
+
+/// `rate_limit:` of a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitDoc {
+    /// At most this many calls…
+    pub max: u32,
+    /// …in any rolling window of this length.
+    pub window: Duration,
+    /// Who shares the limit.
+    #[serde(default)]
+    pub per: Per,
+}
+
+/// `approval:` of a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDoc {
+    /// How long a human has (default 300 seconds); then the call is denied.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Where the human is asked.
+    #[serde(default)]
+    pub via: ApprovalVia,
+}
+
+/// One rule. Rules are ordered; the first whose `tool` (and `clients`) match decides.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDoc {
+    /// Exact tool name, or a glob: `*`, `?`, `[abc]`.
+    pub tool: String,
+    /// Only for these authenticated clients.
+    #[serde(default)]
+    pub clients: Option<Vec<String>>,
+    /// What to do.
+    pub action: Action,
+    /// Shown to the agent and the approver.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// At most `max` calls per rolling `window`, counted only for calls let through.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitDoc>,
+    /// Settings of `require_approval`.
+    #[serde(default)]
+    pub approval: Option<ApprovalDoc>,
+    /// A JSON Schema the call's arguments must satisfy, else the call is denied.
+    #[serde(default)]
+    #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
+    pub arguments: Option<serde_json::Value>,
+}
+
+/// A policy file. `R` is the rule type: [`RuleDoc`], or a raw value while loading.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDoc<R> {
+    /// Always 1.
+    pub version: u32,
+    /// The decision when no rule matches.
+    #[serde(default = "default_action")]
+    pub default: Action,
+    /// `enforce` (default) or `audit`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `result` (default) or `error`.
+    #[serde(default)]
+    pub deny_as: DenyAs,
+    /// Ordered rules; the first match decides.
+    #[serde(default)]
+    pub rules: Vec<R>,
+}
+
+fn default_action() -> Action {
+    Action::Deny
+}
+
+/// Parses `30`, `30s`, `5m`, `1h` into seconds; 0 and anything else is refused.
+pub fn parse_window(duration: &Duration) -> Result<std::time::Duration, String> {
+    let seconds = match duration {
+        Duration::Seconds(n) => Some(*n),
+        Duration::Text(text) => {
+            let text = text.trim();
+            let split = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
+            let (digits, unit) = text.split_at(split);
+            let n = digits.parse::<u64>().ok();
+            match (n, unit) {
+                (Some(n), "" | "s") => Some(n),
+                (Some(n), "m") => n.checked_mul(60),
+                (Some(n), "h") => n.checked_mul(3600),
+                _ => None,
+            }
+        }
+    };
+    match seconds {
+        Some(0) => Err("must be more than 0 seconds".to_owned()),
+        Some(n) => Ok(std::time::Duration::from_secs(n)),
+        None => Err(format!(
+            "`{}` is not a duration: expected seconds, or a number with s, m or h (e.g. 30s, 1m, 1h)",
+            match duration {
+                Duration::Text(t) => t.clone(),
+                Duration::Seconds(n) => n.to_string(),
+            }
+        )),
+    }
+}
+
+/// The JSON Schema of a policy file, for editors.
+pub fn policy_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(PolicyDoc<RuleDoc>);
+    let mut value = serde_json::to_value(schema).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("title".into(), "Tollgate policy".into());
+    }
+    value
+}

@@ -1,0 +1,588 @@
+//! Validation, compilation and evaluation.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde_json::{Value, json};
+
+use crate::doc::{Action, ApprovalVia, DenyAs, Mode, Per, PolicyDoc, RuleDoc, parse_window};
+use crate::error::{PolicyError, PolicyErrors};
+use crate::limiter::{RateLimit, RateLimiter, Slot};
+use crate::yaml;
+
+/// Default time a human has to approve.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Approval settings of a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    /// How long a human has.
+    pub timeout: Duration,
+    /// Where the human is asked.
+    pub via: ApprovalVia,
+}
+
+impl Default for Approval {
+    fn default() -> Self {
+        Approval {
+            timeout: DEFAULT_APPROVAL_TIMEOUT,
+            via: ApprovalVia::Queue,
+        }
+    }
+}
+
+/// Why a call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyKind {
+    /// A rule (or the default) denies it.
+    Deny,
+    /// Its arguments fail the rule's schema.
+    Arguments,
+    /// Over the rule's rate limit.
+    RateLimit,
+    /// A human denied it.
+    ApprovalDenied,
+    /// No human decided in time.
+    ApprovalTimeout,
+}
+
+impl DenyKind {
+    /// The wire name (SPEC §6).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyKind::Deny => "deny",
+            DenyKind::Arguments => "arguments",
+            DenyKind::RateLimit => "rate_limit",
+            DenyKind::ApprovalDenied => "approval_denied",
+            DenyKind::ApprovalTimeout => "approval_timeout",
+        }
+    }
+}
+
+/// The rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    /// 0-based position in `rules:`.
+    pub index: usize,
+    /// Its `tool` pattern.
+    pub tool: String,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rules[{}] ({})", self.index, self.tool)
+    }
+}
+
+/// A tool call as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolCall<'a> {
+    /// `params.name`.
+    pub tool: &'a str,
+    /// `params.arguments` (`Null` when absent).
+    pub arguments: &'a Value,
+    /// The authenticated client, for rules with `clients:`.
+    pub client: Option<&'a str>,
+    /// Key of `per: session` limits.
+    pub session_key: &'a str,
+    /// Key of `per: client` limits.
+    pub client_key: &'a str,
+}
+
+/// What the policy decided about one call.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The outcome.
+    pub action: Action,
+    /// Why it was refused, when `action` is `Deny`.
+    pub kind: Option<DenyKind>,
+    /// The tool called.
+    pub tool: String,
+    /// The deciding rule; `None` means the default.
+    pub rule: Option<RuleRef>,
+    /// Human-readable reason.
+    pub reason: String,
+    /// JSON pointer of the argument that failed the schema.
+    pub failing_path: Option<String>,
+    /// When a rate-limited call may be retried.
+    pub retry_after: Option<Duration>,
+    /// For `RequireApproval`.
+    pub approval: Option<Approval>,
+    /// The rate-limit slot this call took.
+    pub slot: Option<Slot>,
+}
+
+impl Decision {
+    /// `_meta["dev.tollgate/decision"]` (SPEC §6).
+    pub fn meta_json(&self) -> Value {
+        let kind = match (self.action, self.kind) {
+            (_, Some(kind)) => kind.as_str(),
+            (Action::Allow, None) => "allow",
+            (Action::RequireApproval, None) => "require_approval",
+            (Action::Deny, None) => "deny",
+        };
+        let mut meta = json!({
+            "kind": kind,
+            "tool": self.tool,
+            "rule": self.rule.as_ref().map_or_else(|| "default".to_owned(), ToString::to_string),
+            "reason": self.reason,
+        });
+        if let Some(wait) = self.retry_after {
+            meta["retry_after_ms"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        }
+        meta
+    }
+}
+
+#[derive(Debug)]
+struct Rule {
+    /// Position in the file's `rules:` (compiled rules skip none, but errors need it).
+    index: usize,
+    tool: String,
+    clients: Option<Vec<String>>,
+    action: Action,
+    reason: Option<String>,
+    rate_limit: Option<RateLimit>,
+    approval: Approval,
+    arguments: Option<jsonschema::Validator>,
+}
+
+/// A validated, compiled policy. Immutable; share it in an `Arc`.
+#[derive(Debug)]
+pub struct Policy {
+    default: Action,
+    mode: Mode,
+    deny_as: DenyAs,
+    rules: Vec<Rule>,
+    /// Exact tool names → indices of the rules with that name, in order.
+    exact: HashMap<String, Vec<usize>>,
+    /// Glob rules, matched together; `glob_rules[i]` is the rule of glob `i`.
+    globs: GlobSet,
+    glob_rules: Vec<usize>,
+}
+
+fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '[', '{'])
+}
+
+struct Checker<'a> {
+    source: &'a str,
+    origin: &'a str,
+    errors: Vec<PolicyError>,
+}
+
+impl Checker<'_> {
+    fn at(&mut self, span: Option<yaml::Span>, key: &str, message: String) {
+        let (line, column) = span
+            .and_then(|s| yaml::find_key(self.source, s, key).or(Some((s.start + 1, 1))))
+            .unwrap_or((1, 1));
+        self.errors.push(PolicyError {
+            origin: self.origin.to_owned(),
+            line,
+            column,
+            message,
+        });
+    }
+}
+
+impl Policy {
+    /// Parses, validates (collecting every error) and compiles a policy. Pure.
+    pub fn from_yaml(source: &str, origin: &str) -> Result<Policy, PolicyErrors> {
+        let doc: PolicyDoc<yaml::RawValue> = yaml::document(source, origin)?;
+        let mut check = Checker {
+            source,
+            origin,
+            errors: Vec::new(),
+        };
+        if doc.version != 1 {
+            check.at(
+                Some(yaml::Span {
+                    start: 0,
+                    end: source.lines().count(),
+                }),
+                "version",
+                format!("unsupported version {}: expected `version: 1`", doc.version),
+            );
+        }
+        let spans = yaml::rule_spans(source).filter(|spans| spans.len() == doc.rules.len());
+        let mut rules = Vec::new();
+        for (index, raw) in doc.rules.into_iter().enumerate() {
+            let span = spans.as_ref().and_then(|s| s.get(index).copied());
+            let parsed: Result<RuleDoc, PolicyError> = match span {
+                Some(span) => yaml::item(&yaml::item_text(source, span), origin),
+                None => yaml::from_value(raw).map_err(|message| PolicyError {
+                    origin: origin.to_owned(),
+                    line: 1,
+                    column: 1,
+                    message: format!("rules[{index}]: {message}"),
+                }),
+            };
+            match parsed {
+                Ok(rule) => {
+                    if let Some(rule) = compile_rule(&mut check, span, index, rule) {
+                        rules.push(rule);
+                    }
+                }
+                Err(error) => check.errors.push(error),
+            }
+        }
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut globs = GlobSetBuilder::new();
+        let mut glob_rules = Vec::new();
+        for (index, rule) in rules.iter().enumerate() {
+            if is_glob(&rule.tool) {
+                match GlobBuilder::new(&rule.tool)
+                    .literal_separator(false)
+                    .build()
+                {
+                    Ok(glob) => {
+                        globs.add(glob);
+                        glob_rules.push(index);
+                    }
+                    Err(err) => {
+                        let span = spans.as_ref().and_then(|s| s.get(rule.index).copied());
+                        check.at(
+                            span,
+                            "tool",
+                            format!(
+                                "rules[{}].tool: `{}` is not a valid glob: {}",
+                                rule.index,
+                                rule.tool,
+                                err.kind()
+                            ),
+                        );
+                    }
+                }
+            } else {
+                exact.entry(rule.tool.clone()).or_default().push(index);
+            }
+        }
+        let globs = match globs.build() {
+            Ok(set) => set,
+            Err(err) => {
+                check.at(
+                    None,
+                    "rules",
+                    format!("the tool globs do not compile together: {err}"),
+                );
+                GlobSet::empty()
+            }
+        };
+        if !check.errors.is_empty() {
+            check.errors.sort_by_key(|e| (e.line, e.column));
+            return Err(PolicyErrors {
+                errors: check.errors,
+            });
+        }
+        Ok(Policy {
+            default: doc.default,
+            mode: doc.mode,
+            deny_as: doc.deny_as,
+            rules,
+            exact,
+            globs,
+            glob_rules,
+        })
+    }
+
+    /// `enforce` or `audit`.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// How refusals are answered.
+    pub fn deny_as(&self) -> DenyAs {
+        self.deny_as
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule matching `tool` for `client`.
+    fn matching_rule(&self, tool: &str, client: Option<&str>) -> Option<usize> {
+        let applies = |&index: &usize| {
+            self.rules
+                .get(index)
+                .is_some_and(|rule| match &rule.clients {
+                    None => true,
+                    Some(clients) => {
+                        client.is_some_and(|c| clients.iter().any(|allowed| allowed == c))
+                    }
+                })
+        };
+        let exact = self
+            .exact
+            .get(tool)
+            .and_then(|indices| indices.iter().copied().find(applies));
+        if self.glob_rules.is_empty() {
+            return exact;
+        }
+        // Globs only matter if one comes before the exact match.
+        let glob = self
+            .globs
+            .matches(tool)
+            .into_iter()
+            .filter_map(|g| self.glob_rules.get(g).copied())
+            .filter(|i| exact.is_none_or(|e| *i < e))
+            .find(applies);
+        glob.or(exact)
+    }
+
+    /// True when every call of `tool` by `client` is denied whatever its arguments;
+    /// such tools are removed from `tools/list`. Always false in audit mode.
+    pub fn hides_tool(&self, tool: &str, client: Option<&str>) -> bool {
+        if self.mode == Mode::Audit {
+            return false;
+        }
+        match self
+            .matching_rule(tool, client)
+            .and_then(|i| self.rules.get(i))
+        {
+            Some(rule) => rule.action == Action::Deny,
+            None => self.default == Action::Deny,
+        }
+    }
+
+    /// Decides a call by its rule and argument schema; no rate-limit state.
+    pub fn evaluate(&self, call: &ToolCall<'_>) -> Decision {
+        let mut decision = Decision {
+            action: self.default,
+            kind: None,
+            tool: call.tool.to_owned(),
+            rule: None,
+            reason: String::new(),
+            failing_path: None,
+            retry_after: None,
+            approval: None,
+            slot: None,
+        };
+        let Some((index, rule)) = self
+            .matching_rule(call.tool, call.client)
+            .and_then(|i| Some((i, self.rules.get(i)?)))
+        else {
+            decision.reason = match self.default {
+                Action::Deny => format!(
+                    "no rule allows `{}`, and the policy's default is deny",
+                    call.tool
+                ),
+                Action::Allow => format!(
+                    "no rule matches `{}`; the policy's default is allow",
+                    call.tool
+                ),
+                Action::RequireApproval => {
+                    format!(
+                        "no rule matches `{}`; the policy's default is to ask a human",
+                        call.tool
+                    )
+                }
+            };
+            decision.kind = (self.default == Action::Deny).then_some(DenyKind::Deny);
+            decision.approval = (self.default == Action::RequireApproval).then(Approval::default);
+            return decision;
+        };
+        decision.rule = Some(RuleRef {
+            index,
+            tool: rule.tool.clone(),
+        });
+        decision.action = rule.action;
+        decision.reason = rule.reason.clone().unwrap_or_else(|| match rule.action {
+            Action::Allow => format!(
+                "`{}` is allowed by {}",
+                call.tool,
+                RuleRef {
+                    index,
+                    tool: rule.tool.clone()
+                }
+            ),
+            Action::Deny => format!("`{}` is denied by the policy", call.tool),
+            Action::RequireApproval => format!("`{}` needs a human's approval", call.tool),
+        });
+        if rule.action == Action::Deny {
+            decision.kind = Some(DenyKind::Deny);
+            return decision;
+        }
+        if let Some(schema) = &rule.arguments {
+            let empty = Value::Object(serde_json::Map::new());
+            let arguments = if call.arguments.is_null() {
+                &empty
+            } else {
+                call.arguments
+            };
+            if let Some(error) = schema.iter_errors(arguments).next() {
+                let path = error.instance_path().to_string();
+                let shown = if path.is_empty() {
+                    "/".to_owned()
+                } else {
+                    path.clone()
+                };
+                decision.action = Action::Deny;
+                decision.kind = Some(DenyKind::Arguments);
+                decision.reason = format!("argument `{shown}` is not allowed: {error}");
+                decision.failing_path = Some(shown);
+                return decision;
+            }
+        }
+        if rule.action == Action::RequireApproval {
+            decision.approval = Some(rule.approval.clone());
+        }
+        decision
+    }
+
+    fn rate_limit_of(&self, decision: &Decision) -> Option<&RateLimit> {
+        self.rules
+            .get(decision.rule.as_ref()?.index)?
+            .rate_limit
+            .as_ref()
+    }
+}
+
+fn compile_rule(
+    check: &mut Checker<'_>,
+    span: Option<yaml::Span>,
+    index: usize,
+    doc: RuleDoc,
+) -> Option<Rule> {
+    let before = check.errors.len();
+    if doc.tool.is_empty() {
+        check.at(span, "tool", format!("rules[{index}].tool: must not be empty: use an exact name or a glob like `describe_*`"));
+    }
+    if matches!(&doc.clients, Some(c) if c.is_empty()) {
+        check.at(span, "clients", format!("rules[{index}].clients: an empty list matches no one; remove it to match every client"));
+    }
+    let rate_limit = match &doc.rate_limit {
+        None => None,
+        Some(_) if doc.action == Action::Deny => {
+            check.at(span, "rate_limit", format!("rules[{index}].rate_limit: a deny rule lets nothing through, so a rate limit has no effect; remove it"));
+            None
+        }
+        Some(limit) => {
+            if limit.max == 0 {
+                check.at(span, "max", format!("rules[{index}].rate_limit.max: must be at least 1 (use `action: deny` to refuse every call)"));
+            }
+            match parse_window(&limit.window) {
+                Ok(window) => Some(RateLimit {
+                    id: format!(
+                        "{}|{:?}|{}|{}|{:?}",
+                        doc.tool,
+                        doc.clients,
+                        limit.max,
+                        window.as_secs(),
+                        limit.per
+                    )
+                    .into(),
+                    max: limit.max,
+                    window,
+                    per: limit.per,
+                }),
+                Err(message) => {
+                    check.at(
+                        span,
+                        "window",
+                        format!("rules[{index}].rate_limit.window: {message}"),
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let mut approval = Approval::default();
+    if let Some(doc_approval) = &doc.approval {
+        if doc.action != Action::RequireApproval {
+            check.at(
+                span,
+                "approval",
+                format!("rules[{index}].approval: only applies to `action: require_approval`"),
+            );
+        }
+        approval.via = doc_approval.via;
+        if let Some(timeout) = &doc_approval.timeout {
+            match parse_window(timeout) {
+                Ok(timeout) => approval.timeout = timeout,
+                Err(message) => check.at(
+                    span,
+                    "timeout",
+                    format!("rules[{index}].approval.timeout: {message}"),
+                ),
+            }
+        }
+    }
+    let arguments = match &doc.arguments {
+        None => None,
+        Some(schema) => match jsonschema::options().build(schema) {
+            Ok(validator) => Some(validator),
+            Err(err) => {
+                check.at(
+                    span,
+                    "arguments",
+                    format!("rules[{index}].arguments: not a valid JSON Schema: {err}"),
+                );
+                None
+            }
+        },
+    };
+    if check.errors.len() > before {
+        return None;
+    }
+    Some(Rule {
+        index,
+        tool: doc.tool,
+        clients: doc.clients,
+        action: doc.action,
+        reason: doc.reason,
+        rate_limit,
+        approval,
+        arguments,
+    })
+}
+
+/// The full decision: the rule and its argument schema, then the rule's rate
+/// limit for calls the policy would let through (allow or require_approval).
+/// Over the limit, the call is denied with kind `rate_limit` and a retry time.
+pub fn evaluate(
+    policy: &Policy,
+    limiter: &mut RateLimiter,
+    call: &ToolCall<'_>,
+    now: Duration,
+) -> Decision {
+    let mut decision = policy.evaluate(call);
+    if decision.action == Action::Deny {
+        return decision;
+    }
+    let Some(limit) = policy.rate_limit_of(&decision) else {
+        return decision;
+    };
+    let key = match limit.per {
+        Per::Session => call.session_key,
+        Per::Client => call.client_key,
+        Per::Global => "",
+    };
+    match limiter.try_acquire(limit, key, now) {
+        Ok(slot) => decision.slot = Some(slot),
+        Err(wait) => {
+            decision.action = Action::Deny;
+            decision.kind = Some(DenyKind::RateLimit);
+            decision.approval = None;
+            let per = match limit.per {
+                Per::Session => "session",
+                Per::Client => "client",
+                Per::Global => "everyone",
+            };
+            decision.reason = format!(
+                "rate limit of {} calls per {}s per {per} exceeded",
+                limit.max,
+                limit.window.as_secs()
+            );
+            decision.retry_after = Some(wait);
+        }
+    }
+    decision
+}

@@ -1,0 +1,158 @@
+//! The admin listener: approvals API, the approver's page, and (in `ops`) health,
+//! status and metrics. Separate from the proxy listener so it can be firewalled
+//! differently, and guarded by a bearer token compared in constant time.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::approvals::DecideError;
+use crate::state::AppState;
+
+/// The approver's web page: self-contained, no CDN.
+const PAGE: &str = include_str!("admin/approvals.html");
+
+/// State of the admin listener.
+#[derive(Clone)]
+pub struct Admin {
+    /// The proxy's state.
+    pub app: AppState,
+    /// Bearer token; `None` only on a loopback listener.
+    pub token: Option<Arc<str>>,
+    /// Version string shown by `/status`.
+    pub version: Arc<str>,
+}
+
+/// The admin router.
+pub fn admin_router(admin: Admin) -> Router {
+    let api = Router::new()
+        .route("/approvals", get(list))
+        .route("/approvals/stream", get(stream))
+        .route("/approvals/{id}", get(one))
+        .route("/approvals/{id}/approve", post(approve))
+        .route("/approvals/{id}/deny", post(deny))
+        .merge(crate::ops::routes())
+        .layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(api)
+        .with_state(admin)
+}
+
+async fn require_token(State(admin): State<Admin>, request: Request, next: Next) -> Response {
+    if let Some(token) = &admin.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            presented.as_bytes(),
+            token.as_bytes(),
+        )) {
+            let body = json!({"error": "missing or wrong admin token: send `Authorization: Bearer <admin.token>`"});
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(body),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+        )],
+        Html(PAGE),
+    )
+}
+
+async fn list(State(admin): State<Admin>) -> impl IntoResponse {
+    Json(admin.app.approvals.list())
+}
+
+async fn one(State(admin): State<Admin>, Path(id): Path<String>) -> Response {
+    match admin.app.approvals.get(&id) {
+        Some(approval) => Json(approval).into_response(),
+        None => not_found(&id),
+    }
+}
+
+fn not_found(id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": format!("no approval with id `{id}`")})),
+    )
+        .into_response()
+}
+
+/// Body of approve and deny.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn approve(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    body: Option<Json<DecisionBody>>,
+) -> Response {
+    decide(admin, id, true, body.map(|b| b.0).unwrap_or_default())
+}
+
+async fn deny(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    body: Option<Json<DecisionBody>>,
+) -> Response {
+    decide(admin, id, false, body.map(|b| b.0).unwrap_or_default())
+}
+
+fn decide(admin: Admin, id: String, approved: bool, body: DecisionBody) -> Response {
+    let by = body.by.unwrap_or_else(|| "admin".to_owned());
+    match admin.app.approvals.decide(&id, approved, &by, body.reason) {
+        Ok(approval) => Json(approval).into_response(),
+        Err(DecideError::NotFound(id)) => not_found(&id),
+        Err(DecideError::Settled(current)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("approval `{id}` is already settled"), "approval": current})),
+        )
+            .into_response(),
+    }
+}
+
+async fn stream(State(admin): State<Admin>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let changes = BroadcastStream::new(admin.app.approvals.subscribe()).filter_map(|change| {
+        let approval = change.ok()?;
+        Event::default()
+            .event("approval")
+            .json_data(approval)
+            .ok()
+            .map(Ok)
+    });
+    Sse::new(changes).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}

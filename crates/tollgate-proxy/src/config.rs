@@ -1,0 +1,526 @@
+//! The configuration file (`tollgate.yaml`, SPEC §3), parsed once into typed values.
+//!
+//! `${VAR}` references are expanded from the environment after parsing, string by
+//! string, so a value can never change the YAML structure around it. Every problem
+//! in a file is reported, each with its location or its path in the document.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that failed to load: every problem found, each one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// `origin:line:col: message` or `origin: path: message`, one per problem.
+    pub problems: Vec<String>,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the proxy listens (default 127.0.0.1:8080).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The admin listener (approvals, metrics, status).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Authenticated clients; when present, every request needs a key.
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+    /// Limits that protect the proxy itself.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Browser origins allowed besides none.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Host names accepted besides loopback ones when listening on loopback.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Human approvals.
+    #[serde(default)]
+    pub approvals: Option<ApprovalsConfig>,
+    /// On SIGTERM, how long calls in flight may take to finish (default 20s).
+    #[serde(default = "default_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// The upstream MCP servers, by name.
+    pub servers: BTreeMap<String, ServerConfig>,
+}
+
+/// `admin:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin API listens.
+    pub listen: SocketAddr,
+    /// Bearer token for the admin API.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// One entry of `clients:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client's name, used by rules' `clients:` and in the audit log.
+    pub name: String,
+    /// Its key, sent as `Authorization: Bearer <key>`.
+    pub key: String,
+}
+
+/// `audit:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file to append JSON lines to, or `-` for stdout.
+    pub path: String,
+    /// Also log the arguments themselves, not only their digest.
+    #[serde(default)]
+    pub arguments: bool,
+}
+
+/// `approvals:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// POSTed for every new pending approval.
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+/// `limits:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted (default 4 MiB).
+    #[serde(default = "default_max_body", deserialize_with = "de_size")]
+    pub max_body: usize,
+    /// Requests per second per client (token bucket); 0 turns it off.
+    #[serde(default = "default_rps")]
+    pub requests_per_second: u32,
+    /// Most concurrent handshake-era sessions.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// A session unused this long is forgotten (default 1h).
+    #[serde(default = "default_session_idle", deserialize_with = "de_duration")]
+    pub session_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: default_max_body(),
+            requests_per_second: default_rps(),
+            max_sessions: default_max_sessions(),
+            session_idle: default_session_idle(),
+        }
+    }
+}
+
+/// How to reach an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Streamable HTTP (both eras).
+    #[default]
+    Http,
+    /// The 2024-11-05 HTTP+SSE transport.
+    Sse,
+    /// A spawned program speaking newline-delimited JSON-RPC.
+    Stdio,
+}
+
+/// One entry of `servers:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The upstream's MCP endpoint.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Transport, inferred from `url`/`command` when absent.
+    #[serde(default)]
+    pub transport: Option<Transport>,
+    /// A stdio upstream's command line.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Environment of a stdio upstream.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of a stdio upstream.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Headers sent upstream.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The policy file, relative to the configuration file.
+    pub policy: PathBuf,
+    /// Per upstream request (default 30s).
+    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+fn default_rps() -> u32 {
+    50
+}
+fn default_max_sessions() -> usize {
+    10_000
+}
+fn default_session_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+/// `30`, `30s`, `500ms`, `1m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+/// `4096`, `512KiB`, `4MiB`, `1GiB` (also `KB`/`MB`/`GB`, as powers of 1000).
+pub fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: usize = digits.parse().ok()?;
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(factor).filter(|&n| n > 0)
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) if n > 0 => Ok(Duration::from_secs(n)),
+        NumberOrText::Number(_) => Err(serde::de::Error::custom("a duration must be more than 0")),
+        NumberOrText::Text(t) => parse_duration(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{t}`, expected seconds or a number with ms, s, m or h (e.g. 30s)"
+            ))
+        }),
+    }
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) if n > 0 => usize::try_from(n).map_err(serde::de::Error::custom),
+        NumberOrText::Number(_) => Err(serde::de::Error::custom("a size must be more than 0")),
+        NumberOrText::Text(t) => parse_size(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid size `{t}`, expected bytes or e.g. 512KiB, 4MiB"
+            ))
+        }),
+    }
+}
+
+/// Expands `${VAR}` (and `$${` for a literal `${`) from `lookup`.
+pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("${") {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+            let name = &tail[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable reference"
+                ));
+            }
+            let value = lookup(name).ok_or_else(|| {
+                format!("environment variable `{name}` is not set; set it or remove the reference")
+            })?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    /// Parses, expands `${VAR}` with `lookup`, and validates. Pure: the caller reads files.
+    pub fn from_yaml(
+        source: &str,
+        origin: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            tollgate_policy::from_yaml_str(source, origin).map_err(|errors| ConfigError {
+                problems: errors.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        let mut problems = Vec::new();
+        let mut expand = |path: String, value: &mut String| match expand_env(value, lookup) {
+            Ok(expanded) => *value = expanded,
+            Err(err) => problems.push(format!("{origin}: {path}: {err}")),
+        };
+        if let Some(admin) = &mut config.admin
+            && let Some(token) = &mut admin.token
+        {
+            expand("admin.token".into(), token);
+        }
+        for (i, client) in config.clients.iter_mut().enumerate() {
+            expand(format!("clients[{i}].key"), &mut client.key);
+        }
+        if let Some(approvals) = &mut config.approvals
+            && let Some(hook) = &mut approvals.webhook
+        {
+            expand("approvals.webhook".into(), hook);
+        }
+        for (name, server) in &mut config.servers {
+            if let Some(url) = &mut server.url {
+                expand(format!("servers.{name}.url"), url);
+            }
+            for (key, value) in &mut server.headers {
+                expand(format!("servers.{name}.headers.{key}"), value);
+            }
+            for (key, value) in &mut server.env {
+                expand(format!("servers.{name}.env.{key}"), value);
+            }
+            for (i, arg) in server.command.iter_mut().flatten().enumerate() {
+                expand(format!("servers.{name}.command[{i}]"), arg);
+            }
+        }
+        problems.extend(config.check().into_iter().map(|p| format!("{origin}: {p}")));
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Semantic checks that serde cannot express.
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.servers.is_empty() {
+            problems.push("servers: at least one server is needed".to_owned());
+        }
+        for (name, server) in &self.servers {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "servers.{name}: a server name may use only letters, digits, `-` and `_` (it is part of the URL path)"
+                ));
+            }
+            match (
+                server.url.as_deref(),
+                server.command.as_deref(),
+                server.transport(),
+            ) {
+                (Some(_), Some(_), _) => problems.push(format!(
+                    "servers.{name}: set either `url` or `command`, not both"
+                )),
+                (None, None, _) => problems.push(format!(
+                    "servers.{name}: needs `url` (an HTTP upstream) or `command` (a stdio upstream)"
+                )),
+                (Some(url), None, _) => {
+                    if reqwest::Url::parse(url)
+                        .map(|u| !matches!(u.scheme(), "http" | "https"))
+                        .unwrap_or(true)
+                    {
+                        problems.push(format!("servers.{name}.url: `{url}` is not an http(s) URL"));
+                    }
+                }
+                (None, Some([]), _) => problems.push(format!(
+                    "servers.{name}.command: needs at least the program to run"
+                )),
+                (None, Some(_), _) => {}
+            }
+            if let Some(Transport::Stdio) = server.transport
+                && server.command.is_none()
+            {
+                problems.push(format!("servers.{name}.transport: `stdio` needs `command`"));
+            }
+            for header in server.headers.keys() {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    problems.push(format!(
+                        "servers.{name}.headers: `{header}` is not a valid header name"
+                    ));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for client in &self.clients {
+            if !seen.insert(client.name.as_str()) {
+                problems.push(format!("clients: `{}` appears twice", client.name));
+            }
+            if client.key.len() < 16 {
+                problems.push(format!(
+                    "clients: the key of `{}` is shorter than 16 characters",
+                    client.name
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Policy file of `server`, resolved against the configuration file's directory.
+    pub fn policy_path(&self, config_dir: &Path, server: &ServerConfig) -> PathBuf {
+        config_dir.join(&server.policy)
+    }
+}
+
+impl ServerConfig {
+    /// The transport, explicit or inferred.
+    pub fn transport(&self) -> Transport {
+        self.transport.unwrap_or(if self.command.is_some() {
+            Transport::Stdio
+        } else {
+            Transport::Http
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "TOKEN" => Some("s3cr3t".into()),
+            "KEY" => Some("0123456789abcdef-key".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn parses_the_spec_example() {
+        let src = r#"
+listen: 127.0.0.1:8080
+admin:
+  listen: 127.0.0.1:9090
+  token: ${TOKEN}
+clients:
+  - name: ci-agent
+    key: ${KEY}
+audit:
+  path: audit.jsonl
+limits:
+  max_body: 4MiB
+  requests_per_second: 50
+  max_sessions: 10000
+allowed_origins: []
+allowed_hosts: []
+servers:
+  healthlake:
+    url: http://127.0.0.1:8000/mcp
+    headers:
+      Authorization: Bearer ${TOKEN}
+    policy: policies/healthlake.yaml
+    timeout: 30s
+"#;
+        let config = Config::from_yaml(src, "tollgate.yaml", &env).unwrap();
+        assert_eq!(config.admin.unwrap().token.as_deref(), Some("s3cr3t"));
+        assert_eq!(config.clients[0].key, "0123456789abcdef-key");
+        let server = &config.servers["healthlake"];
+        assert_eq!(server.headers["Authorization"], "Bearer s3cr3t");
+        assert_eq!(server.timeout, Duration::from_secs(30));
+        assert_eq!(config.limits.max_body, 4 << 20);
+    }
+
+    #[test]
+    fn reports_every_unset_variable_with_its_path() {
+        let src = "servers:\n  a:\n    url: ${NOPE}\n    policy: p.yaml\n    headers: {X: '${ALSO_NOT}'}\n";
+        let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems[0].contains("servers.a.url: environment variable `NOPE` is not set"));
+        assert!(err.problems[1].contains("servers.a.headers.X"));
+    }
+
+    #[test]
+    fn reports_unknown_fields_with_a_location() {
+        let src = "servers:\n  a:\n    url: http://x/mcp\n    polcy: p.yaml\n";
+        let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();
+        assert!(err.to_string().starts_with("t.yaml:4:"), "{err}");
+        assert!(err.to_string().contains("polcy"), "{err}");
+    }
+
+    #[test]
+    fn refuses_servers_without_an_upstream() {
+        let err =
+            Config::from_yaml("servers:\n  a:\n    policy: p.yaml\n", "t.yaml", &env).unwrap_err();
+        assert!(err.to_string().contains("needs `url`"), "{err}");
+        let err = Config::from_yaml("servers: {}\n", "t.yaml", &env).unwrap_err();
+        assert!(err.to_string().contains("at least one server"), "{err}");
+    }
+
+    #[test]
+    fn expands_variables_and_escapes() {
+        assert_eq!(
+            expand_env("a${TOKEN}b$${X}$", &env).unwrap(),
+            "as3cr3tb${X}$"
+        );
+        assert!(expand_env("${", &env).is_err());
+        assert!(expand_env("${A B}", &env).is_err());
+    }
+
+    #[test]
+    fn parses_durations_and_sizes() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_size("4MiB"), Some(4 << 20));
+        assert_eq!(parse_size("1KiB"), Some(1024));
+        assert_eq!(parse_size("lots"), None);
+    }
+}

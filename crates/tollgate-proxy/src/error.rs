@@ -1,0 +1,144 @@
+//! Every error a client can see, mapped to its HTTP and JSON-RPC answer in one place.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tollgate_mcp::{ErrorCode, FramingError, error_response};
+
+/// Why a request was answered by Tollgate itself instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// `Host` is not a loopback name (or in `allowed_hosts`) on a loopback listener.
+    #[error(
+        "host `{0}` is not allowed on this listener (DNS rebinding protection); add it to allowed_hosts"
+    )]
+    MisdirectedHost(String),
+    /// `Origin` is not in `allowed_origins`.
+    #[error("origin `{0}` is not allowed; add it to allowed_origins")]
+    ForbiddenOrigin(String),
+    /// No or wrong bearer key while `clients:` is configured.
+    #[error(
+        "missing or unknown client key: send `Authorization: Bearer <key>` with a key from `clients:`"
+    )]
+    Unauthorized,
+    /// The per-client token bucket is empty.
+    #[error("too many requests from this client (limits.requests_per_second); retry in {}ms", .0.as_millis())]
+    TooManyRequests(Duration),
+    /// The body is larger than `limits.max_body`.
+    #[error("request body exceeds limits.max_body ({0} bytes)")]
+    BodyTooLarge(usize),
+    /// The body could not be read from the client.
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    /// Not JSON or not JSON-RPC.
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+    /// Routing headers disagree with the body.
+    #[error("{message}")]
+    HeaderMismatch {
+        /// The request's id.
+        id: Option<Value>,
+        /// What disagreed.
+        message: String,
+    },
+    /// A handshake-era request without `Mcp-Session-Id`.
+    #[error(
+        "missing Mcp-Session-Id header: send `initialize` first and echo the session id it returns"
+    )]
+    MissingSession,
+    /// The session is unknown, expired, or belongs to someone else.
+    #[error("unknown or expired session: start a new one with `initialize`")]
+    UnknownSession,
+    /// `limits.max_sessions` reached.
+    #[error(transparent)]
+    SessionsFull(#[from] crate::session::SessionsFull),
+    /// No server of that name.
+    #[error("no MCP server is served at this path; servers are at /servers/<name>/mcp")]
+    UnknownServer,
+    /// More than one server and a request to `/mcp`.
+    #[error("several servers are configured: use /servers/<name>/mcp")]
+    AmbiguousServer,
+    /// The upstream could not be reached or did not answer in time.
+    #[error("{message}")]
+    Upstream {
+        /// The request's id, when it had one.
+        id: Option<Value>,
+        /// Which upstream and why.
+        message: String,
+    },
+    /// The method is not served on this endpoint.
+    #[error("method not allowed on the MCP endpoint")]
+    MethodNotAllowed,
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyRead(_)
+            | ProxyError::Framing(_)
+            | ProxyError::HeaderMismatch { .. }
+            | ProxyError::MissingSession => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownSession
+            | ProxyError::UnknownServer
+            | ProxyError::AmbiguousServer => StatusCode::NOT_FOUND,
+            ProxyError::SessionsFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // The JSON-RPC error carries the failure, so SDK clients surface it as the
+            // answer to their request instead of a transport exception.
+            ProxyError::Upstream { id: Some(_), .. } => StatusCode::OK,
+            ProxyError::Upstream { id: None, .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            ProxyError::Framing(err) => err.code(),
+            ProxyError::HeaderMismatch { .. } => ErrorCode::HeaderMismatch,
+            ProxyError::Upstream { .. } => ErrorCode::InternalError,
+            _ => ErrorCode::InvalidRequest,
+        }
+    }
+
+    fn id(&self) -> Option<&Value> {
+        match self {
+            ProxyError::HeaderMismatch { id, .. } | ProxyError::Upstream { id, .. } => id.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl ProxyError {
+    /// The JSON-RPC error message for this failure.
+    pub fn to_json(&self) -> Value {
+        error_response(self.id(), self.code(), &self.to_string(), None)
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let body = self.to_json();
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ProxyError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ProxyError::TooManyRequests(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            ProxyError::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,605 @@
+//! The downstream side: the axum router, guards, sessions and dispatch.
+//!
+//! Stages of a POST, in order: guard (Host, Origin) → authenticate → client rate →
+//! read body → decode → check routing headers → session → evaluate → audit →
+//! forward. Each stage either passes the request on or answers through
+//! [`ProxyError`], so every refusal is shaped in one place.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use serde_json::Value;
+use tollgate_mcp::{Era, Incoming, Kind, Message, RoutingHeaders, era_of};
+
+use crate::enforce::{Caller, Verdict, enforce, record_outcome};
+use crate::error::ProxyError;
+use crate::forward::{Rewrite, SESSION_HEADER, relay, send};
+use crate::hold::{HoldContext, hold};
+use crate::session::Session;
+use crate::state::{AppState, Server};
+
+/// The proxy's router: `/servers/<name>/mcp` for each server, and `/mcp` when there is one.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/mcp", any(single_server))
+        .route("/servers/{name}/mcp", any(named_server))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// DNS-rebinding and cross-origin protection, before anything else is read.
+async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    if let Err(err) = check_host_and_origin(&app, request.headers()) {
+        tracing::warn!(error = %err, "request refused");
+        return err.into_response();
+    }
+    next.run(request).await
+}
+
+fn check_host_and_origin(app: &AppState, headers: &HeaderMap) -> Result<(), ProxyError> {
+    if app.loopback {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let name = host_name(host);
+        let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "::1")
+            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback
+            && !app
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            return Err(ProxyError::MisdirectedHost(host.to_owned()));
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !app.allowed_origins.iter().any(|o| o == origin) {
+            return Err(ProxyError::ForbiddenOrigin(origin.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
+    })
+}
+
+async fn single_server(State(app): State<AppState>, request: Request) -> Response {
+    let server = match app.servers.len() {
+        1 => app.servers.values().next().cloned(),
+        _ => None,
+    };
+    match server {
+        Some(server) => serve(app, server, request).await,
+        None => ProxyError::AmbiguousServer.into_response(),
+    }
+}
+
+async fn named_server(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    match app.servers.get(&name).cloned() {
+        Some(server) => serve(app, server, request).await,
+        None => ProxyError::UnknownServer.into_response(),
+    }
+}
+
+/// One downstream request against one server.
+async fn serve(app: AppState, server: Arc<Server>, request: Request) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |c| c.0.ip());
+    let session_id = request
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let span = tracing::info_span!(
+        "mcp",
+        server = %server.name,
+        session = session_id.as_deref().unwrap_or(""),
+        client = tracing::field::Empty,
+        tool = tracing::field::Empty,
+    );
+    let result = async {
+        let client = authenticate(&app, request.headers())?;
+        if let Some(client) = &client {
+            tracing::Span::current().record("client", &**client);
+        }
+        check_client_rate(&app, client.as_deref(), peer)?;
+        let ctx = Downstream {
+            app: app.clone(),
+            server,
+            client,
+            peer,
+        };
+        match *request.method() {
+            Method::POST => ctx.post(request).await,
+            Method::GET => ctx.get(request.headers()).await,
+            Method::DELETE => ctx.delete(request.headers()).await,
+            _ => Err(ProxyError::MethodNotAllowed),
+        }
+    };
+    let result = tracing::Instrument::instrument(result, span).await;
+    result.unwrap_or_else(|err| {
+        tracing::debug!(error = %err, "answered with an error");
+        err.into_response()
+    })
+}
+
+fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Option<Arc<str>>, ProxyError> {
+    if app.clients.is_empty() {
+        return Ok(None);
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ProxyError::Unauthorized)?;
+    // Compare against every key in constant time so timing reveals nothing.
+    let mut found = None;
+    for client in &app.clients {
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            presented.as_bytes(),
+            client.key.as_slice(),
+        )) {
+            found = Some(client.name.clone());
+        }
+    }
+    found.map(Some).ok_or(ProxyError::Unauthorized)
+}
+
+fn check_client_rate(app: &AppState, client: Option<&str>, peer: IpAddr) -> Result<(), ProxyError> {
+    let Some(rate) = &app.client_rate else {
+        return Ok(());
+    };
+    let key = client.map_or_else(|| peer.to_string(), str::to_owned);
+    rate.check_key(&key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        ProxyError::TooManyRequests(wait)
+    })
+}
+
+struct Downstream {
+    app: AppState,
+    server: Arc<Server>,
+    client: Option<Arc<str>>,
+    peer: IpAddr,
+}
+
+impl Downstream {
+    async fn read_body(&self, request: Request) -> Result<axum::body::Bytes, ProxyError> {
+        let limit = self.app.max_body;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+        axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map_err(|err| {
+                let too_large = std::error::Error::source(&err)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                    || err.to_string().contains("length limit");
+                if too_large {
+                    ProxyError::BodyTooLarge(limit)
+                } else {
+                    ProxyError::BodyRead(err.to_string())
+                }
+            })
+    }
+
+    /// The handshake-era session named by the request, checked against server and client.
+    fn session(&self, headers: &HeaderMap) -> Result<Option<Arc<Session>>, ProxyError> {
+        let Some(id) = headers.get(SESSION_HEADER) else {
+            return Ok(None);
+        };
+        let id = id.to_str().map_err(|_| ProxyError::UnknownSession)?;
+        let session = self
+            .app
+            .sessions
+            .get(id)
+            .ok_or(ProxyError::UnknownSession)?;
+        // A session is only valid for the server and client that opened it.
+        if session.server != self.server.name || session.client != self.client {
+            return Err(ProxyError::UnknownSession);
+        }
+        Ok(Some(session))
+    }
+
+    async fn post(&self, request: Request) -> Result<Response, ProxyError> {
+        let headers = request.headers().clone();
+        let body = self.read_body(request).await?;
+        match Incoming::parse(&body)? {
+            Incoming::Single(message) => self.post_single(&headers, message).await,
+            Incoming::Batch(messages) => self.post_batch(&headers, messages).await,
+        }
+    }
+
+    async fn post_single(
+        &self,
+        headers: &HeaderMap,
+        message: Message,
+    ) -> Result<Response, ProxyError> {
+        let routing = RoutingHeaders {
+            protocol_version: headers
+                .get("mcp-protocol-version")
+                .map(HeaderValue::as_bytes),
+            method: headers.get("mcp-method").map(HeaderValue::as_bytes),
+            name: headers.get("mcp-name").map(HeaderValue::as_bytes),
+        };
+        routing
+            .validate(&message)
+            .map_err(|mismatch| ProxyError::HeaderMismatch {
+                id: message.id().cloned(),
+                message: mismatch.to_string(),
+            })?;
+        let header_version = headers
+            .get("mcp-protocol-version")
+            .and_then(|v| v.to_str().ok());
+        let era = era_of(&message, header_version);
+        let initialize = message.kind() == Kind::Request && message.method() == Some("initialize");
+
+        let session = match era {
+            // The stateless era has no sessions: a stray session header is ignored.
+            Era::Stateless => None,
+            Era::Handshake if initialize => None,
+            Era::Handshake => Some(self.session(headers)?.ok_or(ProxyError::MissingSession)?),
+        };
+
+        let peer_key = format!("peer:{}", self.peer);
+        let client_key = self
+            .client
+            .as_deref()
+            .map_or(peer_key.clone(), |c| format!("client:{c}"));
+        let session_key = match &session {
+            Some(session) => format!("session:{}", session.id),
+            None => client_key.clone(),
+        };
+
+        let mut slot = None;
+        let mut call_id = None;
+        if let Some(call) = message.tool_call() {
+            tracing::Span::current().record("tool", call.name);
+            let caller = Caller {
+                client: self.client.as_deref(),
+                session_key: &session_key,
+                client_key: &client_key,
+                session: session.as_ref().map(|s| &*s.id),
+                era,
+            };
+            let id = message.id().cloned().unwrap_or(Value::Null);
+            match enforce(&self.app, &self.server, &caller, &id, call) {
+                Verdict::Refuse(answer) => return Ok(json_response(&answer)),
+                Verdict::Hold(held) => {
+                    let ctx = HoldContext {
+                        app: self.app.clone(),
+                        server: self.server.clone(),
+                        headers: headers.clone(),
+                        client: self.client.clone(),
+                        session: session.as_ref().map(|s| s.id.clone()),
+                        upstream_session: session.as_ref().and_then(|s| s.upstream_id.clone()),
+                        era,
+                        message,
+                    };
+                    return Ok(hold(ctx, held));
+                }
+                Verdict::Forward {
+                    call_id: cid,
+                    slot: s,
+                } => {
+                    slot = s;
+                    call_id = Some((cid, call.name.to_owned()));
+                }
+            }
+        }
+
+        let rewrite = if message.method() == Some("tools/list") {
+            Rewrite::FilterTools {
+                policy: self.server.policy.load_full(),
+                client: self.client.clone(),
+            }
+        } else {
+            Rewrite::None
+        };
+        let upstream_session = session.as_ref().and_then(|s| s.upstream_id.as_deref());
+        let started = Instant::now();
+        let sent = send(
+            &self.app,
+            &self.server,
+            Method::POST,
+            upstream_session,
+            headers,
+            Some(message.to_bytes()),
+        )
+        .await;
+        let upstream = match sent {
+            Ok(upstream) => {
+                self.app
+                    .metrics
+                    .upstream_latency(&self.server.name, started.elapsed().as_secs_f64());
+                if upstream.status().is_server_error() {
+                    self.app
+                        .metrics
+                        .upstream_error(&self.server.name, "status_5xx");
+                }
+                upstream
+            }
+            Err(failure) => {
+                self.app
+                    .metrics
+                    .upstream_error(&self.server.name, failure.kind());
+                // Nothing reached the upstream's tool, so the rate-limit slot is given back.
+                if let (Some(slot), Ok(mut limiter)) = (slot, self.server.limiter.lock()) {
+                    limiter.release(slot);
+                }
+                if let Some((cid, tool)) = &call_id {
+                    record_outcome(
+                        &self.app,
+                        &self.server,
+                        *cid,
+                        tool,
+                        started.elapsed(),
+                        "upstream_unreachable",
+                    );
+                }
+                tracing::warn!(?failure, "upstream request failed");
+                return Err(failure.into_error(&self.server, message.id().cloned()));
+            }
+        };
+        if let Some((cid, tool)) = &call_id {
+            let outcome = if upstream.status().is_success() {
+                "forwarded"
+            } else {
+                "upstream_error"
+            };
+            record_outcome(
+                &self.app,
+                &self.server,
+                *cid,
+                tool,
+                started.elapsed(),
+                outcome,
+            );
+        }
+        if upstream.status() == reqwest::StatusCode::NOT_FOUND
+            && let Some(session) = session.as_ref().filter(|s| s.upstream_id.is_some())
+        {
+            // The upstream forgot its session: forget ours so the client re-initializes.
+            self.app.sessions.remove(&session.id);
+            return Err(ProxyError::UnknownSession);
+        }
+        let upstream_session_id = upstream
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let success = upstream.status().is_success();
+        let mut response = relay(&self.server, upstream, rewrite, message.id().cloned()).await?;
+        if initialize && success {
+            let session = self.app.sessions.open(
+                self.server.name.clone(),
+                self.client.clone(),
+                upstream_session_id,
+            )?;
+            if let Ok(value) = HeaderValue::from_str(&session.id) {
+                response.headers_mut().insert(SESSION_HEADER, value);
+            }
+            tracing::info!(session = %session.id, "session opened");
+        }
+        Ok(response)
+    }
+
+    /// A JSON-RPC batch (2025-03-26): each tool call is decided on its own; refused
+    /// calls are answered here, the rest go upstream as one batch.
+    async fn post_batch(
+        &self,
+        headers: &HeaderMap,
+        messages: Vec<Message>,
+    ) -> Result<Response, ProxyError> {
+        let session = self.session(headers)?;
+        if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
+            return Err(ProxyError::MissingSession);
+        }
+        let peer_key = format!("peer:{}", self.peer);
+        let client_key = self
+            .client
+            .as_deref()
+            .map_or(peer_key, |c| format!("client:{c}"));
+        let session_key = session
+            .as_ref()
+            .map_or(client_key.clone(), |s| format!("session:{}", s.id));
+        let mut refused = Vec::new();
+        let mut forward = Vec::new();
+        for message in messages {
+            if let Some(call) = message.tool_call() {
+                let caller = Caller {
+                    client: self.client.as_deref(),
+                    session_key: &session_key,
+                    client_key: &client_key,
+                    session: session.as_ref().map(|s| &*s.id),
+                    era: Era::Handshake,
+                };
+                let id = message.id().cloned().unwrap_or(Value::Null);
+                match enforce(&self.app, &self.server, &caller, &id, call) {
+                    Verdict::Forward { .. } => {}
+                    Verdict::Refuse(answer) => {
+                        refused.push(answer);
+                        continue;
+                    }
+                    Verdict::Hold(mut held) => {
+                        // A batch has one answer for all its calls, so one call cannot wait
+                        // for a human while the others return.
+                        if let (Some(slot), Ok(mut limiter)) =
+                            (held.decision.slot.take(), self.server.limiter.lock())
+                        {
+                            limiter.release(slot);
+                        }
+                        held.decision.action = tollgate_policy::Action::Deny;
+                        held.decision.kind = Some(tollgate_policy::DenyKind::ApprovalDenied);
+                        held.decision.reason = format!(
+                            "{} (calls that need approval cannot be sent in a JSON-RPC batch; send it on its own)",
+                            held.decision.reason
+                        );
+                        refused.push(crate::enforce::refusal(
+                            &held.decision,
+                            &id,
+                            Era::Handshake,
+                            held.deny_as,
+                        ));
+                        continue;
+                    }
+                }
+            }
+            forward.push(message.into_value());
+        }
+        if forward.is_empty() {
+            return Ok(json_response(&Value::Array(refused)));
+        }
+        let body = serde_json::to_vec(&Value::Array(forward)).unwrap_or_default();
+        let upstream_session = session.as_ref().and_then(|s| s.upstream_id.as_deref());
+        let upstream = send(
+            &self.app,
+            &self.server,
+            Method::POST,
+            upstream_session,
+            headers,
+            Some(body),
+        )
+        .await
+        .map_err(|failure| failure.into_error(&self.server, None))?;
+        if refused.is_empty() {
+            let rewrite = Rewrite::FilterTools {
+                policy: self.server.policy.load_full(),
+                client: self.client.clone(),
+            };
+            return relay(&self.server, upstream, rewrite, None).await;
+        }
+        // Merge our answers into the upstream's JSON array.
+        let status = upstream.status();
+        let bytes = upstream.bytes().await.map_err(|e| ProxyError::Upstream {
+            id: None,
+            message: e.to_string(),
+        })?;
+        let mut answers = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Array(items)) => items,
+            Ok(single @ Value::Object(_)) => vec![single],
+            _ if status == reqwest::StatusCode::ACCEPTED => Vec::new(),
+            _ => {
+                return Err(ProxyError::Upstream {
+                    id: None,
+                    message: format!(
+                        "upstream `{}` answered a batch with something that is not JSON",
+                        self.server.name
+                    ),
+                });
+            }
+        };
+        answers.extend(refused);
+        let mut merged = Value::Array(answers);
+        crate::forward::filter_tools(
+            &mut merged,
+            &self.server.policy.load(),
+            self.client.as_deref(),
+        );
+        Ok(json_response(&merged))
+    }
+
+    /// The handshake era's server-to-client stream.
+    async fn get(&self, headers: &HeaderMap) -> Result<Response, ProxyError> {
+        // Without a session this is a stateless-era endpoint, which has no GET stream.
+        let session = self.session(headers)?.ok_or(ProxyError::MethodNotAllowed)?;
+        let upstream = send(
+            &self.app,
+            &self.server,
+            Method::GET,
+            session.upstream_id.as_deref(),
+            headers,
+            None,
+        )
+        .await
+        .map_err(|failure| failure.into_error(&self.server, None))?;
+        if upstream.status() == reqwest::StatusCode::NOT_FOUND && session.upstream_id.is_some() {
+            self.app.sessions.remove(&session.id);
+            return Err(ProxyError::UnknownSession);
+        }
+        relay(&self.server, upstream, Rewrite::None, None).await
+    }
+
+    /// Ends a session here and upstream.
+    async fn delete(&self, headers: &HeaderMap) -> Result<Response, ProxyError> {
+        let session = self.session(headers)?.ok_or(ProxyError::MissingSession)?;
+        self.app.sessions.remove(&session.id);
+        if let Some(upstream_id) = &session.upstream_id {
+            match send(
+                &self.app,
+                &self.server,
+                Method::DELETE,
+                Some(upstream_id),
+                headers,
+                None,
+            )
+            .await
+            {
+                Ok(response) => {
+                    tracing::debug!(status = %response.status(), "upstream session ended")
+                }
+                Err(failure) => tracing::warn!(?failure, "could not end the upstream session"),
+            }
+        }
+        tracing::info!(session = %session.id, "session closed");
+        Ok(StatusCode::OK.into_response())
+    }
+}
+
+fn json_response(value: &Value) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn splits_host_names_from_ports() {
+        assert_eq!(host_name("localhost:8080"), "localhost");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_name("[::1]:9"), "[::1]");
+        assert_eq!(host_name("evil.example"), "evil.example");
+    }
+}

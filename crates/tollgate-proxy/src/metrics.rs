@@ -1,0 +1,274 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener).
+//!
+//! Tool names come from clients, so they are bounded before they become label
+//! values: past [`MAX_TOOL_LABELS`] distinct names, the rest count as `other`.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Distinct tool names kept as label values.
+pub const MAX_TOOL_LABELS: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    server: String,
+    tool: String,
+    decision: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    server: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    server: String,
+    result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~26 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 19,
+    ))
+}
+
+/// All of Tollgate's metrics.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    upstream_latency: Family<ServerLabels, Histogram, fn() -> Histogram>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    sessions: Gauge,
+    streams: Gauge,
+    pending_approvals: Gauge,
+    audit_failures: Gauge,
+    webhook_failures: Gauge,
+    tools_seen: Mutex<HashSet<String>>,
+    /// Open downstream response streams (SSE), counted by the relay.
+    pub open_streams: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Tool-call decisions by server, tool, decision and rule",
+            decisions.clone(),
+        );
+        let upstream_latency =
+            Family::<ServerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time until the upstream's response headers, by server",
+            upstream_latency.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by server and kind",
+            upstream_errors.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by server and result (ok, failed)",
+            reloads.clone(),
+        );
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Open handshake-era sessions",
+            sessions.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register(
+            "streams_active",
+            "Open downstream SSE response streams",
+            streams.clone(),
+        );
+        let pending_approvals = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Calls waiting for a human",
+            pending_approvals.clone(),
+        );
+        let audit_failures = Gauge::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written",
+            audit_failures.clone(),
+        );
+        let webhook_failures = Gauge::default();
+        registry.register(
+            "webhook_failures",
+            "Approval webhooks that failed after every retry",
+            webhook_failures.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            upstream_latency,
+            upstream_errors,
+            reloads,
+            sessions,
+            streams,
+            pending_approvals,
+            audit_failures,
+            webhook_failures,
+            tools_seen: Mutex::new(HashSet::new()),
+            open_streams: AtomicU64::new(0),
+        }
+    }
+
+    fn tool_label(&self, tool: &str) -> String {
+        let Ok(mut seen) = self.tools_seen.lock() else {
+            return "other".into();
+        };
+        if seen.contains(tool) {
+            return tool.to_owned();
+        }
+        if seen.len() < MAX_TOOL_LABELS {
+            seen.insert(tool.to_owned());
+            return tool.to_owned();
+        }
+        "other".into()
+    }
+
+    /// Counts one decision.
+    pub fn decision(&self, server: &str, tool: &str, decision: &str, rule: &str) {
+        let labels = DecisionLabels {
+            server: server.to_owned(),
+            tool: self.tool_label(tool),
+            decision: decision.to_owned(),
+            rule: rule.to_owned(),
+        };
+        self.decisions.get_or_create(&labels).inc();
+    }
+
+    /// Records the time to the upstream's response headers.
+    pub fn upstream_latency(&self, server: &str, seconds: f64) {
+        self.upstream_latency
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts an upstream failure (`unreachable`, `timeout`, `status_5xx`, …).
+    pub fn upstream_error(&self, server: &str, kind: &str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                server: server.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a policy reload.
+    pub fn reload(&self, server: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                server: server.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Renders the text format, after setting the gauges read at scrape time.
+    pub fn render(
+        &self,
+        sessions: usize,
+        pending: usize,
+        audit_failures: u64,
+        webhook_failures: u64,
+    ) -> String {
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.sessions.set(as_i64(sessions as u64));
+        self.pending_approvals.set(as_i64(pending as u64));
+        self.audit_failures.set(as_i64(audit_failures));
+        self.webhook_failures.set(as_i64(webhook_failures));
+        self.streams.set(as_i64(
+            self.open_streams.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let metrics = Metrics::new();
+        metrics.decision("hl", "delete_x", "deny", "rules[2] (delete_*)");
+        metrics.decision("hl", "delete_x", "deny", "rules[2] (delete_*)");
+        metrics.reload("hl", false);
+        metrics.upstream_latency("hl", 0.002);
+        let text = metrics.render(3, 1, 0, 0);
+        assert!(
+            text.contains(r#"tollgate_decisions_total{server="hl",tool="delete_x",decision="deny",rule="rules[2] (delete_*)"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_policy_reloads_total{server="hl",result="failed"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("tollgate_sessions_active 3"), "{text}");
+        assert!(text.contains("tollgate_approvals_pending 1"), "{text}");
+        assert!(
+            text.contains("tollgate_upstream_latency_seconds_count{server=\"hl\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bounds_tool_label_cardinality() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_TOOL_LABELS + 50 {
+            metrics.decision("s", &format!("tool{i}"), "deny", "default");
+        }
+        let text = metrics.render(0, 0, 0, 0);
+        assert!(text.contains(r#"tool="other""#));
+        assert_eq!(
+            text.matches("tollgate_decisions_total{").count(),
+            MAX_TOOL_LABELS + 1
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! Operations endpoints on the admin listener: `/metrics`, `/readyz`, `/status`
+//! and `POST /reload`. (`/healthz` needs no token and lives in `admin`.)
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::admin::Admin;
+
+/// The operations routes.
+pub fn routes() -> Router<Admin> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/reload", post(reload))
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    let app = &admin.app;
+    let text = app.metrics.render(
+        app.sessions.len(),
+        app.approvals.pending(),
+        app.audit.failures(),
+        app.webhook_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Ready when every upstream accepts a TCP connection within 2 s.
+async fn readyz(State(admin): State<Admin>) -> Response {
+    let checks = admin.app.servers.values().map(|server| async move {
+        let url = &server.url;
+        let target = (
+            url.host_str().unwrap_or("").to_owned(),
+            url.port_or_known_default().unwrap_or(80),
+        );
+        let result = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(target),
+        )
+        .await;
+        let error = match result {
+            Ok(Ok(_)) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(_) => Some("no connection within 2s".to_owned()),
+        };
+        (server.name.to_string(), error)
+    });
+    let results = futures::future::join_all(checks).await;
+    let ready = results.iter().all(|(_, e)| e.is_none());
+    let upstreams: Value = results
+        .into_iter()
+        .map(|(name, error)| (name, json!({"ready": error.is_none(), "error": error})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "upstreams": upstreams})),
+    )
+        .into_response()
+}
+
+async fn status(State(admin): State<Admin>) -> Json<Value> {
+    let app = &admin.app;
+    let servers: Vec<Value> = app
+        .servers
+        .values()
+        .map(|server| {
+            let info = server.policy_info.lock().map(|i| i.clone()).ok();
+            json!({
+                "name": &*server.name,
+                "upstream": server.url.as_str(),
+                "timeout_ms": server.timeout.as_millis() as u64,
+                "policy": info,
+            })
+        })
+        .collect();
+    Json(json!({
+        "version": &*admin.version,
+        "servers": servers,
+        "sessions": app.sessions.len(),
+        "approvals_pending": app.approvals.pending(),
+        "audit_write_failures": app.audit.failures(),
+    }))
+}
+
+async fn reload(State(admin): State<Admin>) -> Response {
+    let app = admin.app.clone();
+    let reports = tokio::task::spawn_blocking(move || crate::reload::reload_all(&app))
+        .await
+        .unwrap_or_default();
+    let failed = reports.iter().any(|r| r.result == "failed");
+    let status = if failed {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(json!({"reloads": reports}))).into_response()
+}

@@ -1,0 +1,123 @@
+//! Policy hot reload: on a file change, SIGHUP or `POST /reload`, each policy
+//! file is read, validated and compiled off the request path, then swapped in
+//! atomically. Calls in flight keep the snapshot they started with. A file that
+//! fails validation is refused: the old policy stays, and the error is logged,
+//! counted and shown by `/status`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+
+use crate::state::{AppState, LoadedPolicy, Server};
+
+/// What a reload did to one server's policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// The server.
+    pub server: String,
+    /// `unchanged`, `reloaded` or `failed`.
+    pub result: &'static str,
+    /// The error, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
+    let path = server.policy_info.lock().ok()?.path.clone()?;
+    let report = |result, error| {
+        Some(ReloadReport {
+            server: server.name.to_string(),
+            result,
+            error,
+        })
+    };
+    match LoadedPolicy::read(&path) {
+        Ok(loaded) => {
+            let mut info = server.policy_info.lock().ok()?;
+            info.last_error = None;
+            if info.hash == loaded.hash {
+                return report("unchanged", None);
+            }
+            server.policy.store(Arc::new(loaded.policy));
+            info.hash = loaded.hash;
+            info.loaded_at = crate::audit::now_rfc3339();
+            drop(info);
+            app.metrics.reload(&server.name, true);
+            tracing::info!(server = %server.name, path = %path.display(), "policy reloaded");
+            report("reloaded", None)
+        }
+        Err(error) => {
+            if let Ok(mut info) = server.policy_info.lock() {
+                info.last_error = Some(error.clone());
+            }
+            app.metrics.reload(&server.name, false);
+            tracing::error!(server = %server.name, %error, "policy reload refused; the previous policy stays in force");
+            report("failed", Some(error))
+        }
+    }
+}
+
+/// Re-reads every server's policy file.
+pub fn reload_all(app: &AppState) -> Vec<ReloadReport> {
+    app.servers
+        .values()
+        .filter_map(|server| reload_server(app, server))
+        .collect()
+}
+
+/// Keeps the file watcher alive; dropping it stops watching.
+pub struct PolicyWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Watches the directories of every policy file. Directories, not files:
+/// editors and Kubernetes ConfigMap mounts replace files (atomic rename,
+/// `..data` symlink swap), which a watch on the old file would miss.
+pub fn watch(app: &AppState) -> notify::Result<PolicyWatcher> {
+    let dirs: BTreeSet<PathBuf> = app
+        .servers
+        .values()
+        .filter_map(|s| s.policy_info.lock().ok()?.path.clone())
+        .map(|p| {
+            p.parent()
+                .map(ToOwned::to_owned)
+                .unwrap_or_else(|| PathBuf::from("."))
+        })
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            let _ = tx.send(());
+        }
+    })?;
+    for dir in &dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    let app = app.clone();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // One save is often several events: let them settle, then reload once.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            let reports = tokio::task::spawn_blocking({
+                let app = app.clone();
+                move || reload_all(&app)
+            })
+            .await
+            .unwrap_or_default();
+            tracing::debug!(?reports, "policy files changed");
+        }
+    });
+    Ok(PolicyWatcher { _watcher: watcher })
+}

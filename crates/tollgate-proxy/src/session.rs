@@ -1,0 +1,150 @@
+//! Handshake-era sessions: ids Tollgate issues, each mapped to the upstream's own
+//! session and bound to the server and the client that opened it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+/// One downstream session.
+#[derive(Debug)]
+pub struct Session {
+    /// The id Tollgate issued (`Mcp-Session-Id`).
+    pub id: Arc<str>,
+    /// The server it belongs to.
+    pub server: Arc<str>,
+    /// The authenticated client that opened it.
+    pub client: Option<Arc<str>>,
+    /// The upstream's session id, when the upstream issued one.
+    pub upstream_id: Option<String>,
+    last_seen_ms: AtomicU64,
+}
+
+/// The session table.
+pub struct Sessions {
+    map: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    max: usize,
+    idle: Duration,
+    epoch: Instant,
+}
+
+/// The table is full.
+#[derive(Debug, thiserror::Error)]
+#[error("too many sessions ({0}, limits.max_sessions); try again later")]
+pub struct SessionsFull(pub usize);
+
+impl Sessions {
+    /// An empty table holding at most `max` sessions, each forgotten after `idle`.
+    pub fn new(max: usize, idle: Duration) -> Sessions {
+        Sessions {
+            map: Mutex::new(HashMap::new()),
+            max,
+            idle,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Opens a session with a fresh random id (128 bits).
+    pub fn open(
+        &self,
+        server: Arc<str>,
+        client: Option<Arc<str>>,
+        upstream_id: Option<String>,
+    ) -> Result<Arc<Session>, SessionsFull> {
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let session = Arc::new(Session {
+            id: id.into(),
+            server,
+            client,
+            upstream_id,
+            last_seen_ms: AtomicU64::new(self.now_ms()),
+        });
+        let mut map = self.map.lock().map_err(|_| SessionsFull(0))?;
+        if map.len() >= self.max {
+            self.sweep_locked(&mut map);
+            if map.len() >= self.max {
+                return Err(SessionsFull(self.max));
+            }
+        }
+        map.insert(session.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    /// The live session with this id, refreshed.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        let session = self.map.lock().ok()?.get(id).cloned()?;
+        session.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
+        Some(session)
+    }
+
+    /// Forgets a session.
+    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+        self.map.lock().ok()?.remove(id)
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets sessions idle for longer than the limit.
+    pub fn sweep(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            self.sweep_locked(&mut map);
+        }
+    }
+
+    fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Arc<Session>>) {
+        let now = self.now_ms();
+        let idle = u64::try_from(self.idle.as_millis()).unwrap_or(u64::MAX);
+        map.retain(|_, s| now.saturating_sub(s.last_seen_ms.load(Ordering::Relaxed)) < idle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn issues_unguessable_ids_and_finds_them() {
+        let sessions = Sessions::new(10, Duration::from_secs(60));
+        let a = sessions.open("s".into(), None, Some("up".into())).unwrap();
+        let b = sessions.open("s".into(), None, None).unwrap();
+        assert_eq!(a.id.len(), 32);
+        assert_ne!(a.id, b.id);
+        assert_eq!(
+            sessions.get(&a.id).unwrap().upstream_id.as_deref(),
+            Some("up")
+        );
+        assert!(sessions.get("nope").is_none());
+        sessions.remove(&a.id);
+        assert!(sessions.get(&a.id).is_none());
+    }
+
+    #[test]
+    fn refuses_beyond_the_maximum_and_sweeps_idle_ones() {
+        let sessions = Sessions::new(2, Duration::from_millis(0));
+        sessions.open("s".into(), None, None).unwrap();
+        sessions.open("s".into(), None, None).unwrap();
+        // Idle limit 0: both are idle, so a third one fits after the sweep.
+        sessions.open("s".into(), None, None).unwrap();
+        assert_eq!(sessions.len(), 1);
+        let strict = Sessions::new(1, Duration::from_secs(3600));
+        strict.open("s".into(), None, None).unwrap();
+        assert!(strict.open("s".into(), None, None).is_err());
+    }
+}

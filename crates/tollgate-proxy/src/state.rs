@@ -1,0 +1,275 @@
+//! The proxy's shared state, built once from the configuration.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use tollgate_policy::{Policy, RateLimiter};
+
+use crate::approvals::Approvals;
+use crate::audit::Audit;
+use crate::config::{Config, ServerConfig};
+use crate::session::Sessions;
+
+/// One upstream MCP server and the policy that guards it.
+pub struct Server {
+    /// Its name in the configuration, used in paths, logs and errors.
+    pub name: Arc<str>,
+    /// Its MCP endpoint.
+    pub url: reqwest::Url,
+    /// Headers sent with every upstream request.
+    pub headers: HeaderMap,
+    /// Per upstream request.
+    pub timeout: Duration,
+    /// The policy in force; swapped whole on reload, read once per request.
+    pub policy: ArcSwap<Policy>,
+    /// Rolling-window rate-limit state, kept across reloads.
+    pub limiter: Mutex<RateLimiter>,
+    /// Where the policy came from and how its last reload went.
+    pub policy_info: Mutex<PolicyInfo>,
+}
+
+/// Provenance of a server's policy, for `/status` and reloads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyInfo {
+    /// The policy file, when it came from one.
+    pub path: Option<std::path::PathBuf>,
+    /// `sha256:<hex>` of the file's text.
+    pub hash: String,
+    /// When the policy in force was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// The last reload's error, if it failed; the previous policy stays in force.
+    pub last_error: Option<String>,
+}
+
+/// A compiled policy and where it came from.
+pub struct LoadedPolicy {
+    /// The compiled policy.
+    pub policy: Policy,
+    /// Its file, if any.
+    pub path: Option<std::path::PathBuf>,
+    /// `sha256:<hex>` of its text.
+    pub hash: String,
+}
+
+impl LoadedPolicy {
+    /// Compiles `source`; `path` is used in messages and for reloads.
+    pub fn compile(
+        source: &str,
+        path: Option<&std::path::Path>,
+        origin: &str,
+    ) -> Result<LoadedPolicy, String> {
+        let policy = Policy::from_yaml(source, origin).map_err(|e| e.to_string())?;
+        Ok(LoadedPolicy {
+            policy,
+            path: path.map(ToOwned::to_owned),
+            hash: crate::audit::text_digest(source),
+        })
+    }
+
+    /// Reads and compiles a policy file.
+    pub fn read(path: &std::path::Path) -> Result<LoadedPolicy, String> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        LoadedPolicy::compile(&source, Some(path), &path.display().to_string())
+    }
+}
+
+/// An authenticated client.
+pub struct Client {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its bearer key.
+    pub key: Vec<u8>,
+}
+
+/// Everything the request handlers share.
+pub struct Shared {
+    /// Servers by name.
+    pub servers: BTreeMap<String, Arc<Server>>,
+    /// Handshake-era sessions.
+    pub sessions: Sessions,
+    /// Authenticated clients; empty means no authentication.
+    pub clients: Vec<Client>,
+    /// The audit log.
+    pub audit: Audit,
+    /// Largest body accepted.
+    pub max_body: usize,
+    /// Browser origins allowed.
+    pub allowed_origins: Vec<String>,
+    /// Extra host names allowed on a loopback listener.
+    pub allowed_hosts: Vec<String>,
+    /// Whether the listener is on a loopback address (enables the Host check).
+    pub loopback: bool,
+    /// The upstream HTTP client (connection pool).
+    pub http: reqwest::Client,
+    /// Time zero for the policy engine's clock.
+    pub epoch: Instant,
+    /// Per-client request rate, protecting the proxy itself.
+    pub client_rate: Option<DefaultKeyedRateLimiter<String>>,
+    /// Calls waiting for a human.
+    pub approvals: Arc<Approvals>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// Base URL of the admin listener once bound; approvals need it.
+    pub admin_url: std::sync::OnceLock<String>,
+    /// POSTed for each new pending approval.
+    pub webhook: Option<reqwest::Url>,
+    /// Webhook deliveries that failed after every retry.
+    pub webhook_failures: std::sync::atomic::AtomicU64,
+}
+
+/// Cheap-to-clone handle on [`Shared`].
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Why the proxy could not be built from a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A server has no policy loaded.
+    #[error("server `{0}`: no policy was loaded for it")]
+    MissingPolicy(String),
+    /// A server is not an HTTP upstream; this build serves HTTP upstreams only.
+    #[error("server `{0}`: transport `{1}` is not supported yet; use a Streamable HTTP `url`")]
+    UnsupportedTransport(String, &'static str),
+    /// A header value cannot be sent.
+    #[error("server `{0}`: header `{1}` has a value that cannot be sent in HTTP")]
+    BadHeader(String, String),
+    /// The URL does not parse.
+    #[error("server `{0}`: url `{1}` is not valid: {2}")]
+    BadUrl(String, String, String),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditOpenError),
+    /// The HTTP client could not be built.
+    #[error("could not build the upstream HTTP client: {0}")]
+    Http(String),
+}
+
+fn build_server(
+    name: &str,
+    config: &ServerConfig,
+    loaded: LoadedPolicy,
+) -> Result<Server, BuildError> {
+    let url_text = match (config.transport(), &config.url) {
+        (crate::config::Transport::Http, Some(url)) => url,
+        (crate::config::Transport::Sse, _) => {
+            return Err(BuildError::UnsupportedTransport(name.into(), "sse"));
+        }
+        _ => return Err(BuildError::UnsupportedTransport(name.into(), "stdio")),
+    };
+    let url = reqwest::Url::parse(url_text)
+        .map_err(|e| BuildError::BadUrl(name.into(), url_text.clone(), e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    for (key, value) in &config.headers {
+        let bad = || BuildError::BadHeader(name.into(), key.clone());
+        let header = HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad())?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| bad())?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(Server {
+        name: name.into(),
+        url,
+        headers,
+        timeout: config.timeout,
+        policy: ArcSwap::from_pointee(loaded.policy),
+        limiter: Mutex::new(RateLimiter::new()),
+        policy_info: Mutex::new(PolicyInfo {
+            path: loaded.path,
+            hash: loaded.hash,
+            loaded_at: crate::audit::now_rfc3339(),
+            last_error: None,
+        }),
+    })
+}
+
+impl AppState {
+    /// Builds the state from a validated configuration and each server's compiled policy.
+    pub fn build(
+        config: &Config,
+        mut policies: BTreeMap<String, LoadedPolicy>,
+    ) -> Result<AppState, BuildError> {
+        let mut servers = BTreeMap::new();
+        for (name, server) in &config.servers {
+            let policy = policies
+                .remove(name)
+                .ok_or_else(|| BuildError::MissingPolicy(name.clone()))?;
+            servers.insert(name.clone(), Arc::new(build_server(name, server, policy)?));
+        }
+        let audit = match &config.audit {
+            Some(audit) => Audit::open(&audit.path, audit.arguments)?,
+            None => Audit::disabled(),
+        };
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| BuildError::Http(e.to_string()))?;
+        let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
+            Some(url) => Some(reqwest::Url::parse(url).map_err(|e| {
+                BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string())
+            })?),
+            None => None,
+        };
+        let client_rate = NonZeroU32::new(config.limits.requests_per_second)
+            .map(|rps| DefaultKeyedRateLimiter::keyed(Quota::per_second(rps)));
+        Ok(AppState(Arc::new(Shared {
+            servers,
+            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
+            clients: config
+                .clients
+                .iter()
+                .map(|c| Client {
+                    name: c.name.as_str().into(),
+                    key: c.key.as_bytes().to_vec(),
+                })
+                .collect(),
+            audit,
+            max_body: config.limits.max_body,
+            allowed_origins: config.allowed_origins.clone(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            loopback: config.listen.ip().is_loopback(),
+            http,
+            epoch: Instant::now(),
+            client_rate,
+            approvals: Arc::new(Approvals::new()),
+            metrics: crate::metrics::Metrics::new(),
+            admin_url: std::sync::OnceLock::new(),
+            webhook,
+            webhook_failures: std::sync::atomic::AtomicU64::new(0),
+        })))
+    }
+
+    /// The engine's clock: time since the proxy started.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Drops state for idle sessions and clients; run periodically.
+    pub fn sweep(&self) {
+        self.sessions.sweep();
+        if let Some(rate) = &self.client_rate {
+            rate.retain_recent();
+        }
+        let now = self.now();
+        for server in self.servers.values() {
+            if let Ok(mut limiter) = server.limiter.lock() {
+                limiter.sweep(now);
+            }
+        }
+    }
+}
