@@ -335,7 +335,10 @@ impl Config {
                 expand(format!("servers.{name}.command[{i}]"), arg);
             }
         }
-        problems.extend(config.check().into_iter().map(|p| format!("{origin}: {p}")));
+        // Checking values that failed to expand would only repeat the same problem.
+        if problems.is_empty() {
+            problems.extend(config.check().into_iter().map(|p| format!("{origin}: {p}")));
+        }
         if problems.is_empty() {
             Ok(config)
         } else {

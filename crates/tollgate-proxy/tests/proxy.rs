@@ -516,10 +516,13 @@ async fn upstream_down_or_silent_is_a_clear_error_within_the_timeout() {
     let dead = format!("http://{}/mcp", closed.local_addr().unwrap());
     drop(closed);
     let h = start_with_upstream(POLICY, "", false, &dead, Demo::new(DemoOptions::default())).await;
-    let (status, _, body) = h
-        .post(None, &stateless(call(1, "list_fhir_datastores", json!({}))))
+    let (status, body) = h
+        .post_stateless(
+            &call(1, "list_fhir_datastores", json!({})),
+            Some("list_fhir_datastores"),
+        )
         .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("upstream `healthlake`") && message.contains("could not be reached"),
@@ -544,8 +547,11 @@ async fn upstream_down_or_silent_is_a_clear_error_within_the_timeout() {
     )
     .await;
     let started = std::time::Instant::now();
-    let (_, _, body) = h
-        .post(None, &stateless(call(1, "list_fhir_datastores", json!({}))))
+    let (_, body) = h
+        .post_stateless(
+            &call(1, "list_fhir_datastores", json!({})),
+            Some("list_fhir_datastores"),
+        )
         .await;
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
