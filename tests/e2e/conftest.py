@@ -1,0 +1,170 @@
+"""Fixtures: the real `tollgate` binary in front of real MCP servers.
+
+Every process is started with a bounded wait for readiness and killed at
+teardown. Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLLGATE = os.environ.get("TOLLGATE_BIN", str(ROOT / "target" / "debug" / "tollgate"))
+PYTHON = sys.executable
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Proc:
+    """A child process whose stdout lines are collected in the background."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.args = args
+        self.log = log
+        self.stderr = open(log, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, timeout: float = 20.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = regex.search(line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise TimeoutError(
+            f"{self.args[0]} printed no line matching {pattern!r}; exit={self.proc.poll()}\n"
+            f"stdout: {self.lines}\nstderr: {self.log.read_text()[-3000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.stderr.close()
+
+
+class Upstream:
+    def __init__(self, proc: Proc, port: int, record: Path, mode: str):
+        self.proc, self.port, self.record, self.mode = proc, port, record, mode
+        self.url = f"http://127.0.0.1:{port}/mcp"
+
+    def calls(self) -> list[dict]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+
+    def tools_called(self) -> list[str]:
+        return [c["tool"] for c in self.calls()]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful") -> Upstream:
+    port = free_port()
+    record = tmp_path / f"upstream-{port}.jsonl"
+    args = [PYTHON, str(HERE / "upstream_server.py"), str(port), str(record)]
+    if mode == "stateless":
+        args.append("--stateless")
+    proc = Proc(args, tmp_path / f"upstream-{port}.log")
+    procs.append(proc)
+    wait_port(port)
+    return Upstream(proc, port, record, mode)
+
+
+class Tollgate:
+    def __init__(self, proc: Proc, url: str, admin: str | None, audit: Path):
+        self.proc, self.url, self.admin, self.audit_path = proc, url, admin, audit
+
+    def audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+
+def start_tollgate(
+    procs: list,
+    tmp_path: Path,
+    upstream_url: str,
+    policy: str,
+    extra: str = "",
+    server_extra: str = "",
+    env: dict | None = None,
+) -> Tollgate:
+    """Writes policy and config into tmp_path and starts `tollgate serve --config`."""
+    n = len(procs)
+    (tmp_path / f"policy{n}.yaml").write_text(policy)
+    audit = tmp_path / f"audit{n}.jsonl"
+    config = (
+        f"listen: 127.0.0.1:0\n"
+        f"audit: {{path: '{audit}'}}\n"
+        f"{extra}\n"
+        f"servers:\n  upstream:\n    url: {upstream_url}\n    policy: policy{n}.yaml\n{server_extra}"
+    )
+    (tmp_path / f"tollgate{n}.yaml").write_text(config)
+    proc = Proc([TOLLGATE, "serve", "--config", str(tmp_path / f"tollgate{n}.yaml")], tmp_path / f"tollgate{n}.log", env)
+    procs.append(proc)
+    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+    admin = None
+    if "admin:" in extra:
+        admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
+    return Tollgate(proc, url, admin, audit)

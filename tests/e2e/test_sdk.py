@@ -1,0 +1,270 @@
+"""The official Python SDK (mcp 2.x) as client, through the real tollgate binary,
+to upstreams written with the same SDK: both eras (the client's default `auto`
+mode probes `server/discover`, so the stateless era; `legacy` is the handshake
+era) and both upstream modes (stateful SSE, and stateless_http + json_response).
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp import types
+
+from conftest import start_tollgate, start_upstream
+
+pytestmark = pytest.mark.anyio
+
+POLICY = """
+version: 1
+default: deny
+rules:
+  - tool: echo
+    action: allow
+  - tool: list_fhir_datastores
+    action: allow
+  - tool: slow_progress
+    action: allow
+  - tool: ask_user
+    action: allow
+  - tool: describe_fhir_export_job
+    action: allow
+    rate_limit: { max: 2, window: 60 }
+  - tool: start_fhir_export_job
+    action: allow
+    arguments:
+      type: object
+      properties:
+        output_data_config:
+          properties:
+            s3_configuration:
+              properties:
+                s3_uri: { type: string, pattern: "^s3://approved-exports/" }
+  - tool: delete_*
+    action: deny
+    reason: Deleting data stores is never done by agents.
+"""
+
+ERAS = ["auto", "legacy"]
+UPSTREAMS = ["stateful", "stateless"]
+
+
+def decision(result: types.CallToolResult) -> dict:
+    meta = result.meta or {}
+    return meta["dev.tollgate/decision"]
+
+
+def text(result: types.CallToolResult) -> str:
+    return result.content[0].text
+
+
+@pytest.fixture(params=UPSTREAMS)
+def upstream(request, procs, tmp_path):
+    return start_upstream(procs, tmp_path, request.param)
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_tools_list_hides_tools_denied_outright(era, upstream, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    async with Client(tg.url, mode=era) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+    assert "echo" in names and "start_fhir_export_job" in names
+    assert "delete_fhir_datastore" not in names
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_allowed_call_returns_the_upstreams_result_unchanged(era, upstream, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    async with Client(upstream.url, mode=era) as direct:
+        expected = await direct.call_tool("echo", {"text": "héllo"})
+    async with Client(tg.url, mode=era) as client:
+        got = await client.call_tool("echo", {"text": "héllo"})
+    assert got.is_error is False
+    assert [c.model_dump() for c in got.content] == [c.model_dump() for c in expected.content]
+    assert got.structured_content == expected.structured_content
+    assert upstream.tools_called() == ["echo", "echo"]
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_refused_calls_never_reach_the_upstream(era, upstream, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    async with Client(tg.url, mode=era) as client:
+        denied = await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
+        assert denied.is_error is True
+        assert text(denied) == "Denied by policy: Deleting data stores is never done by agents."
+        assert decision(denied) == {
+            "kind": "deny",
+            "tool": "delete_fhir_datastore",
+            "rule": "rules[6] (delete_*)",
+            "reason": "Deleting data stores is never done by agents.",
+        }
+
+        default = await client.call_tool("drop_tables", {})
+        assert default.is_error and decision(default)["kind"] == "deny"
+        assert decision(default)["rule"] == "default"
+
+        bad_args = await client.call_tool(
+            "start_fhir_export_job",
+            {"datastore_id": "d", "data_access_role_arn": "r",
+             "output_data_config": {"s3_configuration": {"s3_uri": "s3://attacker/x"}}},
+        )
+        assert bad_args.is_error and decision(bad_args)["kind"] == "arguments"
+        assert "/output_data_config/s3_configuration/s3_uri" in decision(bad_args)["reason"]
+
+        for _ in range(2):
+            ok = await client.call_tool("describe_fhir_export_job", {"datastore_id": "d", "job_id": "j"})
+            assert ok.is_error is False
+        limited = await client.call_tool("describe_fhir_export_job", {"datastore_id": "d", "job_id": "j"})
+        assert limited.is_error and decision(limited)["kind"] == "rate_limit"
+        assert decision(limited)["retry_after_ms"] > 0
+        assert "retry in " in text(limited)
+    assert upstream.tools_called() == ["describe_fhir_export_job", "describe_fhir_export_job"]
+    decisions = [r for r in tg.audit() if r["event"] == "decision"]
+    assert [r["decision"] for r in decisions] == ["deny", "deny", "deny", "allow", "allow", "deny"]
+    assert [r["kind"] for r in decisions] == ["deny", "deny", "arguments", None, None, "rate_limit"]
+    assert all(r["server"] == "upstream" and r["arguments_digest"].startswith("sha256:") for r in decisions)
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_deny_as_error_answers_with_a_json_rpc_error(era, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\ndeny_as: error\nrules:\n  - tool: delete_*\n    action: deny\n    reason: no deletes\n")
+    async with Client(tg.url, mode=era) as client:
+        with pytest.raises(MCPError) as raised:
+            await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
+    assert raised.value.error.code == -32001
+    assert raised.value.error.message == "Tool call denied by policy: no deletes"
+    assert raised.value.error.data["kind"] == "deny"
+    assert upstream.calls() == []
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_audit_mode_lets_everything_through_and_logs_the_decision(era, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\nmode: audit\ndefault: deny\nrules: []\n")
+    async with Client(tg.url, mode=era) as client:
+        result = await client.call_tool("echo", {"text": "x"})
+    assert result.is_error is False
+    assert upstream.tools_called() == ["echo"]
+    (record,) = [r for r in tg.audit() if r["event"] == "decision"]
+    assert (record["decision"], record["mode"]) == ("deny", "audit")
+
+
+CLIENTS = """
+clients:
+  - {name: alice, key: alice-key-0123456789}
+"""
+
+QUOTAS = """
+version: 1
+rules:
+  - tool: echo
+    action: allow
+    rate_limit: { max: 1, window: 60, per: session }
+  - tool: list_fhir_datastores
+    action: allow
+    rate_limit: { max: 1, window: 60, per: client }
+"""
+
+
+def authed(url: str, key: str):
+    return streamable_http_client(url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}))
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_a_new_session_gets_a_fresh_session_quota_but_not_a_fresh_client_quota(era, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, QUOTAS, extra=CLIENTS)
+    async with Client(authed(tg.url, "alice-key-0123456789"), mode=era) as first:
+        assert (await first.call_tool("echo", {"text": "1"})).is_error is False
+        assert (await first.call_tool("list_fhir_datastores", {})).is_error is False
+        assert decision(await first.call_tool("echo", {"text": "2"}))["kind"] == "rate_limit"
+    async with Client(authed(tg.url, "alice-key-0123456789"), mode=era) as second:
+        again = await second.call_tool("echo", {"text": "3"})
+        client_quota = await second.call_tool("list_fhir_datastores", {})
+    if era == "legacy":
+        assert again.is_error is False, "a new handshake-era session has a fresh per-session quota"
+    else:
+        # The stateless era has no sessions: per-session limits key on the client (SPEC §6).
+        assert decision(again)["kind"] == "rate_limit"
+    assert decision(client_quota)["kind"] == "rate_limit", "per: client survives a new session"
+    expected = ["echo", "list_fhir_datastores"] + (["echo"] if era == "legacy" else [])
+    assert upstream.tools_called() == expected
+
+
+async def test_clients_without_a_key_are_refused(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, QUOTAS, extra=CLIENTS)
+    with pytest.raises(Exception):
+        with anyio.fail_after(15):
+            async with Client(tg.url, mode="legacy") as client:
+                await client.list_tools()
+    assert upstream.calls() == []
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_progress_notifications_are_streamed_before_the_result(era, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful")
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    seen: list[tuple[float, float]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((time.monotonic(), progress))
+
+    async with Client(tg.url, mode=era) as client:
+        result = await client.call_tool("slow_progress", {"steps": 4}, progress_callback=on_progress)
+        finished = time.monotonic()
+    assert result.is_error is False and "done after 4 steps" in text(result)
+    assert [p for _, p in seen] == [1, 2, 3, 4]
+    # Relayed as they happen: the first arrives ~1 s before the result, not with it.
+    assert finished - seen[0][0] > 0.6, seen
+
+
+@pytest.mark.parametrize("era", ERAS)
+@pytest.mark.parametrize("accept", [True, False])
+async def test_elicitation_from_the_upstream_reaches_the_client_and_back(era, accept, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful")
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    asked: list[str] = []
+
+    async def on_elicit(context, params: types.ElicitRequestParams):
+        asked.append(params.message)
+        if accept:
+            return types.ElicitResult(action="accept", content={"answer": "forty-two"})
+        return types.ElicitResult(action="decline")
+
+    async with Client(tg.url, mode=era, elicitation_callback=on_elicit) as client:
+        result = await client.call_tool("ask_user", {"question": "What is the answer?"})
+    assert asked == ["What is the answer?"]
+    assert text(result) == ("user said: forty-two" if accept else "user decline")
+
+
+async def test_the_typescript_sdk_is_a_second_independent_client(procs, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+
+    node_modules = ROOT / "tests" / "ts" / "node_modules" / "@modelcontextprotocol" / "sdk"
+    if not node_modules.exists() or shutil.which("node") is None:
+        pytest.fail("the TypeScript SDK is not installed: run tests/run (npm ci in tests/ts)")
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    out = subprocess.run(
+        ["node", str(ROOT / "tests" / "ts" / "client.mjs"), tg.url],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert "echo" in report["tools"] and "delete_fhir_datastore" not in report["tools"]
+    assert report["allowed"]["isError"] is False
+    assert report["allowed"]["content"][0]["text"] == "echo: from node ✓ — ünïcödé"
+    assert report["denied"]["isError"] is True
+    assert report["denied"]["_meta"]["dev.tollgate/decision"]["kind"] == "deny"
+    assert upstream.tools_called() == ["echo"]

@@ -1,0 +1,108 @@
+"""A HealthLake-like MCP server written with the official Python SDK (mcp 2.x).
+
+Every tool call is appended to a record file as one JSON line, so tests can prove
+that calls Tollgate denied never arrived here.
+
+    python upstream_server.py PORT RECORD_FILE [--stateless]
+"""
+
+import json
+import sys
+
+import anyio
+from pydantic import BaseModel
+
+from typing import Annotated
+
+from mcp.server.mcpserver import Context, Elicit, ElicitationResult, MCPServer, Resolve
+
+PORT = int(sys.argv[1])
+RECORD = sys.argv[2]
+STATELESS = "--stateless" in sys.argv
+
+mcp = MCPServer("python-healthlake")
+
+
+def record(tool: str, arguments: dict) -> None:
+    with open(RECORD, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
+
+
+@mcp.tool()
+def list_fhir_datastores() -> str:
+    """List the FHIR data stores."""
+    record("list_fhir_datastores", {})
+    return json.dumps({"datastores": [{"DatastoreId": "0123456789abcdef0123456789abcdef", "Name": "patients"}]})
+
+
+@mcp.tool()
+def describe_fhir_export_job(datastore_id: str, job_id: str) -> str:
+    """Describe an export job."""
+    record("describe_fhir_export_job", {"datastore_id": datastore_id, "job_id": job_id})
+    return json.dumps({"JobId": job_id, "JobStatus": "COMPLETED", "DatastoreId": datastore_id})
+
+
+@mcp.tool()
+def start_fhir_export_job(
+    datastore_id: str, output_data_config: dict, data_access_role_arn: str, job_name: str | None = None
+) -> str:
+    """Start exporting a data store to S3."""
+    record("start_fhir_export_job", {"datastore_id": datastore_id, "output_data_config": output_data_config})
+    return json.dumps({"JobId": "job-1", "JobStatus": "SUBMITTED", "DatastoreId": datastore_id})
+
+
+@mcp.tool()
+def delete_fhir_datastore(datastore_id: str) -> str:
+    """Delete a data store."""
+    record("delete_fhir_datastore", {"datastore_id": datastore_id})
+    return "deleted"
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    """Echo the text back, with some unicode to check bytes survive."""
+    record("echo", {"text": text})
+    return f"echo: {text} ✓ — ünïcödé"
+
+
+@mcp.tool()
+async def slow_progress(steps: int, ctx: Context) -> str:
+    """Report progress `steps` times, 300 ms apart, then return."""
+    record("slow_progress", {"steps": steps})
+    for i in range(steps):
+        await ctx.report_progress(i + 1, steps, f"step {i + 1}")
+        await anyio.sleep(0.3)
+    return f"done after {steps} steps"
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+def ask(question: str) -> Elicit[Answer]:
+    return Elicit(question, Answer)
+
+
+@mcp.tool()
+async def ask_user(
+    question: str, answer: Annotated[ElicitationResult[Answer], Resolve(ask)]
+) -> str:
+    """Ask the client's user a question (elicitation) and return the answer.
+
+    A resolver, so the SDK asks mid-call in the handshake era and with an
+    InputRequiredResult (MRTR) in the stateless era.
+    """
+    record("ask_user", {"question": question})
+    if answer.action == "accept":
+        return f"user said: {answer.data.answer}"
+    return f"user {answer.action}"
+
+
+if __name__ == "__main__":
+    mcp.run(
+        "streamable-http",
+        host="127.0.0.1",
+        port=PORT,
+        stateless_http=STATELESS,
+        json_response=STATELESS,
+    )
