@@ -121,15 +121,14 @@ pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<Stri
                 case.name
             ));
         }
-        if let Some(kind) = &case.kind {
-            if !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit") {
+        if let Some(kind) = &case.kind
+            && !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit") {
                 problems.push(format!(
                     "{}: cases[{i}] `{}`: kind must be deny, arguments or rate_limit",
                     path.display(),
                     case.name
                 ));
             }
-        }
     }
     let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
     let policy_source = read_file(&policy_path).map_err(|e| vec![e])?;
@@ -181,8 +180,8 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
                 (Some(all), _) => Some(all),
                 _ => None,
             };
-            if let Some(expected) = expected {
-                if decision.action != action_of(expected) {
+            if let Some(expected) = expected
+                && decision.action != action_of(expected) {
                     failure = Some(format!(
                         "call {} of {}: expected {}, got {}",
                         i + 1,
@@ -192,16 +191,14 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
                     ));
                     break;
                 }
-            }
         }
-        if failure.is_none() {
-            if let (Some(kind), Some(last)) = (&case.kind, decisions.last()) {
+        if failure.is_none()
+            && let (Some(kind), Some(last)) = (&case.kind, decisions.last()) {
                 let got = last.kind.map_or("none", |k| k.as_str());
                 if got != kind {
                     failure = Some(format!("expected kind {kind}, got {}", describe(last)));
                 }
             }
-        }
         if let Some(message) = failure {
             failures.push((case.name.clone(), message));
         }
