@@ -1,0 +1,222 @@
+"""require_approval end to end: the Python SDK client's call waits while a human
+decides through the admin API (or the web page, see test_page.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+
+from conftest import free_port, start_tollgate, start_upstream
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "admin-token-0123456789"
+ADMIN = f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}"
+
+POLICY = """
+version: 1
+default: deny
+rules:
+  - tool: start_fhir_export_job
+    action: require_approval
+    reason: Bulk export of patient data needs a human.
+    approval: { timeout: %s }
+    arguments:
+      type: object
+      properties:
+        output_data_config:
+          properties:
+            s3_configuration:
+              properties:
+                s3_uri: { type: string, pattern: "^s3://approved-exports/" }
+  - tool: echo
+    action: allow
+"""
+
+EXPORT = {
+    "datastore_id": "0123456789abcdef0123456789abcdef",
+    "data_access_role_arn": "arn:aws:iam::1:role/x",
+    "output_data_config": {"s3_configuration": {"s3_uri": "s3://approved-exports/a"}},
+}
+
+
+def admin_get(tg, path: str, token: str | None = TOKEN) -> httpx.Response:
+    h = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(tg.admin + path, headers=h, timeout=10)
+
+
+def admin_post(tg, path: str, body: dict | None = None, token: str | None = TOKEN) -> httpx.Response:
+    h = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(tg.admin + path, json=body or {}, headers=h, timeout=10)
+
+
+async def wait_pending(tg, count: int = 1, timeout: float = 15) -> list[dict]:
+    with anyio.fail_after(timeout):
+        while True:
+            pending = [a for a in admin_get(tg, "/approvals").json() if a["status"] == "pending"]
+            if len(pending) >= count:
+                return pending
+            await anyio.sleep(0.05)
+
+
+def start(procs, tmp_path, timeout: int = 60, extra: str = ""):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY % timeout, extra=ADMIN + "\n" + extra)
+    return upstream, tg
+
+
+@pytest.mark.parametrize("era", ["auto", "legacy"])
+async def test_approve_forwards_the_call_and_returns_the_upstreams_result(era, procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    result = None
+    async with Client(tg.url, mode=era) as client:
+        async with anyio.create_task_group() as tg_tasks:
+            async def call():
+                nonlocal result
+                result = await client.call_tool("start_fhir_export_job", EXPORT)
+            tg_tasks.start_soon(call)
+            (pending,) = await wait_pending(tg)
+            assert pending["tool"] == "start_fhir_export_job"
+            assert pending["arguments"] == EXPORT
+            assert pending["server"] == "upstream"
+            assert pending["reason"] == "Bulk export of patient data needs a human."
+            assert upstream.calls() == [], "held, not forwarded"
+            r = admin_post(tg, f"/approvals/{pending['id']}/approve", {"by": "alice"})
+            assert r.status_code == 200 and r.json()["status"] == "approved"
+    assert result is not None and result.is_error is False
+    assert json.loads(result.content[0].text)["JobStatus"] == "SUBMITTED"
+    assert upstream.tools_called() == ["start_fhir_export_job"]
+    approvals = [r for r in tg.audit() if r["event"] == "approval"]
+    assert approvals[0]["verdict"] == "approved" and approvals[0]["decided_by"] == "alice"
+
+
+async def test_deny_returns_the_approvers_reason_to_the_agent(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    result = None
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            async def call():
+                nonlocal result
+                result = await client.call_tool("start_fhir_export_job", EXPORT)
+            tasks.start_soon(call)
+            (pending,) = await wait_pending(tg)
+            admin_post(tg, f"/approvals/{pending['id']}/deny", {"reason": "not during the audit freeze"})
+    assert result.is_error is True
+    assert "not during the audit freeze" in result.content[0].text
+    assert result.meta["dev.tollgate/decision"]["kind"] == "approval_denied"
+    assert upstream.calls() == []
+
+
+async def test_no_decision_before_the_timeout_refuses(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path, timeout=2)
+    async with Client(tg.url, mode="auto") as client:
+        started = time.monotonic()
+        result = await client.call_tool("start_fhir_export_job", EXPORT)
+    assert 1.5 < time.monotonic() - started < 10
+    assert result.meta["dev.tollgate/decision"]["kind"] == "approval_timeout"
+    assert upstream.calls() == []
+    (settled,) = admin_get(tg, "/approvals").json()
+    assert settled["status"] == "expired"
+    r = admin_post(tg, f"/approvals/{settled['id']}/approve")
+    assert r.status_code == 409 and r.json()["approval"]["status"] == "expired"
+
+
+async def test_a_disconnecting_client_leaves_no_pending_approval(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    async with Client(tg.url, mode="legacy") as client:
+        with anyio.move_on_after(1.5):
+            await client.call_tool("start_fhir_export_job", EXPORT)
+    # The client is gone; within a keep-alive interval the approval is withdrawn.
+    with anyio.fail_after(20):
+        while True:
+            states = [a["status"] for a in admin_get(tg, "/approvals").json()]
+            if states and "pending" not in states:
+                break
+            await anyio.sleep(0.2)
+    assert states == ["abandoned"]
+    assert upstream.calls() == []
+
+
+async def test_twenty_calls_waiting_at_once_are_each_settled_correctly(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    results: dict[int, object] = {}
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            for i in range(20):
+                async def call(i=i):
+                    args = {**EXPORT, "job_name": f"job-{i}"}
+                    results[i] = await client.call_tool("start_fhir_export_job", args)
+                tasks.start_soon(call)
+            pending = await wait_pending(tg, 20)
+            for approval in pending:
+                i = int(approval["arguments"]["job_name"].split("-")[1])
+                verdict = "approve" if i % 2 == 0 else "deny"
+                assert admin_post(tg, f"/approvals/{approval['id']}/{verdict}", {"reason": f"odd {i}"}).status_code == 200
+    for i, result in results.items():
+        if i % 2 == 0:
+            assert result.is_error is False, i
+        else:
+            assert result.is_error is True and f"odd {i}" in result.content[0].text, i
+    assert len(upstream.calls()) == 10
+    assert sorted(c["arguments"]["datastore_id"] for c in upstream.calls()) == [EXPORT["datastore_id"]] * 10
+
+
+async def test_the_admin_api_wants_its_token_and_knows_its_ids(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    assert admin_get(tg, "/approvals", token=None).status_code == 401
+    assert admin_get(tg, "/approvals", token="wrong").status_code == 401
+    assert admin_post(tg, "/approvals/nope/approve", token=None).status_code == 401
+    assert admin_get(tg, "/approvals").json() == []
+    assert admin_post(tg, "/approvals/unknown-id/approve").status_code == 404
+    assert admin_get(tg, "/approvals/unknown-id").status_code == 404
+    assert httpx.get(tg.admin + "/healthz", timeout=5).status_code == 200
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        length = int(self.headers.get("content-length", 0))
+        Receiver.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_the_webhook_gets_each_new_approval_and_a_dead_one_delays_nothing(procs, tmp_path):
+    Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        upstream, tg = start(procs, tmp_path, timeout=1, extra=f"approvals: {{webhook: 'http://127.0.0.1:{server.server_port}/hook'}}")
+        async with Client(tg.url, mode="auto") as client:
+            await client.call_tool("start_fhir_export_job", EXPORT)
+        with anyio.fail_after(10):
+            while not Receiver.received:
+                await anyio.sleep(0.05)
+        hook = Receiver.received[0]
+        assert hook["type"] == "approval.pending"
+        assert hook["approval"]["tool"] == "start_fhir_export_job"
+        assert hook["approve_url"].startswith(tg.admin + "/approvals/") and hook["approve_url"].endswith("/approve")
+        assert hook["deny_url"].endswith("/deny")
+    finally:
+        server.shutdown()
+
+    # A receiver that is down: the call is decided just as fast (it expires after 1 s).
+    dead = free_port()
+    upstream2, tg2 = start(procs, tmp_path, timeout=1, extra=f"approvals: {{webhook: 'http://127.0.0.1:{dead}/hook'}}")
+    async with Client(tg2.url, mode="auto") as client:
+        await client.call_tool("echo", {"text": "warm up"})
+        started = time.monotonic()
+        result = await client.call_tool("start_fhir_export_job", EXPORT)
+        assert time.monotonic() - started < 3
+    assert result.meta["dev.tollgate/decision"]["kind"] == "approval_timeout"
