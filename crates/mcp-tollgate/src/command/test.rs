@@ -122,13 +122,14 @@ pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<Stri
             ));
         }
         if let Some(kind) = &case.kind
-            && !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit") {
-                problems.push(format!(
-                    "{}: cases[{i}] `{}`: kind must be deny, arguments or rate_limit",
-                    path.display(),
-                    case.name
-                ));
-            }
+            && !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit")
+        {
+            problems.push(format!(
+                "{}: cases[{i}] `{}`: kind must be deny, arguments or rate_limit",
+                path.display(),
+                case.name
+            ));
+        }
     }
     let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
     let policy_source = read_file(&policy_path).map_err(|e| vec![e])?;
@@ -181,24 +182,26 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
                 _ => None,
             };
             if let Some(expected) = expected
-                && decision.action != action_of(expected) {
-                    failure = Some(format!(
-                        "call {} of {}: expected {}, got {}",
-                        i + 1,
-                        decisions.len(),
-                        action_name(action_of(expected)),
-                        describe(decision)
-                    ));
-                    break;
-                }
+                && decision.action != action_of(expected)
+            {
+                failure = Some(format!(
+                    "call {} of {}: expected {}, got {}",
+                    i + 1,
+                    decisions.len(),
+                    action_name(action_of(expected)),
+                    describe(decision)
+                ));
+                break;
+            }
         }
         if failure.is_none()
-            && let (Some(kind), Some(last)) = (&case.kind, decisions.last()) {
-                let got = last.kind.map_or("none", |k| k.as_str());
-                if got != kind {
-                    failure = Some(format!("expected kind {kind}, got {}", describe(last)));
-                }
+            && let (Some(kind), Some(last)) = (&case.kind, decisions.last())
+        {
+            let got = last.kind.map_or("none", |k| k.as_str());
+            if got != kind {
+                failure = Some(format!("expected kind {kind}, got {}", describe(last)));
             }
+        }
         if let Some(message) = failure {
             failures.push((case.name.clone(), message));
         }

@@ -1,0 +1,327 @@
+//! The real `tollgate` binary on good and bad files: exit codes (SPEC §2: 0 ok,
+//! 1 a file the user must fix, 2 usage or I/O) and located messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tollgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .output()
+        .expect("run tollgate")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!("tollgate-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Dir(path)
+    }
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_starter_policies_validate_and_pass_their_tests() {
+    let out = tollgate(&["validate", &repo("policies")]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("healthlake.yaml (policy)"));
+    let out = tollgate(&["test", &repo("policies")]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("0 failed"));
+}
+
+#[test]
+fn validate_reports_every_error_with_its_location_and_exits_1() {
+    let dir = Dir::new("errors");
+    let file = dir.write(
+        "x.yaml",
+        "version: 1\nrules:\n  - tool: a\n    action: allow\n  - tool: b\n    actoin: deny\n  - tool: c\n    action: allow\n    rate_limit: {max: 0, window: soon}\n",
+    );
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{file}:6:5: unknown field `actoin`, expected one of `tool`, `clients`, `action`"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:9:")) && err.contains("max: must be at least 1"),
+        "{err}"
+    );
+    assert!(err.contains("`soon` is not a duration"), "{err}");
+}
+
+#[test]
+fn bad_input_of_every_kind_gets_a_clear_error_never_a_panic() {
+    let dir = Dir::new("bad");
+    let cases: &[(&str, &str, &str)] = &[
+        ("empty.yaml", "", "empty"),
+        (
+            "malformed.yaml",
+            "version: 1\nrules: [\n",
+            "malformed.yaml:",
+        ),
+        ("types.yaml", "version: 1\nrules: 7\n", "invalid type"),
+        (
+            "dupe.yaml",
+            "version: 1\ndefault: deny\ndefault: allow\n",
+            "duplicate",
+        ),
+        (
+            "glob.yaml",
+            "version: 1\nrules:\n  - tool: \"[a\"\n    action: allow\n",
+            "not a valid glob",
+        ),
+        (
+            "schema.yaml",
+            "version: 1\nrules:\n  - tool: a\n    action: allow\n    arguments: {type: 3}\n",
+            "not a valid JSON Schema",
+        ),
+        (
+            "regex.yaml",
+            "version: 1\nrules:\n  - tool: a\n    action: allow\n    arguments: {type: string, pattern: \"([\"}\n",
+            "not a valid JSON Schema",
+        ),
+        (
+            "window.yaml",
+            "version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 0}\n",
+            "more than 0",
+        ),
+        (
+            "max.yaml",
+            "version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 0, window: 1m}\n",
+            "at least 1",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let file = dir.write(name, text);
+        let out = tollgate(&["validate", &file]);
+        assert_eq!(code(&out), 1, "{name}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{file}:")),
+            "{name} is located: {err}"
+        );
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+    let huge = dir.write(
+        "huge.yaml",
+        &format!("version: 1\nrules: []\n# {}\n", "x".repeat(10 << 20)),
+    );
+    let out = tollgate(&["validate", &huge]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("at most 1048576 bytes"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn io_problems_exit_2() {
+    let dir = Dir::new("io");
+    let out = tollgate(&[
+        "validate",
+        &dir.path().join("missing.yaml").display().to_string(),
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("no such file"), "{}", stderr(&out));
+    let out = tollgate(&[
+        "explain",
+        "--policy",
+        &dir.path().display().to_string(),
+        "--tool",
+        "x",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+    let file = dir.write("unreadable.yaml", "version: 1\n");
+    std::fs::write(&file, [0xff, 0xfe, 0x00]).unwrap();
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = tollgate(&["validate"]);
+    assert_eq!(code(&out), 2, "usage error");
+    let out = tollgate(&["frobnicate"]);
+    assert_eq!(code(&out), 2);
+}
+
+#[test]
+fn test_prints_each_failing_case_with_the_deciding_rule() {
+    let dir = Dir::new("test");
+    dir.write("p.yaml", "version: 1\ndefault: deny\nrules:\n  - tool: read_*\n    action: allow\n    rate_limit: {max: 2, window: 1m}\n");
+    let file = dir.write(
+        "p.test.yaml",
+        "policy: p.yaml\ncases:\n  - {name: reads pass, tool: read_x, expect: allow}\n  - {name: wrong on purpose, tool: write_x, expect: allow}\n  - {name: third read limited, tool: read_x, repeat: 2, expect: allow, expect_last: deny, kind: rate_limit}\n  - {name: a minute later fine, tool: read_x, at: 60, expect: allow}\n  - {name: other session fresh, tool: read_x, session: b, expect: allow}\n",
+    );
+    let out = tollgate(&["test", &file]);
+    assert_eq!(code(&out), 1);
+    let text = stdout(&out);
+    assert!(
+        text.contains("FAIL")
+            && text.contains(
+                "wrong on purpose: call 1 of 1: expected allow, got deny (deny) by default"
+            ),
+        "{text}"
+    );
+    assert!(!text.contains("third read limited"), "{text}");
+    assert!(text.contains("4 passed, 1 failed"), "{text}");
+    let out = tollgate(&["--format", "json", "test", &file]);
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["failed"], 1);
+}
+
+#[test]
+fn explain_names_the_rule_and_the_failing_argument() {
+    let out = tollgate(&[
+        "explain",
+        "--policy",
+        &repo("policies/healthlake.yaml"),
+        "--tool",
+        "start_fhir_export_job",
+        "--args",
+        r#"{"datastore_id":"0123456789abcdef0123456789abcdef","data_access_role_arn":"arn:aws:iam::1:role/x","output_data_config":{"s3_configuration":{"s3_uri":"s3://elsewhere/x"}}}"#,
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("decision: deny (arguments)"), "{text}");
+    assert!(text.contains("rules[0] (start_fhir_export_job)"), "{text}");
+    assert!(
+        text.contains("argument: /output_data_config/s3_configuration/s3_uri"),
+        "{text}"
+    );
+    let out = tollgate(&[
+        "--format",
+        "json",
+        "explain",
+        "--policy",
+        &repo("policies/healthlake.yaml"),
+        "--tool",
+        "delete_fhir_datastore",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["decision"], "deny");
+    assert_eq!(json["rule"], "rules[4] (delete_*)");
+    let out = tollgate(&[
+        "explain",
+        "--policy",
+        &repo("policies/healthlake.yaml"),
+        "--tool",
+        "x",
+        "--args",
+        "{nope",
+    ]);
+    assert_eq!(code(&out), 2);
+}
+
+#[test]
+fn schema_is_json_schema_generated_from_the_types() {
+    let out = tollgate(&["schema"]);
+    assert_eq!(code(&out), 0);
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(schema["title"], "Tollgate policy");
+    assert!(schema["properties"]["rules"].is_object());
+    let text = stdout(&out);
+    for field in [
+        "rate_limit",
+        "require_approval",
+        "deny_as",
+        "arguments",
+        "per",
+    ] {
+        assert!(text.contains(field), "{field}");
+    }
+    // The committed copy that policies reference stays in sync.
+    let committed = std::fs::read_to_string(repo("docs/policy.schema.json")).unwrap();
+    assert_eq!(
+        committed.trim(),
+        text.trim(),
+        "regenerate docs/policy.schema.json with `tollgate schema`"
+    );
+}
+
+#[test]
+fn config_files_are_validated_with_their_policies() {
+    let dir = Dir::new("config");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let good = dir.write(
+        "tollgate.yaml",
+        "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n",
+    );
+    let out = tollgate(&["validate", &good]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("(config)"));
+    let bad = dir.write(
+        "bad.yaml",
+        "listen: 127.0.0.1:0\nservers:\n  a:\n    url: ${TOLLGATE_TEST_SURELY_UNSET}\n    policy: p.yaml\n    timout: 3s\n",
+    );
+    let out = tollgate(&["validate", &bad]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad.yaml:6:5: ") && err.contains("unknown field `timout`"),
+        "{err}"
+    );
+    let unset = dir.write(
+        "unset.yaml",
+        "servers:\n  a:\n    url: ${TOLLGATE_TEST_SURELY_UNSET}\n    policy: p.yaml\n",
+    );
+    let out = tollgate(&["validate", &unset]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("environment variable `TOLLGATE_TEST_SURELY_UNSET` is not set"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = tollgate(&["--version"]);
+    assert_eq!(code(&out), 0);
+    assert!(
+        stdout(&out).starts_with("tollgate 0.1.0 ("),
+        "{}",
+        stdout(&out)
+    );
+}
