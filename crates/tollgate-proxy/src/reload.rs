@@ -35,25 +35,39 @@ fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
             error,
         })
     };
-    match LoadedPolicy::read(&path) {
+    let source =
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()));
+    let hash = source.as_deref().map(crate::audit::text_digest).ok();
+    {
+        let info = server.policy_info.lock().ok()?;
+        if hash.is_some() && hash.as_deref() == Some(info.hash.as_str()) {
+            return report("unchanged", None);
+        }
+        // The watcher, SIGHUP and POST /reload may all see the same broken file:
+        // it is one failure, logged and counted once.
+        if hash.is_some() && hash == info.failed_hash {
+            return report("failed", info.last_error.clone());
+        }
+    }
+    let compiled = source
+        .and_then(|text| LoadedPolicy::compile(&text, Some(&path), &path.display().to_string()));
+    let mut info = server.policy_info.lock().ok()?;
+    match compiled {
         Ok(loaded) => {
-            let mut info = server.policy_info.lock().ok()?;
-            info.last_error = None;
-            if info.hash == loaded.hash {
-                return report("unchanged", None);
-            }
             server.policy.store(Arc::new(loaded.policy));
             info.hash = loaded.hash;
             info.loaded_at = crate::audit::now_rfc3339();
+            info.last_error = None;
+            info.failed_hash = None;
             drop(info);
             app.metrics.reload(&server.name, true);
             tracing::info!(server = %server.name, path = %path.display(), "policy reloaded");
             report("reloaded", None)
         }
         Err(error) => {
-            if let Ok(mut info) = server.policy_info.lock() {
-                info.last_error = Some(error.clone());
-            }
+            info.last_error = Some(error.clone());
+            info.failed_hash = hash;
+            drop(info);
             app.metrics.reload(&server.name, false);
             tracing::error!(server = %server.name, %error, "policy reload refused; the previous policy stays in force");
             report("failed", Some(error))

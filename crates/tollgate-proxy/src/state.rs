@@ -44,6 +44,9 @@ pub struct PolicyInfo {
     pub loaded_at: String,
     /// The last reload's error, if it failed; the previous policy stays in force.
     pub last_error: Option<String>,
+    /// Hash of the text that last failed, so the same broken file counts once.
+    #[serde(skip)]
+    pub failed_hash: Option<String>,
 }
 
 /// A compiled policy and where it came from.
@@ -191,6 +194,7 @@ fn build_server(
             hash: loaded.hash,
             loaded_at: crate::audit::now_rfc3339(),
             last_error: None,
+            failed_hash: None,
         }),
     })
 }

@@ -1,0 +1,201 @@
+"""Operations: hot reload under load, exact metrics, graceful shutdown, and the
+container files checked against the binary they run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+
+from conftest import ROOT, TOLLGATE, Proc, free_port, start_tollgate, start_upstream, wait_port
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "ops-token-0123456789"
+ADMIN = f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def policy(version: int, allow: bool) -> str:
+    action = "allow" if allow else f"deny\n    reason: policy version {version}"
+    return f"version: 1\ndefault: deny\nrules:\n  - tool: echo\n    action: {action}\n  - tool: slow_progress\n    action: allow\n"
+
+
+def policy_file(tg) -> Path:
+    return tg.audit_path.parent / f"policy{tg.audit_path.stem.removeprefix('audit')}.yaml"
+
+
+async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_force(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateless")
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy(0, True), extra=ADMIN)
+    path = policy_file(tg)
+    failures: list[str] = []
+    background_calls = 0
+    stop = anyio.Event()
+
+    async with Client(tg.url, mode="auto") as loader, Client(tg.url, mode="auto") as checker:
+        async def load():
+            nonlocal background_calls
+            while not stop.is_set():
+                try:
+                    result = await loader.call_tool("echo", {"text": "load"})
+                    kind = (result.meta or {}).get("dev.tollgate/decision", {}).get("kind")
+                    if result.is_error and kind != "deny":
+                        failures.append(f"unexpected error: {result}")
+                except Exception as e:  # noqa: BLE001 - any failure is the finding
+                    failures.append(repr(e))
+                background_calls += 1
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(load)
+            for version in range(1, 21):
+                allow = version % 2 == 0
+                path.write_text(policy(version, allow))
+                r = httpx.post(tg.admin + "/reload", headers=AUTH, timeout=10)
+                assert r.status_code == 200, r.text
+                result = await checker.call_tool("echo", {"text": f"v{version}"})
+                if allow:
+                    assert result.is_error is False, (version, result)
+                else:
+                    assert result.meta["dev.tollgate/decision"]["reason"] == f"policy version {version}"
+            stop.set()
+    assert failures == []
+    assert background_calls > 20
+
+    # A broken file is refused: the old policy stays, and it shows in /status and /metrics.
+    path.write_text("version: 1\nrules:\n  - tool: echo\n    actoin: allow\n")
+    r = httpx.post(tg.admin + "/reload", headers=AUTH, timeout=10)
+    assert r.status_code == 422 and "actoin" in r.text
+    async with Client(tg.url, mode="auto") as client:
+        assert (await client.call_tool("echo", {"text": "still v20"})).is_error is False
+    status = httpx.get(tg.admin + "/status", headers=AUTH, timeout=10).json()
+    assert "actoin" in status["servers"][0]["policy"]["last_error"]
+    metrics = httpx.get(tg.admin + "/metrics", headers=AUTH, timeout=10).text
+    assert 'tollgate_policy_reloads_total{server="upstream",result="failed"} 1' in metrics
+
+
+async def test_the_file_watcher_reloads_on_an_atomic_symlink_swap(procs, tmp_path):
+    """Kubernetes mounts ConfigMaps as `..data -> ..<timestamp>` symlinks swapped atomically."""
+    upstream = start_upstream(procs, tmp_path, "stateless")
+    mount = tmp_path / "mount"
+    (mount / "..v1").mkdir(parents=True)
+    (mount / "..v1" / "p.yaml").write_text(policy(1, True))
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/p.yaml", mount / "p.yaml")
+    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\nrules: []\n", extra=ADMIN)
+    # Point the config at the mounted file instead of the generated one.
+    config = tmp_path / "k8s.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\n{ADMIN}\nservers:\n  upstream:\n    url: {upstream.url}\n    policy: mount/p.yaml\n")
+    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "k8s.log")
+    procs.append(proc)
+    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+    async with Client(url, mode="auto") as client:
+        assert (await client.call_tool("echo", {"text": "a"})).is_error is False
+        (mount / "..v2").mkdir()
+        (mount / "..v2" / "p.yaml").write_text(policy(2, False))
+        os.symlink("..v2", mount / "..data_tmp")
+        os.rename(mount / "..data_tmp", mount / "..data")
+        with anyio.fail_after(10):
+            while True:
+                result = await client.call_tool("echo", {"text": "b"})
+                if result.is_error:
+                    break
+                await anyio.sleep(0.1)
+    assert result.meta["dev.tollgate/decision"]["reason"] == "policy version 2"
+
+
+async def test_metrics_match_a_scripted_mix_of_calls_exactly(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful")
+    mix = "version: 1\ndefault: deny\nrules:\n  - tool: echo\n    action: allow\n  - tool: delete_*\n    action: deny\n"
+    tg = start_tollgate(procs, tmp_path, upstream.url, mix, extra=ADMIN)
+    async with Client(tg.url, mode="legacy") as client:
+        for i in range(3):
+            await client.call_tool("echo", {"text": str(i)})
+        for _ in range(2):
+            await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
+        await client.call_tool("unknown_tool", {})
+        text = httpx.get(tg.admin + "/metrics", headers=AUTH, timeout=10).text
+    counts = {
+        (m.group(1), m.group(2), m.group(3)): float(m.group(4))
+        for m in re.finditer(r'tollgate_decisions_total\{server="upstream",tool="([^"]+)",decision="([^"]+)",rule="([^"]+)"\} (\S+)', text)
+    }
+    assert counts == {
+        ("echo", "allow", "rules[0] (echo)"): 3,
+        ("delete_fhir_datastore", "deny", "rules[1] (delete_*)"): 2,
+        ("unknown_tool", "deny", "default"): 1,
+    }
+    assert 'tollgate_upstream_latency_seconds_count{server="upstream"} ' in text
+    latency_count = float(re.search(r'tollgate_upstream_latency_seconds_count\{server="upstream"\} (\S+)', text).group(1))
+    assert latency_count >= 3
+    assert "tollgate_sessions_active 1" in text
+    assert "tollgate_approvals_pending 0" in text
+    assert httpx.get(tg.admin + "/readyz", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_sigterm_lets_the_call_in_flight_finish_and_exits_0(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful")
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy(0, True))
+    meta = {"progressToken": "p", "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "slow_progress", "arguments": {"steps": 5}, "_meta": meta}}
+    headers = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2026-07-28",
+               "mcp-method": "tools/call", "mcp-name": "slow_progress"}
+    messages = []
+    with httpx.stream("POST", tg.url, json=body, headers=headers, timeout=30) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            messages.append(json.loads(line[5:]))
+            if len(messages) == 1:
+                # The call is in flight: ask Tollgate to stop.
+                tg.proc.proc.send_signal(signal.SIGTERM)
+    assert messages[-1]["id"] == 1
+    assert messages[-1]["result"]["content"][0]["text"] == "done after 5 steps"
+    assert len(messages) == 6, "every progress notification, then the result"
+    assert tg.proc.proc.wait(timeout=30) == 0
+    # New connections are refused once it has stopped.
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(tg.url, json=body, headers=headers, timeout=5)
+    events = [(r["event"], r.get("tool")) for r in tg.audit()]
+    assert events == [("decision", "slow_progress"), ("outcome", "slow_progress")]
+
+
+def test_the_container_files_run_this_binary_with_these_paths(tmp_path):
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    assert "cargo build --release --locked -p mcp-tollgate" in dockerfile
+    assert "USER nonroot" in dockerfile and "EXPOSE 8080 9090" in dockerfile
+    assert 'HEALTHCHECK' in dockerfile and '"health"' in dockerfile
+    assert "/etc/tollgate/tollgate.yaml" in dockerfile
+    assert "../policies:/etc/tollgate/policies:ro" in compose
+    assert "./tollgate.yaml:/etc/tollgate/tollgate.yaml:ro" in compose
+    # Lay the files out as the container sees them and validate them with the binary.
+    etc = tmp_path / "etc-tollgate"
+    shutil.copytree(ROOT / "policies", etc / "policies")
+    shutil.copy(ROOT / "docker" / "tollgate.yaml", etc / "tollgate.yaml")
+    env = {**os.environ, "TOLLGATE_ADMIN_TOKEN": "compose-token-0123456789"}
+    out = subprocess.run([TOLLGATE, "validate", str(etc)], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    # The commands compose and the HEALTHCHECK run exist and work.
+    port = free_port()
+    demo = subprocess.Popen([TOLLGATE, "demo-upstream", "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        health = subprocess.run([TOLLGATE, "health", "--url", f"http://127.0.0.1:{port}/mcp"], capture_output=True, timeout=30)
+        assert health.returncode == 0, health.stderr
+    finally:
+        demo.terminate()
+        demo.wait(timeout=10)
+    dead = subprocess.run([TOLLGATE, "health", "--admin", f"http://127.0.0.1:{free_port()}"], capture_output=True, timeout=30)
+    assert dead.returncode == 1
