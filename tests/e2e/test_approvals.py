@@ -220,3 +220,60 @@ async def test_the_webhook_gets_each_new_approval_and_a_dead_one_delays_nothing(
         result = await client.call_tool("start_fhir_export_job", EXPORT)
         assert time.monotonic() - started < 3
     assert result.meta["dev.tollgate/decision"]["kind"] == "approval_timeout"
+
+
+ELICIT_POLICY = """
+version: 1
+rules:
+  - tool: start_fhir_export_job
+    action: require_approval
+    reason: Bulk export of patient data needs a human.
+    approval: { timeout: 30, via: elicitation }
+"""
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_via_elicitation_asks_the_clients_own_user(approve, procs, tmp_path):
+    from mcp import types
+
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, ELICIT_POLICY, extra=ADMIN)
+    asked: list[types.ElicitRequestParams] = []
+
+    async def on_elicit(context, params):
+        asked.append(params)
+        assert admin_get(tg, "/approvals").json() == [], "the user is asked instead of the queue"
+        if approve:
+            return types.ElicitResult(action="accept", content={"approve": True})
+        return types.ElicitResult(action="decline")
+
+    async with Client(tg.url, mode="legacy", elicitation_callback=on_elicit) as client:
+        result = await client.call_tool("start_fhir_export_job", EXPORT)
+    assert len(asked) == 1
+    assert "start_fhir_export_job" in asked[0].message and "s3://approved-exports/a" in asked[0].message
+    if approve:
+        assert result.is_error is False
+        assert upstream.tools_called() == ["start_fhir_export_job"]
+    else:
+        assert result.is_error is True
+        assert result.meta["dev.tollgate/decision"]["kind"] == "approval_denied"
+        assert "decline" in result.content[0].text
+        assert upstream.calls() == []
+    verdicts = [r["verdict"] for r in tg.audit() if r["event"] == "approval"]
+    assert verdicts == (["approved"] if approve else ["denied"])
+
+
+async def test_via_elicitation_falls_back_to_the_queue_without_the_capability(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, ELICIT_POLICY, extra=ADMIN)
+    result = None
+    async with Client(tg.url, mode="auto") as client:  # stateless era: no server-to-client requests
+        async with anyio.create_task_group() as tasks:
+            async def call():
+                nonlocal result
+                result = await client.call_tool("start_fhir_export_job", EXPORT)
+            tasks.start_soon(call)
+            (pending,) = await wait_pending(tg)
+            admin_post(tg, f"/approvals/{pending['id']}/approve")
+    assert result.is_error is False
+    assert upstream.tools_called() == ["start_fhir_export_job"]

@@ -12,12 +12,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::{Era, Message, SseEvent, encode_event, events};
-use tollgate_policy::{Action, DenyKind};
+use tollgate_policy::{Action, ApprovalVia, DenyKind};
 
-use crate::approvals::{Outcome, Request as ApprovalRequest};
+use crate::approvals::{Outcome, Request as ApprovalRequest, Verdict};
 use crate::enforce::{Held, record_outcome, refusal};
 use crate::forward::send;
 use crate::state::{AppState, Server};
@@ -55,48 +55,70 @@ fn message_event(value: &Value) -> Bytes {
     })
 }
 
-/// Answers a held call with an SSE stream that ends with the call's result.
-pub fn hold(ctx: HoldContext, held: Held) -> Response {
+/// Prefix of the ids of requests Tollgate itself sends to clients; their answers
+/// are taken here and never forwarded upstream.
+pub const OWN_REQUEST_PREFIX: &str = "tollgate-elicit-";
+
+/// Answers a held call with an SSE stream that ends with the call's result. The
+/// human is asked through the admin queue, or, with `via: elicitation` and a
+/// handshake-era client that declared the capability, through the client itself.
+pub fn hold(ctx: HoldContext, held: Held, client_can_elicit: bool) -> Response {
     let Some(call) = ctx.message.tool_call() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let approval = held.decision.approval.clone().unwrap_or_default();
-    let ticket = ctx.app.approvals.open(ApprovalRequest {
-        server: ctx.server.name.to_string(),
-        tool: call.name.to_owned(),
-        arguments: call.arguments.clone(),
-        client: ctx.client.as_deref().map(str::to_owned),
-        session: ctx.session.as_deref().map(str::to_owned),
-        rule: held
-            .decision
-            .rule
-            .as_ref()
-            .map_or_else(|| "default".to_owned(), ToString::to_string),
-        reason: held.decision.reason.clone(),
-        timeout: approval.timeout,
-    });
-    let approval_id = ticket.id.clone();
-    tracing::info!(approval = %approval_id, tool = call.name, "call held for approval");
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let by_elicitation =
+        approval.via == ApprovalVia::Elicitation && client_can_elicit && ctx.era == Era::Handshake;
+    let (approval_id, mut first_events, wait): (String, Vec<Bytes>, WaitFuture) = if by_elicitation
+    {
+        let (id, request, wait) = elicit(
+            &ctx,
+            call.name,
+            call.arguments,
+            &held.decision.reason,
+            approval.timeout,
+        );
+        (id, vec![message_event(&request)], wait)
+    } else {
+        let ticket = ctx.app.approvals.open(ApprovalRequest {
+            server: ctx.server.name.to_string(),
+            tool: call.name.to_owned(),
+            arguments: call.arguments.clone(),
+            client: ctx.client.as_deref().map(str::to_owned),
+            session: ctx.session.as_deref().map(str::to_owned),
+            rule: held
+                .decision
+                .rule
+                .as_ref()
+                .map_or_else(|| "default".to_owned(), ToString::to_string),
+            reason: held.decision.reason.clone(),
+            timeout: approval.timeout,
+        });
+        let id = ticket.id.clone();
+        crate::webhook::notify(&ctx.app, &id);
+        (id, Vec::new(), Box::pin(ticket.wait()))
+    };
+    tracing::info!(approval = %approval_id, tool = call.name, by_elicitation, "call held for approval");
     ctx.app.audit.write(json!({
         "event": "approval_requested", "call_id": held.call_id, "approval_id": approval_id,
-        "server": &*ctx.server.name, "tool": call.name,
+        "server": &*ctx.server.name, "tool": call.name, "via": if by_elicitation { "elicitation" } else { "queue" },
     }));
-    crate::webhook::notify(&ctx.app, &approval_id);
+    if let Some(token) = ctx.message.progress_token() {
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+            "progressToken": token, "progress": 0,
+            "message": format!("Waiting for a human to approve `{}` (approval {approval_id}, up to {}s)", call.name, approval.timeout.as_secs()),
+        }});
+        first_events.insert(0, message_event(&note));
+    }
 
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let progress_token = ctx.message.progress_token().cloned();
-    let tool = call.name.to_owned();
     tokio::spawn(async move {
-        if let Some(token) = progress_token {
-            let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
-                "progressToken": token, "progress": 0,
-                "message": format!("Waiting for a human to approve `{tool}` (approval {approval_id}, up to {}s)", approval.timeout.as_secs()),
-            }});
-            let _ = tx.send(Ok(message_event(&note))).await;
+        for event in first_events {
+            let _ = tx.send(Ok(event)).await;
         }
         let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
         keep_alive.tick().await;
-        let mut wait = Box::pin(ticket.wait());
+        let mut wait = wait;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut wait => break Some(outcome),
@@ -108,7 +130,7 @@ pub fn hold(ctx: HoldContext, held: Held) -> Response {
                 () = tx.closed() => break None,
             }
         };
-        // `wait` (and the ticket in it) is dropped here when the client went away: abandoned.
+        // Dropping the wait withdraws the request when the client went away (abandoned).
         drop(wait);
         settle(ctx, held, outcome, &approval_id, tx).await;
     });
@@ -123,6 +145,92 @@ pub fn hold(ctx: HoldContext, held: Held) -> Response {
 }
 
 type Sender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+type WaitFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
+/// Removes a pending elicitation when its waiter goes away.
+struct PendingElicitation {
+    app: AppState,
+    id: String,
+}
+
+impl Drop for PendingElicitation {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.app.elicitations.lock() {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+/// Builds the `elicitation/create` request that asks the client's own user, and
+/// the future that waits for the answer (or the deadline).
+fn elicit(
+    ctx: &HoldContext,
+    tool: &str,
+    arguments: &Value,
+    reason: &str,
+    timeout: Duration,
+) -> (String, Value, WaitFuture) {
+    let mut bytes = [0u8; 12];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let id = format!(
+        "{OWN_REQUEST_PREFIX}{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let pretty = serde_json::to_string_pretty(arguments).unwrap_or_default();
+    let request = json!({
+        "jsonrpc": "2.0", "id": id, "method": "elicitation/create",
+        "params": {
+            "mode": "form",
+            "message": format!("Tollgate: the agent wants to call `{tool}` on `{}`.\n{reason}\n\nArguments:\n{pretty}\n\nApprove this call?", ctx.server.name),
+            "requestedSchema": {
+                "type": "object",
+                "properties": {"approve": {"type": "boolean", "title": "Approve this call", "default": false}},
+                "required": ["approve"],
+            },
+        },
+    });
+    let (reply, answer) = oneshot::channel::<Value>();
+    if let Ok(mut pending) = ctx.app.elicitations.lock() {
+        pending.insert(id.clone(), (ctx.session.clone(), reply));
+    }
+    let guard = PendingElicitation {
+        app: ctx.app.clone(),
+        id: id.clone(),
+    };
+    let wait = async move {
+        let _guard = guard;
+        let by = "the client's user (elicitation)".to_owned();
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => {
+                let result = response.get("result");
+                let action = result
+                    .and_then(|r| r.get("action"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let approved = action == "accept"
+                    && result
+                        .and_then(|r| r.pointer("/content/approve"))
+                        .and_then(Value::as_bool)
+                        == Some(true);
+                let reason = match (approved, action, response.get("error")) {
+                    (true, _, _) => None,
+                    (false, _, Some(error)) => {
+                        Some(format!("the client could not ask its user: {error}"))
+                    }
+                    (false, "accept", None) => Some("the user did not approve".to_owned()),
+                    (false, other, None) => Some(format!("the user chose `{other}`")),
+                };
+                Outcome::Decided(Verdict {
+                    approved,
+                    by,
+                    reason,
+                })
+            }
+            Ok(Err(_)) | Err(_) => Outcome::Expired,
+        }
+    };
+    (id, request, Box::pin(wait))
+}
 
 async fn settle(
     ctx: HoldContext,

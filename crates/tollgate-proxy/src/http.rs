@@ -22,7 +22,7 @@ use tollgate_mcp::{Era, Incoming, Kind, Message, RoutingHeaders, era_of};
 use crate::enforce::{Caller, Verdict, enforce, record_outcome};
 use crate::error::ProxyError;
 use crate::forward::{Rewrite, SESSION_HEADER, relay, send};
-use crate::hold::{HoldContext, hold};
+use crate::hold::{HoldContext, OWN_REQUEST_PREFIX, hold};
 use crate::session::Session;
 use crate::state::{AppState, Server};
 
@@ -277,6 +277,32 @@ impl Downstream {
             Era::Handshake => Some(self.session(headers)?.ok_or(ProxyError::MissingSession)?),
         };
 
+        // The client's answer to a request Tollgate sent (an approval asked by
+        // elicitation) is Tollgate's, not the upstream's.
+        if message.kind() == Kind::Response {
+            if let Some(id) = message
+                .id()
+                .and_then(Value::as_str)
+                .filter(|id| id.starts_with(OWN_REQUEST_PREFIX))
+            {
+                let waiter = self.app.elicitations.lock().ok().and_then(|mut pending| {
+                    // Only the session the request was sent on may answer it.
+                    let same_session = pending
+                        .get(id)
+                        .is_some_and(|(s, _)| s.as_deref() == session.as_ref().map(|s| &*s.id));
+                    if same_session {
+                        pending.remove(id)
+                    } else {
+                        None
+                    }
+                });
+                if let Some((_, reply)) = waiter {
+                    let _ = reply.send(message.into_value());
+                }
+                return Ok(StatusCode::ACCEPTED.into_response());
+            }
+        }
+
         let peer_key = format!("peer:{}", self.peer);
         let client_key = self
             .client
@@ -312,7 +338,10 @@ impl Downstream {
                         era,
                         message,
                     };
-                    return Ok(hold(ctx, held));
+                    let can_elicit = session
+                        .as_ref()
+                        .is_some_and(|s| s.elicitation.load(std::sync::atomic::Ordering::Relaxed));
+                    return Ok(hold(ctx, held, can_elicit));
                 }
                 Verdict::Forward {
                     call_id: cid,
@@ -412,6 +441,13 @@ impl Downstream {
                 self.client.clone(),
                 upstream_session_id,
             )?;
+            let declared = message
+                .params()
+                .and_then(|p| p.get("capabilities"))
+                .and_then(|c| c.get("elicitation"));
+            session
+                .elicitation
+                .store(declared.is_some(), std::sync::atomic::Ordering::Relaxed);
             if let Ok(value) = HeaderValue::from_str(&session.id) {
                 response.headers_mut().insert(SESSION_HEADER, value);
             }

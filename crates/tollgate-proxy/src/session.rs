@@ -19,6 +19,8 @@ pub struct Session {
     pub client: Option<Arc<str>>,
     /// The upstream's session id, when the upstream issued one.
     pub upstream_id: Option<String>,
+    /// Whether the client declared the elicitation capability in `initialize`.
+    pub elicitation: std::sync::atomic::AtomicBool,
     last_seen_ms: AtomicU64,
 }
 
@@ -65,6 +67,7 @@ impl Sessions {
             server,
             client,
             upstream_id,
+            elicitation: std::sync::atomic::AtomicBool::new(false),
             last_seen_ms: AtomicU64::new(self.now_ms()),
         });
         let mut map = self.map.lock().map_err(|_| SessionsFull(0))?;

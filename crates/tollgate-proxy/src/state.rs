@@ -118,6 +118,17 @@ pub struct Shared {
     pub approvals: Arc<Approvals>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Tollgate's own `elicitation/create` requests awaiting the client's answer, by
+    /// request id, with the session they were sent on.
+    pub elicitations: Mutex<
+        std::collections::HashMap<
+            String,
+            (
+                Option<Arc<str>>,
+                tokio::sync::oneshot::Sender<serde_json::Value>,
+            ),
+        >,
+    >,
     /// Base URL of the admin listener once bound; approvals need it.
     pub admin_url: std::sync::OnceLock<String>,
     /// POSTed for each new pending approval.
@@ -252,6 +263,7 @@ impl AppState {
             client_rate,
             approvals: Arc::new(Approvals::new()),
             metrics: crate::metrics::Metrics::new(),
+            elicitations: Mutex::new(std::collections::HashMap::new()),
             admin_url: std::sync::OnceLock::new(),
             webhook,
             webhook_failures: std::sync::atomic::AtomicU64::new(0),
