@@ -90,6 +90,10 @@ pub struct Client {
     pub key: Vec<u8>,
 }
 
+/// Tollgate's own requests to clients awaiting an answer: id → (session, reply).
+pub type PendingElicitations =
+    std::collections::HashMap<String, (Option<Arc<str>>, tokio::sync::oneshot::Sender<serde_json::Value>)>;
+
 /// Everything the request handlers share.
 pub struct Shared {
     /// Servers by name.
@@ -120,14 +124,7 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Tollgate's own `elicitation/create` requests awaiting the client's answer, by
     /// request id, with the session they were sent on.
-    pub elicitations: Mutex<
-        std::collections::HashMap<
-            String,
-            (
-                Option<Arc<str>>,
-                tokio::sync::oneshot::Sender<serde_json::Value>,
-            ),
-        >,
+    pub elicitations: Mutex<PendingElicitations>,
     >,
     /// Base URL of the admin listener once bound; approvals need it.
     pub admin_url: std::sync::OnceLock<String>,
