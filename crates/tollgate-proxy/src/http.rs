@@ -279,28 +279,27 @@ impl Downstream {
 
         // The client's answer to a request Tollgate sent (an approval asked by
         // elicitation) is Tollgate's, not the upstream's.
-        if message.kind() == Kind::Response {
-            if let Some(id) = message
+        if message.kind() == Kind::Response
+            && let Some(id) = message
                 .id()
                 .and_then(Value::as_str)
                 .filter(|id| id.starts_with(OWN_REQUEST_PREFIX))
-            {
-                let waiter = self.app.elicitations.lock().ok().and_then(|mut pending| {
-                    // Only the session the request was sent on may answer it.
-                    let same_session = pending
-                        .get(id)
-                        .is_some_and(|(s, _)| s.as_deref() == session.as_ref().map(|s| &*s.id));
-                    if same_session {
-                        pending.remove(id)
-                    } else {
-                        None
-                    }
-                });
-                if let Some((_, reply)) = waiter {
-                    let _ = reply.send(message.into_value());
+        {
+            let waiter = self.app.elicitations.lock().ok().and_then(|mut pending| {
+                // Only the session the request was sent on may answer it.
+                let same_session = pending
+                    .get(id)
+                    .is_some_and(|(s, _)| s.as_deref() == session.as_ref().map(|s| &*s.id));
+                if same_session {
+                    pending.remove(id)
+                } else {
+                    None
                 }
-                return Ok(StatusCode::ACCEPTED.into_response());
+            });
+            if let Some((_, reply)) = waiter {
+                let _ = reply.send(message.into_value());
             }
+            return Ok(StatusCode::ACCEPTED.into_response());
         }
 
         let peer_key = format!("peer:{}", self.peer);

@@ -91,8 +91,13 @@ pub struct Client {
 }
 
 /// Tollgate's own requests to clients awaiting an answer: id → (session, reply).
-pub type PendingElicitations =
-    std::collections::HashMap<String, (Option<Arc<str>>, tokio::sync::oneshot::Sender<serde_json::Value>)>;
+pub type PendingElicitations = std::collections::HashMap<
+    String,
+    (
+        Option<Arc<str>>,
+        tokio::sync::oneshot::Sender<serde_json::Value>,
+    ),
+>;
 
 /// Everything the request handlers share.
 pub struct Shared {
@@ -125,7 +130,6 @@ pub struct Shared {
     /// Tollgate's own `elicitation/create` requests awaiting the client's answer, by
     /// request id, with the session they were sent on.
     pub elicitations: Mutex<PendingElicitations>,
-    >,
     /// Base URL of the admin listener once bound; approvals need it.
     pub admin_url: std::sync::OnceLock<String>,
     /// POSTed for each new pending approval.
