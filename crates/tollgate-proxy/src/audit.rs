@@ -63,6 +63,11 @@ impl Audit {
         })
     }
 
+    /// Whether records are written anywhere.
+    pub fn enabled(&self) -> bool {
+        self.sink.is_some()
+    }
+
     /// Whether arguments are logged in full.
     pub fn includes_arguments(&self) -> bool {
         self.include_arguments

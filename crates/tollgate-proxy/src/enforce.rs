@@ -98,27 +98,30 @@ pub fn enforce(
         );
     }
 
-    let mut record = json!({
-        "event": "decision",
-        "call_id": call_id,
-        "server": &*server.name,
-        "client": caller.client,
-        "session": caller.session,
-        "tool": call.name,
-        "decision": decision_name(&decision),
-        "kind": decision.kind.map(|k| k.as_str()),
-        "rule": decision.rule.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "default".into()),
-        "reason": &decision.reason,
-        "mode": if audit_mode { "audit" } else { "enforce" },
-        "arguments_digest": digest(call.arguments),
-    });
-    if app.audit.includes_arguments() {
-        record["arguments"] = call.arguments.clone();
+    // Building the record (and hashing the arguments) is skipped when nothing is logged.
+    if app.audit.enabled() {
+        let mut record = json!({
+            "event": "decision",
+            "call_id": call_id,
+            "server": &*server.name,
+            "client": caller.client,
+            "session": caller.session,
+            "tool": call.name,
+            "decision": decision_name(&decision),
+            "kind": decision.kind.map(|k| k.as_str()),
+            "rule": decision.rule.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "default".into()),
+            "reason": &decision.reason,
+            "mode": if audit_mode { "audit" } else { "enforce" },
+            "arguments_digest": digest(call.arguments),
+        });
+        if app.audit.includes_arguments() {
+            record["arguments"] = call.arguments.clone();
+        }
+        if let Some(path) = &decision.failing_path {
+            record["failing_path"] = json!(path);
+        }
+        app.audit.write(record);
     }
-    if let Some(path) = &decision.failing_path {
-        record["failing_path"] = json!(path);
-    }
-    app.audit.write(record);
     let rule_label = decision
         .rule
         .as_ref()
@@ -195,6 +198,9 @@ pub fn record_outcome(
     latency: std::time::Duration,
     outcome: &str,
 ) {
+    if !app.audit.enabled() {
+        return;
+    }
     app.audit.write(json!({
         "event": "outcome",
         "call_id": call_id,

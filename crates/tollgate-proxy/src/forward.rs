@@ -18,6 +18,9 @@ use tollgate_policy::Policy;
 use crate::error::ProxyError;
 use crate::state::{AppState, Server};
 
+/// JSON answers up to this size are read whole before relaying.
+const WHOLE_BODY_LIMIT: u64 = 1 << 20;
+
 /// Session id header of the handshake era.
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
@@ -171,6 +174,23 @@ pub async fn relay(
     }
     let body = match (&rewrite, sse) {
         (Rewrite::None, true) => Body::from_stream(upstream.bytes_stream()),
+        // A small JSON answer of known length is read whole: one write downstream, with a
+        // Content-Length, instead of a chunked stream.
+        (Rewrite::None, false)
+            if upstream
+                .content_length()
+                .is_some_and(|n| n <= WHOLE_BODY_LIMIT) =>
+        {
+            match tokio::time::timeout(server.timeout, upstream.bytes()).await {
+                Ok(Ok(bytes)) => Body::from(bytes),
+                Ok(Err(err)) => {
+                    return Err(UpstreamFailure::Unreachable(describe(&err)).into_error(server, id));
+                }
+                Err(_) => {
+                    return Err(UpstreamFailure::Timeout(server.timeout).into_error(server, id));
+                }
+            }
+        }
         (Rewrite::None, false) => {
             Body::from_stream(idle_timeout(upstream.bytes_stream(), server.timeout))
         }
