@@ -277,3 +277,55 @@ async def test_via_elicitation_falls_back_to_the_queue_without_the_capability(pr
             admin_post(tg, f"/approvals/{pending['id']}/approve")
     assert result.is_error is False
     assert upstream.tools_called() == ["start_fhir_export_job"]
+
+
+async def test_the_cli_lists_approves_and_denies(procs, tmp_path):
+    import subprocess
+
+    from conftest import TOLLGATE
+
+    upstream, tg = start(procs, tmp_path)
+    env = {"TOLLGATE_ADMIN_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"}
+
+    def cli(*args):
+        return subprocess.run([TOLLGATE, "approvals", *args, "--admin", tg.admin], capture_output=True, text=True, env=env, timeout=30)
+
+    results = []
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            for name in ["keep", "drop"]:
+                async def call(name=name):
+                    results.append((name, await client.call_tool("start_fhir_export_job", {**EXPORT, "job_name": name})))
+                tasks.start_soon(call)
+            pending = await wait_pending(tg, 2)
+            listed = await anyio.to_thread.run_sync(lambda: cli("list"))
+            assert listed.returncode == 0, listed.stderr
+            for approval in pending:
+                assert approval["id"] in listed.stdout and "pending" in listed.stdout
+            ids = {a["arguments"]["job_name"]: a["id"] for a in pending}
+            ok = await anyio.to_thread.run_sync(lambda: cli("approve", ids["keep"]))
+            assert ok.returncode == 0 and "approved" in ok.stdout, ok.stderr
+            no = await anyio.to_thread.run_sync(lambda: cli("deny", ids["drop"], "--reason", "from the terminal"))
+            assert no.returncode == 0 and "denied" in no.stdout, no.stderr
+    outcome = dict(results)
+    assert outcome["keep"].is_error is False
+    assert "from the terminal" in outcome["drop"].content[0].text
+    again = cli("approve", ids["keep"])
+    assert again.returncode == 1 and "already settled" in again.stderr
+    wrong = subprocess.run([TOLLGATE, "approvals", "list", "--admin", tg.admin], capture_output=True, text=True,
+                           env={"TOLLGATE_ADMIN_TOKEN": "wrong", "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr
+
+
+def test_a_non_loopback_admin_listener_needs_a_token(procs, tmp_path):
+    import subprocess
+
+    from conftest import TOLLGATE
+
+    (tmp_path / "p.yaml").write_text("version: 1\nrules: []\n")
+    (tmp_path / "t.yaml").write_text(
+        "listen: 127.0.0.1:0\nadmin: {listen: '0.0.0.0:0'}\nservers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n"
+    )
+    out = subprocess.run([TOLLGATE, "serve", "--config", str(tmp_path / "t.yaml")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "admin.token is required" in out.stderr
