@@ -11,6 +11,7 @@
 
 mod load;
 mod procs;
+mod soak;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,8 +46,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// RSS per idle session.
+    /// RSS per idle session, and with 1,000 calls waiting for approval.
     Memory,
+    /// Mixed allowed, denied and rate-limited calls with sessions opening and closing.
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 180)]
+        secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +75,7 @@ fn main() -> anyhow::Result<()> {
                 json,
             } => compare(&tollgate, Duration::from_secs_f64(secs), &concurrency, json).await,
             Command::Memory => memory(&tollgate).await,
+            Command::Soak { secs } => soak::run(&tollgate, Duration::from_secs(secs)).await,
         }
     })
 }
@@ -238,5 +246,5 @@ async fn memory(tollgate: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     lab.stop_all();
-    Ok(())
+    soak::pending_approvals(tollgate, 1000).await
 }

@@ -144,14 +144,26 @@ impl Lab {
 
     /// Tollgate in front of `upstream` with the 50-rule policy.
     pub async fn tollgate(&mut self, tollgate: &Path, upstream: &str) -> anyhow::Result<Child> {
+        self.tollgate_with(tollgate, upstream, &fifty_rule_policy(), "")
+            .await
+    }
+
+    /// Tollgate with a given policy and extra configuration lines.
+    pub async fn tollgate_with(
+        &mut self,
+        tollgate: &Path,
+        upstream: &str,
+        policy_text: &str,
+        extra: &str,
+    ) -> anyhow::Result<Child> {
         self.counter += 1;
         let policy = self.dir.join(format!("policy{}.yaml", self.counter));
-        std::fs::write(&policy, fifty_rule_policy())?;
+        std::fs::write(&policy, policy_text)?;
         let config = self.dir.join(format!("tollgate{}.yaml", self.counter));
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000}}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
+                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000}}\n{extra}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
                 policy.display()
             ),
         )?;

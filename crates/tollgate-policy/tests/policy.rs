@@ -379,15 +379,38 @@ proptest! {
 
 #[test]
 fn rate_limit_state_survives_a_reload_that_keeps_the_rule() {
-    let before = load("version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 60}\n");
+    let before = load(
+        "version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 60}\n",
+    );
     // Reordered, with a new rule in front: the limit of `a` is the same, so its state carries over.
-    let after = load("version: 1\nrules:\n  - tool: b\n    action: allow\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 60}\n");
-    let changed = load("version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 2, window: 60}\n");
+    let after = load(
+        "version: 1\nrules:\n  - tool: b\n    action: allow\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 60}\n",
+    );
+    let changed = load(
+        "version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 2, window: 60}\n",
+    );
     let mut limiter = RateLimiter::new();
     let none = json!({});
-    assert_eq!(evaluate(&before, &mut limiter, &call("a", &none), Duration::ZERO).action, Action::Allow);
-    let d = evaluate(&after, &mut limiter, &call("a", &none), Duration::from_secs(1));
-    assert_eq!(d.kind, Some(DenyKind::RateLimit), "the reload did not reset the window");
-    let d = evaluate(&changed, &mut limiter, &call("a", &none), Duration::from_secs(2));
+    assert_eq!(
+        evaluate(&before, &mut limiter, &call("a", &none), Duration::ZERO).action,
+        Action::Allow
+    );
+    let d = evaluate(
+        &after,
+        &mut limiter,
+        &call("a", &none),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        d.kind,
+        Some(DenyKind::RateLimit),
+        "the reload did not reset the window"
+    );
+    let d = evaluate(
+        &changed,
+        &mut limiter,
+        &call("a", &none),
+        Duration::from_secs(2),
+    );
     assert_eq!(d.action, Action::Allow, "a changed limit starts afresh");
 }
