@@ -43,3 +43,18 @@ pub fn read_file(path: &std::path::Path) -> Result<String, String> {
     }
     std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
 }
+
+/// A single-threaded runtime for the client commands (`approvals`, `health`); `None`
+/// (after printing why) when it cannot be built.
+pub fn client_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            None
+        }
+    }
+}

@@ -38,6 +38,33 @@ impl Target {
     }
 }
 
+impl Target {
+    /// A POST to the endpoint with these headers and body.
+    pub fn post(
+        &self,
+        headers: &[(&'static str, String)],
+        body: &Value,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(&*self.url)
+            .header("accept", "application/json, text/event-stream");
+        for (k, v) in headers {
+            request = request.header(*k, v);
+        }
+        request.json(body)
+    }
+
+    /// A DELETE of the session named in `headers`.
+    pub fn delete(&self, headers: &[(&'static str, String)]) -> reqwest::RequestBuilder {
+        let mut request = self.http.delete(&*self.url);
+        for (k, v) in headers {
+            request = request.header(*k, v);
+        }
+        request
+    }
+}
+
 /// Latencies and counts of one run.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -86,7 +113,7 @@ fn call_body(id: u64, era: Era) -> Value {
 }
 
 /// One worker's session: the headers every call carries.
-async fn open(target: &Target, era: Era) -> anyhow::Result<Vec<(&'static str, String)>> {
+pub async fn open(target: &Target, era: Era) -> anyhow::Result<Vec<(&'static str, String)>> {
     match era {
         Era::Stateless => Ok(vec![
             ("mcp-protocol-version", "2026-07-28".into()),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::load::{self, Era, Target};
 use crate::procs::Lab;
 
 const SOAK_POLICY: &str = r#"
@@ -37,22 +38,8 @@ struct Counts {
     errors: AtomicUsize,
 }
 
-async fn session_round(http: &reqwest::Client, url: &str, counts: &Counts) -> anyhow::Result<()> {
-    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "soak", "version": "1"}}});
-    let response = http
-        .post(url)
-        .header("accept", "application/json, text/event-stream")
-        .json(&init)
-        .send()
-        .await?;
-    let session = response
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    response.bytes().await?;
+async fn session_round(target: &Target, counts: &Counts) -> anyhow::Result<()> {
+    let headers = load::open(target, Era::Handshake).await?;
     counts.sessions.fetch_add(1, Ordering::Relaxed);
     for i in 0..20u64 {
         let tool = match i % 4 {
@@ -60,12 +47,8 @@ async fn session_round(http: &reqwest::Client, url: &str, counts: &Counts) -> an
             2 => "list_fhir_datastores",
             _ => "delete_fhir_datastore",
         };
-        let answer: Value = http
-            .post(url)
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-session-id", &session)
-            .header("mcp-protocol-version", "2025-11-25")
-            .json(&call(i + 1, tool))
+        let answer: Value = target
+            .post(&headers, &call(i + 1, tool))
             .send()
             .await?
             .json()
@@ -81,10 +64,7 @@ async fn session_round(http: &reqwest::Client, url: &str, counts: &Counts) -> an
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
-    http.delete(url)
-        .header("mcp-session-id", &session)
-        .send()
-        .await?;
+    target.delete(&headers).send().await?;
     Ok(())
 }
 
@@ -97,16 +77,14 @@ pub async fn run(tollgate: &std::path::Path, duration: Duration) -> anyhow::Resu
             .await?,
     );
     let counts = Arc::new(Counts::default());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let target = Target::new(&proxy.url);
     let deadline = Instant::now() + duration;
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (http, url, counts) = (http.clone(), proxy.url.clone(), counts.clone());
+        let (target, counts) = (target.clone(), counts.clone());
         workers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                if session_round(&http, &url, &counts).await.is_err() {
+                if session_round(&target, &counts).await.is_err() {
                     counts.errors.fetch_add(1, Ordering::Relaxed);
                 }
             }

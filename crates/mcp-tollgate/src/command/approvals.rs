@@ -51,15 +51,8 @@ pub enum ApprovalAction {
 /// Runs `tollgate approvals`.
 pub fn run(args: ApprovalsArgs) -> ExitCode {
     let token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+    let Some(runtime) = super::client_runtime() else {
+        return ExitCode::from(2);
     };
     match runtime.block_on(execute(&args, token.as_deref())) {
         Ok(code) => code,

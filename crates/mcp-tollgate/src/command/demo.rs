@@ -9,7 +9,7 @@ use tollgate_demo::{Demo, DemoOptions};
 use tollgate_proxy::LoadedPolicy;
 
 use super::serve::{
-    Failure, LogFormat, finish, init_logging, load_policy, run_proxy, single_server_config,
+    Failure, LogFormat, finish, init_logging, load_policy, run_proxy, runtime, single_server_config,
 };
 
 /// The starter HealthLake policy, built in so the demo runs from any directory.
@@ -43,29 +43,14 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 None,
                 "policies/healthlake.yaml (built in)",
             )
-            .map_err(|e| Failure {
-                code: 1,
-                error: anyhow::anyhow!("{e}"),
-            })?,
+            .map_err(|e| Failure::invalid(anyhow::anyhow!("{e}")))?,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Failure {
-                code: 2,
-                error: e.into(),
-            })?;
+        let runtime = runtime()?;
         runtime.block_on(async {
             let upstream = tokio::net::TcpListener::bind(("127.0.0.1", 0))
                 .await
-                .map_err(|e| Failure {
-                    code: 2,
-                    error: e.into(),
-                })?;
-            let upstream_addr = upstream.local_addr().map_err(|e| Failure {
-                code: 2,
-                error: e.into(),
-            })?;
+                .map_err(|e| Failure::io(e.into()))?;
+            let upstream_addr = upstream.local_addr().map_err(|e| Failure::io(e.into()))?;
             let demo = Demo::new(DemoOptions::default());
             tokio::spawn(async move {
                 let _ = axum::serve(upstream, tollgate_demo::router(demo)).await;
@@ -139,13 +124,7 @@ pub struct DemoUpstreamArgs {
 pub fn run_upstream(args: DemoUpstreamArgs) -> ExitCode {
     init_logging(LogFormat::Text);
     let result = (|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Failure {
-                code: 2,
-                error: e.into(),
-            })?;
+        let runtime = runtime()?;
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
@@ -153,10 +132,7 @@ pub fn run_upstream(args: DemoUpstreamArgs) -> ExitCode {
                     code: 2,
                     error: anyhow::anyhow!("cannot listen on {}: {e}", args.listen),
                 })?;
-            let addr = listener.local_addr().map_err(|e| Failure {
-                code: 2,
-                error: e.into(),
-            })?;
+            let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
             let demo = Demo::new(DemoOptions {
                 sse: args.sse,
                 latency: std::time::Duration::from_millis(args.latency_ms),
@@ -165,10 +141,7 @@ pub fn run_upstream(args: DemoUpstreamArgs) -> ExitCode {
             axum::serve(listener, tollgate_demo::router(demo))
                 .with_graceful_shutdown(super::serve::shutdown_signal())
                 .await
-                .map_err(|e| Failure {
-                    code: 2,
-                    error: e.into(),
-                })
+                .map_err(|e| Failure::io(e.into()))
         })
     })();
     finish(result)

@@ -17,15 +17,8 @@ pub struct HealthArgs {
 
 /// Runs `tollgate health`.
 pub fn run(args: HealthArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+    let Some(runtime) = super::client_runtime() else {
+        return ExitCode::from(2);
     };
     let result = runtime.block_on(async {
         let client = reqwest::Client::builder()

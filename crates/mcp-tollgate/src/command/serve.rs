@@ -47,10 +47,12 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn invalid(error: anyhow::Error) -> Failure {
+    /// A file the user must fix (exit 1).
+    pub fn invalid(error: anyhow::Error) -> Failure {
         Failure { code: 1, error }
     }
-    fn io(error: anyhow::Error) -> Failure {
+    /// Usage or I/O (exit 2).
+    pub fn io(error: anyhow::Error) -> Failure {
         Failure { code: 2, error }
     }
 }
@@ -260,7 +262,8 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+/// The multi-threaded runtime the servers run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
