@@ -171,6 +171,10 @@ impl Lab {
         cmd.args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn");
+        // Tollgate's worker threads (tokio reads this); the bench's own runtime is not affected.
+        if let Ok(threads) = std::env::var("TOLLGATE_BENCH_PROXY_THREADS") {
+            cmd.env("TOKIO_WORKER_THREADS", threads);
+        }
         self.start(cmd, "Tollgate listening on ")
     }
 

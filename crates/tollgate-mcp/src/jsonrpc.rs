@@ -9,6 +9,8 @@ pub enum ErrorCode {
     ParseError,
     /// JSON, but not a JSON-RPC 2.0 message.
     InvalidRequest,
+    /// A known method with unusable parameters.
+    InvalidParams,
     /// An internal error, used for upstream failures.
     InternalError,
     /// A tool call refused by the policy (`deny_as: error`).
@@ -23,6 +25,7 @@ impl ErrorCode {
         match self {
             ErrorCode::ParseError => -32700,
             ErrorCode::InvalidRequest => -32600,
+            ErrorCode::InvalidParams => -32602,
             ErrorCode::InternalError => -32603,
             ErrorCode::DeniedByPolicy => -32001,
             ErrorCode::HeaderMismatch => -32020,
@@ -180,6 +183,12 @@ impl Message {
             name: params.get("name")?.as_str()?,
             arguments: params.get("arguments").unwrap_or(&NULL),
         })
+    }
+
+    /// A `tools/call` that cannot be judged: a notification, or a request without a
+    /// string `params.name`. Such a message must never be forwarded unevaluated.
+    pub fn is_malformed_tool_call(&self) -> bool {
+        self.method() == Some("tools/call") && self.tool_call().is_none()
     }
 
     /// `params.progressToken` from `_meta`, when the client asked for progress.

@@ -68,6 +68,15 @@ pub enum ProxyError {
         /// Which upstream and why.
         message: String,
     },
+    /// A `tools/call` the policy cannot judge (no string `params.name`, or sent as a
+    /// notification); it is never forwarded.
+    #[error(
+        "tools/call needs an `id` and a string `params.name`; this one cannot be checked against the policy, so it was not forwarded"
+    )]
+    MalformedToolCall {
+        /// The request's id, when it had one.
+        id: Option<Value>,
+    },
     /// The method is not served on this endpoint.
     #[error("method not allowed on the MCP endpoint")]
     MethodNotAllowed,
@@ -81,7 +90,9 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::MalformedToolCall { id: Some(_) } => StatusCode::OK,
             ProxyError::BodyRead(_)
+            | ProxyError::MalformedToolCall { id: None }
             | ProxyError::Framing(_)
             | ProxyError::HeaderMismatch { .. }
             | ProxyError::MissingSession => StatusCode::BAD_REQUEST,
@@ -102,13 +113,16 @@ impl ProxyError {
             ProxyError::Framing(err) => err.code(),
             ProxyError::HeaderMismatch { .. } => ErrorCode::HeaderMismatch,
             ProxyError::Upstream { .. } => ErrorCode::InternalError,
+            ProxyError::MalformedToolCall { .. } => ErrorCode::InvalidParams,
             _ => ErrorCode::InvalidRequest,
         }
     }
 
     fn id(&self) -> Option<&Value> {
         match self {
-            ProxyError::HeaderMismatch { id, .. } | ProxyError::Upstream { id, .. } => id.as_ref(),
+            ProxyError::HeaderMismatch { id, .. }
+            | ProxyError::Upstream { id, .. }
+            | ProxyError::MalformedToolCall { id } => id.as_ref(),
             _ => None,
         }
     }

@@ -314,6 +314,11 @@ impl Downstream {
 
         let mut slot = None;
         let mut call_id = None;
+        if message.is_malformed_tool_call() {
+            return Err(ProxyError::MalformedToolCall {
+                id: message.id().cloned(),
+            });
+        }
         if let Some(call) = message.tool_call() {
             tracing::Span::current().record("tool", call.name);
             let caller = Caller {
@@ -477,6 +482,15 @@ impl Downstream {
         let mut refused = Vec::new();
         let mut forward = Vec::new();
         for message in messages {
+            if message.is_malformed_tool_call() {
+                refused.push(
+                    ProxyError::MalformedToolCall {
+                        id: message.id().cloned(),
+                    }
+                    .to_json(),
+                );
+                continue;
+            }
             if let Some(call) = message.tool_call() {
                 let caller = Caller {
                     client: self.client.as_deref(),

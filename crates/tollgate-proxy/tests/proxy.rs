@@ -458,6 +458,39 @@ async fn bad_input_gets_json_rpc_errors_and_http_statuses() {
 }
 
 #[tokio::test]
+async fn tool_calls_that_cannot_be_judged_are_never_forwarded() {
+    let h = start("version: 1\ndefault: allow\nrules: []\n", "", false).await;
+    let session = h.initialize().await;
+    for (body, status) in [
+        (
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": 7}}),
+            200,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call"}),
+            200,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"arguments": {}}}),
+            200,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "list_fhir_datastores"}}),
+            400,
+        ),
+    ] {
+        let (got, _, answer) = h.post(Some(&session), &body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    }
+    let batch =
+        json!([{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": null}}]);
+    let (_, _, answer) = h.post(Some(&session), &batch).await;
+    assert_eq!(answer[0]["error"]["code"], -32602, "{answer}");
+    assert_eq!(h.demo.calls(), 0);
+}
+
+#[tokio::test]
 async fn argument_schema_and_rate_limits() {
     let h = start(POLICY, "", true).await;
     let session = h.initialize().await;
