@@ -34,6 +34,8 @@ pub struct Admin {
     pub token: Option<Arc<str>>,
     /// Version string shown by `/status`.
     pub version: Arc<str>,
+    /// Whether the admin listener is on a loopback address (enables the Host check).
+    pub loopback: bool,
 }
 
 /// The admin router.
@@ -50,7 +52,20 @@ pub fn admin_router(admin: Admin) -> Router {
         .route("/", get(page))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(api)
+        // Outermost: a page on another site must not reach this API through DNS
+        // rebinding or a cross-site form, token or not.
+        .layer(middleware::from_fn_with_state(
+            admin.clone(),
+            same_site_only,
+        ))
         .with_state(admin)
+}
+
+async fn same_site_only(State(admin): State<Admin>, request: Request, next: Next) -> Response {
+    match crate::http::check_request_source(&admin.app, admin.loopback, true, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
 }
 
 async fn require_token(State(admin): State<Admin>, request: Request, next: Next) -> Response {

@@ -45,11 +45,23 @@ async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Res
 }
 
 fn check_host_and_origin(app: &AppState, headers: &HeaderMap) -> Result<(), ProxyError> {
-    if app.loopback {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
+    check_request_source(app, app.loopback, false, headers)
+}
+
+/// DNS-rebinding and cross-origin checks. On a loopback listener the `Host` must be
+/// a loopback name or in `allowed_hosts`; an `Origin` must be in `allowed_origins`,
+/// or, when `same_origin_ok` (the admin page calling its own API), the listener itself.
+pub(crate) fn check_request_source(
+    app: &AppState,
+    loopback_listener: bool,
+    same_origin_ok: bool,
+    headers: &HeaderMap,
+) -> Result<(), ProxyError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if loopback_listener {
         let name = host_name(host);
         let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "::1")
             || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
@@ -64,7 +76,10 @@ fn check_host_and_origin(app: &AppState, headers: &HeaderMap) -> Result<(), Prox
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        if !app.allowed_origins.iter().any(|o| o == origin) {
+        let same_origin = same_origin_ok
+            && !host.is_empty()
+            && (origin == format!("http://{host}") || origin == format!("https://{host}"));
+        if !same_origin && !app.allowed_origins.iter().any(|o| o == origin) {
             return Err(ProxyError::ForbiddenOrigin(origin.to_owned()));
         }
     }

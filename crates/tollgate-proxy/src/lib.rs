@@ -109,6 +109,7 @@ pub fn prepare_admin(
         app: state.clone(),
         token: token.map(Into::into),
         version: version.into(),
+        loopback: bound.ip().is_loopback(),
     })
 }
 

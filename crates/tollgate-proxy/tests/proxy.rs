@@ -669,6 +669,27 @@ async fn approval_holds_the_call_until_a_human_decides() {
     assert_eq!(list[0]["id"], id.as_str());
     assert_eq!(list[0]["arguments"]["datastore_id"], EXPORT);
 
+    // Another site cannot reach the admin API, by DNS rebinding or by a cross-site form.
+    let rebound = h
+        .http
+        .post(format!("{admin}/approvals/{id}/approve"))
+        .bearer_auth("admin-token")
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 421);
+    let cross_site = h
+        .http
+        .post(format!("{admin}/approvals/{id}/approve"))
+        .bearer_auth("admin-token")
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
+    assert_eq!(h.demo.calls(), 0);
+
     let approved = h
         .http
         .post(format!("{admin}/approvals/{id}/approve"))
