@@ -268,3 +268,18 @@ async def test_the_typescript_sdk_is_a_second_independent_client(procs, tmp_path
     assert report["denied"]["isError"] is True
     assert report["denied"]["_meta"]["dev.tollgate/decision"]["kind"] == "deny"
     assert upstream.tools_called() == ["echo"]
+
+
+async def test_serve_with_upstream_and_policy_flags_needs_no_config_file(procs, tmp_path):
+    from conftest import TOLLGATE, Proc
+
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "flags.yaml").write_text(POLICY)
+    proc = Proc([TOLLGATE, "serve", "--upstream", upstream.url, "--policy", str(tmp_path / "flags.yaml"),
+                 "--listen", "127.0.0.1:0"], tmp_path / "flags.log")
+    procs.append(proc)
+    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+    async with Client(url, mode="auto") as client:
+        assert (await client.call_tool("echo", {"text": "x"})).is_error is False
+        assert (await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})).is_error is True
+    assert upstream.tools_called() == ["echo"]

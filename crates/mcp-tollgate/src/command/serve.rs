@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use tollgate_proxy::{AppState, Config, LoadedPolicy, ServerConfig};
+use tollgate_proxy::{AppState, Config, LoadedPolicy};
 
 /// Arguments of `tollgate serve`.
 #[derive(Debug, clap::Args)]
@@ -97,41 +97,24 @@ pub fn load_config(path: &Path) -> Result<(Config, BTreeMap<String, LoadedPolicy
     Ok((config, policies))
 }
 
-/// A one-server configuration from `--upstream` and `--policy`.
+/// A one-server configuration from `--upstream` and `--policy`, checked like a file.
 pub fn single_server_config(
     upstream: &str,
     policy: &Path,
     listen: SocketAddr,
 ) -> Result<Config, Failure> {
-    let server = ServerConfig {
-        url: Some(upstream.to_owned()),
-        transport: None,
-        command: None,
-        env: BTreeMap::new(),
-        cwd: None,
-        headers: BTreeMap::new(),
-        policy: policy.to_owned(),
-        timeout: std::time::Duration::from_secs(30),
-    };
-    if reqwest_url_is_http(upstream).is_none() {
-        return Err(Failure {
-            code: 2,
-            error: anyhow::anyhow!("--upstream `{upstream}` is not an http(s) URL"),
-        });
-    }
-    let yaml = format!("listen: \"{listen}\"\nservers: {{}}\n");
-    // Start from the defaults of an empty file, then add the one server.
-    let mut config: Config = tollgate_policy::from_yaml_str(&yaml, "--upstream")
-        .map_err(|e| Failure::io(anyhow::anyhow!("{e}")))?;
-    config.servers.insert("upstream".into(), server);
-    Ok(config)
-}
-
-fn reqwest_url_is_http(url: &str) -> Option<()> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))?;
-    (!rest.is_empty()).then_some(())
+    // JSON string literals are YAML scalars, so any URL or path is quoted safely.
+    let quote = |text: &str| serde_json::Value::from(text).to_string();
+    let yaml = format!(
+        "listen: {}\nservers:\n  upstream:\n    url: {}\n    policy: {}\n",
+        quote(&listen.to_string()),
+        quote(upstream),
+        quote(&policy.display().to_string()),
+    );
+    Config::from_yaml(&yaml, "command line", &|_| None).map_err(|e| Failure {
+        code: 2,
+        error: anyhow::anyhow!("{e}"),
+    })
 }
 
 /// Binds, prints the URLs, and serves until SIGINT or SIGTERM.
