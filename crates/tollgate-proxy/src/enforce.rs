@@ -87,9 +87,7 @@ pub fn enforce(
     // Without an admin listener no human can decide, so refuse at once instead of
     // holding the call until it times out.
     if decision.action == Action::RequireApproval && !audit_mode && app.admin_url.get().is_none() {
-        if let (Some(slot), Ok(mut limiter)) = (decision.slot.take(), server.limiter.lock()) {
-            limiter.release(slot);
-        }
+        server.release(decision.slot.take());
         decision.action = Action::Deny;
         decision.kind = Some(DenyKind::ApprovalDenied);
         decision.reason = format!(

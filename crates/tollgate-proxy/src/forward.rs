@@ -146,7 +146,8 @@ pub enum Rewrite {
     },
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
+/// Whether a response is an SSE stream.
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

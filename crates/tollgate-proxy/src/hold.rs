@@ -245,11 +245,7 @@ async fn settle(
         .map(|c| c.name.to_owned())
         .unwrap_or_default();
     let release = |held: &mut Held| {
-        if let (Some(slot), Ok(mut limiter)) =
-            (held.decision.slot.take(), ctx.server.limiter.lock())
-        {
-            limiter.release(slot);
-        }
+        ctx.server.release(held.decision.slot.take());
     };
     let (verdict, by, reason) = match &outcome {
         None => ("abandoned", None, None),
@@ -312,11 +308,7 @@ async fn forward_approved(ctx: &HoldContext, held: &mut Held, tool: &str, tx: Se
     let upstream = match sent {
         Ok(upstream) => upstream,
         Err(failure) => {
-            if let (Some(slot), Ok(mut limiter)) =
-                (held.decision.slot.take(), ctx.server.limiter.lock())
-            {
-                limiter.release(slot);
-            }
+            ctx.server.release(held.decision.slot.take());
             record_outcome(
                 &ctx.app,
                 &ctx.server,
@@ -338,11 +330,7 @@ async fn forward_approved(ctx: &HoldContext, held: &mut Held, tool: &str, tx: Se
         started.elapsed(),
         "forwarded",
     );
-    let sse = upstream
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let sse = crate::forward::is_event_stream(upstream.headers());
     if sse {
         let mut stream = events(upstream.bytes_stream());
         while let Some(event) = stream.next().await {

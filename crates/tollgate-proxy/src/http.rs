@@ -408,9 +408,7 @@ impl Downstream {
                     .metrics
                     .upstream_error(&self.server.name, failure.kind());
                 // Nothing reached the upstream's tool, so the rate-limit slot is given back.
-                if let (Some(slot), Ok(mut limiter)) = (slot, self.server.limiter.lock()) {
-                    limiter.release(slot);
-                }
+                self.server.release(slot);
                 if let Some((cid, tool)) = &call_id {
                     record_outcome(
                         &self.app,
@@ -524,11 +522,7 @@ impl Downstream {
                     Verdict::Hold(mut held) => {
                         // A batch has one answer for all its calls, so one call cannot wait
                         // for a human while the others return.
-                        if let (Some(slot), Ok(mut limiter)) =
-                            (held.decision.slot.take(), self.server.limiter.lock())
-                        {
-                            limiter.release(slot);
-                        }
+                        self.server.release(held.decision.slot.take());
                         held.decision.action = tollgate_policy::Action::Deny;
                         held.decision.kind = Some(tollgate_policy::DenyKind::ApprovalDenied);
                         held.decision.reason = format!(

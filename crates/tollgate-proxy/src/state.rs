@@ -33,6 +33,15 @@ pub struct Server {
     pub policy_info: Mutex<PolicyInfo>,
 }
 
+impl Server {
+    /// Gives a rate-limit slot back: the call it was taken for never reached the tool.
+    pub fn release(&self, slot: Option<tollgate_policy::Slot>) {
+        if let (Some(slot), Ok(mut limiter)) = (slot, self.limiter.lock()) {
+            limiter.release(slot);
+        }
+    }
+}
+
 /// Provenance of a server's policy, for `/status` and reloads.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PolicyInfo {
