@@ -480,6 +480,16 @@ impl Downstream {
         headers: &HeaderMap,
         messages: Vec<Message>,
     ) -> Result<Response, ProxyError> {
+        // Routing headers describe one message; on a batch they could only mislead
+        // whatever routes on them after Tollgate.
+        if headers.contains_key("mcp-method") || headers.contains_key("mcp-name") {
+            return Err(ProxyError::HeaderMismatch {
+                id: None,
+                message:
+                    "header mismatch: Mcp-Method and Mcp-Name cannot describe a JSON-RPC batch"
+                        .into(),
+            });
+        }
         let session = self.session(headers)?;
         if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
             return Err(ProxyError::MissingSession);
