@@ -283,3 +283,43 @@ async def test_serve_with_upstream_and_policy_flags_needs_no_config_file(procs, 
         assert (await client.call_tool("echo", {"text": "x"})).is_error is False
         assert (await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})).is_error is True
     assert upstream.tools_called() == ["echo"]
+
+
+def test_scan_lists_the_tools_and_prints_a_policy_that_validates(procs, tmp_path):
+    import subprocess
+
+    from conftest import TOLLGATE, free_port, wait_port
+
+    port = free_port()
+    demo = subprocess.Popen([TOLLGATE, "demo-upstream", "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        out = subprocess.run([TOLLGATE, "scan", "--upstream", f"http://127.0.0.1:{port}/mcp"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        demo.terminate()
+        demo.wait(timeout=10)
+    assert out.returncode == 0, out.stderr
+    policy = tmp_path / "scanned.yaml"
+    policy.write_text(out.stdout)
+    assert subprocess.run([TOLLGATE, "validate", str(policy)], capture_output=True, timeout=30).returncode == 0
+
+    def decision(tool: str) -> str:
+        r = subprocess.run([TOLLGATE, "--format", "json", "explain", "--policy", str(policy), "--tool", tool],
+                           capture_output=True, text=True, timeout=30)
+        return __import__("json").loads(r.stdout)["decision"]
+
+    assert decision("list_fhir_datastores") == "allow"          # readOnlyHint
+    assert decision("delete_fhir_datastore") == "deny"          # destructiveHint
+    assert decision("start_fhir_export_job") == "require_approval"
+    assert decision("not_listed") == "deny"                     # default
+    assert "# Start exporting a data store's FHIR resources to S3." in out.stdout
+    assert "    #   required:" in out.stdout
+
+    # Scanning through Tollgate itself works too, as a client would see it.
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    out = subprocess.run([TOLLGATE, "scan", "--upstream", tg.url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "tool: \"echo\"" in out.stdout and "delete_fhir_datastore" not in out.stdout

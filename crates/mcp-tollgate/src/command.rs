@@ -4,6 +4,7 @@ pub mod approvals;
 pub mod demo;
 pub mod explain;
 pub mod health;
+pub mod scan;
 pub mod serve;
 pub mod test;
 pub mod validate;

@@ -53,6 +53,8 @@ enum Command {
     Approvals(command::approvals::ApprovalsArgs),
     /// Print the JSON Schema of the policy file.
     Schema,
+    /// List an upstream's tools and print a starter policy.
+    Scan(command::scan::ScanArgs),
     /// Exit 0 when a Tollgate admin listener (or an MCP endpoint) is healthy.
     Health(command::health::HealthArgs),
 }
@@ -79,5 +81,6 @@ fn main() -> ExitCode {
         Command::Approvals(args) => command::approvals::run(args),
         Command::Schema => command::schema(),
         Command::Health(args) => command::health::run(args),
+        Command::Scan(args) => command::scan::run(args),
     }
 }
