@@ -904,3 +904,76 @@ async fn clients_need_keys_and_sessions_stay_with_their_client() {
         "a session is bound to the client that opened it"
     );
 }
+
+#[tokio::test]
+async fn several_servers_each_with_its_own_policy() {
+    let (upstream, demo) = start_demo(DemoOptions::default()).await;
+    let dir = tempdir::Dir::new();
+    std::fs::write(
+        dir.path().join("open.yaml"),
+        "version: 1\ndefault: allow\nrules: []\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("closed.yaml"),
+        "version: 1\ndefault: deny\nrules: []\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nservers:\n  open:\n    url: {upstream}\n    policy: open.yaml\n  closed:\n    url: {upstream}\n    policy: closed.yaml\n"
+    );
+    let config = Config::from_yaml(&yaml, "two.yaml", &|_| None).unwrap();
+    let mut policies = BTreeMap::new();
+    for name in ["open", "closed"] {
+        policies.insert(
+            name.to_owned(),
+            LoadedPolicy::read(&dir.path().join(format!("{name}.yaml"))).unwrap(),
+        );
+    }
+    let state = AppState::build(&config, policies).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tollgate_proxy::serve(
+        state,
+        listener,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let http = reqwest::Client::new();
+    let post = |path: &str| {
+        let body = stateless(call(1, "list_fhir_datastores", json!({})));
+        http.post(format!("http://{addr}{path}"))
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "list_fhir_datastores")
+            .body(body.to_string())
+            .send()
+    };
+    let open: Value = post("/servers/open/mcp")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(open["result"]["isError"], false, "{open}");
+    let closed: Value = post("/servers/closed/mcp")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(decision(&closed)["kind"], "deny", "{closed}");
+    assert_eq!(
+        post("/mcp").await.unwrap().status(),
+        404,
+        "/mcp is only for a single server"
+    );
+    let unknown = post("/servers/other/mcp").await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let text = unknown.text().await.unwrap();
+    assert!(
+        !text.contains("open") && !text.contains("closed"),
+        "does not list the others: {text}"
+    );
+    assert_eq!(demo.calls(), 1);
+}
