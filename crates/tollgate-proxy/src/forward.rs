@@ -156,6 +156,7 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// Relays an upstream response to the client, applying `rewrite`.
 pub async fn relay(
+    app: &AppState,
     server: &Server,
     upstream: reqwest::Response,
     rewrite: Rewrite,
@@ -174,7 +175,7 @@ pub async fn relay(
         builder = builder.header("x-accel-buffering", HeaderValue::from_static("no"));
     }
     let body = match (&rewrite, sse) {
-        (Rewrite::None, true) => Body::from_stream(upstream.bytes_stream()),
+        (Rewrite::None, true) => Body::from_stream(counted(app, upstream.bytes_stream())),
         // A small JSON answer of known length is read whole: one write downstream, with a
         // Content-Length, instead of a chunked stream.
         (Rewrite::None, false)
@@ -204,7 +205,7 @@ pub async fn relay(
                 }
                 Err(err) => Err(std::io::Error::other(err)),
             });
-            Body::from_stream(stream)
+            Body::from_stream(counted(app, stream))
         }
         (Rewrite::FilterTools { policy, client }, false) => {
             let bytes = match tokio::time::timeout(server.timeout, upstream.bytes()).await {
@@ -222,6 +223,34 @@ pub async fn relay(
     builder.body(body).map_err(|e| ProxyError::Upstream {
         id: None,
         message: e.to_string(),
+    })
+}
+
+/// Counts an open downstream SSE stream (`tollgate_streams_active`) for as long as
+/// its body lives: the count drops when the stream ends or the client goes away.
+struct OpenStream(AppState);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .open_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `stream`, counted as an open SSE stream while it lives.
+pub fn counted<S: Stream + Send + 'static>(
+    app: &AppState,
+    stream: S,
+) -> impl Stream<Item = S::Item> + Send + 'static {
+    app.metrics
+        .open_streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let guard = OpenStream(app.clone());
+    stream.map(move |item| {
+        let _alive = &guard;
+        item
     })
 }
 

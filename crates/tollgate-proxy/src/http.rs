@@ -451,7 +451,14 @@ impl Downstream {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let success = upstream.status().is_success();
-        let mut response = relay(&self.server, upstream, rewrite, message.id().cloned()).await?;
+        let mut response = relay(
+            &self.app,
+            &self.server,
+            upstream,
+            rewrite,
+            message.id().cloned(),
+        )
+        .await?;
         if initialize && success {
             let session = self.app.sessions.open(
                 self.server.name.clone(),
@@ -571,7 +578,7 @@ impl Downstream {
                 policy: self.server.policy.load_full(),
                 client: self.client.clone(),
             };
-            return relay(&self.server, upstream, rewrite, None).await;
+            return relay(&self.app, &self.server, upstream, rewrite, None).await;
         }
         // Merge our answers into the upstream's JSON array.
         let status = upstream.status();
@@ -621,7 +628,7 @@ impl Downstream {
             self.app.sessions.remove(&session.id);
             return Err(ProxyError::UnknownSession);
         }
-        relay(&self.server, upstream, Rewrite::None, None).await
+        relay(&self.app, &self.server, upstream, Rewrite::None, None).await
     }
 
     /// Ends a session here and upstream.

@@ -639,6 +639,14 @@ async fn approval_holds_the_call_until_a_human_decides() {
     };
     let id = wait_for_pending(&h).await;
     assert_eq!(h.demo.calls(), 0, "held, not forwarded");
+    assert_eq!(
+        h.state
+            .metrics
+            .open_streams
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the held call's stream"
+    );
 
     // The admin API wants the token.
     let unauthorized = h
@@ -788,6 +796,20 @@ async fn denied_expired_and_abandoned_approvals_never_reach_the_upstream() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, Some(tollgate_proxy::ApprovalStatus::Abandoned));
+    // Everything the vanished client held is freed, its stream included.
+    let streams = || {
+        h.state
+            .metrics
+            .open_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for _ in 0..100 {
+        if streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(streams(), 0);
     assert_eq!(h.demo.calls(), 0);
 }
 
