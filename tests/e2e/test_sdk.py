@@ -6,7 +6,9 @@ era) and both upstream modes (stateful SSE, and stateless_http + json_response).
 
 from __future__ import annotations
 
+import re
 import time
+from contextlib import asynccontextmanager
 
 import anyio
 import httpx2
@@ -53,6 +55,39 @@ ERAS = ["auto", "legacy"]
 UPSTREAMS = ["stateful", "stateless"]
 
 
+MODERN = "2026-07-28"
+HANDSHAKE = {"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"}
+
+
+@asynccontextmanager
+async def connect(target, era: str, **kwargs):
+    """A connected `Client` that really is in the era asked for.
+
+    `mode="auto"` silently falls back to `initialize` when `server/discover`
+    fails, so without this check a proxy that broke the stateless era would
+    still pass every "auto" test in the handshake era.
+    """
+    async with Client(target, mode=era, **kwargs) as client:
+        if era == "auto":
+            assert client.protocol_version == MODERN, f"auto mode fell back to {client.protocol_version}"
+        else:
+            assert client.protocol_version in HANDSHAKE, client.protocol_version
+        yield client
+
+
+def assert_refused(result: types.CallToolResult, kind: str, tool: str) -> dict:
+    """The SPEC §6 shape of a refused call; returns the decision object."""
+    assert result.is_error is True
+    assert len(result.content) == 1 and result.content[0].type == "text"
+    assert result.content[0].text.startswith("Denied by policy: "), result.content[0].text
+    found = decision(result)
+    assert found["kind"] == kind and found["tool"] == tool, found
+    assert isinstance(found["rule"], str) and found["rule"], found
+    assert isinstance(found["reason"], str) and found["reason"], found
+    assert result.content[0].text.startswith(f"Denied by policy: {found['reason']}")
+    return found
+
+
 def decision(result: types.CallToolResult) -> dict:
     meta = result.meta or {}
     return meta["dev.tollgate/decision"]
@@ -70,31 +105,46 @@ def upstream(request, procs, tmp_path):
 @pytest.mark.parametrize("era", ERAS)
 async def test_tools_list_hides_tools_denied_outright(era, upstream, procs, tmp_path):
     tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
-    async with Client(tg.url, mode=era) as client:
+    async with connect(upstream.url, era) as direct:
+        upstream_names = {t.name for t in (await direct.list_tools()).tools}
+    async with connect(tg.url, era) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-    assert "echo" in names and "start_fhir_export_job" in names
-    assert "delete_fhir_datastore" not in names
+    assert "delete_fhir_datastore" in upstream_names
+    # Only the tool a rule denies outright is removed; rate-limited, argument-checked and
+    # allowed tools all stay.
+    assert names == upstream_names - {"delete_fhir_datastore"}
+    assert names == {"echo", "list_fhir_datastores", "slow_progress", "ask_user",
+                     "describe_fhir_export_job", "start_fhir_export_job"}
+    assert upstream.calls() == []
 
 
 @pytest.mark.parametrize("era", ERAS)
 async def test_allowed_call_returns_the_upstreams_result_unchanged(era, upstream, procs, tmp_path):
     tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
-    async with Client(upstream.url, mode=era) as direct:
+    async with connect(upstream.url, era) as direct:
         expected = await direct.call_tool("echo", {"text": "héllo"})
-    async with Client(tg.url, mode=era) as client:
+        expected_list = await direct.call_tool("list_fhir_datastores", {})
+    async with connect(tg.url, era) as client:
         got = await client.call_tool("echo", {"text": "héllo"})
+        got_list = await client.call_tool("list_fhir_datastores", {})
     assert got.is_error is False
+    assert got.content[0].text == "echo: héllo ✓ — ünïcödé"
     assert [c.model_dump() for c in got.content] == [c.model_dump() for c in expected.content]
+    assert [c.model_dump() for c in got_list.content] == [c.model_dump() for c in expected_list.content]
+    # Byte for byte: the JSON text of the content, not only its parsed value.
+    assert got.content[0].text.encode() == expected.content[0].text.encode()
+    assert got_list.content[0].text.encode() == expected_list.content[0].text.encode()
     assert got.structured_content == expected.structured_content
-    assert upstream.tools_called() == ["echo", "echo"]
+    assert upstream.tools_called() == ["echo", "list_fhir_datastores", "echo", "list_fhir_datastores"]
+    assert upstream.calls()[2] == {"tool": "echo", "arguments": {"text": "héllo"}}
 
 
 @pytest.mark.parametrize("era", ERAS)
 async def test_refused_calls_never_reach_the_upstream(era, upstream, procs, tmp_path):
     tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
-    async with Client(tg.url, mode=era) as client:
+    async with connect(tg.url, era) as client:
         denied = await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
-        assert denied.is_error is True
+        assert_refused(denied, "deny", "delete_fhir_datastore")
         assert text(denied) == "Denied by policy: Deleting data stores is never done by agents."
         assert decision(denied) == {
             "kind": "deny",
@@ -104,54 +154,86 @@ async def test_refused_calls_never_reach_the_upstream(era, upstream, procs, tmp_
         }
 
         default = await client.call_tool("drop_tables", {})
-        assert default.is_error and decision(default)["kind"] == "deny"
-        assert decision(default)["rule"] == "default"
+        assert assert_refused(default, "deny", "drop_tables")["rule"] == "default"
 
         bad_args = await client.call_tool(
             "start_fhir_export_job",
             {"datastore_id": "d", "data_access_role_arn": "r",
              "output_data_config": {"s3_configuration": {"s3_uri": "s3://attacker/x"}}},
         )
-        assert bad_args.is_error and decision(bad_args)["kind"] == "arguments"
+        assert_refused(bad_args, "arguments", "start_fhir_export_job")
         assert "/output_data_config/s3_configuration/s3_uri" in decision(bad_args)["reason"]
+        assert decision(bad_args)["rule"].startswith("rules[5]")
 
         for _ in range(2):
             ok = await client.call_tool("describe_fhir_export_job", {"datastore_id": "d", "job_id": "j"})
             assert ok.is_error is False
         limited = await client.call_tool("describe_fhir_export_job", {"datastore_id": "d", "job_id": "j"})
-        assert limited.is_error and decision(limited)["kind"] == "rate_limit"
-        assert decision(limited)["retry_after_ms"] > 0
-        assert "retry in " in text(limited)
+        assert_refused(limited, "rate_limit", "describe_fhir_export_job")
+        assert decision(limited)["rule"].startswith("rules[4]")
+        assert 0 < decision(limited)["retry_after_ms"] <= 60_000
+        assert re.search(r"retry in \d+s", text(limited)), text(limited)
     assert upstream.tools_called() == ["describe_fhir_export_job", "describe_fhir_export_job"]
     decisions = [r for r in tg.audit() if r["event"] == "decision"]
     assert [r["decision"] for r in decisions] == ["deny", "deny", "deny", "allow", "allow", "deny"]
     assert [r["kind"] for r in decisions] == ["deny", "deny", "arguments", None, None, "rate_limit"]
+    assert [r["tool"] for r in decisions] == [
+        "delete_fhir_datastore", "drop_tables", "start_fhir_export_job",
+        "describe_fhir_export_job", "describe_fhir_export_job", "describe_fhir_export_job"]
+    assert [r["rule"] for r in decisions] == [
+        "rules[6] (delete_*)", "default", decision(bad_args)["rule"],
+        decision(limited)["rule"], decision(limited)["rule"], decision(limited)["rule"]]
+    assert decisions[0]["reason"] == "Deleting data stores is never done by agents."
+    assert decisions[2]["reason"] == decision(bad_args)["reason"]
+    assert decisions[5]["reason"] == decision(limited)["reason"]
+    assert all(isinstance(r["reason"], str) and r["reason"] for r in decisions)
     assert all(r["server"] == "upstream" and r["arguments_digest"].startswith("sha256:") for r in decisions)
 
 
 @pytest.mark.parametrize("era", ERAS)
-async def test_deny_as_error_answers_with_a_json_rpc_error(era, procs, tmp_path):
-    upstream = start_upstream(procs, tmp_path)
-    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\ndeny_as: error\nrules:\n  - tool: delete_*\n    action: deny\n    reason: no deletes\n")
-    async with Client(tg.url, mode=era) as client:
+async def test_deny_as_error_answers_with_a_json_rpc_error(era, upstream, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\ndeny_as: error\nrules:\n  - tool: delete_*\n    action: deny\n    reason: no deletes\n  - tool: echo\n    action: allow\n")
+    async with connect(tg.url, era) as client:
         with pytest.raises(MCPError) as raised:
             await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
+        assert (await client.call_tool("echo", {"text": "still fine"})).is_error is False
     assert raised.value.error.code == -32001
     assert raised.value.error.message == "Tool call denied by policy: no deletes"
-    assert raised.value.error.data["kind"] == "deny"
-    assert upstream.calls() == []
+    assert raised.value.error.data == {
+        "kind": "deny", "tool": "delete_fhir_datastore", "rule": "rules[0] (delete_*)", "reason": "no deletes"}
+    assert upstream.tools_called() == ["echo"]
+
+
+AUDIT_ONLY = """
+version: 1
+mode: audit
+default: deny
+rules:
+  - tool: delete_*
+    action: deny
+    reason: no deletes
+"""
 
 
 @pytest.mark.parametrize("era", ERAS)
-async def test_audit_mode_lets_everything_through_and_logs_the_decision(era, procs, tmp_path):
-    upstream = start_upstream(procs, tmp_path)
-    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\nmode: audit\ndefault: deny\nrules: []\n")
-    async with Client(tg.url, mode=era) as client:
+async def test_audit_mode_lets_everything_through_and_logs_the_decision(era, upstream, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, upstream.url, AUDIT_ONLY)
+    async with connect(tg.url, era) as client:
         result = await client.call_tool("echo", {"text": "x"})
-    assert result.is_error is False
-    assert upstream.tools_called() == ["echo"]
-    (record,) = [r for r in tg.audit() if r["event"] == "decision"]
-    assert (record["decision"], record["mode"]) == ("deny", "audit")
+        deleted = await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})
+        # In audit mode nothing is hidden either.
+        names = {t.name for t in (await client.list_tools()).tools}
+    assert result.is_error is False and text(result) == "echo: x ✓ — ünïcödé"
+    assert deleted.is_error is False and text(deleted) == "deleted"
+    assert "dev.tollgate/decision" not in (deleted.meta or {})
+    assert "delete_fhir_datastore" in names
+    assert upstream.tools_called() == ["echo", "delete_fhir_datastore"]
+    records = [r for r in tg.audit() if r["event"] == "decision"]
+    assert [(r["tool"], r["decision"], r["rule"], r["mode"]) for r in records] == [
+        ("echo", "deny", "default", "audit"),
+        ("delete_fhir_datastore", "deny", "rules[0] (delete_*)", "audit"),
+    ]
+    assert records[1]["reason"] == "no deletes"
 
 
 CLIENTS = """
@@ -179,19 +261,21 @@ def authed(url: str, key: str):
 async def test_a_new_session_gets_a_fresh_session_quota_but_not_a_fresh_client_quota(era, procs, tmp_path):
     upstream = start_upstream(procs, tmp_path)
     tg = start_tollgate(procs, tmp_path, upstream.url, QUOTAS, extra=CLIENTS)
-    async with Client(authed(tg.url, "alice-key-0123456789"), mode=era) as first:
+    async with connect(authed(tg.url, "alice-key-0123456789"), era) as first:
         assert (await first.call_tool("echo", {"text": "1"})).is_error is False
         assert (await first.call_tool("list_fhir_datastores", {})).is_error is False
         assert decision(await first.call_tool("echo", {"text": "2"}))["kind"] == "rate_limit"
-    async with Client(authed(tg.url, "alice-key-0123456789"), mode=era) as second:
+    async with connect(authed(tg.url, "alice-key-0123456789"), era) as second:
         again = await second.call_tool("echo", {"text": "3"})
         client_quota = await second.call_tool("list_fhir_datastores", {})
     if era == "legacy":
         assert again.is_error is False, "a new handshake-era session has a fresh per-session quota"
+        assert text(again) == "echo: 3 ✓ — ünïcödé"
     else:
         # The stateless era has no sessions: per-session limits key on the client (SPEC §6).
         assert decision(again)["kind"] == "rate_limit"
-    assert decision(client_quota)["kind"] == "rate_limit", "per: client survives a new session"
+    assert_refused(client_quota, "rate_limit", "list_fhir_datastores")
+    assert "per client" in decision(client_quota)["reason"], decision(client_quota)
     expected = ["echo", "list_fhir_datastores"] + (["echo"] if era == "legacy" else [])
     assert upstream.tools_called() == expected
 
@@ -215,19 +299,23 @@ async def test_progress_notifications_are_streamed_before_the_result(era, procs,
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((time.monotonic(), progress))
 
-    async with Client(tg.url, mode=era) as client:
+    async with connect(tg.url, era) as client:
         result = await client.call_tool("slow_progress", {"steps": 4}, progress_callback=on_progress)
         finished = time.monotonic()
     assert result.is_error is False and "done after 4 steps" in text(result)
     assert [p for _, p in seen] == [1, 2, 3, 4]
     # Relayed as they happen: the first arrives ~1 s before the result, not with it.
     assert finished - seen[0][0] > 0.6, seen
+    # ... and one by one, ~300 ms apart, not in one burst at the end.
+    assert seen[-1][0] - seen[0][0] > 0.5, seen
 
 
-@pytest.mark.parametrize("era", ERAS)
+# A stateless upstream (no back-channel) can only elicit in the stateless era, where the
+# SDK asks with an InputRequiredResult and the client retries with the answer.
+@pytest.mark.parametrize(("era", "upstream_mode"), [("auto", "stateful"), ("legacy", "stateful"), ("auto", "stateless")])
 @pytest.mark.parametrize("accept", [True, False])
-async def test_elicitation_from_the_upstream_reaches_the_client_and_back(era, accept, procs, tmp_path):
-    upstream = start_upstream(procs, tmp_path, "stateful")
+async def test_elicitation_from_the_upstream_reaches_the_client_and_back(era, upstream_mode, accept, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, upstream_mode)
     tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
     asked: list[str] = []
 
@@ -237,13 +325,15 @@ async def test_elicitation_from_the_upstream_reaches_the_client_and_back(era, ac
             return types.ElicitResult(action="accept", content={"answer": "forty-two"})
         return types.ElicitResult(action="decline")
 
-    async with Client(tg.url, mode=era, elicitation_callback=on_elicit) as client:
+    async with connect(tg.url, era, elicitation_callback=on_elicit) as client:
         result = await client.call_tool("ask_user", {"question": "What is the answer?"})
     assert asked == ["What is the answer?"]
+    assert result.is_error is False
     assert text(result) == ("user said: forty-two" if accept else "user decline")
+    assert upstream.tools_called()[-1] == "ask_user"
 
 
-async def test_the_typescript_sdk_is_a_second_independent_client(procs, tmp_path):
+async def test_the_typescript_sdk_is_a_second_independent_client(upstream, procs, tmp_path):
     import json
     import os
     import shutil
@@ -254,7 +344,6 @@ async def test_the_typescript_sdk_is_a_second_independent_client(procs, tmp_path
     node_modules = ROOT / "tests" / "ts" / "node_modules" / "@modelcontextprotocol" / "sdk"
     if not node_modules.exists() or shutil.which("node") is None:
         pytest.fail("the TypeScript SDK is not installed: run tests/run (npm ci in tests/ts)")
-    upstream = start_upstream(procs, tmp_path)
     tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
     out = subprocess.run(
         ["node", str(ROOT / "tests" / "ts" / "client.mjs"), tg.url],
@@ -262,11 +351,19 @@ async def test_the_typescript_sdk_is_a_second_independent_client(procs, tmp_path
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert "echo" in report["tools"] and "delete_fhir_datastore" not in report["tools"]
+    assert set(report["tools"]) == {"echo", "list_fhir_datastores", "slow_progress", "ask_user",
+                                     "describe_fhir_export_job", "start_fhir_export_job"}
+    # The session the TS client holds is one Tollgate issued: 128 bits or more of randomness.
+    assert report["sessionId"] and len(report["sessionId"]) >= 32
     assert report["allowed"]["isError"] is False
     assert report["allowed"]["content"][0]["text"] == "echo: from node ✓ — ünïcödé"
     assert report["denied"]["isError"] is True
-    assert report["denied"]["_meta"]["dev.tollgate/decision"]["kind"] == "deny"
+    assert report["denied"]["content"][0]["text"] == "Denied by policy: Deleting data stores is never done by agents."
+    assert report["denied"]["_meta"]["dev.tollgate/decision"] == {
+        "kind": "deny", "tool": "delete_fhir_datastore", "rule": "rules[6] (delete_*)",
+        "reason": "Deleting data stores is never done by agents."}
+    assert report["defaultDenied"]["isError"] is True
+    assert report["defaultDenied"]["_meta"]["dev.tollgate/decision"]["rule"] == "default"
     assert upstream.tools_called() == ["echo"]
 
 
@@ -279,7 +376,7 @@ async def test_serve_with_upstream_and_policy_flags_needs_no_config_file(procs, 
                  "--listen", "127.0.0.1:0"], tmp_path / "flags.log")
     procs.append(proc)
     url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
-    async with Client(url, mode="auto") as client:
+    async with connect(url, "auto") as client:
         assert (await client.call_tool("echo", {"text": "x"})).is_error is False
         assert (await client.call_tool("delete_fhir_datastore", {"datastore_id": "x"})).is_error is True
     assert upstream.tools_called() == ["echo"]
