@@ -55,10 +55,19 @@ def setup(procs, tmp_path):
 def test_a_header_that_disagrees_with_the_body_is_refused_and_never_forwarded(setup):
     upstream, tg = setup
     body = tool_call("delete_fhir_datastore", {"datastore_id": "x"})
+    # The smuggling attempt: a router reading Mcp-Name sees an allowed tool.
     r = httpx.post(tg.url, json=body, headers=headers(name="echo"), timeout=10)
     assert r.status_code == 400
+    assert r.json()["jsonrpc"] == "2.0" and r.json()["id"] == 1
     assert r.json()["error"]["code"] == -32020
-    assert r.json()["id"] == 1
+    assert "result" not in r.json()
+    # Header values are case-sensitive.
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="ECHO"), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    # A required routing header that is missing is a mismatch too (2026-07-28 Server Validation).
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name=None), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    assert upstream.calls() == []
     r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(method="tools/list", name="echo"), timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == -32020
     # Base64-encoded names are decoded before comparing (2026-07-28 value encoding).
@@ -118,10 +127,13 @@ def test_hostile_tool_names_are_just_names(setup):
 
 
 def test_upstream_down_is_a_clear_error(procs, tmp_path):
-    port = free_port()
-    tg = start_tollgate(procs, tmp_path, f"http://127.0.0.1:{port}/mcp", POLICY)
-    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=10)
+    port = free_port()  # nothing listens here
+    tg = start_tollgate(procs, tmp_path, f"http://127.0.0.1:{port}/mcp", POLICY, server_extra="    timeout: 5s\n")
+    started = time.monotonic()
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=20)
+    assert time.monotonic() - started < 5, "a refused connection is reported at once, well within the timeout"
     error = r.json()["error"]
+    assert isinstance(error["code"], int) and error["code"] < 0
     assert "upstream `upstream`" in error["message"] and "could not be reached" in error["message"]
     assert r.json()["id"] == 1
 
@@ -148,7 +160,9 @@ def test_an_upstream_that_never_answers_times_out(procs, tmp_path):
         r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=20)
         elapsed = time.monotonic() - started
         assert "did not answer within 2s" in r.json()["error"]["message"]
-        assert 1.5 < elapsed < 8, elapsed
+        assert "upstream" in r.json()["error"]["message"]
+        assert r.json()["id"] == 1
+        assert 1.5 < elapsed < 6, elapsed
     finally:
         listener.close()
         for c in held:
@@ -169,6 +183,12 @@ def test_a_client_that_disconnects_mid_stream_frees_what_it_held(setup):
         # The connection is closed here, mid-stream.
     r = httpx.post(tg.url, json=tool_call("echo", {"text": "after"}), headers=headers(name="echo"), timeout=10)
     assert r.status_code == 200 and "echo: after" in r.text
+    # Streaming still works for the next client, start to finish.
+    body["id"] = 2
+    body["params"]["arguments"] = {"steps": 2}
+    r = httpx.post(tg.url, json=body, headers=headers(name="slow_progress"), timeout=20)
+    assert r.status_code == 200
+    assert r.text.count("notifications/progress") == 2 and "done after 2 steps" in r.text
 
 
 def test_notifications_get_202_and_batch_calls_are_decided_one_by_one(setup):
