@@ -115,6 +115,19 @@ def test_unknown_and_missing_sessions(setup):
     r = httpx.post(tg.url, json=ping, headers=h, timeout=10)
     assert r.status_code == 400
     assert "Mcp-Session-Id" in r.json()["error"]["message"]
+    # A session the client ended with DELETE is unknown from then on.
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    r = httpx.post(tg.url, json=init, headers=h, timeout=10)
+    assert r.status_code == 200
+    session = r.headers["mcp-session-id"]
+    assert len(session) >= 32 and session != "f" * 32
+    r = httpx.post(tg.url, json=ping, headers={**h, "mcp-session-id": session}, timeout=10)
+    assert r.status_code == 200, r.text
+    r = httpx.delete(tg.url, headers={**h, "mcp-session-id": session}, timeout=10)
+    assert r.status_code in (200, 202, 204), r.text
+    r = httpx.post(tg.url, json=ping, headers={**h, "mcp-session-id": session}, timeout=10)
+    assert r.status_code == 404
 
 
 def test_hostile_tool_names_are_just_names(setup):
