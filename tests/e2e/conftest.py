@@ -168,3 +168,87 @@ def start_tollgate(
     if "admin:" in extra:
         admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
     return Tollgate(proc, url, admin, audit)
+
+
+class RecordingUpstream:
+    """A bare HTTP "MCP server" that accepts anything and records every request.
+
+    Unlike the SDK's own server it checks no Host, Origin or routing header, so a
+    test against it proves Tollgate itself refused a request: if Tollgate let one
+    through, it shows up in `requests`.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _reply(self, status: int, body: bytes | None, extra: dict | None = None):
+                self.send_response(status)
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                if body is not None:
+                    self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body or b"")))
+                self.end_headers()
+                if body:
+                    self.wfile.write(body)
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    msg = None
+                outer.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": msg})
+                if not isinstance(msg, dict) or "id" not in msg:
+                    return self._reply(202, None)
+                method = msg.get("method")
+                extra = {}
+                if method == "initialize":
+                    result = {"protocolVersion": msg["params"].get("protocolVersion", "2025-11-25"),
+                              "capabilities": {"tools": {}}, "serverInfo": {"name": "recorder", "version": "1"}}
+                    extra["mcp-session-id"] = "recorder-session-0123456789abcdef"
+                elif method == "server/discover":
+                    result = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}},
+                              "serverInfo": {"name": "recorder", "version": "1"}, "resultType": "complete"}
+                elif method == "tools/list":
+                    result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+                elif method == "tools/call":
+                    result = {"content": [{"type": "text", "text": "recorded"}], "isError": False}
+                else:
+                    result = {}
+                self._reply(200, json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode(), extra)
+
+            def do_GET(self):
+                self._reply(405, b"")
+
+            def do_DELETE(self):
+                self._reply(200, b"")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def tool_calls(self) -> list[dict]:
+        return [r for r in self.requests if isinstance(r["body"], dict) and r["body"].get("method") == "tools/call"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def recorder():
+    upstream = RecordingUpstream()
+    yield upstream
+    upstream.close()

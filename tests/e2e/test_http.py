@@ -76,6 +76,46 @@ def test_a_header_that_disagrees_with_the_body_is_refused_and_never_forwarded(se
     assert upstream.tools_called() == ["echo"]
 
 
+def test_tollgate_itself_checks_routing_headers_not_only_the_upstream(recorder, procs, tmp_path):
+    """The SDK's server checks routing headers too; this upstream checks nothing, so
+    only Tollgate stands between a mismatched request and the tool."""
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    # The body calls an allowed tool, the header names another: still refused.
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="slow_progress"), timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == -32020 and r.json()["id"] == 1
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(method="tools/list", name="echo"), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name=None), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    assert recorder.tool_calls() == []
+    # The same call with honest headers goes through, once, as the body said.
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 200, r.text
+    assert "recorded" in r.text
+    (forwarded,) = recorder.tool_calls()
+    assert forwarded["body"]["params"]["name"] == "echo"
+    assert forwarded["body"]["params"]["arguments"] == {"text": "x"}
+
+
+def test_tollgate_itself_refuses_hostile_origin_and_host(recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    body = tool_call("echo", {"text": "x"})
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "origin": "http://evil.example"}, timeout=10)
+    assert r.status_code == 403
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": "evil.example"}, timeout=10)
+    assert r.status_code == 421
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": "evil.example:80"}, timeout=10)
+    assert r.status_code == 421
+    assert recorder.tool_calls() == []
+    # Loopback names and no Origin at all are fine.
+    port = tg.url.split(":")[2].split("/")[0]
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}"]:
+        r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": host}, timeout=10)
+        assert r.status_code == 200, (host, r.text)
+    assert len(recorder.tool_calls()) == 2
+
+
 def test_malformed_json_and_non_json_rpc(setup):
     upstream, tg = setup
     r = httpx.post(tg.url, content=b'{"jsonrpc": "2.0", "id": 1, "method": ', headers=headers(), timeout=10)

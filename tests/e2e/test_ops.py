@@ -205,3 +205,12 @@ def test_the_container_files_run_this_binary_with_these_paths(tmp_path):
         demo.wait(timeout=10)
     dead = subprocess.run([TOLLGATE, "health", "--admin", f"http://127.0.0.1:{free_port()}"], capture_output=True, timeout=30)
     assert dead.returncode == 1
+
+
+def test_the_readmes_run_command_picks_the_tollgate_binary():
+    """`cargo run --release -- demo` is the README's first command; `cargo run` must know
+    which of the workspace's binaries to run (debug here, to reuse the test build)."""
+    out = subprocess.run(["cargo", "run", "--quiet", "--locked", "--", "--version"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("tollgate ")
