@@ -119,8 +119,8 @@ def procs():
         p.stop()
 
 
-def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful") -> Upstream:
-    port = free_port()
+def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful", port: int | None = None) -> Upstream:
+    port = port or free_port()
     record = tmp_path / f"upstream-{port}.jsonl"
     args = [PYTHON, str(HERE / "upstream_server.py"), str(port), str(record)]
     if mode == "stateless":
@@ -182,6 +182,9 @@ class RecordingUpstream:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.requests: list[dict] = []
+        # tools/list pages (cursor = page index); answers as SSE instead of JSON when `sse`.
+        self.tool_pages: list[list[dict]] = [[{"name": "echo", "inputSchema": {"type": "object"}}]]
+        self.sse = False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -220,12 +223,26 @@ class RecordingUpstream:
                     result = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}},
                               "serverInfo": {"name": "recorder", "version": "1"}, "resultType": "complete"}
                 elif method == "tools/list":
-                    result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+                    page = int(((msg.get("params") or {}).get("cursor")) or 0)
+                    result = {"tools": outer.tool_pages[page]}
+                    if page + 1 < len(outer.tool_pages):
+                        result["nextCursor"] = str(page + 1)
                 elif method == "tools/call":
                     result = {"content": [{"type": "text", "text": "recorded"}], "isError": False}
                 else:
                     result = {}
-                self._reply(200, json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode(), extra)
+                answer = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode()
+                if outer.sse and method != "initialize":
+                    body = b"event: message\ndata: " + answer + b"\n\n"
+                    self.send_response(200)
+                    for k, v in extra.items():
+                        self.send_header(k, v)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self._reply(200, answer, extra)
 
             def do_GET(self):
                 self._reply(405, b"")
