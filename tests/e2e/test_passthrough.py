@@ -1,0 +1,82 @@
+"""What the policy does not judge passes through unchanged (SPEC §4, §6), and what
+Tollgate sends upstream is what the config says (SPEC §3), against a bare recording
+upstream so every byte that leaves Tollgate is visible."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import start_tollgate
+from test_http import STATELESS_META, headers, tool_call
+
+POLICY = """
+version: 1
+default: allow
+rules:
+  - tool: delete_*
+    action: deny
+    reason: no deletes
+"""
+
+
+def test_unknown_fields_and_methods_pass_through_unchanged(recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    body = tool_call("echo", {"text": "x", "nested": {"n": [1, 2.5, -3, "é", None, True]}})
+    body["params"]["x-vendor"] = {"keep": "me"}
+    r = httpx.post(tg.url, json=body, headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 200, r.text
+    (forwarded,) = recorder.tool_calls()
+    assert forwarded["body"]["params"]["arguments"] == body["params"]["arguments"]
+    assert forwarded["body"]["params"]["x-vendor"] == {"keep": "me"}
+    assert forwarded["body"]["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28"
+    # A method no one has heard of goes to the upstream and its answer comes back.
+    unknown = {"jsonrpc": "2.0", "id": "vendor-1", "method": "vendor/thing", "params": {"_meta": STATELESS_META, "a": 1}}
+    r = httpx.post(tg.url, json=unknown, headers=headers(method="vendor/thing"), timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"jsonrpc": "2.0", "id": "vendor-1", "result": {}}
+    assert [q["body"]["method"] for q in recorder.requests if q["body"].get("method") == "vendor/thing"] == ["vendor/thing"]
+
+
+@pytest.mark.parametrize("id_", ["a-string-é", 0, -7, 9007199254740993])
+def test_request_ids_come_back_as_sent(id_, recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    allowed = httpx.post(tg.url, json=tool_call("echo", {}, id_), headers=headers(name="echo"), timeout=10)
+    denied = httpx.post(tg.url, json=tool_call("delete_x", {}, id_), headers=headers(name="delete_x"), timeout=10)
+    assert allowed.json()["id"] == id_ and denied.json()["id"] == id_
+    assert allowed.json()["result"]["content"][0]["text"] == "recorded"
+    result = denied.json()["result"]
+    assert result["isError"] is True and result["content"][0]["text"] == "Denied by policy: no deletes"
+    # SPEC §6: in the stateless era a refusal is a complete result like any other.
+    assert result["resultType"] == "complete"
+    assert len(recorder.tool_calls()) == 1
+
+
+def test_upstream_headers_are_sent_and_client_credentials_never_are(recorder, procs, tmp_path):
+    tg = start_tollgate(
+        procs, tmp_path, recorder.url, POLICY,
+        extra="clients:\n  - {name: alice, key: '${ALICE_KEY}'}\n",
+        server_extra="    headers:\n      Authorization: Bearer ${UPSTREAM_TOKEN}\n      X-Team: e2e\n",
+        env={"ALICE_KEY": "alice-secret-0123456789", "UPSTREAM_TOKEN": "upstream-token-abc"},
+    )
+    h = {**headers(name="echo"), "authorization": "Bearer alice-secret-0123456789"}
+    r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=h, timeout=10)
+    assert r.status_code == 200, r.text
+    assert recorder.requests, "nothing reached the upstream"
+    for request in recorder.requests:
+        assert request["headers"].get("authorization") == "Bearer upstream-token-abc"
+        assert request["headers"].get("x-team") == "e2e"
+        assert "alice-secret-0123456789" not in repr(request)
+
+
+def test_allowed_origins_and_ipv6_loopback_host(recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY, extra="allowed_origins: ['http://ok.example']")
+    port = tg.url.split(":")[2].split("/")[0]
+    body = tool_call("echo", {"text": "x"})
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "origin": "http://ok.example"}, timeout=10)
+    assert r.status_code == 200, r.text
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "origin": "http://ok.example.evil.example"}, timeout=10)
+    assert r.status_code == 403
+    r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": f"[::1]:{port}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert len(recorder.tool_calls()) == 2
