@@ -95,7 +95,7 @@ class Proc:
 class Upstream:
     def __init__(self, proc: Proc, port: int, record: Path, mode: str):
         self.proc, self.port, self.record, self.mode = proc, port, record, mode
-        self.url = f"http://127.0.0.1:{port}/mcp"
+        self.url = f"http://127.0.0.1:{port}/" + ("sse" if mode == "sse" else "mcp")
 
     def calls(self) -> list[dict]:
         if not self.record.exists():
@@ -123,8 +123,8 @@ def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful", port: in
     port = port or free_port()
     record = tmp_path / f"upstream-{port}.jsonl"
     args = [PYTHON, str(HERE / "upstream_server.py"), str(port), str(record)]
-    if mode == "stateless":
-        args.append("--stateless")
+    if mode in ("stateless", "sse"):
+        args.append(f"--{mode}")
     proc = Proc(args, tmp_path / f"upstream-{port}.log")
     procs.append(proc)
     wait_port(port)

@@ -3,7 +3,7 @@
 Every tool call is appended to a record file as one JSON line, so tests can prove
 that calls Tollgate denied never arrived here.
 
-    python upstream_server.py PORT RECORD_FILE [--stateless]
+    python upstream_server.py PORT RECORD_FILE [--stateless | --sse | --stdio]
 """
 
 import json
@@ -99,10 +99,15 @@ async def ask_user(
 
 
 if __name__ == "__main__":
-    mcp.run(
-        "streamable-http",
-        host="127.0.0.1",
-        port=PORT,
-        stateless_http=STATELESS,
-        json_response=STATELESS,
-    )
+    if "--stdio" in sys.argv:  # spawned by Tollgate as a stdio upstream; PORT is ignored
+        mcp.run("stdio")
+    elif "--sse" in sys.argv:  # the legacy HTTP+SSE transport (2024-11-05), at /sse
+        mcp.run("sse", host="127.0.0.1", port=PORT)
+    else:
+        mcp.run(
+            "streamable-http",
+            host="127.0.0.1",
+            port=PORT,
+            stateless_http=STATELESS,
+            json_response=STATELESS,
+        )
