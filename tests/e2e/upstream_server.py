@@ -75,6 +75,15 @@ async def slow_progress(steps: int, ctx: Context) -> str:
     return f"done after {steps} steps"
 
 
+@mcp.tool()
+async def chatty(text: str, ctx: Context) -> str:
+    """Send two log notifications, then return."""
+    record("chatty", {"text": text})
+    await ctx.info(f"first: {text}")
+    await ctx.warning(f"second: {text}")
+    return "logged twice"
+
+
 class Answer(BaseModel):
     answer: str
 

@@ -1,0 +1,88 @@
+"""Sessions bound to their client, log notifications relayed, and the proxy's own
+limits (SPEC §3 `limits`, §6): chunked bodies over max_body, requests per second."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from mcp import Client
+from mcp import types
+
+from conftest import start_tollgate, start_upstream
+from test_http import headers, tool_call
+
+pytestmark = pytest.mark.anyio
+
+POLICY = "version: 1\ndefault: allow\nrules: []\n"
+
+CLIENTS = """
+clients:
+  - {name: alice, key: alice-key-0123456789}
+  - {name: bob, key: bob-key-0123456789}
+"""
+
+
+def test_a_session_belongs_to_the_client_that_opened_it(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY, extra=CLIENTS)
+    h = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    alice = {**h, "authorization": "Bearer alice-key-0123456789"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    r = httpx.post(tg.url, json=init, headers=alice, timeout=10)
+    assert r.status_code == 200, r.text
+    session = {"mcp-session-id": r.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+    r = httpx.post(tg.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                   headers={**alice, **session}, timeout=10)
+    assert r.status_code == 202
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "bob"}}}
+    bob = {**h, **session, "authorization": "Bearer bob-key-0123456789"}
+    r = httpx.post(tg.url, json=call, headers=bob, timeout=10)
+    assert r.status_code in (403, 404), (r.status_code, r.text)
+    assert httpx.delete(tg.url, headers=bob, timeout=10).status_code in (403, 404)
+    assert upstream.calls() == []
+    # Alice's session survived bob's attempts.
+    r = httpx.post(tg.url, json=call, headers={**alice, **session}, timeout=10)
+    assert r.status_code == 200 and "echo: bob" in r.text
+    assert upstream.tools_called() == ["echo"]
+
+
+@pytest.mark.parametrize("era", ["auto", "legacy"])
+async def test_log_notifications_reach_the_client(era, procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    logs: list[tuple[str, object]] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append((params.level, params.data))
+
+    async with Client(tg.url, mode=era, logging_callback=on_log, log_level="debug") as client:
+        result = await client.call_tool("chatty", {"text": "hi"})
+    assert result.content[0].text == "logged twice"
+    assert logs == [("info", "first: hi"), ("warning", "second: hi")]
+
+
+def test_a_chunked_body_over_max_body_is_413(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY, extra="limits: {max_body: 1KiB}")
+    body = httpx.Request("POST", "http://x", json=tool_call("echo", {"text": "y" * 4000})).content
+
+    def chunks():  # no Content-Length: the limit has to hold on the bytes as they stream in
+        for i in range(0, len(body), 256):
+            yield body[i:i + 256]
+
+    r = httpx.post(tg.url, content=chunks(), headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 413
+    small = httpx.post(tg.url, json=tool_call("echo", {"text": "y"}), headers=headers(name="echo"), timeout=10)
+    assert small.status_code == 200, small.text
+    assert upstream.tools_called() == ["echo"]
+
+
+def test_requests_per_second_per_client(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY, extra="limits: {requests_per_second: 2}")
+    codes = [httpx.post(tg.url, json=tool_call("echo", {"text": str(i)}, i), headers=headers(name="echo"),
+                        timeout=10).status_code for i in range(12)]
+    assert 429 in codes, codes
+    assert codes.count(200) < 12
+    assert len(upstream.calls()) == codes.count(200)
