@@ -86,3 +86,22 @@ def test_requests_per_second_per_client(procs, tmp_path):
     assert 429 in codes, codes
     assert codes.count(200) < 12
     assert len(upstream.calls()) == codes.count(200)
+
+
+@pytest.mark.parametrize("era", ["auto", "legacy"])
+async def test_a_cancelled_call_is_cancelled_upstream_too(era, procs, tmp_path):
+    """notifications/cancelled (handshake era) or the closed stream (stateless era)
+    reaches the upstream, whose tool then stops: slow_progress never finishes."""
+    import anyio
+    from pathlib import Path
+
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    async with Client(tg.url, mode=era) as client:
+        with anyio.move_on_after(0.8) as scope:
+            await client.call_tool("slow_progress", {"steps": 8})
+        assert scope.cancelled_caught
+        await anyio.sleep(3.2)  # 8 steps x 0.3 s: it would have finished by now
+        assert (await client.call_tool("echo", {"text": "next"})).content[0].text.startswith("echo: next")
+    assert upstream.tools_called() == ["slow_progress", "echo"]
+    assert not Path(f"{upstream.record}.done").exists(), "the upstream ran the cancelled call to its end"

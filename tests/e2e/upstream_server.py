@@ -72,6 +72,8 @@ async def slow_progress(steps: int, ctx: Context) -> str:
     for i in range(steps):
         await ctx.report_progress(i + 1, steps, f"step {i + 1}")
         await anyio.sleep(0.3)
+    with open(RECORD + ".done", "a", encoding="utf-8") as f:  # reached only if not cancelled
+        f.write(json.dumps({"tool": "slow_progress", "steps": steps}) + "\n")
     return f"done after {steps} steps"
 
 
