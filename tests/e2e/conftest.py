@@ -44,7 +44,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Proc:
     """A child process whose stdout lines are collected in the background."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
         self.args = args
         self.log = log
         self.stderr = open(log, "w", encoding="utf-8")
@@ -55,6 +55,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
