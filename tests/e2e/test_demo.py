@@ -37,3 +37,32 @@ def test_the_demo_and_the_snippet_it_prints(procs, tmp_path):
     assert "is_error=False" in lines[1] or "isError" not in lines[1]
     assert "is_error=True" in lines[2] and "Denied by policy: " in lines[2]
     assert re.search(r"dev\.tollgate/decision", lines[2])
+
+
+def test_logs_written_to_a_file_are_plain_text_or_json(procs, tmp_path):
+    """stderr that is not a terminal (a file, docker logs, journald) gets no colour codes;
+    `--log-format json` gives one JSON object per line."""
+    import httpx
+
+    from conftest import start_upstream
+    from test_http import headers, tool_call
+
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "p.yaml").write_text("version: 1\ndefault: allow\nrules: []\n")
+    env = {"RUST_LOG": "info", "NO_COLOR": ""}  # an empty NO_COLOR does not turn colour off
+    for fmt in ["text", "json"]:
+        log = tmp_path / f"serve-{fmt}.log"
+        proc = Proc([TOLLGATE, "serve", "--upstream", upstream.url, "--policy", str(tmp_path / "p.yaml"),
+                     "--listen", "127.0.0.1:0", "--log-format", fmt], log, env=env)
+        procs.append(proc)
+        url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+        assert httpx.post(url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"),
+                          timeout=10).status_code == 200
+        proc.stop()
+        text = log.read_text()
+        assert text.strip(), "nothing logged at RUST_LOG=info"
+        assert "\x1b[" not in text, f"ANSI colour codes in a log file: {text[:200]!r}"
+        if fmt == "json":
+            for line in text.splitlines():
+                if line.strip():
+                    json.loads(line)
