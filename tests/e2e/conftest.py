@@ -124,7 +124,7 @@ def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful", port: in
     port = port or free_port()
     record = tmp_path / f"upstream-{port}.jsonl"
     args = [PYTHON, str(HERE / "upstream_server.py"), str(port), str(record)]
-    if mode in ("stateless", "sse"):
+    if mode in ("stateless", "sse", "resumable"):
         args.append(f"--{mode}")
     proc = Proc(args, tmp_path / f"upstream-{port}.log")
     procs.append(proc)

@@ -3,6 +3,8 @@ limits (SPEC §3 `limits`, §6): chunked bodies over max_body, requests per seco
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from mcp import Client
@@ -105,3 +107,56 @@ async def test_a_cancelled_call_is_cancelled_upstream_too(era, procs, tmp_path):
         assert (await client.call_tool("echo", {"text": "next"})).content[0].text.startswith("echo: next")
     assert upstream.tools_called() == ["slow_progress", "echo"]
     assert not Path(f"{upstream.record}.done").exists(), "the upstream ran the cancelled call to its end"
+
+
+def sse_events(lines):
+    event: dict = {}
+    for line in lines:
+        if line == "":
+            if event:
+                yield event
+            event = {}
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            event[key] = value.strip()
+
+
+def test_a_dropped_stream_resumes_with_last_event_id(procs, tmp_path):
+    """Handshake era, an upstream with an event store: the client drops the POST stream
+    after the first progress event and picks up the rest with GET + Last-Event-ID."""
+    upstream = start_upstream(procs, tmp_path, "resumable")
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    h = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+    r = httpx.post(tg.url, json=init, headers=h, timeout=10)
+    h = {**h, "mcp-session-id": r.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+    assert httpx.post(tg.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                      headers=h, timeout=10).status_code == 202
+    call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+        "name": "slow_progress", "arguments": {"steps": 6}, "_meta": {"progressToken": "t"}}}
+    last_id = None
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", tg.url, json=call, headers=h) as r:
+            for event in sse_events(r.iter_lines()):
+                if "notifications/progress" in event.get("data", ""):
+                    assert json.loads(event["data"])["params"]["progress"] == 1
+                    last_id = event.get("id")
+                    break
+    assert last_id, "the relayed events lost their ids: a client cannot resume"
+    progress, result = [], None
+    with httpx.Client(timeout=15) as client:
+        with client.stream("GET", tg.url, headers={**h, "accept": "text/event-stream", "last-event-id": last_id}) as r:
+            assert r.status_code == 200
+            for event in sse_events(r.iter_lines()):
+                if not event.get("data"):
+                    continue
+                message = json.loads(event["data"])
+                if message.get("method") == "notifications/progress":
+                    progress.append(message["params"]["progress"])
+                elif message.get("id") == 5:
+                    result = message["result"]
+                    break
+    assert progress == [2, 3, 4, 5, 6]
+    assert result is not None and result["content"][0]["text"] == "done after 6 steps"
+    assert upstream.tools_called() == ["slow_progress"], "resuming must not run the tool again"

@@ -3,7 +3,7 @@
 Every tool call is appended to a record file as one JSON line, so tests can prove
 that calls Tollgate denied never arrived here.
 
-    python upstream_server.py PORT RECORD_FILE [--stateless | --sse | --stdio]
+    python upstream_server.py PORT RECORD_FILE [--stateless | --resumable | --sse | --stdio]
 """
 
 import json
@@ -109,6 +109,30 @@ async def ask_user(
     return f"user {answer.action}"
 
 
+class MemoryEventStore:
+    """Keeps every SSE event so a client can resume a stream with Last-Event-ID."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str, object]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id, message):
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        from mcp.server.streamable_http import EventMessage
+
+        found = [i for i, (eid, _, _) in enumerate(self.events) if eid == last_event_id]
+        if not found:
+            return None
+        stream_id = self.events[found[0]][1]
+        for eid, sid, message in self.events[found[0] + 1:]:
+            if sid == stream_id and message is not None:
+                await send_callback(EventMessage(message, eid))
+        return stream_id
+
+
 if __name__ == "__main__":
     if "--stdio" in sys.argv:  # spawned by Tollgate as a stdio upstream; PORT is ignored
         mcp.run("stdio")
@@ -121,4 +145,5 @@ if __name__ == "__main__":
             port=PORT,
             stateless_http=STATELESS,
             json_response=STATELESS,
+            event_store=MemoryEventStore() if "--resumable" in sys.argv else None,
         )
