@@ -34,7 +34,7 @@ STATELESS_META = {
 
 def tool_call(name: str, arguments: dict, id_: int = 1) -> dict:
     return {"jsonrpc": "2.0", "id": id_, "method": "tools/call",
-            "params": {"name": name, "arguments": arguments, "_meta": STATELESS_META}}
+            "params": {"name": name, "arguments": arguments, "_meta": dict(STATELESS_META)}}
 
 
 def headers(method: str = "tools/call", name: str | None = None) -> dict:
@@ -88,6 +88,11 @@ def test_tollgate_itself_checks_routing_headers_not_only_the_upstream(recorder, 
     assert r.status_code == 400 and r.json()["error"]["code"] == -32020
     r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name=None), timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    # MCP-Protocol-Version must match the envelope's protocolVersion too.
+    older = tool_call("echo", {"text": "x"})
+    older["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2025-11-25"
+    r = httpx.post(tg.url, json=older, headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
     assert recorder.tool_calls() == []
     # The same call with honest headers goes through, once, as the body said.
     r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=10)
@@ -114,6 +119,21 @@ def test_tollgate_itself_refuses_hostile_origin_and_host(recorder, procs, tmp_pa
         r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": host}, timeout=10)
         assert r.status_code == 200, (host, r.text)
     assert len(recorder.tool_calls()) == 2
+
+
+def test_the_upstreams_own_http_errors_come_back_with_their_status(setup):
+    """An unsupported version (-32022) and an unknown method (404, -32601) are the
+    upstream's answers in the stateless era; Tollgate relays status and body."""
+    upstream, tg = setup
+    future = tool_call("echo", {"text": "x"})
+    future["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
+    r = httpx.post(tg.url, json=future, headers={**headers(name="echo"), "mcp-protocol-version": "2099-01-01"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32022
+    assert "2026-07-28" in r.json()["error"]["data"]["supported"]
+    unknown = {"jsonrpc": "2.0", "id": 3, "method": "vendor/x", "params": {"_meta": dict(STATELESS_META)}}
+    r = httpx.post(tg.url, json=unknown, headers=headers(method="vendor/x"), timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == -32601 and r.json()["id"] == 3
+    assert upstream.calls() == []
 
 
 def test_malformed_json_and_non_json_rpc(setup):

@@ -31,7 +31,7 @@ def test_unknown_fields_and_methods_pass_through_unchanged(recorder, procs, tmp_
     assert forwarded["body"]["params"]["x-vendor"] == {"keep": "me"}
     assert forwarded["body"]["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28"
     # A method no one has heard of goes to the upstream and its answer comes back.
-    unknown = {"jsonrpc": "2.0", "id": "vendor-1", "method": "vendor/thing", "params": {"_meta": STATELESS_META, "a": 1}}
+    unknown = {"jsonrpc": "2.0", "id": "vendor-1", "method": "vendor/thing", "params": {"_meta": dict(STATELESS_META), "a": 1}}
     r = httpx.post(tg.url, json=unknown, headers=headers(method="vendor/thing"), timeout=10)
     assert r.status_code == 200, r.text
     assert r.json() == {"jsonrpc": "2.0", "id": "vendor-1", "result": {}}
