@@ -211,7 +211,7 @@ class RecordingUpstream:
                     msg = json.loads(raw)
                 except ValueError:
                     msg = None
-                outer.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": msg})
+                outer.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": msg, "raw": raw})
                 if not isinstance(msg, dict) or "id" not in msg:
                     return self._reply(202, None)
                 method = msg.get("method")

@@ -80,3 +80,30 @@ def test_allowed_origins_and_ipv6_loopback_host(recorder, procs, tmp_path):
     r = httpx.post(tg.url, json=body, headers={**headers(name="echo"), "host": f"[::1]:{port}"}, timeout=10)
     assert r.status_code == 200, r.text
     assert len(recorder.tool_calls()) == 2
+
+
+def test_duplicate_keys_cannot_show_the_policy_one_tool_and_the_upstream_another(recorder, procs, tmp_path):
+    """SPEC §6: what goes upstream is the message Tollgate evaluated, re-serialised."""
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    meta = '"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}'
+    sneaky = ('{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "%s", "name": "%s", '
+              '"arguments": {}, ' + meta + '}}')
+    for first, last in [("echo", "delete_fhir_datastore"), ("delete_fhir_datastore", "echo")]:
+        r = httpx.post(tg.url, content=(sneaky % (first, last)).encode(), headers=headers(name=last), timeout=10)
+        if r.status_code == 200 and "result" in r.json() and not r.json()["result"].get("isError"):
+            # Allowed as `echo`: then the upstream must see `echo` and only `echo`.
+            (forwarded,) = recorder.tool_calls()
+            assert b"delete" not in forwarded["raw"], forwarded["raw"]
+            assert forwarded["body"]["params"]["name"] == "echo"
+        else:
+            assert r.status_code in (200, 400), r.text
+            assert recorder.tool_calls() == [] or b"delete" not in recorder.tool_calls()[-1]["raw"]
+    assert all(b"delete" not in q["raw"] for q in recorder.requests)
+
+
+def test_invalid_utf8_is_a_parse_error(recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo\xff", "arguments": {}}}'
+    r = httpx.post(tg.url, content=body, headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32700
+    assert recorder.tool_calls() == []
