@@ -160,3 +160,23 @@ def test_a_dropped_stream_resumes_with_last_event_id(procs, tmp_path):
     assert progress == [2, 3, 4, 5, 6]
     assert result is not None and result["content"][0]["text"] == "done after 6 steps"
     assert upstream.tools_called() == ["slow_progress"], "resuming must not run the tool again"
+
+
+async def test_notifications_on_the_get_stream_reach_the_client(procs, tmp_path):
+    """Handshake era: a notification tied to no request travels on the standalone GET
+    stream, which Tollgate relays."""
+    import anyio
+
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    got: list[str] = []
+
+    async def on_message(message) -> None:
+        got.append(type(message).__name__)
+
+    async with Client(tg.url, mode="legacy", message_handler=on_message) as client:
+        assert (await client.call_tool("announce", {})).content[0].text == "announced"
+        with anyio.move_on_after(5):
+            while "ToolListChangedNotification" not in got:
+                await anyio.sleep(0.05)
+    assert "ToolListChangedNotification" in got, got

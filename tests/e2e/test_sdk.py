@@ -109,10 +109,10 @@ async def test_tools_list_hides_tools_denied_outright(era, upstream, procs, tmp_
         upstream_names = {t.name for t in (await direct.list_tools()).tools}
     async with connect(tg.url, era) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-    assert {"delete_fhir_datastore", "chatty"} <= upstream_names
-    # Removed: the tool a rule denies outright, and `chatty`, which no rule matches under
+    assert {"delete_fhir_datastore", "chatty", "announce"} <= upstream_names
+    # Removed: the tool a rule denies outright, and those no rule matches under
     # `default: deny` (docs/policy.md). Rate-limited, argument-checked and allowed tools stay.
-    assert names == upstream_names - {"delete_fhir_datastore", "chatty"}
+    assert names == upstream_names - {"delete_fhir_datastore", "chatty", "announce"}
     assert names == {"echo", "list_fhir_datastores", "slow_progress", "ask_user",
                      "describe_fhir_export_job", "start_fhir_export_job"}
     assert upstream.calls() == []

@@ -86,6 +86,15 @@ async def chatty(text: str, ctx: Context) -> str:
     return "logged twice"
 
 
+@mcp.tool()
+async def announce(ctx: Context) -> str:
+    """Tell the client the tool list changed: a notification tied to no request, which
+    a handshake-era server sends on the client's standalone GET stream."""
+    record("announce", {})
+    await ctx.session.send_tool_list_changed()
+    return "announced"
+
+
 class Answer(BaseModel):
     answer: str
 
