@@ -242,8 +242,18 @@ def test_an_upstream_that_never_answers_times_out(procs, tmp_path):
             c.close()
 
 
-def test_a_client_that_disconnects_mid_stream_frees_what_it_held(setup):
-    upstream, tg = setup
+def streams_active(tg) -> float:
+    text = httpx.get(tg.admin + "/metrics", headers={"authorization": "Bearer http-token-0123456789"}, timeout=10).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("tollgate_streams_active")]
+    assert values, "no tollgate_streams_active in /metrics"
+    return sum(values)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_what_it_held(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful")
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY,
+                        extra="admin: {listen: '127.0.0.1:0', token: http-token-0123456789}")
+    assert streams_active(tg) == 0
     body = tool_call("slow_progress", {"steps": 10})
     body["params"]["_meta"]["progressToken"] = "p1"
     with httpx.Client(timeout=10) as client:
@@ -253,7 +263,12 @@ def test_a_client_that_disconnects_mid_stream_frees_what_it_held(setup):
                 if line.startswith("data:"):
                     assert "notifications/progress" in line
                     break
-        # The connection is closed here, mid-stream.
+            assert streams_active(tg) == 1, "the open POST SSE stream is not counted in tollgate_streams_active"
+        # The connection is closed here, mid-stream: the stream Tollgate held is freed.
+        deadline = time.monotonic() + 5
+        while streams_active(tg) != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert streams_active(tg) == 0
     r = httpx.post(tg.url, json=tool_call("echo", {"text": "after"}), headers=headers(name="echo"), timeout=10)
     assert r.status_code == 200 and "echo: after" in r.text
     # Streaming still works for the next client, start to finish.
