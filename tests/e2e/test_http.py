@@ -259,11 +259,15 @@ def test_a_client_that_disconnects_mid_stream_frees_what_it_held(procs, tmp_path
     with httpx.Client(timeout=10) as client:
         with client.stream("POST", tg.url, json=body, headers=headers(name="slow_progress")) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
+            # Keep the line iterator referenced: a discarded one is finalised, which closes
+            # the response, and the stream would already be gone when /metrics is read.
+            lines = r.iter_lines()
+            for line in lines:
                 if line.startswith("data:"):
                     assert "notifications/progress" in line
                     break
             assert streams_active(tg) == 1, "the open POST SSE stream is not counted in tollgate_streams_active"
+            lines.close()
         # The connection is closed here, mid-stream: the stream Tollgate held is freed.
         deadline = time.monotonic() + 5
         while streams_active(tg) != 0 and time.monotonic() < deadline:

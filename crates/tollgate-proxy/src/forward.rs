@@ -156,7 +156,6 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// Relays an upstream response to the client, applying `rewrite`.
 pub async fn relay(
-    app: &AppState,
     server: &Server,
     upstream: reqwest::Response,
     rewrite: Rewrite,
@@ -175,7 +174,7 @@ pub async fn relay(
         builder = builder.header("x-accel-buffering", HeaderValue::from_static("no"));
     }
     let body = match (&rewrite, sse) {
-        (Rewrite::None, true) => Body::from_stream(counted(app, upstream.bytes_stream())),
+        (Rewrite::None, true) => Body::from_stream(upstream.bytes_stream()),
         // A small JSON answer of known length is read whole: one write downstream, with a
         // Content-Length, instead of a chunked stream.
         (Rewrite::None, false)
@@ -205,7 +204,7 @@ pub async fn relay(
                 }
                 Err(err) => Err(std::io::Error::other(err)),
             });
-            Body::from_stream(counted(app, stream))
+            Body::from_stream(stream)
         }
         (Rewrite::FilterTools { policy, client }, false) => {
             let bytes = match tokio::time::timeout(server.timeout, upstream.bytes()).await {

@@ -67,7 +67,6 @@ pub fn hold(ctx: HoldContext, held: Held, client_can_elicit: bool) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let approval = held.decision.approval.clone().unwrap_or_default();
-    let app = ctx.app.clone();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let by_elicitation =
         approval.via == ApprovalVia::Elicitation && client_can_elicit && ctx.era == Era::Handshake;
@@ -141,10 +140,7 @@ pub fn hold(ctx: HoldContext, held: Held, client_can_elicit: bool) -> Response {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(crate::forward::counted(
-            &app,
-            ReceiverStream::new(rx),
-        )))
+        .body(Body::from_stream(ReceiverStream::new(rx)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 

@@ -160,10 +160,19 @@ async fn serve(app: AppState, server: Arc<Server>, request: Request) -> Response
         }
     };
     let result = tracing::Instrument::instrument(result, span).await;
-    result.unwrap_or_else(|err| {
+    let response = result.unwrap_or_else(|err| {
         tracing::debug!(error = %err, "answered with an error");
         err.into_response()
-    })
+    });
+    // Every SSE answer (relayed or held) counts as an open stream until its body is dropped.
+    if crate::forward::is_event_stream(response.headers()) {
+        let (parts, body) = response.into_parts();
+        return Response::from_parts(
+            parts,
+            Body::from_stream(crate::forward::counted(&app, body.into_data_stream())),
+        );
+    }
+    response
 }
 
 fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Option<Arc<str>>, ProxyError> {
@@ -451,14 +460,7 @@ impl Downstream {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let success = upstream.status().is_success();
-        let mut response = relay(
-            &self.app,
-            &self.server,
-            upstream,
-            rewrite,
-            message.id().cloned(),
-        )
-        .await?;
+        let mut response = relay(&self.server, upstream, rewrite, message.id().cloned()).await?;
         if initialize && success {
             let session = self.app.sessions.open(
                 self.server.name.clone(),
@@ -578,7 +580,7 @@ impl Downstream {
                 policy: self.server.policy.load_full(),
                 client: self.client.clone(),
             };
-            return relay(&self.app, &self.server, upstream, rewrite, None).await;
+            return relay(&self.server, upstream, rewrite, None).await;
         }
         // Merge our answers into the upstream's JSON array.
         let status = upstream.status();
@@ -628,7 +630,7 @@ impl Downstream {
             self.app.sessions.remove(&session.id);
             return Err(ProxyError::UnknownSession);
         }
-        relay(&self.app, &self.server, upstream, Rewrite::None, None).await
+        relay(&self.server, upstream, Rewrite::None, None).await
     }
 
     /// Ends a session here and upstream.
