@@ -112,12 +112,28 @@ def anyio_backend():
     return "asyncio"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def procs():
+def procs(request):
     started: list[Proc] = []
     yield started
     for p in reversed(started):
         p.stop()
+    failed = any(getattr(getattr(request.node, f"report_{w}", None), "failed", False) for w in ("setup", "call"))
+    if failed:
+        # The children's stderr, so a failure shows what Tollgate and the upstream logged.
+        for p in started:
+            try:
+                tail = p.log.read_text(errors="replace")[-4000:]
+            except OSError:
+                continue
+            print(f"\n----- stderr of {' '.join(map(str, p.args[:3]))} ({p.log.name}) -----\n{tail}")
 
 
 def start_upstream(procs: list, tmp_path: Path, mode: str = "stateful", port: int | None = None) -> Upstream:
