@@ -49,6 +49,21 @@ fn answer_of(content_type: &str, text: &str) -> anyhow::Result<Value> {
     serde_json::from_str(text).context("the answer is not JSON")
 }
 
+/// The JSON-RPC answer of a response (JSON or SSE); a JSON-RPC error fails `what`.
+async fn read_answer(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let answer = answer_of(&kind, &response.text().await?)?;
+    if let Some(error) = answer.get("error") {
+        bail!("{what} failed: {error}");
+    }
+    Ok(answer)
+}
+
 async fn list_tools(args: &ScanArgs) -> anyhow::Result<Vec<Value>> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -77,16 +92,7 @@ async fn list_tools(args: &ScanArgs) -> anyhow::Result<Vec<Value>> {
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let kind = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let answer = answer_of(&kind, &response.text().await?)?;
-    if let Some(error) = answer.get("error") {
-        bail!("initialize failed: {error}");
-    }
+    read_answer(response, "initialize").await?;
     post(
         session.as_deref(),
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
@@ -104,16 +110,7 @@ async fn list_tools(args: &ScanArgs) -> anyhow::Result<Vec<Value>> {
             json!({"jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": params}),
         )
         .await?;
-        let kind = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let answer = answer_of(&kind, &response.text().await?)?;
-        if let Some(error) = answer.get("error") {
-            bail!("tools/list failed: {error}");
-        }
+        let answer = read_answer(response, "tools/list").await?;
         tools.extend(
             answer
                 .pointer("/result/tools")
