@@ -32,7 +32,8 @@ pub fn meta_protocol_version(message: &Message) -> Option<&str> {
     message.meta()?.get(PROTOCOL_VERSION_META)?.as_str()
 }
 
-fn is_stateless_version(version: &str) -> bool {
+/// Whether a protocol version belongs to the stateless era.
+pub fn is_stateless_version(version: &str) -> bool {
     // Versions are ISO dates, so they order as strings.
     version >= STATELESS_PROTOCOL_VERSION
 }

@@ -20,7 +20,7 @@ mod sse;
 
 pub use era::{
     Era, HeaderMismatch, PROTOCOL_VERSION_META, RoutingHeaders, STATELESS_PROTOCOL_VERSION,
-    decode_header_value, era_of, meta_protocol_version,
+    decode_header_value, era_of, is_stateless_version, meta_protocol_version,
 };
 pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,

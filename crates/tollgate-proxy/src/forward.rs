@@ -16,7 +16,8 @@ use tollgate_mcp::{SseEvent, encode_event, events};
 use tollgate_policy::Policy;
 
 use crate::error::ProxyError;
-use crate::state::{AppState, Server};
+use crate::state::{AppState, Server, Upstream};
+use crate::upstream::describe;
 
 /// JSON answers up to this size are read whole before relaying.
 const WHOLE_BODY_LIMIT: u64 = 1 << 20;
@@ -62,30 +63,21 @@ impl UpstreamFailure {
     pub fn into_error(self, server: &Server, id: Option<Value>) -> ProxyError {
         let message = match self {
             UpstreamFailure::Unreachable(why) => format!(
-                "upstream `{}` ({}) could not be reached: {why}; check that it is running and that servers.{}.url is right",
-                server.name, server.url, server.name
+                "upstream `{}` ({}) could not be reached: {why}; check that it is running and that {} is right",
+                server.name,
+                server.location,
+                server.location_key()
             ),
             UpstreamFailure::Timeout(after) => format!(
                 "upstream `{}` ({}) did not answer within {}s (servers.{}.timeout)",
                 server.name,
-                server.url,
+                server.location,
                 after.as_secs_f64(),
                 server.name
             ),
         };
         ProxyError::Upstream { id, message }
     }
-}
-
-fn describe(err: &reqwest::Error) -> String {
-    // reqwest's top-level message is generic; the root cause says what happened.
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text = cause.to_string();
-        source = cause.source();
-    }
-    text
 }
 
 /// Sends one request upstream and waits (at most the server's timeout) for its headers.
@@ -97,7 +89,21 @@ pub async fn send(
     client_headers: &HeaderMap,
     body: Option<Vec<u8>>,
 ) -> Result<reqwest::Response, UpstreamFailure> {
-    let mut request = app.http.request(method.clone(), server.url.clone());
+    let url = match &server.upstream {
+        Upstream::Http(url) => url,
+        Upstream::Bridged(bridge) => {
+            let mut headers = HeaderMap::new();
+            if let Some(session) = upstream_session.and_then(|s| HeaderValue::from_str(s).ok()) {
+                headers.insert(SESSION_HEADER, session);
+            }
+            let answer = bridge.handle(method, &headers, body);
+            return match tokio::time::timeout(server.timeout, answer).await {
+                Ok(answer) => Ok(reqwest::Response::from(answer)),
+                Err(_) => Err(UpstreamFailure::Timeout(server.timeout)),
+            };
+        }
+    };
+    let mut request = app.http.request(method.clone(), url.clone());
     let accept = if method == Method::GET {
         "text/event-stream"
     } else {

@@ -20,6 +20,7 @@ mod ops;
 mod reload;
 mod session;
 mod state;
+pub mod upstream;
 mod webhook;
 
 pub use admin::{Admin, admin_router};
@@ -34,7 +35,7 @@ pub use error::ProxyError;
 pub use http::router;
 pub use metrics::Metrics;
 pub use reload::{PolicyWatcher, ReloadReport, reload_all, watch};
-pub use state::{AppState, BuildError, LoadedPolicy, PolicyInfo, Server};
+pub use state::{AppState, BuildError, LoadedPolicy, PolicyInfo, Server, Upstream};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -81,6 +82,8 @@ pub async fn serve(
         }
     };
     sweeper.abort();
+    // Child processes never outlive Tollgate.
+    state.shutdown_upstreams().await;
     state.audit.flush();
     result
 }

@@ -41,14 +41,13 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// Ready when every upstream accepts a TCP connection within 2 s.
+/// Ready when every network upstream accepts a TCP connection within 2 s.
 async fn readyz(State(admin): State<Admin>) -> Response {
     let checks = admin.app.servers.values().map(|server| async move {
-        let url = &server.url;
-        let target = (
-            url.host_str().unwrap_or("").to_owned(),
-            url.port_or_known_default().unwrap_or(80),
-        );
+        // A stdio upstream is started on demand, so there is nothing to reach yet.
+        let Some(target) = server.network_address() else {
+            return (server.name.to_string(), None);
+        };
         let result = tokio::time::timeout(
             Duration::from_secs(2),
             tokio::net::TcpStream::connect(target),
@@ -89,7 +88,7 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
             let info = server.policy_info.lock().map(|i| i.clone()).ok();
             json!({
                 "name": &*server.name,
-                "upstream": server.url.as_str(),
+                "upstream": &server.location,
                 "timeout_ms": server.timeout.as_millis() as u64,
                 "policy": info,
             })

@@ -19,8 +19,10 @@ use crate::session::Sessions;
 pub struct Server {
     /// Its name in the configuration, used in paths, logs and errors.
     pub name: Arc<str>,
-    /// Its MCP endpoint.
-    pub url: reqwest::Url,
+    /// How it is reached.
+    pub upstream: Upstream,
+    /// Where it is, for messages: its URL or command line.
+    pub location: String,
     /// Headers sent with every upstream request.
     pub headers: HeaderMap,
     /// Per upstream request.
@@ -39,6 +41,36 @@ impl Server {
         if let (Some(slot), Ok(mut limiter)) = (slot, self.limiter.lock()) {
             limiter.release(slot);
         }
+    }
+}
+
+/// How an upstream is reached.
+pub enum Upstream {
+    /// Streamable HTTP at this endpoint.
+    Http(reqwest::Url),
+    /// A stdio process or a legacy HTTP+SSE server, through a bridge.
+    Bridged(Arc<crate::upstream::Bridge>),
+}
+
+impl Server {
+    /// The config key to check when the upstream fails.
+    pub fn location_key(&self) -> String {
+        match &self.upstream {
+            Upstream::Bridged(_) if self.location.starts_with("http") => {
+                format!("servers.{}.url", self.name)
+            }
+            Upstream::Bridged(_) => format!("servers.{}.command", self.name),
+            Upstream::Http(_) => format!("servers.{}.url", self.name),
+        }
+    }
+
+    /// Host and port to try for readiness, for network upstreams.
+    pub fn network_address(&self) -> Option<(String, u16)> {
+        let url = match &self.upstream {
+            Upstream::Http(url) => url.clone(),
+            Upstream::Bridged(_) => reqwest::Url::parse(&self.location).ok()?,
+        };
+        Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
     }
 }
 
@@ -128,6 +160,8 @@ pub struct Shared {
     pub loopback: bool,
     /// The upstream HTTP client (connection pool).
     pub http: reqwest::Client,
+    /// Every process started for stdio upstreams.
+    pub children: Arc<crate::upstream::stdio::Children>,
     /// Time zero for the policy engine's clock.
     pub epoch: Instant,
     /// Per-client request rate, protecting the proxy itself.
@@ -164,9 +198,9 @@ pub enum BuildError {
     /// A server has no policy loaded.
     #[error("server `{0}`: no policy was loaded for it")]
     MissingPolicy(String),
-    /// A server is not an HTTP upstream; this build serves HTTP upstreams only.
-    #[error("server `{0}`: transport `{1}` is not supported yet; use a Streamable HTTP `url`")]
-    UnsupportedTransport(String, &'static str),
+    /// A server has neither a URL nor a command.
+    #[error("server `{0}`: needs `url` or `command`")]
+    NoUpstream(String),
     /// A header value cannot be sent.
     #[error("server `{0}`: header `{1}` has a value that cannot be sent in HTTP")]
     BadHeader(String, String),
@@ -181,31 +215,62 @@ pub enum BuildError {
     Http(String),
 }
 
+/// What every server's upstream shares: the HTTP pool, the record of child processes.
+struct UpstreamKit<'a> {
+    http: &'a reqwest::Client,
+    children: &'a Arc<crate::upstream::stdio::Children>,
+    max_line: usize,
+}
+
 fn build_server(
     name: &str,
     config: &ServerConfig,
     loaded: LoadedPolicy,
+    kit: &UpstreamKit<'_>,
 ) -> Result<Server, BuildError> {
-    let url_text = match (config.transport(), &config.url) {
-        (crate::config::Transport::Http, Some(url)) => url,
-        (crate::config::Transport::Sse, _) => {
-            return Err(BuildError::UnsupportedTransport(name.into(), "sse"));
-        }
-        _ => return Err(BuildError::UnsupportedTransport(name.into(), "stdio")),
+    use crate::config::Transport;
+    use crate::upstream::{Bridge, Connector, legacy_sse, stdio};
+    let parse_url = |text: &String| {
+        reqwest::Url::parse(text)
+            .map_err(|e| BuildError::BadUrl(name.into(), text.clone(), e.to_string()))
     };
-    let url = reqwest::Url::parse(url_text)
-        .map_err(|e| BuildError::BadUrl(name.into(), url_text.clone(), e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    for (key, value) in &config.headers {
-        let bad = || BuildError::BadHeader(name.into(), key.clone());
-        let header = HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad())?;
-        let mut value = HeaderValue::from_str(value).map_err(|_| bad())?;
-        value.set_sensitive(true);
-        headers.insert(header, value);
-    }
+    let headers = build_headers(name, config)?;
+    let bridge = |connector| {
+        Upstream::Bridged(Arc::new(Bridge::new(
+            name.into(),
+            connector,
+            kit.http.clone(),
+            kit.children.clone(),
+        )))
+    };
+    let (upstream, location) = match (config.transport(), &config.url, &config.command) {
+        (Transport::Http, Some(url), _) => (Upstream::Http(parse_url(url)?), url.clone()),
+        (Transport::Sse, Some(url), _) => {
+            let target = legacy_sse::Target {
+                server: name.into(),
+                url: parse_url(url)?,
+                headers: headers.clone(),
+                timeout: config.timeout,
+            };
+            (bridge(Connector::LegacySse(target)), url.clone())
+        }
+        (Transport::Stdio, _, Some(argv)) => {
+            let command = stdio::Command {
+                server: name.into(),
+                argv: argv.clone(),
+                env: config.env.clone(),
+                cwd: config.cwd.clone(),
+                max_line: kit.max_line,
+            };
+            let location = command.display();
+            (bridge(Connector::Stdio(command)), location)
+        }
+        _ => return Err(BuildError::NoUpstream(name.into())),
+    };
     Ok(Server {
         name: name.into(),
-        url,
+        upstream,
+        location,
         headers,
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
@@ -220,23 +285,24 @@ fn build_server(
     })
 }
 
+fn build_headers(name: &str, config: &ServerConfig) -> Result<HeaderMap, BuildError> {
+    let mut headers = HeaderMap::new();
+    for (key, value) in &config.headers {
+        let bad = || BuildError::BadHeader(name.into(), key.clone());
+        let header = HeaderName::from_bytes(key.as_bytes()).map_err(|_| bad())?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| bad())?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
 impl AppState {
     /// Builds the state from a validated configuration and each server's compiled policy.
     pub fn build(
         config: &Config,
         mut policies: BTreeMap<String, LoadedPolicy>,
     ) -> Result<AppState, BuildError> {
-        let mut servers = BTreeMap::new();
-        for (name, server) in &config.servers {
-            let policy = policies
-                .remove(name)
-                .ok_or_else(|| BuildError::MissingPolicy(name.clone()))?;
-            servers.insert(name.clone(), Arc::new(build_server(name, server, policy)?));
-        }
-        let audit = match &config.audit {
-            Some(audit) => Audit::open(&audit.path, audit.arguments)?,
-            None => Audit::disabled(),
-        };
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -244,6 +310,27 @@ impl AppState {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| BuildError::Http(e.to_string()))?;
+        let children = Arc::new(crate::upstream::stdio::Children::default());
+        let kit = UpstreamKit {
+            http: &http,
+            children: &children,
+            // A message from a stdio upstream may be as large as one from a client.
+            max_line: config.limits.max_body.max(1 << 20) * 4,
+        };
+        let mut servers = BTreeMap::new();
+        for (name, server) in &config.servers {
+            let policy = policies
+                .remove(name)
+                .ok_or_else(|| BuildError::MissingPolicy(name.clone()))?;
+            servers.insert(
+                name.clone(),
+                Arc::new(build_server(name, server, policy, &kit)?),
+            );
+        }
+        let audit = match &config.audit {
+            Some(audit) => Audit::open(&audit.path, audit.arguments)?,
+            None => Audit::disabled(),
+        };
         let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
             Some(url) => Some(reqwest::Url::parse(url).map_err(|e| {
                 BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string())
@@ -269,6 +356,7 @@ impl AppState {
             allowed_hosts: config.allowed_hosts.clone(),
             loopback: config.listen.ip().is_loopback(),
             http,
+            children,
             epoch: Instant::now(),
             client_rate,
             approvals: Arc::new(Approvals::new()),
@@ -283,6 +371,17 @@ impl AppState {
     /// The engine's clock: time since the proxy started.
     pub fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// Ends every upstream session of bridged upstreams and every child process.
+    pub async fn shutdown_upstreams(&self) {
+        for server in self.servers.values() {
+            if let Upstream::Bridged(bridge) = &server.upstream {
+                bridge.shutdown().await;
+            }
+        }
+        let children = self.children.clone();
+        let _ = tokio::task::spawn_blocking(move || children.shutdown()).await;
     }
 
     /// Drops state for idle sessions and clients; run periodically.

@@ -1,0 +1,176 @@
+//! Legacy HTTP+SSE upstreams (MCP 2024-11-05): a GET stream that first names, in an
+//! `endpoint` event, where to POST messages, then carries every server message as a
+//! `message` event. One connection is one upstream session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, header};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tollgate_mcp::events;
+
+use super::channel::{Channel, Routes, TaskGuard};
+
+/// Connection attempts before giving up, and the wait before the first retry
+/// (doubled each time).
+const ATTEMPTS: u32 = 3;
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct Target {
+    /// The server's name, for logs.
+    pub server: Arc<str>,
+    /// The SSE endpoint.
+    pub url: reqwest::Url,
+    /// Sent with the GET and every POST.
+    pub headers: HeaderMap,
+    /// Bound on connecting and on each POST.
+    pub timeout: Duration,
+}
+
+/// Why no connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Every attempt failed; the last reason.
+    #[error("could not connect after {ATTEMPTS} attempts: {0}")]
+    Failed(String),
+}
+
+/// Connects, retrying with backoff, and returns a channel on the new session.
+pub async fn connect(http: &reqwest::Client, target: &Target) -> Result<Channel, ConnectError> {
+    let mut wait = FIRST_RETRY;
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        match tokio::time::timeout(target.timeout, connect_once(http, target)).await {
+            Ok(Ok(channel)) => return Ok(channel),
+            Ok(Err(why)) => last = why,
+            Err(_) => {
+                last = format!(
+                    "no `endpoint` event within {}s",
+                    target.timeout.as_secs_f64()
+                );
+            }
+        }
+        tracing::warn!(server = %target.server, attempt, error = %last, "legacy SSE upstream: connection failed");
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+    }
+    Err(ConnectError::Failed(last))
+}
+
+async fn connect_once(http: &reqwest::Client, target: &Target) -> Result<Channel, String> {
+    let response = http
+        .get(target.url.clone())
+        .header(header::ACCEPT, "text/event-stream")
+        .headers(target.headers.clone())
+        .send()
+        .await
+        .map_err(|e| super::describe(&e))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {} answered {}", target.url, response.status()));
+    }
+    let mut stream = Box::pin(events(response.bytes_stream()));
+    let endpoint = loop {
+        match stream.next().await {
+            Some(Ok(event)) if event.event == "endpoint" => break event.data,
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(format!("the SSE stream failed: {err}")),
+            None => return Err("the SSE stream ended before its `endpoint` event".into()),
+        }
+    };
+    let endpoint = target
+        .url
+        .join(endpoint.trim())
+        .map_err(|e| format!("`endpoint` event `{endpoint}` is not a URL: {e}"))?;
+    // Messages may only go back to the server that was asked, never elsewhere.
+    if endpoint.origin() != target.url.origin() {
+        return Err(format!(
+            "`endpoint` event points at another origin ({endpoint}); refused"
+        ));
+    }
+    tracing::info!(server = %target.server, %endpoint, "legacy SSE upstream connected");
+
+    let routes = Arc::new(Routes::default());
+    let (outgoing, messages) = mpsc::channel(64);
+    let reader = {
+        let routes = routes.clone();
+        let server = target.server.clone();
+        async move {
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) if event.event.is_empty() || event.event == "message" => {
+                        match serde_json::from_str::<Value>(&event.data) {
+                            Ok(message) => routes.deliver(message).await,
+                            Err(err) => {
+                                tracing::warn!(server = %server, error = %err, "legacy SSE upstream sent an event that is not JSON; ignored");
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        routes.close(&format!("the upstream's SSE stream failed: {err}"));
+                        return;
+                    }
+                }
+            }
+            routes.close("the upstream closed its SSE stream");
+        }
+    };
+    let writer = post_messages(
+        http.clone(),
+        target.clone(),
+        endpoint,
+        messages,
+        routes.clone(),
+    );
+    let tasks = vec![
+        TaskGuard(tokio::spawn(reader)),
+        TaskGuard(tokio::spawn(writer)),
+    ];
+    Ok(Channel::new(outgoing, routes, tasks, None))
+}
+
+/// POSTs messages one at a time, in order. A failed POST fails its own request.
+async fn post_messages(
+    http: reqwest::Client,
+    target: Target,
+    endpoint: reqwest::Url,
+    mut messages: mpsc::Receiver<Value>,
+    routes: Arc<Routes>,
+) {
+    while let Some(message) = messages.recv().await {
+        let sent = http
+            .post(endpoint.clone())
+            .headers(target.headers.clone())
+            .json(&message)
+            .timeout(target.timeout)
+            .send()
+            .await;
+        let failure = match sent {
+            Ok(response) if response.status().is_success() => None,
+            Ok(response) => Some(format!(
+                "upstream `{}` refused the message: POST {endpoint} answered {}",
+                target.server,
+                response.status()
+            )),
+            Err(err) => Some(format!(
+                "upstream `{}`: POST {endpoint} failed: {}",
+                target.server,
+                super::describe(&err)
+            )),
+        };
+        if let Some(why) = failure {
+            tracing::warn!(server = %target.server, error = %why, "legacy SSE upstream: message not delivered");
+            let is_request = message.get("method").is_some();
+            match message.get("id").and_then(Value::as_u64) {
+                Some(own_id) if is_request => routes.fail(own_id, -32603, &why).await,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! stdio upstreams: a child process speaking newline-delimited JSON-RPC.
+//!
+//! Each child runs in a process group of its own so that everything it starts
+//! (`uvx` starts Python, for one) ends with it. Ending a channel closes the
+//! child's stdin (the spec's shutdown signal), sends SIGTERM to the group, and
+//! SIGKILL shortly after if anything is still there.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
+
+use super::channel::{Channel, Routes, TaskGuard};
+
+/// How long a process group gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What to run, from the configuration file only.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The server's name, for logs.
+    pub server: Arc<str>,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Longest line accepted from the child.
+    pub max_line: usize,
+}
+
+impl Command {
+    /// The command line as one string, for messages.
+    pub fn display(&self) -> String {
+        self.argv.join(" ")
+    }
+}
+
+/// How long a child gets to exit by itself once its stdin is closed.
+const EXIT_GRACE: Duration = Duration::from_millis(1000);
+
+/// Whether any process of the group is still alive.
+fn group_alive(pgid: Pid) -> bool {
+    killpg(pgid, None).is_ok()
+}
+
+/// Waits up to `limit` for the group to be gone; returns whether it is.
+fn wait_gone(pgid: Pid, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while group_alive(pgid) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The spec's shutdown: stdin is already closed; give the group [`EXIT_GRACE`] to
+/// exit, then SIGTERM, then SIGKILL after [`KILL_GRACE`].
+fn end_group(pgid: Pid, exit_grace: Duration) {
+    if wait_gone(pgid, exit_grace) {
+        return;
+    }
+    if killpg(pgid, Signal::SIGTERM).is_err() || wait_gone(pgid, KILL_GRACE) {
+        return;
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
+
+/// A running process group, ended when dropped.
+struct ProcessGroup(Pid);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let pgid = self.0;
+        // A plain thread: the ending must finish even while the runtime shuts down.
+        let _ = std::thread::Builder::new()
+            .name("tollgate-reaper".into())
+            .spawn(move || end_group(pgid, EXIT_GRACE));
+    }
+}
+
+/// Every process group started, so shutdown can end them all and wait for them.
+#[derive(Default)]
+pub struct Children {
+    groups: std::sync::Mutex<Vec<Pid>>,
+}
+
+impl Children {
+    fn add(&self, pgid: Pid) {
+        if let Ok(mut groups) = self.groups.lock() {
+            groups.retain(|g| group_alive(*g));
+            groups.push(pgid);
+        }
+    }
+
+    /// Ends every child still running: SIGTERM, a bounded wait, then SIGKILL.
+    pub fn shutdown(&self) {
+        let groups: Vec<Pid> = self
+            .groups
+            .lock()
+            .map(|mut g| std::mem::take(&mut *g))
+            .unwrap_or_default();
+        let threads: Vec<_> = groups
+            .into_iter()
+            .filter(|g| group_alive(*g))
+            .map(|g| std::thread::spawn(move || end_group(g, Duration::ZERO)))
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start `{command}`: {source}")]
+pub struct SpawnError {
+    command: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Starts the command and returns a channel to it.
+pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnError> {
+    let failed = |source| SpawnError {
+        command: command.display(),
+        source,
+    };
+    let (program, args) = command
+        .argv
+        .split_first()
+        .ok_or_else(|| failed(std::io::Error::other("the command is empty")))?;
+    let mut process = tokio::process::Command::new(program);
+    process
+        .args(args)
+        .envs(&command.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &command.cwd {
+        process.current_dir(cwd);
+    }
+    let mut child = process.spawn().map_err(failed)?;
+    let pid = child.id();
+    // The child leads its own group, so the group id is its pid.
+    let group = pid
+        .and_then(|p| i32::try_from(p).ok())
+        .map(|p| ProcessGroup(Pid::from_raw(p)));
+    if let Some(group) = &group {
+        children.add(group.0);
+    }
+    let missing = || failed(std::io::Error::other("its standard streams were not piped"));
+    let stdin = child.stdin.take().ok_or_else(missing)?;
+    let stdout = child.stdout.take().ok_or_else(missing)?;
+    let stderr = child.stderr.take().ok_or_else(missing)?;
+    let server = command.server.clone();
+    tracing::info!(server = %server, pid = ?pid, command = %command.display(), "started stdio upstream");
+
+    let routes = Arc::new(Routes::default());
+    let (outgoing, to_stdin) = mpsc::channel(64);
+    let tasks = vec![
+        TaskGuard(tokio::spawn(write_lines(stdin, to_stdin, routes.clone()))),
+        TaskGuard(tokio::spawn(read_lines(
+            stdout,
+            routes.clone(),
+            server.clone(),
+            command.max_line,
+        ))),
+        TaskGuard(tokio::spawn(log_stderr(stderr, server.clone()))),
+    ];
+    // Not aborted with the channel: it reaps the child once the group has ended it.
+    tokio::spawn(wait_for_exit(child, routes.clone(), server));
+    let owned = group.map(|g| Box::new(g) as Box<dyn Send + Sync>);
+    Ok(Channel::new(outgoing, routes, tasks, owned))
+}
+
+async fn write_lines(
+    mut stdin: tokio::process::ChildStdin,
+    mut messages: mpsc::Receiver<Value>,
+    routes: Arc<Routes>,
+) {
+    while let Some(message) = messages.recv().await {
+        // Serialised JSON never contains a raw newline, so one message is one line.
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        if let Err(err) = stdin.write_all(&line).await {
+            routes.close(&format!("could not write to the process: {err}"));
+            return;
+        }
+        if let Err(err) = stdin.flush().await {
+            routes.close(&format!("could not write to the process: {err}"));
+            return;
+        }
+    }
+    // Every sender is gone: closing stdin asks the server to exit.
+}
+
+async fn read_lines(
+    stdout: tokio::process::ChildStdout,
+    routes: Arc<Routes>,
+    server: Arc<str>,
+    max_line: usize,
+) {
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max_line);
+    let mut lines = FramedRead::new(stdout, codec);
+    while let Some(line) = lines.next().await {
+        let line: Bytes = match line {
+            Ok(line) => line,
+            Err(err) => {
+                tracing::warn!(server = %server, error = %err, "unreadable output from the stdio upstream; line skipped");
+                continue;
+            }
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Value>(line) {
+            Ok(message) => routes.deliver(message).await,
+            Err(err) => {
+                tracing::warn!(server = %server, error = %err, "the stdio upstream wrote a line that is not JSON-RPC; ignored");
+            }
+        }
+    }
+    // Usually the process has exited: give its exit status a moment to be the reason.
+    for _ in 0..50 {
+        if routes.closed().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    routes.close("the process closed its standard output");
+}
+
+async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>) {
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), 64 * 1024);
+    let mut lines = FramedRead::new(stderr, codec);
+    while let Some(line) = lines.next().await {
+        if let Ok(line) = line {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            if !text.is_empty() {
+                tracing::info!(target: "tollgate::upstream", server = %server, "stderr: {text}");
+            }
+        }
+    }
+}
+
+async fn wait_for_exit(mut child: tokio::process::Child, routes: Arc<Routes>, server: Arc<str>) {
+    let why = match child.wait().await {
+        Ok(status) => format!("the process exited ({status})"),
+        Err(err) => format!("the process could not be waited for: {err}"),
+    };
+    tracing::info!(server = %server, "stdio upstream ended: {why}");
+    routes.close(&why);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use serde_json::json;
+
+    fn sh(script: &str) -> Command {
+        Command {
+            server: "test".into(),
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            max_line: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_out_is_answered_by_a_line_back() {
+        // `cat` echoes the request; a request echoed is not an answer, so answer by hand.
+        let script = r#"read line; echo 'not json'; echo '{"jsonrpc":"2.0","id":1,"result":{"ok":true}}'; sleep 5"#;
+        let children = Children::default();
+        let channel = spawn(&sh(script), &children).unwrap();
+        let mut exchange = channel
+            .request(json!({"jsonrpc": "2.0", "id": "a", "method": "ping"}))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), exchange.messages.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            answer,
+            json!({"jsonrpc": "2.0", "id": "a", "result": {"ok": true}})
+        );
+        children.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_process_that_dies_closes_its_requests_with_the_reason() {
+        let children = Children::default();
+        let channel = spawn(&sh("read line; exit 3"), &children).unwrap();
+        let mut exchange = channel
+            .request(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+            .await
+            .unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(10), exchange.messages.recv())
+            .await
+            .unwrap();
+        assert!(end.is_none());
+        let why = channel.closed().unwrap().0.to_string();
+        assert!(why.contains("exit"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_channel_ends_the_whole_process_group() {
+        let children = Children::default();
+        // A grandchild that ignores stdin: only the group kill can end it.
+        let channel = spawn(&sh("sleep 300 & sleep 300"), &children).unwrap();
+        let group = children.groups.lock().unwrap()[0];
+        assert!(group_alive(group));
+        drop(channel);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while group_alive(group) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!group_alive(group), "the group outlived its channel");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_clear_error() {
+        let children = Children::default();
+        let mut command = sh("");
+        command.argv = vec!["/nonexistent/tollgate-test-server".into()];
+        let err = spawn(&command, &children).err().unwrap().to_string();
+        assert!(
+            err.contains("could not start `/nonexistent/tollgate-test-server`"),
+            "{err}"
+        );
+    }
+}
