@@ -86,6 +86,45 @@ pub fn decode_header_value(raw: &[u8]) -> Option<String> {
 }
 
 /// The body value `Mcp-Name` mirrors: `params.name`, else `params.uri`.
+/// Encodes a header value: as is when it is visible ASCII, else in the
+/// `=?base64?…?=` sentinel form of 2026-07-28.
+pub fn encode_header_value(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
+        && !value.starts_with("=?base64?");
+    if plain {
+        value.to_owned()
+    } else {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
+        format!("=?base64?{encoded}?=")
+    }
+}
+
+/// The routing headers a Streamable HTTP client sends with a stateless-era
+/// request (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`), mirrored from its
+/// body; empty for any other message. Used where a message arrives on a binding
+/// without headers (stdio, legacy SSE) and continues over HTTP.
+pub fn mirrored_headers(message: &Message) -> Vec<(&'static str, String)> {
+    let Some(version) = meta_protocol_version(message).filter(|v| is_stateless_version(v)) else {
+        return Vec::new();
+    };
+    let Some(method) = message.method() else {
+        return Vec::new();
+    };
+    let mut headers = vec![
+        ("mcp-protocol-version", encode_header_value(version)),
+        ("mcp-method", encode_header_value(method)),
+    ];
+    if requires_name(method)
+        && let Some(name) = body_name(message.params())
+    {
+        headers.push(("mcp-name", encode_header_value(name)));
+    }
+    headers
+}
+
 fn body_name(params: Option<&Map<String, Value>>) -> Option<&str> {
     let params = params?;
     params.get("name").or_else(|| params.get("uri"))?.as_str()
@@ -182,6 +221,35 @@ mod tests {
             method: m.map(str::as_bytes),
             name: n.map(str::as_bytes),
         }
+    }
+
+    #[test]
+    fn mirrored_headers_pass_validation() {
+        for name in ["get_weather", "météo", " padded ", "=?base64?x?="] {
+            let message = Message::from_value(serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": name, "_meta": {PROTOCOL_VERSION_META: STATELESS_PROTOCOL_VERSION}},
+            }))
+            .unwrap();
+            let headers = mirrored_headers(&message);
+            let get = |key: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.as_bytes())
+            };
+            let routing = RoutingHeaders {
+                protocol_version: get("mcp-protocol-version"),
+                method: get("mcp-method"),
+                name: get("mcp-name"),
+            };
+            assert_eq!(routing.validate(&message), Ok(()), "{name}");
+        }
+        let handshake = Message::from_value(
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        )
+        .unwrap();
+        assert!(mirrored_headers(&handshake).is_empty());
     }
 
     #[test]

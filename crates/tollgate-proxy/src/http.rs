@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get, post};
 use serde_json::Value;
 use tollgate_mcp::{Era, Incoming, Kind, Message, RoutingHeaders, era_of};
 
@@ -26,11 +26,20 @@ use crate::hold::{HoldContext, OWN_REQUEST_PREFIX, hold};
 use crate::session::Session;
 use crate::state::{AppState, Server};
 
-/// The proxy's router: `/servers/<name>/mcp` for each server, and `/mcp` when there is one.
+/// The proxy's router: `/servers/<name>/mcp` (Streamable HTTP) and
+/// `/servers/<name>/sse` (legacy HTTP+SSE) for each server, and `/mcp`, `/sse`
+/// when there is one.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/mcp", any(single_server))
         .route("/servers/{name}/mcp", any(named_server))
+        .route("/sse", get(crate::legacy::single_stream))
+        .route("/messages", post(crate::legacy::single_message))
+        .route("/servers/{name}/sse", get(crate::legacy::named_stream))
+        .route(
+            "/servers/{name}/messages",
+            post(crate::legacy::named_message),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -123,7 +132,7 @@ async fn named_server(
 }
 
 /// One downstream request against one server.
-async fn serve(app: AppState, server: Arc<Server>, request: Request) -> Response {
+pub(crate) async fn serve(app: AppState, server: Arc<Server>, request: Request) -> Response {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -175,7 +184,10 @@ async fn serve(app: AppState, server: Arc<Server>, request: Request) -> Response
     response
 }
 
-fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Option<Arc<str>>, ProxyError> {
+pub(crate) fn authenticate(
+    app: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<str>>, ProxyError> {
     if app.clients.is_empty() {
         return Ok(None);
     }
@@ -211,6 +223,33 @@ fn check_client_rate(app: &AppState, client: Option<&str>, peer: IpAddr) -> Resu
     })
 }
 
+/// Reads a request body of at most `limit` bytes.
+pub(crate) async fn read_body(
+    limit: usize,
+    request: Request,
+) -> Result<axum::body::Bytes, ProxyError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge(limit));
+    }
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|err| {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || err.to_string().contains("length limit");
+            if too_large {
+                ProxyError::BodyTooLarge(limit)
+            } else {
+                ProxyError::BodyRead(err.to_string())
+            }
+        })
+}
+
 struct Downstream {
     app: AppState,
     server: Arc<Server>,
@@ -220,27 +259,7 @@ struct Downstream {
 
 impl Downstream {
     async fn read_body(&self, request: Request) -> Result<axum::body::Bytes, ProxyError> {
-        let limit = self.app.max_body;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ProxyError::BodyTooLarge(limit));
-        }
-        axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|err| {
-                let too_large = std::error::Error::source(&err)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    || err.to_string().contains("length limit");
-                if too_large {
-                    ProxyError::BodyTooLarge(limit)
-                } else {
-                    ProxyError::BodyRead(err.to_string())
-                }
-            })
+        read_body(self.app.max_body, request).await
     }
 
     /// The handshake-era session named by the request, checked against server and client.

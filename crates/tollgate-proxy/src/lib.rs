@@ -13,8 +13,10 @@ mod config;
 mod enforce;
 mod error;
 mod forward;
+mod frontend;
 mod hold;
 mod http;
+mod legacy;
 mod metrics;
 mod ops;
 mod reload;
@@ -32,6 +34,7 @@ pub use config::{
 };
 pub use enforce::refusal;
 pub use error::ProxyError;
+pub use frontend::Relay;
 pub use http::router;
 pub use metrics::Metrics;
 pub use reload::{PolicyWatcher, ReloadReport, reload_all, watch};

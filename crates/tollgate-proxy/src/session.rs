@@ -24,6 +24,13 @@ pub struct Session {
     last_seen_ms: AtomicU64,
 }
 
+/// A fresh unguessable id: 128 random bits in hex.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The session table.
 pub struct Sessions {
     map: Mutex<HashMap<Arc<str>, Arc<Session>>>,
@@ -59,11 +66,8 @@ impl Sessions {
         client: Option<Arc<str>>,
         upstream_id: Option<String>,
     ) -> Result<Arc<Session>, SessionsFull> {
-        let mut bytes = [0u8; 16];
-        rand::rng().fill_bytes(&mut bytes);
-        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let session = Arc::new(Session {
-            id: id.into(),
+            id: random_id().into(),
             server,
             client,
             upstream_id,
@@ -91,6 +95,11 @@ impl Sessions {
     /// Forgets a session.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
         self.map.lock().ok()?.remove(id)
+    }
+
+    /// The most sessions the table holds (`limits.max_sessions`).
+    pub fn capacity(&self) -> usize {
+        self.max
     }
 
     /// Number of live sessions.

@@ -146,6 +146,8 @@ pub struct Shared {
     pub servers: BTreeMap<String, Arc<Server>>,
     /// Handshake-era sessions.
     pub sessions: Sessions,
+    /// Open downstream legacy HTTP+SSE streams.
+    pub legacy: crate::legacy::LegacyClients,
     /// Authenticated clients; empty means no authentication.
     pub clients: Vec<Client>,
     /// The audit log.
@@ -342,6 +344,7 @@ impl AppState {
         Ok(AppState(Arc::new(Shared {
             servers,
             sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
+            legacy: crate::legacy::LegacyClients::default(),
             clients: config
                 .clients
                 .iter()

@@ -273,7 +273,7 @@ impl Bridge {
             return json_answer(StatusCode::OK, &answer);
         }
         self.started();
-        let session_id = new_session_id();
+        let session_id = crate::session::random_id();
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.insert(session_id.clone(), Arc::new(channel));
         }
@@ -430,12 +430,6 @@ async fn final_answer(mut exchange: Exchange) -> Result<Value, Closed> {
         }
     }
     Err(exchange.closed())
-}
-
-fn new_session_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn rpc_error(id: &Value, code: i64, message: &str) -> Value {
