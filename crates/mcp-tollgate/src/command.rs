@@ -6,6 +6,7 @@ pub mod explain;
 pub mod health;
 pub mod scan;
 pub mod serve;
+pub mod stdio;
 pub mod test;
 pub mod validate;
 

@@ -39,6 +39,8 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Serve(command::serve::ServeArgs),
+    /// Speak MCP on stdin/stdout, for clients that launch a command.
+    Stdio(command::stdio::StdioArgs),
     /// Run the proxy in front of a built-in demo upstream, for a first try.
     Demo(command::demo::DemoArgs),
     /// Run only the built-in demo MCP server (for containers, tests and benchmarks).
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => command::serve::run(args),
+        Command::Stdio(args) => command::stdio::run(args),
         Command::Demo(args) => command::demo::run(args),
         Command::DemoUpstream(args) => command::demo::run_upstream(args),
         Command::Validate(args) => command::validate::run(args, cli.format),

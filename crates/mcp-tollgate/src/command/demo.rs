@@ -60,7 +60,14 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 .policy
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("policies/healthlake.yaml"));
-            let mut config = single_server_config(&upstream_url, &policy_path, args.listen)?;
+            let mut config = single_server_config(
+                super::serve::CommandLineUpstream::Url {
+                    url: &upstream_url,
+                    sse: false,
+                },
+                &policy_path,
+                args.listen,
+            )?;
             config.admin = Some(tollgate_proxy::AdminConfig {
                 listen: args.admin_listen,
                 token: None,

@@ -1,4 +1,8 @@
-//! `tollgate scan --upstream URL`: list an upstream's tools and print a starter policy.
+//! `tollgate scan --upstream URL` / `tollgate scan -- CMD ARGS`: list an upstream's
+//! tools (every page) and print a starter policy.
+//!
+//! stdio and legacy SSE upstreams are reached through the proxy's own bridge, so
+//! `scan` speaks to them exactly as `serve` would.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -9,13 +13,29 @@ use serde_json::{Value, json};
 
 /// Arguments of `tollgate scan`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["upstream", "command"])))]
 pub struct ScanArgs {
-    /// A Streamable HTTP MCP endpoint.
+    /// An MCP endpoint: Streamable HTTP, or legacy HTTP+SSE with `--transport sse`.
     #[arg(long)]
-    pub upstream: String,
+    pub upstream: Option<String>,
+    /// How `--upstream` is spoken.
+    #[arg(long, value_enum, default_value_t = UpstreamTransport::Http, requires = "upstream")]
+    pub transport: UpstreamTransport,
     /// `Authorization` header to send, e.g. "Bearer xyz".
     #[arg(long, env = "TOLLGATE_SCAN_AUTHORIZATION")]
     pub authorization: Option<String>,
+    /// A stdio MCP server to start: `tollgate scan -- CMD ARGS`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// How an `--upstream` URL is spoken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamTransport {
+    /// Streamable HTTP.
+    Http,
+    /// Legacy HTTP+SSE (2024-11-05).
+    Sse,
 }
 
 /// Runs `tollgate scan`.
@@ -23,9 +43,15 @@ pub fn run(args: ScanArgs) -> ExitCode {
     let Some(runtime) = super::client_runtime() else {
         return ExitCode::from(2);
     };
-    match runtime.block_on(list_tools(&args)) {
-        Ok(tools) => {
-            print!("{}", starter_policy(&args.upstream, &tools));
+    let result = runtime.block_on(async {
+        let target = Target::new(&args)?;
+        let tools = list_tools(&target).await;
+        target.close().await;
+        tools.map(|tools| (target.describe(), tools))
+    });
+    match result {
+        Ok((source, tools)) => {
+            print!("{}", starter_policy(&source, &tools));
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -34,6 +60,131 @@ pub fn run(args: ScanArgs) -> ExitCode {
         }
     }
 }
+
+/// The upstream being scanned.
+enum Target {
+    Http {
+        http: reqwest::Client,
+        url: String,
+        authorization: Option<String>,
+    },
+    Bridged {
+        bridge: Box<tollgate_proxy::upstream::Bridge>,
+        children: std::sync::Arc<tollgate_proxy::upstream::stdio::Children>,
+    },
+}
+
+impl Target {
+    fn new(args: &ScanArgs) -> anyhow::Result<Target> {
+        use tollgate_proxy::upstream::{Bridge, Connector, legacy_sse, stdio};
+        let http = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+        let connector = match (&args.upstream, args.transport) {
+            (Some(url), UpstreamTransport::Http) => {
+                return Ok(Target::Http {
+                    http,
+                    url: url.clone(),
+                    authorization: args.authorization.clone(),
+                });
+            }
+            (Some(url), UpstreamTransport::Sse) => {
+                let mut headers = axum::http::HeaderMap::new();
+                if let Some(auth) = &args.authorization {
+                    headers.insert("authorization", auth.parse()?);
+                }
+                Connector::LegacySse(legacy_sse::Target {
+                    server: "scan".into(),
+                    url: reqwest::Url::parse(url)
+                        .with_context(|| format!("`{url}` is not a URL"))?,
+                    headers,
+                    timeout: TIMEOUT,
+                })
+            }
+            (None, _) => Connector::Stdio(stdio::Command {
+                server: "scan".into(),
+                argv: args.command.clone(),
+                env: Default::default(),
+                cwd: None,
+                max_line: 64 << 20,
+            }),
+        };
+        let children = std::sync::Arc::new(stdio::Children::default());
+        Ok(Target::Bridged {
+            bridge: Box::new(Bridge::new(
+                "scan".into(),
+                connector,
+                http,
+                children.clone(),
+            )),
+            children,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Http { url, .. } => url.clone(),
+            Target::Bridged { bridge, .. } => bridge.location(),
+        }
+    }
+
+    async fn post(&self, session: Option<&str>, body: Value) -> anyhow::Result<reqwest::Response> {
+        match self {
+            Target::Http {
+                http,
+                url,
+                authorization,
+            } => {
+                let mut request = http
+                    .post(url)
+                    .header("accept", "application/json, text/event-stream")
+                    .header("mcp-protocol-version", "2025-11-25")
+                    .json(&body);
+                if let Some(session) = session {
+                    request = request.header("mcp-session-id", session);
+                }
+                if let Some(auth) = authorization {
+                    request = request.header("authorization", auth);
+                }
+                request
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))
+            }
+            Target::Bridged { bridge, .. } => {
+                let mut headers = axum::http::HeaderMap::new();
+                if let Some(session) = session {
+                    headers.insert("mcp-session-id", session.parse()?);
+                }
+                let answer = bridge.handle(
+                    axum::http::Method::POST,
+                    &headers,
+                    Some(serde_json::to_vec(&body)?),
+                );
+                let answer = tokio::time::timeout(TIMEOUT, answer)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{} did not answer within {}s",
+                            bridge.location(),
+                            TIMEOUT.as_secs()
+                        )
+                    })?;
+                Ok(reqwest::Response::from(answer))
+            }
+        }
+    }
+
+    /// Ends the upstream session and any process started for it.
+    async fn close(&self) {
+        if let Target::Bridged { bridge, children } = self {
+            bridge.shutdown().await;
+            let children = children.clone();
+            let _ = tokio::task::spawn_blocking(move || children.shutdown()).await;
+        }
+    }
+}
+
+/// Bound on each exchange with the upstream.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The body of a JSON or single-message SSE answer.
 fn answer_of(content_type: &str, text: &str) -> anyhow::Result<Value> {
@@ -64,40 +215,22 @@ async fn read_answer(response: reqwest::Response, what: &str) -> anyhow::Result<
     Ok(answer)
 }
 
-async fn list_tools(args: &ScanArgs) -> anyhow::Result<Vec<Value>> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let post = |session: Option<&str>, body: Value| {
-        let mut request = http
-            .post(&args.upstream)
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-protocol-version", "2025-11-25")
-            .json(&body);
-        if let Some(session) = session {
-            request = request.header("mcp-session-id", session);
-        }
-        if let Some(auth) = &args.authorization {
-            request = request.header("authorization", auth);
-        }
-        request.send()
-    };
+async fn list_tools(target: &Target) -> anyhow::Result<Vec<Value>> {
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "tollgate-scan", "version": env!("CARGO_PKG_VERSION")}}});
-    let response = post(None, init)
-        .await
-        .with_context(|| format!("cannot reach {}", args.upstream))?;
+    let response = target.post(None, init).await?;
     let session = response
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     read_answer(response, "initialize").await?;
-    post(
-        session.as_deref(),
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await?;
+    target
+        .post(
+            session.as_deref(),
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await?;
     let mut tools = Vec::new();
     let mut cursor: Option<String> = None;
     for page in 0..1000 {
@@ -105,11 +238,12 @@ async fn list_tools(args: &ScanArgs) -> anyhow::Result<Vec<Value>> {
         if let Some(cursor) = &cursor {
             params["cursor"] = json!(cursor);
         }
-        let response = post(
-            session.as_deref(),
-            json!({"jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": params}),
-        )
-        .await?;
+        let response = target
+            .post(
+                session.as_deref(),
+                json!({"jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": params}),
+            )
+            .await?;
         let answer = read_answer(response, "tools/list").await?;
         tools.extend(
             answer

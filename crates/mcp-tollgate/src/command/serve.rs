@@ -100,18 +100,40 @@ pub fn load_config(path: &Path) -> Result<(Config, BTreeMap<String, LoadedPolicy
     Ok((config, policies))
 }
 
-/// A one-server configuration from `--upstream` and `--policy`, checked like a file.
+/// The one upstream of a configuration given on the command line.
+pub enum CommandLineUpstream<'a> {
+    /// `--upstream URL`: Streamable HTTP, or legacy HTTP+SSE when `sse`.
+    Url {
+        /// The endpoint.
+        url: &'a str,
+        /// Whether it speaks the legacy HTTP+SSE transport.
+        sse: bool,
+    },
+    /// `-- CMD ARGS`: a stdio server to start.
+    Command(&'a [String]),
+}
+
+/// A one-server configuration (server `upstream`) from the command line, checked
+/// like a file.
 pub fn single_server_config(
-    upstream: &str,
+    upstream: CommandLineUpstream<'_>,
     policy: &Path,
     listen: SocketAddr,
 ) -> Result<Config, Failure> {
-    // JSON string literals are YAML scalars, so any URL or path is quoted safely.
+    // JSON string literals are YAML scalars, so any URL, path or argument is quoted safely.
     let quote = |text: &str| serde_json::Value::from(text).to_string();
+    let target = match upstream {
+        CommandLineUpstream::Url { url, sse: false } => format!("    url: {}\n", quote(url)),
+        CommandLineUpstream::Url { url, sse: true } => {
+            format!("    url: {}\n    transport: sse\n", quote(url))
+        }
+        CommandLineUpstream::Command(argv) => {
+            format!("    command: {}\n", serde_json::Value::from(argv.to_vec()))
+        }
+    };
     let yaml = format!(
-        "listen: {}\nservers:\n  upstream:\n    url: {}\n    policy: {}\n",
+        "listen: {}\nservers:\n  upstream:\n{target}    policy: {}\n",
         quote(&listen.to_string()),
-        quote(upstream),
         quote(&policy.display().to_string()),
     );
     Config::from_yaml(&yaml, "command line", &|_| None).map_err(|e| Failure {
@@ -120,57 +142,9 @@ pub fn single_server_config(
     })
 }
 
-/// Binds, prints the URLs, and serves until SIGINT or SIGTERM.
-pub async fn run_proxy(
-    config: Config,
-    policies: BTreeMap<String, LoadedPolicy>,
-    on_bound: impl FnOnce(SocketAddr),
-) -> Result<(), Failure> {
-    let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))
-        .map_err(Failure::io)?;
-    let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
-
-    // One signal stops both listeners.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let mut admin_line = None;
-    let admin_task = match &config.admin {
-        Some(admin) => {
-            let admin_listener = tokio::net::TcpListener::bind(admin.listen)
-                .await
-                .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))
-                .map_err(Failure::io)?;
-            let admin_addr = admin_listener
-                .local_addr()
-                .map_err(|e| Failure::io(e.into()))?;
-            let admin = tollgate_proxy::prepare_admin(
-                &state,
-                admin_addr,
-                admin.token.as_deref(),
-                crate::VERSION,
-            )
-            .map_err(|e| Failure::invalid(e.into()))?;
-            admin_line = Some(format!("Tollgate admin on http://{admin_addr}/"));
-            Some(tokio::spawn(tollgate_proxy::serve_admin(
-                admin,
-                admin_listener,
-                stopped(stop_rx.clone()),
-            )))
-        }
-        None => None,
-    };
-    print_listening(addr, &config);
-    if let Some(line) = admin_line {
-        println!("{line}");
-    }
-    on_bound(addr);
-    // Policy files are watched for the life of the process.
-    let _watcher = match tollgate_proxy::watch(&state) {
+/// Watches policy files (for the life of the returned watcher) and reloads on SIGHUP.
+pub fn start_reloading(state: &AppState) -> Option<tollgate_proxy::PolicyWatcher> {
+    let watcher = match tollgate_proxy::watch(state) {
         Ok(watcher) => Some(watcher),
         Err(err) => {
             tracing::warn!(error = %err, "cannot watch policy files; reload with SIGHUP or POST /reload");
@@ -192,6 +166,73 @@ pub async fn run_proxy(
             });
         }
     }
+    watcher
+}
+
+/// Completes once `stop` turns true.
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Starts the admin listener when the configuration has one, until `stop`; returns
+/// its task and the line that announces it.
+pub async fn start_admin(
+    config: &Config,
+    state: &AppState,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<
+    (
+        Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+        Option<String>,
+    ),
+    Failure,
+> {
+    let Some(admin) = &config.admin else {
+        return Ok((None, None));
+    };
+    let admin_listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))
+        .map_err(Failure::io)?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|e| Failure::io(e.into()))?;
+    let admin =
+        tollgate_proxy::prepare_admin(state, admin_addr, admin.token.as_deref(), crate::VERSION)
+            .map_err(|e| Failure::invalid(e.into()))?;
+    let task = tokio::spawn(tollgate_proxy::serve_admin(
+        admin,
+        admin_listener,
+        stopped(stop),
+    ));
+    Ok((
+        Some(task),
+        Some(format!("Tollgate admin on http://{admin_addr}/")),
+    ))
+}
+
+/// Binds, prints the URLs, and serves until SIGINT or SIGTERM.
+pub async fn run_proxy(
+    config: Config,
+    policies: BTreeMap<String, LoadedPolicy>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), Failure> {
+    let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))
+        .map_err(Failure::io)?;
+    let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
+
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (admin_task, admin_line) = start_admin(&config, &state, stop_rx.clone()).await?;
+    print_listening(addr, &config);
+    if let Some(line) = admin_line {
+        println!("{line}");
+    }
+    on_bound(addr);
+    let _watcher = start_reloading(&state);
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -266,6 +307,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 let listen = args
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+                let upstream = CommandLineUpstream::Url {
+                    url: upstream,
+                    sse: false,
+                };
                 let config = single_server_config(upstream, policy, listen)?;
                 let mut policies = BTreeMap::new();
                 policies.insert("upstream".to_owned(), load_policy(policy)?);

@@ -1,0 +1,225 @@
+//! `tollgate stdio`: MCP on Tollgate's own stdin and stdout, for clients that
+//! launch a local command (desktop apps, IDEs). Every message goes through the
+//! same handler as HTTP clients' (policy, approvals, audit); stdout carries only
+//! MCP messages, logs go to stderr.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
+use tollgate_mcp::{ErrorCode, error_response};
+use tollgate_proxy::{AppState, Config, LoadedPolicy, Relay};
+
+use super::scan::UpstreamTransport;
+use super::serve::{
+    CommandLineUpstream, Failure, LogFormat, finish, init_logging, load_config, load_policy,
+    runtime, single_server_config, start_admin, start_reloading,
+};
+
+/// Arguments of `tollgate stdio`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "policy"])))]
+pub struct StdioArgs {
+    /// The configuration file (SPEC §3).
+    #[arg(long, conflicts_with_all = ["policy", "upstream", "command"])]
+    pub config: Option<PathBuf>,
+    /// The server of `--config` to serve; needed when it has several.
+    #[arg(long, requires = "config")]
+    pub server: Option<String>,
+    /// The policy, without a configuration file: with `--upstream URL` or `-- CMD ARGS`.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// An MCP endpoint to forward to (with `--policy`).
+    #[arg(long, requires = "policy")]
+    pub upstream: Option<String>,
+    /// How `--upstream` is spoken.
+    #[arg(long, value_enum, default_value_t = UpstreamTransport::Http, requires = "upstream")]
+    pub transport: UpstreamTransport,
+    /// A stdio MCP server to start and forward to (with `--policy`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Runs `tollgate stdio`.
+pub fn run(args: StdioArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let result = (|| {
+        let (config, policies, server) = load(&args)?;
+        runtime()?.block_on(serve_stdio(config, policies, server))
+    })();
+    finish(result)
+}
+
+fn load(args: &StdioArgs) -> Result<(Config, BTreeMap<String, LoadedPolicy>, String), Failure> {
+    let usage = |text: String| Failure {
+        code: 2,
+        error: anyhow::anyhow!(text),
+    };
+    if let Some(path) = &args.config {
+        let (config, policies) = load_config(path)?;
+        let names: Vec<&String> = config.servers.keys().collect();
+        let server = match (&args.server, names.as_slice()) {
+            (Some(name), _) if config.servers.contains_key(name) => name.clone(),
+            (Some(name), _) => {
+                return Err(usage(format!(
+                    "{}: has no server `{name}`; its servers: {}",
+                    path.display(),
+                    join(&names)
+                )));
+            }
+            (None, [only]) => (*only).clone(),
+            (None, _) => {
+                return Err(usage(format!(
+                    "{} has several servers; pick one with --server ({})",
+                    path.display(),
+                    join(&names)
+                )));
+            }
+        };
+        return Ok((config, policies, server));
+    }
+    let policy = args
+        .policy
+        .as_deref()
+        .ok_or_else(|| usage("give --config FILE, or --policy FILE".into()))?;
+    let upstream = match (&args.upstream, args.command.as_slice()) {
+        (Some(url), []) => CommandLineUpstream::Url {
+            url,
+            sse: args.transport == UpstreamTransport::Sse,
+        },
+        (None, command) if !command.is_empty() => CommandLineUpstream::Command(command),
+        _ => {
+            return Err(usage(
+                "with --policy, give either --upstream URL or -- CMD ARGS (not both)".into(),
+            ));
+        }
+    };
+    // Nothing listens in stdio mode; the listen address is only for the config's sake.
+    let config = single_server_config(upstream, policy, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let mut policies = BTreeMap::new();
+    policies.insert("upstream".to_owned(), load_policy(policy)?);
+    Ok((config, policies, "upstream".to_owned()))
+}
+
+fn join(names: &[&String]) -> String {
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn serve_stdio(
+    mut config: Config,
+    policies: BTreeMap<String, LoadedPolicy>,
+    server_name: String,
+) -> Result<(), Failure> {
+    // The client is whoever started this process: the OS has already decided it may
+    // run it, and there is no header to carry a key. Client keys apply to HTTP only.
+    if !config.clients.is_empty() {
+        tracing::info!(
+            "stdio mode: `clients:` keys apply to HTTP listeners only and are not checked here"
+        );
+        config.clients.clear();
+    }
+    let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
+    let server = state
+        .servers
+        .get(&server_name)
+        .cloned()
+        .context("the server vanished from the configuration")
+        .map_err(Failure::io)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (admin_task, admin_line) = start_admin(&config, &state, stop_rx).await?;
+    if let Some(line) = admin_line {
+        // stdout is the MCP channel: announcements go to the log.
+        tracing::info!("{line}");
+    }
+    let _watcher = start_reloading(&state);
+
+    let (out, mut to_client) = tokio::sync::mpsc::channel::<Value>(64);
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(message) = to_client.recv().await {
+            // Serialised JSON has no raw newline: one message, one line.
+            let mut line = serde_json::to_vec(&message).unwrap_or_default();
+            line.push(b'\n');
+            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let relay = Arc::new(Relay::new(
+        state.clone(),
+        server,
+        &axum::http::HeaderMap::new(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        out.clone(),
+    ));
+    tracing::info!(server = %server_name, "Tollgate on stdio");
+
+    let mut in_flight = tokio::task::JoinSet::new();
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), state.max_body);
+    let mut lines = FramedRead::new(tokio::io::stdin(), codec);
+    let shutdown = super::serve::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            line = lines.next() => match line {
+                Some(Ok(line)) => {
+                    let line: Bytes = line;
+                    let text = line.strip_suffix(b"\r").unwrap_or(&line);
+                    if text.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let relay = relay.clone();
+                    let body = Bytes::copy_from_slice(text);
+                    in_flight.spawn(async move { relay.handle(body).await });
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "unreadable line on stdin");
+                    let refusal = error_response(None, ErrorCode::InvalidRequest, &format!(
+                        "the message could not be read ({err}); messages are single lines of at most limits.max_body bytes"
+                    ), None);
+                    let _ = out.send(refusal).await;
+                }
+                None => break,
+            },
+            () = &mut shutdown => break,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    // stdin closed: let calls in flight finish (bounded), then end the session.
+    state
+        .approvals
+        .deny_all("tollgate", "the stdio client went away");
+    let drain = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight after the grace period; ending them");
+    }
+    relay.close().await;
+    drop(relay);
+    drop(out);
+    let _ = writer.await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    state.shutdown_upstreams().await;
+    state.audit.flush();
+    Ok(())
+}
