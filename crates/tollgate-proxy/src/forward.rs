@@ -138,6 +138,31 @@ pub async fn send(
     }
 }
 
+/// The JSON-RPC answer in an upstream response (JSON, or the first answer in an
+/// SSE stream), read within the server's timeout; `None` if there is none.
+pub async fn read_answer(server: &Server, response: reqwest::Response) -> Option<Value> {
+    let read = async {
+        if !is_event_stream(response.headers()) {
+            let bytes = response.bytes().await.ok()?;
+            return serde_json::from_slice::<Value>(&bytes).ok();
+        }
+        let mut stream = Box::pin(events(response.bytes_stream()));
+        while let Some(Ok(event)) = stream.next().await {
+            if let Ok(message) = serde_json::from_str::<Value>(&event.data)
+                && message.get("method").is_none()
+                && message.get("id").is_some()
+            {
+                return Some(message);
+            }
+        }
+        None
+    };
+    tokio::time::timeout(server.timeout, read)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// What to do to an answer on its way back.
 #[derive(Clone)]
 pub enum Rewrite {

@@ -381,7 +381,7 @@ impl Downstream {
                         headers: headers.clone(),
                         client: self.client.clone(),
                         session: session.as_ref().map(|s| s.id.clone()),
-                        upstream_session: session.as_ref().and_then(|s| s.upstream_id.clone()),
+                        upstream_session: session.as_ref().and_then(|s| s.upstream_id()),
                         era,
                         message,
                     };
@@ -408,17 +408,52 @@ impl Downstream {
         } else {
             Rewrite::None
         };
-        let upstream_session = session.as_ref().and_then(|s| s.upstream_id.as_deref());
+        let upstream_session = session.as_ref().and_then(|s| s.upstream_id());
+        let _in_flight = session.as_ref().map(Session::start_request);
         let started = Instant::now();
-        let sent = send(
+        let body = message.to_bytes();
+        let mut sent = send(
             &self.app,
             &self.server,
             Method::POST,
-            upstream_session,
+            upstream_session.as_deref(),
             headers,
-            Some(message.to_bytes()),
+            Some(body.clone()),
         )
         .await;
+        // The upstream forgot its session (restarted, expired): re-initialize it
+        // behind the client's back when that is safe, and send the request again.
+        if let (Ok(answer), Some(session), Some(lost)) = (&sent, &session, &upstream_session)
+            && answer.status() == reqwest::StatusCode::NOT_FOUND
+        {
+            match self.recover_session(session, lost, message.id()).await {
+                Ok(renewed) => {
+                    sent = send(
+                        &self.app,
+                        &self.server,
+                        Method::POST,
+                        renewed.as_deref(),
+                        headers,
+                        Some(body),
+                    )
+                    .await;
+                }
+                Err(err) => {
+                    self.server.release(slot);
+                    if let Some((cid, tool)) = &call_id {
+                        record_outcome(
+                            &self.app,
+                            &self.server,
+                            *cid,
+                            tool,
+                            started.elapsed(),
+                            "upstream_session_lost",
+                        );
+                    }
+                    return Err(err);
+                }
+            }
+        }
         let upstream = match sent {
             Ok(upstream) => {
                 self.app
@@ -467,7 +502,7 @@ impl Downstream {
             );
         }
         if upstream.status() == reqwest::StatusCode::NOT_FOUND
-            && let Some(session) = session.as_ref().filter(|s| s.upstream_id.is_some())
+            && let Some(session) = session.as_ref().filter(|_| upstream_session.is_some())
         {
             // The upstream forgot its session: forget ours so the client re-initializes.
             self.app.sessions.remove(&session.id);
@@ -485,6 +520,7 @@ impl Downstream {
                 self.server.name.clone(),
                 self.client.clone(),
                 upstream_session_id,
+                Some(message.as_value().clone()),
             )?;
             let declared = message
                 .params()
@@ -583,12 +619,12 @@ impl Downstream {
             return Ok(json_response(&Value::Array(refused)));
         }
         let body = serde_json::to_vec(&Value::Array(forward)).unwrap_or_default();
-        let upstream_session = session.as_ref().and_then(|s| s.upstream_id.as_deref());
+        let upstream_session = session.as_ref().and_then(|s| s.upstream_id());
         let upstream = send(
             &self.app,
             &self.server,
             Method::POST,
-            upstream_session,
+            upstream_session.as_deref(),
             headers,
             Some(body),
         )
@@ -631,21 +667,128 @@ impl Downstream {
         Ok(json_response(&merged))
     }
 
+    /// Re-initializes a session the upstream lost (`lost` was its id), replaying the
+    /// client's `initialize`; returns the new upstream session id. Only when no other
+    /// request of the session waits on the upstream: their answers are gone with the
+    /// old session, and the client must learn that rather than see them hang.
+    async fn recover_session(
+        &self,
+        session: &Arc<Session>,
+        lost: &str,
+        id: Option<&Value>,
+    ) -> Result<Option<String>, ProxyError> {
+        let _only_one = session.reinitializing.lock().await;
+        let current = session.upstream_id();
+        if current.as_deref() != Some(lost) {
+            // Another request re-initialized it meanwhile.
+            return Ok(current);
+        }
+        let give_up = |why: String| {
+            self.app.sessions.remove(&session.id);
+            tracing::warn!(session = %session.id, "upstream session lost: {why}");
+            ProxyError::Upstream {
+                id: id.cloned(),
+                message: format!(
+                    "upstream `{}` lost this session ({why}); start a new session with `initialize`",
+                    self.server.name
+                ),
+            }
+        };
+        if session.in_flight() > 1 {
+            return Err(give_up(
+                "other requests were waiting for it, so it was not re-initialized".into(),
+            ));
+        }
+        let Some(mut initialize) = session.initialize.clone() else {
+            return Err(give_up("the original `initialize` is unknown".into()));
+        };
+        initialize["id"] = Value::from(format!("tollgate-reinit-{}", crate::session::random_id()));
+        let none = HeaderMap::new();
+        let body = serde_json::to_vec(&initialize).unwrap_or_default();
+        let answer = send(
+            &self.app,
+            &self.server,
+            Method::POST,
+            None,
+            &none,
+            Some(body),
+        )
+        .await
+        .map_err(|f| {
+            give_up(format!(
+                "re-initializing failed: {}",
+                f.into_error(&self.server, None)
+            ))
+        })?;
+        let renewed = answer
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let result = crate::forward::read_answer(&self.server, answer)
+            .await
+            .and_then(|answer| answer.get("result").cloned())
+            .ok_or_else(|| give_up("the upstream refused to re-initialize".into()))?;
+        let mut version = HeaderMap::new();
+        if let Some(v) = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            version.insert("mcp-protocol-version", v);
+        }
+        let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec();
+        send(
+            &self.app,
+            &self.server,
+            Method::POST,
+            renewed.as_deref(),
+            &version,
+            Some(initialized),
+        )
+        .await
+        .map_err(|f| {
+            give_up(format!(
+                "re-initializing failed: {}",
+                f.into_error(&self.server, None)
+            ))
+        })?;
+        session.set_upstream_id(renewed.clone());
+        tracing::info!(session = %session.id, "the upstream lost its session; re-initialized it");
+        Ok(renewed)
+    }
+
     /// The handshake era's server-to-client stream.
     async fn get(&self, headers: &HeaderMap) -> Result<Response, ProxyError> {
         // Without a session this is a stateless-era endpoint, which has no GET stream.
         let session = self.session(headers)?.ok_or(ProxyError::MethodNotAllowed)?;
-        let upstream = send(
+        let upstream_session = session.upstream_id();
+        let mut upstream = send(
             &self.app,
             &self.server,
             Method::GET,
-            session.upstream_id.as_deref(),
+            upstream_session.as_deref(),
             headers,
             None,
         )
         .await
         .map_err(|failure| failure.into_error(&self.server, None))?;
-        if upstream.status() == reqwest::StatusCode::NOT_FOUND && session.upstream_id.is_some() {
+        if let Some(lost) = &upstream_session
+            && upstream.status() == reqwest::StatusCode::NOT_FOUND
+            && let Ok(renewed) = self.recover_session(&session, lost, None).await
+        {
+            upstream = send(
+                &self.app,
+                &self.server,
+                Method::GET,
+                renewed.as_deref(),
+                headers,
+                None,
+            )
+            .await
+            .map_err(|failure| failure.into_error(&self.server, None))?;
+        }
+        if upstream.status() == reqwest::StatusCode::NOT_FOUND && upstream_session.is_some() {
             self.app.sessions.remove(&session.id);
             return Err(ProxyError::UnknownSession);
         }
@@ -656,7 +799,7 @@ impl Downstream {
     async fn delete(&self, headers: &HeaderMap) -> Result<Response, ProxyError> {
         let session = self.session(headers)?.ok_or(ProxyError::MissingSession)?;
         self.app.sessions.remove(&session.id);
-        if let Some(upstream_id) = &session.upstream_id {
+        if let Some(upstream_id) = &session.upstream_id() {
             match send(
                 &self.app,
                 &self.server,

@@ -17,8 +17,15 @@ pub struct Session {
     pub server: Arc<str>,
     /// The authenticated client that opened it.
     pub client: Option<Arc<str>>,
-    /// The upstream's session id, when the upstream issued one.
-    pub upstream_id: Option<String>,
+    /// The upstream's session id, when the upstream issued one; replaced when
+    /// Tollgate re-initializes a session the upstream lost.
+    upstream_id: Mutex<Option<String>>,
+    /// The client's `initialize` request, replayed to re-initialize upstream.
+    pub initialize: Option<serde_json::Value>,
+    /// Requests of this session waiting for the upstream's answer.
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Held while re-initializing, so only one request does it.
+    pub reinitializing: tokio::sync::Mutex<()>,
     /// Whether the client declared the elicitation capability in `initialize`.
     pub elicitation: std::sync::atomic::AtomicBool,
     last_seen_ms: AtomicU64,
@@ -29,6 +36,40 @@ pub fn random_id() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Session {
+    /// The upstream's current session id.
+    pub fn upstream_id(&self) -> Option<String> {
+        self.upstream_id.lock().ok()?.clone()
+    }
+
+    /// Replaces the upstream's session id after a re-initialization.
+    pub fn set_upstream_id(&self, id: Option<String>) {
+        if let Ok(mut slot) = self.upstream_id.lock() {
+            *slot = id;
+        }
+    }
+
+    /// Counts a request as waiting for the upstream until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Requests waiting for the upstream.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// One request of a session waiting for the upstream.
+pub struct InFlight(Arc<Session>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The session table.
@@ -65,12 +106,16 @@ impl Sessions {
         server: Arc<str>,
         client: Option<Arc<str>>,
         upstream_id: Option<String>,
+        initialize: Option<serde_json::Value>,
     ) -> Result<Arc<Session>, SessionsFull> {
         let session = Arc::new(Session {
             id: random_id().into(),
             server,
             client,
-            upstream_id,
+            upstream_id: Mutex::new(upstream_id),
+            initialize,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            reinitializing: tokio::sync::Mutex::new(()),
             elicitation: std::sync::atomic::AtomicBool::new(false),
             last_seen_ms: AtomicU64::new(self.now_ms()),
         });
@@ -134,12 +179,14 @@ mod tests {
     #[test]
     fn issues_unguessable_ids_and_finds_them() {
         let sessions = Sessions::new(10, Duration::from_secs(60));
-        let a = sessions.open("s".into(), None, Some("up".into())).unwrap();
-        let b = sessions.open("s".into(), None, None).unwrap();
+        let a = sessions
+            .open("s".into(), None, Some("up".into()), None)
+            .unwrap();
+        let b = sessions.open("s".into(), None, None, None).unwrap();
         assert_eq!(a.id.len(), 32);
         assert_ne!(a.id, b.id);
         assert_eq!(
-            sessions.get(&a.id).unwrap().upstream_id.as_deref(),
+            sessions.get(&a.id).unwrap().upstream_id().as_deref(),
             Some("up")
         );
         assert!(sessions.get("nope").is_none());
@@ -150,13 +197,13 @@ mod tests {
     #[test]
     fn refuses_beyond_the_maximum_and_sweeps_idle_ones() {
         let sessions = Sessions::new(2, Duration::from_millis(0));
-        sessions.open("s".into(), None, None).unwrap();
-        sessions.open("s".into(), None, None).unwrap();
+        sessions.open("s".into(), None, None, None).unwrap();
+        sessions.open("s".into(), None, None, None).unwrap();
         // Idle limit 0: both are idle, so a third one fits after the sweep.
-        sessions.open("s".into(), None, None).unwrap();
+        sessions.open("s".into(), None, None, None).unwrap();
         assert_eq!(sessions.len(), 1);
         let strict = Sessions::new(1, Duration::from_secs(3600));
-        strict.open("s".into(), None, None).unwrap();
-        assert!(strict.open("s".into(), None, None).is_err());
+        strict.open("s".into(), None, None, None).unwrap();
+        assert!(strict.open("s".into(), None, None, None).is_err());
     }
 }
