@@ -57,6 +57,9 @@ pub enum ProxyError {
     /// No server of that name.
     #[error("no MCP server is served at this path; servers are at /servers/<name>/mcp")]
     UnknownServer,
+    /// No server of that name, told to an authenticated client, who may know the others.
+    #[error("no MCP server of that name; servers here: {0} (at /servers/<name>/mcp)")]
+    UnknownServerOf(String),
     /// More than one server and a request to `/mcp`.
     #[error("several servers are configured: use /servers/<name>/mcp")]
     AmbiguousServer,
@@ -98,6 +101,7 @@ impl ProxyError {
             | ProxyError::MissingSession => StatusCode::BAD_REQUEST,
             ProxyError::UnknownSession
             | ProxyError::UnknownServer
+            | ProxyError::UnknownServerOf(_)
             | ProxyError::AmbiguousServer => StatusCode::NOT_FOUND,
             ProxyError::SessionsFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             // The JSON-RPC error carries the failure, so SDK clients surface it as the

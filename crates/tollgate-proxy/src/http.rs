@@ -127,8 +127,18 @@ async fn named_server(
 ) -> Response {
     match app.servers.get(&name).cloned() {
         Some(server) => serve(app, server, request).await,
-        None => ProxyError::UnknownServer.into_response(),
+        None => unknown_server(&app, request.headers()).into_response(),
     }
+}
+
+/// A 404 for a server name that is not configured. Only an authenticated client
+/// learns which names are: to anyone else the list would map the deployment.
+pub(crate) fn unknown_server(app: &AppState, headers: &HeaderMap) -> ProxyError {
+    if !app.clients.is_empty() && matches!(authenticate(app, headers), Ok(Some(_))) {
+        let names: Vec<&str> = app.servers.keys().map(String::as_str).collect();
+        return ProxyError::UnknownServerOf(names.join(", "));
+    }
+    ProxyError::UnknownServer
 }
 
 /// One downstream request against one server.

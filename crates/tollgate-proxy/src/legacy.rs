@@ -81,13 +81,17 @@ impl Drop for Cleanup {
     }
 }
 
-fn server_for(app: &AppState, name: Option<&str>) -> Result<Arc<Server>, ProxyError> {
+fn server_for(
+    app: &AppState,
+    name: Option<&str>,
+    headers: &axum::http::HeaderMap,
+) -> Result<Arc<Server>, ProxyError> {
     match name {
         Some(name) => app
             .servers
             .get(name)
             .cloned()
-            .ok_or(ProxyError::UnknownServer),
+            .ok_or_else(|| crate::http::unknown_server(app, headers)),
         None if app.servers.len() == 1 => app
             .servers
             .values()
@@ -128,7 +132,7 @@ async fn open_stream(
     name: Option<String>,
     request: Request,
 ) -> Result<Response, ProxyError> {
-    let server = server_for(&app, name.as_deref())?;
+    let server = server_for(&app, name.as_deref(), request.headers())?;
     let client = crate::http::authenticate(&app, request.headers())?;
     if app.legacy.len() >= app.sessions.capacity() {
         return Err(ProxyError::SessionsFull(crate::session::SessionsFull(
@@ -210,7 +214,7 @@ async fn post_message(
     query: SessionQuery,
     request: Request,
 ) -> Result<Response, ProxyError> {
-    let server = server_for(&app, name.as_deref())?;
+    let server = server_for(&app, name.as_deref(), request.headers())?;
     let client = crate::http::authenticate(&app, request.headers())?;
     let legacy = query
         .session_id

@@ -925,6 +925,23 @@ async fn clients_need_keys_and_sessions_stay_with_their_client() {
         404,
         "a session is bound to the client that opened it"
     );
+    // An unknown server name: only an authenticated client learns the real names.
+    let base = h.url.trim_end_matches("/mcp");
+    for path in ["/servers/nope/mcp", "/servers/nope/sse"] {
+        let stranger = h.http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(stranger.status(), 404);
+        assert!(!stranger.text().await.unwrap().contains("healthlake"));
+        let known = h
+            .http
+            .get(format!("{base}{path}"))
+            .bearer_auth("alice-key-0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(known.status(), 404);
+        let text = known.text().await.unwrap();
+        assert!(text.contains("servers here: healthlake"), "{text}");
+    }
 }
 
 #[tokio::test]
