@@ -86,9 +86,15 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
         .values()
         .map(|server| {
             let info = server.policy_info.lock().map(|i| i.clone()).ok();
+            // Processes or connections a stdio or legacy SSE upstream holds open.
+            let upstream_sessions = match &server.upstream {
+                crate::state::Upstream::Bridged(bridge) => Some(bridge.session_count()),
+                crate::state::Upstream::Http(_) => None,
+            };
             json!({
                 "name": &*server.name,
                 "upstream": &server.location,
+                "upstream_sessions": upstream_sessions,
                 "timeout_ms": server.timeout.as_millis() as u64,
                 "policy": info,
             })

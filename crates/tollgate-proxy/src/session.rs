@@ -142,6 +142,11 @@ impl Sessions {
         self.map.lock().ok()?.remove(id)
     }
 
+    /// How long an unused session is kept (`limits.session_idle`).
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
     /// The most sessions the table holds (`limits.max_sessions`).
     pub fn capacity(&self) -> usize {
         self.max

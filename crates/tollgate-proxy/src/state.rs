@@ -390,6 +390,11 @@ impl AppState {
     /// Drops state for idle sessions and clients; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
+        for server in self.servers.values() {
+            if let Upstream::Bridged(bridge) = &server.upstream {
+                bridge.sweep(self.sessions.idle());
+            }
+        }
         if let Some(rate) = &self.client_rate {
             rate.retain_recent();
         }

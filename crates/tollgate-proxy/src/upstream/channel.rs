@@ -211,6 +211,11 @@ impl Channel {
         self.routes.closed()
     }
 
+    /// Whether a request is waiting for its answer.
+    pub fn busy(&self) -> bool {
+        !self.routes.lock().pending.is_empty()
+    }
+
     /// Sends a request (a message with `method` and `id`) and returns its exchange.
     pub async fn request(&self, mut message: Value) -> Result<Exchange, Closed> {
         let original_id = message.get("id").cloned().unwrap_or(Value::Null);

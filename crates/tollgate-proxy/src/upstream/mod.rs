@@ -72,13 +72,19 @@ struct Backoff {
     not_before: Option<Instant>,
 }
 
+/// One session's connection, and when a request last used it.
+struct Live {
+    channel: Arc<Channel>,
+    last_used: Instant,
+}
+
 /// A Streamable HTTP face on a stdio or legacy SSE upstream.
 pub struct Bridge {
     server: Arc<str>,
     connector: Connector,
     http: reqwest::Client,
     children: Arc<stdio::Children>,
-    sessions: Mutex<HashMap<String, Arc<Channel>>>,
+    sessions: Mutex<HashMap<String, Live>>,
     shared: tokio::sync::Mutex<Shared>,
     backoff: Mutex<Backoff>,
 }
@@ -163,13 +169,31 @@ impl Bridge {
 
     fn session(&self, id: &str) -> Option<Arc<Channel>> {
         let mut sessions = self.sessions.lock().ok()?;
-        let channel = sessions.get(id)?.clone();
-        if channel.closed().is_some() {
+        let live = sessions.get_mut(id)?;
+        if live.channel.closed().is_some() {
             // The process died or the connection dropped: the session is gone.
             sessions.remove(id);
             return None;
         }
-        Some(channel)
+        live.last_used = Instant::now();
+        Some(live.channel.clone())
+    }
+
+    /// Ends sessions no request has used for `idle` (clients that vanished without
+    /// ending their session), and forgets dead ones: their processes must not linger.
+    pub fn sweep(&self, idle: Duration) {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return;
+        };
+        let before = sessions.len();
+        sessions.retain(|_, live| {
+            live.channel.closed().is_none()
+                && (live.channel.busy() || live.last_used.elapsed() < idle)
+        });
+        let ended = before - sessions.len();
+        if ended > 0 {
+            tracing::info!(server = %self.server, ended, "ended idle or dead upstream sessions");
+        }
     }
 
     async fn post(&self, session_id: Option<String>, body: &[u8]) -> Answer {
@@ -275,7 +299,13 @@ impl Bridge {
         self.started();
         let session_id = crate::session::random_id();
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(session_id.clone(), Arc::new(channel));
+            sessions.insert(
+                session_id.clone(),
+                Live {
+                    channel: Arc::new(channel),
+                    last_used: Instant::now(),
+                },
+            );
         }
         let mut response = json_answer(StatusCode::OK, &answer);
         if let Ok(value) = HeaderValue::from_str(&session_id) {
@@ -370,7 +400,7 @@ impl Bridge {
     /// The connection ended under a request: its session is gone.
     fn lost(&self, closed: &Closed, id: Value) -> Answer {
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.retain(|_, channel| channel.closed().is_none());
+            sessions.retain(|_, live| live.channel.closed().is_none());
         }
         self.error_answer(
             &id,
@@ -544,4 +574,156 @@ fn stream_answer(first: Option<Value>, source: Source, server: Arc<str>) -> Answ
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// A minimal handshake-era stdio server: answers every request with its method,
+    /// and exits with status 3 on `tools/call` of `crash`.
+    const SERVER: &str = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m or "method" not in m:
+        continue
+    if m["method"] == "tools/call" and m["params"]["name"] == "crash":
+        sys.exit(3)
+    if m["method"] == "server/discover":
+        out = {"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": "unknown"}}
+    else:
+        out = {"jsonrpc": "2.0", "id": m["id"], "result": {"method": m["method"]}}
+    print(json.dumps(out), flush=True)
+"#;
+
+    fn bridge() -> Bridge {
+        let command = stdio::Command {
+            server: "py".into(),
+            argv: vec!["python3".into(), "-c".into(), SERVER.into()],
+            env: Default::default(),
+            cwd: None,
+            max_line: 1 << 20,
+        };
+        Bridge::new(
+            "py".into(),
+            Connector::Stdio(command),
+            reqwest::Client::new(),
+            Arc::new(stdio::Children::default()),
+        )
+    }
+
+    async fn post(
+        bridge: &Bridge,
+        session: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut headers = HeaderMap::new();
+        if let Some(session) = session {
+            headers.insert(SESSION_HEADER, session.parse().unwrap());
+        }
+        let answer = tokio::time::timeout(
+            Duration::from_secs(20),
+            bridge.handle(Method::POST, &headers, Some(body.to_string().into_bytes())),
+        )
+        .await
+        .unwrap();
+        let response = reqwest::Response::from(answer);
+        let (status, headers) = (response.status(), response.headers().clone());
+        let text = response.text().await.unwrap();
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn initialize(bridge: &Bridge) -> String {
+        let (status, headers, answer) = post(
+            bridge,
+            None,
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        headers[SESSION_HEADER].to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn each_session_has_its_own_process_until_it_ends() {
+        let bridge = bridge();
+        let a = initialize(&bridge).await;
+        let b = initialize(&bridge).await;
+        assert_ne!(a, b);
+        assert_eq!(bridge.session_count(), 2);
+        let (_, _, answer) = post(
+            &bridge,
+            Some(&a),
+            json!({"jsonrpc": "2.0", "id": "x", "method": "tools/list"}),
+        )
+        .await;
+        assert_eq!(
+            answer,
+            json!({"jsonrpc": "2.0", "id": "x", "result": {"method": "tools/list"}})
+        );
+        let (status, _, _) = post(
+            &bridge,
+            Some("nope"),
+            json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let mut headers = HeaderMap::new();
+        headers.insert(SESSION_HEADER, a.parse().unwrap());
+        let ended = bridge.handle(Method::DELETE, &headers, None).await;
+        assert_eq!(ended.status(), StatusCode::OK);
+        assert_eq!(bridge.session_count(), 1);
+        // An idle session is ended by the sweep; a busy one would not be.
+        bridge.sweep(Duration::ZERO);
+        assert_eq!(bridge.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_crash_fails_the_call_and_loses_the_session() {
+        let bridge = bridge();
+        let session = initialize(&bridge).await;
+        let (status, _, answer) = post(
+            &bridge,
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "crash"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["id"], 5);
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("exit status: 3"), "{message}");
+        let (status, _, _) = post(
+            &bridge,
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 6, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "the next request is told to re-initialize"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_handshake_only_server_is_not_shared_by_the_stateless_era() {
+        let bridge = bridge();
+        let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list",
+                          "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let (status, _, answer) = post(&bridge, None, call).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("send `initialize` first")
+        );
+        assert_eq!(bridge.session_count(), 0);
+    }
 }
