@@ -35,10 +35,14 @@ pub struct LegacyClients {
     map: Mutex<HashMap<String, Arc<LegacyClient>>>,
 }
 
+/// Messages of one stream being handled at once; beyond that a POST gets 429.
+const IN_FLIGHT: usize = 64;
+
 /// One open stream: its relay and the client that opened it.
 pub struct LegacyClient {
     relay: Arc<Relay>,
     client: Option<Arc<str>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl LegacyClients {
@@ -154,6 +158,7 @@ async fn open_stream(
             Arc::new(LegacyClient {
                 relay,
                 client: client.clone(),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             }),
         );
     }
@@ -229,7 +234,16 @@ async fn post_message(
     // Refuse what is not JSON-RPC here, as the SDKs' servers do, so the client
     // learns at once; everything else is answered on the stream.
     Incoming::parse(&body)?;
+    // A client that POSTs without reading its stream must not pile up work here.
+    let permit = legacy
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
     let relay = legacy.relay.clone();
-    tokio::spawn(async move { relay.handle(body).await });
+    tokio::spawn(async move {
+        relay.handle(body).await;
+        drop(permit);
+    });
     Ok((StatusCode::ACCEPTED, "Accepted").into_response())
 }

@@ -24,6 +24,9 @@ use super::serve::{
     runtime, single_server_config, start_admin, start_reloading,
 };
 
+/// Messages handled at once; reading stdin pauses beyond that.
+const MAX_IN_FLIGHT: usize = 256;
+
 /// Arguments of `tollgate stdio`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "policy"])))]
@@ -170,6 +173,7 @@ async fn serve_stdio(
     tracing::info!(server = %server_name, "Tollgate on stdio");
 
     let mut in_flight = tokio::task::JoinSet::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), state.max_body);
     let mut lines = FramedRead::new(tokio::io::stdin(), codec);
     let shutdown = super::serve::shutdown_signal();
@@ -185,7 +189,12 @@ async fn serve_stdio(
                     }
                     let relay = relay.clone();
                     let body = Bytes::copy_from_slice(text);
-                    in_flight.spawn(async move { relay.handle(body).await });
+                    // At most MAX_IN_FLIGHT messages handled at once: stdin waits beyond that.
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    in_flight.spawn(async move {
+                        relay.handle(body).await;
+                        drop(permit);
+                    });
                 }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "unreadable line on stdin");
