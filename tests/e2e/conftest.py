@@ -106,6 +106,220 @@ class Upstream:
     def tools_called(self) -> list[str]:
         return [c["tool"] for c in self.calls()]
 
+    @property
+    def block(self) -> str:
+        """The config lines (under a server's name) that point a server at this upstream."""
+        if self.mode == "sse":
+            return f"    transport: sse\n    url: {self.url}\n"
+        return f"    url: {self.url}\n"
+
+
+def stdio_argv(record: Path) -> list[str]:
+    return [PYTHON, str(HERE / "upstream_server.py"), "0", str(record), "--stdio"]
+
+
+class StdioUpstream:
+    """upstream_server.py --stdio, for Tollgate to spawn (`command:`). Its record path is
+    unique to the test, so it also finds the children in /proc (see `live_pids`)."""
+
+    mode = "stdio"
+
+    def __init__(self, tmp_path: Path, name: str = "stdio", extra: str = ""):
+        self.record = tmp_path / f"{name}-record.jsonl"
+        self.argv = stdio_argv(self.record)
+        self.marker = str(self.record)
+        self.block = f"    command: {json.dumps(self.argv)}\n{extra}"
+
+    calls = Upstream.calls
+    tools_called = Upstream.tools_called
+
+    def pids(self) -> set[int]:
+        return live_pids(self.marker)
+
+    def exits(self) -> dict[int, str]:
+        """pid -> how each child ended: "eof" (by itself, its stdin closed) or "sigterm"."""
+        path = Path(str(self.record) + ".exit")
+        if not path.exists():
+            return {}
+        return {e["pid"]: e["exit"] for e in map(json.loads, path.read_text().splitlines())}
+
+
+def make_upstream(kind: str, procs: list, tmp_path: Path, name: str = "up"):
+    """kind: http (Streamable HTTP, stateful), sse (legacy HTTP+SSE) or stdio (spawned by Tollgate)."""
+    if kind == "stdio":
+        return StdioUpstream(tmp_path, name)
+    return start_upstream(procs, tmp_path, {"http": "stateful", "sse": "sse"}[kind])
+
+
+def live_pids(marker: str) -> set[int]:
+    """Processes (not zombies) whose command line contains `marker`, other than this one."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if marker.encode() not in Path(f"/proc/{entry}/cmdline").read_bytes():
+                continue
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            found.add(int(entry))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """Polls `predicate` until it returns something truthy, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: still not the case after {timeout}s")
+        time.sleep(0.05)
+
+
+class StderrLog:
+    """A log file some other launcher writes a process's stderr into (the SDK's
+    stdio_client), kept in `procs` so a failed test prints it like the others."""
+
+    def __init__(self, log: Path, args: list[str]):
+        self.log, self.args = log, args
+        self.file = open(log, "w", encoding="utf-8")
+
+    def stop(self) -> None:
+        self.file.close()
+
+
+def write_config(tmp_path: Path, servers: dict, extra: str = "", name: str = "multi.yaml") -> Path:
+    """servers: name -> (upstream URL, or config lines indented by 4 spaces, policy text).
+    Each policy is written beside the config as <server>.yaml."""
+    blocks = []
+    for server, (target, policy) in servers.items():
+        (tmp_path / f"{server}.yaml").write_text(policy)
+        where = target if target.startswith("    ") else f"    url: {target}\n"
+        blocks.append(f"  {server}:\n{where}    policy: {server}.yaml\n")
+    config = tmp_path / name
+    config.write_text(f"listen: 127.0.0.1:0\n{extra}\nservers:\n" + "".join(blocks))
+    return config
+
+
+def serve_config(procs: list, config: Path, env: dict | None = None) -> tuple[str, Proc]:
+    """Starts `tollgate serve --config`; returns the base URL (no path) and the process."""
+    proc = Proc([TOLLGATE, "serve", "--config", str(config)], config.with_suffix(".log"), env)
+    procs.append(proc)
+    base = proc.wait_line(r"Tollgate listening on (http://127\.0\.0\.1:\d+)").group(1)
+    return base, proc
+
+
+DOWNSTREAMS = ["http-auto", "http-legacy", "sse", "stdio-legacy", "stdio-auto"]
+
+
+def downstream(kind: str, procs: list, tmp_path: Path, server: str, base: str | None = None,
+               config: Path | None = None, **client_kwargs):
+    """An SDK `Client` (not entered) reaching `server` through Tollgate over `kind`:
+    http-auto / http-legacy: Streamable HTTP at /servers/<server>/mcp (base from serve_config);
+    sse: legacy HTTP+SSE at /servers/<server>/sse;
+    stdio-legacy / stdio-auto: `tollgate stdio --config CONFIG --server <server>` via stdio_client."""
+    from mcp import Client
+    from mcp.client.sse import sse_client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    if kind.startswith("http-"):
+        return Client(f"{base}/servers/{server}/mcp", mode=kind.removeprefix("http-"), **client_kwargs)
+    if kind == "sse":
+        return Client(sse_client(f"{base}/servers/{server}/sse", timeout=30), mode="legacy", **client_kwargs)
+    if kind.startswith("stdio-"):
+        args = ["stdio", "--config", str(config), "--server", server]
+        log = StderrLog(tmp_path / f"tollgate-stdio-{server}-{len(procs)}.log", [TOLLGATE, *args])
+        procs.append(log)
+        params = StdioServerParameters(command=TOLLGATE, args=args, env={**os.environ})
+        return Client(stdio_client(params, errlog=log.file), mode=kind.removeprefix("stdio-"), **client_kwargs)
+    raise ValueError(kind)
+
+
+def sse_answer(text: str, id_) -> dict | None:
+    """The JSON-RPC answer with `id_` among the events of an SSE body."""
+    for event in text.replace("\r\n", "\n").split("\n\n"):
+        data = "\n".join(line[5:].lstrip() for line in event.split("\n") if line.startswith("data:"))
+        if not data:
+            continue
+        msg = json.loads(data)
+        if isinstance(msg, dict) and msg.get("id") == id_ and ("result" in msg or "error" in msg):
+            return msg
+    return None
+
+
+class RawSession:
+    """A handshake-era Streamable HTTP client in plain httpx, so a test knows every
+    request it made (e.g. that it initialized exactly once)."""
+
+    def __init__(self, url: str, protocol: str = "2025-06-18", timeout: float = 30):
+        import httpx
+
+        self.http = httpx.Client(timeout=timeout)
+        self.url, self.protocol = url, protocol
+        self.session_id: str | None = None
+        self.next_id = 1
+        self.initializes = 0
+
+    def _headers(self) -> dict:
+        h = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        if self.session_id:
+            h["mcp-session-id"] = self.session_id
+            h["mcp-protocol-version"] = self.protocol
+        return h
+
+    def request(self, method: str, params: dict | None = None) -> dict:
+        """Sends one request; returns its JSON-RPC answer, or {"http_status", "body"} when
+        the answer is no JSON-RPC message."""
+        id_ = self.next_id
+        self.next_id += 1
+        msg = {"jsonrpc": "2.0", "id": id_, "method": method, "params": params or {}}
+        r = self.http.post(self.url, json=msg, headers=self._headers())
+        self.last = r
+        kind = r.headers.get("content-type", "")
+        if kind.startswith("application/json"):
+            return r.json()
+        if kind.startswith("text/event-stream"):
+            answer = sse_answer(r.text, id_)
+            if answer is not None:
+                return answer
+        return {"http_status": r.status_code, "body": r.text}
+
+    def notify(self, method: str) -> int:
+        r = self.http.post(self.url, json={"jsonrpc": "2.0", "method": method}, headers=self._headers())
+        return r.status_code
+
+    def initialize(self) -> dict:
+        self.initializes += 1
+        answer = self.request("initialize", {"protocolVersion": self.protocol, "capabilities": {},
+                                             "clientInfo": {"name": "raw-e2e", "version": "1"}})
+        assert "result" in answer, answer
+        self.session_id = self.last.headers["mcp-session-id"]
+        assert self.notify("notifications/initialized") == 202
+        return answer
+
+    def call(self, name: str, arguments: dict) -> dict:
+        return self.request("tools/call", {"name": name, "arguments": arguments})
+
+    def close(self, delete: bool = True) -> None:
+        if delete and self.session_id:
+            try:
+                self.http.delete(self.url, headers=self._headers())
+            except Exception:
+                pass
+        self.http.close()
+
 
 @pytest.fixture
 def anyio_backend():

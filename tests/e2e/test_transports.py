@@ -1,16 +1,36 @@
-"""Layouts of SPEC §3: several servers behind one Tollgate, and concurrent calls
-racing for the same rate-limit slots. (stdio and legacy HTTP+SSE, issue 6, are
-drafted in issue6_transports_draft.py, which pytest does not collect.)"""
+"""Every transport (SPEC §3, §6; issue 6): several servers behind one Tollgate,
+every pairing of downstream transport (Streamable HTTP in both eras, legacy
+HTTP+SSE, `tollgate stdio`) with upstream transport (Streamable HTTP, legacy
+HTTP+SSE, a stdio program Tollgate spawns), the legacy SSE endpoint on the wire,
+concurrent calls racing for rate-limit slots, and an upstream that loses its session.
+
+The lifecycle of stdio children and `tollgate stdio` itself are in test_stdio.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
+import anyio
 import httpx
 import pytest
-from mcp import Client
+from mcp import Client, MCPError
+from mcp.client.sse import sse_client
 
-from conftest import TOLLGATE, Proc, start_tollgate, start_upstream
+from conftest import (
+    DOWNSTREAMS,
+    RawSession,
+    downstream,
+    make_upstream,
+    serve_config,
+    start_tollgate,
+    start_upstream,
+    free_port,
+    wait_until,
+    write_config,
+)
 from test_http import headers, tool_call
 
 pytestmark = pytest.mark.anyio
@@ -26,6 +46,9 @@ rules:
     reason: no deletes
 """
 
+# Every bounded wait of a whole client exchange (pytest's own timeout is the backstop).
+EXCHANGE_TIMEOUT = 60
+
 
 def check_enforced(names: set[str], allowed, denied) -> None:
     assert "echo" in names and "delete_fhir_datastore" not in names
@@ -40,20 +63,10 @@ async def exercise(client) -> tuple[set[str], object, object]:
     return names, allowed, denied
 
 
-def start_multi(procs, tmp_path, servers: dict[str, tuple[str, str]]) -> str:
-    """servers: name -> (upstream url or `command:` YAML, policy text). Returns the base URL."""
-    blocks = []
-    for name, (target, policy) in servers.items():
-        (tmp_path / f"{name}.yaml").write_text(policy)
-        where = target if target.startswith("    ") else f"    url: {target}\n"
-        blocks.append(f"  {name}:\n{where}    policy: {name}.yaml\n")
-    config = tmp_path / "multi.yaml"
-    config.write_text("listen: 127.0.0.1:0\nservers:\n" + "".join(blocks))
-    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "multi.log")
-    procs.append(proc)
-    proc.wait_line(r"Tollgate listening on (http://\S+)")
-    url = proc.wait_line(r"Tollgate listening on (http://127\.0\.0\.1:\d+)").group(1)
-    return url
+def start_multi(procs, tmp_path, servers: dict[str, tuple[str, str]], extra: str = "") -> str:
+    """servers: name -> (upstream url or config lines indented by 4 spaces, policy text).
+    Returns the base URL."""
+    return serve_config(procs, write_config(tmp_path, servers, extra))[0]
 
 
 @pytest.mark.parametrize("era", ["auto", "legacy"])
@@ -96,3 +109,295 @@ async def test_concurrent_calls_cannot_overspend_a_rate_limit(procs, tmp_path):
     assert len(allowed) == 5, [r["content"][0]["text"] for r in results]
     assert all(r["_meta"]["dev.tollgate/decision"]["kind"] == "rate_limit" for r in limited)
     assert len(upstream.calls()) == 5
+
+
+# ---------------------------------------------------------------------------
+# Every downstream transport against every upstream transport.
+
+UPSTREAMS = ["http", "sse", "stdio"]
+PAIRINGS = [pytest.param(d, u, id=f"{d}-to-{u}") for d in DOWNSTREAMS for u in UPSTREAMS]
+
+
+@pytest.mark.parametrize("down,up", PAIRINGS)
+async def test_every_pairing_of_transports_enforces_the_policy(down, up, procs, tmp_path):
+    """The SDK's own client transports in front, the SDK's own server transports behind:
+    the denied tool is hidden, the allowed call answers, the denied call is refused
+    with the policy's reason, and the upstream's record shows it never arrived."""
+    upstream = make_upstream(up, procs, tmp_path)
+    config = write_config(tmp_path, {"x": (upstream.block, POLICY)})
+    base = None if down.startswith("stdio") else serve_config(procs, config)[0]
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with downstream(down, procs, tmp_path, "x", base=base, config=config) as client:
+            check_enforced(*await exercise(client))
+    assert upstream.tools_called() == ["echo"]
+
+
+# ---------------------------------------------------------------------------
+# Several servers of mixed transports behind one Tollgate.
+
+ALPHA = POLICY  # Streamable HTTP upstream: echo only; deletes denied
+BETA = """
+version: 1
+default: allow
+rules:
+  - tool: echo
+    action: deny
+    reason: not here
+"""
+GAMMA = """
+version: 1
+default: deny
+deny_as: error
+rules:
+  - tool: echo
+    action: deny
+    reason: gamma says no
+  - tool: list_fhir_datastores
+    action: allow
+"""
+SERVER_NAMES = ("alpha", "beta", "gamma")
+
+
+def mixed_servers(procs, tmp_path):
+    alpha = make_upstream("http", procs, tmp_path, "alpha")
+    beta = make_upstream("sse", procs, tmp_path, "beta")
+    gamma = make_upstream("stdio", procs, tmp_path, "gamma")
+    config = write_config(tmp_path, {"alpha": (alpha.block, ALPHA), "beta": (beta.block, BETA),
+                                     "gamma": (gamma.block, GAMMA)})
+    return alpha, beta, gamma, config
+
+
+async def outcome(client, tool: str, arguments: dict) -> tuple[str, str]:
+    """("ok"|"denied"|"error", text): a tool result, an isError result, or a JSON-RPC error."""
+    try:
+        result = await client.call_tool(tool, arguments)
+    except MCPError as e:
+        return "error", f"{e.code} {e.message}"
+    return ("denied" if result.is_error else "ok"), result.content[0].text
+
+
+async def check_alpha(client):
+    names = {t.name for t in (await client.list_tools()).tools}
+    assert names == {"echo"}
+    assert await outcome(client, "echo", {"text": "hi"}) == ("ok", "echo: hi ✓ — ünïcödé")
+    assert await outcome(client, "delete_fhir_datastore", {"datastore_id": "a"}) == \
+        ("denied", "Denied by policy: no deletes")
+    kind, text = await outcome(client, "list_fhir_datastores", {})  # beta's default: allow is not alpha's
+    assert kind == "denied" and text.startswith("Denied by policy:"), text
+
+
+async def check_beta(client):
+    names = {t.name for t in (await client.list_tools()).tools}
+    assert "echo" not in names and {"delete_fhir_datastore", "list_fhir_datastores"} <= names
+    assert await outcome(client, "echo", {"text": "hi"}) == ("denied", "Denied by policy: not here")
+    assert await outcome(client, "delete_fhir_datastore", {"datastore_id": "b"}) == ("ok", "deleted")
+    kind, text = await outcome(client, "list_fhir_datastores", {})
+    assert kind == "ok" and "patients" in text
+
+
+async def check_gamma(client):
+    names = {t.name for t in (await client.list_tools()).tools}
+    assert names == {"list_fhir_datastores"}
+    # gamma's deny_as: error is gamma's alone: alpha and beta answer with isError results.
+    assert await outcome(client, "echo", {"text": "hi"}) == \
+        ("error", "-32001 Tool call denied by policy: gamma says no")
+    kind, text = await outcome(client, "delete_fhir_datastore", {"datastore_id": "c"})
+    assert kind == "error" and text.startswith("-32001 Tool call denied by policy:"), text
+    kind, text = await outcome(client, "list_fhir_datastores", {})
+    assert kind == "ok" and "patients" in text
+
+
+CHECKS = {"alpha": check_alpha, "beta": check_beta, "gamma": check_gamma}
+
+
+def check_records(alpha, beta, gamma):
+    assert alpha.tools_called() == ["echo"]
+    assert beta.tools_called() == ["delete_fhir_datastore", "list_fhir_datastores"]
+    assert gamma.tools_called() == ["list_fhir_datastores"]
+
+
+@pytest.mark.parametrize("era", ["legacy", "auto"])
+async def test_three_servers_of_mixed_transports_keep_their_own_policies(era, procs, tmp_path):
+    alpha, beta, gamma, config = mixed_servers(procs, tmp_path)
+    base, _ = serve_config(procs, config)
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        # Sessions of all three open at once, calls interleaved: nothing of one leaks to another.
+        async with Client(f"{base}/servers/alpha/mcp", mode=era) as a, \
+                Client(f"{base}/servers/beta/mcp", mode=era) as b, \
+                Client(f"{base}/servers/gamma/mcp", mode=era) as g:
+            await check_gamma(g)
+            await check_alpha(a)
+            await check_beta(b)
+    check_records(alpha, beta, gamma)
+
+
+async def test_three_servers_over_every_downstream_transport(procs, tmp_path):
+    """The same servers reached over legacy SSE and `tollgate stdio --server`: the
+    server named picks the policy, whatever the transport."""
+    alpha, beta, gamma, config = mixed_servers(procs, tmp_path)
+    base, _ = serve_config(procs, config)
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with downstream("sse", procs, tmp_path, "alpha", base=base) as a:
+            await check_alpha(a)
+        async with downstream("stdio-legacy", procs, tmp_path, "beta", config=config) as b:
+            await check_beta(b)
+        async with downstream("sse", procs, tmp_path, "gamma", base=base) as g:
+            await check_gamma(g)
+    check_records(alpha, beta, gamma)
+
+
+def test_unknown_servers_are_404_and_name_no_other_server(procs, tmp_path):
+    _, _, _, config = mixed_servers(procs, tmp_path)
+    base, _ = serve_config(procs, config)
+    with httpx.Client(timeout=10) as http:
+        answers = {
+            "POST /servers/delta/mcp": http.post(f"{base}/servers/delta/mcp", json=tool_call("echo", {}),
+                                                 headers=headers(name="echo")),
+            "GET /servers/delta/sse": http.get(f"{base}/servers/delta/sse", headers={"accept": "text/event-stream"}),
+            "POST /servers/delta/messages": http.post(f"{base}/servers/delta/messages?session_id=00", json={}),
+            # Three servers: neither /mcp nor /sse is unambiguous.
+            "POST /mcp": http.post(f"{base}/mcp", json=tool_call("echo", {}), headers=headers(name="echo")),
+            "GET /sse": http.get(f"{base}/sse", headers={"accept": "text/event-stream"}),
+        }
+    for what, r in answers.items():
+        assert r.status_code == 404, (what, r.status_code, r.text)
+        body = r.text
+        json.loads(body)  # a JSON body, as for every other error
+        leaked = [name for name in SERVER_NAMES if name in body]
+        assert not leaked, (what, body)
+
+
+# ---------------------------------------------------------------------------
+# Downstream legacy HTTP+SSE on the wire.
+
+def sse_events(lines):
+    """(event, data) pairs from an iterator of SSE lines; comments (keep-alives) skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+def next_answer(events, id_) -> dict:
+    for event, data in events:
+        assert event == "message", (event, data)
+        msg = json.loads(data)
+        if msg.get("id") == id_:
+            return msg
+    raise AssertionError(f"the stream ended before the answer to {id_}")
+
+
+def test_legacy_sse_endpoint_messages_and_cleanup(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    base = start_multi(procs, tmp_path, {"x": (upstream.url, POLICY), "y": (upstream.url, POLICY)})
+    with httpx.Client(timeout=httpx.Timeout(15)) as http:
+        with http.stream("GET", f"{base}/servers/x/sse", headers={"accept": "text/event-stream"}) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(stream.iter_lines())
+            event, endpoint = next(events)
+            assert event == "endpoint"
+            # A session id of 128 bits or more, in hex.
+            assert re.fullmatch(r"/servers/x/messages\?session_id=[0-9a-f]{32,}", endpoint), endpoint
+            post = lambda msg: http.post(f"{base}{endpoint}", json=msg)  # noqa: E731
+            init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": "2024-11-05", "capabilities": {},
+                               "clientInfo": {"name": "raw-sse", "version": "1"}}}
+            assert post(init).status_code == 202
+            answer = next_answer(events, 1)
+            assert answer["result"]["protocolVersion"] == "2024-11-05"
+            assert post({"jsonrpc": "2.0", "method": "notifications/initialized"}).status_code == 202
+            assert post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).status_code == 202
+            names = {t["name"] for t in next_answer(events, 2)["result"]["tools"]}
+            assert "echo" in names and "delete_fhir_datastore" not in names
+            call = {"jsonrpc": "2.0", "id": "d", "method": "tools/call",
+                    "params": {"name": "delete_fhir_datastore", "arguments": {"datastore_id": "x"}}}
+            assert post(call).status_code == 202
+            denied = next_answer(events, "d")["result"]
+            assert denied["isError"] is True and denied["content"][0]["text"] == "Denied by policy: no deletes"
+            assert denied["_meta"]["dev.tollgate/decision"]["kind"] == "deny"
+            call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": "sse"}}}
+            assert post(call).status_code == 202
+            assert next_answer(events, 3)["result"]["content"][0]["text"] == "echo: sse ✓ — ünïcödé"
+            # The session is bound to its server: y's endpoint does not know it.
+            other = http.post(f"{base}{endpoint.replace('/servers/x/', '/servers/y/')}", json=call)
+            assert other.status_code == 404, other.text
+            # An unknown session id is not found either.
+            assert http.post(f"{base}/servers/x/messages?session_id={'0' * 32}", json=call).status_code == 404
+        # The stream is closed: its session goes with it.
+        wait_until(lambda: http.post(f"{base}{endpoint}", json=call).status_code == 404, 10,
+                   "the legacy SSE session still accepts messages after its stream closed")
+    assert upstream.tools_called() == ["echo"]
+
+
+async def test_legacy_sse_at_the_root_when_there_is_one_server(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    base = start_multi(procs, tmp_path, {"only": (upstream.url, POLICY)})
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with Client(sse_client(f"{base}/sse", timeout=30), mode="legacy") as client:
+            check_enforced(*await exercise(client))
+    assert upstream.tools_called() == ["echo"]
+
+
+# ---------------------------------------------------------------------------
+# An upstream that forgets its session (handshake era).
+
+def check_echo(answer: dict, text: str) -> None:
+    assert "result" in answer, answer
+    assert answer["result"]["isError"] is False, answer
+    assert answer["result"]["content"][0]["text"] == f"echo: {text} ✓ — ünïcödé"
+
+
+def restart_upstream(procs, tmp_path, upstream):
+    """Stops the upstream and starts a new one on the same port (and record file):
+    the new one knows none of the old one's sessions."""
+    upstream.proc.stop()
+    return start_upstream(procs, tmp_path, upstream.mode, port=upstream.port)
+
+
+def test_an_upstream_that_lost_its_session_is_reinitialized_transparently(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful", port=free_port())
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    client = RawSession(tg.url)
+    try:
+        client.initialize()
+        session = client.session_id
+        check_echo(client.call("echo", {"text": "before"}), "before")
+        restarted = restart_upstream(procs, tmp_path, upstream)
+        # Same Tollgate session, no new initialize from the client: the call still succeeds.
+        answer = client.call("echo", {"text": "after"})
+        check_echo(answer, "after")
+        assert client.session_id == session and client.initializes == 1
+        assert client.last.status_code == 200
+        # The session keeps working, and keeps its policy, on the new upstream session.
+        denied = client.call("delete_fhir_datastore", {"datastore_id": "x"})
+        assert denied["result"]["isError"] is True, denied
+        assert denied["result"]["content"][0]["text"] == "Denied by policy: no deletes"
+        listed = client.request("tools/list")
+        names = {t["name"] for t in listed["result"]["tools"]}
+        assert "echo" in names and "delete_fhir_datastore" not in names
+    finally:
+        client.close()
+    assert [c["arguments"] for c in restarted.calls()] == [{"text": "before"}, {"text": "after"}]
+
+
+async def test_an_sdk_client_never_notices_that_the_upstream_lost_its_session(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path, "stateful", port=free_port())
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY)
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with Client(tg.url, mode="legacy") as client:
+            first = await client.call_tool("echo", {"text": "one"})
+            assert first.is_error is False
+            restarted = await anyio.to_thread.run_sync(restart_upstream, procs, tmp_path, upstream)
+            second = await client.call_tool("echo", {"text": "two"})
+            assert second.is_error is False and second.content[0].text == "echo: two ✓ — ünïcödé"
+    assert restarted.tools_called() == ["echo", "echo"]

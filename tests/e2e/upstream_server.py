@@ -4,9 +4,14 @@ Every tool call is appended to a record file as one JSON line, so tests can prov
 that calls Tollgate denied never arrived here.
 
     python upstream_server.py PORT RECORD_FILE [--stateless | --resumable | --sse | --stdio]
+
+With --stdio it also has `pid` (which process answers) and `crash` (the process dies
+mid-call), says on stderr that it started, so tests can find it in Tollgate's log, and
+writes how it ended (stdin closed, or SIGTERM) to RECORD_FILE.exit.
 """
 
 import json
+import os
 import sys
 
 import anyio
@@ -142,9 +147,40 @@ class MemoryEventStore:
         return stream_id
 
 
+if "--stdio" in sys.argv:
+    # Only in stdio mode, so the HTTP servers other tests list keep their exact tool set.
+
+    @mcp.tool()
+    def pid() -> str:
+        """The id of the process answering."""
+        record("pid", {})
+        return str(os.getpid())
+
+    @mcp.tool()
+    def crash() -> str:
+        """Die in the middle of the call, without answering."""
+        record("crash", {})
+        os._exit(1)
+
+
 if __name__ == "__main__":
     if "--stdio" in sys.argv:  # spawned by Tollgate as a stdio upstream; PORT is ignored
+        import signal
+
+        def exited(how: str) -> None:
+            # How the process ended, in RECORD.exit: "eof" when it left by itself after its
+            # stdin closed (the MCP shutdown sequence), "sigterm" when it had to be signalled.
+            with open(RECORD + ".exit", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"pid": os.getpid(), "exit": how}) + "\n")
+
+        def on_sigterm(signum, frame):
+            exited("sigterm")
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        print(f"upstream_server stdio ready pid={os.getpid()}", file=sys.stderr, flush=True)
         mcp.run("stdio")
+        exited("eof")
     elif "--sse" in sys.argv:  # the legacy HTTP+SSE transport (2024-11-05), at /sse
         mcp.run("sse", host="127.0.0.1", port=PORT)
     else:
