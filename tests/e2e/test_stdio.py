@@ -144,6 +144,39 @@ def test_children_never_outlive_tollgate(sig, procs, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_child_busy_in_a_call_does_not_outlive_a_sigkilled_tollgate(procs, tmp_path):
+    """A SIGKILLed Tollgate can end nothing itself; a child that is not reading its stdin
+    (here: stuck in a synchronous 60 s call, as a slow export would be) never sees the EOF
+    either. Only the kernel can end it (a parent-death signal), and it must."""
+    upstream = StdioUpstream(tmp_path, "busy", extra="    timeout: 120s\n")
+    policy = LIFECYCLE_POLICY + "  - tool: block\n    action: allow\n"
+    base, tollgate = serve_config(procs, write_config(tmp_path, {"busy": (upstream.block, policy)}))
+    session = RawSession(f"{base}/servers/busy/mcp")
+    caller = RawSession(f"{base}/servers/busy/mcp")
+    try:
+        session.initialize()
+        child = raw_pid(session)
+        caller.session_id = session.session_id
+        threading.Thread(target=lambda: _swallow(caller.call, "block", {"seconds": 60}), daemon=True).start()
+        wait_until(lambda: "block" in upstream.tools_called(), 10, "the blocking call never reached the child")
+        tollgate.proc.send_signal(signal.SIGKILL)
+        tollgate.proc.wait(timeout=15)
+        wait_until(lambda: not pid_alive(child), GONE_WITHIN,
+                   f"stdio child {child}, busy in a call, outlived a SIGKILLed tollgate")
+    finally:
+        session.close(delete=False)
+        caller.close(delete=False)
+        for pid in upstream.pids():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _swallow(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass  # the connection dies with Tollgate
+
+
 # ---------------------------------------------------------------------------
 # A child that dies mid-call.
 
@@ -207,7 +240,7 @@ def test_child_stderr_is_logged_under_the_server_name(procs, tmp_path):
 
 STDIO_TOOLS = {"list_fhir_datastores", "describe_fhir_export_job", "start_fhir_export_job",
                "delete_fhir_datastore", "echo", "slow_progress", "chatty", "announce", "ask_user",
-               "pid", "crash"}
+               "pid", "crash", "block"}
 
 
 def run(args: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
@@ -215,17 +248,20 @@ def run(args: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedP
 
 
 def check_starter_policy(tmp_path, text: str, tools: set[str]) -> None:
-    for tool in tools:
-        assert re.search(rf"^\s*-?\s*tool:\s*['\"]?{re.escape(tool)}['\"]?\s*$", text, re.M), (tool, text)
+    # One rule per tool, every tool (rules commented out do not count).
+    named = re.findall(r"^\s*-?\s*tool:\s*['\"]?([^'\"\s]+)['\"]?\s*$", text, re.M)
+    assert sorted(named) == sorted(tools), text
     assert re.search(r"^default:\s*deny\s*$", text, re.M), text
     policy = tmp_path / "scanned.yaml"
     policy.write_text(text)
     validated = run([TOLLGATE, "validate", str(policy)])
     assert validated.returncode == 0, validated.stdout + validated.stderr
-    # Tools with no annotations wait for a human; anything else is denied (SPEC, issue 6).
-    # Checked with Tollgate's own policy tests, whatever the layout of the YAML.
-    cases = [{"name": f"{t} waits for a human", "tool": t, "arguments": {}, "expect": "require_approval"}
-             for t in sorted(tools)]
+    # Issue 6: tools annotated readOnlyHint are allowed, destructiveHint denied, the rest wait
+    # for a human; anything else is denied. Checked with Tollgate's own policy tests,
+    # whatever the layout of the YAML.
+    expect = {"pid": "allow", "crash": "deny"}
+    cases = [{"name": f"{t} is {expect.get(t, 'require_approval')}", "tool": t, "arguments": {},
+              "expect": expect.get(t, "require_approval")} for t in sorted(tools)]
     cases.append({"name": "an unknown tool is denied", "tool": "not_a_tool_of_this_server", "expect": "deny"})
     (tmp_path / "scanned.test.yaml").write_text(json.dumps({"policy": "scanned.yaml", "cases": cases}))
     tested = run([TOLLGATE, "test", str(tmp_path / "scanned.test.yaml")])
@@ -245,7 +281,7 @@ def test_scan_a_legacy_sse_server(procs, tmp_path):
     upstream = start_upstream(procs, tmp_path, "sse")
     scanned = run([TOLLGATE, "scan", "--upstream", upstream.url, "--transport", "sse"])
     assert scanned.returncode == 0, scanned.stderr
-    check_starter_policy(tmp_path, scanned.stdout, STDIO_TOOLS - {"pid", "crash"})
+    check_starter_policy(tmp_path, scanned.stdout, STDIO_TOOLS - {"pid", "crash", "block"})
     assert upstream.calls() == []
 
 

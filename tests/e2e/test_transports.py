@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 
 import anyio
 import httpx
@@ -130,6 +132,57 @@ async def test_every_pairing_of_transports_enforces_the_policy(down, up, procs, 
         async with downstream(down, procs, tmp_path, "x", base=base, config=config) as client:
             check_enforced(*await exercise(client))
     assert upstream.tools_called() == ["echo"]
+
+
+CHATTY_POLICY = """
+version: 1
+default: deny
+rules:
+  - tool: chatty
+    action: allow
+  - tool: ask_user
+    action: allow
+  - tool: slow_progress
+    action: allow
+"""
+HANDSHAKE_PAIRINGS = [pytest.param(d, u, id=f"{d}-to-{u}")
+                      for d in ("http-legacy", "sse", "stdio-legacy") for u in UPSTREAMS]
+
+
+@pytest.mark.parametrize("down,up", HANDSHAKE_PAIRINGS)
+async def test_server_messages_cross_every_transport(down, up, procs, tmp_path):
+    """What the policy does not cover passes through both ways, mid-call: log and
+    progress notifications to the client, and the upstream's elicitation request to
+    the client with the client's answer back to the upstream."""
+    from mcp import types
+
+    upstream = make_upstream(up, procs, tmp_path)
+    config = write_config(tmp_path, {"x": (upstream.block, CHATTY_POLICY)})
+    base = None if down.startswith("stdio") else serve_config(procs, config)[0]
+    logs, asked, progress = [], [], []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append((params.level, params.data))
+
+    async def on_elicit(context, params: types.ElicitRequestParams):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"answer": "forty-two"})
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with downstream(down, procs, tmp_path, "x", base=base, config=config,
+                              logging_callback=on_log, elicitation_callback=on_elicit) as client:
+            chatty = await client.call_tool("chatty", {"text": "hi"})
+            answered = await client.call_tool("ask_user", {"question": "What is the answer?"})
+            slow = await client.call_tool("slow_progress", {"steps": 2}, progress_callback=on_progress)
+    assert chatty.content[0].text == "logged twice"
+    assert logs == [("info", "first: hi"), ("warning", "second: hi")]
+    assert asked == ["What is the answer?"]
+    assert answered.is_error is False and answered.content[0].text == "user said: forty-two"
+    assert slow.is_error is False and progress == [1, 2]
+    assert upstream.tools_called() == ["chatty", "ask_user", "slow_progress"]
 
 
 # ---------------------------------------------------------------------------
@@ -401,3 +454,176 @@ async def test_an_sdk_client_never_notices_that_the_upstream_lost_its_session(pr
             second = await client.call_tool("echo", {"text": "two"})
             assert second.is_error is False and second.content[0].text == "echo: two ✓ — ünïcödé"
     assert restarted.tools_called() == ["echo", "echo"]
+
+
+class ForgetfulUpstream:
+    """A bare handshake-era Streamable HTTP upstream that can forget every session on
+    demand (404 "Session not found", as the SDK's server answers) and hold a call
+    (`hold`) until released. Records each request with the upstream session it came in."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.sessions: set[str] = set()
+        self.issued: list[str] = []
+        self.log: list[dict] = []  # {"method", "session", "status", "arguments"?}
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: dict | None, extra: dict | None = None):
+                raw = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                if body is not None:
+                    self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_POST(self):
+                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                method, sid = msg.get("method"), self.headers.get("mcp-session-id")
+                entry = {"method": method, "session": sid}
+                if method == "tools/call":
+                    entry["arguments"] = msg["params"].get("arguments")
+                with outer.lock:
+                    outer.log.append(entry)
+                    if method == "initialize":
+                        sid = f"upstream-{len(outer.issued) + 1:04d}-0123456789abcdef"
+                        outer.issued.append(sid)
+                        outer.sessions.add(sid)
+                        entry["status"] = 200
+                        return self.reply(200, {"jsonrpc": "2.0", "id": msg["id"], "result": {
+                            "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "forgetful", "version": "1"}}}, {"mcp-session-id": sid})
+                    if sid not in outer.sessions:
+                        entry["status"] = 404
+                        return self.reply(404, {"jsonrpc": "2.0", "id": "server-error",
+                                                "error": {"code": -32600, "message": "Session not found"}})
+                    entry["status"] = 200
+                if "id" not in msg:
+                    return self.reply(202, None)
+                if method == "tools/list":
+                    result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("echo", "hold")]}
+                elif method == "tools/call" and msg["params"]["name"] == "hold":
+                    outer.held.set()
+                    outer.release.wait(30)
+                    result = {"content": [{"type": "text", "text": "held"}], "isError": False}
+                elif method == "tools/call":
+                    text = (msg["params"].get("arguments") or {}).get("text")
+                    result = {"content": [{"type": "text", "text": f"echo: {text} ✓ — ünïcödé"}], "isError": False}
+                else:
+                    result = {}
+                self.reply(200, {"jsonrpc": "2.0", "id": msg["id"], "result": result})
+
+            def do_GET(self):
+                self.reply(405, None)
+
+            def do_DELETE(self):
+                with outer.lock:
+                    outer.sessions.discard(self.headers.get("mcp-session-id"))
+                self.reply(200, None)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forget(self) -> None:
+        with self.lock:
+            self.sessions.clear()
+
+    def initializes(self) -> int:
+        with self.lock:
+            return sum(1 for e in self.log if e["method"] == "initialize")
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(text argument, upstream session) of every echo that was answered."""
+        with self.lock:
+            return [(e["arguments"]["text"], e["session"]) for e in self.log
+                    if e["method"] == "tools/call" and e.get("status") == 200 and "text" in (e["arguments"] or {})]
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def forgetful():
+    upstream = ForgetfulUpstream()
+    yield upstream
+    upstream.close()
+
+
+FORGETFUL_POLICY = "version: 1\nrules:\n  - tool: echo\n    action: allow\n  - tool: hold\n    action: allow\n"
+
+
+def test_sessions_that_lost_their_upstream_session_get_new_ones_of_their_own(forgetful, procs, tmp_path):
+    base, _ = serve_config(procs, write_config(tmp_path, {"forgetful": (forgetful.url, FORGETFUL_POLICY)}))
+    a, b = RawSession(f"{base}/servers/forgetful/mcp"), RawSession(f"{base}/servers/forgetful/mcp")
+    try:
+        a.initialize()
+        b.initialize()
+        ids = (a.session_id, b.session_id)
+        check_echo(a.call("echo", {"text": "a1"}), "a1")
+        check_echo(b.call("echo", {"text": "b1"}), "b1")
+        forgetful.forget()
+        check_echo(a.call("echo", {"text": "a2"}), "a2")
+        check_echo(b.call("echo", {"text": "b2"}), "b2")
+        check_echo(a.call("echo", {"text": "a3"}), "a3")
+        check_echo(b.call("echo", {"text": "b3"}), "b3")
+        assert (a.session_id, b.session_id) == ids and a.initializes == b.initializes == 1
+    finally:
+        a.close()
+        b.close()
+    calls = dict(forgetful.calls())
+    assert forgetful.initializes() == 4  # two each: at the start, and once after the loss
+    # Before the loss each session had its own upstream session; after it, each got a new
+    # one of its own, and kept it.
+    assert calls["a1"] != calls["b1"]
+    assert calls["a2"] == calls["a3"] and calls["b2"] == calls["b3"]
+    assert calls["a2"] != calls["b2"]
+    assert {calls["a2"], calls["b2"]}.isdisjoint({calls["a1"], calls["b1"]})
+
+
+def test_a_lost_upstream_session_with_a_request_in_flight_is_a_clear_error(forgetful, procs, tmp_path):
+    """Not safe to re-initialize while another request of the session waits on the old
+    upstream session: the client gets a JSON-RPC error naming the server, promptly."""
+    base, _ = serve_config(procs, write_config(tmp_path, {"forgetful": (forgetful.url, FORGETFUL_POLICY)}))
+    url = f"{base}/servers/forgetful/mcp"
+    client = RawSession(url)
+    other = RawSession(url)  # a second connection carrying the same Tollgate session
+    held: dict = {}
+    try:
+        client.initialize()
+        other.session_id = client.session_id
+        check_echo(client.call("echo", {"text": "first"}), "first")
+        holder = threading.Thread(target=lambda: held.update(other.call("hold", {})), daemon=True)
+        holder.start()
+        assert forgetful.held.wait(10), "the held call never reached the upstream"
+        forgetful.forget()
+        started = time.monotonic()
+        answer = client.call("echo", {"text": "while held"})
+        assert time.monotonic() - started < 10
+        assert "error" in answer, answer
+        message = answer["error"]["message"]
+        assert "forgetful" in message and "session" in message.lower(), message
+        assert forgetful.initializes() == 1, "re-initialized while another request was in flight"
+        forgetful.release.set()
+        holder.join(10)
+        assert not holder.is_alive()
+    finally:
+        forgetful.release.set()
+        client.close(delete=False)
+        other.close(delete=False)
+    assert [text for text, _ in forgetful.calls()] == ["first"]

@@ -5,9 +5,10 @@ that calls Tollgate denied never arrived here.
 
     python upstream_server.py PORT RECORD_FILE [--stateless | --resumable | --sse | --stdio]
 
-With --stdio it also has `pid` (which process answers) and `crash` (the process dies
-mid-call), says on stderr that it started, so tests can find it in Tollgate's log, and
-writes how it ended (stdin closed, or SIGTERM) to RECORD_FILE.exit.
+With --stdio it also has `pid` (which process answers; annotated read-only), `crash`
+(the process dies mid-call; annotated destructive) and `block` (a synchronous sleep);
+it says on stderr that it started, so tests can find it in Tollgate's log, and writes
+how it ended (stdin closed, or SIGTERM) to RECORD_FILE.exit.
 """
 
 import json
@@ -150,17 +151,28 @@ class MemoryEventStore:
 if "--stdio" in sys.argv:
     # Only in stdio mode, so the HTTP servers other tests list keep their exact tool set.
 
-    @mcp.tool()
+    from mcp.types import ToolAnnotations
+
+    @mcp.tool(annotations=ToolAnnotations(readOnlyHint=True))
     def pid() -> str:
         """The id of the process answering."""
         record("pid", {})
         return str(os.getpid())
 
-    @mcp.tool()
+    @mcp.tool(annotations=ToolAnnotations(destructiveHint=True))
     def crash() -> str:
         """Die in the middle of the call, without answering."""
         record("crash", {})
         os._exit(1)
+
+    @mcp.tool()
+    def block(seconds: float) -> str:
+        """Sleep without yielding (a synchronous tool), so nothing else of the process runs."""
+        import time
+
+        record("block", {"seconds": seconds})
+        time.sleep(seconds)
+        return "unblocked"
 
 
 if __name__ == "__main__":
