@@ -62,6 +62,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    use tollgate_proxy::upstream::stdio;
+    let args: Vec<String> = std::env::args().collect();
+    // `tollgate __stdio-guard -- CMD ARGS`: how Tollgate starts stdio upstreams (not for people).
+    if args.get(1).map(String::as_str) == Some(stdio::GUARD_ARG) {
+        let command = args.get(3..).unwrap_or_default();
+        let code = stdio::run_guard(command);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    // /proc/self/exe is this very binary even after an upgrade replaced the file.
+    let own = std::path::Path::new("/proc/self/exe");
+    match std::env::current_exe() {
+        _ if own.exists() => stdio::use_guard(own.to_owned()),
+        Ok(exe) => stdio::use_guard(exe),
+        Err(_) => {}
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

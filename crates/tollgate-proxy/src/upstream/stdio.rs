@@ -124,6 +124,64 @@ impl Children {
     }
 }
 
+/// The executable that can act as a guard (`tollgate`), when there is one.
+static GUARD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The argument that makes the `tollgate` binary act as a guard.
+pub const GUARD_ARG: &str = "__stdio-guard";
+
+/// Starts every stdio upstream under `program GUARD_ARG -- CMD ARGS` (see [`run_guard`]),
+/// so children end even when Tollgate is killed with SIGKILL and cannot end them.
+pub fn use_guard(program: PathBuf) {
+    let _ = GUARD.set(program);
+}
+
+/// The guard: runs `argv` in the guard's own process group, exits with its status,
+/// and, should its parent (Tollgate) die first, ends the child (SIGTERM, then
+/// SIGKILL to the whole group). A process whose parent died cannot otherwise
+/// tell, and an MCP server busy in a call may not read stdin's end for a long time.
+pub fn run_guard(argv: &[String]) -> i32 {
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("tollgate guard: no command given");
+        return 2;
+    };
+    let parent = std::os::unix::process::parent_id();
+    let mut child = match std::process::Command::new(program).args(args).spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            eprintln!("tollgate guard: could not start `{program}`: {err}");
+            return 127;
+        }
+    };
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt as _;
+                return status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(1);
+            }
+            Ok(None) => {}
+            Err(_) => return 1,
+        }
+        if std::os::unix::process::parent_id() != parent {
+            let pid = i32::try_from(child.id()).map(Pid::from_raw);
+            if let Ok(pid) = pid {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            }
+            let deadline = std::time::Instant::now() + KILL_GRACE;
+            while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Everything else in the group, and the guard itself.
+            let _ = killpg(nix::unistd::getpgrp(), Signal::SIGKILL);
+            return 137;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Why a process could not be started.
 #[derive(Debug, thiserror::Error)]
 #[error("could not start `{command}`: {source}")]
@@ -143,7 +201,16 @@ pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnErr
         .argv
         .split_first()
         .ok_or_else(|| failed(std::io::Error::other("the command is empty")))?;
-    let mut process = tokio::process::Command::new(program);
+    let mut process = match GUARD.get() {
+        Some(guard) => {
+            let mut process = tokio::process::Command::new(guard);
+            // Shown by `ps` instead of the guard's path (/proc/self/exe).
+            process.arg0("tollgate");
+            process.arg(GUARD_ARG).arg("--").arg(program);
+            process
+        }
+        None => tokio::process::Command::new(program),
+    };
     process
         .args(args)
         .envs(&command.env)
@@ -180,10 +247,18 @@ pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnErr
             server.clone(),
             command.max_line,
         ))),
-        TaskGuard(tokio::spawn(log_stderr(stderr, server.clone()))),
     ];
-    // Not aborted with the channel: it reaps the child once the group has ended it.
-    tokio::spawn(wait_for_exit(child, routes.clone(), server));
+    // Neither is aborted with the channel: they end with the process, and the waiter
+    // reaps it once the group has been ended.
+    let last_words = Arc::new(std::sync::Mutex::new(None));
+    let stderr = tokio::spawn(log_stderr(stderr, server.clone(), last_words.clone()));
+    tokio::spawn(wait_for_exit(
+        child,
+        routes.clone(),
+        server,
+        stderr,
+        last_words,
+    ));
     let owned = group.map(|g| Box::new(g) as Box<dyn Send + Sync>);
     Ok(Channel::new(outgoing, routes, tasks, owned))
 }
@@ -246,7 +321,10 @@ async fn read_lines(
     routes.close("the process closed its standard output");
 }
 
-async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>) {
+/// The last line a process wrote on stderr: often why it died.
+type LastWords = Arc<std::sync::Mutex<Option<String>>>;
+
+async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>, last: LastWords) {
     let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), 64 * 1024);
     let mut lines = FramedRead::new(stderr, codec);
     while let Some(line) = lines.next().await {
@@ -255,16 +333,30 @@ async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>) {
             let text = text.trim_end();
             if !text.is_empty() {
                 tracing::info!(target: "tollgate::upstream", server = %server, "stderr: {text}");
+                if let Ok(mut last) = last.lock() {
+                    *last = Some(text.chars().take(500).collect());
+                }
             }
         }
     }
 }
 
-async fn wait_for_exit(mut child: tokio::process::Child, routes: Arc<Routes>, server: Arc<str>) {
-    let why = match child.wait().await {
+async fn wait_for_exit(
+    mut child: tokio::process::Child,
+    routes: Arc<Routes>,
+    server: Arc<str>,
+    stderr: tokio::task::JoinHandle<()>,
+    last_words: LastWords,
+) {
+    let mut why = match child.wait().await {
         Ok(status) => format!("the process exited ({status})"),
         Err(err) => format!("the process could not be waited for: {err}"),
     };
+    // Its last stderr line usually says why; give the reader a moment to get it.
+    let _ = tokio::time::timeout(Duration::from_millis(300), stderr).await;
+    if let Some(last) = last_words.lock().ok().and_then(|mut l| l.take()) {
+        why = format!("{why}; its last line on stderr: {last}");
+    }
     tracing::info!(server = %server, "stdio upstream ended: {why}");
     routes.close(&why);
 }
