@@ -134,7 +134,32 @@ class StdioUpstream:
     tools_called = Upstream.tools_called
 
     def pids(self) -> set[int]:
+        """Every live process with this upstream's command on its command line: the
+        servers, and whatever Tollgate runs them under (a guard, a shell)."""
         return live_pids(self.marker)
+
+    def servers(self) -> set[int]:
+        """The live processes running exactly this upstream's command."""
+        argv = b"\0".join(a.encode() for a in self.argv) + b"\0"
+        found = set()
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == argv:
+                    found.add(pid)
+            except OSError:
+                continue
+        return found
+
+    def family(self, pid: int) -> set[int]:
+        """`pid` and its ancestors that carry this upstream's command line (a guard)."""
+        found = set()
+        while pid in self.pids():
+            found.add(pid)
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                break
+        return found
 
     def exits(self) -> dict[int, str]:
         """pid -> how each child ended: "eof" (by itself, its stdin closed) or "sigterm"."""
