@@ -174,3 +174,83 @@ async fn post_messages(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A legacy SSE server whose first `fail_first` GETs answer 503, and whose
+    /// `endpoint` event names `endpoint`.
+    async fn server(fail_first: usize, endpoint: &'static str) -> (reqwest::Url, Arc<AtomicUsize>) {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counter = attempts.clone();
+        let app = axum::Router::new().route(
+            "/sse",
+            axum::routing::get(move || {
+                let counter = counter.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    if counter.fetch_add(1, Ordering::SeqCst) < fail_first {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    let body = format!("event: endpoint\ndata: {endpoint}\n\n");
+                    ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/sse", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (reqwest::Url::parse(&url).unwrap(), attempts)
+    }
+
+    fn target(url: reqwest::Url) -> Target {
+        Target {
+            server: "legacy".into(),
+            url,
+            headers: HeaderMap::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn connecting_is_retried_with_backoff() {
+        let (url, attempts) = server(2, "/messages?session_id=1").await;
+        let started = std::time::Instant::now();
+        let channel = connect(&reqwest::Client::new(), &target(url))
+            .await
+            .unwrap();
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        // Waited 0.2 s, then 0.4 s, before the attempts that followed failures.
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        drop(channel);
+    }
+
+    #[tokio::test]
+    async fn giving_up_names_the_last_reason() {
+        let (url, attempts) = server(usize::MAX, "/messages").await;
+        let err = connect(&reqwest::Client::new(), &target(url))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(attempts.load(Ordering::SeqCst), ATTEMPTS as usize);
+        assert!(
+            err.contains("after 3 attempts") && err.contains("503"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_on_another_origin_is_refused() {
+        let (url, _) = server(0, "http://evil.example/messages").await;
+        let err = connect(&reqwest::Client::new(), &target(url))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("another origin"), "{err}");
+    }
+}
