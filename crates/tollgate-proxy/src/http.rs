@@ -713,6 +713,10 @@ impl Downstream {
             return Err(give_up("the original `initialize` is unknown".into()));
         };
         initialize["id"] = Value::from(format!("tollgate-reinit-{}", crate::session::random_id()));
+        let failed = |failure: crate::forward::UpstreamFailure| {
+            let error = failure.into_error(&self.server, None);
+            give_up(format!("re-initializing failed: {error}"))
+        };
         let none = HeaderMap::new();
         let body = serde_json::to_vec(&initialize).unwrap_or_default();
         let answer = send(
@@ -724,12 +728,7 @@ impl Downstream {
             Some(body),
         )
         .await
-        .map_err(|f| {
-            give_up(format!(
-                "re-initializing failed: {}",
-                f.into_error(&self.server, None)
-            ))
-        })?;
+        .map_err(&failed)?;
         let renewed = answer
             .headers()
             .get(SESSION_HEADER)
@@ -757,12 +756,7 @@ impl Downstream {
             Some(initialized),
         )
         .await
-        .map_err(|f| {
-            give_up(format!(
-                "re-initializing failed: {}",
-                f.into_error(&self.server, None)
-            ))
-        })?;
+        .map_err(&failed)?;
         session.set_upstream_id(renewed.clone());
         tracing::info!(session = %session.id, "the upstream lost its session; re-initialized it");
         Ok(renewed)
