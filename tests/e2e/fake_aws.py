@@ -3,6 +3,12 @@
 The real `awslabs.healthlake-mcp-server` is pointed at it with `AWS_ENDPOINT_URL`,
 so its boto3 client really sends `StartFHIRExportJob` and friends here. Every
 request is recorded (`X-Amz-Target` and the parsed body) for assertions.
+
+The server's FHIR data-plane tools (read, search, create, update, delete) do not use
+`AWS_ENDPOINT_URL`: they call `https://healthlake.<region>.amazonaws.com/datastore/<id>/r4/`
+with httpx. With `HTTPS_PROXY` pointing here too, such a call arrives as a `CONNECT` to
+that host, which is recorded (target `CONNECT <host:port>`) and refused, so a delete that got
+through would show up here and still never leave the machine.
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ class FakeHealthLake:
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_CONNECT(self):
+                outer.requests.append({"target": f"CONNECT {self.path}", "body": None, "signed": False})
+                self.send_response(403, "the fake HealthLake tunnels nowhere")
+                self.send_header("content-length", "0")
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
