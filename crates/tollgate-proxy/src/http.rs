@@ -449,17 +449,7 @@ impl Downstream {
                     .await;
                 }
                 Err(err) => {
-                    self.server.release(slot);
-                    if let Some((cid, tool)) = &call_id {
-                        record_outcome(
-                            &self.app,
-                            &self.server,
-                            *cid,
-                            tool,
-                            started.elapsed(),
-                            "upstream_session_lost",
-                        );
-                    }
+                    self.abandon_call(slot, &call_id, started, "upstream_session_lost");
                     return Err(err);
                 }
             }
@@ -480,18 +470,7 @@ impl Downstream {
                 self.app
                     .metrics
                     .upstream_error(&self.server.name, failure.kind());
-                // Nothing reached the upstream's tool, so the rate-limit slot is given back.
-                self.server.release(slot);
-                if let Some((cid, tool)) = &call_id {
-                    record_outcome(
-                        &self.app,
-                        &self.server,
-                        *cid,
-                        tool,
-                        started.elapsed(),
-                        "upstream_unreachable",
-                    );
-                }
+                self.abandon_call(slot, &call_id, started, "upstream_unreachable");
                 tracing::warn!(?failure, "upstream request failed");
                 return Err(failure.into_error(&self.server, message.id().cloned()));
             }
@@ -675,6 +654,28 @@ impl Downstream {
             self.client.as_deref(),
         );
         Ok(json_response(&merged))
+    }
+
+    /// A forwarded call that never reached the upstream's tool: its rate-limit slot
+    /// is given back and the audit log gets its outcome.
+    fn abandon_call(
+        &self,
+        slot: Option<tollgate_policy::Slot>,
+        call_id: &Option<(u64, String)>,
+        started: Instant,
+        outcome: &str,
+    ) {
+        self.server.release(slot);
+        if let Some((cid, tool)) = call_id {
+            record_outcome(
+                &self.app,
+                &self.server,
+                *cid,
+                tool,
+                started.elapsed(),
+                outcome,
+            );
+        }
     }
 
     /// Re-initializes a session the upstream lost (`lost` was its id), replaying the
