@@ -261,7 +261,10 @@ fn print_listening(addr: SocketAddr, config: &Config) {
         let _ = writeln!(out, "Tollgate listening on http://{addr}");
     }
     for name in config.servers.keys() {
-        let _ = writeln!(out, "  server {name}: http://{addr}/servers/{name}/mcp");
+        let _ = writeln!(
+            out,
+            "  server {name}: http://{addr}/servers/{name}/mcp (legacy HTTP+SSE: http://{addr}/servers/{name}/sse)"
+        );
     }
     let _ = out.flush();
 }
