@@ -93,6 +93,30 @@ def test_each_session_gets_its_own_process(procs, tmp_path):
         b.close()
 
 
+async def test_stateless_era_clients_share_one_process_of_a_server_that_speaks_it(procs, tmp_path):
+    """The SDK's stdio server answers `server/discover` as a 2026-07-28 server, so
+    stateless-era requests, which belong to no session, all go to one shared process,
+    while each handshake-era session still gets a process of its own."""
+    upstream = StdioUpstream(tmp_path, "shared")
+    base, _ = serve_config(procs, write_config(tmp_path, {"shared": (upstream.block, LIFECYCLE_POLICY)}))
+    url = f"{base}/servers/shared/mcp"
+    from mcp import Client
+
+    with anyio.fail_after(EXCHANGE_TIMEOUT):
+        async with Client(url, mode="auto") as first, Client(url, mode="auto") as second:
+            assert first.protocol_version == second.protocol_version == "2026-07-28"
+            one = int((await first.call_tool("pid", {})).content[0].text)
+            two = int((await second.call_tool("pid", {})).content[0].text)
+            assert one == two, "stateless-era requests were spread over several processes"
+            assert int((await first.call_tool("pid", {})).content[0].text) == one
+        async with Client(url, mode="legacy") as handshake:
+            own = int((await handshake.call_tool("pid", {})).content[0].text)
+    assert own != one, "a handshake-era session was given the shared stateless process"
+    await anyio.to_thread.run_sync(
+        lambda: wait_until(lambda: upstream.servers() == {one}, GONE_WITHIN,
+                           f"the handshake-era session's process outlived it: {upstream.servers()}"))
+
+
 @pytest.mark.parametrize("down", ["http-legacy", "sse", "stdio-legacy"])
 async def test_a_session_that_ends_takes_its_child_with_it(down, procs, tmp_path):
     """Client exit (DELETE for Streamable HTTP, the stream closing for legacy SSE, stdin
