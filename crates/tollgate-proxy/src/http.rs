@@ -475,21 +475,12 @@ impl Downstream {
                 return Err(failure.into_error(&self.server, message.id().cloned()));
             }
         };
-        if let Some((cid, tool)) = &call_id {
-            let outcome = if upstream.status().is_success() {
-                "forwarded"
-            } else {
-                "upstream_error"
-            };
-            record_outcome(
-                &self.app,
-                &self.server,
-                *cid,
-                tool,
-                started.elapsed(),
-                outcome,
-            );
-        }
+        let outcome = if upstream.status().is_success() {
+            "forwarded"
+        } else {
+            "upstream_error"
+        };
+        self.record_call(&call_id, started, outcome);
         if upstream.status() == reqwest::StatusCode::NOT_FOUND
             && let Some(session) = session.as_ref().filter(|_| upstream_session.is_some())
         {
@@ -666,6 +657,11 @@ impl Downstream {
         outcome: &str,
     ) {
         self.server.release(slot);
+        self.record_call(call_id, started, outcome);
+    }
+
+    /// The audit log's `outcome` event of a forwarded call (`None`: not a tool call).
+    fn record_call(&self, call_id: &Option<(u64, String)>, started: Instant, outcome: &str) {
         if let Some((cid, tool)) = call_id {
             record_outcome(
                 &self.app,
