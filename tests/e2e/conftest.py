@@ -519,6 +519,39 @@ class RecordingUpstream:
         self.server.shutdown()
         self.server.server_close()
 
+    def __enter__(self) -> "RecordingUpstream":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SilentUpstream:
+    """A TCP listener that accepts connections and never answers: an upstream that hangs."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.held: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/mcp"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    def __enter__(self) -> "SilentUpstream":
+        return self
+
+    def __exit__(self, *exc):
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
 
 @pytest.fixture
 def recorder():

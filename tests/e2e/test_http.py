@@ -4,14 +4,12 @@ and nothing refused ever reaches the upstream."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port, start_tollgate, start_upstream
+from conftest import SilentUpstream, free_port, start_tollgate, start_upstream
 
 POLICY = """
 version: 1
@@ -212,23 +210,8 @@ def test_upstream_down_is_a_clear_error(procs, tmp_path):
 
 
 def test_an_upstream_that_never_answers_times_out(procs, tmp_path):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held = []
-
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            held.append(conn)
-
-    threading.Thread(target=accept, daemon=True).start()
-    port = listener.getsockname()[1]
-    try:
-        tg = start_tollgate(procs, tmp_path, f"http://127.0.0.1:{port}/mcp", POLICY, server_extra="    timeout: 2s\n")
+    with SilentUpstream() as silent:
+        tg = start_tollgate(procs, tmp_path, silent.url, POLICY, server_extra="    timeout: 2s\n")
         started = time.monotonic()
         r = httpx.post(tg.url, json=tool_call("echo", {"text": "x"}), headers=headers(name="echo"), timeout=20)
         elapsed = time.monotonic() - started
@@ -236,10 +219,6 @@ def test_an_upstream_that_never_answers_times_out(procs, tmp_path):
         assert "upstream" in r.json()["error"]["message"]
         assert r.json()["id"] == 1
         assert 1.5 < elapsed < 6, elapsed
-    finally:
-        listener.close()
-        for c in held:
-            c.close()
 
 
 def streams_active(tg) -> float:

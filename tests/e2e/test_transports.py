@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 
@@ -25,6 +24,8 @@ from mcp.client.sse import sse_client
 from conftest import (
     DOWNSTREAMS,
     RawSession,
+    RecordingUpstream,
+    SilentUpstream,
     downstream,
     make_upstream,
     serve_config,
@@ -323,53 +324,30 @@ def test_unknown_servers_are_404_and_name_no_other_server(procs, tmp_path):
 
 def test_each_server_has_its_own_headers_and_timeout(procs, tmp_path):
     """`headers:` and `timeout:` of one server apply to that server alone."""
-    from conftest import RecordingUpstream
-
-    silent = socket.socket()  # accepts connections and never answers
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    held: list[socket.socket] = []
-
-    def accept():
-        while True:
-            try:
-                held.append(silent.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    never = f"http://127.0.0.1:{silent.getsockname()[1]}/mcp"
-    rec_a, rec_b = RecordingUpstream(), RecordingUpstream()
-    try:
+    with SilentUpstream() as silent, RecordingUpstream() as rec_a, RecordingUpstream() as rec_b:
         base = start_multi(procs, tmp_path, {
             "a": (f"    url: {rec_a.url}\n    headers: {{Authorization: Bearer token-a, X-Team: a}}\n", POLICY),
             "b": (f"    url: {rec_b.url}\n    headers: {{X-Team: b}}\n", POLICY),
-            "quick": (f"    url: {never}\n    timeout: 1s\n", POLICY),
-            "patient": (f"    url: {never}\n    timeout: 3s\n", POLICY),
+            "quick": (f"    url: {silent.url}\n    timeout: 1s\n", POLICY),
+            "patient": (f"    url: {silent.url}\n    timeout: 3s\n", POLICY),
         })
+        elapsed, said = {}, {}
         with httpx.Client(timeout=20) as http:
             for name in ("a", "b"):
                 r = http.post(f"{base}/servers/{name}/mcp", json=tool_call("echo", {}), headers=headers(name="echo"))
                 assert r.json()["result"]["content"][0]["text"] == "recorded", r.text
-            waited = {}
             for name in ("quick", "patient"):
                 started = time.monotonic()
                 r = http.post(f"{base}/servers/{name}/mcp", json=tool_call("echo", {}), headers=headers(name="echo"))
-                waited[name] = time.monotonic() - started
-                waited[name + " says"] = r.json()["error"]["message"]
+                elapsed[name] = time.monotonic() - started
+                said[name] = r.json()["error"]["message"]
         assert [q["headers"].get("x-team") for q in rec_a.requests] == ["a"]
         assert [q["headers"].get("authorization") for q in rec_a.requests] == ["Bearer token-a"]
         assert [q["headers"].get("x-team") for q in rec_b.requests] == ["b"]
         assert [q["headers"].get("authorization") for q in rec_b.requests] == [None], "a's credentials reached b"
-        assert "within 1s (servers.quick.timeout)" in waited["quick says"], waited
-        assert "within 3s (servers.patient.timeout)" in waited["patient says"], waited
-        assert waited["patient"] >= 2.9, f"patient gave up before its own 3s: {waited}"
-    finally:
-        rec_a.close()
-        rec_b.close()
-        silent.close()
-        for conn in held:
-            conn.close()
+    assert "within 1s (servers.quick.timeout)" in said["quick"], said
+    assert "within 3s (servers.patient.timeout)" in said["patient"], said
+    assert elapsed["patient"] >= 2.9, f"patient gave up before its own 3s: {elapsed}"
 
 
 # ---------------------------------------------------------------------------
