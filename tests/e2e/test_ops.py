@@ -35,6 +35,17 @@ def policy_file(tg) -> Path:
     return tg.audit_path.parent / f"policy{tg.audit_path.stem.removeprefix('audit')}.yaml"
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Writes as editors, git and config tools do: a new file renamed over the old.
+
+    `Path.write_text` truncates first, and Tollgate's file watcher, which reloads on
+    its own beside `POST /reload`, could read the file in that instant: a real
+    (refused) reload that the counts below do not expect."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_force(procs, tmp_path):
     upstream = start_upstream(procs, tmp_path, "stateless")
     # The per-client token bucket would (rightly) slow this client down; the test is about reloads.
@@ -61,7 +72,7 @@ async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_
             tasks.start_soon(load)
             for version in range(1, 21):
                 allow = version % 2 == 0
-                path.write_text(policy(version, allow))
+                replace_file(path, policy(version, allow))
                 r = httpx.post(tg.admin + "/reload", headers=AUTH, timeout=10)
                 assert r.status_code == 200, r.text
                 result = await checker.call_tool("echo", {"text": f"v{version}"})
@@ -79,7 +90,7 @@ async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_
     assert background_calls >= 40
 
     # A broken file is refused: the old policy stays, and it shows in /status and /metrics.
-    path.write_text("version: 1\nrules:\n  - tool: echo\n    actoin: allow\n")
+    replace_file(path, "version: 1\nrules:\n  - tool: echo\n    actoin: allow\n")
     r = httpx.post(tg.admin + "/reload", headers=AUTH, timeout=10)
     assert r.status_code == 422 and "actoin" in r.text
     async with Client(tg.url, mode="auto") as client:
@@ -88,6 +99,39 @@ async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_
     assert "actoin" in status["servers"][0]["policy"]["last_error"]
     metrics = httpx.get(tg.admin + "/metrics", headers=AUTH, timeout=10).text
     assert 'tollgate_policy_reloads_total{server="upstream",result="failed"} 1' in metrics
+
+
+async def test_the_file_watcher_waits_for_a_file_written_in_pieces(procs, tmp_path):
+    """`cat > policy.yaml` or a slow copy leaves the file half-written for a while:
+    the watcher reloads once the writes have stopped, never in between."""
+    upstream = start_upstream(procs, tmp_path, "stateless")
+    quiet = tmp_path / "policies"
+    quiet.mkdir()
+    (quiet / "p.yaml").write_text(policy(1, True))
+    config = tmp_path / "pieces.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\n{ADMIN}\nservers:\n  upstream:\n    url: {upstream.url}\n    policy: policies/p.yaml\n")
+    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "pieces.log")
+    procs.append(proc)
+    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+    admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
+    text = policy(2, False)
+    # Eight pieces 50 ms apart: every gap is shorter than the watcher's quiet period,
+    # and the whole write is longer, so a watcher that only waited a fixed time after
+    # the first event would read a prefix (and refuse it as broken).
+    pieces = [text[i : i + len(text) // 8 + 1] for i in range(0, len(text), len(text) // 8 + 1)]
+    with open(quiet / "p.yaml", "w") as f:
+        for piece in pieces:
+            f.write(piece)
+            f.flush()
+            time.sleep(0.05)
+    async with Client(url, mode="auto") as client:
+        with anyio.fail_after(10):
+            while not (await client.call_tool("echo", {"text": "b"})).is_error:
+                await anyio.sleep(0.1)
+    metrics = httpx.get(admin + "/metrics", headers=AUTH, timeout=10).text
+    assert 'tollgate_policy_reloads_total{server="upstream",result="ok"} 1' in metrics
+    assert 'result="failed"' not in metrics
+    assert "reload refused" not in proc.log.read_text()
 
 
 async def test_the_file_watcher_reloads_on_an_atomic_symlink_swap(procs, tmp_path):

@@ -14,6 +14,11 @@ use serde::Serialize;
 
 use crate::state::{AppState, LoadedPolicy, Server};
 
+/// How long the policy directories must be quiet before the watcher reloads.
+const SETTLE: Duration = Duration::from_millis(150);
+/// The longest the watcher waits for that quiet after the first change.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
+
 /// What a reload did to one server's policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReloadReport {
@@ -27,7 +32,11 @@ pub struct ReloadReport {
 }
 
 fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
-    let path = server.policy_info.lock().ok()?.path.clone()?;
+    // Held from the read to the swap: the watcher, SIGHUP and `POST /reload` may
+    // race, and a reload that read the file earlier must not swap in its older
+    // text after one that read it later.
+    let mut info = server.policy_info.lock().ok()?;
+    let path = info.path.clone()?;
     let report = |result, error| {
         Some(ReloadReport {
             server: server.name.to_string(),
@@ -38,20 +47,16 @@ fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
     let source =
         std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()));
     let hash = source.as_deref().map(crate::audit::text_digest).ok();
-    {
-        let info = server.policy_info.lock().ok()?;
-        if hash.is_some() && hash.as_deref() == Some(info.hash.as_str()) {
-            return report("unchanged", None);
-        }
-        // The watcher, SIGHUP and POST /reload may all see the same broken file:
-        // it is one failure, logged and counted once.
-        if hash.is_some() && hash == info.failed_hash {
-            return report("failed", info.last_error.clone());
-        }
+    if hash.is_some() && hash.as_deref() == Some(info.hash.as_str()) {
+        return report("unchanged", None);
+    }
+    // The watcher, SIGHUP and POST /reload may all see the same broken file:
+    // it is one failure, logged and counted once.
+    if hash.is_some() && hash == info.failed_hash {
+        return report("failed", info.last_error.clone());
     }
     let compiled = source
         .and_then(|text| LoadedPolicy::compile(&text, Some(&path), &path.display().to_string()));
-    let mut info = server.policy_info.lock().ok()?;
     match compiled {
         Ok(loaded) => {
             server.policy.store(Arc::new(loaded.policy));
@@ -121,9 +126,20 @@ pub fn watch(app: &AppState) -> notify::Result<PolicyWatcher> {
     let app = app.clone();
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
-            // One save is often several events: let them settle, then reload once.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
+            // One save is often several events (truncate, writes, rename), and a
+            // file written in pieces is briefly empty or half-written: wait until
+            // the directories have been quiet for a moment, then reload once. A
+            // directory that is never quiet (a log file beside the policy) only
+            // delays the reload by SETTLE_AT_MOST.
+            let deadline = tokio::time::Instant::now() + SETTLE_AT_MOST;
+            loop {
+                let quiet_until = (tokio::time::Instant::now() + SETTLE).min(deadline);
+                match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_quiet) => break,
+                }
+            }
             let reports = tokio::task::spawn_blocking({
                 let app = app.clone();
                 move || reload_all(&app)
