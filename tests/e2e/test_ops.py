@@ -17,7 +17,7 @@ import httpx
 import pytest
 from mcp import Client
 
-from conftest import ROOT, TOLLGATE, Proc, free_port, start_tollgate, start_upstream, wait_port
+from conftest import ROOT, TOLLGATE, Proc, free_port, serve_config, start_tollgate, start_upstream, wait_port
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +44,24 @@ def replace_file(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def serve_with_policy_at(procs, tmp_path: Path, upstream_url: str, policy_path: str) -> tuple[str, str, Proc]:
+    """Starts Tollgate with its one server's policy at `policy_path` (relative to
+    tmp_path); returns the MCP URL, the admin URL and the process."""
+    config = tmp_path / "watched.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\n{ADMIN}\nservers:\n  upstream:\n    url: {upstream_url}\n    policy: {policy_path}\n")
+    base, proc = serve_config(procs, config)
+    admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
+    return base + "/mcp", admin, proc
+
+
+async def call_until_denied(client):
+    """Calls `echo` until the watcher has swapped in a policy that denies it."""
+    with anyio.fail_after(10):
+        while not (result := await client.call_tool("echo", {"text": "b"})).is_error:
+            await anyio.sleep(0.1)
+    return result
 
 
 async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_force(procs, tmp_path):
@@ -108,12 +126,7 @@ async def test_the_file_watcher_waits_for_a_file_written_in_pieces(procs, tmp_pa
     quiet = tmp_path / "policies"
     quiet.mkdir()
     (quiet / "p.yaml").write_text(policy(1, True))
-    config = tmp_path / "pieces.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\n{ADMIN}\nservers:\n  upstream:\n    url: {upstream.url}\n    policy: policies/p.yaml\n")
-    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "pieces.log")
-    procs.append(proc)
-    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
-    admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
+    url, admin, proc = serve_with_policy_at(procs, tmp_path, upstream.url, "policies/p.yaml")
     text = policy(2, False)
     # Eight pieces 50 ms apart: every gap is shorter than the watcher's quiet period,
     # and the whole write is longer, so a watcher that only waited a fixed time after
@@ -125,9 +138,7 @@ async def test_the_file_watcher_waits_for_a_file_written_in_pieces(procs, tmp_pa
             f.flush()
             time.sleep(0.05)
     async with Client(url, mode="auto") as client:
-        with anyio.fail_after(10):
-            while not (await client.call_tool("echo", {"text": "b"})).is_error:
-                await anyio.sleep(0.1)
+        await call_until_denied(client)
     metrics = httpx.get(admin + "/metrics", headers=AUTH, timeout=10).text
     assert 'tollgate_policy_reloads_total{server="upstream",result="ok"} 1' in metrics
     assert 'result="failed"' not in metrics
@@ -142,25 +153,14 @@ async def test_the_file_watcher_reloads_on_an_atomic_symlink_swap(procs, tmp_pat
     (mount / "..v1" / "p.yaml").write_text(policy(1, True))
     os.symlink("..v1", mount / "..data")
     os.symlink("..data/p.yaml", mount / "p.yaml")
-    tg = start_tollgate(procs, tmp_path, upstream.url, "version: 1\nrules: []\n", extra=ADMIN)
-    # Point the config at the mounted file instead of the generated one.
-    config = tmp_path / "k8s.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\n{ADMIN}\nservers:\n  upstream:\n    url: {upstream.url}\n    policy: mount/p.yaml\n")
-    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "k8s.log")
-    procs.append(proc)
-    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+    url, _, _ = serve_with_policy_at(procs, tmp_path, upstream.url, "mount/p.yaml")
     async with Client(url, mode="auto") as client:
         assert (await client.call_tool("echo", {"text": "a"})).is_error is False
         (mount / "..v2").mkdir()
         (mount / "..v2" / "p.yaml").write_text(policy(2, False))
         os.symlink("..v2", mount / "..data_tmp")
         os.rename(mount / "..data_tmp", mount / "..data")
-        with anyio.fail_after(10):
-            while True:
-                result = await client.call_tool("echo", {"text": "b"})
-                if result.is_error:
-                    break
-                await anyio.sleep(0.1)
+        result = await call_until_denied(client)
     assert result.meta["dev.tollgate/decision"]["reason"] == "policy version 2"
 
 
