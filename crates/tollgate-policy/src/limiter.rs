@@ -22,8 +22,9 @@ pub struct RateLimit {
     pub per: crate::Per,
 }
 
-/// A slot taken by one call; give it back with [`RateLimiter::release`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A slot taken by one call; give it back with [`RateLimiter::release`]. Not
+/// `Clone`: a slot is given back at most once.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Slot {
     key: (Arc<str>, String),
     at: Duration,

@@ -91,8 +91,8 @@ pub struct ToolCall<'a> {
     pub client_key: &'a str,
 }
 
-/// What the policy decided about one call.
-#[derive(Debug, Clone)]
+/// What the policy decided about one call. Not `Clone`: it may own a rate-limit slot.
+#[derive(Debug)]
 pub struct Decision {
     /// The outcome.
     pub action: Action,

@@ -19,11 +19,13 @@ use serde_json::json;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::approvals::DecideError;
-use crate::state::AppState;
+use crate::app::AppState;
+use crate::store::approvals::DecideError;
 
 /// The approver's web page: self-contained, no CDN.
 const PAGE: &str = include_str!("admin/approvals.html");
+
+mod ops;
 
 /// State of the admin listener.
 #[derive(Clone)]
@@ -46,7 +48,7 @@ pub fn admin_router(admin: Admin) -> Router {
         .route("/approvals/{id}", get(one))
         .route("/approvals/{id}/approve", post(approve))
         .route("/approvals/{id}/deny", post(deny))
-        .merge(crate::ops::routes())
+        .merge(ops::routes())
         .layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/", get(page))
@@ -62,7 +64,12 @@ pub fn admin_router(admin: Admin) -> Router {
 }
 
 async fn same_site_only(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    match crate::http::check_request_source(&admin.app, admin.loopback, true, request.headers()) {
+    match admin
+        .app
+        .doors()
+        .guard()
+        .check(admin.loopback, true, request.headers())
+    {
         Ok(()) => next.run(request).await,
         Err(err) => err.into_response(),
     }

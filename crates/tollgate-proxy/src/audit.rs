@@ -4,12 +4,102 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use serde_json::{Value, json};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+/// One audit record. Every record a call produces is a variant here, so the
+/// format is written down once (docs/architecture.md lists it).
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record<'a> {
+    /// A `tools/call` was evaluated; written before it is forwarded.
+    Decision {
+        /// The call's id in this log.
+        call_id: u64,
+        /// The server.
+        server: &'a str,
+        /// The authenticated client.
+        client: Option<&'a str>,
+        /// Tollgate's session id.
+        session: Option<&'a str>,
+        /// The tool.
+        tool: &'a str,
+        /// `allow`, `deny` or `require_approval`.
+        decision: &'a str,
+        /// Why it was refused, when it was.
+        kind: Option<&'a str>,
+        /// The deciding rule, or `default`.
+        rule: &'a str,
+        /// The rule's reason.
+        reason: &'a str,
+        /// `enforce` or `audit`.
+        mode: &'a str,
+        /// `sha256:<hex>` of the arguments.
+        arguments_digest: String,
+        /// The arguments themselves, with `audit.arguments: true`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        arguments: Option<&'a Value>,
+        /// The argument that failed the rule's schema.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        failing_path: Option<&'a str>,
+    },
+    /// What became of a call that was let through.
+    Outcome {
+        /// The call's id in this log.
+        call_id: u64,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// Time until the upstream's answer began.
+        upstream_latency_ms: f64,
+        /// `forwarded`, `upstream_error`, `upstream_unreachable`, `upstream_timeout`, …
+        outcome: &'a str,
+    },
+    /// A call was held for a human.
+    ApprovalRequested {
+        /// The call's id in this log.
+        call_id: u64,
+        /// The approval's id.
+        approval_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// `queue` or `elicitation`.
+        via: &'a str,
+    },
+    /// A held call was settled.
+    Approval {
+        /// The call's id in this log.
+        call_id: u64,
+        /// The approval's id.
+        approval_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// `approved`, `denied`, `expired` or `abandoned`.
+        verdict: &'a str,
+        /// Who decided.
+        decided_by: Option<&'a str>,
+        /// The approver's reason.
+        reason: Option<&'a str>,
+    },
+}
+
+/// A record as written: the record and its time.
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(flatten)]
+    record: &'a Record<'a>,
+    time: String,
+}
 
 /// Where audit records go.
 pub struct Audit {
@@ -81,19 +171,24 @@ impl Audit {
     /// Writes one record as a line, with `time` added. The line is handed to the
     /// kernel in one `write` before this returns, so a decision is on record
     /// before its call is forwarded.
-    pub fn write(&self, mut record: Value) {
+    pub fn write(&self, record: &Record<'_>) {
         let Some(sink) = &self.sink else { return };
-        if let Value::Object(map) = &mut record {
-            map.insert("time".into(), json!(now_rfc3339()));
-        }
-        let mut line = record.to_string();
-        line.push('\n');
-        let result = match sink.lock() {
-            Ok(mut sink) => match &mut *sink {
-                Sink::File(file) => file.write_all(line.as_bytes()),
-                Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-            },
-            Err(_) => Err(std::io::Error::other("audit lock poisoned")),
+        let line = Line {
+            record,
+            time: now_rfc3339(),
+        };
+        let mut line = match serde_json::to_vec(&line) {
+            Ok(line) => line,
+            Err(err) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, "audit record could not be serialised");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let result = match &mut *sink.lock() {
+            Sink::File(file) => file.write_all(&line),
+            Sink::Stdout => std::io::stdout().lock().write_all(&line),
         };
         if let Err(err) = result {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -103,11 +198,14 @@ impl Audit {
 
     /// Flushes buffered data to disk.
     pub fn flush(&self) {
-        if let Some(Ok(mut sink)) = self.sink.as_ref().map(Mutex::lock) {
-            let _ = match &mut *sink {
+        if let Some(sink) = &self.sink {
+            let flushed = match &mut *sink.lock() {
                 Sink::File(file) => file.sync_data(),
                 Sink::Stdout => std::io::stdout().flush(),
             };
+            if let Err(err) = flushed {
+                tracing::warn!(error = %err, "the audit log could not be flushed");
+            }
         }
     }
 }
@@ -142,6 +240,7 @@ pub fn digest(arguments: &Value) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn appends_one_line_per_record() {
@@ -149,15 +248,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let audit = Audit::open(path.to_str().unwrap(), false).unwrap();
-        audit.write(json!({"tool": "a", "decision": "allow"}));
-        audit.write(json!({"tool": "b", "decision": "deny"}));
+        let outcome = |tool, outcome| Record::Outcome {
+            call_id: 1,
+            server: "s",
+            tool,
+            upstream_latency_ms: 1.0,
+            outcome,
+        };
+        audit.write(&outcome("a", "forwarded"));
+        audit.write(&outcome("b", "upstream_error"));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[1]["decision"], "deny");
+        assert_eq!(lines[1]["event"], "outcome");
+        assert_eq!(lines[1]["outcome"], "upstream_error");
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -1,8 +1,9 @@
 //! The configuration file (`tollgate.yaml`, SPEC §3), parsed once into typed values.
 //!
-//! `${VAR}` references are expanded from the environment after parsing, string by
-//! string, so a value can never change the YAML structure around it. Every problem
-//! in a file is reported, each with its location or its path in the document.
+//! `${VAR}` references are expanded from the environment over the whole parsed YAML
+//! tree before it is deserialised, string by string: every field can use them, and
+//! a value can never change the YAML structure around it. Every problem in a file
+//! is reported, each with its location or its path in the document.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,9 +21,12 @@ pub struct ConfigError {
 }
 
 /// The whole configuration file.
+pub type Config = ConfigOf<ServerConfig>;
+
+/// The configuration with servers of type `S`: [`RawServer`] as read, [`ServerConfig`] once checked.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct ConfigOf<S> {
     /// Where the proxy listens (default 127.0.0.1:8080).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -51,7 +55,7 @@ pub struct Config {
     #[serde(default = "default_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
     /// The upstream MCP servers, by name.
-    pub servers: BTreeMap<String, ServerConfig>,
+    pub servers: BTreeMap<String, S>,
 }
 
 /// `admin:`.
@@ -137,10 +141,57 @@ pub enum Transport {
     Stdio,
 }
 
-/// One entry of `servers:`.
+/// One entry of `servers:`, checked: how its upstream is reached is one value.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How the upstream is reached.
+    pub upstream: UpstreamConfig,
+    /// Headers sent upstream (HTTP and legacy SSE upstreams).
+    pub headers: BTreeMap<String, String>,
+    /// The policy file, relative to the configuration file.
+    pub policy: PathBuf,
+    /// Per upstream request.
+    pub timeout: Duration,
+}
+
+/// Where and how an upstream is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamConfig {
+    /// Streamable HTTP at this URL.
+    Http {
+        /// The MCP endpoint.
+        url: String,
+    },
+    /// The 2024-11-05 HTTP+SSE transport at this URL.
+    Sse {
+        /// The SSE endpoint.
+        url: String,
+    },
+    /// A program Tollgate starts, speaking newline-delimited JSON-RPC.
+    Stdio {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Extra environment variables.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+}
+
+impl UpstreamConfig {
+    /// The URL of a network upstream.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            UpstreamConfig::Http { url } | UpstreamConfig::Sse { url } => Some(url),
+            UpstreamConfig::Stdio { .. } => None,
+        }
+    }
+}
+
+/// One entry of `servers:` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerConfig {
+pub struct RawServer {
     /// The upstream's MCP endpoint.
     #[serde(default)]
     pub url: Option<String>,
@@ -292,6 +343,48 @@ pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
+/// Expands `${VAR}` in every string scalar of `tree`; problems are reported with
+/// their path (`servers.a.url`).
+fn expand_tree(
+    tree: &mut serde_yaml::Value,
+    path: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match tree {
+        serde_yaml::Value::String(text) => match expand_env(text, lookup) {
+            Ok(expanded) => *text = expanded,
+            Err(err) => problems.push(format!("{path}: {err}")),
+        },
+        serde_yaml::Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_tree(item, &format!("{path}[{i}]"), lookup, problems);
+            }
+        }
+        serde_yaml::Value::Mapping(map) => {
+            for (key, value) in map.iter_mut() {
+                let key = match key {
+                    serde_yaml::Value::String(k) => k.clone(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                };
+                expand_tree(value, &join(&key), lookup, problems);
+            }
+        }
+        serde_yaml::Value::Tagged(tagged) => expand_tree(&mut tagged.value, path, lookup, problems),
+        _ => {}
+    }
+}
+
 impl Config {
     /// Parses, expands `${VAR}` with `lookup`, and validates. Pure: the caller reads files.
     pub fn from_yaml(
@@ -299,105 +392,56 @@ impl Config {
         origin: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            tollgate_policy::from_yaml_str(source, origin).map_err(|errors| ConfigError {
-                problems: errors.to_string().lines().map(str::to_owned).collect(),
-            })?;
-        let mut problems = Vec::new();
-        let mut expand = |path: String, value: &mut String| match expand_env(value, lookup) {
-            Ok(expanded) => *value = expanded,
-            Err(err) => problems.push(format!("{origin}: {path}: {err}")),
+        let located = |errors: tollgate_policy::PolicyErrors| ConfigError {
+            problems: errors.to_string().lines().map(str::to_owned).collect(),
         };
-        if let Some(admin) = &mut config.admin
-            && let Some(token) = &mut admin.token
-        {
-            expand("admin.token".into(), token);
+        let mut tree: serde_yaml::Value =
+            tollgate_policy::from_yaml_str(source, origin).map_err(located)?;
+        let mut problems = Vec::new();
+        expand_tree(&mut tree, "", lookup, &mut problems);
+        // A mistake in the text as written has a line and column; one that only the
+        // expanded values have is named by its path.
+        let as_written = || {
+            tollgate_policy::from_yaml_str::<ConfigOf<RawServer>>(source, origin)
+                .err()
+                .map(|errors| located(errors).problems)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|problem| !problem.contains("${"))
+        };
+        if !problems.is_empty() {
+            let mut all: Vec<String> = as_written().collect();
+            all.extend(problems.iter().map(|p| format!("{origin}: {p}")));
+            return Err(ConfigError { problems: all });
         }
-        for (i, client) in config.clients.iter_mut().enumerate() {
-            expand(format!("clients[{i}].key"), &mut client.key);
-        }
-        if let Some(approvals) = &mut config.approvals
-            && let Some(hook) = &mut approvals.webhook
-        {
-            expand("approvals.webhook".into(), hook);
-        }
-        for (name, server) in &mut config.servers {
-            if let Some(url) = &mut server.url {
-                expand(format!("servers.{name}.url"), url);
+        let raw: ConfigOf<RawServer> = match serde_path_to_error::deserialize(tree) {
+            Ok(raw) => raw,
+            Err(err) => {
+                let mut all: Vec<String> = as_written().collect();
+                if all.is_empty() {
+                    all.push(format!("{origin}: {}: {}", err.path(), err.inner()));
+                }
+                return Err(ConfigError { problems: all });
             }
-            for (key, value) in &mut server.headers {
-                expand(format!("servers.{name}.headers.{key}"), value);
-            }
-            for (key, value) in &mut server.env {
-                expand(format!("servers.{name}.env.{key}"), value);
-            }
-            for (i, arg) in server.command.iter_mut().flatten().enumerate() {
-                expand(format!("servers.{name}.command[{i}]"), arg);
-            }
-        }
-        // Checking values that failed to expand would only repeat the same problem.
-        if problems.is_empty() {
-            problems.extend(config.check().into_iter().map(|p| format!("{origin}: {p}")));
-        }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
-        }
+        };
+
+        raw.check().map_err(|problems| ConfigError {
+            problems: problems.iter().map(|p| format!("{origin}: {p}")).collect(),
+        })
     }
 
-    /// Semantic checks that serde cannot express.
-    fn check(&self) -> Vec<String> {
+    /// Policy file of `server`, resolved against the configuration file's directory.
+    pub fn policy_path(&self, config_dir: &Path, server: &ServerConfig) -> PathBuf {
+        config_dir.join(&server.policy)
+    }
+}
+
+impl ConfigOf<RawServer> {
+    /// Semantic checks that serde cannot express; every problem is reported.
+    fn check(self) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
-        }
-        for (name, server) in &self.servers {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                problems.push(format!(
-                    "servers.{name}: a server name may use only letters, digits, `-` and `_` (it is part of the URL path)"
-                ));
-            }
-            match (
-                server.url.as_deref(),
-                server.command.as_deref(),
-                server.transport(),
-            ) {
-                (Some(_), Some(_), _) => problems.push(format!(
-                    "servers.{name}: set either `url` or `command`, not both"
-                )),
-                (None, None, _) => problems.push(format!(
-                    "servers.{name}: needs `url` (an HTTP upstream) or `command` (a stdio upstream)"
-                )),
-                (Some(url), None, _) => {
-                    if reqwest::Url::parse(url)
-                        .map(|u| !matches!(u.scheme(), "http" | "https"))
-                        .unwrap_or(true)
-                    {
-                        problems.push(format!("servers.{name}.url: `{url}` is not an http(s) URL"));
-                    }
-                }
-                (None, Some([]), _) => problems.push(format!(
-                    "servers.{name}.command: needs at least the program to run"
-                )),
-                (None, Some(_), _) => {}
-            }
-            if let Some(Transport::Stdio) = server.transport
-                && server.command.is_none()
-            {
-                problems.push(format!("servers.{name}.transport: `stdio` needs `command`"));
-            }
-            for header in server.headers.keys() {
-                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                    problems.push(format!(
-                        "servers.{name}.headers: `{header}` is not a valid header name"
-                    ));
-                }
-            }
         }
         let mut seen = std::collections::HashSet::new();
         for client in &self.clients {
@@ -411,22 +455,118 @@ impl Config {
                 ));
             }
         }
-        problems
-    }
-
-    /// Policy file of `server`, resolved against the configuration file's directory.
-    pub fn policy_path(&self, config_dir: &Path, server: &ServerConfig) -> PathBuf {
-        config_dir.join(&server.policy)
+        let mut servers = BTreeMap::new();
+        for (name, raw) in self.servers {
+            if let Some(server) = raw.check(&name, &mut problems) {
+                servers.insert(name, server);
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(ConfigOf {
+            listen: self.listen,
+            admin: self.admin,
+            clients: self.clients,
+            audit: self.audit,
+            limits: self.limits,
+            allowed_origins: self.allowed_origins,
+            allowed_hosts: self.allowed_hosts,
+            approvals: self.approvals,
+            shutdown_grace: self.shutdown_grace,
+            servers,
+        })
     }
 }
 
-impl ServerConfig {
-    /// The transport, explicit or inferred.
-    pub fn transport(&self) -> Transport {
-        self.transport.unwrap_or(if self.command.is_some() {
+impl RawServer {
+    /// The checked server, or `None` with its problems added to `problems`.
+    fn check(self, name: &str, problems: &mut Vec<String>) -> Option<ServerConfig> {
+        let before = problems.len();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!(
+                "servers.{name}: a server name may use only letters, digits, `-` and `_` (it is part of the URL path)"
+            ));
+        }
+        for header in self.headers.keys() {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                problems.push(format!(
+                    "servers.{name}.headers: `{header}` is not a valid header name"
+                ));
+            }
+        }
+        let transport = self.transport.unwrap_or(if self.command.is_some() {
             Transport::Stdio
         } else {
             Transport::Http
+        });
+        let upstream = match (self.url, self.command, transport) {
+            (Some(_), Some(_), _) => {
+                problems.push(format!(
+                    "servers.{name}: set either `url` or `command`, not both"
+                ));
+                None
+            }
+            (None, None, _) => {
+                problems.push(format!(
+                    "servers.{name}: needs `url` (an HTTP upstream) or `command` (a stdio upstream)"
+                ));
+                None
+            }
+            (Some(url), None, Transport::Stdio) => {
+                problems.push(format!(
+                    "servers.{name}.transport: `stdio` needs `command`, not `url` ({url})"
+                ));
+                None
+            }
+            (Some(url), None, transport) => {
+                if reqwest::Url::parse(&url)
+                    .map(|u| !matches!(u.scheme(), "http" | "https"))
+                    .unwrap_or(true)
+                {
+                    problems.push(format!("servers.{name}.url: `{url}` is not an http(s) URL"));
+                }
+                Some(if transport == Transport::Sse {
+                    UpstreamConfig::Sse { url }
+                } else {
+                    UpstreamConfig::Http { url }
+                })
+            }
+            (None, Some(command), Transport::Stdio) if command.is_empty() => {
+                problems.push(format!(
+                    "servers.{name}.command: needs at least the program to run"
+                ));
+                None
+            }
+            (None, Some(command), Transport::Stdio) => Some(UpstreamConfig::Stdio {
+                command,
+                env: self.env,
+                cwd: self.cwd,
+            }),
+            (None, Some(_), other) => {
+                problems.push(format!(
+                    "servers.{name}.transport: `{}` needs `url`, not `command`",
+                    if other == Transport::Sse {
+                        "sse"
+                    } else {
+                        "http"
+                    }
+                ));
+                None
+            }
+        };
+        if problems.len() > before {
+            return None;
+        }
+        Some(ServerConfig {
+            upstream: upstream?,
+            headers: self.headers,
+            policy: self.policy,
+            timeout: self.timeout,
         })
     }
 }

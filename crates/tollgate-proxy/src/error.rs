@@ -53,7 +53,7 @@ pub enum ProxyError {
     UnknownSession,
     /// `limits.max_sessions` reached.
     #[error(transparent)]
-    SessionsFull(#[from] crate::session::SessionsFull),
+    SessionsFull(#[from] crate::store::sessions::SessionsFull),
     /// No server of that name.
     #[error("no MCP server is served at this path; servers are at /servers/<name>/mcp")]
     UnknownServer,

@@ -1,44 +1,47 @@
-//! Tollgate's proxy: the axum server in front of upstream MCP servers.
+//! Tollgate's proxy: the server in front of upstream MCP servers.
 //!
-//! A request passes named stages: guard → authenticate → decode → session →
-//! evaluate → audit → forward. The policy is read from an atomically swapped
-//! snapshot on every request, so a reload applies to the next call and never to
-//! one in flight. Messages stay `serde_json::Value`s end to end: only what the
-//! policy needs is typed, and everything else passes through untouched.
+//! Three front doors (Streamable HTTP, legacy HTTP+SSE, stdio) authenticate and
+//! decode each message once and hand it to one core (`pipeline`), whose stages run
+//! in order: inbound → session → decide → held → call → relay (and batch). The
+//! core reaches upstreams only through the `Upstream` interface (Streamable HTTP,
+//! or a bridge to stdio and legacy SSE servers), and keeps what outlives a request
+//! in narrow stores. The policy is read from an atomically swapped snapshot on
+//! every request, so a reload applies to the next call and never to one in
+//! flight. docs/architecture.md draws the modules and their one-way imports.
 
 mod admin;
+mod app;
 mod approvals;
 mod audit;
 mod config;
-mod enforce;
+mod downstream;
 mod error;
-mod forward;
-mod frontend;
-mod hold;
-mod http;
-mod legacy;
 mod metrics;
-mod ops;
+mod pipeline;
 mod reload;
-mod session;
 mod state;
+mod store;
 pub mod upstream;
-mod webhook;
 
 pub use admin::{Admin, admin_router};
-pub use approvals::{Approval, Approvals, Status as ApprovalStatus};
-pub use audit::{Audit, AuditOpenError, digest};
+pub use app::AppState;
+pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
-    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, Limits, ServerConfig, Transport,
-    expand_env, parse_duration, parse_size,
+    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits, RawServer,
+    ServerConfig, Transport, UpstreamConfig, expand_env, parse_duration, parse_size,
 };
-pub use enforce::refusal;
+pub use downstream::conversation::Conversation;
 pub use error::ProxyError;
-pub use frontend::Relay;
-pub use http::router;
 pub use metrics::Metrics;
+pub use pipeline::decide::refusal;
 pub use reload::{PolicyWatcher, ReloadReport, reload_all, watch};
-pub use state::{AppState, BuildError, LoadedPolicy, PolicyInfo, Server, Upstream};
+pub use state::{BuildError, LoadedPolicy, PolicyInfo, Server, Shared};
+pub use store::approvals::{Approval, Approvals, Status as ApprovalStatus};
+
+/// The proxy's router (every route of the proxy listener).
+pub fn router(state: AppState) -> axum::Router {
+    downstream::http::router(state.doors().clone())
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +69,7 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        // The deadline below may be gone already, when the server ended first.
         let _ = stopping_tx.send(());
     };
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -110,7 +114,9 @@ pub fn prepare_admin(
     if token.is_none() && !bound.ip().is_loopback() {
         return Err(AdminStartError::TokenRequired(bound));
     }
-    let _ = state.admin_url.set(format!("http://{bound}"));
+    if state.admin_url.set(format!("http://{bound}")).is_err() {
+        tracing::debug!("the admin URL was already recorded");
+    }
     Ok(Admin {
         app: state.clone(),
         token: token.map(Into::into),

@@ -3,8 +3,8 @@
 //! Tool names come from clients, so they are bounded before they become label
 //! values: past [`MAX_TOOL_LABELS`] distinct names, the rest count as `other`.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -151,9 +151,7 @@ impl Metrics {
     }
 
     fn tool_label(&self, tool: &str) -> String {
-        let Ok(mut seen) = self.tools_seen.lock() else {
-            return "other".into();
-        };
+        let mut seen = self.tools_seen.lock();
         if seen.contains(tool) {
             return tool.to_owned();
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 
-use crate::state::{AppState, LoadedPolicy, Server};
+use crate::state::{LoadedPolicy, Server, Shared};
 
 /// How long the policy directories must be quiet before the watcher reloads.
 const SETTLE: Duration = Duration::from_millis(150);
@@ -31,11 +31,11 @@ pub struct ReloadReport {
     pub error: Option<String>,
 }
 
-fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
+fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
     // Held from the read to the swap: the watcher, SIGHUP and `POST /reload` may
     // race, and a reload that read the file earlier must not swap in its older
     // text after one that read it later.
-    let mut info = server.policy_info.lock().ok()?;
+    let mut info = server.policy_info.lock();
     let path = info.path.clone()?;
     let report = |result, error| {
         Some(ReloadReport {
@@ -81,7 +81,7 @@ fn reload_server(app: &AppState, server: &Server) -> Option<ReloadReport> {
 }
 
 /// Re-reads every server's policy file.
-pub fn reload_all(app: &AppState) -> Vec<ReloadReport> {
+pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
     app.servers
         .values()
         .filter_map(|server| reload_server(app, server))
@@ -96,11 +96,11 @@ pub struct PolicyWatcher {
 /// Watches the directories of every policy file. Directories, not files:
 /// editors and Kubernetes ConfigMap mounts replace files (atomic rename,
 /// `..data` symlink swap), which a watch on the old file would miss.
-pub fn watch(app: &AppState) -> notify::Result<PolicyWatcher> {
+pub fn watch(app: &Arc<Shared>) -> notify::Result<PolicyWatcher> {
     let dirs: BTreeSet<PathBuf> = app
         .servers
         .values()
-        .filter_map(|s| s.policy_info.lock().ok()?.path.clone())
+        .filter_map(|s| s.policy_info.lock().path.clone())
         .map(|p| {
             p.parent()
                 .map(ToOwned::to_owned)
@@ -117,6 +117,7 @@ pub fn watch(app: &AppState) -> notify::Result<PolicyWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            // The receiver lives as long as the watcher task; gone means shutting down.
             let _ = tx.send(());
         }
     })?;

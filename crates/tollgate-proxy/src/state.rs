@@ -1,77 +1,47 @@
-//! The proxy's shared state, built once from the configuration.
+//! What every request shares: the servers (each with its policy, rate-limit
+//! windows and upstream), sessions, approvals, the audit log and metrics.
+//!
+//! Built once from the configuration. This module sits below everything that
+//! handles requests and imports nothing above it.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use governor::{DefaultKeyedRateLimiter, Quota};
-use tollgate_policy::{Policy, RateLimiter};
+use parking_lot::Mutex;
+use tollgate_policy::Policy;
 
-use crate::approvals::Approvals;
 use crate::audit::Audit;
-use crate::config::{Config, ServerConfig};
-use crate::session::Sessions;
+use crate::config::{Config, ServerConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::store::approvals::Approvals;
+use crate::store::limits::CallLimits;
+use crate::store::sessions::Sessions;
+use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
 /// One upstream MCP server and the policy that guards it.
 pub struct Server {
     /// Its name in the configuration, used in paths, logs and errors.
     pub name: Arc<str>,
     /// How it is reached.
-    pub upstream: Upstream,
+    pub upstream: Box<dyn Upstream>,
     /// Where it is, for messages: its URL or command line.
     pub location: String,
-    /// Headers sent with every upstream request.
-    pub headers: HeaderMap,
+    /// The configuration key to check when it cannot be reached.
+    pub location_key: String,
+    /// Host and port to try for readiness, for network upstreams.
+    pub network_address: Option<(String, u16)>,
     /// Per upstream request.
     pub timeout: Duration,
     /// The policy in force; swapped whole on reload, read once per request.
     pub policy: ArcSwap<Policy>,
     /// Rolling-window rate-limit state, kept across reloads.
-    pub limiter: Mutex<RateLimiter>,
+    pub limits: CallLimits,
     /// Where the policy came from and how its last reload went.
     pub policy_info: Mutex<PolicyInfo>,
-}
-
-impl Server {
-    /// Gives a rate-limit slot back: the call it was taken for never reached the tool.
-    pub fn release(&self, slot: Option<tollgate_policy::Slot>) {
-        if let (Some(slot), Ok(mut limiter)) = (slot, self.limiter.lock()) {
-            limiter.release(slot);
-        }
-    }
-}
-
-/// How an upstream is reached.
-pub enum Upstream {
-    /// Streamable HTTP at this endpoint.
-    Http(reqwest::Url),
-    /// A stdio process or a legacy HTTP+SSE server, through a bridge.
-    Bridged(Arc<crate::upstream::Bridge>),
-}
-
-impl Server {
-    /// The config key to check when the upstream fails.
-    pub fn location_key(&self) -> String {
-        match &self.upstream {
-            Upstream::Bridged(_) if self.location.starts_with("http") => {
-                format!("servers.{}.url", self.name)
-            }
-            Upstream::Bridged(_) => format!("servers.{}.command", self.name),
-            Upstream::Http(_) => format!("servers.{}.url", self.name),
-        }
-    }
-
-    /// Host and port to try for readiness, for network upstreams.
-    pub fn network_address(&self) -> Option<(String, u16)> {
-        let url = match &self.upstream {
-            Upstream::Http(url) => url.clone(),
-            Upstream::Bridged(_) => reqwest::Url::parse(&self.location).ok()?,
-        };
-        Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
-    }
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -123,75 +93,32 @@ impl LoadedPolicy {
     }
 }
 
-/// An authenticated client.
-pub struct Client {
-    /// Its name.
-    pub name: Arc<str>,
-    /// Its bearer key.
-    pub key: Vec<u8>,
-}
-
-/// Tollgate's own requests to clients awaiting an answer: id → (session, reply).
-pub type PendingElicitations = std::collections::HashMap<
-    String,
-    (
-        Option<Arc<str>>,
-        tokio::sync::oneshot::Sender<serde_json::Value>,
-    ),
->;
-
 /// Everything the request handlers share.
 pub struct Shared {
     /// Servers by name.
-    pub servers: BTreeMap<String, Arc<Server>>,
+    pub(crate) servers: BTreeMap<String, Arc<Server>>,
     /// Handshake-era sessions.
-    pub sessions: Sessions,
-    /// Open downstream legacy HTTP+SSE streams.
-    pub legacy: crate::legacy::LegacyClients,
-    /// Authenticated clients; empty means no authentication.
-    pub clients: Vec<Client>,
+    pub(crate) sessions: Sessions,
     /// The audit log.
-    pub audit: Audit,
-    /// Largest body accepted.
-    pub max_body: usize,
-    /// Browser origins allowed.
-    pub allowed_origins: Vec<String>,
-    /// Extra host names allowed on a loopback listener.
-    pub allowed_hosts: Vec<String>,
-    /// Whether the listener is on a loopback address (enables the Host check).
-    pub loopback: bool,
-    /// The upstream HTTP client (connection pool).
-    pub http: reqwest::Client,
+    pub(crate) audit: Audit,
+    /// Largest body accepted from a client.
+    pub(crate) max_body: usize,
+    /// The HTTP client (connection pool) for upstreams and webhooks.
+    pub(crate) http: reqwest::Client,
     /// Every process started for stdio upstreams.
-    pub children: Arc<crate::upstream::stdio::Children>,
+    pub(crate) children: Arc<stdio::Children>,
     /// Time zero for the policy engine's clock.
-    pub epoch: Instant,
-    /// Per-client request rate, protecting the proxy itself.
-    pub client_rate: Option<DefaultKeyedRateLimiter<String>>,
+    epoch: Instant,
     /// Calls waiting for a human.
-    pub approvals: Arc<Approvals>,
+    pub(crate) approvals: Arc<Approvals>,
     /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
-    /// Tollgate's own `elicitation/create` requests awaiting the client's answer, by
-    /// request id, with the session they were sent on.
-    pub elicitations: Mutex<PendingElicitations>,
+    pub(crate) metrics: Metrics,
     /// Base URL of the admin listener once bound; approvals need it.
-    pub admin_url: std::sync::OnceLock<String>,
+    pub(crate) admin_url: std::sync::OnceLock<String>,
     /// POSTed for each new pending approval.
-    pub webhook: Option<reqwest::Url>,
+    pub(crate) webhook: Option<reqwest::Url>,
     /// Webhook deliveries that failed after every retry.
-    pub webhook_failures: std::sync::atomic::AtomicU64,
-}
-
-/// Cheap-to-clone handle on [`Shared`].
-#[derive(Clone)]
-pub struct AppState(pub Arc<Shared>);
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
+    pub(crate) webhook_failures: AtomicU64,
 }
 
 /// Why the proxy could not be built from a valid configuration.
@@ -200,9 +127,6 @@ pub enum BuildError {
     /// A server has no policy loaded.
     #[error("server `{0}`: no policy was loaded for it")]
     MissingPolicy(String),
-    /// A server has neither a URL nor a command.
-    #[error("server `{0}`: needs `url` or `command`")]
-    NoUpstream(String),
     /// A header value cannot be sent.
     #[error("server `{0}`: header `{1}` has a value that cannot be sent in HTTP")]
     BadHeader(String, String),
@@ -220,8 +144,8 @@ pub enum BuildError {
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
 struct UpstreamKit<'a> {
     http: &'a reqwest::Client,
-    children: &'a Arc<crate::upstream::stdio::Children>,
-    max_line: usize,
+    children: &'a Arc<stdio::Children>,
+    max_message: usize,
 }
 
 fn build_server(
@@ -230,53 +154,71 @@ fn build_server(
     loaded: LoadedPolicy,
     kit: &UpstreamKit<'_>,
 ) -> Result<Server, BuildError> {
-    use crate::config::Transport;
-    use crate::upstream::{Bridge, Connector, legacy_sse, stdio};
-    let parse_url = |text: &String| {
+    let parse_url = |text: &str| {
         reqwest::Url::parse(text)
-            .map_err(|e| BuildError::BadUrl(name.into(), text.clone(), e.to_string()))
+            .map_err(|e| BuildError::BadUrl(name.into(), text.to_owned(), e.to_string()))
     };
     let headers = build_headers(name, config)?;
-    let bridge = |connector| {
-        Upstream::Bridged(Arc::new(Bridge::new(
+    let bridge = |connector| -> Box<dyn Upstream> {
+        Box::new(Bridge::new(
             name.into(),
             connector,
             kit.http.clone(),
             kit.children.clone(),
-        )))
+            config.timeout,
+        ))
     };
-    let (upstream, location) = match (config.transport(), &config.url, &config.command) {
-        (Transport::Http, Some(url), _) => (Upstream::Http(parse_url(url)?), url.clone()),
-        (Transport::Sse, Some(url), _) => {
-            let target = legacy_sse::Target {
-                server: name.into(),
-                url: parse_url(url)?,
-                headers: headers.clone(),
-                timeout: config.timeout,
-            };
-            (bridge(Connector::LegacySse(target)), url.clone())
-        }
-        (Transport::Stdio, _, Some(argv)) => {
-            let command = stdio::Command {
-                server: name.into(),
-                argv: argv.clone(),
-                env: config.env.clone(),
-                cwd: config.cwd.clone(),
-                max_line: kit.max_line,
-            };
-            let location = command.display();
-            (bridge(Connector::Stdio(command)), location)
-        }
-        _ => return Err(BuildError::NoUpstream(name.into())),
-    };
+    let (upstream, location, location_key, network): (Box<dyn Upstream>, _, _, _) =
+        match &config.upstream {
+            UpstreamConfig::Http { url } => {
+                let parsed = parse_url(url)?;
+                let network = address_of(&parsed);
+                let upstream = HttpUpstream::new(
+                    kit.http.clone(),
+                    parsed,
+                    headers,
+                    config.timeout,
+                    kit.max_message,
+                );
+                (Box::new(upstream), url.clone(), "url", network)
+            }
+            UpstreamConfig::Sse { url } => {
+                let parsed = parse_url(url)?;
+                let network = address_of(&parsed);
+                let target = legacy_sse::Target {
+                    server: name.into(),
+                    url: parsed,
+                    headers,
+                    timeout: config.timeout,
+                };
+                (
+                    bridge(Connector::LegacySse(target)),
+                    url.clone(),
+                    "url",
+                    network,
+                )
+            }
+            UpstreamConfig::Stdio { command, env, cwd } => {
+                let command = stdio::Command {
+                    server: name.into(),
+                    argv: command.clone(),
+                    env: env.clone(),
+                    cwd: cwd.clone(),
+                    max_line: kit.max_message,
+                };
+                let location = command.display();
+                (bridge(Connector::Stdio(command)), location, "command", None)
+            }
+        };
     Ok(Server {
         name: name.into(),
         upstream,
         location,
-        headers,
+        location_key: format!("servers.{name}.{location_key}"),
+        network_address: network,
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
-        limiter: Mutex::new(RateLimiter::new()),
+        limits: CallLimits::default(),
         policy_info: Mutex::new(PolicyInfo {
             path: loaded.path,
             hash: loaded.hash,
@@ -285,6 +227,10 @@ fn build_server(
             failed_hash: None,
         }),
     })
+}
+
+fn address_of(url: &reqwest::Url) -> Option<(String, u16)> {
+    Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
 }
 
 fn build_headers(name: &str, config: &ServerConfig) -> Result<HeaderMap, BuildError> {
@@ -299,12 +245,37 @@ fn build_headers(name: &str, config: &ServerConfig) -> Result<HeaderMap, BuildEr
     Ok(headers)
 }
 
-impl AppState {
+impl Shared {
+    /// The servers, by name.
+    pub fn servers(&self) -> &BTreeMap<String, Arc<Server>> {
+        &self.servers
+    }
+
+    /// Pending and settled approvals.
+    pub fn approvals(&self) -> &Arc<Approvals> {
+        &self.approvals
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The largest body accepted from a client (`limits.max_body`).
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// Builds the state from a validated configuration and each server's compiled policy.
     pub fn build(
         config: &Config,
         mut policies: BTreeMap<String, LoadedPolicy>,
-    ) -> Result<AppState, BuildError> {
+    ) -> Result<Shared, BuildError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -312,12 +283,13 @@ impl AppState {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| BuildError::Http(e.to_string()))?;
-        let children = Arc::new(crate::upstream::stdio::Children::default());
+        let children = Arc::new(stdio::Children::default());
+        // A message from an upstream may be as large as four of a client's.
+        let max_message = config.limits.max_body.max(1 << 20) * 4;
         let kit = UpstreamKit {
             http: &http,
             children: &children,
-            // A message from a stdio upstream may be as large as one from a client.
-            max_line: config.limits.max_body.max(1 << 20) * 4,
+            max_message,
         };
         let mut servers = BTreeMap::new();
         for (name, server) in &config.servers {
@@ -339,36 +311,20 @@ impl AppState {
             })?),
             None => None,
         };
-        let client_rate = NonZeroU32::new(config.limits.requests_per_second)
-            .map(|rps| DefaultKeyedRateLimiter::keyed(Quota::per_second(rps)));
-        Ok(AppState(Arc::new(Shared {
+        Ok(Shared {
             servers,
             sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
-            legacy: crate::legacy::LegacyClients::default(),
-            clients: config
-                .clients
-                .iter()
-                .map(|c| Client {
-                    name: c.name.as_str().into(),
-                    key: c.key.as_bytes().to_vec(),
-                })
-                .collect(),
             audit,
             max_body: config.limits.max_body,
-            allowed_origins: config.allowed_origins.clone(),
-            allowed_hosts: config.allowed_hosts.clone(),
-            loopback: config.listen.ip().is_loopback(),
             http,
             children,
             epoch: Instant::now(),
-            client_rate,
             approvals: Arc::new(Approvals::new()),
-            metrics: crate::metrics::Metrics::new(),
-            elicitations: Mutex::new(std::collections::HashMap::new()),
+            metrics: Metrics::new(),
             admin_url: std::sync::OnceLock::new(),
             webhook,
-            webhook_failures: std::sync::atomic::AtomicU64::new(0),
-        })))
+            webhook_failures: AtomicU64::new(0),
+        })
     }
 
     /// The engine's clock: time since the proxy started.
@@ -376,33 +332,24 @@ impl AppState {
         self.epoch.elapsed()
     }
 
-    /// Ends every upstream session of bridged upstreams and every child process.
+    /// Ends every upstream session and every child process.
     pub async fn shutdown_upstreams(&self) {
         for server in self.servers.values() {
-            if let Upstream::Bridged(bridge) = &server.upstream {
-                bridge.shutdown().await;
-            }
+            server.upstream.shutdown().await;
         }
         let children = self.children.clone();
-        let _ = tokio::task::spawn_blocking(move || children.shutdown()).await;
+        if let Err(err) = tokio::task::spawn_blocking(move || children.shutdown()).await {
+            tracing::error!(error = %err, "ending the stdio upstreams failed");
+        }
     }
 
-    /// Drops state for idle sessions and clients; run periodically.
+    /// Drops state for idle sessions and empty rate-limit windows; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
-        for server in self.servers.values() {
-            if let Upstream::Bridged(bridge) = &server.upstream {
-                bridge.sweep(self.sessions.idle());
-            }
-        }
-        if let Some(rate) = &self.client_rate {
-            rate.retain_recent();
-        }
         let now = self.now();
         for server in self.servers.values() {
-            if let Ok(mut limiter) = server.limiter.lock() {
-                limiter.sweep(now);
-            }
+            server.upstream.sweep(self.sessions.idle());
+            server.limits.sweep(now);
         }
     }
 }

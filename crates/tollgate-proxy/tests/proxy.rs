@@ -600,7 +600,7 @@ async fn wait_for_pending(h: &Harness) -> String {
     for _ in 0..100 {
         if let Some(a) = h
             .state
-            .approvals
+            .approvals()
             .list()
             .into_iter()
             .find(|a| a.status == tollgate_proxy::ApprovalStatus::Pending)
@@ -641,7 +641,7 @@ async fn approval_holds_the_call_until_a_human_decides() {
     assert_eq!(h.demo.calls(), 0, "held, not forwarded");
     assert_eq!(
         h.state
-            .metrics
+            .metrics()
             .open_streams
             .load(std::sync::atomic::Ordering::Relaxed),
         1,
@@ -789,7 +789,7 @@ async fn denied_expired_and_abandoned_approvals_never_reach_the_upstream() {
     abandoned.abort();
     let mut status = None;
     for _ in 0..100 {
-        status = h.state.approvals.get(&id).map(|a| a.status);
+        status = h.state.approvals().get(&id).map(|a| a.status);
         if status != Some(tollgate_proxy::ApprovalStatus::Pending) {
             break;
         }
@@ -799,7 +799,7 @@ async fn denied_expired_and_abandoned_approvals_never_reach_the_upstream() {
     // Everything the vanished client held is freed, its stream included.
     let streams = || {
         h.state
-            .metrics
+            .metrics()
             .open_streams
             .load(std::sync::atomic::Ordering::Relaxed)
     };

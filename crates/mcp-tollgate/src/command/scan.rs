@@ -1,15 +1,21 @@
 //! `tollgate scan --upstream URL` / `tollgate scan -- CMD ARGS`: list an upstream's
 //! tools (every page) and print a starter policy.
 //!
-//! stdio and legacy SSE upstreams are reached through the proxy's own bridge, so
-//! `scan` speaks to them exactly as `serve` would.
+//! Every upstream is reached through the proxy's own `Upstream` implementations,
+//! so `scan` speaks to it exactly as `serve` would.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use futures::StreamExt;
 use serde_json::{Value, json};
+use tollgate_proxy::upstream::http::HttpUpstream;
+use tollgate_proxy::upstream::{
+    Body, Bridge, Connector, Owner, Payload, Request, Upstream, legacy_sse, stdio,
+};
 
 /// Arguments of `tollgate scan`.
 #[derive(Debug, clap::Args)]
@@ -61,124 +67,132 @@ pub fn run(args: ScanArgs) -> ExitCode {
     }
 }
 
-/// The upstream being scanned.
-enum Target {
-    Http {
-        http: reqwest::Client,
-        url: String,
-        authorization: Option<String>,
-    },
-    Bridged {
-        bridge: Box<tollgate_proxy::upstream::Bridge>,
-        children: std::sync::Arc<tollgate_proxy::upstream::stdio::Children>,
-    },
+/// The upstream being scanned, reached as the proxy reaches it.
+struct Target {
+    upstream: Box<dyn Upstream>,
+    location: String,
+    children: Arc<stdio::Children>,
 }
 
 impl Target {
     fn new(args: &ScanArgs) -> anyhow::Result<Target> {
-        use tollgate_proxy::upstream::{Bridge, Connector, legacy_sse, stdio};
         let http = reqwest::Client::builder().timeout(TIMEOUT).build()?;
-        let connector = match (&args.upstream, args.transport) {
-            (Some(url), UpstreamTransport::Http) => {
-                return Ok(Target::Http {
-                    http,
-                    url: url.clone(),
-                    authorization: args.authorization.clone(),
-                });
-            }
-            (Some(url), UpstreamTransport::Sse) => {
-                let mut headers = axum::http::HeaderMap::new();
-                if let Some(auth) = &args.authorization {
-                    headers.insert("authorization", auth.parse()?);
-                }
-                Connector::LegacySse(legacy_sse::Target {
-                    server: "scan".into(),
-                    url: reqwest::Url::parse(url)
-                        .with_context(|| format!("`{url}` is not a URL"))?,
-                    headers,
-                    timeout: TIMEOUT,
-                })
-            }
-            (None, _) => Connector::Stdio(stdio::Command {
-                server: "scan".into(),
-                argv: args.command.clone(),
-                env: Default::default(),
-                cwd: None,
-                max_line: 64 << 20,
-            }),
-        };
-        let children = std::sync::Arc::new(stdio::Children::default());
-        Ok(Target::Bridged {
-            bridge: Box::new(Bridge::new(
+        let mut headers = axum::http::HeaderMap::new();
+        if let Some(auth) = &args.authorization {
+            headers.insert("authorization", auth.parse()?);
+        }
+        let children = Arc::new(stdio::Children::default());
+        let parse =
+            |url: &str| reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"));
+        let bridge = |connector| -> Box<dyn Upstream> {
+            Box::new(Bridge::new(
                 "scan".into(),
                 connector,
-                http,
+                http.clone(),
                 children.clone(),
-            )),
+                TIMEOUT,
+            ))
+        };
+        let (upstream, location) = match (&args.upstream, args.transport) {
+            (Some(url), UpstreamTransport::Http) => {
+                let upstream =
+                    HttpUpstream::new(http.clone(), parse(url)?, headers, TIMEOUT, MAX_MESSAGE);
+                (Box::new(upstream) as Box<dyn Upstream>, url.clone())
+            }
+            (Some(url), UpstreamTransport::Sse) => {
+                let target = legacy_sse::Target {
+                    server: "scan".into(),
+                    url: parse(url)?,
+                    headers,
+                    timeout: TIMEOUT,
+                };
+                (bridge(Connector::LegacySse(target)), url.clone())
+            }
+            (None, _) => {
+                let command = stdio::Command {
+                    server: "scan".into(),
+                    argv: args.command.clone(),
+                    env: Default::default(),
+                    cwd: None,
+                    max_line: MAX_MESSAGE,
+                };
+                let location = command.display();
+                (bridge(Connector::Stdio(command)), location)
+            }
+        };
+        Ok(Target {
+            upstream,
+            location,
             children,
         })
     }
 
     fn describe(&self) -> String {
-        match self {
-            Target::Http { url, .. } => url.clone(),
-            Target::Bridged { bridge, .. } => bridge.location(),
-        }
+        self.location.clone()
     }
 
-    async fn post(&self, session: Option<&str>, body: Value) -> anyhow::Result<reqwest::Response> {
-        match self {
-            Target::Http {
-                http,
-                url,
-                authorization,
-            } => {
-                let mut request = http
-                    .post(url)
-                    .header("accept", "application/json, text/event-stream")
-                    .header("mcp-protocol-version", "2025-11-25")
-                    .json(&body);
-                if let Some(session) = session {
-                    request = request.header("mcp-session-id", session);
-                }
-                if let Some(auth) = authorization {
-                    request = request.header("authorization", auth);
-                }
-                request
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach {url}"))
-            }
-            Target::Bridged { bridge, .. } => {
-                let mut headers = axum::http::HeaderMap::new();
-                if let Some(session) = session {
-                    headers.insert("mcp-session-id", session.parse()?);
-                }
-                let answer = bridge.handle(
-                    axum::http::Method::POST,
-                    &headers,
-                    Some(serde_json::to_vec(&body)?),
-                );
-                let answer = tokio::time::timeout(TIMEOUT, answer)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "{} did not answer within {}s",
-                            bridge.location(),
-                            TIMEOUT.as_secs()
-                        )
-                    })?;
-                Ok(reqwest::Response::from(answer))
-            }
+    /// Sends `body` and returns the session the upstream issued and its answer (for
+    /// a request; `Null` for a notification). A JSON-RPC error fails `what`.
+    async fn post(
+        &self,
+        session: Option<&str>,
+        body: Value,
+        what: &str,
+    ) -> anyhow::Result<(Option<String>, Value)> {
+        let owner = Owner {
+            client: "scan".into(),
+            session: None,
+        };
+        let request = Request {
+            payload: Payload::One(&body),
+            session,
+            protocol_version: Some("2025-11-25"),
+            headers: &[],
+            owner: &owner,
+        };
+        let reply =
+            self.upstream.send(request).await.map_err(|failure| {
+                anyhow::anyhow!("{}: {what}: upstream {failure}", self.location)
+            })?;
+        if body.get("id").is_none() {
+            return Ok((reply.session, Value::Null));
         }
+        let answer = match reply.body {
+            Body::Json(json) => json.into_value().context("the answer is not JSON")?,
+            Body::Events(mut events) => loop {
+                let event = tokio::time::timeout(TIMEOUT, events.next())
+                    .await
+                    .with_context(|| format!("{what}: no answer within {}s", TIMEOUT.as_secs()))?;
+                match event {
+                    Some(Ok(event)) => {
+                        let message = event.data.into_value().context("an event is not JSON")?;
+                        if message.get("method").is_none() && message.get("id").is_some() {
+                            break message;
+                        }
+                    }
+                    Some(Err(failure)) => bail!("{what}: {failure}"),
+                    None => bail!("the SSE answer carried no JSON-RPC response"),
+                }
+            },
+            Body::Empty | Body::Other { .. } => {
+                bail!(
+                    "{what}: the upstream answered HTTP {} without JSON-RPC",
+                    reply.status
+                )
+            }
+        };
+        if let Some(error) = answer.get("error") {
+            bail!("{what} failed: {error}");
+        }
+        Ok((reply.session, answer))
     }
 
     /// Ends the upstream session and any process started for it.
     async fn close(&self) {
-        if let Target::Bridged { bridge, children } = self {
-            bridge.shutdown().await;
-            let children = children.clone();
-            let _ = tokio::task::spawn_blocking(move || children.shutdown()).await;
+        self.upstream.shutdown().await;
+        let children = self.children.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || children.shutdown()).await {
+            eprintln!("warning: ending the scanned server failed: {err}");
         }
     }
 }
@@ -186,49 +200,18 @@ impl Target {
 /// Bound on each exchange with the upstream.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The body of a JSON or single-message SSE answer.
-fn answer_of(content_type: &str, text: &str) -> anyhow::Result<Value> {
-    if content_type.starts_with("text/event-stream") {
-        let data = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim)
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .find(|v| v.get("id").is_some());
-        return data.context("the SSE answer carried no JSON-RPC response");
-    }
-    serde_json::from_str(text).context("the answer is not JSON")
-}
-
-/// The JSON-RPC answer of a response (JSON or SSE); a JSON-RPC error fails `what`.
-async fn read_answer(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
-    let kind = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let answer = answer_of(&kind, &response.text().await?)?;
-    if let Some(error) = answer.get("error") {
-        bail!("{what} failed: {error}");
-    }
-    Ok(answer)
-}
+/// Largest answer read from the upstream.
+const MAX_MESSAGE: usize = 64 << 20;
 
 async fn list_tools(target: &Target) -> anyhow::Result<Vec<Value>> {
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "tollgate-scan", "version": env!("CARGO_PKG_VERSION")}}});
-    let response = target.post(None, init).await?;
-    let session = response
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    read_answer(response, "initialize").await?;
+    let (session, _) = target.post(None, init, "initialize").await?;
     target
         .post(
             session.as_deref(),
             json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            "notifications/initialized",
         )
         .await?;
     let mut tools = Vec::new();
@@ -238,13 +221,13 @@ async fn list_tools(target: &Target) -> anyhow::Result<Vec<Value>> {
         if let Some(cursor) = &cursor {
             params["cursor"] = json!(cursor);
         }
-        let response = target
+        let (_, answer) = target
             .post(
                 session.as_deref(),
                 json!({"jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": params}),
+                "tools/list",
             )
             .await?;
-        let answer = read_answer(response, "tools/list").await?;
         tools.extend(
             answer
                 .pointer("/result/tools")

@@ -144,7 +144,7 @@ pub fn single_server_config(
 
 /// Watches policy files (for the life of the returned watcher) and reloads on SIGHUP.
 pub fn start_reloading(state: &AppState) -> Option<tollgate_proxy::PolicyWatcher> {
-    let watcher = match tollgate_proxy::watch(state) {
+    let watcher = match tollgate_proxy::watch(state.shared()) {
         Ok(watcher) => Some(watcher),
         Err(err) => {
             tracing::warn!(error = %err, "cannot watch policy files; reload with SIGHUP or POST /reload");
@@ -239,7 +239,7 @@ pub async fn run_proxy(
             shutdown_signal().await;
             // Nobody is left to decide: tell waiting agents now rather than at their deadline.
             state
-                .approvals
+                .approvals()
                 .deny_all("tollgate", "Tollgate is shutting down");
             let _ = stop_tx.send(true);
         });

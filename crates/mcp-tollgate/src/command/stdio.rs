@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
 use tollgate_mcp::{ErrorCode, error_response};
-use tollgate_proxy::{AppState, Config, LoadedPolicy, Relay};
+use tollgate_proxy::{AppState, Config, LoadedPolicy};
 
 use super::scan::UpstreamTransport;
 use super::serve::{
@@ -138,7 +138,7 @@ async fn serve_stdio(
     }
     let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
     let server = state
-        .servers
+        .servers()
         .get(&server_name)
         .cloned()
         .context("the server vanished from the configuration")
@@ -163,18 +163,13 @@ async fn serve_stdio(
             }
         }
     });
-    let relay = Arc::new(Relay::new(
-        state.clone(),
-        server,
-        &axum::http::HeaderMap::new(),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        out.clone(),
-    ));
+    let conversation = state.local_conversation(&server, out.clone());
     tracing::info!(server = %server_name, "Tollgate on stdio");
 
     let mut in_flight = tokio::task::JoinSet::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), state.max_body);
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), state.max_body());
     let mut lines = FramedRead::new(tokio::io::stdin(), codec);
     let shutdown = super::serve::shutdown_signal();
     tokio::pin!(shutdown);
@@ -187,12 +182,12 @@ async fn serve_stdio(
                     if text.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    let relay = relay.clone();
+                    let conversation = conversation.clone();
                     let body = Bytes::copy_from_slice(text);
                     // At most MAX_IN_FLIGHT messages handled at once: stdin waits beyond that.
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
                     in_flight.spawn(async move {
-                        relay.handle(body).await;
+                        conversation.receive(body).await;
                         drop(permit);
                     });
                 }
@@ -211,7 +206,7 @@ async fn serve_stdio(
     }
     // stdin closed: let calls in flight finish (bounded), then end the session.
     state
-        .approvals
+        .approvals()
         .deny_all("tollgate", "the stdio client went away");
     let drain = async { while in_flight.join_next().await.is_some() {} };
     if tokio::time::timeout(config.shutdown_grace, drain)
@@ -220,8 +215,8 @@ async fn serve_stdio(
     {
         tracing::warn!("calls still in flight after the grace period; ending them");
     }
-    relay.close().await;
-    drop(relay);
+    conversation.close().await;
+    drop(conversation);
     drop(out);
     let _ = writer.await;
     let _ = stop_tx.send(true);
@@ -229,6 +224,6 @@ async fn serve_stdio(
         let _ = task.await;
     }
     state.shutdown_upstreams().await;
-    state.audit.flush();
+    state.audit().flush();
     Ok(())
 }

@@ -1,18 +1,24 @@
 //! A message channel to one upstream that is not Streamable HTTP: a stdio process or
 //! a legacy HTTP+SSE connection. Both carry single JSON-RPC messages both ways.
 //!
-//! Requests go out under ids of the channel's own, so clients that share a channel
-//! can never answer or cancel each other's calls; answers come back under the
-//! client's original id. Messages the server sends on its own (notifications, and in
-//! the handshake era requests) go to the request they belong to when that can be
-//! told, else to the session's listener (the GET stream), else to the newest request
-//! in flight.
+//! Every request in flight records its owner (client and session). Requests go out
+//! under ids of the channel's own and progress tokens of the channel's own, so
+//! clients that share a channel can never answer, cancel or see the progress of
+//! each other's calls; answers and progress come back under the client's own id
+//! and token. Messages the server sends on its own (notifications, and in the
+//! handshake era requests) go to the request they belong to when that can be told,
+//! else to the session's listener (the GET stream), else to the newest request in
+//! flight when every request in flight has the same owner; otherwise they are
+//! dropped, never sent to another client.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::mpsc;
+
+use super::Owner;
 
 /// Messages buffered per request or listener before the sender waits.
 const SINK_CAPACITY: usize = 64;
@@ -28,8 +34,23 @@ pub struct Closed(pub Arc<str>);
 /// One request in flight.
 struct Pending {
     original_id: Value,
+    /// The client's progress token, when it asked for progress (ours is derived from the id).
     progress_token: Option<Value>,
+    owner: Owner,
     sink: mpsc::Sender<Value>,
+}
+
+/// The progress token the upstream sees for our request `own_id`.
+fn own_token(own_id: u64) -> Value {
+    Value::from(format!("tollgate-progress-{own_id}"))
+}
+
+fn own_id_of_token(token: &Value) -> Option<u64> {
+    token
+        .as_str()?
+        .strip_prefix("tollgate-progress-")?
+        .parse()
+        .ok()
 }
 
 #[derive(Default)]
@@ -47,12 +68,8 @@ pub struct Routes {
 }
 
 impl Routes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        // A poisoned lock only means another thread panicked mid-update; the table
-        // itself stays consistent (every update is a single insert or remove).
-        self.table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Table> {
+        self.table.lock()
     }
 
     /// Routes one message read from the upstream.
@@ -81,7 +98,7 @@ impl Routes {
                 }
             }
         } else {
-            self.owner_of(&message)
+            self.owner_of(&mut message)
         };
         match sink {
             Some(sink) => {
@@ -94,37 +111,44 @@ impl Routes {
         }
     }
 
-    /// Where a server-sent notification or request goes.
-    fn owner_of(&self, message: &Value) -> Option<mpsc::Sender<Value>> {
+    /// Where a server-sent notification or request goes; a progress notification
+    /// gets the client's own token back.
+    fn owner_of(&self, message: &mut Value) -> Option<mpsc::Sender<Value>> {
         let table = self.lock();
-        let token = message.pointer("/params/progressToken");
-        if let Some(token) = token
-            && let Some(pending) = table
-                .pending
-                .values()
-                .find(|p| p.progress_token.as_ref() == Some(token))
-        {
+        if let Some(token) = message.pointer_mut("/params/progressToken") {
+            let pending = own_id_of_token(token).and_then(|own| table.pending.get(&own));
+            let Some(pending) = pending else {
+                // Progress for a request that is gone, or a token we never issued.
+                return None;
+            };
+            if let Some(original) = &pending.progress_token {
+                *token = original.clone();
+            }
             return Some(pending.sink.clone());
         }
         if let Some(listener) = table.listener.as_ref().filter(|l| !l.is_closed()) {
             return Some(listener.clone());
         }
-        table
-            .pending
-            .iter()
-            .max_by_key(|(id, _)| **id)
-            .map(|(_, p)| p.sink.clone())
+        let (_, newest) = table.pending.iter().max_by_key(|(id, _)| **id)?;
+        // Only when it cannot be anyone else's: every request in flight has one owner.
+        if table.pending.values().all(|p| p.owner == newest.owner) {
+            Some(newest.sink.clone())
+        } else {
+            tracing::debug!(method = ?message.get("method"), "server message that cannot be attributed to one client; dropped");
+            None
+        }
     }
 
     /// Answers one request in flight with an error (its message could not be sent).
-    pub async fn fail(&self, own_id: u64, code: i64, why: &str) {
+    pub async fn fail(&self, own_id: u64, why: &str) {
         let pending = self.lock().pending.remove(&own_id);
         if let Some(pending) = pending {
-            let error = serde_json::json!({
-                "jsonrpc": "2.0",
-                "id": pending.original_id,
-                "error": { "code": code, "message": why },
-            });
+            let error = tollgate_mcp::error_response(
+                Some(&pending.original_id),
+                tollgate_mcp::ErrorCode::InternalError,
+                why,
+                None,
+            );
             let _ = pending.sink.send(error).await;
         }
     }
@@ -216,8 +240,8 @@ impl Channel {
         !self.routes.lock().pending.is_empty()
     }
 
-    /// Sends a request (a message with `method` and `id`) and returns its exchange.
-    pub async fn request(&self, mut message: Value) -> Result<Exchange, Closed> {
+    /// Sends `owner`'s request (a message with `method` and `id`) and returns its exchange.
+    pub async fn request(&self, mut message: Value, owner: &Owner) -> Result<Exchange, Closed> {
         let original_id = message.get("id").cloned().unwrap_or(Value::Null);
         let progress_token = message.pointer("/params/_meta/progressToken").cloned();
         let (sink, messages) = mpsc::channel(SINK_CAPACITY);
@@ -233,6 +257,7 @@ impl Channel {
                 Pending {
                     original_id: original_id.clone(),
                     progress_token,
+                    owner: owner.clone(),
                     sink,
                 },
             );
@@ -247,6 +272,9 @@ impl Channel {
         if let Some(slot) = message.get_mut("id") {
             *slot = Value::from(own_id);
         }
+        if let Some(token) = message.pointer_mut("/params/_meta/progressToken") {
+            *token = own_token(own_id);
+        }
         self.outgoing
             .send(message)
             .await
@@ -254,8 +282,8 @@ impl Channel {
         Ok(exchange)
     }
 
-    /// Sends a notification or a response to a server's request.
-    pub async fn send(&self, mut message: Value) -> Result<(), Closed> {
+    /// Sends `owner`'s notification or response to a server's request.
+    pub async fn send(&self, mut message: Value, owner: &Owner) -> Result<(), Closed> {
         if let Some(why) = self.routes.closed() {
             return Err(why);
         }
@@ -267,13 +295,13 @@ impl Channel {
             let own = table
                 .pending
                 .iter()
-                .filter(|(_, p)| p.original_id == *request_id)
+                .filter(|(_, p)| p.original_id == *request_id && p.owner == *owner)
                 .max_by_key(|(id, _)| **id)
                 .map(|(id, _)| *id);
             match own {
                 Some(own) => *request_id = Value::from(own),
-                // Nothing of that id is in flight: the notification would only
-                // confuse the server about some other request.
+                // Nothing of that id is in flight for this owner: the notification
+                // would only confuse the server about some other request.
                 None => return Ok(()),
             }
         }
@@ -317,15 +345,28 @@ mod tests {
         )
     }
 
+    fn owner(name: &str) -> Owner {
+        Owner {
+            client: format!("client:{name}").into(),
+            session: None,
+        }
+    }
+
     #[tokio::test]
     async fn answers_come_back_under_the_clients_id() {
         let (channel, mut wire, routes) = channel();
         let mut a = channel
-            .request(json!({"jsonrpc": "2.0", "id": "x", "method": "tools/list"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": "x", "method": "tools/list"}),
+                &owner("a"),
+            )
             .await
             .unwrap();
         let mut b = channel
-            .request(json!({"jsonrpc": "2.0", "id": "x", "method": "tools/list"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": "x", "method": "tools/list"}),
+                &owner("b"),
+            )
             .await
             .unwrap();
         let sent_a = wire.recv().await.unwrap();
@@ -348,26 +389,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn equal_progress_tokens_of_two_clients_stay_apart() {
+        let (channel, mut wire, routes) = channel();
+        let call = |id| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                               "params": {"name": "t", "_meta": {"progressToken": 1}}})
+        };
+        let mut a = channel.request(call(1), &owner("a")).await.unwrap();
+        let mut b = channel.request(call(1), &owner("b")).await.unwrap();
+        let token_a = wire.recv().await.unwrap()["params"]["_meta"]["progressToken"].clone();
+        let token_b = wire.recv().await.unwrap()["params"]["_meta"]["progressToken"].clone();
+        assert_ne!(token_a, token_b);
+        routes
+            .deliver(json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                            "params": {"progressToken": token_b, "progress": 2}}))
+            .await;
+        let progress = b.messages.recv().await.unwrap();
+        assert_eq!(
+            progress["params"]["progressToken"], 1,
+            "the client's own token"
+        );
+        assert_eq!(progress["params"]["progress"], 2);
+        assert!(a.messages.try_recv().is_err(), "a saw b's progress");
+    }
+
+    #[tokio::test]
     async fn server_messages_go_to_their_request_or_the_listener() {
         let (channel, mut wire, routes) = channel();
         let mut call = channel
-            .request(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-                            "params": {"name": "t", "_meta": {"progressToken": "p"}}}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                       "params": {"name": "t", "_meta": {"progressToken": "p"}}}),
+                &owner("a"),
+            )
             .await
             .unwrap();
-        let _ = wire.recv().await.unwrap();
+        let token = wire.recv().await.unwrap()["params"]["_meta"]["progressToken"].clone();
         let mut listener = channel.listen();
         routes
             .deliver(json!({"jsonrpc": "2.0", "method": "notifications/progress",
-                            "params": {"progressToken": "p", "progress": 1}}))
+                            "params": {"progressToken": token, "progress": 1}}))
             .await;
         routes
             .deliver(json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}))
             .await;
-        assert_eq!(
-            call.messages.recv().await.unwrap()["method"],
-            "notifications/progress"
-        );
+        let progress = call.messages.recv().await.unwrap();
+        assert_eq!(progress["method"], "notifications/progress");
+        assert_eq!(progress["params"]["progressToken"], "p");
         assert_eq!(
             listener.recv().await.unwrap()["method"],
             "notifications/tools/list_changed"
@@ -375,36 +443,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn cancellations_are_translated_and_closing_ends_requests() {
+    async fn a_notification_no_one_client_owns_is_dropped() {
+        let (channel, mut wire, routes) = channel();
+        let ping = |id| json!({"jsonrpc": "2.0", "id": id, "method": "ping"});
+        let mut a = channel.request(ping(1), &owner("a")).await.unwrap();
+        let _ = wire.recv().await.unwrap();
+        let log = json!({"jsonrpc": "2.0", "method": "notifications/message",
+                         "params": {"level": "info", "data": "x"}});
+        // One owner in flight: the message can only be theirs.
+        routes.deliver(log.clone()).await;
+        assert_eq!(
+            a.messages.recv().await.unwrap()["method"],
+            "notifications/message"
+        );
+        let mut b = channel.request(ping(2), &owner("b")).await.unwrap();
+        let _ = wire.recv().await.unwrap();
+        routes.deliver(log).await;
+        assert!(a.messages.try_recv().is_err());
+        assert!(
+            b.messages.try_recv().is_err(),
+            "b got a message that may be a's"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancellations_are_translated_and_reach_only_the_senders_requests() {
         let (channel, mut wire, routes) = channel();
         let mut call = channel
             .request(
                 json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "t"}}),
+                &owner("a"),
             )
             .await
             .unwrap();
         let own = wire.recv().await.unwrap()["id"].clone();
-        channel
-            .send(
-                json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                         "params": {"requestId": 7}}),
-            )
-            .await
-            .unwrap();
+        let cancel = |id| json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id}});
+        // Another client cannot cancel it, though it names the same id.
+        channel.send(cancel(7), &owner("b")).await.unwrap();
+        assert!(wire.try_recv().is_err());
+        channel.send(cancel(7), &owner("a")).await.unwrap();
         assert_eq!(wire.recv().await.unwrap()["params"]["requestId"], own);
         // A cancellation of nothing in flight is not sent at all.
-        channel
-            .send(
-                json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                         "params": {"requestId": 99}}),
-            )
-            .await
-            .unwrap();
+        channel.send(cancel(99), &owner("a")).await.unwrap();
         assert!(wire.try_recv().is_err());
         routes.close("process exited");
         assert!(call.messages.recv().await.is_none());
         let err = channel
-            .request(json!({"jsonrpc": "2.0", "id": 8, "method": "ping"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": 8, "method": "ping"}),
+                &owner("a"),
+            )
             .await
             .err()
             .unwrap();
@@ -415,7 +503,10 @@ mod tests {
     async fn a_request_given_up_is_forgotten() {
         let (channel, mut wire, routes) = channel();
         let call = channel
-            .request(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+                &owner("a"),
+            )
             .await
             .unwrap();
         let own = wire.recv().await.unwrap()["id"].clone();

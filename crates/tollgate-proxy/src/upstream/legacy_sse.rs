@@ -168,7 +168,7 @@ async fn post_messages(
             tracing::warn!(server = %target.server, error = %why, "legacy SSE upstream: message not delivered");
             let is_request = message.get("method").is_some();
             match message.get("id").and_then(Value::as_u64) {
-                Some(own_id) if is_request => routes.fail(own_id, -32603, &why).await,
+                Some(own_id) if is_request => routes.fail(own_id, &why).await,
                 _ => {}
             }
         }

@@ -95,24 +95,19 @@ impl Drop for ProcessGroup {
 /// Every process group started, so shutdown can end them all and wait for them.
 #[derive(Default)]
 pub struct Children {
-    groups: std::sync::Mutex<Vec<Pid>>,
+    groups: parking_lot::Mutex<Vec<Pid>>,
 }
 
 impl Children {
     fn add(&self, pgid: Pid) {
-        if let Ok(mut groups) = self.groups.lock() {
-            groups.retain(|g| group_alive(*g));
-            groups.push(pgid);
-        }
+        let mut groups = self.groups.lock();
+        groups.retain(|g| group_alive(*g));
+        groups.push(pgid);
     }
 
     /// Ends every child still running: SIGTERM, a bounded wait, then SIGKILL.
     pub fn shutdown(&self) {
-        let groups: Vec<Pid> = self
-            .groups
-            .lock()
-            .map(|mut g| std::mem::take(&mut *g))
-            .unwrap_or_default();
+        let groups: Vec<Pid> = std::mem::take(&mut *self.groups.lock());
         let threads: Vec<_> = groups
             .into_iter()
             .filter(|g| group_alive(*g))
@@ -250,7 +245,7 @@ pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnErr
     ];
     // Neither is aborted with the channel: they end with the process, and the waiter
     // reaps it once the group has been ended.
-    let last_words = Arc::new(std::sync::Mutex::new(None));
+    let last_words = Arc::new(parking_lot::Mutex::new(None));
     let stderr = tokio::spawn(log_stderr(stderr, server.clone(), last_words.clone()));
     tokio::spawn(wait_for_exit(
         child,
@@ -322,7 +317,7 @@ async fn read_lines(
 }
 
 /// The last line a process wrote on stderr: often why it died.
-type LastWords = Arc<std::sync::Mutex<Option<String>>>;
+type LastWords = Arc<parking_lot::Mutex<Option<String>>>;
 
 async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>, last: LastWords) {
     let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), 64 * 1024);
@@ -333,9 +328,7 @@ async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>, last:
             let text = text.trim_end();
             if !text.is_empty() {
                 tracing::info!(target: "tollgate::upstream", server = %server, "stderr: {text}");
-                if let Ok(mut last) = last.lock() {
-                    *last = Some(text.chars().take(500).collect());
-                }
+                *last.lock() = Some(text.chars().take(500).collect());
             }
         }
     }
@@ -354,7 +347,7 @@ async fn wait_for_exit(
     };
     // Its last stderr line usually says why; give the reader a moment to get it.
     let _ = tokio::time::timeout(Duration::from_millis(300), stderr).await;
-    if let Some(last) = last_words.lock().ok().and_then(|mut l| l.take()) {
+    if let Some(last) = last_words.lock().take() {
         why = format!("{why}; its last line on stderr: {last}");
     }
     tracing::info!(server = %server, "stdio upstream ended: {why}");
@@ -366,6 +359,13 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use serde_json::json;
+
+    fn owner() -> crate::upstream::Owner {
+        crate::upstream::Owner {
+            client: "client:test".into(),
+            session: None,
+        }
+    }
 
     fn sh(script: &str) -> Command {
         Command {
@@ -384,7 +384,10 @@ mod tests {
         let children = Children::default();
         let channel = spawn(&sh(script), &children).unwrap();
         let mut exchange = channel
-            .request(json!({"jsonrpc": "2.0", "id": "a", "method": "ping"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": "a", "method": "ping"}),
+                &owner(),
+            )
             .await
             .unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(10), exchange.messages.recv())
@@ -403,7 +406,10 @@ mod tests {
         let children = Children::default();
         let channel = spawn(&sh("read line; exit 3"), &children).unwrap();
         let mut exchange = channel
-            .request(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+            .request(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+                &owner(),
+            )
             .await
             .unwrap();
         let end = tokio::time::timeout(Duration::from_secs(10), exchange.messages.recv())
@@ -419,7 +425,7 @@ mod tests {
         let children = Children::default();
         // A grandchild that ignores stdin: only the group kill can end it.
         let channel = spawn(&sh("sleep 300 & sleep 300"), &children).unwrap();
-        let group = children.groups.lock().unwrap()[0];
+        let group = children.groups.lock()[0];
         assert!(group_alive(group));
         drop(channel);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -2,11 +2,12 @@
 //! session and bound to the server and the client that opened it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
+use parking_lot::Mutex;
+use serde_json::Value;
 
 /// One downstream session.
 #[derive(Debug)]
@@ -17,38 +18,62 @@ pub struct Session {
     pub server: Arc<str>,
     /// The authenticated client that opened it.
     pub client: Option<Arc<str>>,
+    /// The client's `initialize` request, replayed to re-initialize upstream.
+    pub initialize: Option<Value>,
+    /// Whether the client declared the elicitation capability in `initialize`.
+    pub elicitation: bool,
+    /// The protocol version the upstream chose in its `initialize` answer.
+    protocol_version: Mutex<Option<Arc<str>>>,
     /// The upstream's session id, when the upstream issued one; replaced when
     /// Tollgate re-initializes a session the upstream lost.
     upstream_id: Mutex<Option<String>>,
-    /// The client's `initialize` request, replayed to re-initialize upstream.
-    pub initialize: Option<serde_json::Value>,
     /// Requests of this session waiting for the upstream's answer.
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: AtomicUsize,
     /// Held while re-initializing, so only one request does it.
     pub reinitializing: tokio::sync::Mutex<()>,
-    /// Whether the client declared the elicitation capability in `initialize`.
-    pub elicitation: std::sync::atomic::AtomicBool,
     last_seen_ms: AtomicU64,
+}
+
+/// What a new session starts with.
+pub struct NewSession {
+    /// The server.
+    pub server: Arc<str>,
+    /// The authenticated client.
+    pub client: Option<Arc<str>>,
+    /// The upstream's session id.
+    pub upstream_id: Option<String>,
+    /// The client's `initialize`.
+    pub initialize: Option<Value>,
+    /// Whether the client can be asked by elicitation.
+    pub elicitation: bool,
+    /// The negotiated protocol version.
+    pub protocol_version: Option<Arc<str>>,
 }
 
 /// A fresh unguessable id: 128 random bits in hex.
 pub fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    super::random_hex(16)
 }
 
 impl Session {
     /// The upstream's current session id.
     pub fn upstream_id(&self) -> Option<String> {
-        self.upstream_id.lock().ok()?.clone()
+        self.upstream_id.lock().clone()
     }
 
     /// Replaces the upstream's session id after a re-initialization.
     pub fn set_upstream_id(&self, id: Option<String>) {
-        if let Ok(mut slot) = self.upstream_id.lock() {
-            *slot = id;
-        }
+        *self.upstream_id.lock() = id;
+    }
+
+    /// The protocol version the upstream chose, once its `initialize` answer was seen.
+    pub fn protocol_version(&self) -> Option<Arc<str>> {
+        self.protocol_version.lock().clone()
+    }
+
+    /// Records the protocol version the upstream chose.
+    pub fn set_protocol_version(&self, version: &str) {
+        *self.protocol_version.lock() = Some(version.into());
     }
 
     /// Counts a request as waiting for the upstream until the guard drops.
@@ -101,25 +126,20 @@ impl Sessions {
     }
 
     /// Opens a session with a fresh random id (128 bits).
-    pub fn open(
-        &self,
-        server: Arc<str>,
-        client: Option<Arc<str>>,
-        upstream_id: Option<String>,
-        initialize: Option<serde_json::Value>,
-    ) -> Result<Arc<Session>, SessionsFull> {
+    pub fn open(&self, new: NewSession) -> Result<Arc<Session>, SessionsFull> {
         let session = Arc::new(Session {
             id: random_id().into(),
-            server,
-            client,
-            upstream_id: Mutex::new(upstream_id),
-            initialize,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            server: new.server,
+            client: new.client,
+            initialize: new.initialize,
+            elicitation: new.elicitation,
+            protocol_version: Mutex::new(new.protocol_version),
+            upstream_id: Mutex::new(new.upstream_id),
+            in_flight: AtomicUsize::new(0),
             reinitializing: tokio::sync::Mutex::new(()),
-            elicitation: std::sync::atomic::AtomicBool::new(false),
             last_seen_ms: AtomicU64::new(self.now_ms()),
         });
-        let mut map = self.map.lock().map_err(|_| SessionsFull(0))?;
+        let mut map = self.map.lock();
         if map.len() >= self.max {
             self.sweep_locked(&mut map);
             if map.len() >= self.max {
@@ -132,14 +152,14 @@ impl Sessions {
 
     /// The live session with this id, refreshed.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        let session = self.map.lock().ok()?.get(id).cloned()?;
+        let session = self.map.lock().get(id).cloned()?;
         session.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
         Some(session)
     }
 
     /// Forgets a session.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().ok()?.remove(id)
+        self.map.lock().remove(id)
     }
 
     /// How long an unused session is kept (`limits.session_idle`).
@@ -154,19 +174,13 @@ impl Sessions {
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether no session is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.map.lock().len()
     }
 
     /// Forgets sessions idle for longer than the limit.
     pub fn sweep(&self) {
-        if let Ok(mut map) = self.map.lock() {
-            self.sweep_locked(&mut map);
-        }
+        let mut map = self.map.lock();
+        self.sweep_locked(&mut map);
     }
 
     fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Arc<Session>>) {
@@ -181,13 +195,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
+    fn new(upstream_id: Option<&str>) -> NewSession {
+        NewSession {
+            server: "s".into(),
+            client: None,
+            upstream_id: upstream_id.map(Into::into),
+            initialize: None,
+            elicitation: false,
+            protocol_version: None,
+        }
+    }
+
     #[test]
     fn issues_unguessable_ids_and_finds_them() {
         let sessions = Sessions::new(10, Duration::from_secs(60));
-        let a = sessions
-            .open("s".into(), None, Some("up".into()), None)
-            .unwrap();
-        let b = sessions.open("s".into(), None, None, None).unwrap();
+        let a = sessions.open(new(Some("up"))).unwrap();
+        let b = sessions.open(new(None)).unwrap();
         assert_eq!(a.id.len(), 32);
         assert_ne!(a.id, b.id);
         assert_eq!(
@@ -202,13 +225,13 @@ mod tests {
     #[test]
     fn refuses_beyond_the_maximum_and_sweeps_idle_ones() {
         let sessions = Sessions::new(2, Duration::from_millis(0));
-        sessions.open("s".into(), None, None, None).unwrap();
-        sessions.open("s".into(), None, None, None).unwrap();
+        sessions.open(new(None)).unwrap();
+        sessions.open(new(None)).unwrap();
         // Idle limit 0: both are idle, so a third one fits after the sweep.
-        sessions.open("s".into(), None, None, None).unwrap();
+        sessions.open(new(None)).unwrap();
         assert_eq!(sessions.len(), 1);
         let strict = Sessions::new(1, Duration::from_secs(3600));
-        strict.open("s".into(), None, None, None).unwrap();
-        assert!(strict.open("s".into(), None, None, None).is_err());
+        strict.open(new(None)).unwrap();
+        assert!(strict.open(new(None)).is_err());
     }
 }

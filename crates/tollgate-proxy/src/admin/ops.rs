@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::admin::Admin;
+use super::Admin;
 
 /// The operations routes.
 pub fn routes() -> Router<Admin> {
@@ -45,7 +45,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 async fn readyz(State(admin): State<Admin>) -> Response {
     let checks = admin.app.servers.values().map(|server| async move {
         // A stdio upstream is started on demand, so there is nothing to reach yet.
-        let Some(target) = server.network_address() else {
+        let Some(target) = server.network_address.clone() else {
             return (server.name.to_string(), None);
         };
         let result = tokio::time::timeout(
@@ -85,12 +85,9 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
         .servers
         .values()
         .map(|server| {
-            let info = server.policy_info.lock().map(|i| i.clone()).ok();
+            let info = server.policy_info.lock().clone();
             // Processes or connections a stdio or legacy SSE upstream holds open.
-            let upstream_sessions = match &server.upstream {
-                crate::state::Upstream::Bridged(bridge) => Some(bridge.session_count()),
-                crate::state::Upstream::Http(_) => None,
-            };
+            let upstream_sessions = server.upstream.live_sessions();
             json!({
                 "name": &*server.name,
                 "upstream": &server.location,

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::state::Shared;
 
 const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends the webhook for a new pending approval, if one is configured.
-pub fn notify(app: &AppState, approval_id: &str) {
+pub fn notify(app: &std::sync::Arc<Shared>, approval_id: &str) {
     let (Some(url), Some(approval)) = (app.webhook.clone(), app.approvals.get(approval_id)) else {
         return;
     };

@@ -2,173 +2,136 @@
 //!
 //! `GET …/sse` opens the stream and names, in its first `endpoint` event, where
 //! the client POSTs its messages (`…/messages?session_id=<id>`, as the SDKs
-//! expect). Each POST is accepted with 202 and carried through a [`Relay`]; every
-//! answer and server message arrives on the stream as a `message` event. Closing
-//! the stream ends the session, here and upstream.
+//! expect). Each POST is decoded, accepted with 202 and carried through the
+//! stream's [`Conversation`]; every answer and server message arrives on the
+//! stream as a `message` event. Closing the stream ends the session, here and
+//! upstream.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
+use super::conversation::Conversation;
+use super::{Doors, counted, peer_of, read_body};
 use crate::error::ProxyError;
-use crate::frontend::Relay;
-use crate::state::{AppState, Server};
+use crate::store::sessions::{SessionsFull, random_id};
 
-/// Messages queued for a slow legacy client before its relay waits.
+/// Messages queued for a slow legacy client before its conversation waits.
 const QUEUE: usize = 64;
-
-/// Open legacy streams by id.
-#[derive(Default)]
-pub struct LegacyClients {
-    map: Mutex<HashMap<String, Arc<LegacyClient>>>,
-}
 
 /// Messages of one stream being handled at once; beyond that a POST gets 429.
 const IN_FLIGHT: usize = 64;
 
-/// One open stream: its relay and the client that opened it.
-pub struct LegacyClient {
-    relay: Arc<Relay>,
+/// Open legacy streams by id.
+#[derive(Default)]
+pub struct Streams {
+    map: Mutex<HashMap<String, Arc<Stream>>>,
+}
+
+/// One open stream: its conversation and the client that opened it.
+struct Stream {
+    conversation: Arc<Conversation>,
     client: Option<Arc<str>>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-impl LegacyClients {
-    fn get(&self, id: &str) -> Option<Arc<LegacyClient>> {
-        self.map.lock().ok()?.get(id).cloned()
+impl Streams {
+    fn get(&self, id: &str) -> Option<Arc<Stream>> {
+        self.map.lock().get(id).cloned()
     }
 
     /// Number of open legacy streams.
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether none is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.map.lock().len()
     }
 }
 
 /// Removes the stream's entry and ends its session when the client goes away.
 struct Cleanup {
-    app: AppState,
+    doors: Arc<Doors>,
     id: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let removed = self
-            .app
-            .legacy
-            .map
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&self.id));
-        if let Some(client) = removed {
+        let removed = self.doors.legacy.map.lock().remove(&self.id);
+        if let Some(stream) = removed {
             tracing::info!(legacy_session = %self.id, "legacy SSE stream closed");
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { client.relay.close().await });
+                runtime.spawn(async move { stream.conversation.close().await });
             }
         }
     }
 }
 
-fn server_for(
-    app: &AppState,
-    name: Option<&str>,
-    headers: &axum::http::HeaderMap,
-) -> Result<Arc<Server>, ProxyError> {
-    match name {
-        Some(name) => app
-            .servers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| crate::http::unknown_server(app, headers)),
-        None if app.servers.len() == 1 => app
-            .servers
-            .values()
-            .next()
-            .cloned()
-            .ok_or(ProxyError::UnknownServer),
-        None => Err(ProxyError::AmbiguousServer),
-    }
-}
-
-fn peer_of(request: &Request) -> SocketAddr {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0)), |c| c.0)
-}
-
 /// `GET /servers/<name>/sse`.
 pub async fn named_stream(
-    State(app): State<AppState>,
+    State(doors): State<Arc<Doors>>,
     Path(name): Path<String>,
     request: Request,
 ) -> Response {
-    open_stream(app, Some(name), request)
+    open_stream(doors, Some(name), request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /sse`, when there is exactly one server.
-pub async fn single_stream(State(app): State<AppState>, request: Request) -> Response {
-    open_stream(app, None, request)
+pub async fn single_stream(State(doors): State<Arc<Doors>>, request: Request) -> Response {
+    open_stream(doors, None, request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn open_stream(
-    app: AppState,
+    doors: Arc<Doors>,
     name: Option<String>,
     request: Request,
 ) -> Result<Response, ProxyError> {
-    let server = server_for(&app, name.as_deref(), request.headers())?;
-    let client = crate::http::authenticate(&app, request.headers())?;
-    if app.legacy.len() >= app.sessions.capacity() {
-        return Err(ProxyError::SessionsFull(crate::session::SessionsFull(
-            app.sessions.capacity(),
-        )));
+    let server = doors.server(name.as_deref(), request.headers())?;
+    let caller = crate::pipeline::Caller {
+        client: doors.authenticate(request.headers())?,
+        peer: peer_of(&request).ip(),
+    };
+    let capacity = doors.shared().sessions.capacity();
+    if doors.legacy.len() >= capacity {
+        return Err(ProxyError::SessionsFull(SessionsFull(capacity)));
     }
-    let id = crate::session::random_id();
+    let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
-    let relay = Arc::new(Relay::new(
-        app.clone(),
+    let client = caller.client.clone();
+    let conversation = Arc::new(Conversation::new(
+        doors.clone(),
         server.clone(),
-        request.headers(),
-        peer_of(&request),
+        caller,
         out,
     ));
-    if let Ok(mut map) = app.legacy.map.lock() {
-        map.insert(
-            id.clone(),
-            Arc::new(LegacyClient {
-                relay,
-                client: client.clone(),
-                in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
-            }),
-        );
-    }
+    doors.legacy.map.lock().insert(
+        id.clone(),
+        Arc::new(Stream {
+            conversation,
+            client,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+        }),
+    );
     let endpoint = match &name {
         Some(name) => format!("/servers/{name}/messages?session_id={id}"),
         None => format!("/messages?session_id={id}"),
     };
     tracing::info!(server = %server.name, legacy_session = %id, "legacy SSE stream opened");
     let cleanup = Cleanup {
-        app: app.clone(),
+        doors: doors.clone(),
         id,
     };
     let first = futures::stream::once(async move {
@@ -178,7 +141,7 @@ async fn open_stream(
         let _alive = &cleanup;
         Ok(Event::default().event("message").data(message.to_string()))
     });
-    let stream = crate::forward::counted(&app, first.chain(rest));
+    let stream = counted(doors.shared(), first.chain(rest));
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -192,57 +155,58 @@ pub struct SessionQuery {
 
 /// `POST /servers/<name>/messages?session_id=…`.
 pub async fn named_message(
-    State(app): State<AppState>,
+    State(doors): State<Arc<Doors>>,
     Path(name): Path<String>,
     Query(query): Query<SessionQuery>,
     request: Request,
 ) -> Response {
-    post_message(app, Some(name), query, request)
+    post_message(doors, Some(name), query, request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /messages?session_id=…`, when there is exactly one server.
 pub async fn single_message(
-    State(app): State<AppState>,
+    State(doors): State<Arc<Doors>>,
     Query(query): Query<SessionQuery>,
     request: Request,
 ) -> Response {
-    post_message(app, None, query, request)
+    post_message(doors, None, query, request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn post_message(
-    app: AppState,
+    doors: Arc<Doors>,
     name: Option<String>,
     query: SessionQuery,
     request: Request,
 ) -> Result<Response, ProxyError> {
-    let server = server_for(&app, name.as_deref(), request.headers())?;
-    let client = crate::http::authenticate(&app, request.headers())?;
-    let legacy = query
+    let server = doors.server(name.as_deref(), request.headers())?;
+    let client = doors.authenticate(request.headers())?;
+    // Read (bounded) before answering, so the connection stays usable for the next POST.
+    let body = read_body(doors.shared().max_body, request).await?;
+    let stream = query
         .session_id
         .as_deref()
-        .and_then(|id| app.legacy.get(id))
+        .and_then(|id| doors.legacy.get(id))
         .ok_or(ProxyError::UnknownSession)?;
     // A stream belongs to the server and the client that opened it.
-    if legacy.relay.server().name != server.name || legacy.client != client {
+    if stream.conversation.server().name != server.name || stream.client != client {
         return Err(ProxyError::UnknownSession);
     }
-    let body = crate::http::read_body(app.max_body, request).await?;
     // Refuse what is not JSON-RPC here, as the SDKs' servers do, so the client
     // learns at once; everything else is answered on the stream.
-    Incoming::parse(&body)?;
+    let incoming = Incoming::parse(&body)?;
     // A client that POSTs without reading its stream must not pile up work here.
-    let permit = legacy
+    let permit = stream
         .in_flight
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
-    let relay = legacy.relay.clone();
+    let conversation = stream.conversation.clone();
     tokio::spawn(async move {
-        relay.handle(body).await;
+        conversation.handle(incoming).await;
         drop(permit);
     });
     Ok((StatusCode::ACCEPTED, "Accepted").into_response())

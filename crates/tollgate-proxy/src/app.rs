@@ -1,0 +1,77 @@
+//! The proxy as a whole: the shared state, the core over it and the front doors
+//! in front of it, built once from the configuration. The one handle the binary
+//! holds.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::downstream::Doors;
+use crate::downstream::conversation::Conversation;
+use crate::pipeline::{Caller, Core};
+use crate::state::{BuildError, LoadedPolicy, Server, Shared};
+
+/// Cheap-to-clone handle on the proxy.
+#[derive(Clone)]
+pub struct AppState {
+    shared: Arc<Shared>,
+    doors: Arc<Doors>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl AppState {
+    /// Builds the proxy from a validated configuration and each server's compiled policy.
+    pub fn build(
+        config: &Config,
+        policies: BTreeMap<String, LoadedPolicy>,
+    ) -> Result<AppState, BuildError> {
+        let shared = Arc::new(Shared::build(config, policies)?);
+        let doors = Arc::new(Doors::new(Core::new(shared.clone()), config));
+        Ok(AppState { shared, doors })
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The front doors.
+    pub(crate) fn doors(&self) -> &Arc<Doors> {
+        &self.doors
+    }
+
+    /// A conversation with the local user of `tollgate stdio`: whoever started the
+    /// process, so no key is asked for. Messages for the client go to `out`.
+    pub fn local_conversation(
+        &self,
+        server: &Arc<Server>,
+        out: mpsc::Sender<Value>,
+    ) -> Arc<Conversation> {
+        let caller = Caller {
+            client: None,
+            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        Arc::new(Conversation::new(
+            self.doors.clone(),
+            server.clone(),
+            caller,
+            out,
+        ))
+    }
+
+    /// Drops state for idle sessions and clients; run periodically.
+    pub fn sweep(&self) {
+        self.shared.sweep();
+        self.doors.sweep();
+    }
+}

@@ -1,0 +1,304 @@
+//! The front doors: Streamable HTTP ([`http`]), legacy HTTP+SSE ([`legacy_sse`])
+//! and stdio (through [`conversation`]). Each authenticates once, decodes once and
+//! hands messages to the core ([`crate::pipeline::Core`]); none of them decides
+//! anything about a call.
+
+pub mod conversation;
+pub mod http;
+pub mod legacy_sse;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderMap, header};
+use futures::{Stream, StreamExt};
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::pipeline::{Caller, Core};
+use crate::state::{Server, Shared};
+use crate::store::limits::ClientRate;
+
+/// An authenticated client.
+struct Client {
+    name: Arc<str>,
+    key: Vec<u8>,
+}
+
+/// DNS-rebinding and cross-origin protection.
+#[derive(Clone)]
+pub struct Guard {
+    allowed_origins: Arc<[String]>,
+    allowed_hosts: Arc<[String]>,
+    loopback: bool,
+}
+
+impl Guard {
+    /// The proxy listener's guard, from the configuration.
+    pub fn new(config: &Config) -> Guard {
+        Guard {
+            allowed_origins: config.allowed_origins.clone().into(),
+            allowed_hosts: config.allowed_hosts.clone().into(),
+            loopback: config.listen.ip().is_loopback(),
+        }
+    }
+
+    /// Checks a request to the proxy listener.
+    pub fn check_proxy(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+        self.check(self.loopback, false, headers)
+    }
+
+    /// DNS-rebinding and cross-origin checks. On a loopback listener the `Host`
+    /// must be a loopback name or in `allowed_hosts`; an `Origin` must be in
+    /// `allowed_origins`, or, when `same_origin_ok` (the admin page calling its own
+    /// API), the listener itself.
+    pub fn check(
+        &self,
+        loopback_listener: bool,
+        same_origin_ok: bool,
+        headers: &HeaderMap,
+    ) -> Result<(), ProxyError> {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if loopback_listener {
+            let name = host_name(host);
+            let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "::1")
+                || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !loopback
+                && !self
+                    .allowed_hosts
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(name))
+            {
+                return Err(ProxyError::MisdirectedHost(host.to_owned()));
+            }
+        }
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            let same_origin = same_origin_ok
+                && !host.is_empty()
+                && (origin == format!("http://{host}") || origin == format!("https://{host}"));
+            if !same_origin && !self.allowed_origins.iter().any(|o| o == origin) {
+                return Err(ProxyError::ForbiddenOrigin(origin.to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
+    })
+}
+
+/// What every front door shares: the core, who may call, and the doors' own tables.
+pub struct Doors {
+    core: Core,
+    clients: Vec<Client>,
+    client_rate: ClientRate,
+    guard: Guard,
+    legacy: legacy_sse::Streams,
+}
+
+impl Doors {
+    /// The doors of `core`, configured by `config`.
+    pub fn new(core: Core, config: &Config) -> Doors {
+        Doors {
+            core,
+            clients: config
+                .clients
+                .iter()
+                .map(|c| Client {
+                    name: c.name.as_str().into(),
+                    key: c.key.as_bytes().to_vec(),
+                })
+                .collect(),
+            client_rate: ClientRate::new(config.limits.requests_per_second),
+            guard: Guard::new(config),
+            legacy: legacy_sse::Streams::default(),
+        }
+    }
+
+    /// The core.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        self.core.shared()
+    }
+
+    /// The request guard.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// Forgets full client-rate buckets; run periodically.
+    pub fn sweep(&self) {
+        self.client_rate.sweep();
+    }
+
+    /// The client a request's bearer key names; `None` when `clients:` is empty.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<str>>, ProxyError> {
+        if self.clients.is_empty() {
+            return Ok(None);
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(ProxyError::Unauthorized)?;
+        // Compare against every key in constant time so timing reveals nothing.
+        let mut found = None;
+        for client in &self.clients {
+            if bool::from(subtle::ConstantTimeEq::ct_eq(
+                presented.as_bytes(),
+                client.key.as_slice(),
+            )) {
+                found = Some(client.name.clone());
+            }
+        }
+        found.map(Some).ok_or(ProxyError::Unauthorized)
+    }
+
+    /// Authenticates a request and takes one from its client's request rate.
+    pub fn caller(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Caller, ProxyError> {
+        let caller = Caller {
+            client: self.authenticate(headers)?,
+            peer,
+        };
+        self.check_rate(&caller)?;
+        Ok(caller)
+    }
+
+    /// Takes one request from the caller's request rate (`limits.requests_per_second`).
+    pub fn check_rate(&self, caller: &Caller) -> Result<(), ProxyError> {
+        let key = match &caller.client {
+            Some(client) => client.to_string(),
+            None => caller.peer.to_string(),
+        };
+        self.client_rate
+            .check(&key)
+            .map_err(ProxyError::TooManyRequests)
+    }
+
+    /// The server at `/servers/<name>/…` (`Some(name)`) or at `/mcp` (`None`, only
+    /// when there is exactly one).
+    pub fn server(
+        &self,
+        name: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<Server>, ProxyError> {
+        let servers = &self.shared().servers;
+        match name {
+            Some(name) => servers
+                .get(name)
+                .cloned()
+                .ok_or_else(|| self.unknown_server(headers)),
+            None if servers.len() == 1 => servers
+                .values()
+                .next()
+                .cloned()
+                .ok_or(ProxyError::UnknownServer),
+            None => Err(ProxyError::AmbiguousServer),
+        }
+    }
+
+    /// A 404 for a server name that is not configured. Only an authenticated client
+    /// learns which names are: to anyone else the list would map the deployment.
+    fn unknown_server(&self, headers: &HeaderMap) -> ProxyError {
+        if !self.clients.is_empty() && matches!(self.authenticate(headers), Ok(Some(_))) {
+            let names: Vec<&str> = self.shared().servers.keys().map(String::as_str).collect();
+            return ProxyError::UnknownServerOf(names.join(", "));
+        }
+        ProxyError::UnknownServer
+    }
+
+    /// Open legacy SSE streams.
+    pub fn legacy_streams(&self) -> usize {
+        self.legacy.len()
+    }
+}
+
+/// The peer of a request (loopback when the listener did not record it).
+pub fn peer_of(request: &Request) -> SocketAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0)), |c| c.0)
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge(limit));
+    }
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|err| {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || err.to_string().contains("length limit");
+            if too_large {
+                ProxyError::BodyTooLarge(limit)
+            } else {
+                ProxyError::BodyRead(err.to_string())
+            }
+        })
+}
+
+/// Counts an open downstream stream (`tollgate_streams_active`) for as long as it
+/// lives: the count drops when the stream ends or the client goes away.
+struct OpenStream(Arc<Shared>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `stream`, counted as an open stream while it lives.
+pub fn counted<S: Stream + Send + 'static>(
+    shared: &Arc<Shared>,
+    stream: S,
+) -> impl Stream<Item = S::Item> + Send + 'static {
+    shared.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+    let guard = OpenStream(shared.clone());
+    stream.map(move |item| {
+        let _alive = &guard;
+        item
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn splits_host_names_from_ports() {
+        assert_eq!(host_name("localhost:8080"), "localhost");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_name("[::1]:9"), "[::1]");
+        assert_eq!(host_name("evil.example"), "evil.example");
+    }
+}

@@ -1,0 +1,232 @@
+//! A conversation with one client over a message transport (legacy HTTP+SSE, or
+//! `tollgate stdio`): messages in, messages out, and the session that the
+//! client's `initialize` opened remembered between them. Each message goes to the
+//! core as it is; answers and server messages go to the client's outbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::http::{HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc};
+use tollgate_mcp::{ErrorCode, Incoming, error_response};
+
+use super::Doors;
+use crate::error::ProxyError;
+use crate::pipeline::{Answer, Caller, Inbound, Meta};
+use crate::state::Server;
+use crate::upstream::Body;
+
+/// One client on a message transport, bound to one server.
+pub struct Conversation {
+    doors: Arc<Doors>,
+    server: Arc<Server>,
+    caller: Caller,
+    session: Mutex<Option<String>>,
+    listening: AtomicBool,
+    out: mpsc::Sender<Value>,
+}
+
+impl Conversation {
+    /// A conversation of `caller` with `server`; messages for the client go to `out`.
+    pub fn new(
+        doors: Arc<Doors>,
+        server: Arc<Server>,
+        caller: Caller,
+        out: mpsc::Sender<Value>,
+    ) -> Conversation {
+        Conversation {
+            doors,
+            server,
+            caller,
+            session: Mutex::new(None),
+            listening: AtomicBool::new(false),
+            out,
+        }
+    }
+
+    /// The server this conversation is with.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// Handles one body from the client: a message, a batch, or something that is
+    /// not JSON-RPC (answered with the error).
+    pub async fn receive(self: &Arc<Self>, body: Bytes) {
+        match Incoming::parse(&body) {
+            Ok(incoming) => self.handle(incoming).await,
+            Err(err) => {
+                let _ = self.out.send(ProxyError::Framing(err).to_json()).await;
+            }
+        }
+    }
+
+    /// Handles one decoded message or batch.
+    pub async fn handle(self: &Arc<Self>, incoming: Incoming) {
+        let ids: Vec<Value> = match &incoming {
+            Incoming::Single(message) => message.id().cloned().into_iter().collect(),
+            Incoming::Batch(messages) => messages.iter().filter_map(|m| m.id().cloned()).collect(),
+        };
+        let initialize =
+            matches!(&incoming, Incoming::Single(m) if m.method() == Some("initialize"));
+        if let Err(err) = self.doors.check_rate(&self.caller) {
+            return self.deliver(Err(err), &ids, false).await;
+        }
+        // The session lock is held from sending `initialize` until its answer is in,
+        // so nothing the client sends next can overtake the handshake.
+        let mut session = self.session.lock().await;
+        let inbound = Inbound {
+            incoming,
+            meta: Meta {
+                session: session.clone(),
+                ..Meta::default()
+            },
+        };
+        if !initialize {
+            drop(session);
+            let answer = self.core_handle(inbound).await;
+            return self.deliver(answer, &ids, false).await;
+        }
+        let answer = self.core_handle(inbound).await;
+        if let Ok(Answer {
+            session: Some(id), ..
+        }) = &answer
+        {
+            *session = Some(id.to_string());
+        }
+        let answers = self.messages(answer, &ids, true).await;
+        drop(session);
+        for answer in answers {
+            if self.out.send(answer).await.is_err() {
+                return;
+            }
+        }
+        self.listen().await;
+    }
+
+    async fn core_handle(&self, inbound: Inbound) -> Result<Answer, ProxyError> {
+        self.doors
+            .core()
+            .handle(&self.server, &self.caller, inbound)
+            .await
+    }
+
+    /// Opens the session's server-to-client stream once, after the handshake.
+    async fn listen(self: &Arc<Self>) {
+        let Some(session) = self.session.lock().await.clone() else {
+            return;
+        };
+        if self.listening.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let conversation = self.clone();
+        tokio::spawn(async move {
+            let core = conversation.doors.core();
+            let no_headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
+            let answer = core
+                .listen(
+                    &conversation.server,
+                    &conversation.caller,
+                    Some(&session),
+                    no_headers,
+                )
+                .await;
+            // No GET stream (405) is fine: the upstream then only answers requests.
+            if let Ok(answer) = answer
+                && answer.status.is_success()
+            {
+                conversation.deliver(Ok(answer), &[], false).await;
+            }
+        });
+    }
+
+    /// Ends the session, e.g. when the client's stream closes.
+    pub async fn close(&self) {
+        let Some(session) = self.session.lock().await.take() else {
+            return;
+        };
+        if let Err(err) = self
+            .doors
+            .core()
+            .end(&self.server, &self.caller, Some(&session))
+            .await
+        {
+            tracing::debug!(error = %err, "the session had already ended");
+        }
+    }
+
+    async fn deliver(&self, answer: Result<Answer, ProxyError>, ids: &[Value], collect: bool) {
+        for message in self.messages(answer, ids, collect).await {
+            if self.out.send(message).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The messages of an answer: its JSON, each message of a stream (sent on as
+    /// they arrive unless `collect`), or an error for each request when it is
+    /// neither.
+    async fn messages(
+        &self,
+        answer: Result<Answer, ProxyError>,
+        ids: &[Value],
+        collect: bool,
+    ) -> Vec<Value> {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(err) => return vec![with_id(err.to_json(), ids)],
+        };
+        match answer.body {
+            Body::Empty => Vec::new(),
+            Body::Json(json) => match json.into_value() {
+                Ok(Value::Array(items)) => items,
+                Ok(message @ Value::Object(_)) => vec![with_id(message, ids)],
+                _ => failed(answer.status, b"the answer is not JSON-RPC", ids),
+            },
+            Body::Events(mut events) => {
+                let mut collected = Vec::new();
+                while let Some(Ok(event)) = events.next().await {
+                    let Ok(message) = event.data.into_value() else {
+                        continue;
+                    };
+                    if collect {
+                        collected.push(message);
+                    } else if self.out.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                collected
+            }
+            Body::Other { bytes, .. } => failed(answer.status, &bytes, ids),
+        }
+    }
+}
+
+/// An error for each request, when an answer is not JSON-RPC.
+fn failed(status: axum::http::StatusCode, body: &[u8], ids: &[Value]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    ids.iter()
+        .map(|id| {
+            error_response(
+                Some(id),
+                ErrorCode::InternalError,
+                &format!("request failed with HTTP {status}: {}", text.trim()),
+                None,
+            )
+        })
+        .collect()
+}
+
+/// An error without an id answers the one request that was sent, when there was one.
+fn with_id(mut message: Value, ids: &[Value]) -> Value {
+    if let [id] = ids
+        && message.get("id").is_some_and(Value::is_null)
+        && message.get("error").is_some()
+        && let Some(slot) = message.get_mut("id")
+    {
+        *slot = id.clone();
+    }
+    message
+}

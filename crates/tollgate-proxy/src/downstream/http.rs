@@ -1,0 +1,229 @@
+//! The Streamable HTTP front door (both eras) and the router of every proxy route:
+//! `/servers/<name>/mcp` for each server, `/mcp` when there is one, and the
+//! legacy SSE routes of [`super::legacy_sse`].
+//!
+//! A request passes the guard (Host, Origin), is matched to its server,
+//! authenticated and rate-checked, its body read (bounded) and decoded once, and
+//! handed to the core. The core's answer becomes a JSON body, an SSE stream or 202.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body as HttpBody;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use futures::StreamExt;
+use tollgate_mcp::Incoming;
+
+use super::{Doors, counted, legacy_sse, peer_of, read_body};
+use crate::error::ProxyError;
+use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
+use crate::state::{Server, Shared};
+use crate::upstream::http::SESSION_HEADER;
+use crate::upstream::{Body, Event, EventStream};
+
+/// How often a quiet stream gets a keep-alive comment. Writing is also how a
+/// vanished client is noticed, which abandons a held call's approval.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// The proxy's router.
+pub fn router(doors: Arc<Doors>) -> Router {
+    Router::new()
+        .route("/mcp", any(single_server))
+        .route("/servers/{name}/mcp", any(named_server))
+        .route("/sse", get(legacy_sse::single_stream))
+        .route("/messages", post(legacy_sse::single_message))
+        .route("/servers/{name}/sse", get(legacy_sse::named_stream))
+        .route("/servers/{name}/messages", post(legacy_sse::named_message))
+        .layer(middleware::from_fn_with_state(doors.clone(), guard))
+        .with_state(doors)
+}
+
+/// DNS-rebinding and cross-origin protection, before anything else is read.
+async fn guard(State(doors): State<Arc<Doors>>, request: Request, next: Next) -> Response {
+    if let Err(err) = doors.guard.check_proxy(request.headers()) {
+        tracing::warn!(error = %err, "request refused");
+        return err.into_response();
+    }
+    next.run(request).await
+}
+
+async fn single_server(State(doors): State<Arc<Doors>>, request: Request) -> Response {
+    serve(doors, None, request).await
+}
+
+async fn named_server(
+    State(doors): State<Arc<Doors>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    serve(doors, Some(name), request).await
+}
+
+async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Response {
+    let server = match doors.server(name.as_deref(), request.headers()) {
+        Ok(server) => server,
+        Err(err) => return err.into_response(),
+    };
+    let session = session_of(request.headers());
+    let span = tracing::info_span!(
+        "mcp",
+        server = %server.name,
+        session = session.as_deref().unwrap_or(""),
+        client = tracing::field::Empty,
+        tool = tracing::field::Empty,
+    );
+    let result = async {
+        let caller = doors.caller(request.headers(), peer_of(&request).ip())?;
+        if let Some(client) = &caller.client {
+            tracing::Span::current().record("client", &**client);
+        }
+        let core = doors.core();
+        match *request.method() {
+            Method::POST => {
+                let meta = meta_of(request.headers());
+                let body = read_body(doors.shared().max_body, request).await?;
+                let incoming = Incoming::parse(&body)?;
+                core.handle(&server, &caller, Inbound { incoming, meta })
+                    .await
+            }
+            Method::GET => {
+                let forwarded = forwarded_for_get(request.headers());
+                core.listen(&server, &caller, session.as_deref(), forwarded)
+                    .await
+            }
+            Method::DELETE => end(&doors, &server, &caller, session.as_deref()).await,
+            _ => Err(ProxyError::MethodNotAllowed),
+        }
+    };
+    match tracing::Instrument::instrument(result, span).await {
+        Ok(answer) => respond(doors.shared(), answer),
+        Err(err) => {
+            tracing::debug!(error = %err, "answered with an error");
+            err.into_response()
+        }
+    }
+}
+
+async fn end(
+    doors: &Doors,
+    server: &Arc<Server>,
+    caller: &Caller,
+    session: Option<&str>,
+) -> Result<Answer, ProxyError> {
+    doors.core().end(server, caller, session).await?;
+    let mut answer = Answer::accepted();
+    answer.status = StatusCode::OK;
+    Ok(answer)
+}
+
+/// `Mcp-Session-Id`; a value that is not text names no session there is.
+fn session_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(SESSION_HEADER)
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+}
+
+fn meta_of(headers: &HeaderMap) -> Meta {
+    Meta {
+        session: session_of(headers),
+        routing: Some(Routing {
+            protocol_version: headers.get("mcp-protocol-version").cloned(),
+            method: headers.get("mcp-method").cloned(),
+            name: headers.get("mcp-name").cloned(),
+        }),
+        // `Mcp-Param-*` mirror tool arguments for the upstream to check; forward them untouched.
+        params: headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("mcp-param-"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+    }
+}
+
+fn forwarded_for_get(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    ["mcp-protocol-version", "last-event-id"]
+        .into_iter()
+        .filter_map(|name| Some((HeaderName::from_static(name), headers.get(name)?.clone())))
+        .collect()
+}
+
+/// The HTTP response for the core's answer.
+fn respond(shared: &Arc<Shared>, answer: Answer) -> Response {
+    let mut response = match answer.body {
+        Body::Empty => answer.status.into_response(),
+        Body::Json(json) => (
+            answer.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            json.into_bytes(),
+        )
+            .into_response(),
+        Body::Events(events) => {
+            let mut response = sse(shared, events).into_response();
+            *response.status_mut() = answer.status;
+            response
+        }
+        Body::Other {
+            content_type,
+            bytes,
+        } => {
+            let mut response = (answer.status, HttpBody::from(bytes)).into_response();
+            if let Some(content_type) = content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
+            }
+            response
+        }
+    };
+    let headers = response.headers_mut();
+    if let Some(value) = answer
+        .session
+        .and_then(|id| HeaderValue::from_str(&id).ok())
+    {
+        headers.insert(SESSION_HEADER, value);
+    }
+    if let Some(retry_after) = answer.retry_after {
+        headers.insert(header::RETRY_AFTER, retry_after);
+    }
+    response
+}
+
+/// An SSE response of `events`, counted as an open stream, with keep-alive comments.
+fn sse(shared: &Arc<Shared>, events: EventStream) -> Response {
+    let events = events
+        .take_while(|event| futures::future::ready(event.is_ok()))
+        .filter_map(|event| futures::future::ready(event.ok().map(sse_event)));
+    let stream = counted(shared, events.map(Ok::<_, Infallible>));
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+fn sse_event(event: Event) -> SseEvent {
+    let data = event.data.into_bytes();
+    let mut data = String::from_utf8_lossy(&data).into_owned();
+    // A raw CR can only be whitespace between JSON tokens, but it would end an SSE line.
+    if data.contains('\r') {
+        data = data.replace('\r', " ");
+    }
+    let mut out = SseEvent::default().event("message").data(data);
+    // An id that SSE cannot carry is dropped, as a client would ignore it.
+    if let Some(id) = event.id.filter(|id| !id.contains(['\0', '\r', '\n'])) {
+        out = out.id(id);
+    }
+    if let Some(retry) = event.retry {
+        out = out.retry(Duration::from_millis(retry));
+    }
+    out
+}

@@ -1,0 +1,119 @@
+//! The core: every JSON-RPC message from every front door passes the same stages,
+//! in this order, each in its own file and each taking the previous one's output:
+//!
+//! 1. [`inbound`]: routing headers checked against the body, era told, headers to
+//!    forward picked;
+//! 2. [`session`]: the handshake-era session found (or opened after `initialize`);
+//! 3. [`decide`]: a `tools/call` evaluated against the policy and rate limits,
+//!    recorded, and turned into a refusal, a hold, or a [`decide::Permit`];
+//! 4. [`held`]: a held call waits for a human (in `approvals`), then goes on;
+//! 5. [`call`]: the one routine that forwards and accounts for every call, single,
+//!    batched or approved;
+//! 6. [`relay`]: the upstream's answer on its way back (`tools/list` filtered);
+//! 7. [`batch`]: the same, message by message, for a JSON-RPC batch.
+//!
+//! Front doors authenticate and decode once, then call [`Core::handle`]; nothing
+//! here knows which door a message came through or which transport an upstream uses.
+
+pub mod batch;
+pub mod call;
+pub mod context;
+pub mod decide;
+pub mod held;
+pub mod inbound;
+pub mod relay;
+pub mod session;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderName, HeaderValue};
+use tollgate_mcp::{Era, Incoming, Message};
+
+pub use context::{Answer, Caller, Context, Core, Inbound, Meta, Routing};
+
+use crate::error::ProxyError;
+use crate::state::Server;
+
+impl Core {
+    /// Handles one message or batch from `caller` for `server`.
+    pub async fn handle(
+        &self,
+        server: &Arc<Server>,
+        caller: &Caller,
+        inbound: Inbound,
+    ) -> Result<Answer, ProxyError> {
+        match inbound.incoming {
+            Incoming::Single(message) => self.single(server, caller, &inbound.meta, message).await,
+            Incoming::Batch(messages) => {
+                batch::handle(self, server, caller, &inbound.meta, messages).await
+            }
+        }
+    }
+
+    async fn single(
+        &self,
+        server: &Arc<Server>,
+        caller: &Caller,
+        meta: &Meta,
+        message: Message,
+    ) -> Result<Answer, ProxyError> {
+        let decoded = inbound::decode(&message, meta)?;
+        let session = session::resolve(self.shared(), server, caller, meta, &decoded)?;
+        // The client's answer to a request Tollgate sent (an approval asked by
+        // elicitation) is Tollgate's, not the upstream's.
+        if self.elicitations.take_answer(&message, session.as_deref()) {
+            return Ok(Answer::accepted());
+        }
+        let ctx = Context::new(
+            self,
+            server,
+            caller,
+            session,
+            decoded.era,
+            decoded.forwarded,
+        );
+        let permit = match decide::decide(&ctx, &message)? {
+            decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
+            decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
+            decide::Verdict::Forward(permit) => permit,
+        };
+        let payload = crate::upstream::Payload::One(message.as_value());
+        let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
+        relay::answer(&ctx, &message, decoded.initialize, reply)
+    }
+
+    /// Opens a handshake-era session's server-to-client stream.
+    pub async fn listen(
+        &self,
+        server: &Arc<Server>,
+        caller: &Caller,
+        session_id: Option<&str>,
+        forwarded: Vec<(HeaderName, HeaderValue)>,
+    ) -> Result<Answer, ProxyError> {
+        // Without a session this is a stateless-era endpoint, which has no GET stream.
+        let session = session::find(self.shared(), server, caller, session_id)?
+            .ok_or(ProxyError::MethodNotAllowed)?;
+        let ctx = Context::new(
+            self,
+            server,
+            caller,
+            Some(session),
+            Era::Handshake,
+            forwarded,
+        );
+        call::listen(&ctx).await
+    }
+
+    /// Ends a handshake-era session, here and upstream.
+    pub async fn end(
+        &self,
+        server: &Arc<Server>,
+        caller: &Caller,
+        session_id: Option<&str>,
+    ) -> Result<(), ProxyError> {
+        let session = session::find(self.shared(), server, caller, session_id)?
+            .ok_or(ProxyError::MissingSession)?;
+        session::end(self.shared(), server, &session).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! Stage 7, batch: a JSON-RPC batch (2025-03-26). Each tool call in it is decided
+//! on its own; refused calls are answered here, the rest go upstream as one batch
+//! through the same [`call::forward`], which accounts for every call in it.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tollgate_mcp::{Era, Message};
+use tollgate_policy::DenyKind;
+
+use super::context::{Answer, Caller, Context, Core, Meta};
+use super::decide::{Permit, Verdict, decide, deny, refusal};
+use super::{call, relay, session};
+use crate::error::ProxyError;
+use crate::state::Server;
+use crate::upstream::{Body, Payload};
+
+/// Handles a batch.
+pub async fn handle(
+    core: &Core,
+    server: &Arc<Server>,
+    caller: &Caller,
+    meta: &Meta,
+    messages: Vec<Message>,
+) -> Result<Answer, ProxyError> {
+    // Routing headers describe one message; on a batch they could only mislead
+    // whatever routes on them after Tollgate.
+    if meta
+        .routing
+        .as_ref()
+        .is_some_and(|r| r.method.is_some() || r.name.is_some())
+    {
+        return Err(ProxyError::HeaderMismatch {
+            id: None,
+            message: "header mismatch: Mcp-Method and Mcp-Name cannot describe a JSON-RPC batch"
+                .into(),
+        });
+    }
+    let session = session::find(core.shared(), server, caller, meta.session.as_deref())?;
+    if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
+        return Err(ProxyError::MissingSession);
+    }
+    let mut forwarded = Vec::new();
+    if let Some(version) = meta
+        .routing
+        .as_ref()
+        .and_then(|r| r.protocol_version.clone())
+    {
+        forwarded.push((
+            axum::http::HeaderName::from_static("mcp-protocol-version"),
+            version,
+        ));
+    }
+    forwarded.extend(meta.params.iter().cloned());
+    let ctx = Context::new(core, server, caller, session, Era::Handshake, forwarded);
+    let Decided {
+        refused,
+        forward,
+        permits,
+    } = decide_each(&ctx, messages);
+    if forward.is_empty() {
+        return Ok(Answer::message(Value::Array(refused)));
+    }
+    let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
+    let policy = server.policy.load_full();
+    let body = relay::filter(reply.body, policy, caller.client.clone());
+    if refused.is_empty() {
+        return Ok(Answer {
+            status: reply.status,
+            body,
+            session: None,
+            retry_after: reply.retry_after,
+        });
+    }
+    merge(server, body, refused)
+}
+
+/// A batch's messages, decided one by one.
+struct Decided {
+    /// Answers to the calls refused here.
+    refused: Vec<Value>,
+    /// The messages that go upstream.
+    forward: Vec<Value>,
+    /// The permits of the calls among them.
+    permits: Vec<Permit>,
+}
+
+fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
+    let mut refused = Vec::new();
+    let mut forward = Vec::new();
+    let mut permits = Vec::new();
+    for message in messages {
+        match decide(ctx, &message) {
+            Err(err) => refused.push(err.to_json()),
+            Ok(Verdict::Refuse(answer)) => refused.push(answer),
+            Ok(Verdict::Hold(held)) => {
+                let mut held = *held;
+                // A batch has one answer for all its calls, so one call cannot wait
+                // for a human while the others return. Its permit is dropped unused.
+                let reason = format!(
+                    "{} (calls that need approval cannot be sent in a JSON-RPC batch; send it on its own)",
+                    held.decision.reason
+                );
+                deny(&mut held.decision, DenyKind::ApprovalDenied, reason);
+                let id = message.id().cloned().unwrap_or(Value::Null);
+                refused.push(refusal(&held.decision, &id, Era::Handshake, held.deny_as));
+            }
+            Ok(Verdict::Forward(permit)) => {
+                permits.extend(permit);
+                forward.push(message.into_value());
+            }
+        }
+    }
+    Decided {
+        refused,
+        forward,
+        permits,
+    }
+}
+
+/// Tollgate's answers merged into the upstream's JSON array.
+fn merge(server: &Server, body: Body, refused: Vec<Value>) -> Result<Answer, ProxyError> {
+    let mut answers = match body {
+        Body::Json(json) => match json.into_value() {
+            Ok(Value::Array(items)) => items,
+            Ok(single @ Value::Object(_)) => vec![single],
+            _ => return Err(not_json(server)),
+        },
+        Body::Empty => Vec::new(),
+        Body::Events(_) | Body::Other { .. } => return Err(not_json(server)),
+    };
+    answers.extend(refused);
+    Ok(Answer::message(Value::Array(answers)))
+}
+
+fn not_json(server: &Server) -> ProxyError {
+    ProxyError::Upstream {
+        id: None,
+        message: format!(
+            "upstream `{}` answered a batch with something that is not JSON",
+            server.name
+        ),
+    }
+}

@@ -1,0 +1,184 @@
+//! Stage 5, call: the one routine that sends what was evaluated upstream and
+//! accounts for it, used by single calls, batches and approved calls alike.
+//!
+//! It measures the upstream's latency, counts its failures, re-initializes a
+//! session the upstream lost (when that is safe) and finishes every call's
+//! [`Permit`] with its outcome.
+
+use std::time::Instant;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::Value;
+
+use super::context::{Answer, Context};
+use super::decide::{Outcome, Permit};
+use super::session;
+use crate::error::ProxyError;
+use crate::state::Server;
+use crate::upstream::{Failure, Payload, Reply, Request};
+
+/// Sends `payload` (one message, or a batch) on the context's session and
+/// accounts for each call in it (`permits`).
+pub async fn forward(
+    ctx: &Context,
+    payload: Payload<'_>,
+    permits: Vec<Permit>,
+) -> Result<Reply, ProxyError> {
+    let id = match payload {
+        Payload::One(message) => message.get("id"),
+        Payload::Batch(_) => None,
+    };
+    let mut permits = permits;
+    let started = Instant::now();
+    for permit in &mut permits {
+        permit.start(started);
+    }
+    let _in_flight = ctx.session.as_ref().map(|s| s.start_request());
+    let upstream_session = ctx.session.as_ref().and_then(|s| s.upstream_id());
+    let mut sent = send(ctx, payload, upstream_session.as_deref()).await;
+    // The upstream forgot its session (restarted, expired): re-initialize it
+    // behind the client's back when that is safe, and send the request again.
+    if let (Ok(reply), Some(session), Some(lost)) = (&sent, &ctx.session, &upstream_session)
+        && reply.status == StatusCode::NOT_FOUND
+    {
+        match session::recover(ctx, session, lost, id).await {
+            Ok(renewed) => sent = send(ctx, payload, renewed.as_deref()).await,
+            Err(err) => {
+                finish(permits, Outcome::SessionLost);
+                return Err(err);
+            }
+        }
+    }
+    account(ctx, sent, permits, started, upstream_session.is_some(), id)
+}
+
+/// Measures and records an exchange, and finishes its calls' permits.
+fn account(
+    ctx: &Context,
+    sent: Result<Reply, Failure>,
+    permits: Vec<Permit>,
+    started: Instant,
+    had_upstream_session: bool,
+    id: Option<&Value>,
+) -> Result<Reply, ProxyError> {
+    let server = &ctx.server;
+    let metrics = &ctx.shared().metrics;
+    match sent {
+        Ok(reply) => {
+            metrics.upstream_latency(&server.name, started.elapsed().as_secs_f64());
+            if reply.status.is_server_error() {
+                metrics.upstream_error(&server.name, "status_5xx");
+            }
+            let lost = reply.status == StatusCode::NOT_FOUND && had_upstream_session;
+            let outcome = match reply.status {
+                _ if lost => Outcome::SessionLost,
+                status if status.is_success() => Outcome::Forwarded,
+                _ => Outcome::UpstreamError,
+            };
+            finish(permits, outcome);
+            if let (true, Some(session)) = (lost, &ctx.session) {
+                // The upstream forgot its session: forget ours so the client re-initializes.
+                ctx.shared().sessions.remove(&session.id);
+                return Err(ProxyError::UnknownSession);
+            }
+            Ok(reply)
+        }
+        Err(failure) => {
+            metrics.upstream_error(&server.name, failure.kind());
+            let outcome = match &failure {
+                Failure::Unreachable(_) => Outcome::Unreachable,
+                Failure::Timeout(_) => Outcome::Timeout,
+                Failure::Broken(_) | Failure::TooLarge(_) => Outcome::Broken,
+            };
+            finish(permits, outcome);
+            tracing::warn!(error = %failure, "upstream request failed");
+            Err(failure_error(server, &failure, id.cloned()))
+        }
+    }
+}
+
+fn finish(permits: Vec<Permit>, outcome: Outcome) {
+    for permit in permits {
+        permit.finish(outcome);
+    }
+}
+
+async fn send(
+    ctx: &Context,
+    payload: Payload<'_>,
+    upstream_session: Option<&str>,
+) -> Result<Reply, Failure> {
+    let version = ctx.session.as_ref().and_then(|s| s.protocol_version());
+    let request = Request {
+        payload,
+        session: upstream_session,
+        protocol_version: version.as_deref(),
+        headers: &ctx.forwarded,
+        owner: &ctx.owner,
+    };
+    ctx.server.upstream.send(request).await
+}
+
+/// Opens the session's server-to-client stream upstream.
+pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
+    let Some(session) = &ctx.session else {
+        return Err(ProxyError::MethodNotAllowed);
+    };
+    let upstream = &ctx.server.upstream;
+    let upstream_session = session.upstream_id();
+    let mut forwarded = ctx.forwarded.clone();
+    if let Some(version) = session.protocol_version()
+        && !forwarded
+            .iter()
+            .any(|(name, _)| name == "mcp-protocol-version")
+        && let Ok(value) = HeaderValue::from_str(&version)
+    {
+        forwarded.push((HeaderName::from_static("mcp-protocol-version"), value));
+    }
+    let failed = |failure: Failure| failure_error(&ctx.server, &failure, None);
+    let mut reply = upstream
+        .listen(upstream_session.as_deref(), &forwarded)
+        .await
+        .map_err(failed)?;
+    if let Some(lost) = &upstream_session
+        && reply.status == StatusCode::NOT_FOUND
+        && let Ok(renewed) = session::recover(ctx, session, lost, None).await
+    {
+        reply = upstream
+            .listen(renewed.as_deref(), &forwarded)
+            .await
+            .map_err(failed)?;
+    }
+    if reply.status == StatusCode::NOT_FOUND && upstream_session.is_some() {
+        ctx.shared().sessions.remove(&session.id);
+        return Err(ProxyError::UnknownSession);
+    }
+    Ok(Answer {
+        status: reply.status,
+        body: reply.body,
+        session: None,
+        retry_after: reply.retry_after,
+    })
+}
+
+/// The client-facing error for a failed exchange, naming the server and what to check.
+pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> ProxyError {
+    let message = match failure {
+        Failure::Unreachable(why) => format!(
+            "upstream `{}` ({}) could not be reached: {why}; check that it is running and that {} is right",
+            server.name, server.location, server.location_key
+        ),
+        Failure::Timeout(after) => format!(
+            "upstream `{}` ({}) did not answer within {}s (servers.{}.timeout)",
+            server.name,
+            server.location,
+            after.as_secs_f64(),
+            server.name
+        ),
+        Failure::Broken(_) | Failure::TooLarge(_) => format!(
+            "upstream `{}` ({}): {failure}",
+            server.name, server.location
+        ),
+    };
+    ProxyError::Upstream { id, message }
+}

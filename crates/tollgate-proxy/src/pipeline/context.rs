@@ -1,0 +1,182 @@
+//! The types every stage shares: who calls ([`Caller`]), what arrives ([`Inbound`]),
+//! what is answered ([`Answer`]), and one request's [`Context`]. The bottom of the
+//! core: it imports none of the stages.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::Value;
+use tollgate_mcp::{Era, Incoming};
+
+use crate::approvals::elicit::Elicitations;
+use crate::state::{Server, Shared};
+use crate::store::sessions::Session;
+use crate::upstream::{Body, Json, Owner};
+
+/// Who sends, as the front door established it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The authenticated client, if any.
+    pub client: Option<Arc<str>>,
+    /// The peer's address.
+    pub peer: IpAddr,
+}
+
+impl Caller {
+    /// Key of `per: client` limits and owner of shared upstream traffic.
+    pub fn client_key(&self) -> String {
+        match &self.client {
+            Some(client) => format!("client:{client}"),
+            None => format!("peer:{}", self.peer),
+        }
+    }
+}
+
+/// Headers a binding carried with a message (Streamable HTTP has them; stdio and
+/// legacy SSE do not).
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    /// `Mcp-Session-Id`, as sent.
+    pub session: Option<String>,
+    /// `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`; `None` on a binding without headers.
+    pub routing: Option<Routing>,
+    /// `Mcp-Param-*` headers, forwarded as they are.
+    pub params: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The routing headers of a Streamable HTTP request, as received.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// `MCP-Protocol-Version`.
+    pub protocol_version: Option<HeaderValue>,
+    /// `Mcp-Method`.
+    pub method: Option<HeaderValue>,
+    /// `Mcp-Name`.
+    pub name: Option<HeaderValue>,
+}
+
+/// What a front door hands the core: a message or a batch, and its headers.
+pub struct Inbound {
+    /// The decoded body.
+    pub incoming: Incoming,
+    /// Its headers.
+    pub meta: Meta,
+}
+
+/// What the core answers.
+pub struct Answer {
+    /// In HTTP terms: 200 for an answer, 202 for nothing to answer, or what the
+    /// upstream said.
+    pub status: StatusCode,
+    /// The answer: a message, a stream of messages, or nothing.
+    pub body: Body,
+    /// The session an `initialize` opened.
+    pub session: Option<Arc<str>>,
+    /// `Retry-After`, from the upstream.
+    pub retry_after: Option<HeaderValue>,
+}
+
+impl Answer {
+    /// A message of Tollgate's own.
+    pub fn message(message: Value) -> Answer {
+        Answer {
+            status: StatusCode::OK,
+            body: Body::Json(Json::Value(message)),
+            session: None,
+            retry_after: None,
+        }
+    }
+
+    /// Nothing to answer (202).
+    pub fn accepted() -> Answer {
+        Answer {
+            status: StatusCode::ACCEPTED,
+            body: Body::Empty,
+            session: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// The core, shared by every front door.
+#[derive(Clone)]
+pub struct Core {
+    shared: Arc<Shared>,
+    pub(super) elicitations: Arc<Elicitations>,
+}
+
+/// One request's place in the world: server, caller, session, era. Owned, so a
+/// held call can carry it past the request handler.
+#[derive(Clone)]
+pub struct Context {
+    /// The core.
+    pub core: Core,
+    /// The server the request is for.
+    pub server: Arc<Server>,
+    /// Who sent it.
+    pub caller: Caller,
+    /// Its handshake-era session.
+    pub session: Option<Arc<Session>>,
+    /// Its era.
+    pub era: Era,
+    /// Headers forwarded upstream as they are.
+    pub forwarded: Vec<(HeaderName, HeaderValue)>,
+    /// Its owner on a shared upstream.
+    pub owner: Owner,
+    /// Key of `per: client` limits.
+    pub client_key: String,
+    /// Key of `per: session` limits.
+    pub session_key: String,
+}
+
+impl Context {
+    pub(super) fn new(
+        core: &Core,
+        server: &Arc<Server>,
+        caller: &Caller,
+        session: Option<Arc<Session>>,
+        era: Era,
+        forwarded: Vec<(HeaderName, HeaderValue)>,
+    ) -> Context {
+        let client_key = caller.client_key();
+        let session_key = match &session {
+            Some(session) => format!("session:{}", session.id),
+            None => client_key.clone(),
+        };
+        Context {
+            core: core.clone(),
+            server: server.clone(),
+            caller: caller.clone(),
+            owner: Owner {
+                client: client_key.as_str().into(),
+                session: session.as_ref().map(|s| s.id.clone()),
+            },
+            session,
+            era,
+            forwarded,
+            client_key,
+            session_key,
+        }
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.core.shared
+    }
+}
+
+impl Core {
+    /// The core over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Core {
+        Core {
+            shared,
+            elicitations: Arc::new(Elicitations::default()),
+        }
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}

@@ -1,0 +1,289 @@
+//! Stage 3, decide: a `tools/call` evaluated against the policy and its rate
+//! limits, its decision recorded (audit log, metrics, log line) before anything is
+//! forwarded, and answered the way SPEC §6 asks when it is refused.
+//!
+//! A call that may go on gets a [`Permit`]: the only way to the upstream, owning
+//! the call's rate-limit slot, id and start time. Finishing it writes the outcome;
+//! dropping it unfinished gives the slot back only if the call never left Tollgate.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
+use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Slot, ToolCall};
+
+use super::context::Context;
+use crate::audit::{Record, digest};
+use crate::error::ProxyError;
+use crate::state::{Server, Shared};
+
+/// What to do with an evaluated message.
+pub enum Verdict {
+    /// Forward it; a tool call carries its permit.
+    Forward(Option<Permit>),
+    /// Answer the client with this JSON-RPC message; nothing goes upstream.
+    Refuse(Value),
+    /// Hold the call until a human decides.
+    Hold(Box<Held>),
+}
+
+/// A call waiting for approval.
+pub struct Held {
+    /// Its permit (holding its slot) for when it is approved.
+    pub permit: Permit,
+    /// The decision that asked for approval.
+    pub decision: Decision,
+    /// The policy's `deny_as`, for the eventual refusal.
+    pub deny_as: DenyAs,
+}
+
+static CALL_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// How a forwarded call ended, for its outcome record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with success.
+    Forwarded,
+    /// The upstream answered with an HTTP error.
+    UpstreamError,
+    /// Nothing was sent: the upstream could not be reached.
+    Unreachable,
+    /// Sent, and no answer came in time.
+    Timeout,
+    /// Sent, and the answer broke off.
+    Broken,
+    /// The upstream lost the session before the call reached a tool.
+    SessionLost,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Unreachable => "upstream_unreachable",
+            Outcome::Timeout => "upstream_timeout",
+            Outcome::Broken => "upstream_broken",
+            Outcome::SessionLost => "upstream_session_lost",
+        }
+    }
+
+    /// Whether the call left Tollgate, so that its slot stays spent.
+    fn reached_upstream(self) -> bool {
+        self != Outcome::Unreachable
+    }
+}
+
+/// A call allowed to go upstream. Not `Clone`: one call, one account.
+pub struct Permit {
+    shared: Arc<Shared>,
+    server: Arc<Server>,
+    call_id: u64,
+    tool: String,
+    slot: Option<Slot>,
+    started: Option<Instant>,
+}
+
+impl Permit {
+    /// The call's id in the audit log.
+    pub fn call_id(&self) -> u64 {
+        self.call_id
+    }
+
+    /// Marks the moment the call is handed to the upstream.
+    pub fn start(&mut self, at: Instant) {
+        self.started = Some(at);
+    }
+
+    /// Accounts for the call: the outcome record, and the slot kept or given back.
+    pub fn finish(mut self, outcome: Outcome) {
+        let latency = self.started.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        if !outcome.reached_upstream()
+            && let Some(slot) = self.slot.take()
+        {
+            self.server.limits.release(slot);
+        }
+        // A sent call keeps its slot, whatever happened after.
+        self.slot = None;
+        self.shared.audit.write(&Record::Outcome {
+            call_id: self.call_id,
+            server: &self.server.name,
+            tool: &self.tool,
+            upstream_latency_ms: latency * 1000.0,
+            outcome: outcome.as_str(),
+        });
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Unfinished: the call never left Tollgate (refused later, abandoned, …).
+        if let Some(slot) = self.slot.take() {
+            self.server.limits.release(slot);
+        }
+    }
+}
+
+fn decision_name(decision: &Decision) -> &'static str {
+    match decision.action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+        Action::RequireApproval => "require_approval",
+    }
+}
+
+/// Evaluates a message: anything but a `tools/call` goes on as it is.
+pub fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
+    if message.is_malformed_tool_call() {
+        return Err(ProxyError::MalformedToolCall {
+            id: message.id().cloned(),
+        });
+    }
+    let Some(call) = message.tool_call() else {
+        return Ok(Verdict::Forward(None));
+    };
+    tracing::Span::current().record("tool", call.name);
+    let id = message.id().cloned().unwrap_or(Value::Null);
+    Ok(enforce(ctx, &id, call.name, call.arguments))
+}
+
+/// Evaluates one `tools/call`, writes the decision to the audit log, and says what to do.
+fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict {
+    let shared = ctx.shared();
+    let server = &ctx.server;
+    let policy = server.policy.load_full();
+    let call = ToolCall {
+        tool,
+        arguments,
+        client: ctx.caller.client.as_deref(),
+        session_key: &ctx.session_key,
+        client_key: &ctx.client_key,
+    };
+    let mut decision = server.limits.decide(&policy, &call, shared.now());
+    let audit_mode = policy.mode() == Mode::Audit;
+    let mut permit = Permit {
+        shared: shared.clone(),
+        server: server.clone(),
+        call_id: CALL_IDS.fetch_add(1, Ordering::Relaxed),
+        tool: tool.to_owned(),
+        slot: decision.slot.take(),
+        started: None,
+    };
+
+    // Without an admin listener no human can decide, so refuse at once instead of
+    // holding the call until it times out.
+    if decision.action == Action::RequireApproval && !audit_mode && shared.admin_url.get().is_none()
+    {
+        decision.action = Action::Deny;
+        decision.kind = Some(DenyKind::ApprovalDenied);
+        decision.reason = format!(
+            "{} (this call needs a human's approval, and approval is not available: no admin listener is configured)",
+            decision.reason
+        );
+    }
+    record(ctx, &decision, &permit, arguments, audit_mode);
+
+    match decision.action {
+        _ if audit_mode => Verdict::Forward(Some(permit)),
+        Action::Allow => Verdict::Forward(Some(permit)),
+        Action::RequireApproval => Verdict::Hold(Box::new(Held {
+            permit,
+            deny_as: policy.deny_as(),
+            decision,
+        })),
+        Action::Deny => {
+            // Refused here: the slot (if the decision took one) is not spent.
+            if let Some(slot) = permit.slot.take() {
+                server.limits.release(slot);
+            }
+            Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
+        }
+    }
+}
+
+/// The decision's audit record, metric and log line.
+fn record(
+    ctx: &Context,
+    decision: &Decision,
+    permit: &Permit,
+    arguments: &Value,
+    audit_mode: bool,
+) {
+    let shared = ctx.shared();
+    let rule = decision
+        .rule
+        .as_ref()
+        .map_or_else(|| "default".to_owned(), ToString::to_string);
+    // Building the record (and hashing the arguments) is skipped when nothing is logged.
+    if shared.audit.enabled() {
+        shared.audit.write(&Record::Decision {
+            call_id: permit.call_id,
+            server: &ctx.server.name,
+            client: ctx.caller.client.as_deref(),
+            session: ctx.session.as_ref().map(|s| &*s.id),
+            tool: &permit.tool,
+            decision: decision_name(decision),
+            kind: decision.kind.map(|k| k.as_str()),
+            rule: &rule,
+            reason: &decision.reason,
+            mode: if audit_mode { "audit" } else { "enforce" },
+            arguments_digest: digest(arguments),
+            arguments: shared.audit.includes_arguments().then_some(arguments),
+            failing_path: decision.failing_path.as_deref(),
+        });
+    }
+    shared.metrics.decision(
+        &ctx.server.name,
+        &permit.tool,
+        decision_name(decision),
+        &rule,
+    );
+    tracing::info!(
+        tool = %permit.tool,
+        decision = decision_name(decision),
+        rule = %rule,
+        reason = %decision.reason,
+        audit_mode,
+        "tools/call decided"
+    );
+}
+
+/// Turns a held call's decision into a refusal (approval denied, expired, or not
+/// possible where it was asked).
+pub fn deny(decision: &mut Decision, kind: DenyKind, reason: String) {
+    decision.action = Action::Deny;
+    decision.kind = Some(kind);
+    decision.reason = reason;
+}
+
+/// The answer to a refused call: a tool result with `isError: true` (or a JSON-RPC
+/// error with `deny_as: error`), carrying the decision under `_meta`.
+pub fn refusal(decision: &Decision, id: &Value, era: Era, deny_as: DenyAs) -> Value {
+    let meta = decision.meta_json();
+    match deny_as {
+        DenyAs::Error => error_response(
+            Some(id),
+            ErrorCode::DeniedByPolicy,
+            &format!("Tool call denied by policy: {}", decision.reason),
+            Some(meta),
+        ),
+        DenyAs::Result => {
+            let mut text = format!("Denied by policy: {}", decision.reason);
+            if let Some(wait) = decision.retry_after {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                text.push_str(&format!("; retry in {secs}s"));
+            }
+            let mut result = json!({
+                "content": [{"type": "text", "text": text}],
+                "isError": true,
+                "_meta": {"dev.tollgate/decision": meta},
+            });
+            if era == Era::Stateless {
+                result["resultType"] = json!("complete");
+            }
+            result_response(id, result)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Stage 6, relay: the upstream's answer on its way back. Answers stream through
+//! as they arrive; only `tools/list` results are parsed, to hide the tools the
+//! policy denies outright, and only an `initialize` answer is looked at, to open
+//! the session it started.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tollgate_mcp::{ErrorCode, Message, error_response};
+use tollgate_policy::Policy;
+
+use super::context::{Answer, Context};
+use super::session;
+use crate::error::ProxyError;
+use crate::store::sessions::Session;
+use crate::upstream::{Body, Event, EventStream, Json, Reply};
+
+/// Turns the upstream's reply to `message` into the client's answer.
+pub fn answer(
+    ctx: &Context,
+    message: &Message,
+    initialize: bool,
+    reply: Reply,
+) -> Result<Answer, ProxyError> {
+    let mut body = reply.body;
+    if message.method() == Some("tools/list") {
+        body = filter(
+            body,
+            ctx.server.policy.load_full(),
+            ctx.caller.client.clone(),
+        );
+    }
+    if let (Body::Events(_), Some(id)) = (&body, message.id())
+        && let Body::Events(events) = std::mem::replace(&mut body, Body::Empty)
+    {
+        body = Body::Events(until_answered(events, id.clone(), ctx.server.name.clone()));
+    }
+    let mut answer = Answer {
+        status: reply.status,
+        body,
+        session: None,
+        retry_after: reply.retry_after,
+    };
+    if initialize && reply.status.is_success() {
+        let opened = match &answer.body {
+            Body::Json(json) => {
+                let value = json.clone().into_value().ok();
+                session::open(ctx, message.as_value(), reply.session, value.as_ref())?
+            }
+            _ => session::open(ctx, message.as_value(), reply.session, None)?,
+        };
+        if let Body::Events(_) = &answer.body
+            && let Body::Events(events) = std::mem::replace(&mut answer.body, Body::Empty)
+        {
+            answer.body = Body::Events(note_version(events, opened.clone()));
+        }
+        answer.session = Some(opened.id.clone());
+    }
+    Ok(answer)
+}
+
+/// A stream of a request's messages that ends with an error message for `id`
+/// when the upstream's stream breaks before the answer.
+fn until_answered(events: EventStream, id: Value, server: Arc<str>) -> EventStream {
+    events
+        .scan(false, move |ended, event| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let event = event.or_else(|failure| {
+                *ended = true;
+                let message = format!("upstream `{server}`: {failure}");
+                tracing::warn!(error = %message, "upstream stream failed");
+                Ok(Event::message(error_response(
+                    Some(&id),
+                    ErrorCode::InternalError,
+                    &message,
+                    None,
+                )))
+            });
+            futures::future::ready(Some(event))
+        })
+        .boxed()
+}
+
+/// Records the protocol version from an `initialize` answer that arrives as an event.
+fn note_version(events: EventStream, session: Arc<Session>) -> EventStream {
+    events
+        .map(move |event| {
+            if let Ok(Event { data, .. }) = &event
+                && let Ok(value) = data.clone().into_value()
+                && let Some(version) = value
+                    .pointer("/result/protocolVersion")
+                    .and_then(Value::as_str)
+            {
+                session.set_protocol_version(version);
+            }
+            event
+        })
+        .boxed()
+}
+
+/// Hides the tools the policy denies `client` outright, in a JSON body or in every
+/// event of a stream.
+pub fn filter(body: Body, policy: Arc<Policy>, client: Option<Arc<str>>) -> Body {
+    match body {
+        Body::Json(json) => Body::Json(filter_json(json, &policy, client.as_deref())),
+        Body::Events(events) => Body::Events(
+            events
+                .map(move |event| {
+                    event.map(|mut event| {
+                        event.data = filter_json(event.data, &policy, client.as_deref());
+                        event
+                    })
+                })
+                .boxed(),
+        ),
+        other => other,
+    }
+}
+
+fn filter_json(json: Json, policy: &Policy, client: Option<&str>) -> Json {
+    match json {
+        Json::Value(mut value) => {
+            filter_tools(&mut value, policy, client);
+            Json::Value(value)
+        }
+        Json::Text(text) => {
+            // Only an answer that lists tools is parsed.
+            if memchr_tools(&text)
+                && let Ok(mut value) = serde_json::from_slice::<Value>(&text)
+                && filter_tools(&mut value, policy, client)
+            {
+                return Json::Value(value);
+            }
+            Json::Text(text)
+        }
+    }
+}
+
+fn memchr_tools(text: &[u8]) -> bool {
+    text.windows(7).any(|w| w == b"\"tools\"")
+}
+
+/// Removes hidden tools from one JSON-RPC response (or each response of a batch).
+/// Returns whether anything was removed.
+pub fn filter_tools(message: &mut Value, policy: &Policy, client: Option<&str>) -> bool {
+    if let Value::Array(items) = message {
+        return items.iter_mut().fold(false, |changed, item| {
+            filter_tools(item, policy, client) | changed
+        });
+    }
+    let Some(tools) = message
+        .pointer_mut("/result/tools")
+        .and_then(Value::as_array_mut)
+    else {
+        return false;
+    };
+    let before = tools.len();
+    tools.retain(|tool| match tool.get("name").and_then(Value::as_str) {
+        Some(name) => !policy.hides_tool(name, client),
+        None => true,
+    });
+    tools.len() != before
+}

@@ -1,0 +1,175 @@
+//! Stage 2, session: the handshake era's sessions, bound to the server and the
+//! client that opened them, and mapped to the upstream's own.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tollgate_mcp::Era;
+
+use super::context::{Caller, Context, Meta};
+use super::inbound::Decoded;
+use crate::error::ProxyError;
+use crate::state::{Server, Shared};
+use crate::store::sessions::Session;
+use crate::upstream::{Payload, Request};
+
+/// The session a message belongs to: none in the stateless era or for
+/// `initialize`, else the one its header names.
+pub fn resolve(
+    shared: &Shared,
+    server: &Server,
+    caller: &Caller,
+    meta: &Meta,
+    decoded: &Decoded,
+) -> Result<Option<Arc<Session>>, ProxyError> {
+    match decoded.era {
+        // The stateless era has no sessions: a stray session header is ignored.
+        Era::Stateless => Ok(None),
+        Era::Handshake if decoded.initialize => Ok(None),
+        Era::Handshake => find(shared, server, caller, meta.session.as_deref())?
+            .map(Some)
+            .ok_or(ProxyError::MissingSession),
+    }
+}
+
+/// The session named by `id`, checked against server and client.
+pub fn find(
+    shared: &Shared,
+    server: &Server,
+    caller: &Caller,
+    id: Option<&str>,
+) -> Result<Option<Arc<Session>>, ProxyError> {
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let session = shared.sessions.get(id).ok_or(ProxyError::UnknownSession)?;
+    // A session is only valid for the server and client that opened it.
+    if session.server != server.name || session.client != caller.client {
+        return Err(ProxyError::UnknownSession);
+    }
+    Ok(Some(session))
+}
+
+/// Opens the session an `initialize` asked for, once the upstream accepted it.
+pub fn open(
+    ctx: &Context,
+    initialize: &Value,
+    upstream_id: Option<String>,
+    answer: Option<&Value>,
+) -> Result<Arc<Session>, ProxyError> {
+    let elicitation = initialize
+        .pointer("/params/capabilities/elicitation")
+        .is_some();
+    let protocol_version = answer
+        .and_then(|a| a.pointer("/result/protocolVersion"))
+        .and_then(Value::as_str)
+        .map(Into::into);
+    let session = ctx
+        .shared()
+        .sessions
+        .open(crate::store::sessions::NewSession {
+            server: ctx.server.name.clone(),
+            client: ctx.caller.client.clone(),
+            upstream_id,
+            initialize: Some(initialize.clone()),
+            elicitation,
+            protocol_version,
+        })?;
+    tracing::info!(session = %session.id, "session opened");
+    Ok(session)
+}
+
+/// Ends a session here and upstream.
+pub async fn end(shared: &Shared, server: &Server, session: &Session) {
+    shared.sessions.remove(&session.id);
+    if let Some(upstream_id) = session.upstream_id()
+        && let Err(failure) = server.upstream.end(&upstream_id).await
+    {
+        tracing::warn!(error = %failure, "could not end the upstream session");
+    }
+    tracing::info!(session = %session.id, "session closed");
+}
+
+/// Re-initializes a session the upstream lost (`lost` was its id), replaying the
+/// client's `initialize`; returns the new upstream session id. Only when no other
+/// request of the session waits on the upstream: their answers are gone with the
+/// old session, and the client must learn that rather than see them hang.
+pub async fn recover(
+    ctx: &Context,
+    session: &Arc<Session>,
+    lost: &str,
+    id: Option<&Value>,
+) -> Result<Option<String>, ProxyError> {
+    let _only_one = session.reinitializing.lock().await;
+    let current = session.upstream_id();
+    if current.as_deref() != Some(lost) {
+        // Another request re-initialized it meanwhile.
+        return Ok(current);
+    }
+    let server = &ctx.server;
+    let give_up = |why: String| {
+        ctx.shared().sessions.remove(&session.id);
+        tracing::warn!(session = %session.id, "upstream session lost: {why}");
+        ProxyError::Upstream {
+            id: id.cloned(),
+            message: format!(
+                "upstream `{}` lost this session ({why}); start a new session with `initialize`",
+                server.name
+            ),
+        }
+    };
+    // The request in flight that asked for this recovery is the one allowed.
+    if session.in_flight() > 1 {
+        return Err(give_up(
+            "other requests were waiting for it, so it was not re-initialized".into(),
+        ));
+    }
+    let Some(initialize) = &session.initialize else {
+        return Err(give_up("the original `initialize` is unknown".into()));
+    };
+    let renewed = reinitialize(ctx, initialize).await.map_err(give_up)?;
+    session.set_upstream_id(renewed.clone());
+    tracing::info!(session = %session.id, "the upstream lost its session; re-initialized it");
+    Ok(renewed)
+}
+
+/// Replays the client's `initialize` (under an id of Tollgate's) and its
+/// `notifications/initialized`; returns the upstream's new session id.
+async fn reinitialize(ctx: &Context, initialize: &Value) -> Result<Option<String>, String> {
+    let server = &ctx.server;
+    let mut initialize = initialize.clone();
+    initialize["id"] = Value::from(format!(
+        "tollgate-reinit-{}",
+        crate::store::sessions::random_id()
+    ));
+    let send = |payload, upstream_session| Request {
+        payload,
+        session: upstream_session,
+        protocol_version: None,
+        headers: &[],
+        owner: &ctx.owner,
+    };
+    let failed =
+        |failure: crate::upstream::Failure| format!("re-initializing failed: upstream {failure}");
+    let reply = server
+        .upstream
+        .send(send(Payload::One(&initialize), None))
+        .await
+        .map_err(failed)?;
+    let renewed = reply.session.clone();
+    let answer = tokio::time::timeout(server.timeout, reply.body.first_answer())
+        .await
+        .ok()
+        .flatten()
+        .filter(|answer| answer.get("result").is_some())
+        .ok_or_else(|| "the upstream refused to re-initialize".to_owned())?;
+    let version = answer
+        .pointer("/result/protocolVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let initialized = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let mut notify = send(Payload::One(&initialized), renewed.as_deref());
+    notify.protocol_version = version.as_deref();
+    server.upstream.send(notify).await.map_err(failed)?;
+    Ok(renewed)
+}

@@ -1,0 +1,24 @@
+//! State that outlives one request and that several replicas would share: sessions,
+//! rate-limit windows and pending approvals.
+//!
+//! Each store is a narrow interface (a handful of methods, private fields) over an
+//! in-memory implementation. A shared backend (Redis, for several replicas) is a
+//! second implementation of the same methods; nothing above this module reaches
+//! into a store's insides. This module imports nothing else of the proxy.
+
+pub mod approvals;
+pub mod limits;
+pub mod sessions;
+
+/// A fresh unguessable id: `bytes` random bytes in hex.
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore as _;
+    use std::fmt::Write as _;
+    let mut raw = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut raw);
+    raw.iter()
+        .fold(String::with_capacity(bytes * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}

@@ -1,0 +1,260 @@
+//! Upstreams: how a message reaches an MCP server and how its answer comes back.
+//!
+//! [`Upstream`] is the one interface the core sees, implemented by Streamable HTTP
+//! ([`http::HttpUpstream`]) and, through a [`bridge::Bridge`], by stdio processes
+//! and legacy HTTP+SSE servers. It speaks in JSON-RPC messages and a few facts about
+//! the exchange (status, session id), never in HTTP objects. This module imports
+//! only the configuration below it.
+
+pub mod bridge;
+pub mod channel;
+pub mod http;
+pub mod legacy_sse;
+pub mod stdio;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde_json::Value;
+
+pub use bridge::{Bridge, Connector};
+
+/// Who a request belongs to, so that on an upstream shared by several clients no
+/// client's traffic reaches another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// `client:<name>` for an authenticated client, else `peer:<address>`.
+    pub client: Arc<str>,
+    /// Tollgate's session id, in the handshake era.
+    pub session: Option<Arc<str>>,
+}
+
+/// What is sent: one message or a JSON-RPC batch, as evaluated.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// One message.
+    One(&'a Value),
+    /// A batch (2025-03-26).
+    Batch(&'a [Value]),
+}
+
+impl Payload<'_> {
+    /// The payload as JSON text.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising a `Value` cannot fail: every key is a string.
+        match self {
+            Payload::One(message) => serde_json::to_vec(message).unwrap_or_default(),
+            Payload::Batch(messages) => serde_json::to_vec(messages).unwrap_or_default(),
+        }
+    }
+}
+
+/// One request to an upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The message(s).
+    pub payload: Payload<'a>,
+    /// The upstream's session id, in the handshake era.
+    pub session: Option<&'a str>,
+    /// The negotiated protocol version, sent when the client's headers have none.
+    pub protocol_version: Option<&'a str>,
+    /// Client headers that are forwarded as they are (routing and `Mcp-Param-*`).
+    pub headers: &'a [(HeaderName, HeaderValue)],
+    /// Whose request this is.
+    pub owner: &'a Owner,
+}
+
+/// A JSON value as it arrived: text from the network, or a value already parsed.
+#[derive(Debug, Clone)]
+pub enum Json {
+    /// JSON text.
+    Text(Bytes),
+    /// A parsed value.
+    Value(Value),
+}
+
+impl Json {
+    /// The value, parsing text.
+    pub fn into_value(self) -> Result<Value, serde_json::Error> {
+        match self {
+            Json::Text(text) => serde_json::from_slice(&text),
+            Json::Value(value) => Ok(value),
+        }
+    }
+
+    /// The JSON text.
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Json::Text(text) => text,
+            Json::Value(value) => Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+        }
+    }
+}
+
+/// One message of a streamed answer (an SSE event upstream and downstream).
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The message.
+    pub data: Json,
+    /// The event id, for resumption with `Last-Event-ID`.
+    pub id: Option<String>,
+    /// The reconnection delay the upstream asked for, in milliseconds.
+    pub retry: Option<u64>,
+}
+
+impl Event {
+    /// An event carrying `message` and nothing else.
+    pub fn message(message: Value) -> Event {
+        Event {
+            data: Json::Value(message),
+            id: None,
+            retry: None,
+        }
+    }
+}
+
+/// Messages as they come; an error ends the stream.
+pub type EventStream = BoxStream<'static, Result<Event, Failure>>;
+
+/// The body of an upstream's answer.
+pub enum Body {
+    /// Nothing (202 Accepted, or an empty error).
+    Empty,
+    /// One JSON value: a message or a batch's answers.
+    Json(Json),
+    /// A stream of messages.
+    Events(EventStream),
+    /// Something that is not JSON-RPC (an error page, say), relayed as it is.
+    Other {
+        /// Its `Content-Type`.
+        content_type: Option<HeaderValue>,
+        /// Its bytes.
+        bytes: Bytes,
+    },
+}
+
+impl Body {
+    /// The first JSON-RPC answer in it: the JSON, or the first answer in a stream.
+    pub async fn first_answer(self) -> Option<Value> {
+        use futures::StreamExt as _;
+        match self {
+            Body::Json(json) => json.into_value().ok(),
+            Body::Events(mut events) => {
+                while let Some(Ok(event)) = events.next().await {
+                    if let Ok(message) = event.data.into_value()
+                        && message.get("method").is_none()
+                        && message.get("id").is_some()
+                    {
+                        return Some(message);
+                    }
+                }
+                None
+            }
+            Body::Empty | Body::Other { .. } => None,
+        }
+    }
+}
+
+/// An upstream's answer.
+pub struct Reply {
+    /// The status, in HTTP terms (bridges answer as a Streamable HTTP server would).
+    pub status: StatusCode,
+    /// The session id the upstream issued (`initialize`).
+    pub session: Option<String>,
+    /// `Retry-After`, relayed.
+    pub retry_after: Option<HeaderValue>,
+    /// The answer.
+    pub body: Body,
+}
+
+impl Reply {
+    /// A reply of `status` with `body`.
+    pub fn new(status: StatusCode, body: Body) -> Reply {
+        Reply {
+            status,
+            session: None,
+            retry_after: None,
+            body,
+        }
+    }
+}
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    /// Nothing was sent: connecting or starting failed.
+    #[error("could not be reached: {0}")]
+    Unreachable(String),
+    /// Sent, but no answer came within the server's timeout.
+    #[error("did not answer within {}s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// Sent, and the answer broke off or never came.
+    #[error("{0}")]
+    Broken(String),
+    /// Sent, and the answer was larger than Tollgate buffers.
+    #[error("answered with a message larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+impl Failure {
+    /// Whether the request left Tollgate (so the tool may have run).
+    pub fn was_sent(&self) -> bool {
+        !matches!(self, Failure::Unreachable(_))
+    }
+
+    /// A short label for metrics and the audit log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Unreachable(_) => "unreachable",
+            Failure::Timeout(_) => "timeout",
+            Failure::Broken(_) => "broken",
+            Failure::TooLarge(_) => "too_large",
+        }
+    }
+}
+
+/// An MCP server as the core sees it.
+pub trait Upstream: Send + Sync {
+    /// Sends a message (or batch) and waits, at most the server's timeout, for its
+    /// answer to begin.
+    fn send<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Reply, Failure>>;
+
+    /// Opens a session's server-to-client stream (the handshake era's GET); `None`
+    /// when the upstream issued no session id.
+    fn listen<'a>(
+        &'a self,
+        session: Option<&'a str>,
+        headers: &'a [(HeaderName, HeaderValue)],
+    ) -> BoxFuture<'a, Result<Reply, Failure>>;
+
+    /// Ends a session upstream.
+    fn end<'a>(&'a self, session: &'a str) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// Connections or processes held open for sessions, where the upstream has any.
+    fn live_sessions(&self) -> Option<usize> {
+        None
+    }
+
+    /// Ends sessions unused for `idle`.
+    fn sweep(&self, _idle: Duration) {}
+
+    /// Ends every session (and process).
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A reqwest error's root cause: its top-level message is generic.
+pub(crate) fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text = cause.to_string();
+        source = cause.source();
+    }
+    text
+}
