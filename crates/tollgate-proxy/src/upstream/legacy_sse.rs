@@ -97,30 +97,7 @@ async fn connect_once(http: &reqwest::Client, target: &Target) -> Result<Channel
 
     let routes = Arc::new(Routes::default());
     let (outgoing, messages) = mpsc::channel(64);
-    let reader = {
-        let routes = routes.clone();
-        let server = target.server.clone();
-        async move {
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) if event.event.is_empty() || event.event == "message" => {
-                        match serde_json::from_str::<Value>(&event.data) {
-                            Ok(message) => routes.deliver(message).await,
-                            Err(err) => {
-                                tracing::warn!(server = %server, error = %err, "legacy SSE upstream sent an event that is not JSON; ignored");
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        routes.close(&format!("the upstream's SSE stream failed: {err}"));
-                        return;
-                    }
-                }
-            }
-            routes.close("the upstream closed its SSE stream");
-        }
-    };
+    let reader = read_events(stream, routes.clone(), target.server.clone());
     let writer = post_messages(
         http.clone(),
         target.clone(),
@@ -133,6 +110,32 @@ async fn connect_once(http: &reqwest::Client, target: &Target) -> Result<Channel
         TaskGuard(tokio::spawn(writer)),
     ];
     Ok(Channel::new(outgoing, routes, tasks, None))
+}
+
+/// Delivers each `message` event of the upstream's stream; the stream's end closes the channel.
+async fn read_events(
+    mut stream: impl futures::Stream<Item = Result<tollgate_mcp::SseEvent, String>> + Unpin,
+    routes: Arc<Routes>,
+    server: Arc<str>,
+) {
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) if event.event.is_empty() || event.event == "message" => {
+                match serde_json::from_str::<Value>(&event.data) {
+                    Ok(message) => routes.deliver(message).await,
+                    Err(err) => {
+                        tracing::warn!(server = %server, error = %err, "legacy SSE upstream sent an event that is not JSON; ignored");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                routes.close(&format!("the upstream's SSE stream failed: {err}"));
+                return;
+            }
+        }
+    }
+    routes.close("the upstream closed its SSE stream");
 }
 
 /// POSTs messages one at a time, in order. A failed POST fails its own request.
