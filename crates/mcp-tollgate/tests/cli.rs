@@ -325,3 +325,64 @@ fn version_names_the_commit() {
         stdout(&out)
     );
 }
+
+// Issue 18, point 14: every error at once, tabs named, an error said once.
+
+#[test]
+fn validate_reports_top_level_and_rule_errors_together() {
+    let dir = Dir::new("toplevel");
+    let file = dir.write(
+        "x.yaml",
+        "version: 1\ndefualt: deny\nmdoe: audit\nrules:\n  - tool: a\n    actoin: allow\n",
+    );
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{file}:2:1: unknown field `defualt`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:3:1: unknown field `mdoe`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:6:5: unknown field `actoin`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tab_in_the_indentation_is_named() {
+    let dir = Dir::new("tabs");
+    for (name, text) in [
+        ("item.yaml", "version: 1\nrules:\n\t- tool: a\n"),
+        (
+            "key.yaml",
+            "version: 1\nrules:\n  - tool: a\n\t  action: allow\n",
+        ),
+    ] {
+        let file = dir.write(name, text);
+        let out = tollgate(&["validate", &file]);
+        assert_eq!(code(&out), 1, "{name}");
+        assert!(
+            stderr(&out).contains("tabs are not allowed for indentation in YAML"),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn an_io_error_is_said_once() {
+    let dir = Dir::new("once");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let config = dir.write(
+        "tollgate.yaml",
+        "listen: 127.0.0.1:0\naudit:\n  path: /nonexistent-tollgate-dir/audit.jsonl\nservers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n",
+    );
+    let out = tollgate(&["serve", "--config", &config]);
+    assert_ne!(code(&out), 0);
+    let err = stderr(&out);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}

@@ -190,11 +190,11 @@ impl Checker<'_> {
 impl Policy {
     /// Parses, validates (collecting every error) and compiles a policy. Pure.
     pub fn from_yaml(source: &str, origin: &str) -> Result<Policy, PolicyErrors> {
-        let doc: PolicyDoc<yaml::RawValue> = yaml::document(source, origin)?;
+        let (doc, top_level_errors) = yaml::document(source, origin, lenient_doc)?;
         let mut check = Checker {
             source,
             origin,
-            errors: Vec::new(),
+            errors: top_level_errors,
         };
         if doc.version != 1 {
             check.at(
@@ -442,6 +442,23 @@ impl Policy {
             .get(decision.rule.as_ref()?.index)?
             .rate_limit
             .as_ref()
+    }
+}
+
+/// The top level of a policy whose top level has errors (already reported): the
+/// rules, if they are a list, so they are checked too; defaults for the rest.
+fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
+    let rules = match raw.get("rules") {
+        Some(yaml::RawValue::Sequence(rules)) => rules.clone(),
+        _ => Vec::new(),
+    };
+    PolicyDoc {
+        // A bad `version` was reported with the rest; do not report it twice.
+        version: 1,
+        default: Action::Deny,
+        mode: Mode::default(),
+        deny_as: DenyAs::default(),
+        rules,
     }
 }
 

@@ -282,6 +282,35 @@ fn every_error_in_a_file_is_reported_with_its_location() {
 }
 
 #[test]
+fn top_level_errors_hide_neither_each_other_nor_the_rules() {
+    let errs = errors(
+        "version: 1\ndefualt: deny\nmode: maybe\nrules:\n  - tool: a\n    actoin: allow\n  - tool: b\n    action: allow\n    rate_limit: {max: 0, window: 1m}\n",
+    );
+    assert!(
+        errs[0].starts_with("p.yaml:2:1: unknown field `defualt`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("p.yaml:3:7: mode: unknown variant `maybe`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].starts_with("p.yaml:6:5: unknown field `actoin`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[3].contains("rate_limit.max: must be at least 1"),
+        "{errs:?}"
+    );
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    let errs = errors("version: 1\nrules:\n  - tool: a\n\t  action: allow\n");
+    assert!(
+        errs[0].contains("tabs are not allowed for indentation in YAML"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn bad_files_get_clear_errors() {
     let cases: &[(&str, &str)] = &[
         ("", "empty"),

@@ -57,7 +57,7 @@ pub fn run(args: ApprovalsArgs) -> ExitCode {
     match runtime.block_on(execute(&args, token.as_deref())) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", super::serve::error_chain(&err));
             ExitCode::from(2)
         }
     }

@@ -341,8 +341,24 @@ pub fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {}", error_chain(&failure.error));
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// The error and its causes joined by `: `, like `{:#}`, except that a cause whose
+/// text the message before it already ends with is not repeated (errors that print
+/// their source *and* return it from `source()` would otherwise say it twice).
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.ends_with(&part) {
+            text = format!("{text}: {part}");
+        }
+    }
+    text
 }
