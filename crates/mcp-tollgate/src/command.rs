@@ -12,6 +12,22 @@ pub mod validate;
 
 use std::process::ExitCode;
 
+/// `--format`, on the subcommands whose output it changes.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct FormatArg {
+    /// Output format: lines for people, or JSON for scripts.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+impl FormatArg {
+    /// The format asked for here, else before the subcommand (`tollgate --format json
+    /// test`, kept for scripts written that way), else human.
+    pub fn or(self, before: Option<Format>) -> Format {
+        self.format.or(before).unwrap_or(Format::Human)
+    }
+}
+
 /// Output format of the policy commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

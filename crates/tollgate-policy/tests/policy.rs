@@ -443,3 +443,23 @@ fn rate_limit_state_survives_a_reload_that_keeps_the_rule() {
     );
     assert_eq!(d.action, Action::Allow, "a changed limit starts afresh");
 }
+
+#[test]
+fn a_rule_that_can_never_decide_is_a_warning_naming_both_rules() {
+    let p = load(
+        "version: 1\nrules:\n  - tool: describe_*\n    action: allow\n  - tool: describe_job\n    action: deny\n  - tool: deploy\n    clients: [ci]\n    action: allow\n  - tool: deploy\n    action: deny\n  - tool: \"*\"\n    action: deny\n  - tool: anything\n    action: allow\n",
+    );
+    let warnings: Vec<String> = p.warnings().iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("p.yaml:5:5: rules[1] (`describe_job`) can never decide: rules[0] (`describe_*`) at p.yaml:3:5"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with(
+            "p.yaml:14:5: rules[5] (`anything`) can never decide: rules[4] (`*`) at p.yaml:12:5"
+        ),
+        "{warnings:?}"
+    );
+    assert!(load(HEALTHLAKE).warnings().is_empty());
+}

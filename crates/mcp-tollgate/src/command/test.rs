@@ -13,6 +13,9 @@ use super::{Format, read_file};
 /// Arguments of `tollgate test`.
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
+    /// `--format`.
+    #[command(flatten)]
+    pub output: super::FormatArg,
     /// `*.test.yaml` files, or directories searched for them.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
