@@ -4,6 +4,7 @@ pub mod approvals;
 pub mod demo;
 pub mod explain;
 pub mod health;
+pub mod instances;
 pub mod scan;
 pub mod serve;
 pub mod stdio;
@@ -48,6 +49,19 @@ pub fn schema() -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// This very binary's path, for hints a person copies (`/path/to/tollgate approvals
+/// list`): the name they typed may not be on their PATH (`target/release/tollgate`).
+pub fn own_binary() -> String {
+    let path = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tollgate".to_owned());
+    if path.contains(char::is_whitespace) {
+        format!("'{path}'")
+    } else {
+        path
     }
 }
 
