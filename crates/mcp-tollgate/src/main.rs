@@ -1,7 +1,7 @@
 //! `tollgate`: a policy-enforcing proxy for the Model Context Protocol.
 //!
 //! A thin clap dispatcher; each subcommand lives in its own module under `command/`.
-//! Exit codes (SPEC §2): 0 ok, 1 a policy/config/test failure the user must fix,
+//! Exit codes (docs/configuration.md): 0 ok, 1 a policy/config/test failure the user must fix,
 //! 2 usage or I/O error.
 
 mod command;

@@ -1,4 +1,4 @@
-//! The real `tollgate` binary on good and bad files: exit codes (SPEC §2: 0 ok,
+//! The real `tollgate` binary on good and bad files: exit codes (0 ok,
 //! 1 a file the user must fix, 2 usage or I/O) and located messages.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]

@@ -49,7 +49,7 @@ pub enum DenyKind {
 }
 
 impl DenyKind {
-    /// The wire name (SPEC §6).
+    /// The wire name (docs/errors.md).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyKind::Deny => "deny",
@@ -115,7 +115,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// `_meta["dev.tollgate/decision"]` (SPEC §6).
+    /// `_meta["dev.tollgate/decision"]` (docs/errors.md).
     pub fn meta_json(&self) -> Value {
         let kind = match (self.action, self.kind) {
             (_, Some(kind)) => kind.as_str(),

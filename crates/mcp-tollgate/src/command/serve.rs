@@ -45,7 +45,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// A failure with the exit code SPEC §2 gives it.
+/// A failure with its exit code (docs/configuration.md, "Command line").
 #[derive(Debug)]
 pub struct Failure {
     /// 1: the user must fix a file; 2: usage or I/O.

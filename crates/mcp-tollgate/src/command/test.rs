@@ -1,4 +1,4 @@
-//! `tollgate test PATH...`: run policy test cases (SPEC §5) kept beside the policy.
+//! `tollgate test PATH...`: run policy test cases (docs/policy.md) kept beside the policy.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
