@@ -69,17 +69,31 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 &policy_path,
                 args.listen,
             )?;
-            config.admin = Some(tollgate_proxy::AdminConfig {
-                listen: args.admin_listen,
-                token: None,
-            });
+            // On loopback the page needs no token, as for any loopback admin listener; on
+            // another address (a container's 0.0.0.0) a token is required: the one in
+            // TOLLGATE_ADMIN_TOKEN, else one generated and printed once.
+            let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            let mode = if args.admin_listen.ip().is_loopback() || env_token.is_some() {
+                config.admin = Some(tollgate_proxy::AdminConfig {
+                    listen: args.admin_listen,
+                    token: env_token.filter(|_| !args.admin_listen.ip().is_loopback()),
+                });
+                AdminMode::Configured
+            } else {
+                AdminMode::Personal {
+                    default_listen: args.admin_listen,
+                    explicit: true,
+                }
+            };
             if let Some(server) = config.servers.remove("upstream") {
                 config.servers.insert("healthlake".into(), server);
             }
             let mut policies = BTreeMap::new();
             policies.insert("healthlake".to_owned(), policy);
             let stdio_policy = stdio_policy_path(args.policy.as_deref());
-            run_proxy(config, policies, AdminMode::Configured, "demo", |bound| {
+            run_proxy(config, policies, mode, "demo", |bound| {
                 print_instructions(&upstream_url, bound, stdio_policy.as_deref())
             })
             .await
