@@ -24,7 +24,7 @@ def test_the_demo_and_the_snippet_it_prints(procs, tmp_path):
     config = json.loads(proc.wait_line(r"^\s*(\{\"mcpServers\".*\})\s*$").group(1))
     assert config["mcpServers"]["healthlake"]["url"] == url
 
-    snippet_lines = out.split("Or with the Python SDK", 1)[1].splitlines()[1:]
+    snippet_lines = out.split("Python SDK (pip", 1)[1].splitlines()[1:]
     snippet_lines = snippet_lines[: next(i for i, l in enumerate(snippet_lines) if "asyncio.run(main())" in l) + 1]
     snippet = textwrap.dedent("\n".join(snippet_lines))
     assert url in snippet

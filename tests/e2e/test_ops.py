@@ -225,7 +225,7 @@ def test_the_container_files_run_this_binary_with_these_paths(tmp_path):
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     compose = (ROOT / "docker" / "compose.yaml").read_text()
     assert "cargo build --release --locked -p mcp-tollgate" in dockerfile
-    assert "USER nonroot" in dockerfile and "EXPOSE 8080 9090" in dockerfile
+    assert "USER 65532:65532" in dockerfile and "EXPOSE 8080 9090" in dockerfile
     assert 'HEALTHCHECK' in dockerfile and '"health"' in dockerfile
     assert "/etc/tollgate/tollgate.yaml" in dockerfile
     assert "../policies:/etc/tollgate/policies:ro" in compose

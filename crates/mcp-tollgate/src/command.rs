@@ -4,6 +4,7 @@ pub mod approvals;
 pub mod demo;
 pub mod explain;
 pub mod health;
+pub mod instances;
 pub mod scan;
 pub mod serve;
 pub mod stdio;
@@ -11,6 +12,22 @@ pub mod test;
 pub mod validate;
 
 use std::process::ExitCode;
+
+/// `--format`, on the subcommands whose output it changes.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct FormatArg {
+    /// Output format: lines for people, or JSON for scripts.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+impl FormatArg {
+    /// The format asked for here, else before the subcommand (`tollgate --format json
+    /// test`, kept for scripts written that way), else human.
+    pub fn or(self, before: Option<Format>) -> Format {
+        self.format.or(before).unwrap_or(Format::Human)
+    }
+}
 
 /// Output format of the policy commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,6 +49,19 @@ pub fn schema() -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// This very binary's path, for hints a person copies (`/path/to/tollgate approvals
+/// list`): the name they typed may not be on their PATH (`target/release/tollgate`).
+pub fn own_binary() -> String {
+    let path = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tollgate".to_owned());
+    if path.contains(char::is_whitespace) {
+        format!("'{path}'")
+    } else {
+        path
     }
 }
 

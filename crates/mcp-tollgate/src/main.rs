@@ -1,7 +1,7 @@
 //! `tollgate`: a policy-enforcing proxy for the Model Context Protocol.
 //!
 //! A thin clap dispatcher; each subcommand lives in its own module under `command/`.
-//! Exit codes (SPEC §2): 0 ok, 1 a policy/config/test failure the user must fix,
+//! Exit codes (docs/configuration.md): 0 ok, 1 a policy/config/test failure the user must fix,
 //! 2 usage or I/O error.
 
 mod command;
@@ -28,9 +28,10 @@ pub const VERSION: &str = concat!(
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version = VERSION, about, propagate_version = true)]
 struct Cli {
-    /// Output format of validate, test and explain.
-    #[arg(long, global = true, value_enum, default_value_t = command::Format::Human)]
-    format: command::Format,
+    /// Output format of validate, test and explain, given before the subcommand
+    /// (still accepted; documented on those subcommands).
+    #[arg(long, value_enum, hide = true)]
+    format: Option<command::Format>,
     #[command(subcommand)]
     command: Command,
 }
@@ -93,9 +94,18 @@ fn main() -> ExitCode {
         Command::Stdio(args) => command::stdio::run(args),
         Command::Demo(args) => command::demo::run(args),
         Command::DemoUpstream(args) => command::demo::run_upstream(args),
-        Command::Validate(args) => command::validate::run(args, cli.format),
-        Command::Test(args) => command::test::run(args, cli.format),
-        Command::Explain(args) => command::explain::run(args, cli.format),
+        Command::Validate(args) => {
+            let format = args.output.or(cli.format);
+            command::validate::run(args, format)
+        }
+        Command::Test(args) => {
+            let format = args.output.or(cli.format);
+            command::test::run(args, format)
+        }
+        Command::Explain(args) => {
+            let format = args.output.or(cli.format);
+            command::explain::run(args, format)
+        }
         Command::Approvals(args) => command::approvals::run(args),
         Command::Schema => command::schema(),
         Command::Health(args) => command::health::run(args),

@@ -1,4 +1,4 @@
-//! The real `tollgate` binary on good and bad files: exit codes (SPEC §2: 0 ok,
+//! The real `tollgate` binary on good and bad files: exit codes (0 ok,
 //! 1 a file the user must fix, 2 usage or I/O) and located messages.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -324,4 +324,159 @@ fn version_names_the_commit() {
         "{}",
         stdout(&out)
     );
+}
+
+// Issue 18, point 14: every error at once, tabs named, an error said once.
+
+#[test]
+fn validate_reports_top_level_and_rule_errors_together() {
+    let dir = Dir::new("toplevel");
+    let file = dir.write(
+        "x.yaml",
+        "version: 1\ndefualt: deny\nmdoe: audit\nrules:\n  - tool: a\n    actoin: allow\n",
+    );
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{file}:2:1: unknown field `defualt`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:3:1: unknown field `mdoe`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:6:5: unknown field `actoin`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tab_in_the_indentation_is_named() {
+    let dir = Dir::new("tabs");
+    for (name, text) in [
+        ("item.yaml", "version: 1\nrules:\n\t- tool: a\n"),
+        (
+            "key.yaml",
+            "version: 1\nrules:\n  - tool: a\n\t  action: allow\n",
+        ),
+    ] {
+        let file = dir.write(name, text);
+        let out = tollgate(&["validate", &file]);
+        assert_eq!(code(&out), 1, "{name}");
+        assert!(
+            stderr(&out).contains("tabs are not allowed for indentation in YAML"),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn an_io_error_is_said_once() {
+    let dir = Dir::new("once");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let config = dir.write(
+        "tollgate.yaml",
+        "listen: 127.0.0.1:0\naudit:\n  path: /nonexistent-tollgate-dir/audit.jsonl\nservers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n",
+    );
+    let out = tollgate(&["serve", "--config", &config]);
+    assert_ne!(code(&out), 0);
+    let err = stderr(&out);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+// Issue 18, point 15: shadowed rules.
+
+#[test]
+fn a_shadowed_rule_is_a_warning_and_strict_makes_it_fail() {
+    let dir = Dir::new("shadow");
+    let file = dir.write(
+        "p.yaml",
+        "version: 1\nrules:\n  - tool: \"*\"\n    action: deny\n  - tool: describe_job\n    action: allow\n",
+    );
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "warning: {file}:5:5: rules[1] (`describe_job`) can never decide: rules[0] (`*`) at {file}:3:5"
+        )),
+        "{err}"
+    );
+    let out = tollgate(&["validate", "--strict", &file]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("can never decide"));
+    let out = tollgate(&["validate", "--format", "json", &file]);
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["files"][0]["ok"], true);
+    assert_eq!(report["files"][0]["warnings"].as_array().unwrap().len(), 1);
+    // Through a configuration file too.
+    let config = dir.write(
+        "tollgate.yaml",
+        "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n",
+    );
+    let out = tollgate(&["validate", "--strict", &config]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    // The starter policies have none.
+    let out = tollgate(&["validate", "--strict", &repo("policies")]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+// Issue 18, point 16: the schema speaks to users; --format only where it applies.
+
+#[test]
+fn the_schema_description_is_for_users() {
+    let out = tollgate(&["schema"]);
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let description = schema["description"].as_str().unwrap();
+    assert!(description.contains("Tollgate"), "{description}");
+    for internal in ["`R`", "[`", "raw value", "rule type"] {
+        assert!(!description.contains(internal), "{internal}: {description}");
+    }
+    assert!(
+        !stdout(&out).contains("[`"),
+        "rustdoc links leak into the schema"
+    );
+}
+
+#[test]
+fn format_is_offered_only_where_it_changes_the_output() {
+    for command in ["validate", "test", "explain"] {
+        let out = tollgate(&[command, "--help"]);
+        assert!(stdout(&out).contains("--format"), "{command}");
+    }
+    for command in [
+        "demo",
+        "serve",
+        "stdio",
+        "scan",
+        "approvals",
+        "health",
+        "schema",
+    ] {
+        let out = tollgate(&[command, "--help"]);
+        assert_eq!(code(&out), 0, "{command}");
+        assert!(
+            !stdout(&out).contains("--format"),
+            "{command}: {}",
+            stdout(&out)
+        );
+    }
+    let out = tollgate(&["--help"]);
+    assert!(!stdout(&out).contains("--format"), "{}", stdout(&out));
+    let out = tollgate(&[
+        "explain",
+        "--format",
+        "json",
+        "--policy",
+        &repo("policies/healthlake.yaml"),
+        "--tool",
+        "x",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let _: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let out = tollgate(&["demo", "--format", "json"]);
+    assert_eq!(code(&out), 2, "demo has no --format");
 }

@@ -178,12 +178,20 @@ pub fn parse_window(duration: &Duration) -> Result<std::time::Duration, String> 
     }
 }
 
+/// What the schema says about a whole policy file, for someone editing one.
+const SCHEMA_DESCRIPTION: &str = "A Tollgate policy: which MCP tool calls an agent may make. \
+Rules are tried in order and the first whose `tool` (and `clients`) match decides: allow, deny, or \
+require_approval (a human decides). A rule may also rate-limit calls and check their arguments \
+against a JSON Schema. `default` decides calls no rule matches. Check a file with `tollgate validate`.";
+
 /// The JSON Schema of a policy file, for editors.
 pub fn policy_schema() -> serde_json::Value {
     let schema = schemars::schema_for!(PolicyDoc<RuleDoc>);
     let mut value = serde_json::to_value(schema).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         map.insert("title".into(), "Tollgate policy".into());
+        // The type's own doc comment is for Rust readers (it explains `R`).
+        map.insert("description".into(), SCHEMA_DESCRIPTION.into());
     }
     value
 }

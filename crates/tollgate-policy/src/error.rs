@@ -61,3 +61,27 @@ impl PolicyErrors {
         }
     }
 }
+
+/// Something valid in a policy that is almost certainly not what was meant (a rule
+/// that can never decide); `tollgate validate --strict` treats it as an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    /// The file (or other origin) the text came from.
+    pub origin: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong, naming any other location involved.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.origin, self.line, self.column, self.message
+        )
+    }
+}

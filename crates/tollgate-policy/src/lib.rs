@@ -27,13 +27,14 @@ mod doc;
 mod error;
 mod limiter;
 mod policy;
+mod shadow;
 mod yaml;
 
 pub use doc::{
     Action, ApprovalDoc, ApprovalVia, DenyAs, Duration as DurationDoc, Mode, Per, PolicyDoc,
     RateLimitDoc, RuleDoc, parse_window, policy_schema,
 };
-pub use error::{PolicyError, PolicyErrors};
+pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
     Approval, DEFAULT_APPROVAL_TIMEOUT, Decision, DenyKind, Policy, RuleRef, ToolCall, evaluate,

@@ -8,7 +8,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{Value, json};
 
 use crate::doc::{Action, ApprovalVia, DenyAs, Mode, Per, PolicyDoc, RuleDoc, parse_window};
-use crate::error::{PolicyError, PolicyErrors};
+use crate::error::{PolicyError, PolicyErrors, PolicyWarning};
 use crate::limiter::{RateLimit, RateLimiter, Slot};
 use crate::yaml;
 
@@ -49,7 +49,7 @@ pub enum DenyKind {
 }
 
 impl DenyKind {
-    /// The wire name (SPEC §6).
+    /// The wire name (docs/errors.md).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyKind::Deny => "deny",
@@ -115,7 +115,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// `_meta["dev.tollgate/decision"]` (SPEC §6).
+    /// `_meta["dev.tollgate/decision"]` (docs/errors.md).
     pub fn meta_json(&self) -> Value {
         let kind = match (self.action, self.kind) {
             (_, Some(kind)) => kind.as_str(),
@@ -140,6 +140,8 @@ impl Decision {
 struct Rule {
     /// Position in the file's `rules:` (compiled rules skip none, but errors need it).
     index: usize,
+    /// 1-based line and column of its `tool:` (for warnings).
+    at: (usize, usize),
     tool: String,
     clients: Option<Vec<String>>,
     action: Action,
@@ -161,6 +163,8 @@ pub struct Policy {
     /// Glob rules, matched together; `glob_rules[i]` is the rule of glob `i`.
     globs: GlobSet,
     glob_rules: Vec<usize>,
+    /// Valid but suspicious: rules that can never decide.
+    warnings: Vec<PolicyWarning>,
 }
 
 fn is_glob(pattern: &str) -> bool {
@@ -190,11 +194,11 @@ impl Checker<'_> {
 impl Policy {
     /// Parses, validates (collecting every error) and compiles a policy. Pure.
     pub fn from_yaml(source: &str, origin: &str) -> Result<Policy, PolicyErrors> {
-        let doc: PolicyDoc<yaml::RawValue> = yaml::document(source, origin)?;
+        let (doc, top_level_errors) = yaml::document(source, origin, lenient_doc)?;
         let mut check = Checker {
             source,
             origin,
-            errors: Vec::new(),
+            errors: top_level_errors,
         };
         if doc.version != 1 {
             check.at(
@@ -276,6 +280,7 @@ impl Policy {
                 errors: check.errors,
             });
         }
+        let warnings = shadow_warnings(&rules, origin);
         Ok(Policy {
             default: doc.default,
             mode: doc.mode,
@@ -284,7 +289,24 @@ impl Policy {
             exact,
             globs,
             glob_rules,
+            warnings,
         })
+    }
+
+    /// Valid but almost certainly unintended: each rule that can never decide because
+    /// an earlier rule matches every call it matches (both locations named).
+    pub fn warnings(&self) -> &[PolicyWarning] {
+        &self.warnings
+    }
+
+    /// Whether some call can be held for a human in the admin queue (a rule or the
+    /// default says `require_approval` without `via: elicitation`), so an admin listener
+    /// is needed to approve it.
+    pub fn uses_approval_queue(&self) -> bool {
+        self.default == Action::RequireApproval
+            || self.rules.iter().any(|rule| {
+                rule.action == Action::RequireApproval && rule.approval.via == ApprovalVia::Queue
+            })
     }
 
     /// `enforce` or `audit`.
@@ -445,6 +467,56 @@ impl Policy {
     }
 }
 
+/// The top level of a policy whose top level has errors (already reported): the
+/// rules, if they are a list, so they are checked too; defaults for the rest.
+fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
+    let rules = match raw.get("rules") {
+        Some(yaml::RawValue::Sequence(rules)) => rules.clone(),
+        _ => Vec::new(),
+    };
+    PolicyDoc {
+        // A bad `version` was reported with the rest; do not report it twice.
+        version: 1,
+        default: Action::Deny,
+        mode: Mode::default(),
+        deny_as: DenyAs::default(),
+        rules,
+    }
+}
+
+fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
+    let shapes: Vec<crate::shadow::Shape<'_>> = rules
+        .iter()
+        .map(|rule| crate::shadow::Shape {
+            tool: &rule.tool,
+            clients: rule.clients.as_deref(),
+        })
+        .collect();
+    crate::shadow::shadowed(&shapes)
+        .into_iter()
+        .filter_map(|(later, by)| {
+            let (later, by) = (rules.get(later)?, rules.get(by)?);
+            let arguments = if by.arguments.is_some() {
+                format!(
+                    " (a call failing rules[{}]'s `arguments` is denied there, not passed on)",
+                    by.index
+                )
+            } else {
+                String::new()
+            };
+            Some(PolicyWarning {
+                origin: origin.to_owned(),
+                line: later.at.0,
+                column: later.at.1,
+                message: format!(
+                    "rules[{}] (`{}`) can never decide: rules[{}] (`{}`) at {origin}:{}:{} comes first and matches every call it matches{arguments}; remove it or move it above",
+                    later.index, later.tool, by.index, by.tool, by.at.0, by.at.1
+                ),
+            })
+        })
+        .collect()
+}
+
 fn compile_rule(
     check: &mut Checker<'_>,
     span: Option<yaml::Span>,
@@ -532,8 +604,12 @@ fn compile_rule(
     if check.errors.len() > before {
         return None;
     }
+    let at = span
+        .and_then(|s| yaml::find_key(check.source, s, "tool").or(Some((s.start + 1, 1))))
+        .unwrap_or((1, 1));
     Some(Rule {
         index,
+        at,
         tool: doc.tool,
         clients: doc.clients,
         action: doc.action,

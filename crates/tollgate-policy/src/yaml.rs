@@ -11,14 +11,24 @@ use crate::error::{PolicyError, PolicyErrors};
 /// Largest file accepted: policies are small; anything bigger is a mistake.
 pub const MAX_SOURCE_BYTES: usize = 1 << 20;
 
-fn convert(err: &serde_yaml::Error, origin: &str) -> PolicyError {
+/// What YAML's scanner says about a tab, which names neither the tab nor the rule.
+const TAB_HINT: &str = "tabs are not allowed for indentation in YAML; indent with spaces";
+
+fn convert(err: &serde_yaml::Error, source: &str, origin: &str) -> PolicyError {
     let text = err.to_string();
     // Location is reported separately, so drop serde_yaml's " at line L column C".
-    let message = match text.rfind(" at line ") {
+    let mut message = match text.rfind(" at line ") {
         Some(at) => text[..at].to_owned(),
         None => text,
     };
     let (line, column) = err.location().map_or((1, 1), |l| (l.line(), l.column()));
+    let indented_with_tab = source
+        .lines()
+        .nth(line.saturating_sub(1))
+        .is_some_and(|l| l[..l.len() - l.trim_start().len()].contains('\t'));
+    if indented_with_tab {
+        message = format!("{message} ({TAB_HINT})");
+    }
     PolicyError {
         origin: origin.to_owned(),
         line,
@@ -58,7 +68,7 @@ fn check_size_and_emptiness(source: &str, origin: &str, what: &str) -> Result<()
 pub fn from_yaml_str<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, PolicyErrors> {
     check_size_and_emptiness(source, origin, "YAML document")?;
     serde_yaml::from_str(source).map_err(|e| PolicyErrors {
-        errors: vec![convert(&e, origin)],
+        errors: vec![convert(&e, source, origin)],
     })
 }
 
@@ -148,7 +158,7 @@ pub(crate) fn item_text(source: &str, span: Span) -> String {
 
 /// Deserializes one rule's item text.
 pub(crate) fn item<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, PolicyError> {
-    serde_yaml::from_str(text).map_err(|e| convert(&e, origin))
+    serde_yaml::from_str(text).map_err(|e| convert(&e, text, origin))
 }
 
 /// Deserializes a raw YAML value (used when rules are not in block style).
@@ -180,12 +190,67 @@ pub(crate) fn find_key(source: &str, span: Span, key: &str) -> Option<(usize, us
         })
 }
 
-/// Reports every error of a whole-document parse (used for the policy's top level).
-pub(crate) fn document<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, PolicyErrors> {
+/// The policy's top level, typed as `T` (whose rules stay raw values), with every
+/// top-level error found.
+///
+/// serde stops at the first unknown key, which would hide every error after it (the
+/// rules' too), so each unknown top-level key is reported, blanked out (line numbers
+/// kept) and the text parsed again. When the top level still does not parse, `T` is
+/// rebuilt from the raw document with `fallback`, so the rules are checked anyway.
+/// Text that is not YAML at all is one error.
+pub(crate) fn document<T: DeserializeOwned>(
+    source: &str,
+    origin: &str,
+    fallback: impl FnOnce(&RawValue) -> T,
+) -> Result<(T, Vec<PolicyError>), PolicyErrors> {
     check_size_and_emptiness(source, origin, "policy (version: 1, rules: [...])")?;
-    serde_yaml::from_str(source).map_err(|e| PolicyErrors {
-        errors: vec![convert(&e, origin)],
-    })
+    let raw: RawValue = serde_yaml::from_str(source).map_err(|e| PolicyErrors {
+        errors: vec![convert(&e, source, origin)],
+    })?;
+    let mut text = source.to_owned();
+    let mut errors = Vec::new();
+    // Each round blanks one key, so there are at most as many rounds as lines.
+    for _ in 0..=source.lines().count() {
+        let err = match serde_yaml::from_str::<T>(&text) {
+            Ok(doc) => return Ok((doc, errors)),
+            Err(err) => convert(&err, &text, origin),
+        };
+        let unknown = err.message.starts_with("unknown field");
+        let blanked = unknown
+            .then(|| blank_top_level_key(&text, err.line))
+            .flatten();
+        errors.push(err);
+        match blanked {
+            Some(next) => text = next,
+            None => break,
+        }
+    }
+    Ok((fallback(&raw), errors))
+}
+
+/// `source` with the top-level key on 1-based `line` (and its indented block) replaced
+/// by empty lines; `None` when that line holds no top-level key.
+fn blank_top_level_key(source: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = source.lines().collect();
+    let start = line.checked_sub(1)?;
+    let first = lines.get(start)?;
+    if first.starts_with([' ', '\t', '#', '-']) || !first.contains(':') {
+        return None;
+    }
+    let end = lines
+        .iter()
+        .enumerate()
+        .skip(start + 1)
+        .find(|(_, l)| !l.is_empty() && !l.starts_with([' ', '\t', '#']))
+        .map_or(lines.len(), |(n, _)| n);
+    let mut text = String::with_capacity(source.len());
+    for (n, l) in lines.iter().enumerate() {
+        if !(start..end).contains(&n) {
+            text.push_str(l);
+        }
+        text.push('\n');
+    }
+    Some(text)
 }
 
 #[cfg(test)]

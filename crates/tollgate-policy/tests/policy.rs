@@ -282,6 +282,35 @@ fn every_error_in_a_file_is_reported_with_its_location() {
 }
 
 #[test]
+fn top_level_errors_hide_neither_each_other_nor_the_rules() {
+    let errs = errors(
+        "version: 1\ndefualt: deny\nmode: maybe\nrules:\n  - tool: a\n    actoin: allow\n  - tool: b\n    action: allow\n    rate_limit: {max: 0, window: 1m}\n",
+    );
+    assert!(
+        errs[0].starts_with("p.yaml:2:1: unknown field `defualt`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("p.yaml:3:7: mode: unknown variant `maybe`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].starts_with("p.yaml:6:5: unknown field `actoin`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[3].contains("rate_limit.max: must be at least 1"),
+        "{errs:?}"
+    );
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    let errs = errors("version: 1\nrules:\n  - tool: a\n\t  action: allow\n");
+    assert!(
+        errs[0].contains("tabs are not allowed for indentation in YAML"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn bad_files_get_clear_errors() {
     let cases: &[(&str, &str)] = &[
         ("", "empty"),
@@ -413,4 +442,24 @@ fn rate_limit_state_survives_a_reload_that_keeps_the_rule() {
         Duration::from_secs(2),
     );
     assert_eq!(d.action, Action::Allow, "a changed limit starts afresh");
+}
+
+#[test]
+fn a_rule_that_can_never_decide_is_a_warning_naming_both_rules() {
+    let p = load(
+        "version: 1\nrules:\n  - tool: describe_*\n    action: allow\n  - tool: describe_job\n    action: deny\n  - tool: deploy\n    clients: [ci]\n    action: allow\n  - tool: deploy\n    action: deny\n  - tool: \"*\"\n    action: deny\n  - tool: anything\n    action: allow\n",
+    );
+    let warnings: Vec<String> = p.warnings().iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("p.yaml:5:5: rules[1] (`describe_job`) can never decide: rules[0] (`describe_*`) at p.yaml:3:5"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with(
+            "p.yaml:14:5: rules[5] (`anything`) can never decide: rules[4] (`*`) at p.yaml:12:5"
+        ),
+        "{warnings:?}"
+    );
+    assert!(load(HEALTHLAKE).warnings().is_empty());
 }

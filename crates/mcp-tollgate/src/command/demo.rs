@@ -9,7 +9,8 @@ use tollgate_demo::{Demo, DemoOptions};
 use tollgate_proxy::LoadedPolicy;
 
 use super::serve::{
-    Failure, LogFormat, finish, init_logging, load_policy, run_proxy, runtime, single_server_config,
+    AdminMode, Bound, Failure, LogFormat, finish, init_logging, load_policy, run_proxy, runtime,
+    single_server_config,
 };
 
 /// The starter HealthLake policy, built in so the demo runs from any directory.
@@ -68,17 +69,32 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 &policy_path,
                 args.listen,
             )?;
-            config.admin = Some(tollgate_proxy::AdminConfig {
-                listen: args.admin_listen,
-                token: None,
-            });
+            // On loopback the page needs no token, as for any loopback admin listener; on
+            // another address (a container's 0.0.0.0) a token is required: the one in
+            // TOLLGATE_ADMIN_TOKEN, else one generated and printed once.
+            let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            let mode = if args.admin_listen.ip().is_loopback() || env_token.is_some() {
+                config.admin = Some(tollgate_proxy::AdminConfig {
+                    listen: args.admin_listen,
+                    token: env_token.filter(|_| !args.admin_listen.ip().is_loopback()),
+                });
+                AdminMode::Configured
+            } else {
+                AdminMode::Personal {
+                    default_listen: args.admin_listen,
+                    explicit: true,
+                }
+            };
             if let Some(server) = config.servers.remove("upstream") {
                 config.servers.insert("healthlake".into(), server);
             }
             let mut policies = BTreeMap::new();
             policies.insert("healthlake".to_owned(), policy);
-            run_proxy(config, policies, |addr| {
-                print_instructions(&upstream_url, addr)
+            let stdio_policy = stdio_policy_path(args.policy.as_deref());
+            run_proxy(config, policies, mode, "demo", |bound| {
+                print_instructions(&upstream_url, bound, stdio_policy.as_deref())
             })
             .await
         })
@@ -86,31 +102,96 @@ pub fn run(args: DemoArgs) -> ExitCode {
     finish(result)
 }
 
-fn print_instructions(upstream_url: &str, listen: SocketAddr) {
-    let url = format!("http://{listen}/mcp");
-    println!("Demo upstream (HealthLake-like tools) at {upstream_url}");
-    println!(
+/// An absolute path to the demo's policy for a `tollgate stdio` entry, which a desktop
+/// client starts from a directory of its own: `--policy`, else the checkout's copy when
+/// the demo runs from the repository (as `cargo run -- demo` does).
+fn stdio_policy_path(policy: Option<&std::path::Path>) -> Option<PathBuf> {
+    let path = policy.unwrap_or(std::path::Path::new("policies/healthlake.yaml"));
+    std::fs::canonicalize(path).ok()
+}
+
+/// How to point the clients people use at the demo, each labelled; JSON on one line.
+fn client_configs(url: &str, bin: &str, policy: &str, upstream: &str) -> Vec<(String, String)> {
+    use serde_json::json;
+    vec![
+        (
+            "Claude Code (run it in a terminal)".to_owned(),
+            format!("claude mcp add --transport http healthlake {url}"),
+        ),
+        (
+            "Cursor (~/.cursor/mcp.json) over HTTP".to_owned(),
+            json!({"mcpServers": {"healthlake": {"url": url}}}).to_string(),
+        ),
+        (
+            "VS Code (.vscode/mcp.json)".to_owned(),
+            json!({"servers": {"healthlake": {"type": "http", "url": url}}}).to_string(),
+        ),
+        (
+            "MCP Inspector (inspector.json: npx @modelcontextprotocol/inspector --config inspector.json --server healthlake)".to_owned(),
+            json!({"mcpServers": {"healthlake": {"type": "streamable-http", "url": url}}}).to_string(),
+        ),
+        (
+            "Claude Desktop (claude_desktop_config.json) or Cursor, starting `tollgate stdio` (while this demo runs)".to_owned(),
+            json!({"mcpServers": {"healthlake": {"command": bin, "args": ["stdio", "--policy", policy, "--upstream", upstream]}}}).to_string(),
+        ),
+    ]
+}
+
+/// The Python SDK snippet, flush left so it runs as pasted (into a file or `python3`).
+fn python_snippet(url: &str) -> String {
+    format!(
+        r#"import asyncio
+from mcp import Client
+
+async def main():
+    async with Client("{url}") as client:
+        print([t.name for t in (await client.list_tools()).tools])
+        print(await client.call_tool("list_fhir_datastores", {{}}))
+        print(await client.call_tool("delete_fhir_datastore", {{"datastore_id": "x"}}))
+
+asyncio.run(main())"#
+    )
+}
+
+fn print_instructions(upstream_url: &str, bound: Bound, stdio_policy: Option<&std::path::Path>) {
+    use std::io::Write as _;
+    let url = format!("http://{}/mcp", bound.listen);
+    let bin = super::own_binary();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "Demo upstream (HealthLake-like tools) at {upstream_url}"
+    );
+    let _ = writeln!(
+        out,
         "Policy: policies/healthlake.yaml: exports need approval, reads allowed, deletes denied."
     );
-    println!(
-        "Approve or deny held calls on the admin page printed above, or: tollgate approvals list"
+    if let Some(admin) = bound.admin {
+        let _ = writeln!(
+            out,
+            "Approve or deny held calls at http://{admin}/ or with: {bin} approvals list --admin http://{admin}"
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Point an MCP client at {url}:");
+    // Not found from here: a placeholder the label asks to replace.
+    let policy = stdio_policy.map_or_else(
+        || "/path/to/policies/healthlake.yaml".to_owned(),
+        |p| p.display().to_string(),
     );
-    println!();
-    println!("Point an MCP client at Tollgate, e.g. in a client's mcp.json:");
-    println!(r#"  {{"mcpServers": {{"healthlake": {{"type": "http", "url": "{url}"}}}}}}"#);
-    println!();
-    println!("Or with the Python SDK (pip install 'mcp>=2'):");
-    println!("  import asyncio");
-    println!("  from mcp import Client");
-    println!("  async def main():");
-    println!("      async with Client(\"{url}\") as client:");
-    println!("          print([t.name for t in (await client.list_tools()).tools])");
-    println!("          print(await client.call_tool(\"list_fhir_datastores\", {{}}))");
-    println!(
-        "          print(await client.call_tool(\"delete_fhir_datastore\", {{\"datastore_id\": \"x\"}}))"
+    for (label, config) in client_configs(&url, &bin, &policy, upstream_url) {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{label}:");
+        let _ = writeln!(out, "{config}");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Python SDK (pip install 'mcp>=2'), as a file or pasted into python3:"
     );
-    println!("  asyncio.run(main())");
-    println!();
+    let _ = writeln!(out, "{}", python_snippet(&url));
+    let _ = writeln!(out);
+    let _ = out.flush();
 }
 
 /// Arguments of `tollgate demo-upstream`.

@@ -12,6 +12,9 @@ use super::{Format, read_file};
 /// Arguments of `tollgate explain`.
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
+    /// `--format`.
+    #[command(flatten)]
+    pub output: super::FormatArg,
     /// The policy file.
     #[arg(long)]
     pub policy: PathBuf,

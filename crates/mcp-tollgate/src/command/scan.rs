@@ -61,7 +61,7 @@ pub fn run(args: ScanArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", super::serve::error_chain(&err));
             ExitCode::from(2)
         }
     }

@@ -11,18 +11,26 @@ use tollgate_proxy::{AppState, Config, LoadedPolicy};
 /// Arguments of `tollgate serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The configuration file (SPEC §3).
-    #[arg(long, conflicts_with_all = ["upstream", "policy"])]
+    /// The configuration file (docs/configuration.md).
+    #[arg(long, conflicts_with_all = ["upstream", "policy", "command"])]
     pub config: Option<PathBuf>,
-    /// One Streamable HTTP upstream, without a configuration file.
+    /// One Streamable HTTP upstream, without a configuration file (with `--policy`).
     #[arg(long, requires = "policy")]
     pub upstream: Option<String>,
-    /// The policy for `--upstream`.
-    #[arg(long, requires = "upstream")]
+    /// The policy, without a configuration file: with `--upstream URL` or `-- CMD ARGS`.
+    #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// A stdio MCP server to start and forward to (with `--policy`).
+    #[arg(last = true, value_name = "CMD", requires = "policy")]
+    pub command: Vec<String>,
     /// Where to listen (overrides the configuration's `listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Where the admin API and approvals page listen (overrides `admin.listen`).
+    /// Without a configuration file the default is 127.0.0.1:9090 (an ephemeral port if
+    /// it is taken) with a generated token, when the policy holds calls for a human.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -37,7 +45,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// A failure with the exit code SPEC §2 gives it.
+/// A failure with its exit code (docs/configuration.md, "Command line").
 #[derive(Debug)]
 pub struct Failure {
     /// 1: the user must fix a file; 2: usage or I/O.
@@ -174,8 +182,63 @@ pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Starts the admin listener when the configuration has one, until `stop`; returns
-/// its task and the line that announces it.
+/// How the admin listener is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminMode {
+    /// `admin:` exactly as configured, or none (`serve --config`, `demo`).
+    Configured,
+    /// Tollgate started for one person (`serve --upstream/--policy`, `stdio`): a
+    /// configured admin port that is taken is replaced by an ephemeral one, and with no
+    /// `admin:` at all, a policy that holds calls for a human gets a listener at
+    /// `default_listen` (an ephemeral port if that is taken) with a generated token.
+    Personal {
+        /// Where the generated listener goes.
+        default_listen: SocketAddr,
+        /// `--admin-listen` named it: start it whatever the policies say, and fail
+        /// rather than move when its port is taken.
+        explicit: bool,
+    },
+}
+
+/// A running admin listener.
+pub struct AdminStarted {
+    /// Its task; ends when `stop` turns true.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The token Tollgate generated for it, if it did.
+    pub generated_token: Option<String>,
+}
+
+impl AdminStarted {
+    /// The line that announces it (with a generated token: printed this once).
+    pub fn announcement(&self) -> String {
+        match &self.generated_token {
+            None => format!("Tollgate admin on http://{}/", self.addr),
+            Some(token) => format!(
+                "Tollgate admin on http://{}/ (token {token}, generated for this run; `{} approvals` finds it)",
+                self.addr,
+                super::own_binary()
+            ),
+        }
+    }
+}
+
+/// Whether some server's policy holds calls in the admin queue.
+fn policies_need_approvers(state: &AppState) -> bool {
+    state
+        .servers
+        .values()
+        .any(|server| server.policy.load().uses_approval_queue())
+}
+
+fn generated_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Starts the admin listener of a `tollgate stdio` process (see [`AdminMode::Personal`]:
+/// each stdio process of one configuration gets a port of its own), until `stop`;
+/// returns its task and the line that announces it.
 pub async fn start_admin(
     config: &Config,
     state: &AppState,
@@ -187,35 +250,121 @@ pub async fn start_admin(
     ),
     Failure,
 > {
-    let Some(admin) = &config.admin else {
-        return Ok((None, None));
+    let mode = AdminMode::Personal {
+        default_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        explicit: false,
     };
-    let admin_listener = tokio::net::TcpListener::bind(admin.listen)
-        .await
-        .with_context(|| format!("cannot listen on admin.listen {}", admin.listen))
-        .map_err(Failure::io)?;
-    let admin_addr = admin_listener
+    Ok(
+        match bind_admin(config, state, stop, mode, "stdio").await? {
+            Some(admin) => {
+                let line = admin.announcement();
+                (Some(admin.task), Some(line))
+            }
+            None => (None, None),
+        },
+    )
+}
+
+/// Starts the admin listener `mode` asks for, until `stop`, and records it in the
+/// runtime directory (removed when it stops) so `tollgate approvals` finds it.
+pub async fn bind_admin(
+    config: &Config,
+    state: &AppState,
+    stop: tokio::sync::watch::Receiver<bool>,
+    mode: AdminMode,
+    command: &str,
+) -> Result<Option<AdminStarted>, Failure> {
+    let (listen, token, generated_token) = match (&config.admin, mode) {
+        (Some(admin), _) => (admin.listen, admin.token.clone(), None),
+        (
+            None,
+            AdminMode::Personal {
+                default_listen,
+                explicit,
+            },
+        ) if explicit || policies_need_approvers(state) => {
+            let token = generated_token();
+            (default_listen, Some(token.clone()), Some(token))
+        }
+        (None, _) => {
+            if policies_need_approvers(state) {
+                tracing::warn!(
+                    "a policy holds calls for a human, but there is no `admin:` listener to approve them, so they are refused; add `admin: {{listen: 127.0.0.1:9090}}` to the configuration"
+                );
+            }
+            return Ok(None);
+        }
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err)
+            if err.kind() == std::io::ErrorKind::AddrInUse
+                && matches!(
+                    mode,
+                    AdminMode::Personal {
+                        explicit: false,
+                        ..
+                    }
+                ) =>
+        {
+            let any = SocketAddr::new(listen.ip(), 0);
+            let listener = tokio::net::TcpListener::bind(any)
+                .await
+                .with_context(|| format!("cannot listen on {any} for the admin API"))
+                .map_err(Failure::io)?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::warn!(
+                    "admin.listen {listen} is taken (another Tollgate with this configuration?); the admin API is on http://{addr}/ instead"
+                );
+            }
+            listener
+        }
+        Err(err) => {
+            return Err(Failure::io(
+                anyhow::Error::new(err).context(format!("cannot listen on admin.listen {listen}")),
+            ));
+        }
+    };
+    let addr = admin_listener
         .local_addr()
         .map_err(|e| Failure::io(e.into()))?;
-    let admin =
-        tollgate_proxy::prepare_admin(state, admin_addr, admin.token.as_deref(), crate::VERSION)
-            .map_err(|e| Failure::invalid(e.into()))?;
-    let task = tokio::spawn(tollgate_proxy::serve_admin(
-        admin,
-        admin_listener,
-        stopped(stop),
-    ));
-    Ok((
-        Some(task),
-        Some(format!("Tollgate admin on http://{admin_addr}/")),
-    ))
+    let admin = tollgate_proxy::prepare_admin(state, addr, token.as_deref(), crate::VERSION)
+        .map_err(|e| Failure::invalid(e.into()))?;
+    let registration = super::instances::register(&super::instances::Instance {
+        pid: std::process::id(),
+        admin: format!("http://{addr}"),
+        token: generated_token.clone(),
+        command: command.to_owned(),
+        servers: config.servers.keys().cloned().collect(),
+    });
+    let task = tokio::spawn(async move {
+        // The record lives exactly as long as the listener.
+        let _registration = registration;
+        tollgate_proxy::serve_admin(admin, admin_listener, stopped(stop)).await
+    });
+    Ok(Some(AdminStarted {
+        task,
+        addr,
+        generated_token,
+    }))
+}
+
+/// Where the listeners are, once bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The MCP listener.
+    pub listen: SocketAddr,
+    /// The admin listener, when there is one.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Binds, prints the URLs, and serves until SIGINT or SIGTERM.
 pub async fn run_proxy(
     config: Config,
     policies: BTreeMap<String, LoadedPolicy>,
-    on_bound: impl FnOnce(SocketAddr),
+    mode: AdminMode,
+    command: &str,
+    on_bound: impl FnOnce(Bound),
 ) -> Result<(), Failure> {
     let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -226,12 +375,16 @@ pub async fn run_proxy(
 
     // One signal stops both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (admin_task, admin_line) = start_admin(&config, &state, stop_rx.clone()).await?;
+    let admin = bind_admin(&config, &state, stop_rx.clone(), mode, command).await?;
     print_listening(addr, &config);
-    if let Some(line) = admin_line {
-        println!("{line}");
+    if let Some(admin) = &admin {
+        println!("{}", admin.announcement());
     }
-    on_bound(addr);
+    on_bound(Bound {
+        listen: addr,
+        admin: admin.as_ref().map(|a| a.addr),
+    });
+    let admin_task = admin.map(|a| a.task);
     let _watcher = start_reloading(&state);
     {
         let state = state.clone();
@@ -304,15 +457,25 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
     let result = (|| {
-        let (mut config, policies) = match (&args.config, &args.upstream, &args.policy) {
-            (Some(path), _, _) => load_config(path)?,
-            (None, Some(upstream), Some(policy)) => {
+        let usage = |text: &str| Failure {
+            code: 2,
+            error: anyhow::anyhow!("{text}"),
+        };
+        let command_line = args.config.is_none();
+        let (mut config, policies) = match (&args.config, &args.policy) {
+            (Some(path), _) => load_config(path)?,
+            (None, Some(policy)) => {
                 let listen = args
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-                let upstream = CommandLineUpstream::Url {
-                    url: upstream,
-                    sse: false,
+                let upstream = match (&args.upstream, args.command.as_slice()) {
+                    (Some(url), []) => CommandLineUpstream::Url { url, sse: false },
+                    (None, command) if !command.is_empty() => CommandLineUpstream::Command(command),
+                    _ => {
+                        return Err(usage(
+                            "with --policy, give either --upstream URL or -- CMD ARGS (not both)",
+                        ));
+                    }
                 };
                 let config = single_server_config(upstream, policy, listen)?;
                 let mut policies = BTreeMap::new();
@@ -320,18 +483,30 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 (config, policies)
             }
             _ => {
-                return Err(Failure {
-                    code: 2,
-                    error: anyhow::anyhow!(
-                        "give either --config FILE, or --upstream URL and --policy FILE"
-                    ),
-                });
+                return Err(usage(
+                    "give either --config FILE, or --policy FILE with --upstream URL or -- CMD ARGS",
+                ));
             }
         };
         if let Some(listen) = args.listen {
             config.listen = listen;
         }
-        runtime()?.block_on(run_proxy(config, policies, |_| {}))
+        let mode = match (args.admin_listen, &mut config.admin) {
+            (Some(listen), Some(admin)) => {
+                admin.listen = listen;
+                AdminMode::Configured
+            }
+            (Some(listen), None) => AdminMode::Personal {
+                default_listen: listen,
+                explicit: true,
+            },
+            (None, _) if command_line => AdminMode::Personal {
+                default_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+                explicit: false,
+            },
+            (None, _) => AdminMode::Configured,
+        };
+        runtime()?.block_on(run_proxy(config, policies, mode, "serve", |_| {}))
     })();
     finish(result)
 }
@@ -341,8 +516,24 @@ pub fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {}", error_chain(&failure.error));
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// The error and its causes joined by `: `, like `{:#}`, except that a cause whose
+/// text the message before it already ends with is not repeated (errors that print
+/// their source *and* return it from `source()` would otherwise say it twice).
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.ends_with(&part) {
+            text = format!("{text}: {part}");
+        }
+    }
+    text
 }

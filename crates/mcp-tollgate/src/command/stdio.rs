@@ -31,7 +31,7 @@ const MAX_IN_FLIGHT: usize = 256;
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "policy"])))]
 pub struct StdioArgs {
-    /// The configuration file (SPEC §3).
+    /// The configuration file (docs/configuration.md).
     #[arg(long, conflicts_with_all = ["policy", "upstream", "command"])]
     pub config: Option<PathBuf>,
     /// The server of `--config` to serve; needed when it has several.

@@ -1,4 +1,4 @@
-//! `tollgate test PATH...`: run policy test cases (SPEC §5) kept beside the policy.
+//! `tollgate test PATH...`: run policy test cases (docs/policy.md) kept beside the policy.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +13,9 @@ use super::{Format, read_file};
 /// Arguments of `tollgate test`.
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
+    /// `--format`.
+    #[command(flatten)]
+    pub output: super::FormatArg,
     /// `*.test.yaml` files, or directories searched for them.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,

@@ -11,9 +11,39 @@ use super::{Format, read_file};
 /// Arguments of `tollgate validate`.
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
+    /// `--format`.
+    #[command(flatten)]
+    pub output: super::FormatArg,
     /// Files, or directories searched for `*.yaml`/`*.yml`.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+    /// Treat warnings (e.g. a rule that can never decide) as errors: exit 1.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// What checking one file found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Problems that make the file invalid.
+    pub errors: Vec<String>,
+    /// Valid, but almost certainly not what was meant.
+    pub warnings: Vec<String>,
+}
+
+impl Checked {
+    fn policy(result: Result<Policy, tollgate_policy::PolicyErrors>) -> Checked {
+        match result {
+            Ok(policy) => Checked {
+                errors: Vec::new(),
+                warnings: policy.warnings().iter().map(ToString::to_string).collect(),
+            },
+            Err(errors) => Checked {
+                errors: errors.errors.iter().map(ToString::to_string).collect(),
+                warnings: Vec::new(),
+            },
+        }
+    }
 }
 
 /// What a file is, judged from its name and top-level keys.
@@ -93,41 +123,49 @@ pub fn is_yaml(path: &Path) -> bool {
 }
 
 /// Checks one configuration file and the policies it names.
-pub fn validate_config(path: &Path, source: &str) -> Result<(), Vec<String>> {
-    let config = tollgate_proxy::Config::from_yaml(source, &path.display().to_string(), &|name| {
-        std::env::var(name).ok()
-    })
-    .map_err(|e| e.problems)?;
+pub fn validate_config(path: &Path, source: &str) -> Checked {
+    let config =
+        match tollgate_proxy::Config::from_yaml(source, &path.display().to_string(), &|name| {
+            std::env::var(name).ok()
+        }) {
+            Ok(config) => config,
+            Err(err) => {
+                return Checked {
+                    errors: err.problems,
+                    warnings: Vec::new(),
+                };
+            }
+        };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut problems = Vec::new();
+    let mut checked = Checked::default();
     for server in config.servers.values() {
         let policy_path = config.policy_path(dir, server);
         match read_file(&policy_path) {
             Ok(text) => {
-                if let Err(errors) = Policy::from_yaml(&text, &policy_path.display().to_string()) {
-                    problems.extend(errors.errors.iter().map(ToString::to_string));
-                }
+                let policy =
+                    Checked::policy(Policy::from_yaml(&text, &policy_path.display().to_string()));
+                checked.errors.extend(policy.errors);
+                checked.warnings.extend(policy.warnings);
             }
-            Err(err) => problems.push(err),
+            Err(err) => checked.errors.push(err),
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
+    checked
 }
 
-fn validate_file(path: &Path, source: &str) -> (Kind, Result<(), Vec<String>>) {
+fn validate_file(path: &Path, source: &str) -> (Kind, Checked) {
     let kind = kind_of(path, source);
-    let result = match kind {
-        Kind::Policy => Policy::from_yaml(source, &path.display().to_string())
-            .map(|_| ())
-            .map_err(|e| e.errors.iter().map(ToString::to_string).collect()),
-        Kind::PolicyTest => super::test::load_suite(path, source).map(|_| ()),
+    let checked = match kind {
+        Kind::Policy => Checked::policy(Policy::from_yaml(source, &path.display().to_string())),
+        Kind::PolicyTest => Checked {
+            errors: super::test::load_suite(path, source)
+                .err()
+                .unwrap_or_default(),
+            warnings: Vec::new(),
+        },
         Kind::Config => validate_config(path, source),
     };
-    (kind, result)
+    (kind, checked)
 }
 
 /// Runs `tollgate validate`.
@@ -143,23 +181,25 @@ pub fn run(args: ValidateArgs, format: Format) -> ExitCode {
                 continue;
             }
         };
-        let (kind, result) = validate_file(file, &source);
+        let (kind, checked) = validate_file(file, &source);
+        let ok = checked.errors.is_empty() && (!args.strict || checked.warnings.is_empty());
         if format == Format::Human {
-            match &result {
-                Ok(()) => println!("ok: {} ({})", file.display(), kind.name()),
-                Err(errors) => {
-                    for error in errors {
-                        eprintln!("error: {error}");
-                    }
-                }
+            for error in &checked.errors {
+                eprintln!("error: {error}");
+            }
+            for warning in &checked.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if ok {
+                println!("ok: {} ({})", file.display(), kind.name());
             }
         }
-        if result.is_err() {
+        if !ok {
             invalid += 1;
         }
         report.push(
-            json!({"path": file.display().to_string(), "kind": kind.name(), "ok": result.is_ok(),
-            "errors": result.err().unwrap_or_default()}),
+            json!({"path": file.display().to_string(), "kind": kind.name(), "ok": ok,
+            "errors": checked.errors, "warnings": checked.warnings}),
         );
     }
     for error in &io_errors {
