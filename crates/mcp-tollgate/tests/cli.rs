@@ -480,3 +480,45 @@ fn format_is_offered_only_where_it_changes_the_output() {
     let out = tollgate(&["demo", "--format", "json"]);
     assert_eq!(code(&out), 2, "demo has no --format");
 }
+
+#[test]
+fn a_bad_value_names_its_key() {
+    let dir = Dir::new("bad-value");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let config = dir.write(
+        "tollgate.yaml",
+        "limits:\n  max_body: 4MiB\n  session_idle: 1 hour\nservers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n    timeout: ${TOLLGATE_TEST_TIMEOUT}\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["validate", &config])
+        .env("TOLLGATE_TEST_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("limits.session_idle: invalid duration `1 hour`"),
+        "{err}"
+    );
+    // `${VAR}` works in every field; a bad value it brings is named by its key too.
+    let fixed = dir.write(
+        "fixed.yaml",
+        "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n    timeout: ${TOLLGATE_TEST_TIMEOUT}\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["validate", &fixed])
+        .env("TOLLGATE_TEST_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("servers.a.timeout: invalid duration `soon`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["validate", &fixed])
+        .env("TOLLGATE_TEST_TIMEOUT", "5s")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

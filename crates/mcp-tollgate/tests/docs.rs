@@ -349,7 +349,7 @@ fn routes(source: &str) -> BTreeSet<String> {
 #[test]
 fn the_admin_api_reference_lists_exactly_the_routes_served() {
     let mut served = routes(&read("crates/tollgate-proxy/src/admin.rs"));
-    served.extend(routes(&read("crates/tollgate-proxy/src/ops.rs")));
+    served.extend(routes(&read("crates/tollgate-proxy/src/admin/ops.rs")));
     let doc = read("docs/admin-api.md");
     let documented: BTreeSet<String> = table_keys(&doc)
         .iter()
@@ -359,48 +359,71 @@ fn the_admin_api_reference_lists_exactly_the_routes_served() {
     assert_eq!(documented, served);
 }
 
-/// The keys of the `json!({...})` literal that starts with `"event": "<event>"`.
-fn record_fields(source: &str, event: &str) -> BTreeSet<String> {
-    let start = source
-        .find(&format!("\"event\": \"{event}\""))
-        .unwrap_or_else(|| panic!("no {event} record"));
-    let body = &source[start..];
-    let body = &body[..body.find("})").unwrap()];
-    body.split('"')
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[1].trim_start().starts_with(':'))
-        .map(|w| w[0].to_owned())
-        .collect()
+/// The fields a record serialises to, every optional field present.
+fn record_fields(record: &tollgate_proxy::Record<'_>) -> BTreeSet<String> {
+    match serde_json::to_value(record).unwrap() {
+        serde_json::Value::Object(map) => map.keys().filter(|k| *k != "event").cloned().collect(),
+        other => panic!("a record is an object, not {other}"),
+    }
 }
 
 #[test]
 fn the_audit_reference_names_every_field_written() {
+    use tollgate_proxy::Record;
     let doc = read("docs/audit.md");
-    let enforce = read("crates/tollgate-proxy/src/enforce.rs");
-    let hold = read("crates/tollgate-proxy/src/hold.rs");
-    let decision: BTreeSet<String> = table_keys(&doc).into_iter().collect();
-    let mut written = record_fields(&enforce, "decision");
-    written.remove("event");
-    // Added to the record when present.
-    for optional in ["arguments", "failing_path"] {
-        assert!(
-            enforce.contains(&format!("record[\"{optional}\"]")),
-            "{optional}"
-        );
-        written.insert(optional.to_owned());
-    }
-    assert_eq!(decision, written, "the decision table of docs/audit.md");
+    let arguments = serde_json::json!({"a": 1});
+    let decision = Record::Decision {
+        call_id: 1,
+        server: "s",
+        client: Some("c"),
+        session: Some("x"),
+        tool: "t",
+        decision: "deny",
+        kind: Some("arguments"),
+        rule: "default",
+        reason: "r",
+        mode: "enforce",
+        arguments_digest: "sha256:0".into(),
+        arguments: Some(&arguments),
+        failing_path: Some("/a"),
+    };
+    let documented: BTreeSet<String> = table_keys(&doc).into_iter().collect();
+    assert_eq!(
+        documented,
+        record_fields(&decision),
+        "the decision table of docs/audit.md"
+    );
     let text: BTreeSet<String> = backticked(&doc).into_iter().collect();
-    for (source, event) in [
-        (&enforce, "outcome"),
-        (&hold, "approval_requested"),
-        (&hold, "approval"),
-    ] {
-        for field in record_fields(source, event) {
+    let others = [
+        Record::Outcome {
+            call_id: 1,
+            server: "s",
+            tool: "t",
+            upstream_latency_ms: 1.0,
+            outcome: "forwarded",
+        },
+        Record::ApprovalRequested {
+            call_id: 1,
+            approval_id: "a",
+            server: "s",
+            tool: "t",
+            via: "queue",
+        },
+        Record::Approval {
+            call_id: 1,
+            approval_id: "a",
+            server: "s",
+            tool: "t",
+            verdict: "approved",
+            decided_by: Some("b"),
+            reason: Some("r"),
+        },
+    ];
+    for record in &others {
+        for field in record_fields(record) {
             assert!(
                 text.contains(&field),
-                "docs/audit.md does not name `{field}` of {event}"
+                "docs/audit.md does not name `{field}` of {record:?}"
             );
         }
     }

@@ -1,4 +1,4 @@
-//! The audit log (SPEC §8): one JSON object per line, the decision written before
+//! The audit log (docs/audit.md): one JSON object per line, the decision written before
 //! the call is forwarded, then its outcome once the upstream answered.
 
 use std::fs::{File, OpenOptions};

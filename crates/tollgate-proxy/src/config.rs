@@ -1,4 +1,4 @@
-//! The configuration file (`tollgate.yaml`, SPEC §3), parsed once into typed values.
+//! The configuration file (`tollgate.yaml`, docs/configuration.md), parsed once into typed values.
 //!
 //! `${VAR}` references are expanded from the environment over the whole parsed YAML
 //! tree before it is deserialised, string by string: every field can use them, and
@@ -239,8 +239,6 @@ fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum NumberOrText {
     Number(u64),
     Text(String),
@@ -285,8 +283,33 @@ pub fn parse_size(text: &str) -> Option<usize> {
     n.checked_mul(factor).filter(|&n| n > 0)
 }
 
+/// A number or a text, read without buffering so that an error keeps its key's location.
+struct NumberOrTextVisitor(&'static str);
+
+impl serde::de::Visitor<'_> for NumberOrTextVisitor {
+    type Value = NumberOrText;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<NumberOrText, E> {
+        Ok(NumberOrText::Number(n))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<NumberOrText, E> {
+        u64::try_from(n)
+            .map(NumberOrText::Number)
+            .map_err(|_| E::custom(format!("{} must be more than 0", self.0)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<NumberOrText, E> {
+        Ok(NumberOrText::Text(text.to_owned()))
+    }
+}
+
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    match NumberOrText::deserialize(d)? {
+    match d.deserialize_any(NumberOrTextVisitor("a duration"))? {
         NumberOrText::Number(n) if n > 0 => Ok(Duration::from_secs(n)),
         NumberOrText::Number(_) => Err(serde::de::Error::custom("a duration must be more than 0")),
         NumberOrText::Text(t) => parse_duration(&t).ok_or_else(|| {
@@ -298,7 +321,7 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    match NumberOrText::deserialize(d)? {
+    match d.deserialize_any(NumberOrTextVisitor("a size"))? {
         NumberOrText::Number(n) if n > 0 => usize::try_from(n).map_err(serde::de::Error::custom),
         NumberOrText::Number(_) => Err(serde::de::Error::custom("a size must be more than 0")),
         NumberOrText::Text(t) => parse_size(&t).ok_or_else(|| {
@@ -417,9 +440,27 @@ impl Config {
         let raw: ConfigOf<RawServer> = match serde_path_to_error::deserialize(tree) {
             Ok(raw) => raw,
             Err(err) => {
+                let by_path = format!("{origin}: {}: {}", err.path(), err.inner());
                 let mut all: Vec<String> = as_written().collect();
-                if all.is_empty() {
-                    all.push(format!("{origin}: {}: {}", err.path(), err.inner()));
+                // The text's error names the enclosing mapping when a value inside it
+                // is wrong (`limits: invalid duration`); the path names the key itself.
+                let path = err.path().to_string();
+                let message = err.inner().to_string();
+                // Unknown and missing fields are located exactly; values are not.
+                let about_a_value =
+                    !message.starts_with("unknown field") && !message.starts_with("missing field");
+                let vaguer = |problem: &String| {
+                    about_a_value
+                        && problem.ends_with(&message)
+                        && problem
+                            .rsplit_once(": ")
+                            .and_then(|(head, _)| head.rsplit(": ").next())
+                            .is_some_and(|at| path.starts_with(&format!("{at}.")))
+                };
+                match all.iter().position(vaguer) {
+                    Some(i) => all[i] = by_path,
+                    None if all.is_empty() => all.push(by_path),
+                    None => {}
                 }
                 return Err(ConfigError { problems: all });
             }

@@ -120,6 +120,9 @@ impl Event {
 /// Messages as they come; an error ends the stream.
 pub type EventStream = BoxStream<'static, Result<Event, Failure>>;
 
+/// An upstream's SSE stream as it came, not yet decoded; an error ends it.
+pub type SseBytes = BoxStream<'static, Result<Bytes, Failure>>;
+
 /// The body of an upstream's answer.
 pub enum Body {
     /// Nothing (202 Accepted, or an empty error).
@@ -128,6 +131,10 @@ pub enum Body {
     Json(Json),
     /// A stream of messages.
     Events(EventStream),
+    /// A stream of messages in SSE framing, as the upstream sent it. Relayed to an
+    /// SSE client byte for byte; decoded ([`Body::into_events`]) only where the
+    /// messages themselves are needed.
+    Sse(SseBytes),
     /// Something that is not JSON-RPC (an error page, say), relayed as it is.
     Other {
         /// Its `Content-Type`.
@@ -138,10 +145,29 @@ pub enum Body {
 }
 
 impl Body {
+    /// The body with an SSE stream decoded into messages.
+    pub fn into_events(self) -> Body {
+        use futures::StreamExt as _;
+        match self {
+            Body::Sse(bytes) => {
+                let events = tollgate_mcp::events(bytes).map(|event| match event {
+                    Ok(event) => Ok(Event {
+                        data: Json::Text(Bytes::from(event.data)),
+                        id: (!event.id.is_empty()).then_some(event.id),
+                        retry: event.retry,
+                    }),
+                    Err(err) => Err(Failure::Broken(format!("its event stream failed: {err}"))),
+                });
+                Body::Events(events.boxed())
+            }
+            other => other,
+        }
+    }
+
     /// The first JSON-RPC answer in it: the JSON, or the first answer in a stream.
     pub async fn first_answer(self) -> Option<Value> {
         use futures::StreamExt as _;
-        match self {
+        match self.into_events() {
             Body::Json(json) => json.into_value().ok(),
             Body::Events(mut events) => {
                 while let Some(Ok(event)) = events.next().await {
@@ -154,7 +180,7 @@ impl Body {
                 }
                 None
             }
-            Body::Empty | Body::Other { .. } => None,
+            Body::Empty | Body::Other { .. } | Body::Sse(_) => None,
         }
     }
 }

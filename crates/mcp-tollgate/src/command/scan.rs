@@ -157,7 +157,7 @@ impl Target {
         if body.get("id").is_none() {
             return Ok((reply.session, Value::Null));
         }
-        let answer = match reply.body {
+        let answer = match reply.body.into_events() {
             Body::Json(json) => json.into_value().context("the answer is not JSON")?,
             Body::Events(mut events) => loop {
                 let event = tokio::time::timeout(TIMEOUT, events.next())
@@ -174,7 +174,7 @@ impl Target {
                     None => bail!("the SSE answer carried no JSON-RPC response"),
                 }
             },
-            Body::Empty | Body::Other { .. } => {
+            Body::Empty | Body::Other { .. } | Body::Sse(_) => {
                 bail!(
                     "{what}: the upstream answered HTTP {} without JSON-RPC",
                     reply.status

@@ -227,7 +227,7 @@ impl AdminStarted {
 /// Whether some server's policy holds calls in the admin queue.
 fn policies_need_approvers(state: &AppState) -> bool {
     state
-        .servers
+        .servers()
         .values()
         .any(|server| server.policy.load().uses_approval_queue())
 }

@@ -178,8 +178,8 @@ impl Conversation {
             Ok(answer) => answer,
             Err(err) => return vec![with_id(err.to_json(), ids)],
         };
-        match answer.body {
-            Body::Empty => Vec::new(),
+        match answer.body.into_events() {
+            Body::Empty | Body::Sse(_) => Vec::new(),
             Body::Json(json) => match json.into_value() {
                 Ok(Value::Array(items)) => items,
                 Ok(message @ Value::Object(_)) => vec![with_id(message, ids)],

@@ -15,9 +15,9 @@ use axum::body::Body as HttpBody;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
@@ -26,7 +26,7 @@ use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
 use crate::upstream::http::SESSION_HEADER;
-use crate::upstream::{Body, Event, EventStream};
+use crate::upstream::{Body, Event};
 
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
 /// vanished client is noticed, which abandons a held call's approval.
@@ -165,10 +165,19 @@ fn respond(shared: &Arc<Shared>, answer: Answer) -> Response {
         )
             .into_response(),
         Body::Events(events) => {
-            let mut response = sse(shared, events).into_response();
-            *response.status_mut() = answer.status;
-            response
+            let frames = events
+                .take_while(|event| futures::future::ready(event.is_ok()))
+                .filter_map(|event| futures::future::ready(event.ok().map(sse_frame)));
+            sse(shared, answer.status, frames)
         }
+        // The upstream's own framing, byte for byte (its event ids included).
+        Body::Sse(bytes) => sse(
+            shared,
+            answer.status,
+            bytes
+                .take_while(|chunk| futures::future::ready(chunk.is_ok()))
+                .filter_map(|chunk| futures::future::ready(chunk.ok())),
+        ),
         Body::Other {
             content_type,
             bytes,
@@ -195,35 +204,79 @@ fn respond(shared: &Arc<Shared>, answer: Answer) -> Response {
     response
 }
 
-/// An SSE response of `events`, counted as an open stream, with keep-alive comments.
-fn sse(shared: &Arc<Shared>, events: EventStream) -> Response {
-    let events = events
-        .take_while(|event| futures::future::ready(event.is_ok()))
-        .filter_map(|event| futures::future::ready(event.ok().map(sse_event)));
-    let stream = counted(shared, events.map(Ok::<_, Infallible>));
-    let mut response = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+/// An SSE response of `frames`, counted as an open stream, with keep-alive comments.
+fn sse(
+    shared: &Arc<Shared>,
+    status: StatusCode,
+    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response {
+    let body = KeepAlive {
+        inner: Box::pin(counted(shared, frames)),
+        quiet: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
+    };
+    let mut response = HttpBody::from_stream(body.map(Ok::<_, Infallible>)).into_response();
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
-fn sse_event(event: Event) -> SseEvent {
+/// One event in SSE framing: `event: message`, the id and retry when there are
+/// any, and the data with one `data:` line per line.
+fn sse_frame(event: Event) -> Bytes {
     let data = event.data.into_bytes();
-    let mut data = String::from_utf8_lossy(&data).into_owned();
-    // A raw CR can only be whitespace between JSON tokens, but it would end an SSE line.
-    if data.contains('\r') {
-        data = data.replace('\r', " ");
-    }
-    let mut out = SseEvent::default().event("message").data(data);
+    let mut frame = BytesMut::with_capacity(data.len() + 32);
     // An id that SSE cannot carry is dropped, as a client would ignore it.
     if let Some(id) = event.id.filter(|id| !id.contains(['\0', '\r', '\n'])) {
-        out = out.id(id);
+        frame.extend_from_slice(b"id: ");
+        frame.extend_from_slice(id.as_bytes());
+        frame.extend_from_slice(b"\n");
     }
+    frame.extend_from_slice(b"event: message\n");
     if let Some(retry) = event.retry {
-        out = out.retry(Duration::from_millis(retry));
+        frame.extend_from_slice(format!("retry: {retry}\n").as_bytes());
     }
-    out
+    for line in data.split(|b| *b == b'\n') {
+        frame.extend_from_slice(b"data: ");
+        // A raw CR can only be whitespace between JSON tokens, but it would end an SSE line.
+        frame.extend(line.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
+        frame.extend_from_slice(b"\n");
+    }
+    frame.extend_from_slice(b"\n");
+    frame.freeze()
+}
+
+/// A stream of SSE frames with a keep-alive comment after each quiet interval.
+struct KeepAlive<S> {
+    inner: std::pin::Pin<Box<S>>,
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
+    type Item = Bytes;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        use std::task::Poll;
+        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
+            let next = tokio::time::Instant::now() + KEEP_ALIVE;
+            self.quiet.as_mut().reset(next);
+            return Poll::Ready(item);
+        }
+        match self.quiet.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let next = tokio::time::Instant::now() + KEEP_ALIVE;
+                self.quiet.as_mut().reset(next);
+                Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }

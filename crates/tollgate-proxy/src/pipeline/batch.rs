@@ -127,7 +127,7 @@ fn merge(server: &Server, body: Body, refused: Vec<Value>) -> Result<Answer, Pro
             _ => return Err(not_json(server)),
         },
         Body::Empty => Vec::new(),
-        Body::Events(_) | Body::Other { .. } => return Err(not_json(server)),
+        Body::Events(_) | Body::Sse(_) | Body::Other { .. } => return Err(not_json(server)),
     };
     answers.extend(refused);
     Ok(Answer::message(Value::Array(answers)))

@@ -1,6 +1,6 @@
 //! Stage 3, decide: a `tools/call` evaluated against the policy and its rate
 //! limits, its decision recorded (audit log, metrics, log line) before anything is
-//! forwarded, and answered the way SPEC §6 asks when it is refused.
+//! forwarded, and answered as docs/errors.md describes when it is refused.
 //!
 //! A call that may go on gets a [`Permit`]: the only way to the upstream, owning
 //! the call's rate-limit slot, id and start time. Finishing it writes the outcome;

@@ -106,7 +106,7 @@ async fn send(sink: &Sink, message: Value) {
 
 /// Sends an answer's messages on the held call's stream.
 async fn pipe(body: Body, sink: &Sink) {
-    match body {
+    match body.into_events() {
         Body::Json(json) => {
             let _ = sink
                 .send(Ok(Event {
@@ -123,6 +123,6 @@ async fn pipe(body: Body, sink: &Sink) {
                 }
             }
         }
-        Body::Empty | Body::Other { .. } => {}
+        Body::Empty | Body::Other { .. } | Body::Sse(_) => {}
     }
 }

@@ -14,7 +14,7 @@ use super::context::{Answer, Context};
 use super::session;
 use crate::error::ProxyError;
 use crate::store::sessions::Session;
-use crate::upstream::{Body, Event, EventStream, Json, Reply};
+use crate::upstream::{Body, Event, EventStream, Json, Reply, SseBytes};
 
 /// Turns the upstream's reply to `message` into the client's answer.
 pub fn answer(
@@ -23,18 +23,21 @@ pub fn answer(
     initialize: bool,
     reply: Reply,
 ) -> Result<Answer, ProxyError> {
+    let tools_list = message.method() == Some("tools/list");
     let mut body = reply.body;
-    if message.method() == Some("tools/list") {
+    // Only these answers are looked at; every other stream goes through as it came.
+    if tools_list || initialize {
+        body = body.into_events();
+    }
+    if tools_list {
         body = filter(
             body,
             ctx.server.policy.load_full(),
             ctx.caller.client.clone(),
         );
     }
-    if let (Body::Events(_), Some(id)) = (&body, message.id())
-        && let Body::Events(events) = std::mem::replace(&mut body, Body::Empty)
-    {
-        body = Body::Events(until_answered(events, id.clone(), ctx.server.name.clone()));
+    if let Some(id) = message.id() {
+        body = until_answered(body, id, &ctx.server.name);
     }
     let mut answer = Answer {
         status: reply.status,
@@ -60,9 +63,47 @@ pub fn answer(
     Ok(answer)
 }
 
-/// A stream of a request's messages that ends with an error message for `id`
-/// when the upstream's stream breaks before the answer.
-fn until_answered(events: EventStream, id: Value, server: Arc<str>) -> EventStream {
+/// A streamed answer that ends with an error message for `id` when the
+/// upstream's stream breaks before the answer; other bodies as they are.
+fn until_answered(body: Body, id: &Value, server: &Arc<str>) -> Body {
+    match body {
+        Body::Events(events) => {
+            Body::Events(events_until_answered(events, id.clone(), server.clone()))
+        }
+        Body::Sse(bytes) => Body::Sse(sse_until_answered(bytes, id.clone(), server.clone())),
+        other => other,
+    }
+}
+
+/// The error a broken stream ends with, logged.
+fn broken(id: &Value, server: &str, failure: &crate::upstream::Failure) -> Value {
+    let message = format!("upstream `{server}`: {failure}");
+    tracing::warn!(error = %message, "upstream stream failed");
+    error_response(Some(id), ErrorCode::InternalError, &message, None)
+}
+
+/// Raw SSE bytes that end with an error event for `id` when the stream breaks.
+fn sse_until_answered(bytes: SseBytes, id: Value, server: Arc<str>) -> SseBytes {
+    bytes
+        .scan(false, move |ended, chunk| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let chunk = chunk.or_else(|failure| {
+                *ended = true;
+                // The blank line first ends whatever event the break cut short.
+                let error = broken(&id, &server, &failure);
+                Ok(bytes::Bytes::from(format!(
+                    "\n\nevent: message\ndata: {error}\n\n"
+                )))
+            });
+            futures::future::ready(Some(chunk))
+        })
+        .boxed()
+}
+
+/// Messages that end with an error message for `id` when the stream breaks.
+fn events_until_answered(events: EventStream, id: Value, server: Arc<str>) -> EventStream {
     events
         .scan(false, move |ended, event| {
             if *ended {
@@ -70,14 +111,7 @@ fn until_answered(events: EventStream, id: Value, server: Arc<str>) -> EventStre
             }
             let event = event.or_else(|failure| {
                 *ended = true;
-                let message = format!("upstream `{server}`: {failure}");
-                tracing::warn!(error = %message, "upstream stream failed");
-                Ok(Event::message(error_response(
-                    Some(&id),
-                    ErrorCode::InternalError,
-                    &message,
-                    None,
-                )))
+                Ok(Event::message(broken(&id, &server, &failure)))
             });
             futures::future::ready(Some(event))
         })

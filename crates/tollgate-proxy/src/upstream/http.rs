@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{Body, Event, Failure, Json, Reply, Request, Upstream, describe};
+use super::{Body, Failure, Json, Reply, Request, Upstream, describe};
 
 /// Session id header of the handshake era.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -144,15 +144,10 @@ async fn reply(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let body = if is_event_stream(&headers) {
-        let events = tollgate_mcp::events(response.bytes_stream()).map(|event| match event {
-            Ok(event) => Ok(Event {
-                data: Json::Text(Bytes::from(event.data)),
-                id: (!event.id.is_empty()).then_some(event.id),
-                retry: event.retry,
-            }),
-            Err(err) => Err(Failure::Broken(format!("its event stream failed: {err}"))),
-        });
-        Body::Events(events.boxed())
+        let bytes = response
+            .bytes_stream()
+            .map_err(|err| Failure::Broken(format!("its event stream failed: {}", describe(&err))));
+        Body::Sse(bytes.boxed())
     } else {
         let bytes = match tokio::time::timeout(timeout, read_whole(response, max)).await {
             Ok(bytes) => bytes?,
