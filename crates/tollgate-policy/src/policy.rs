@@ -337,6 +337,12 @@ impl Policy {
         glob.or(exact)
     }
 
+    /// Whether some rule names `tool` exactly (not by a glob). Metrics label only such
+    /// tools by name: the set is bounded by the policy, whatever names clients send.
+    pub fn names_tool(&self, tool: &str) -> bool {
+        self.exact.contains_key(tool)
+    }
+
     /// True when every call of `tool` by `client` is denied whatever its arguments;
     /// such tools are removed from `tools/list`. Always false in audit mode.
     pub fn hides_tool(&self, tool: &str, client: Option<&str>) -> bool {

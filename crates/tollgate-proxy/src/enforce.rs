@@ -127,6 +127,7 @@ pub fn enforce(
     app.metrics.decision(
         &server.name,
         call.name,
+        policy.names_tool(call.name),
         decision_name(&decision),
         &rule_label,
     );
