@@ -59,22 +59,27 @@ fn check_host_and_origin(app: &AppState, headers: &HeaderMap) -> Result<(), Prox
 
 /// DNS-rebinding and cross-origin checks. On a loopback listener the `Host` must be
 /// a loopback name or in `allowed_hosts`; an `Origin` must be in `allowed_origins`,
-/// or, when `same_origin_ok` (the admin page calling its own API), the listener itself.
+/// or, on a loopback listener, name a loopback host (a rebound page's Origin names
+/// the attacker's host, never a loopback one), or, when `same_origin_ok` (the admin
+/// page calling its own API), name the listener itself.
 pub(crate) fn check_request_source(
     app: &AppState,
     loopback_listener: bool,
     same_origin_ok: bool,
     headers: &HeaderMap,
 ) -> Result<(), ProxyError> {
+    let is_loopback = |name: &str| {
+        name.eq_ignore_ascii_case("localhost")
+            || matches!(name, "[::1]" | "::1")
+            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    };
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if loopback_listener {
         let name = host_name(host);
-        let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "::1")
-            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if !loopback
+        if !is_loopback(name)
             && !app
                 .allowed_hosts
                 .iter()
@@ -88,7 +93,14 @@ pub(crate) fn check_request_source(
         let same_origin = same_origin_ok
             && !host.is_empty()
             && (origin == format!("http://{host}") || origin == format!("https://{host}"));
-        if !same_origin && !app.allowed_origins.iter().any(|o| o == origin) {
+        let loopback_origin = loopback_listener
+            && origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .is_some_and(|authority| {
+                    !authority.contains(['/', '@', '?', '#']) && is_loopback(host_name(authority))
+                });
+        if !same_origin && !loopback_origin && !app.allowed_origins.iter().any(|o| o == origin) {
             return Err(ProxyError::ForbiddenOrigin(origin.to_owned()));
         }
     }
