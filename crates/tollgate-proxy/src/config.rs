@@ -150,9 +150,13 @@ pub struct ServerConfig {
     /// A stdio upstream's command line.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    /// Environment of a stdio upstream.
+    /// Environment of a stdio upstream, on top of the few variables it inherits
+    /// (`upstream::stdio::INHERITED_ENV`).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Variables of Tollgate's own environment a stdio upstream also inherits.
+    #[serde(default)]
+    pub inherit_env: Vec<String>,
     /// Working directory of a stdio upstream.
     #[serde(default)]
     pub cwd: Option<PathBuf>,

@@ -261,6 +261,7 @@ fn build_server(
                 server: name.into(),
                 argv: argv.clone(),
                 env: config.env.clone(),
+                inherit_env: config.inherit_env.clone(),
                 cwd: config.cwd.clone(),
                 max_line: kit.max_line,
             };
