@@ -68,22 +68,46 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 &policy_path,
                 args.listen,
             )?;
+            // A fresh random token each run: without one, any local program (the very
+            // agent whose calls wait for a human) could approve its own calls by curl.
+            let token = random_token();
             config.admin = Some(tollgate_proxy::AdminConfig {
                 listen: args.admin_listen,
-                token: None,
+                token: Some(token.clone()),
             });
             if let Some(server) = config.servers.remove("upstream") {
                 config.servers.insert("healthlake".into(), server);
             }
             let mut policies = BTreeMap::new();
             policies.insert("healthlake".to_owned(), policy);
-            run_proxy(config, policies, |addr| {
+            run_proxy(config, policies, |addr, admin_page| {
+                print_admin(&token, admin_page);
                 print_instructions(&upstream_url, addr)
             })
             .await
         })
     })();
     finish(result)
+}
+
+/// 32 random bytes as 64 hex digits.
+fn random_token() -> String {
+    use std::fmt::Write as _;
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn print_admin(token: &str, admin_page: Option<&str>) {
+    println!("Admin token (new each run): {token}");
+    if let Some(page) = admin_page {
+        // The token rides in the fragment, which the browser never sends: the page keeps
+        // it in the tab's session storage and drops it from the address bar.
+        println!("Approvals page: {page}#token={token}");
+    }
+    println!("For the CLI: export TOLLGATE_ADMIN_TOKEN={token}");
 }
 
 fn print_instructions(upstream_url: &str, listen: SocketAddr) {
