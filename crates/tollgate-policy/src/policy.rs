@@ -337,10 +337,11 @@ impl Policy {
         glob.or(exact)
     }
 
-    /// Whether some rule names `tool` exactly (not by a glob). Metrics label only such
-    /// tools by name: the set is bounded by the policy, whatever names clients send.
+    /// Whether some rule names `tool`: by its exact name or by a glob that matches it
+    /// (whatever the rule's `clients`). Metrics label only such tools by name, so
+    /// made-up names sent by clients all count as `other`.
     pub fn names_tool(&self, tool: &str) -> bool {
-        self.exact.contains_key(tool)
+        self.exact.contains_key(tool) || self.globs.is_match(tool)
     }
 
     /// True when every call of `tool` by `client` is denied whatever its arguments;

@@ -416,12 +416,13 @@ fn rate_limit_state_survives_a_reload_that_keeps_the_rule() {
 }
 
 #[test]
-fn names_tool_is_true_only_for_exact_rule_names() {
+fn names_tool_is_true_only_for_names_a_rule_matches() {
     let p = load(
         "version: 1\ndefault: allow\nrules:\n  - tool: deploy\n    action: deny\n  - tool: \"describe_*\"\n    action: allow\n",
     );
     assert!(p.names_tool("deploy"));
-    assert!(!p.names_tool("describe_job"), "a glob match is not a name");
+    assert!(p.names_tool("describe_job"), "a glob names what it matches");
     assert!(!p.names_tool("Deploy"));
+    assert!(!p.names_tool("made_up"));
     assert!(!p.names_tool("x\",decision=\"deny\"} 1"));
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics` on the admin listener).
 //!
 //! Tool names come from clients, so they are bounded before they become label
-//! values: only a name some rule of the policy names exactly, of at most
+//! values: only a name some rule of the policy names (exactly or by a glob), of at most
 //! [`MAX_TOOL_LABEL_BYTES`], is a label (and at most [`MAX_TOOL_LABELS`] of them);
 //! every other call counts as `other`. prometheus-client writes label values as
 //! they are, so every label value is escaped here (`\\`, `\"`, `\n`, as the text
@@ -189,7 +189,7 @@ impl Metrics {
         "other".into()
     }
 
-    /// Counts one decision. `named_by_policy`: whether some rule names `tool` exactly
+    /// Counts one decision. `named_by_policy`: whether some rule names `tool`
     /// ([`tollgate_policy::Policy::names_tool`]); other tools count as `other`.
     pub fn decision(
         &self,
