@@ -182,7 +182,8 @@ async def test_metrics_match_a_scripted_mix_of_calls_exactly(procs, tmp_path):
     assert counts == {
         ("echo", "allow", "rules[0] (echo)"): 3,
         ("delete_fhir_datastore", "deny", "rules[1] (delete_*)"): 2,
-        ("unknown_tool", "deny", "default"): 1,
+        # No rule names it: a made-up name is no label (issue 14, point 10).
+        ("other", "deny", "default"): 1,
     }
     assert 'tollgate_upstream_latency_seconds_count{server="upstream"} ' in text
     latency_count = float(re.search(r'tollgate_upstream_latency_seconds_count\{server="upstream"\} (\S+)', text).group(1))

@@ -50,3 +50,43 @@ async def test_a_pending_call_appears_live_and_approve_releases_the_client(procs
     assert result.is_error is False
     assert upstream.tools_called() == ["start_fhir_export_job"]
     assert screenshot.stat().st_size > 10_000
+
+
+def test_control_and_bidi_characters_are_shown_escaped_on_the_page(procs, tmp_path, recorder):
+    """U+202E (right-to-left override) in a tool name or an argument would show the
+    approver reordered text; the page shows it as `\\u202e` instead (issue 14, point 4)."""
+    import threading
+
+    from conftest import RawSession
+
+    if shutil.which("chromium") is None or not (ROOT / "tests/ts/node_modules/playwright-core").exists():
+        pytest.fail("chromium or playwright-core is missing: run tests/run, which installs both")
+    policy = "version: 1\ndefault: deny\nrules:\n  - tool: \"start_*\"\n    action: require_approval\n"
+    tg = start_tollgate(procs, tmp_path, recorder.url, policy, extra=ADMIN)
+    tool = "start_\u202etxt.exe"
+    answers: list[dict] = []
+    session = RawSession(tg.url, timeout=60)
+    session.initialize()
+    browser = subprocess.Popen(
+        ["node", str(ROOT / "tests/ts/page.mjs"), tg.admin, TOKEN, str(tmp_path / "bidi.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert browser.stderr is not None
+        assert browser.stderr.readline().strip() == "READY"
+        caller = threading.Thread(
+            target=lambda: answers.append(session.call(tool, {"path": "/safe/\u202ecod.sh", "bell": "\u0007"})),
+            daemon=True)
+        caller.start()
+        out, err = browser.communicate(timeout=60)
+        caller.join(timeout=30)
+    finally:
+        if browser.poll() is None:
+            browser.kill()
+        session.close()
+    assert browser.returncode == 0, err
+    seen = json.loads(out)
+    assert "\u202e" not in seen["tool"] and "\\u202e" in seen["tool"], seen
+    assert "\u202e" not in seen["args"] and "\\u202e" in seen["args"], seen
+    assert answers and answers[0]["result"]["isError"] is False, answers
+    assert [c["body"]["params"]["name"] for c in recorder.tool_calls()] == [tool]

@@ -110,6 +110,75 @@ pub struct ToolCallRef<'a> {
 
 static NULL: Value = Value::Null;
 
+/// Every method MCP defines (2025-11-25 and 2026-07-28), requests and notifications.
+const MCP_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "sampling/createMessage",
+    "elicitation/create",
+    "roots/list",
+    "subscriptions/listen",
+    "tasks/get",
+    "tasks/result",
+    "tasks/list",
+    "tasks/cancel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/roots/list_changed",
+    "notifications/elicitation/complete",
+    "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+];
+
+/// Invisible characters that are neither whitespace nor control characters to Rust.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A method that is not an MCP method but reads as one: it differs from one only by
+/// case, whitespace, control or invisible characters (`Tools/Call`, `tools/call `,
+/// `tools/call\u{0}`). Tollgate decides `tools/call` by its exact name, so such a name
+/// would pass unevaluated to an upstream that might normalise it. A method with a
+/// control character is never an MCP method either.
+fn is_lookalike_method(method: &str) -> bool {
+    if MCP_METHODS.contains(&method) {
+        return false;
+    }
+    if method.chars().any(char::is_control) {
+        return true;
+    }
+    // The longest MCP method has 40 characters; anything much longer cannot fold to one.
+    if method.len() > 256 {
+        return false;
+    }
+    let folded: String = method
+        .chars()
+        .filter(|&c| !c.is_whitespace() && !is_invisible(c))
+        .flat_map(char::to_lowercase)
+        .collect();
+    MCP_METHODS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(&folded))
+}
+
 impl Message {
     /// Validates that `value` is a JSON-RPC 2.0 request, notification or response.
     pub fn from_value(value: Value) -> Result<Message, FramingError> {
@@ -120,6 +189,13 @@ impl Message {
         };
         if map.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Err(FramingError::Invalid(r#"`jsonrpc` must be "2.0""#));
+        }
+        if let Some(Value::String(method)) = map.get("method")
+            && is_lookalike_method(method)
+        {
+            return Err(FramingError::Invalid(
+                "`method` differs from an MCP method only by case, whitespace or control characters",
+            ));
         }
         let id_ok = |id: &Value| matches!(id, Value::String(_) | Value::Number(_));
         let kind = match (map.get("method"), map.get("id")) {
@@ -262,6 +338,46 @@ mod tests {
             single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#).kind(),
             Kind::Response
         );
+    }
+
+    #[test]
+    fn refuses_methods_that_only_look_like_mcp_methods() {
+        for method in [
+            "Tools/Call",
+            "TOOLS/CALL",
+            "tools/call ",
+            " tools/call",
+            "tools/ call",
+            "tools/call\u{0000}",
+            "tools/call\n",
+            "tools/call\u{200b}",
+            "tools\u{202e}/call",
+            "Initialize",
+            "logging/setlevel",
+            "x\u{0007}",
+        ] {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method}).to_string();
+            let err = Incoming::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidRequest, "{method:?}");
+            assert!(
+                err.to_string().contains("differs from an MCP method"),
+                "{err}"
+            );
+            // Notifications and batch members alike.
+            let note = serde_json::json!([{"jsonrpc": "2.0", "method": method}]).to_string();
+            assert!(Incoming::parse(note.as_bytes()).is_err(), "{method:?}");
+        }
+        // Exact MCP methods, and methods MCP does not define, pass.
+        for method in [
+            "tools/call",
+            "logging/setLevel",
+            "notifications/initialized",
+            "x/custom",
+            "Custom Method",
+        ] {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method}).to_string();
+            assert!(Incoming::parse(body.as_bytes()).is_ok(), "{method:?}");
+        }
     }
 
     #[test]

@@ -26,4 +26,7 @@ pub use era::{
 pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,
 };
-pub use sse::{SseEvent, encode_event, events};
+pub use sse::{
+    DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseError, SseEvent, encode_event, events,
+    events_with_limit,
+};

@@ -359,6 +359,13 @@ impl Policy {
         glob.or(exact)
     }
 
+    /// Whether some rule names `tool`: by its exact name or by a glob that matches it
+    /// (whatever the rule's `clients`). Metrics label only such tools by name, so
+    /// made-up names sent by clients all count as `other`.
+    pub fn names_tool(&self, tool: &str) -> bool {
+        self.exact.contains_key(tool) || self.globs.is_match(tool)
+    }
+
     /// True when every call of `tool` by `client` is denied whatever its arguments;
     /// such tools are removed from `tools/list`. Always false in audit mode.
     pub fn hides_tool(&self, tool: &str, client: Option<&str>) -> bool {

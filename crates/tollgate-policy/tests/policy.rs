@@ -463,3 +463,15 @@ fn a_rule_that_can_never_decide_is_a_warning_naming_both_rules() {
     );
     assert!(load(HEALTHLAKE).warnings().is_empty());
 }
+
+#[test]
+fn names_tool_is_true_only_for_names_a_rule_matches() {
+    let p = load(
+        "version: 1\ndefault: allow\nrules:\n  - tool: deploy\n    action: deny\n  - tool: \"describe_*\"\n    action: allow\n",
+    );
+    assert!(p.names_tool("deploy"));
+    assert!(p.names_tool("describe_job"), "a glob names what it matches");
+    assert!(!p.names_tool("Deploy"));
+    assert!(!p.names_tool("made_up"));
+    assert!(!p.names_tool("x\",decision=\"deny\"} 1"));
+}

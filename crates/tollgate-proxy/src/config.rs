@@ -173,6 +173,8 @@ pub enum UpstreamConfig {
         command: Vec<String>,
         /// Extra environment variables.
         env: BTreeMap<String, String>,
+        /// Variables of Tollgate's own environment it also inherits.
+        inherit_env: Vec<String>,
         /// Working directory.
         cwd: Option<PathBuf>,
     },
@@ -201,9 +203,13 @@ pub struct RawServer {
     /// A stdio upstream's command line.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    /// Environment of a stdio upstream.
+    /// Environment of a stdio upstream, on top of the few variables it inherits
+    /// (`upstream::stdio::INHERITED_ENV`).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Variables of Tollgate's own environment a stdio upstream also inherits.
+    #[serde(default)]
+    pub inherit_env: Vec<String>,
     /// Working directory of a stdio upstream.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
@@ -586,6 +592,7 @@ impl RawServer {
             (None, Some(command), Transport::Stdio) => Some(UpstreamConfig::Stdio {
                 command,
                 env: self.env,
+                inherit_env: self.inherit_env,
                 cwd: self.cwd,
             }),
             (None, Some(_), other) => {

@@ -66,9 +66,7 @@ impl Guard {
             .unwrap_or("");
         if loopback_listener {
             let name = host_name(host);
-            let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "::1")
-                || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-            if !loopback
+            if !is_loopback(name)
                 && !self
                     .allowed_hosts
                     .iter()
@@ -82,12 +80,28 @@ impl Guard {
             let same_origin = same_origin_ok
                 && !host.is_empty()
                 && (origin == format!("http://{host}") || origin == format!("https://{host}"));
-            if !same_origin && !self.allowed_origins.iter().any(|o| o == origin) {
+            let loopback_origin = loopback_listener
+                && origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    .is_some_and(|authority| {
+                        !authority.contains(['/', '@', '?', '#'])
+                            && is_loopback(host_name(authority))
+                    });
+            if !same_origin && !loopback_origin && !self.allowed_origins.iter().any(|o| o == origin)
+            {
                 return Err(ProxyError::ForbiddenOrigin(origin.to_owned()));
             }
         }
         Ok(())
     }
+}
+
+/// Whether a host name is a loopback one.
+fn is_loopback(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || matches!(name, "[::1]" | "::1")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.

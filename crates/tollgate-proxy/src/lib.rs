@@ -101,6 +101,12 @@ pub enum AdminStartError {
     /// A non-loopback admin listener needs a token.
     #[error("admin.listen {0} is not a loopback address, so admin.token is required")]
     TokenRequired(SocketAddr),
+    /// `admin.token` is set but empty (say, `${TOLLGATE_ADMIN_TOKEN}` with the variable
+    /// set to ""): refused rather than read as "no token", which would open the API.
+    #[error(
+        "admin.token is empty (is TOLLGATE_ADMIN_TOKEN set to \"\"?): set a token, or remove admin.token for a loopback admin API without one"
+    )]
+    EmptyToken,
 }
 
 /// Checks the admin settings and records the admin URL (approvals need it).
@@ -110,7 +116,9 @@ pub fn prepare_admin(
     token: Option<&str>,
     version: &str,
 ) -> Result<Admin, AdminStartError> {
-    let token = token.filter(|t| !t.is_empty());
+    if token.is_some_and(|t| t.trim().is_empty()) {
+        return Err(AdminStartError::EmptyToken);
+    }
     if token.is_none() && !bound.ip().is_loopback() {
         return Err(AdminStartError::TokenRequired(bound));
     }

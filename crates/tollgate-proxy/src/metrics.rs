@@ -1,7 +1,11 @@
 //! Prometheus metrics (`GET /metrics` on the admin listener).
 //!
 //! Tool names come from clients, so they are bounded before they become label
-//! values: past [`MAX_TOOL_LABELS`] distinct names, the rest count as `other`.
+//! values: only a name some rule of the policy names (exactly or by a glob), of at most
+//! [`MAX_TOOL_LABEL_BYTES`], is a label (and at most [`MAX_TOOL_LABELS`] of them);
+//! every other call counts as `other`. prometheus-client writes label values as
+//! they are, so every label value is escaped here (`\\`, `\"`, `\n`, as the text
+//! exposition format says): no value can close its quotes and forge a series.
 
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -17,6 +21,24 @@ use prometheus_client::registry::Registry;
 
 /// Distinct tool names kept as label values.
 pub const MAX_TOOL_LABELS: usize = 1000;
+
+/// Longest tool name kept as a label value; longer names count as `other`.
+pub const MAX_TOOL_LABEL_BYTES: usize = 128;
+
+/// A label value in the text exposition format: backslash, double quote and line feed
+/// escaped (`\\`, `\"`, `\n`). Other characters are allowed in label values.
+fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -150,25 +172,36 @@ impl Metrics {
         }
     }
 
-    fn tool_label(&self, tool: &str) -> String {
+    fn tool_label(&self, tool: &str, named_by_policy: bool) -> String {
+        if !named_by_policy || tool.len() > MAX_TOOL_LABEL_BYTES {
+            return "other".into();
+        }
         let mut seen = self.tools_seen.lock();
         if seen.contains(tool) {
-            return tool.to_owned();
+            return label(tool);
         }
         if seen.len() < MAX_TOOL_LABELS {
             seen.insert(tool.to_owned());
-            return tool.to_owned();
+            return label(tool);
         }
         "other".into()
     }
 
-    /// Counts one decision.
-    pub fn decision(&self, server: &str, tool: &str, decision: &str, rule: &str) {
+    /// Counts one decision. `named_by_policy`: whether some rule names `tool`
+    /// ([`tollgate_policy::Policy::names_tool`]); other tools count as `other`.
+    pub fn decision(
+        &self,
+        server: &str,
+        tool: &str,
+        named_by_policy: bool,
+        decision: &str,
+        rule: &str,
+    ) {
         let labels = DecisionLabels {
-            server: server.to_owned(),
-            tool: self.tool_label(tool),
-            decision: decision.to_owned(),
-            rule: rule.to_owned(),
+            server: label(server),
+            tool: self.tool_label(tool, named_by_policy),
+            decision: label(decision),
+            rule: label(rule),
         };
         self.decisions.get_or_create(&labels).inc();
     }
@@ -177,7 +210,7 @@ impl Metrics {
     pub fn upstream_latency(&self, server: &str, seconds: f64) {
         self.upstream_latency
             .get_or_create(&ServerLabels {
-                server: server.to_owned(),
+                server: label(server),
             })
             .observe(seconds);
     }
@@ -186,8 +219,8 @@ impl Metrics {
     pub fn upstream_error(&self, server: &str, kind: &str) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels {
-                server: server.to_owned(),
-                kind: kind.to_owned(),
+                server: label(server),
+                kind: label(kind),
             })
             .inc();
     }
@@ -197,7 +230,7 @@ impl Metrics {
         let result = if ok { "ok" } else { "failed" };
         self.reloads
             .get_or_create(&ReloadLabels {
-                server: server.to_owned(),
+                server: label(server),
                 result: result.to_owned(),
             })
             .inc();
@@ -235,8 +268,8 @@ mod tests {
     #[test]
     fn renders_counters_with_labels() {
         let metrics = Metrics::new();
-        metrics.decision("hl", "delete_x", "deny", "rules[2] (delete_*)");
-        metrics.decision("hl", "delete_x", "deny", "rules[2] (delete_*)");
+        metrics.decision("hl", "delete_x", true, "deny", "rules[2] (delete_*)");
+        metrics.decision("hl", "delete_x", true, "deny", "rules[2] (delete_*)");
         metrics.reload("hl", false);
         metrics.upstream_latency("hl", 0.002);
         let text = metrics.render(3, 1, 0, 0);
@@ -260,13 +293,68 @@ mod tests {
     fn bounds_tool_label_cardinality() {
         let metrics = Metrics::new();
         for i in 0..MAX_TOOL_LABELS + 50 {
-            metrics.decision("s", &format!("tool{i}"), "deny", "default");
+            metrics.decision("s", &format!("tool{i}"), true, "deny", "default");
         }
         let text = metrics.render(0, 0, 0, 0);
         assert!(text.contains(r#"tool="other""#));
         assert_eq!(
             text.matches("tollgate_decisions_total{").count(),
             MAX_TOOL_LABELS + 1
+        );
+    }
+
+    #[test]
+    fn label_values_cannot_forge_series() {
+        let metrics = Metrics::new();
+        let forged = "x\",decision=\"deny\",rule=\"r\"} 1\ntollgate_approvals_pending 1337";
+        metrics.decision("s", forged, true, "deny", "rules[0] (a\\b\"c)");
+        let text = metrics.render(0, 0, 0, 0);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("tollgate_approvals_pending 1337")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tool="x\",decision=\"deny\",rule=\"r\"} 1\ntollgate_approvals_pending 1337""#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"rule="rules[0] (a\\b\"c)""#), "{text}");
+        // Every sample line is one series: no line starts inside a label value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("tollgate_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn only_short_names_a_rule_names_are_labels() {
+        let metrics = Metrics::new();
+        metrics.decision("s", "made_up", false, "deny", "default");
+        metrics.decision(
+            "s",
+            &"n".repeat(MAX_TOOL_LABEL_BYTES + 1),
+            true,
+            "deny",
+            "default",
+        );
+        metrics.decision(
+            "s",
+            &"n".repeat(MAX_TOOL_LABEL_BYTES),
+            true,
+            "deny",
+            "default",
+        );
+        let text = metrics.render(0, 0, 0, 0);
+        assert!(!text.contains("made_up"), "{text}");
+        assert!(
+            text.contains(r#"tool="other",decision="deny",rule="default"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("tool=\"{}\"", "n".repeat(MAX_TOOL_LABEL_BYTES))),
+            "{text}"
         );
     }
 }

@@ -198,11 +198,17 @@ fn build_server(
                     network,
                 )
             }
-            UpstreamConfig::Stdio { command, env, cwd } => {
+            UpstreamConfig::Stdio {
+                command,
+                env,
+                inherit_env,
+                cwd,
+            } => {
                 let command = stdio::Command {
                     server: name.into(),
                     argv: command.clone(),
                     env: env.clone(),
+                    inherit_env: inherit_env.clone(),
                     cwd: cwd.clone(),
                     max_line: kit.max_message,
                 };

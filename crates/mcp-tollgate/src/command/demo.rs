@@ -69,24 +69,18 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 &policy_path,
                 args.listen,
             )?;
-            // On loopback the page needs no token, as for any loopback admin listener; on
-            // another address (a container's 0.0.0.0) a token is required: the one in
-            // TOLLGATE_ADMIN_TOKEN, else one generated and printed once.
-            let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+            // A token each run (TOLLGATE_ADMIN_TOKEN, else a fresh random one): without
+            // one, any local program (the very agent whose calls wait for a human) could
+            // approve its own calls by curl.
+            let token = std::env::var("TOLLGATE_ADMIN_TOKEN")
                 .ok()
-                .filter(|t| !t.is_empty());
-            let mode = if args.admin_listen.ip().is_loopback() || env_token.is_some() {
-                config.admin = Some(tollgate_proxy::AdminConfig {
-                    listen: args.admin_listen,
-                    token: env_token.filter(|_| !args.admin_listen.ip().is_loopback()),
-                });
-                AdminMode::Configured
-            } else {
-                AdminMode::Personal {
-                    default_listen: args.admin_listen,
-                    explicit: true,
-                }
-            };
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(random_token);
+            config.admin = Some(tollgate_proxy::AdminConfig {
+                listen: args.admin_listen,
+                token: Some(token.clone()),
+            });
+            let mode = AdminMode::Configured;
             if let Some(server) = config.servers.remove("upstream") {
                 config.servers.insert("healthlake".into(), server);
             }
@@ -94,12 +88,33 @@ pub fn run(args: DemoArgs) -> ExitCode {
             policies.insert("healthlake".to_owned(), policy);
             let stdio_policy = stdio_policy_path(args.policy.as_deref());
             run_proxy(config, policies, mode, "demo", |bound| {
+                if let Some(admin) = bound.admin {
+                    print_admin(&token, &format!("http://{admin}/"));
+                }
                 print_instructions(&upstream_url, bound, stdio_policy.as_deref())
             })
             .await
         })
     })();
     finish(result)
+}
+
+/// 32 random bytes as 64 hex digits.
+fn random_token() -> String {
+    use std::fmt::Write as _;
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn print_admin(token: &str, admin_page: &str) {
+    println!("Admin token (new each run unless TOLLGATE_ADMIN_TOKEN is set): {token}");
+    // The token rides in the fragment, which the browser never sends: the page keeps
+    // it in the tab's session storage and drops it from the address bar.
+    println!("Approvals page: {admin_page}#token={token}");
+    println!("For the CLI: export TOLLGATE_ADMIN_TOKEN={token}");
 }
 
 /// An absolute path to the demo's policy for a `tollgate stdio` entry, which a desktop

@@ -113,6 +113,7 @@ impl Target {
                     server: "scan".into(),
                     argv: args.command.clone(),
                     env: Default::default(),
+                    inherit_env: Vec::new(),
                     cwd: None,
                     max_line: MAX_MESSAGE,
                 };

@@ -76,9 +76,57 @@ pub fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // Field values and messages carry what clients and upstreams sent (tool names,
+        // reasons, stderr lines): escaped, so none can start a forged line or drive the
+        // terminal. JSON already escapes every string.
+        LogFormat::Text => builder.fmt_fields(escaping_fields()).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The text format's field formatter: `message` first as it is, then `name=value`,
+/// each with control, bidi and invisible characters escaped ([`escape_log_text`]).
+fn escaping_fields()
+-> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt as _;
+    tracing_subscriber::fmt::format::debug_fn(
+        |writer: &mut tracing_subscriber::fmt::format::Writer<'_>,
+         field: &tracing::field::Field,
+         value: &dyn std::fmt::Debug| {
+            let raw = format!("{value:?}");
+            let text = escape_log_text(&raw);
+            match field.name() {
+                "message" => writer.write_str(&text),
+                name => write!(writer, "{}={text}", name.trim_start_matches("r#")),
+            }
+        },
+    )
+    .delimited(" ")
+}
+
+/// Escapes what must not reach a text log raw: control characters (`\n` `\r` `\t`
+/// as such, others as `\x1b`, `\u{85}`), and bidi and invisible characters that
+/// reorder or hide text (`\u{202e}`). Everything else is kept.
+pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+    };
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
@@ -358,7 +406,8 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
 }
 
-/// Binds, prints the URLs, and serves until SIGINT or SIGTERM.
+/// Binds, prints the URLs, and serves until SIGINT or SIGTERM. `on_bound` gets the
+/// MCP listener's address and the admin page's URL (`http://ADDR/`), if any.
 pub async fn run_proxy(
     config: Config,
     policies: BTreeMap<String, LoadedPolicy>,
@@ -536,4 +585,61 @@ pub fn error_chain(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn log_text_escapes_control_bidi_and_invisible_characters() {
+        assert_eq!(escape_log_text("plain tool_name é"), "plain tool_name é");
+        assert_eq!(
+            escape_log_text("x\n2026-01-01 INFO approval settled\u{1b}[2J\r\t\u{7f}\u{85}"),
+            "x\\n2026-01-01 INFO approval settled\\x1b[2J\\r\\t\\x7f\\u{85}"
+        );
+        assert_eq!(
+            escape_log_text("a\u{202e}b\u{200b}c"),
+            "a\\u{202e}b\\u{200b}c"
+        );
+    }
+
+    #[test]
+    fn the_text_format_escapes_every_field_and_the_message() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(escaping_fields())
+            .finish();
+        let evil = "t\n2026 INFO forged\u{1b}[2J";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("call", tool = %evil);
+            let _entered = span.enter();
+            tracing::info!(reason = %evil, debug = ?evil, plain = evil, "decided {evil}");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(
+            text.contains("decided t\\n2026 INFO forged\\x1b[2J"),
+            "{text}"
+        );
+        assert!(text.contains("call{tool=t\\n2026"), "{text}");
+        assert!(text.contains("reason=t\\n2026"), "{text}");
+    }
 }

@@ -183,7 +183,14 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
             decision.reason
         );
     }
-    record(ctx, &decision, &permit, arguments, audit_mode);
+    record(
+        ctx,
+        &decision,
+        &permit,
+        arguments,
+        audit_mode,
+        policy.names_tool(tool),
+    );
 
     match decision.action {
         _ if audit_mode => Verdict::Forward(Some(permit)),
@@ -210,6 +217,7 @@ fn record(
     permit: &Permit,
     arguments: &Value,
     audit_mode: bool,
+    named_by_policy: bool,
 ) {
     let shared = ctx.shared();
     let rule = decision
@@ -237,6 +245,7 @@ fn record(
     shared.metrics.decision(
         &ctx.server.name,
         &permit.tool,
+        named_by_policy,
         decision_name(decision),
         &rule,
     );

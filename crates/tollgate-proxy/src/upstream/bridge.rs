@@ -517,6 +517,7 @@ for line in sys.stdin:
             server: "py".into(),
             argv: vec!["python3".into(), "-c".into(), SERVER.into()],
             env: Default::default(),
+            inherit_env: Vec::new(),
             cwd: None,
             max_line: 1 << 20,
         };

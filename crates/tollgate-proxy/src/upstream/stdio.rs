@@ -32,8 +32,11 @@ pub struct Command {
     pub server: Arc<str>,
     /// Program and arguments.
     pub argv: Vec<String>,
-    /// Extra environment variables.
+    /// Extra environment variables (the server's `env:`).
     pub env: BTreeMap<String, String>,
+    /// Variables of Tollgate's environment passed on besides [`INHERITED_ENV`]
+    /// (the server's `inherit_env:`).
+    pub inherit_env: Vec<String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
     /// Longest line accepted from the child.
@@ -45,6 +48,43 @@ impl Command {
     pub fn display(&self) -> String {
         self.argv.join(" ")
     }
+}
+
+/// The variables of Tollgate's environment a child sees: what finding programs
+/// (`PATH`), a user's caches and configuration (`HOME`, `USER`, `LOGNAME`, the XDG base
+/// directories: where `uvx` and `npx` keep packages), text encoding and time (`LANG`,
+/// `LC_*`, `TZ`), temporary files (`TMPDIR`) and TLS trust for package downloads
+/// (`SSL_CERT_FILE`, `SSL_CERT_DIR`, `NODE_EXTRA_CA_CERTS`) need. No secret is among
+/// them: the admin token, `clients:` keys and other servers' `${VAR}`s stay in Tollgate.
+/// Anything else (proxies, `UV_*`, `NPM_CONFIG_*`) is passed only by `inherit_env:`.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_STATE_HOME",
+    "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+];
+
+/// Whether a child inherits `name` from Tollgate's environment.
+fn inherits(name: &str, inherit_env: &[String]) -> bool {
+    INHERITED_ENV
+        .iter()
+        .any(|allowed| match allowed.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *allowed,
+        })
+        || inherit_env.iter().any(|n| n == name)
 }
 
 /// How long a child gets to exit by itself once its stdin is closed.
@@ -206,6 +246,17 @@ pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnErr
         }
         None => tokio::process::Command::new(program),
     };
+    // A cleared environment: the child (and the guard) see only the allow-list, the
+    // variables `inherit_env:` names, and the server's own `env:`.
+    process.env_clear();
+    for (name, value) in std::env::vars_os() {
+        if name
+            .to_str()
+            .is_some_and(|name| inherits(name, &command.inherit_env))
+        {
+            process.env(name, value);
+        }
+    }
     process
         .args(args)
         .envs(&command.env)
@@ -372,9 +423,28 @@ mod tests {
             server: "test".into(),
             argv: vec!["sh".into(), "-c".into(), script.into()],
             env: BTreeMap::new(),
+            inherit_env: Vec::new(),
             cwd: None,
             max_line: 1 << 20,
         }
+    }
+
+    #[test]
+    fn children_inherit_only_the_allow_list_and_what_inherit_env_names() {
+        let extra = vec!["DOCS_TOKEN".to_owned()];
+        for name in ["PATH", "HOME", "LC_ALL", "LC_CTYPE", "TZ", "XDG_CACHE_HOME"] {
+            assert!(inherits(name, &[]), "{name}");
+        }
+        for name in [
+            "TOLLGATE_ADMIN_TOKEN",
+            "DOCS_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "PATHX",
+            "LC",
+        ] {
+            assert!(!inherits(name, &[]), "{name}");
+        }
+        assert!(inherits("DOCS_TOKEN", &extra));
     }
 
     #[tokio::test]

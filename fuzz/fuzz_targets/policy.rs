@@ -1,0 +1,26 @@
+//! The policy loader: any text either compiles or gives errors with a location; a
+//! compiled policy decides any call without panicking.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tollgate_policy::{Policy, ToolCall};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Policy::from_yaml(source, "fuzz.yaml") {
+        Ok(policy) => {
+            let args = serde_json::json!({"a": 1, "path": "/x"});
+            for tool in ["echo", "delete_x", "", "describe_job"] {
+                let call = ToolCall { tool, arguments: &args, client: Some("c"), session_key: "s", client_key: "c" };
+                let _ = policy.evaluate(&call);
+                let _ = policy.hides_tool(tool, None);
+                let _ = policy.names_tool(tool);
+            }
+        }
+        Err(errors) => {
+            let _ = errors.to_string();
+        }
+    }
+});
