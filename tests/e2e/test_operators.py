@@ -82,3 +82,35 @@ def test_the_probes_answer_without_the_token_on_a_non_loopback_admin_address(pro
         r = httpx.request(method, admin + path, timeout=10)
         assert r.status_code == 401, f"{method} {path} without the token: {r.status_code}"
     assert httpx.get(admin + "/status", headers=AUTH, timeout=10).status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# 12. Paths relative to the config file, not to the working directory.
+
+def test_relative_paths_in_the_config_are_relative_to_the_config_file(procs, tmp_path, recorder):
+    conf = tmp_path / "conf"
+    (conf / "work").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    upstream = StdioUpstream(tmp_path, "local", extra="    cwd: work\n")
+    config = write_config(conf, {"http": (recorder.url, ALLOW_ALL), "local": (upstream.block, ALLOW_ALL)},
+                          extra="audit: {path: audit.jsonl}", name="tollgate.yaml")
+    # Started as a desktop client would: from some other directory, with a relative --config.
+    args = [TOLLGATE, "serve", "--config", os.path.relpath(config, elsewhere)]
+    proc = Proc(args, tmp_path / "tollgate.log", cwd=elsewhere)
+    procs.append(proc)
+    base = proc.wait_line(r"Tollgate listening on (http://127\.0\.0\.1:\d+)").group(1)
+
+    http = RawSession(f"{base}/servers/http/mcp")
+    local = RawSession(f"{base}/servers/local/mcp")
+    try:
+        http.initialize()
+        assert "result" in http.call("echo", {"text": "where"})
+        assert not (elsewhere / "audit.jsonl").exists(), "audit.path was taken relative to the working directory"
+        wait_until(lambda: (conf / "audit.jsonl").exists(), 5, "no audit file beside the config file")
+        local.initialize()
+        pid = pid_of(local)
+        assert Path(os.readlink(f"/proc/{pid}/cwd")) == conf / "work", "servers.local.cwd is not relative to the config file"
+    finally:
+        http.close()
+        local.close()

@@ -434,6 +434,25 @@ impl Config {
     pub fn policy_path(&self, config_dir: &Path, server: &ServerConfig) -> PathBuf {
         config_dir.join(&server.policy)
     }
+
+    /// Makes the other relative paths of the file (`audit.path`, `servers.<n>.cwd`)
+    /// relative to `config_dir`, the configuration file's directory, as `policy:` is:
+    /// the directory Tollgate is started from (`/`, for a desktop client) never matters.
+    pub fn resolve_paths(&mut self, config_dir: &Path) {
+        if let Some(audit) = &mut self.audit
+            && audit.path != "-"
+            && Path::new(&audit.path).is_relative()
+        {
+            audit.path = config_dir.join(&audit.path).to_string_lossy().into_owned();
+        }
+        for server in self.servers.values_mut() {
+            if let UpstreamConfig::Stdio { cwd: Some(cwd), .. } = &mut server.upstream
+                && cwd.is_relative()
+            {
+                *cwd = config_dir.join(&*cwd);
+            }
+        }
+    }
 }
 
 impl ConfigOf<RawServer> {
@@ -643,6 +662,28 @@ servers:
         assert!(err.to_string().contains("needs `url`"), "{err}");
         let err = Config::from_yaml("servers: {}\n", "t.yaml", &env).unwrap_err();
         assert!(err.to_string().contains("at least one server"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_configuration_file() {
+        let src = "audit: {path: logs/audit.jsonl}\nservers:\n  a:\n    command: [x]\n    cwd: work\n    policy: p.yaml\n  b:\n    command: [y]\n    cwd: /abs\n    policy: p.yaml\n";
+        let mut config = Config::from_yaml(src, "t.yaml", &env).unwrap();
+        config.resolve_paths(Path::new("/etc/tollgate"));
+        assert_eq!(config.audit.unwrap().path, "/etc/tollgate/logs/audit.jsonl");
+        let cwd = |name: &str| match &config.servers[name].upstream {
+            UpstreamConfig::Stdio { cwd, .. } => cwd.clone().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cwd("a"), Path::new("/etc/tollgate/work"));
+        assert_eq!(cwd("b"), Path::new("/abs"));
+        let mut stdout = Config::from_yaml(
+            "audit: {path: '-'}\nservers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n",
+            "t.yaml",
+            &env,
+        )
+        .unwrap();
+        stdout.resolve_paths(Path::new("/etc/tollgate"));
+        assert_eq!(stdout.audit.unwrap().path, "-");
     }
 
     #[test]
