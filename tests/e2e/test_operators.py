@@ -85,6 +85,39 @@ def test_the_probes_answer_without_the_token_on_a_non_loopback_admin_address(pro
 
 
 # ---------------------------------------------------------------------------
+# 11. call_id unique across restarts; a run id on every record.
+
+def test_call_ids_are_unique_across_restarts_and_every_record_names_its_run(procs, tmp_path, recorder):
+    audit = tmp_path / "audit.jsonl"
+    config = write_config(tmp_path, {"up": (recorder.url, ALLOW_ALL)}, extra=f"audit: {{path: '{audit}'}}")
+    for _ in range(2):
+        base, proc = serve_config(procs, config)
+        session = RawSession(f"{base}/mcp")
+        try:
+            session.initialize()
+            for text in ("a", "b"):
+                assert "result" in session.call("echo", {"text": text})
+        finally:
+            session.close()
+        proc.stop()
+        procs.remove(proc)
+
+    lines = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    decisions = [r for r in lines if r["event"] == "decision"]
+    outcomes = [r for r in lines if r["event"] == "outcome"]
+    ids = [r["call_id"] for r in decisions]
+    assert len(ids) == 4 and len(set(ids)) == 4, f"one call_id names several calls: {ids}"
+    assert all(isinstance(i, str) and UUID_V7.match(i) for i in ids), ids
+    assert sorted(r["call_id"] for r in outcomes) == sorted(ids)
+    runs = [r.get("run") for r in lines]
+    assert all(isinstance(run, str) and UUID_V7.match(run) for run in runs), runs
+    first, second = runs[0], runs[-1]
+    assert first != second, "two processes wrote the same run id"
+    assert runs == [first] * runs.count(first) + [second] * runs.count(second), runs
+    assert runs.count(first) == 4, "each run wrote two decisions and two outcomes"
+
+
+# ---------------------------------------------------------------------------
 # 12. Paths relative to the config file, not to the working directory.
 
 def test_relative_paths_in_the_config_are_relative_to_the_config_file(procs, tmp_path, recorder):

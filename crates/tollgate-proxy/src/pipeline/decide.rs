@@ -7,7 +7,6 @@
 //! dropping it unfinished gives the slot back only if the call never left Tollgate.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -15,7 +14,7 @@ use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Slot, ToolCall};
 
 use super::context::Context;
-use crate::audit::{Record, digest};
+use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
 
@@ -38,8 +37,6 @@ pub struct Held {
     /// The policy's `deny_as`, for the eventual refusal.
     pub deny_as: DenyAs,
 }
-
-static CALL_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// How a forwarded call ended, for its outcome record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,16 +77,16 @@ impl Outcome {
 pub struct Permit {
     shared: Arc<Shared>,
     server: Arc<Server>,
-    call_id: u64,
+    call_id: String,
     tool: String,
     slot: Option<Slot>,
     started: Option<Instant>,
 }
 
 impl Permit {
-    /// The call's id in the audit log.
-    pub fn call_id(&self) -> u64 {
-        self.call_id
+    /// The call's id in the audit log (a UUIDv7).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
     }
 
     /// Marks the moment the call is handed to the upstream.
@@ -108,7 +105,7 @@ impl Permit {
         // A sent call keeps its slot, whatever happened after.
         self.slot = None;
         self.shared.audit.write(&Record::Outcome {
-            call_id: self.call_id,
+            call_id: &self.call_id,
             server: &self.server.name,
             tool: &self.tool,
             upstream_latency_ms: latency * 1000.0,
@@ -166,7 +163,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
     let mut permit = Permit {
         shared: shared.clone(),
         server: server.clone(),
-        call_id: CALL_IDS.fetch_add(1, Ordering::Relaxed),
+        call_id: uuid_v7(),
         tool: tool.to_owned(),
         slot: decision.slot.take(),
         started: None,
@@ -219,7 +216,7 @@ fn record(
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     if shared.audit.enabled() {
         shared.audit.write(&Record::Decision {
-            call_id: permit.call_id,
+            call_id: &permit.call_id,
             server: &ctx.server.name,
             client: ctx.caller.client.as_deref(),
             session: ctx.session.as_ref().map(|s| &*s.id),
