@@ -147,3 +147,125 @@ def test_relative_paths_in_the_config_are_relative_to_the_config_file(procs, tmp
     finally:
         http.close()
         local.close()
+
+
+# ---------------------------------------------------------------------------
+# 13. An outcome record says what the upstream answered.
+
+class AnsweringUpstream:
+    """A bare Streamable HTTP "MCP server" whose tools answer in every way a call can be
+    answered: `fine` (a result), `fails` (a result with isError: true), `refuses` (a
+    JSON-RPC error -32602). With the argument `sse: true` the answer comes as an SSE
+    stream, after a progress notification."""
+
+    def __init__(self):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send(self, status: int, kind: str | None, raw: bytes, extra: dict | None = None):
+                self.send_response(status)
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                if kind:
+                    self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def answer(self, msg: dict) -> dict | None:
+                if "id" not in msg:
+                    return None
+                method, params = msg.get("method"), msg.get("params") or {}
+                if method == "initialize":
+                    result = {"protocolVersion": params.get("protocolVersion", "2025-11-25"),
+                              "capabilities": {"tools": {}}, "serverInfo": {"name": "answering", "version": "1"}}
+                elif method == "tools/call":
+                    name = params.get("name")
+                    if name == "refuses":
+                        return {"jsonrpc": "2.0", "id": msg["id"],
+                                "error": {"code": -32602, "message": "bad arguments"}}
+                    result = {"content": [{"type": "text", "text": name}], "isError": name == "fails"}
+                else:
+                    result = {}
+                return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+
+            def do_POST(self):
+                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                extra = {"mcp-session-id": "answering-session-0123456789abcdef"}
+                if isinstance(msg, list):
+                    answers = [a for a in map(self.answer, msg) if a is not None]
+                    return self.send(200, "application/json", json.dumps(answers).encode(), extra)
+                answer = self.answer(msg)
+                if answer is None:
+                    return self.send(202, None, b"")
+                if ((msg.get("params") or {}).get("arguments") or {}).get("sse"):
+                    progress = {"jsonrpc": "2.0", "method": "notifications/progress",
+                                "params": {"progressToken": "t", "progress": 1}}
+                    body = b"".join(b"event: message\ndata: " + json.dumps(m).encode() + b"\n\n"
+                                    for m in (progress, answer))
+                    return self.send(200, "text/event-stream", body, extra)
+                self.send(200, "application/json", json.dumps(answer).encode(), extra)
+
+            def do_DELETE(self):
+                self.send(200, None, b"")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def answering():
+    upstream = AnsweringUpstream()
+    yield upstream
+    upstream.close()
+
+
+class Audited:
+    """What `records` needs: the audit log of one Tollgate."""
+
+    def __init__(self, path: Path):
+        self.audit_path = path
+
+    def audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+
+def test_an_outcome_record_says_what_the_upstream_answered(procs, tmp_path, answering):
+    audit = tmp_path / "audit.jsonl"
+    config = write_config(tmp_path, {"up": (answering.url, ALLOW_ALL)}, extra=f"audit: {{path: '{audit}'}}")
+    base, _ = serve_config(procs, config)
+    session = RawSession(f"{base}/mcp", protocol="2025-03-26")
+    try:
+        session.initialize()
+        for sse in (False, True):
+            assert session.call("fine", {"sse": sse})["result"]["isError"] is False
+            assert session.call("fails", {"sse": sse})["result"]["isError"] is True
+            assert session.call("refuses", {"sse": sse})["error"]["code"] == -32602
+        r = post_batch(session, [rpc_call(100, "refuses", {}), rpc_call(101, "fine", {}), rpc_call(102, "fails", {})])
+        assert r.status_code == 200, r.text
+        assert {a["id"] for a in r.json()} == {100, 101, 102}
+    finally:
+        session.close()
+
+    tg = Audited(audit)
+    decisions = records(tg, "decision")
+    assert len(decisions) == 9, decisions
+    outcomes = eventually(lambda: records(tg, "outcome"), lambda found: len(found) >= 9)
+    tool_of = {d["call_id"]: d["tool"] for d in decisions}
+    seen = sorted((tool_of[o["call_id"]], o["outcome"], o.get("code")) for o in outcomes)
+    assert seen == sorted(
+        [("fine", "ok", None), ("fails", "tool_error", None), ("refuses", "rpc_error", -32602)] * 3
+    ), f"JSON answers, SSE answers and a batch's answers, each by what it said: {seen}"

@@ -61,8 +61,13 @@ pub enum Record<'a> {
         tool: &'a str,
         /// Time until the upstream's answer began.
         upstream_latency_ms: f64,
-        /// `forwarded`, `upstream_error`, `upstream_unreachable`, `upstream_timeout`, …
+        /// What the upstream answered: `ok`, `tool_error` (a result with `isError: true`),
+        /// `rpc_error`; or why there is no answer: `upstream_error`, `upstream_unreachable`,
+        /// `upstream_timeout`, … (docs/architecture.md lists them all).
         outcome: &'a str,
+        /// The JSON-RPC error's `code`, with `rpc_error`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<i64>,
     },
     /// A call was held for a human.
     ApprovalRequested {
@@ -282,15 +287,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let audit = Audit::open(path.to_str().unwrap(), false).unwrap();
-        let outcome = |tool, outcome| Record::Outcome {
+        let outcome = |tool, outcome, code| Record::Outcome {
             call_id: "0190b8a0-0000-7000-8000-000000000001",
             server: "s",
             tool,
             upstream_latency_ms: 1.0,
             outcome,
+            code,
         };
-        audit.write(&outcome("a", "forwarded"));
-        audit.write(&outcome("b", "upstream_error"));
+        audit.write(&outcome("a", "ok", None));
+        audit.write(&outcome("b", "rpc_error", Some(-32602)));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()
@@ -298,7 +304,9 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["event"], "outcome");
-        assert_eq!(lines[1]["outcome"], "upstream_error");
+        assert_eq!(lines[1]["outcome"], "rpc_error");
+        assert_eq!(lines[1]["code"], -32602);
+        assert!(lines[0].get("code").is_none(), "{}", lines[0]);
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
         assert_eq!(lines[0]["run"], lines[1]["run"]);
         assert_eq!(lines[0]["run"].as_str().unwrap().len(), 36);

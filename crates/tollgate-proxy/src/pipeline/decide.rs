@@ -7,7 +7,7 @@
 //! dropping it unfinished gives the slot back only if the call never left Tollgate.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
@@ -41,7 +41,13 @@ pub struct Held {
 /// How a forwarded call ended, for its outcome record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The upstream answered with success.
+    /// The upstream answered with a result.
+    Ok,
+    /// The upstream answered with a result that has `isError: true`.
+    ToolError,
+    /// The upstream answered with a JSON-RPC error of this code.
+    RpcError(i64),
+    /// The upstream accepted the call, in an answer Tollgate does not read (not JSON-RPC).
     Forwarded,
     /// The upstream answered with an HTTP error.
     UpstreamError,
@@ -53,17 +59,34 @@ pub enum Outcome {
     Broken,
     /// The upstream lost the session before the call reached a tool.
     SessionLost,
+    /// Sent, and the client went away before the answer came.
+    ClientGone,
 }
 
 impl Outcome {
     fn as_str(self) -> &'static str {
         match self {
+            Outcome::Ok => "ok",
+            Outcome::ToolError => "tool_error",
+            Outcome::RpcError(_) => "rpc_error",
             Outcome::Forwarded => "forwarded",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Unreachable => "upstream_unreachable",
             Outcome::Timeout => "upstream_timeout",
             Outcome::Broken => "upstream_broken",
             Outcome::SessionLost => "upstream_session_lost",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+
+    /// What an upstream's answer to a call says: a result, a failed tool, an error.
+    pub fn of_answer(answer: &Value) -> Outcome {
+        if let Some(error) = answer.get("error") {
+            return Outcome::RpcError(error.get("code").and_then(Value::as_i64).unwrap_or(0));
+        }
+        match answer.pointer("/result/isError") {
+            Some(Value::Bool(true)) => Outcome::ToolError,
+            _ => Outcome::Ok,
         }
     }
 
@@ -78,9 +101,11 @@ pub struct Permit {
     shared: Arc<Shared>,
     server: Arc<Server>,
     call_id: String,
+    request_id: Value,
     tool: String,
     slot: Option<Slot>,
     started: Option<Instant>,
+    latency: Option<Duration>,
 }
 
 impl Permit {
@@ -89,14 +114,28 @@ impl Permit {
         &self.call_id
     }
 
+    /// The JSON-RPC id of the call, which its answer carries.
+    pub fn request_id(&self) -> &Value {
+        &self.request_id
+    }
+
     /// Marks the moment the call is handed to the upstream.
     pub fn start(&mut self, at: Instant) {
         self.started = Some(at);
     }
 
+    /// Marks the moment the upstream's answer began (a stream's headers), when the
+    /// call is finished only later, once its answer passes.
+    pub fn answer_began(&mut self) {
+        self.latency = self.started.map(|at| at.elapsed());
+    }
+
     /// Accounts for the call: the outcome record, and the slot kept or given back.
     pub fn finish(mut self, outcome: Outcome) {
-        let latency = self.started.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        let latency = self
+            .latency
+            .or_else(|| self.started.map(|at| at.elapsed()))
+            .map_or(0.0, |d| d.as_secs_f64());
         if !outcome.reached_upstream()
             && let Some(slot) = self.slot.take()
         {
@@ -110,6 +149,10 @@ impl Permit {
             tool: &self.tool,
             upstream_latency_ms: latency * 1000.0,
             outcome: outcome.as_str(),
+            code: match outcome {
+                Outcome::RpcError(code) => Some(code),
+                _ => None,
+            },
         });
     }
 }
@@ -164,9 +207,11 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
         shared: shared.clone(),
         server: server.clone(),
         call_id: uuid_v7(),
+        request_id: id.clone(),
         tool: tool.to_owned(),
         slot: decision.slot.take(),
         started: None,
+        latency: None,
     };
 
     // Without an admin listener no human can decide, so refuse at once instead of
