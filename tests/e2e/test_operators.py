@@ -60,6 +60,58 @@ def initialize_params() -> dict:
 
 
 # ---------------------------------------------------------------------------
+# 1. stdio upstreams: a cap on live processes, an idle time, a metric.
+
+def test_a_stdio_server_runs_at_most_max_processes_and_the_refusal_names_the_key(procs, tmp_path):
+    upstream = StdioUpstream(tmp_path, "capped", extra="    max_processes: 2\n")
+    config = write_config(tmp_path, {"capped": (upstream.block, ALLOW_ALL)}, extra=ADMIN)
+    base, proc = serve_config(procs, config)
+    admin = admin_of(proc)
+    url = f"{base}/servers/capped/mcp"
+    assert live_processes(admin, "capped") == 0
+    first, second, third = RawSession(url), RawSession(url), RawSession(url)
+    try:
+        first.initialize()
+        second.initialize()
+        assert live_processes(admin, "capped") == 2
+        refused = third.request("initialize", initialize_params())
+        assert "error" in refused, f"a third process was started past max_processes: 2: {refused}"
+        message = refused["error"]["message"]
+        assert "servers.capped.max_processes" in message and "2 processes" in message, message
+        assert len(upstream.servers()) == 2, upstream.servers()
+        assert live_processes(admin, "capped") == 2
+        # Ending a session frees its place.
+        first.close()
+        third.initialize()
+        assert pid_of(third) != pid_of(second)
+        assert live_processes(admin, "capped") == 2
+    finally:
+        for session in (first, second, third):
+            session.close()
+
+
+def test_an_idle_stdio_process_is_ended_and_its_session_carries_on(procs, tmp_path):
+    upstream = StdioUpstream(tmp_path, "idler", extra="    idle: 1s\n")
+    config = write_config(tmp_path, {"idler": (upstream.block, ALLOW_ALL)}, extra=ADMIN)
+    base, proc = serve_config(procs, config)
+    admin = admin_of(proc)
+    session = RawSession(f"{base}/servers/idler/mcp")
+    try:
+        session.initialize()
+        pid = pid_of(session)
+        assert live_processes(admin, "idler") == 1
+        wait_until(lambda: not pid_alive(pid), 10, f"the idle process {pid} (idle: 1s) still runs")
+        assert live_processes(admin, "idler") == 0
+        # The client's session outlives the process: the next call gets a new one.
+        again = pid_of(session)
+        assert again != pid
+        assert session.initializes == 1, "the client had to initialize again"
+        assert live_processes(admin, "idler") == 1
+    finally:
+        session.close()
+
+
+# ---------------------------------------------------------------------------
 # 7. Probes without the token, everything else behind it.
 
 def test_the_probes_answer_without_the_token_on_a_non_loopback_admin_address(procs, tmp_path, recorder):

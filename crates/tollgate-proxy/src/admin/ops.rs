@@ -23,6 +23,11 @@ pub fn routes() -> Router<Admin> {
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     let app = &admin.app;
+    for server in app.servers.values() {
+        if let Some(live) = server.upstream.live_processes() {
+            app.metrics.upstream_processes(&server.name, live);
+        }
+    }
     let text = app.metrics.render(
         app.sessions.len(),
         app.approvals.pending(),

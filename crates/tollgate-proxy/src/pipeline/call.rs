@@ -108,6 +108,7 @@ fn finish(permits: Vec<Permit>, outcome: Outcome) {
 fn failed(failure: &Failure) -> Outcome {
     match failure {
         Failure::Unreachable(_) => Outcome::Unreachable,
+        Failure::AtCapacity(_) => Outcome::AtCapacity,
         Failure::Timeout(_) => Outcome::Timeout,
         Failure::Broken(_) | Failure::TooLarge(_) => Outcome::Broken,
     }
@@ -337,7 +338,7 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
             after.as_secs_f64(),
             server.name
         ),
-        Failure::Broken(_) | Failure::TooLarge(_) => format!(
+        Failure::Broken(_) | Failure::TooLarge(_) | Failure::AtCapacity(_) => format!(
             "upstream `{}` ({}): {failure}",
             server.name, server.location
         ),

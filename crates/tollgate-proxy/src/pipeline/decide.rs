@@ -53,6 +53,8 @@ pub enum Outcome {
     UpstreamError,
     /// Nothing was sent: the upstream could not be reached.
     Unreachable,
+    /// Nothing was sent: the server already runs as many processes as it may.
+    AtCapacity,
     /// Sent, and no answer came in time.
     Timeout,
     /// Sent, and the answer broke off.
@@ -72,6 +74,7 @@ impl Outcome {
             Outcome::Forwarded => "forwarded",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Unreachable => "upstream_unreachable",
+            Outcome::AtCapacity => "upstream_at_capacity",
             Outcome::Timeout => "upstream_timeout",
             Outcome::Broken => "upstream_broken",
             Outcome::SessionLost => "upstream_session_lost",
@@ -92,7 +95,7 @@ impl Outcome {
 
     /// Whether the call left Tollgate, so that its slot stays spent.
     fn reached_upstream(self) -> bool {
-        self != Outcome::Unreachable
+        !matches!(self, Outcome::Unreachable | Outcome::AtCapacity)
     }
 }
 
