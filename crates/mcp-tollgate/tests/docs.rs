@@ -373,7 +373,7 @@ fn the_audit_reference_names_every_field_written() {
     let doc = read("docs/audit.md");
     let arguments = serde_json::json!({"a": 1});
     let decision = Record::Decision {
-        call_id: 1,
+        call_id: "0190b8a0-0000-7000-8000-000000000001",
         server: "s",
         client: Some("c"),
         session: Some("x"),
@@ -396,21 +396,22 @@ fn the_audit_reference_names_every_field_written() {
     let text: BTreeSet<String> = backticked(&doc).into_iter().collect();
     let others = [
         Record::Outcome {
-            call_id: 1,
+            call_id: "0190b8a0-0000-7000-8000-000000000001",
             server: "s",
             tool: "t",
             upstream_latency_ms: 1.0,
-            outcome: "forwarded",
+            outcome: "rpc_error",
+            code: Some(-32603),
         },
         Record::ApprovalRequested {
-            call_id: 1,
+            call_id: "0190b8a0-0000-7000-8000-000000000001",
             approval_id: "a",
             server: "s",
             tool: "t",
             via: "queue",
         },
         Record::Approval {
-            call_id: 1,
+            call_id: "0190b8a0-0000-7000-8000-000000000001",
             approval_id: "a",
             server: "s",
             tool: "t",

@@ -52,7 +52,10 @@ pub fn admin_router(admin: Admin) -> Router {
         .layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/", get(page))
+        // Probes answer without a token, so an orchestrator can use them on any address;
+        // without the token `/readyz` says only whether it is ready.
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ops::readyz))
         .merge(api)
         // Outermost: a page on another site must not reach this API through DNS
         // rebinding or a cross-site form, token or not.
@@ -75,26 +78,31 @@ async fn same_site_only(State(admin): State<Admin>, request: Request, next: Next
     }
 }
 
+/// Whether the request carries the admin token (always, when there is none).
+fn authorized(admin: &Admin, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &admin.token else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        presented.as_bytes(),
+        token.as_bytes(),
+    ))
+}
+
 async fn require_token(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    if let Some(token) = &admin.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(
-            presented.as_bytes(),
-            token.as_bytes(),
-        )) {
-            let body = json!({"error": "missing or wrong admin token: send `Authorization: Bearer <admin.token>`"});
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(body),
-            )
-                .into_response();
-        }
+    if !authorized(&admin, request.headers()) {
+        let body = json!({"error": "missing or wrong admin token: send `Authorization: Bearer <admin.token>`"});
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(body),
+        )
+            .into_response();
     }
     next.run(request).await
 }

@@ -1,11 +1,14 @@
 //! The audit log (docs/audit.md): one JSON object per line, the decision written before
 //! the call is forwarded, then its outcome once the upstream answered.
+//!
+//! Every call has a UUIDv7 `call_id` and every record the `run` id of the process
+//! that wrote it, so records appended to one file by many runs never share an id.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -19,8 +22,8 @@ use sha2::{Digest, Sha256};
 pub enum Record<'a> {
     /// A `tools/call` was evaluated; written before it is forwarded.
     Decision {
-        /// The call's id in this log.
-        call_id: u64,
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
         /// The server.
         server: &'a str,
         /// The authenticated client.
@@ -50,21 +53,26 @@ pub enum Record<'a> {
     },
     /// What became of a call that was let through.
     Outcome {
-        /// The call's id in this log.
-        call_id: u64,
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
         /// The server.
         server: &'a str,
         /// The tool.
         tool: &'a str,
         /// Time until the upstream's answer began.
         upstream_latency_ms: f64,
-        /// `forwarded`, `upstream_error`, `upstream_unreachable`, `upstream_timeout`, …
+        /// What the upstream answered: `ok`, `tool_error` (a result with `isError: true`),
+        /// `rpc_error`; or why there is no answer: `upstream_error`, `upstream_unreachable`,
+        /// `upstream_timeout`, … (docs/architecture.md lists them all).
         outcome: &'a str,
+        /// The JSON-RPC error's `code`, with `rpc_error`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<i64>,
     },
     /// A call was held for a human.
     ApprovalRequested {
-        /// The call's id in this log.
-        call_id: u64,
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
         /// The approval's id.
         approval_id: &'a str,
         /// The server.
@@ -76,8 +84,8 @@ pub enum Record<'a> {
     },
     /// A held call was settled.
     Approval {
-        /// The call's id in this log.
-        call_id: u64,
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
         /// The approval's id.
         approval_id: &'a str,
         /// The server.
@@ -93,12 +101,42 @@ pub enum Record<'a> {
     },
 }
 
-/// A record as written: the record and its time.
+/// A record as written: the record, its time, and the run that wrote it.
 #[derive(Serialize)]
 struct Line<'a> {
     #[serde(flatten)]
     record: &'a Record<'a>,
     time: String,
+    run: &'a str,
+}
+
+/// A fresh UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits, so
+/// ids sort by time and never repeat across runs.
+pub fn uuid_v7() -> String {
+    use rand::RngCore as _;
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes[6..]);
+    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+    bytes[6] = 0x70 | (bytes[6] & 0x0f);
+    bytes[8] = 0x80 | (bytes[8] & 0x3f);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// This process's run id, on every record it writes.
+fn run_id() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(uuid_v7)
 }
 
 /// Where audit records go.
@@ -168,7 +206,7 @@ impl Audit {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Writes one record as a line, with `time` added. The line is handed to the
+    /// Writes one record as a line, with `time` and `run` added. The line is handed to the
     /// kernel in one `write` before this returns, so a decision is on record
     /// before its call is forwarded.
     pub fn write(&self, record: &Record<'_>) {
@@ -176,6 +214,7 @@ impl Audit {
         let line = Line {
             record,
             time: now_rfc3339(),
+            run: run_id(),
         };
         let mut line = match serde_json::to_vec(&line) {
             Ok(line) => line,
@@ -248,15 +287,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let audit = Audit::open(path.to_str().unwrap(), false).unwrap();
-        let outcome = |tool, outcome| Record::Outcome {
-            call_id: 1,
+        let outcome = |tool, outcome, code| Record::Outcome {
+            call_id: "0190b8a0-0000-7000-8000-000000000001",
             server: "s",
             tool,
             upstream_latency_ms: 1.0,
             outcome,
+            code,
         };
-        audit.write(&outcome("a", "forwarded"));
-        audit.write(&outcome("b", "upstream_error"));
+        audit.write(&outcome("a", "ok", None));
+        audit.write(&outcome("b", "rpc_error", Some(-32602)));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()
@@ -264,9 +304,23 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["event"], "outcome");
-        assert_eq!(lines[1]["outcome"], "upstream_error");
+        assert_eq!(lines[1]["outcome"], "rpc_error");
+        assert_eq!(lines[1]["code"], -32602);
+        assert!(lines[0].get("code").is_none(), "{}", lines[0]);
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(lines[0]["run"], lines[1]["run"]);
+        assert_eq!(lines[0]["run"].as_str().unwrap().len(), 36);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn call_ids_are_version_7_uuids_that_differ() {
+        let (a, b) = (uuid_v7(), uuid_v7());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "7", "{a}");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+        assert!(a[..13] <= b[..13], "time-ordered: {a} {b}");
     }
 
     #[test]

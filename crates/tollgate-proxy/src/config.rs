@@ -177,6 +177,10 @@ pub enum UpstreamConfig {
         inherit_env: Vec<String>,
         /// Working directory.
         cwd: Option<PathBuf>,
+        /// Most processes running at once (one per handshake-era session, one shared).
+        max_processes: usize,
+        /// A session's process unused this long is ended (its session re-initializes).
+        idle: Duration,
     },
 }
 
@@ -213,6 +217,12 @@ pub struct RawServer {
     /// Working directory of a stdio upstream.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Most processes of a stdio upstream running at once (default 16).
+    #[serde(default)]
+    pub max_processes: Option<usize>,
+    /// A stdio session's process unused this long is ended (default 10m).
+    #[serde(default, deserialize_with = "de_optional_duration")]
+    pub idle: Option<Duration>,
     /// Headers sent upstream.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -244,6 +254,10 @@ fn default_grace() -> Duration {
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
+/// `servers.<n>.max_processes` of a stdio upstream.
+pub const DEFAULT_MAX_PROCESSES: usize = 16;
+/// `servers.<n>.idle` of a stdio upstream.
+pub const DEFAULT_PROCESS_IDLE: Duration = Duration::from_secs(600);
 
 enum NumberOrText {
     Number(u64),
@@ -324,6 +338,12 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
             ))
         }),
     }
+}
+
+fn de_optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -481,6 +501,25 @@ impl Config {
     pub fn policy_path(&self, config_dir: &Path, server: &ServerConfig) -> PathBuf {
         config_dir.join(&server.policy)
     }
+
+    /// Makes the other relative paths of the file (`audit.path`, `servers.<n>.cwd`)
+    /// relative to `config_dir`, the configuration file's directory, as `policy:` is:
+    /// the directory Tollgate is started from (`/`, for a desktop client) never matters.
+    pub fn resolve_paths(&mut self, config_dir: &Path) {
+        if let Some(audit) = &mut self.audit
+            && audit.path != "-"
+            && Path::new(&audit.path).is_relative()
+        {
+            audit.path = config_dir.join(&audit.path).to_string_lossy().into_owned();
+        }
+        for server in self.servers.values_mut() {
+            if let UpstreamConfig::Stdio { cwd: Some(cwd), .. } = &mut server.upstream
+                && cwd.is_relative()
+            {
+                *cwd = config_dir.join(&*cwd);
+            }
+        }
+    }
 }
 
 impl ConfigOf<RawServer> {
@@ -551,6 +590,21 @@ impl RawServer {
         } else {
             Transport::Http
         });
+        if transport != Transport::Stdio || self.command.is_none() {
+            for (key, set) in [
+                ("max_processes", self.max_processes.is_some()),
+                ("idle", self.idle.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "servers.{name}.{key}: applies only to stdio upstreams (`command`)"
+                    ));
+                }
+            }
+        }
+        if self.max_processes == Some(0) {
+            problems.push(format!("servers.{name}.max_processes: must be at least 1"));
+        }
         let upstream = match (self.url, self.command, transport) {
             (Some(_), Some(_), _) => {
                 problems.push(format!(
@@ -594,6 +648,8 @@ impl RawServer {
                 env: self.env,
                 inherit_env: self.inherit_env,
                 cwd: self.cwd,
+                max_processes: self.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES),
+                idle: self.idle.unwrap_or(DEFAULT_PROCESS_IDLE),
             }),
             (None, Some(_), other) => {
                 problems.push(format!(
@@ -691,6 +747,56 @@ servers:
         assert!(err.to_string().contains("needs `url`"), "{err}");
         let err = Config::from_yaml("servers: {}\n", "t.yaml", &env).unwrap_err();
         assert!(err.to_string().contains("at least one server"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_configuration_file() {
+        let src = "audit: {path: logs/audit.jsonl}\nservers:\n  a:\n    command: [x]\n    cwd: work\n    policy: p.yaml\n  b:\n    command: [y]\n    cwd: /abs\n    policy: p.yaml\n";
+        let mut config = Config::from_yaml(src, "t.yaml", &env).unwrap();
+        config.resolve_paths(Path::new("/etc/tollgate"));
+        assert_eq!(config.audit.unwrap().path, "/etc/tollgate/logs/audit.jsonl");
+        let cwd = |name: &str| match &config.servers[name].upstream {
+            UpstreamConfig::Stdio { cwd, .. } => cwd.clone().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cwd("a"), Path::new("/etc/tollgate/work"));
+        assert_eq!(cwd("b"), Path::new("/abs"));
+        let mut stdout = Config::from_yaml(
+            "audit: {path: '-'}\nservers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n",
+            "t.yaml",
+            &env,
+        )
+        .unwrap();
+        stdout.resolve_paths(Path::new("/etc/tollgate"));
+        assert_eq!(stdout.audit.unwrap().path, "-");
+    }
+
+    #[test]
+    fn process_limits_belong_to_stdio_upstreams() {
+        let src = "servers:\n  a:\n    command: [x]\n    max_processes: 3\n    idle: 90s\n    policy: p.yaml\n  b:\n    command: [y]\n    policy: p.yaml\n";
+        let config = Config::from_yaml(src, "t.yaml", &env).unwrap();
+        let limits = |name: &str| match &config.servers[name].upstream {
+            UpstreamConfig::Stdio {
+                max_processes,
+                idle,
+                ..
+            } => (*max_processes, *idle),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(limits("a"), (3, Duration::from_secs(90)));
+        assert_eq!(limits("b"), (DEFAULT_MAX_PROCESSES, DEFAULT_PROCESS_IDLE));
+        let src = "servers:\n  a:\n    url: http://x/mcp\n    max_processes: 3\n    policy: p.yaml\n  b:\n    command: [y]\n    max_processes: 0\n    policy: p.yaml\n";
+        let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("servers.a.max_processes: applies only to stdio upstreams"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("servers.b.max_processes: must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub async fn serve(
     let sweeper = {
         let state = state.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval(state.sweep_every());
             loop {
                 tick.tick().await;
                 state.sweep();

@@ -84,6 +84,7 @@ pub struct Metrics {
     pending_approvals: Gauge,
     audit_failures: Gauge,
     webhook_failures: Gauge,
+    upstream_processes: Family<ServerLabels, Gauge>,
     tools_seen: Mutex<HashSet<String>>,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -156,6 +157,12 @@ impl Metrics {
             "Approval webhooks that failed after every retry",
             webhook_failures.clone(),
         );
+        let upstream_processes = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "upstream_processes",
+            "Live processes of each stdio upstream",
+            upstream_processes.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -167,6 +174,7 @@ impl Metrics {
             pending_approvals,
             audit_failures,
             webhook_failures,
+            upstream_processes,
             tools_seen: Mutex::new(HashSet::new()),
             open_streams: AtomicU64::new(0),
         }
@@ -225,6 +233,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets a stdio upstream's live processes (read at scrape time).
+    pub fn upstream_processes(&self, server: &str, live: usize) {
+        self.upstream_processes
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+
     /// Counts a policy reload.
     pub fn reload(&self, server: &str, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
@@ -272,6 +289,7 @@ mod tests {
         metrics.decision("hl", "delete_x", true, "deny", "rules[2] (delete_*)");
         metrics.reload("hl", false);
         metrics.upstream_latency("hl", 0.002);
+        metrics.upstream_processes("fs", 2);
         let text = metrics.render(3, 1, 0, 0);
         assert!(
             text.contains(r#"tollgate_decisions_total{server="hl",tool="delete_x",decision="deny",rule="rules[2] (delete_*)"} 2"#),
@@ -282,6 +300,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tollgate_sessions_active 3"), "{text}");
+        assert!(
+            text.contains(r#"tollgate_upstream_processes{server="fs"} 2"#),
+            "{text}"
+        );
         assert!(text.contains("tollgate_approvals_pending 1"), "{text}");
         assert!(
             text.contains("tollgate_upstream_latency_seconds_count{server=\"hl\"} 1"),

@@ -119,7 +119,12 @@ pub struct Shared {
     pub(crate) webhook: Option<reqwest::Url>,
     /// Webhook deliveries that failed after every retry.
     pub(crate) webhook_failures: AtomicU64,
+    /// How often idle sessions and processes are looked for.
+    pub(crate) sweep_every: Duration,
 }
+
+/// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Why the proxy could not be built from a valid configuration.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +208,8 @@ fn build_server(
                 env,
                 inherit_env,
                 cwd,
+                max_processes,
+                idle,
             } => {
                 let command = stdio::Command {
                     server: name.into(),
@@ -213,7 +220,15 @@ fn build_server(
                     max_line: kit.max_message,
                 };
                 let location = command.display();
-                (bridge(Connector::Stdio(command)), location, "command", None)
+                let upstream = Bridge::new(
+                    name.into(),
+                    Connector::Stdio(command),
+                    kit.http.clone(),
+                    kit.children.clone(),
+                    config.timeout,
+                )
+                .with_processes(*max_processes, *idle);
+                (Box::new(upstream), location, "command", None)
             }
         };
     Ok(Server {
@@ -317,6 +332,16 @@ impl Shared {
             })?),
             None => None,
         };
+        // An idle process should be ended within a quarter of its idle time.
+        let sweep_every = config
+            .servers
+            .values()
+            .filter_map(|server| match &server.upstream {
+                UpstreamConfig::Stdio { idle, .. } => Some(*idle / 4),
+                _ => None,
+            })
+            .fold(SWEEP_EVERY, Duration::min)
+            .max(Duration::from_millis(100));
         Ok(Shared {
             servers,
             sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
@@ -330,7 +355,13 @@ impl Shared {
             admin_url: std::sync::OnceLock::new(),
             webhook,
             webhook_failures: AtomicU64::new(0),
+            sweep_every,
         })
+    }
+
+    /// How often [`Shared::sweep`] should run.
+    pub fn sweep_every(&self) -> Duration {
+        self.sweep_every
     }
 
     /// The engine's clock: time since the proxy started.

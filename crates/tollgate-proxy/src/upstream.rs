@@ -215,6 +215,9 @@ pub enum Failure {
     /// Nothing was sent: connecting or starting failed.
     #[error("could not be reached: {0}")]
     Unreachable(String),
+    /// Nothing was sent: the server runs as many processes as its configuration allows.
+    #[error("{0}")]
+    AtCapacity(String),
     /// Sent, but no answer came within the server's timeout.
     #[error("did not answer within {}s", .0.as_secs_f64())]
     Timeout(Duration),
@@ -229,13 +232,14 @@ pub enum Failure {
 impl Failure {
     /// Whether the request left Tollgate (so the tool may have run).
     pub fn was_sent(&self) -> bool {
-        !matches!(self, Failure::Unreachable(_))
+        !matches!(self, Failure::Unreachable(_) | Failure::AtCapacity(_))
     }
 
     /// A short label for metrics and the audit log.
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::Unreachable(_) => "unreachable",
+            Failure::AtCapacity(_) => "at_capacity",
             Failure::Timeout(_) => "timeout",
             Failure::Broken(_) => "broken",
             Failure::TooLarge(_) => "too_large",
@@ -262,6 +266,11 @@ pub trait Upstream: Send + Sync {
 
     /// Connections or processes held open for sessions, where the upstream has any.
     fn live_sessions(&self) -> Option<usize> {
+        None
+    }
+
+    /// Processes running for this upstream (stdio upstreams only).
+    fn live_processes(&self) -> Option<usize> {
         None
     }
 

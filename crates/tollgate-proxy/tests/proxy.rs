@@ -306,7 +306,7 @@ async fn handshake_era_session_list_allow_and_deny() {
     assert!(
         audit
             .iter()
-            .any(|r| r["event"] == "outcome" && r["outcome"] == "forwarded")
+            .any(|r| r["event"] == "outcome" && r["outcome"] == "ok")
     );
 }
 

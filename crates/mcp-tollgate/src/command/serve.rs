@@ -144,11 +144,12 @@ pub fn load_policy(path: &Path) -> Result<LoadedPolicy, Failure> {
 /// Loads a configuration file and every policy it names.
 pub fn load_config(path: &Path) -> Result<(Config, BTreeMap<String, LoadedPolicy>), Failure> {
     let source = read(path)?;
-    let config = Config::from_yaml(&source, &path.display().to_string(), &|name| {
+    let mut config = Config::from_yaml(&source, &path.display().to_string(), &|name| {
         std::env::var(name).ok()
     })
     .map_err(|e| Failure::invalid(anyhow::anyhow!("{e}")))?;
     let dir = path.parent().unwrap_or(Path::new("."));
+    config.resolve_paths(dir);
     let mut policies = BTreeMap::new();
     for (name, server) in &config.servers {
         policies.insert(name.clone(), load_policy(&config.policy_path(dir, server))?);

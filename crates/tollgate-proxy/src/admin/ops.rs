@@ -1,12 +1,12 @@
 //! Operations endpoints on the admin listener: `/metrics`, `/readyz`, `/status`
-//! and `POST /reload`. (`/healthz` needs no token and lives in `admin`.)
+//! and `POST /reload`. (`/healthz` and `/readyz` need no token; `admin` routes them.)
 
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -17,13 +17,17 @@ use super::Admin;
 pub fn routes() -> Router<Admin> {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/reload", post(reload))
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     let app = &admin.app;
+    for server in app.servers.values() {
+        if let Some(live) = server.upstream.live_processes() {
+            app.metrics.upstream_processes(&server.name, live);
+        }
+    }
     let text = app.metrics.render(
         app.sessions.len(),
         app.approvals.pending(),
@@ -41,8 +45,9 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// Ready when every network upstream accepts a TCP connection within 2 s.
-async fn readyz(State(admin): State<Admin>) -> Response {
+/// Ready when every network upstream accepts a TCP connection within 2 s. Without
+/// the admin token only `ready` is told: upstream names and errors stay behind it.
+pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     let checks = admin.app.servers.values().map(|server| async move {
         // A stdio upstream is started on demand, so there is nothing to reach yet.
         let Some(target) = server.network_address.clone() else {
@@ -72,6 +77,9 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if !super::authorized(&admin, &headers) {
+        return (status, Json(json!({"ready": ready}))).into_response();
+    }
     (
         status,
         Json(json!({"ready": ready, "upstreams": upstreams})),

@@ -23,7 +23,7 @@ pub type Sink = mpsc::Sender<Result<Event, Failure>>;
 /// A call to hold.
 pub struct Hold {
     /// Its id in the audit log.
-    pub call_id: u64,
+    pub call_id: String,
     /// The server.
     pub server: Arc<str>,
     /// The tool.
@@ -59,7 +59,7 @@ pub async fn wait(
     let (approval_id, wait, mut first) = ask(shared, elicitations, hold, by_elicitation);
     tracing::info!(approval = %approval_id, tool = %hold.tool, by_elicitation, "call held for approval");
     shared.audit.write(&Record::ApprovalRequested {
-        call_id: hold.call_id,
+        call_id: &hold.call_id,
         approval_id: &approval_id,
         server: &hold.server,
         tool: &hold.tool,
@@ -148,7 +148,7 @@ fn settled(shared: &Shared, hold: &Hold, approval_id: &str, outcome: Option<&Out
         ),
     };
     shared.audit.write(&Record::Approval {
-        call_id: hold.call_id,
+        call_id: &hold.call_id,
         approval_id,
         server: &hold.server,
         tool: &hold.tool,

@@ -3,19 +3,27 @@
 //!
 //! It measures the upstream's latency, counts its failures, re-initializes a
 //! session the upstream lost (when that is safe) and finishes every call's
-//! [`Permit`] with its outcome.
+//! [`Permit`] with its outcome: what the upstream answered (`ok`, `tool_error`,
+//! `rpc_error`), read from a JSON answer at once and from a stream as the call's
+//! answer passes, or why there is no answer.
 
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use bytes::Bytes;
+use futures::{Stream, StreamExt as _};
+use serde::Deserialize;
 use serde_json::Value;
+use tollgate_mcp::{DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseEvent};
 
 use super::context::{Answer, Context};
 use super::decide::{Outcome, Permit};
 use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
-use crate::upstream::{Failure, Payload, Reply, Request};
+use crate::upstream::{Body, Event, EventStream, Failure, Json, Payload, Reply, Request, SseBytes};
 
 /// Sends `payload` (one message, or a batch) on the context's session and
 /// accounts for each call in it (`permits`).
@@ -64,18 +72,19 @@ fn account(
     let server = &ctx.server;
     let metrics = &ctx.shared().metrics;
     match sent {
-        Ok(reply) => {
+        Ok(mut reply) => {
             metrics.upstream_latency(&server.name, started.elapsed().as_secs_f64());
             if reply.status.is_server_error() {
                 metrics.upstream_error(&server.name, "status_5xx");
             }
             let lost = reply.status == StatusCode::NOT_FOUND && had_upstream_session;
-            let outcome = match reply.status {
-                _ if lost => Outcome::SessionLost,
-                status if status.is_success() => Outcome::Forwarded,
-                _ => Outcome::UpstreamError,
-            };
-            finish(permits, outcome);
+            match reply.status {
+                _ if lost => finish(permits, Outcome::SessionLost),
+                status if status.is_success() => {
+                    reply.body = answered(reply.body, permits);
+                }
+                _ => finish(permits, Outcome::UpstreamError),
+            }
             if let (true, Some(session)) = (lost, &ctx.session) {
                 // The upstream forgot its session: forget ours so the client re-initializes.
                 ctx.shared().sessions.remove(&session.id);
@@ -85,12 +94,7 @@ fn account(
         }
         Err(failure) => {
             metrics.upstream_error(&server.name, failure.kind());
-            let outcome = match &failure {
-                Failure::Unreachable(_) => Outcome::Unreachable,
-                Failure::Timeout(_) => Outcome::Timeout,
-                Failure::Broken(_) | Failure::TooLarge(_) => Outcome::Broken,
-            };
-            finish(permits, outcome);
+            finish(permits, failed(&failure));
             tracing::warn!(error = %failure, "upstream request failed");
             Err(failure_error(server, &failure, id.cloned()))
         }
@@ -100,6 +104,225 @@ fn account(
 fn finish(permits: Vec<Permit>, outcome: Outcome) {
     for permit in permits {
         permit.finish(outcome);
+    }
+}
+
+fn failed(failure: &Failure) -> Outcome {
+    match failure {
+        Failure::Unreachable(_) => Outcome::Unreachable,
+        Failure::AtCapacity(_) => Outcome::AtCapacity,
+        Failure::Timeout(_) => Outcome::Timeout,
+        Failure::Broken(_) | Failure::TooLarge(_) => Outcome::Broken,
+    }
+}
+
+/// Finishes each call with what its answer in `body` says: at once for a JSON
+/// answer, as the answer passes for a stream. Only answers to calls are read.
+fn answered(body: Body, mut permits: Vec<Permit>) -> Body {
+    if permits.is_empty() {
+        return body;
+    }
+    match body {
+        Body::Json(json) => {
+            let answers = answers_in(&json).unwrap_or_default();
+            // A lone answer is the lone call's, whatever id it carries (a parse error's is null).
+            let lone = match (&answers[..], &permits[..]) {
+                ([(_, outcome)], [_]) => Some(*outcome),
+                _ => None,
+            };
+            for permit in permits {
+                let outcome = lone.or_else(|| {
+                    answers
+                        .iter()
+                        .find(|(id, _)| id == permit.request_id())
+                        .map(|(_, outcome)| *outcome)
+                });
+                permit.finish(outcome.unwrap_or(Outcome::Forwarded));
+            }
+            Body::Json(json)
+        }
+        Body::Events(events) => {
+            for permit in &mut permits {
+                permit.answer_began();
+            }
+            Body::Events(
+                Accounted {
+                    events,
+                    pending: permits,
+                }
+                .boxed(),
+            )
+        }
+        Body::Sse(bytes) => {
+            for permit in &mut permits {
+                permit.answer_began();
+            }
+            Body::Sse(
+                AccountedSse {
+                    bytes,
+                    decoder: Some(SseDecoder::new(DEFAULT_MAX_EVENT_BYTES)),
+                    decoded: Vec::new(),
+                    accounted: Accounted {
+                        events: futures::stream::empty().boxed(),
+                        pending: permits,
+                    },
+                }
+                .boxed(),
+            )
+        }
+        other @ (Body::Empty | Body::Other { .. }) => {
+            finish(permits, Outcome::Forwarded);
+            other
+        }
+    }
+}
+
+/// The JSON-RPC answers in a message or batch, by id, with what each says.
+fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
+    match json {
+        Json::Value(Value::Array(items)) => Some(items.iter().filter_map(answer_of).collect()),
+        Json::Value(value) => Some(answer_of(value).into_iter().collect()),
+        Json::Text(text) => {
+            // Only the few fields that tell the outcome are read; results are skipped.
+            let batch = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            let heads = if batch {
+                serde_json::from_slice::<Vec<Head>>(text).ok()?
+            } else {
+                vec![serde_json::from_slice::<Head>(text).ok()?]
+            };
+            Some(heads.into_iter().filter_map(Head::answer).collect())
+        }
+    }
+}
+
+fn answer_of(message: &Value) -> Option<(Value, Outcome)> {
+    let answer = message.get("result").is_some() || message.get("error").is_some();
+    answer.then(|| {
+        let id = message.get("id").cloned().unwrap_or(Value::Null);
+        (id, Outcome::of_answer(message))
+    })
+}
+
+/// What an answer's outcome depends on, read without the rest of it.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    error: Option<ErrorHead>,
+    #[serde(default)]
+    result: Option<ResultHead>,
+}
+
+#[derive(Deserialize)]
+struct ErrorHead {
+    #[serde(default)]
+    code: Value,
+}
+
+#[derive(Deserialize)]
+struct ResultHead {
+    #[serde(default, rename = "isError")]
+    is_error: Value,
+}
+
+impl Head {
+    fn answer(self) -> Option<(Value, Outcome)> {
+        let outcome = match (self.error, self.result) {
+            (Some(error), _) => Outcome::RpcError(error.code.as_i64().unwrap_or(0)),
+            (None, Some(result)) if result.is_error == Value::Bool(true) => Outcome::ToolError,
+            (None, Some(_)) => Outcome::Ok,
+            (None, None) => return None,
+        };
+        Some((self.id, outcome))
+    }
+}
+
+/// A streamed answer that finishes each call's permit when the call's answer
+/// passes; when the stream fails or ends first, or is dropped (the client went away),
+/// the calls still waiting are finished with that.
+struct Accounted {
+    events: EventStream,
+    pending: Vec<Permit>,
+}
+
+impl Accounted {
+    fn note(&mut self, event: &Event) {
+        let Some(answers) = answers_in(&event.data) else {
+            return;
+        };
+        for (id, outcome) in answers {
+            if let Some(at) = self.pending.iter().position(|p| *p.request_id() == id) {
+                self.pending.swap_remove(at).finish(outcome);
+            }
+        }
+    }
+
+    fn finish_all(&mut self, outcome: Outcome) {
+        finish(std::mem::take(&mut self.pending), outcome);
+    }
+}
+
+impl Stream for Accounted {
+    type Item = Result<Event, Failure>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let item = futures::ready!(this.events.poll_next_unpin(cx));
+        match &item {
+            Some(Ok(event)) if !this.pending.is_empty() => this.note(event),
+            Some(Ok(_)) => {}
+            Some(Err(failure)) => this.finish_all(failed(failure)),
+            None => this.finish_all(Outcome::Broken),
+        }
+        Poll::Ready(item)
+    }
+}
+
+/// The same for an SSE stream relayed as it came: its bytes pass unchanged while a
+/// decoder beside them watches for the calls' answers.
+struct AccountedSse {
+    bytes: SseBytes,
+    /// `None` once the stream is past what the decoder accepts: nothing more is read.
+    decoder: Option<SseDecoder>,
+    decoded: Vec<SseEvent>,
+    accounted: Accounted,
+}
+
+impl Stream for AccountedSse {
+    type Item = Result<Bytes, Failure>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let item = futures::ready!(this.bytes.poll_next_unpin(cx));
+        match &item {
+            Some(Ok(chunk)) if !this.accounted.pending.is_empty() => {
+                if let Some(decoder) = &mut this.decoder
+                    && decoder.feed(chunk, &mut this.decoded).is_err()
+                {
+                    this.decoder = None;
+                    this.accounted.finish_all(Outcome::Forwarded);
+                }
+                for event in this.decoded.drain(..) {
+                    let data = Json::Text(Bytes::from(event.data));
+                    this.accounted.note(&Event {
+                        data,
+                        id: None,
+                        retry: None,
+                    });
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(failure)) => this.accounted.finish_all(failed(failure)),
+            None => this.accounted.finish_all(Outcome::Broken),
+        }
+        Poll::Ready(item)
+    }
+}
+
+impl Drop for Accounted {
+    fn drop(&mut self) {
+        self.finish_all(Outcome::ClientGone);
     }
 }
 
@@ -175,7 +398,7 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
             after.as_secs_f64(),
             server.name
         ),
-        Failure::Broken(_) | Failure::TooLarge(_) => format!(
+        Failure::Broken(_) | Failure::TooLarge(_) | Failure::AtCapacity(_) => format!(
             "upstream `{}` ({}): {failure}",
             server.name, server.location
         ),

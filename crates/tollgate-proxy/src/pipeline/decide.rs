@@ -7,15 +7,14 @@
 //! dropping it unfinished gives the slot back only if the call never left Tollgate.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Slot, ToolCall};
 
 use super::context::Context;
-use crate::audit::{Record, digest};
+use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
 
@@ -39,40 +38,64 @@ pub struct Held {
     pub deny_as: DenyAs,
 }
 
-static CALL_IDS: AtomicU64 = AtomicU64::new(1);
-
 /// How a forwarded call ended, for its outcome record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The upstream answered with success.
+    /// The upstream answered with a result.
+    Ok,
+    /// The upstream answered with a result that has `isError: true`.
+    ToolError,
+    /// The upstream answered with a JSON-RPC error of this code.
+    RpcError(i64),
+    /// The upstream accepted the call, in an answer Tollgate does not read (not JSON-RPC).
     Forwarded,
     /// The upstream answered with an HTTP error.
     UpstreamError,
     /// Nothing was sent: the upstream could not be reached.
     Unreachable,
+    /// Nothing was sent: the server already runs as many processes as it may.
+    AtCapacity,
     /// Sent, and no answer came in time.
     Timeout,
     /// Sent, and the answer broke off.
     Broken,
     /// The upstream lost the session before the call reached a tool.
     SessionLost,
+    /// Sent, and the client went away before the answer came.
+    ClientGone,
 }
 
 impl Outcome {
     fn as_str(self) -> &'static str {
         match self {
+            Outcome::Ok => "ok",
+            Outcome::ToolError => "tool_error",
+            Outcome::RpcError(_) => "rpc_error",
             Outcome::Forwarded => "forwarded",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Unreachable => "upstream_unreachable",
+            Outcome::AtCapacity => "upstream_at_capacity",
             Outcome::Timeout => "upstream_timeout",
             Outcome::Broken => "upstream_broken",
             Outcome::SessionLost => "upstream_session_lost",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+
+    /// What an upstream's answer to a call says: a result, a failed tool, an error.
+    pub fn of_answer(answer: &Value) -> Outcome {
+        if let Some(error) = answer.get("error") {
+            return Outcome::RpcError(error.get("code").and_then(Value::as_i64).unwrap_or(0));
+        }
+        match answer.pointer("/result/isError") {
+            Some(Value::Bool(true)) => Outcome::ToolError,
+            _ => Outcome::Ok,
         }
     }
 
     /// Whether the call left Tollgate, so that its slot stays spent.
     fn reached_upstream(self) -> bool {
-        self != Outcome::Unreachable
+        !matches!(self, Outcome::Unreachable | Outcome::AtCapacity)
     }
 }
 
@@ -80,16 +103,23 @@ impl Outcome {
 pub struct Permit {
     shared: Arc<Shared>,
     server: Arc<Server>,
-    call_id: u64,
+    call_id: String,
+    request_id: Value,
     tool: String,
     slot: Option<Slot>,
     started: Option<Instant>,
+    latency: Option<Duration>,
 }
 
 impl Permit {
-    /// The call's id in the audit log.
-    pub fn call_id(&self) -> u64 {
-        self.call_id
+    /// The call's id in the audit log (a UUIDv7).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// The JSON-RPC id of the call, which its answer carries.
+    pub fn request_id(&self) -> &Value {
+        &self.request_id
     }
 
     /// Marks the moment the call is handed to the upstream.
@@ -97,9 +127,18 @@ impl Permit {
         self.started = Some(at);
     }
 
+    /// Marks the moment the upstream's answer began (a stream's headers), when the
+    /// call is finished only later, once its answer passes.
+    pub fn answer_began(&mut self) {
+        self.latency = self.started.map(|at| at.elapsed());
+    }
+
     /// Accounts for the call: the outcome record, and the slot kept or given back.
     pub fn finish(mut self, outcome: Outcome) {
-        let latency = self.started.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        let latency = self
+            .latency
+            .or_else(|| self.started.map(|at| at.elapsed()))
+            .map_or(0.0, |d| d.as_secs_f64());
         if !outcome.reached_upstream()
             && let Some(slot) = self.slot.take()
         {
@@ -108,11 +147,15 @@ impl Permit {
         // A sent call keeps its slot, whatever happened after.
         self.slot = None;
         self.shared.audit.write(&Record::Outcome {
-            call_id: self.call_id,
+            call_id: &self.call_id,
             server: &self.server.name,
             tool: &self.tool,
             upstream_latency_ms: latency * 1000.0,
             outcome: outcome.as_str(),
+            code: match outcome {
+                Outcome::RpcError(code) => Some(code),
+                _ => None,
+            },
         });
     }
 }
@@ -166,10 +209,12 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
     let mut permit = Permit {
         shared: shared.clone(),
         server: server.clone(),
-        call_id: CALL_IDS.fetch_add(1, Ordering::Relaxed),
+        call_id: uuid_v7(),
+        request_id: id.clone(),
         tool: tool.to_owned(),
         slot: decision.slot.take(),
         started: None,
+        latency: None,
     };
 
     // Without an admin listener no human can decide, so refuse at once instead of
@@ -227,7 +272,7 @@ fn record(
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     if shared.audit.enabled() {
         shared.audit.write(&Record::Decision {
-            call_id: permit.call_id,
+            call_id: &permit.call_id,
             server: &ctx.server.name,
             client: ctx.caller.client.as_deref(),
             session: ctx.session.as_ref().map(|s| &*s.id),

@@ -39,7 +39,7 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
     });
     let session = ctx.session.as_ref();
     Hold {
-        call_id: held.permit.call_id(),
+        call_id: held.permit.call_id().to_owned(),
         server: ctx.server.name.clone(),
         tool,
         arguments,

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -61,6 +62,13 @@ struct Live {
     last_used: Instant,
 }
 
+/// How many processes a stdio upstream may run, and for how long one may sit idle.
+#[derive(Debug, Clone, Copy)]
+struct Processes {
+    max: usize,
+    idle: Duration,
+}
+
 /// A stdio or legacy SSE upstream behind the [`Upstream`] interface.
 pub struct Bridge {
     server: Arc<str>,
@@ -71,6 +79,20 @@ pub struct Bridge {
     sessions: Mutex<HashMap<String, Live>>,
     shared: tokio::sync::Mutex<Shared>,
     backoff: Mutex<Backoff>,
+    processes: Option<Processes>,
+    /// Connections being started, counted against the cap until they are live.
+    starting: AtomicUsize,
+    /// The stateless era's shared process, once ready, for counting.
+    shared_live: Mutex<Option<Arc<Channel>>>,
+}
+
+/// A place under the process cap, held while a process starts.
+struct Reservation<'a>(&'a AtomicUsize);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Bridge {
@@ -92,12 +114,71 @@ impl Bridge {
             sessions: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(Shared::Unknown),
             backoff: Mutex::new(Backoff::default()),
+            processes: None,
+            starting: AtomicUsize::new(0),
+            shared_live: Mutex::new(None),
         }
+    }
+
+    /// At most `max` processes at once (`servers.<n>.max_processes`); a session's
+    /// process unused for `idle` is ended by the sweep (`servers.<n>.idle`).
+    pub fn with_processes(mut self, max: usize, idle: Duration) -> Bridge {
+        self.processes = Some(Processes { max, idle });
+        self
     }
 
     /// The live sessions (processes or connections) of this upstream.
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()
+    }
+
+    /// The live processes or connections: one per session, and the shared one.
+    fn live(&self, sessions: &HashMap<String, Live>) -> usize {
+        let shared = self
+            .shared_live
+            .lock()
+            .as_ref()
+            .is_some_and(|channel| channel.closed().is_none());
+        sessions.len() + usize::from(shared)
+    }
+
+    /// A place for one more process under `servers.<n>.max_processes`; at the cap,
+    /// dead and idle sessions are ended first to make room.
+    fn reserve(&self) -> Result<Option<Reservation<'_>>, Failure> {
+        let Some(Processes { max, idle }) = self.processes else {
+            return Ok(None);
+        };
+        let mut sessions = self.sessions.lock();
+        let count = |sessions: &HashMap<String, Live>| {
+            self.live(sessions) + self.starting.load(Ordering::SeqCst)
+        };
+        if count(&sessions) >= max {
+            self.end_idle(&mut sessions, idle);
+        }
+        if count(&sessions) >= max {
+            tracing::warn!(server = %self.server, max, "stdio upstream at its process cap");
+            return Err(Failure::AtCapacity(format!(
+                "already runs {max} processes, the most servers.{}.max_processes allows; \
+                 end unused sessions (DELETE) or raise servers.{}.max_processes",
+                self.server, self.server
+            )));
+        }
+        // Under the sessions lock, so that two starts cannot both take the last place.
+        self.starting.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Reservation(&self.starting)))
+    }
+
+    /// Ends dead sessions and those no request has used for `idle`.
+    fn end_idle(&self, sessions: &mut HashMap<String, Live>, idle: Duration) {
+        let before = sessions.len();
+        sessions.retain(|_, live| {
+            live.channel.closed().is_none()
+                && (live.channel.busy() || live.last_used.elapsed() < idle)
+        });
+        let ended = before - sessions.len();
+        if ended > 0 {
+            tracing::info!(server = %self.server, ended, "ended idle or dead upstream sessions");
+        }
     }
 
     fn session(&self, id: &str) -> Option<Arc<Channel>> {
@@ -184,6 +265,7 @@ impl Bridge {
 
     /// `initialize`: a new connection, and a session if the server accepts.
     async fn open_session(&self, message: Value, owner: &Owner) -> Result<Reply, Failure> {
+        let reservation = self.reserve()?;
         let channel = self.connect().await?;
         let answer = match channel.request(message, owner).await {
             Ok(exchange) => final_answer(exchange).await,
@@ -206,6 +288,8 @@ impl Bridge {
                 last_used: Instant::now(),
             },
         );
+        // Counted as a session now.
+        drop(reservation);
         let mut reply = Reply::new(StatusCode::OK, Body::Json(Json::Value(answer)));
         reply.session = Some(session_id);
         Ok(reply)
@@ -225,6 +309,7 @@ impl Bridge {
             *shared = Shared::HandshakeOnly;
             return Ok(Err(self.handshake_only()));
         }
+        let reservation = self.reserve()?;
         let channel = self.connect().await?;
         let probe = json!({
             "jsonrpc": "2.0",
@@ -258,6 +343,8 @@ impl Bridge {
             self.started();
             let channel = Arc::new(channel);
             *shared = Shared::Ready(channel.clone());
+            *self.shared_live.lock() = Some(channel.clone());
+            drop(reservation);
             Ok(Ok(channel))
         } else {
             tracing::info!(server = %self.server, "the stdio upstream does not speak the stateless era; clients must initialize");
@@ -393,24 +480,25 @@ impl Upstream for Bridge {
         Some(self.session_count())
     }
 
-    /// Ends sessions no request has used for `idle` (clients that vanished without
-    /// ending their session), and forgets dead ones: their processes must not linger.
-    fn sweep(&self, idle: Duration) {
-        let mut sessions = self.sessions.lock();
-        let before = sessions.len();
-        sessions.retain(|_, live| {
-            live.channel.closed().is_none()
-                && (live.channel.busy() || live.last_used.elapsed() < idle)
-        });
-        let ended = before - sessions.len();
-        if ended > 0 {
-            tracing::info!(server = %self.server, ended, "ended idle or dead upstream sessions");
+    fn live_processes(&self) -> Option<usize> {
+        match self.connector {
+            Connector::Stdio(_) => Some(self.live(&self.sessions.lock())),
+            Connector::LegacySse(_) => None,
         }
+    }
+
+    /// Ends sessions no request has used for `idle` (clients that vanished without
+    /// ending their session; a stdio upstream's own `servers.<n>.idle` when it has
+    /// one), and forgets dead ones: their processes must not linger.
+    fn sweep(&self, idle: Duration) {
+        let idle = self.processes.map_or(idle, |p| p.idle);
+        self.end_idle(&mut self.sessions.lock(), idle);
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.sessions.lock().clear();
+            *self.shared_live.lock() = None;
             *self.shared.lock().await = Shared::Unknown;
         })
     }
@@ -603,6 +691,28 @@ for line in sys.stdin:
         // An idle session is ended by the sweep; a busy one would not be.
         bridge.sweep(Duration::ZERO);
         assert_eq!(bridge.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_process_cap_refuses_a_start_until_an_idle_process_can_be_ended() {
+        let bridge = bridge().with_processes(2, Duration::from_secs(600));
+        initialize(&bridge).await;
+        initialize(&bridge).await;
+        assert_eq!(bridge.live_processes(), Some(2));
+        let (status, _, answer) = post(
+            &bridge,
+            None,
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("servers.py.max_processes"), "{message}");
+        assert_eq!(bridge.live_processes(), Some(2));
+        // At the cap, sessions idle longer than `idle` make room.
+        let bridge = bridge.with_processes(2, Duration::ZERO);
+        initialize(&bridge).await;
+        assert_eq!(bridge.live_processes(), Some(1));
     }
 
     #[tokio::test]
