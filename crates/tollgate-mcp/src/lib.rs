@@ -16,6 +16,7 @@
 
 mod era;
 mod jsonrpc;
+mod lines;
 mod sse;
 
 pub use era::{
@@ -26,4 +27,5 @@ pub use era::{
 pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,
 };
+pub use lines::{Line, LineReader, sniff_id};
 pub use sse::{SseEvent, encode_event, events};
