@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::pipeline::{Caller, Core};
 use crate::state::{Server, Shared};
-use crate::store::limits::ClientRate;
+use crate::store::limits::{ClientRate, peer_key};
 
 /// An authenticated client.
 struct Client {
@@ -190,7 +190,7 @@ impl Doors {
     pub fn check_rate(&self, caller: &Caller) -> Result<(), ProxyError> {
         let key = match &caller.client {
             Some(client) => client.to_string(),
-            None => caller.peer.to_string(),
+            None => peer_key(caller.peer),
         };
         self.client_rate
             .check(&key)
