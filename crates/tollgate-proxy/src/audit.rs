@@ -12,6 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::config::OnAuditFailure;
+
 /// One audit record. Every record a call produces is a variant here, so the
 /// format is written down once (docs/architecture.md lists it).
 #[derive(Debug, Serialize)]
@@ -106,6 +108,7 @@ pub struct Audit {
     sink: Option<Mutex<Sink>>,
     include_arguments: bool,
     failures: AtomicU64,
+    on_failure: OnAuditFailure,
 }
 
 enum Sink {
@@ -128,6 +131,7 @@ impl Audit {
             sink: None,
             include_arguments: false,
             failures: AtomicU64::new(0),
+            on_failure: OnAuditFailure::default(),
         }
     }
 
@@ -150,7 +154,19 @@ impl Audit {
             sink: Some(Mutex::new(sink)),
             include_arguments,
             failures: AtomicU64::new(0),
+            on_failure: OnAuditFailure::default(),
         })
+    }
+
+    /// What becomes of a call whose decision cannot be written (`audit.on_failure`).
+    pub fn on_failure(mut self, on_failure: OnAuditFailure) -> Audit {
+        self.on_failure = on_failure;
+        self
+    }
+
+    /// Whether a call whose decision could not be written must be refused.
+    pub fn refuses_unrecorded(&self) -> bool {
+        self.enabled() && self.on_failure == OnAuditFailure::Refuse
     }
 
     /// Whether records are written anywhere.
@@ -163,16 +179,18 @@ impl Audit {
         self.include_arguments
     }
 
-    /// Writes failed so far (counted, logged, never fatal to a call).
+    /// Writes failed so far (counted and logged; a call whose decision was not
+    /// written is refused unless `audit.on_failure: continue`).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
     /// Writes one record as a line, with `time` added. The line is handed to the
     /// kernel in one `write` before this returns, so a decision is on record
-    /// before its call is forwarded.
-    pub fn write(&self, record: &Record<'_>) {
-        let Some(sink) = &self.sink else { return };
+    /// before its call is forwarded. Returns whether it was written (`true` when
+    /// there is no audit log).
+    pub fn write(&self, record: &Record<'_>) -> bool {
+        let Some(sink) = &self.sink else { return true };
         let line = Line {
             record,
             time: now_rfc3339(),
@@ -182,7 +200,7 @@ impl Audit {
             Err(err) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, "audit record could not be serialised");
-                return;
+                return false;
             }
         };
         line.push(b'\n');
@@ -190,9 +208,13 @@ impl Audit {
             Sink::File(file) => file.write_all(&line),
             Sink::Stdout => std::io::stdout().lock().write_all(&line),
         };
-        if let Err(err) = result {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %err, "audit log write failed");
+        match result {
+            Ok(()) => true,
+            Err(err) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, "audit log write failed");
+                false
+            }
         }
     }
 
@@ -267,6 +289,26 @@ mod tests {
         assert_eq!(lines[1]["outcome"], "upstream_error");
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_fails_says_so() {
+        let audit = Audit::open("/dev/full", false).unwrap();
+        let record = Record::Outcome {
+            call_id: 1,
+            server: "s",
+            tool: "t",
+            upstream_latency_ms: 1.0,
+            outcome: "forwarded",
+        };
+        assert!(!audit.write(&record));
+        assert_eq!(audit.failures(), 1);
+        assert!(audit.refuses_unrecorded());
+        let lenient = Audit::open("/dev/full", false)
+            .unwrap()
+            .on_failure(OnAuditFailure::Continue);
+        assert!(!lenient.refuses_unrecorded());
+        assert!(Audit::disabled().write(&record));
     }
 
     #[test]

@@ -88,6 +88,20 @@ pub struct AuditConfig {
     /// Also log the arguments themselves, not only their digest.
     #[serde(default)]
     pub arguments: bool,
+    /// What a call whose decision cannot be written becomes (default `refuse`).
+    #[serde(default)]
+    pub on_failure: OnAuditFailure,
+}
+
+/// `audit.on_failure`: what happens to a call whose decision record cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAuditFailure {
+    /// The call is not forwarded; the client gets an error saying why.
+    #[default]
+    Refuse,
+    /// The call goes on unrecorded (counted and logged).
+    Continue,
 }
 
 /// `approvals:`.

@@ -302,7 +302,7 @@ impl Shared {
             );
         }
         let audit = match &config.audit {
-            Some(audit) => Audit::open(&audit.path, audit.arguments)?,
+            Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
         };
         let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
