@@ -313,7 +313,11 @@ impl Shared {
         };
         Ok(Shared {
             servers,
-            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
+            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle)
+                .with_quotas(
+                    config.limits.sessions_per_client,
+                    config.limits.streams_per_session,
+                ),
             audit,
             max_body: config.limits.max_body,
             http,

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::context::{Answer, Context};
@@ -15,7 +16,7 @@ use super::decide::{Outcome, Permit};
 use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
-use crate::upstream::{Failure, Payload, Reply, Request};
+use crate::upstream::{Body, Failure, Payload, Reply, Request};
 
 /// Sends `payload` (one message, or a batch) on the context's session and
 /// accounts for each call in it (`permits`).
@@ -124,6 +125,12 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
     let Some(session) = &ctx.session else {
         return Err(ProxyError::MethodNotAllowed);
     };
+    // One upstream connection per GET stream: a client may not open them without bound.
+    let slot = session.open_stream().map_err(|limit| {
+        ProxyError::Quota(format!(
+            "this session already has {limit} GET stream(s) open (limits.streams_per_session); close one before opening another"
+        ))
+    })?;
     let upstream = &ctx.server.upstream;
     let upstream_session = session.upstream_id();
     let mut forwarded = ctx.forwarded.clone();
@@ -153,9 +160,21 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
         ctx.shared().sessions.remove(&session.id);
         return Err(ProxyError::UnknownSession);
     }
+    // The slot is held for as long as the stream lives.
+    let body = match reply.body {
+        Body::Events(events) => Body::Events(
+            events
+                .map(move |event| {
+                    let _open = &slot;
+                    event
+                })
+                .boxed(),
+        ),
+        other => other,
+    };
     Ok(Answer {
         status: reply.status,
-        body: reply.body,
+        body,
         session: None,
         retry_after: reply.retry_after,
     })
