@@ -6,6 +6,7 @@
 pub mod conversation;
 pub mod http;
 pub mod legacy_sse;
+pub mod listener;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -243,8 +244,23 @@ pub fn peer_of(request: &Request) -> SocketAddr {
         .map_or(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0)), |c| c.0)
 }
 
-/// Reads a request body of at most `limit` bytes.
-pub async fn read_body(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
+/// Reads a request body of at most `limit` bytes, within `limits.body_read_timeout`.
+pub async fn read_body(shared: &Shared, request: Request) -> Result<bytes::Bytes, ProxyError> {
+    let within = shared.limits.body_read_timeout;
+    match tokio::time::timeout(within, read_bounded(shared.max_body, request)).await {
+        Ok(body) => body,
+        Err(_) => {
+            shared.metrics.client_timeout("proxy", "body");
+            tracing::info!(
+                "request refused: its body did not arrive within {}s (limits.body_read_timeout)",
+                within.as_secs_f64()
+            );
+            Err(ProxyError::BodyTimeout(within))
+        }
+    }
+}
+
+async fn read_bounded(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

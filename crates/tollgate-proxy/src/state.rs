@@ -103,6 +103,8 @@ pub struct Shared {
     pub(crate) audit: Audit,
     /// Largest body accepted from a client.
     pub(crate) max_body: usize,
+    /// `limits:`, for what reads them late (the listeners, body reads).
+    pub(crate) limits: crate::config::Limits,
     /// The HTTP client (connection pool) for upstreams and webhooks.
     pub(crate) http: reqwest::Client,
     /// Every process started for stdio upstreams.
@@ -320,6 +322,7 @@ impl Shared {
                 ),
             audit,
             max_body: config.limits.max_body,
+            limits: config.limits.clone(),
             http,
             children,
             epoch: Instant::now(),

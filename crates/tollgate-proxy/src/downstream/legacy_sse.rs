@@ -200,7 +200,7 @@ async fn post_message(
     let server = doors.server(name.as_deref(), request.headers())?;
     let client = doors.authenticate(request.headers())?;
     // Read (bounded) before answering, so the connection stays usable for the next POST.
-    let body = read_body(doors.shared().max_body, request).await?;
+    let body = read_body(doors.shared(), request).await?;
     let stream = query
         .session_id
         .as_deref()
