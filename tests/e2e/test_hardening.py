@@ -382,3 +382,127 @@ def test_a_stdio_upstreams_over_long_lines_cost_only_their_request(procs, tmp_pa
     assert session.call("pid", {})["result"]["content"][0]["text"] == pid
     wait_until(lambda: "after the long line" in proc.log.read_text(), 10, "the stderr line after the long one logged")
     session.close()
+
+
+# ---------------------------------------------------------------------------
+# 5 (proxy side). What an upstream sends is bounded before it is buffered.
+
+def test_an_oversized_tools_list_answer_is_refused_not_buffered(procs, tmp_path, recorder):
+    base, proc = serve_config(procs, write_config(tmp_path, {"up": (recorder.url, ALLOW)}))
+    session = RawSession(f"{base}/mcp")
+    session.initialize()
+    pid = proc.proc.pid
+    before = rss_mib(pid)
+    # 40 MiB of tools/list answer, more than the 16 MiB Tollgate reads by default.
+    recorder.tool_pages = [[{"name": f"tool{i}", "description": "d" * 1000, "inputSchema": {"type": "object"}}
+                            for i in range(40_000)]]
+    for _ in range(3):
+        answer = session.request("tools/list")
+        assert "error" in answer, str(answer)[:300]
+        message = answer["error"]["message"]
+        assert "`up`" in message and "16777216 bytes" in message and "limits.max_body" in message, message
+    grown = rss_mib(pid) - before
+    assert grown < 32, f"three 40 MiB tools/list answers grew RSS by {grown:.0f} MiB"
+    recorder.tool_pages = [[{"name": "echo", "inputSchema": {"type": "object"}}]]
+    assert session.request("tools/list")["result"]["tools"][0]["name"] == "echo"
+    session.close()
+
+
+FLOODING_SSE_SERVER = r'''
+"""A legacy HTTP+SSE MCP server that, once initialized, floods its stream with
+notifications of 64 KiB for as long as its reader takes them."""
+import json, queue, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+outbox = queue.Queue()
+flooding = threading.Event()
+sent = [0]
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b"event: endpoint\ndata: /messages?session_id=1\n\n")
+        self.wfile.flush()
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                           "params": {"level": "info", "data": "x" * (64 << 10)}}).encode()
+        try:
+            while True:
+                try:
+                    msg = outbox.get(timeout=0.05)
+                    self.wfile.write(b"event: message\ndata: " + json.dumps(msg).encode() + b"\n\n")
+                    self.wfile.flush()
+                except queue.Empty:
+                    pass
+                while flooding.is_set() and outbox.empty():
+                    self.wfile.write(b"event: message\ndata: " + note + b"\n\n")
+                    sent[0] += 1
+                    if sent[0] % 100 == 0:
+                        self.wfile.flush()
+                        print("sent", sent[0], flush=True)
+        except OSError:
+            return
+
+    def do_POST(self):
+        msg = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.send_response(202)
+        self.send_header("content-length", "0")
+        self.end_headers()
+        if msg.get("method") == "initialize":
+            outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"logging": {}},
+                "serverInfo": {"name": "flood", "version": "1"}}})
+        elif msg.get("method") == "notifications/initialized":
+            flooding.set()
+        elif "id" in msg:
+            outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+@pytest.mark.parametrize("reader", ["idle", "stalled-get-stream"])
+def test_a_flooding_legacy_sse_upstream_does_not_grow_memory(reader, procs, tmp_path):
+    from conftest import free_port, wait_port
+
+    script = tmp_path / "flood_sse.py"
+    script.write_text(FLOODING_SSE_SERVER)
+    port = free_port()
+    flood = Proc([PYTHON, str(script), str(port)], tmp_path / "flood.log")
+    procs.append(flood)
+    wait_port(port)
+    block = f"    transport: sse\n    url: http://127.0.0.1:{port}/sse\n"
+    base, proc = serve_config(procs, write_config(tmp_path, {"up": (block, ALLOW)}))
+    url = f"{base}/mcp"
+    pid = proc.proc.pid
+    before = rss_mib(pid)
+    session = RawSession(url)
+    session.initialize()
+    stalled = None
+    if reader == "stalled-get-stream":
+        # A GET stream the client never reads: what Tollgate queues for it must stay bounded.
+        stalled = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall((f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\naccept: text/event-stream\r\n"
+                         f"mcp-session-id: {session.session_id}\r\nmcp-protocol-version: {session.protocol}\r\n\r\n").encode())
+    try:
+        # 64 MiB of notifications, or as many as Tollgate takes in 15 s when it pushes back.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(line == "sent 1000" for line in flood.lines):
+            time.sleep(0.2)
+        assert flood.lines, "the upstream never flooded"
+        peak = rss_mib(pid) - before
+        print(f"{reader}: {flood.lines[-1]} notifications of 64 KiB, RSS +{peak:.0f} MiB")
+        assert peak < 64, f"a flooding upstream grew RSS by {peak:.0f} MiB"
+        # The session still answers.
+        assert "result" in session.request("ping")
+    finally:
+        if stalled is not None:
+            stalled.close()
+        session.close()
