@@ -16,6 +16,7 @@
 
 mod era;
 mod jsonrpc;
+mod lines;
 mod sse;
 
 pub use era::{
@@ -26,6 +27,7 @@ pub use era::{
 pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,
 };
+pub use lines::{Line, LineReader, sniff_id};
 pub use sse::{
     DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseError, SseEvent, encode_event, events,
     events_with_limit,

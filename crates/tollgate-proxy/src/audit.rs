@@ -15,6 +15,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::config::OnAuditFailure;
+
 /// One audit record. Every record a call produces is a variant here, so the
 /// format is written down once (docs/architecture.md lists it).
 #[derive(Debug, Serialize)]
@@ -144,6 +146,7 @@ pub struct Audit {
     sink: Option<Mutex<Sink>>,
     include_arguments: bool,
     failures: AtomicU64,
+    on_failure: OnAuditFailure,
 }
 
 enum Sink {
@@ -166,6 +169,7 @@ impl Audit {
             sink: None,
             include_arguments: false,
             failures: AtomicU64::new(0),
+            on_failure: OnAuditFailure::default(),
         }
     }
 
@@ -188,7 +192,19 @@ impl Audit {
             sink: Some(Mutex::new(sink)),
             include_arguments,
             failures: AtomicU64::new(0),
+            on_failure: OnAuditFailure::default(),
         })
+    }
+
+    /// What becomes of a call whose decision cannot be written (`audit.on_failure`).
+    pub fn on_failure(mut self, on_failure: OnAuditFailure) -> Audit {
+        self.on_failure = on_failure;
+        self
+    }
+
+    /// Whether a call whose decision could not be written must be refused.
+    pub fn refuses_unrecorded(&self) -> bool {
+        self.enabled() && self.on_failure == OnAuditFailure::Refuse
     }
 
     /// Whether records are written anywhere.
@@ -201,16 +217,18 @@ impl Audit {
         self.include_arguments
     }
 
-    /// Writes failed so far (counted, logged, never fatal to a call).
+    /// Writes failed so far (counted and logged; a call whose decision was not
+    /// written is refused unless `audit.on_failure: continue`).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
     /// Writes one record as a line, with `time` and `run` added. The line is handed to the
     /// kernel in one `write` before this returns, so a decision is on record
-    /// before its call is forwarded.
-    pub fn write(&self, record: &Record<'_>) {
-        let Some(sink) = &self.sink else { return };
+    /// before its call is forwarded. Returns whether it was written (`true` when
+    /// there is no audit log).
+    pub fn write(&self, record: &Record<'_>) -> bool {
+        let Some(sink) = &self.sink else { return true };
         let line = Line {
             record,
             time: now_rfc3339(),
@@ -221,7 +239,7 @@ impl Audit {
             Err(err) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, "audit record could not be serialised");
-                return;
+                return false;
             }
         };
         line.push(b'\n');
@@ -229,9 +247,13 @@ impl Audit {
             Sink::File(file) => file.write_all(&line),
             Sink::Stdout => std::io::stdout().lock().write_all(&line),
         };
-        if let Err(err) = result {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %err, "audit log write failed");
+        match result {
+            Ok(()) => true,
+            Err(err) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, "audit log write failed");
+                false
+            }
         }
     }
 
@@ -321,6 +343,27 @@ mod tests {
         assert_eq!(&a[14..15], "7", "{a}");
         assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
         assert!(a[..13] <= b[..13], "time-ordered: {a} {b}");
+    }
+
+    #[test]
+    fn a_write_that_fails_says_so() {
+        let audit = Audit::open("/dev/full", false).unwrap();
+        let record = Record::Outcome {
+            call_id: "0190b8a0-0000-7000-8000-000000000001",
+            server: "s",
+            tool: "t",
+            upstream_latency_ms: 1.0,
+            outcome: "forwarded",
+            code: None,
+        };
+        assert!(!audit.write(&record));
+        assert_eq!(audit.failures(), 1);
+        assert!(audit.refuses_unrecorded());
+        let lenient = Audit::open("/dev/full", false)
+            .unwrap()
+            .on_failure(OnAuditFailure::Continue);
+        assert!(!lenient.refuses_unrecorded());
+        assert!(Audit::disabled().write(&record));
     }
 
     #[test]

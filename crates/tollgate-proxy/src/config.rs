@@ -88,6 +88,20 @@ pub struct AuditConfig {
     /// Also log the arguments themselves, not only their digest.
     #[serde(default)]
     pub arguments: bool,
+    /// What a call whose decision cannot be written becomes (default `refuse`).
+    #[serde(default)]
+    pub on_failure: OnAuditFailure,
+}
+
+/// `audit.on_failure`: what happens to a call whose decision record cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAuditFailure {
+    /// The call is not forwarded; the client gets an error saying why.
+    #[default]
+    Refuse,
+    /// The call goes on unrecorded (counted and logged).
+    Continue,
 }
 
 /// `approvals:`.
@@ -115,6 +129,33 @@ pub struct Limits {
     /// A session unused this long is forgotten (default 1h).
     #[serde(default = "default_session_idle", deserialize_with = "de_duration")]
     pub session_idle: Duration,
+    /// Sessions, and legacy SSE streams, one client may hold at once: a `clients:`
+    /// name, else a peer address (an IPv6 peer by its /64) (default 1000).
+    #[serde(default = "default_sessions_per_client")]
+    pub sessions_per_client: usize,
+    /// GET streams open at once on one session (default 1).
+    #[serde(default = "default_streams_per_session")]
+    pub streams_per_session: usize,
+    /// Connections open at once on a listener (default 1024, or three quarters of
+    /// the open-file limit when that is lower).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one peer address, an IPv6 peer by its /64 (default 256).
+    #[serde(default = "default_connections_per_peer")]
+    pub connections_per_peer: usize,
+    /// How long a client may take to send a request's headers, and how long an
+    /// idle keep-alive connection is kept (default 10s).
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body (default 30s).
+    #[serde(
+        default = "default_body_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -124,6 +165,12 @@ impl Default for Limits {
             requests_per_second: default_rps(),
             max_sessions: default_max_sessions(),
             session_idle: default_session_idle(),
+            sessions_per_client: default_sessions_per_client(),
+            streams_per_session: default_streams_per_session(),
+            max_connections: None,
+            connections_per_peer: default_connections_per_peer(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -247,6 +294,21 @@ fn default_max_sessions() -> usize {
 }
 fn default_session_idle() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_sessions_per_client() -> usize {
+    1000
+}
+fn default_streams_per_session() -> usize {
+    1
+}
+fn default_connections_per_peer() -> usize {
+    256
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(20)

@@ -6,6 +6,7 @@
 pub mod conversation;
 pub mod http;
 pub mod legacy_sse;
+pub mod listener;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::pipeline::{Caller, Core};
 use crate::state::{Server, Shared};
-use crate::store::limits::ClientRate;
+use crate::store::limits::{ClientRate, peer_key};
 
 /// An authenticated client.
 struct Client {
@@ -204,7 +205,7 @@ impl Doors {
     pub fn check_rate(&self, caller: &Caller) -> Result<(), ProxyError> {
         let key = match &caller.client {
             Some(client) => client.to_string(),
-            None => caller.peer.to_string(),
+            None => peer_key(caller.peer),
         };
         self.client_rate
             .check(&key)
@@ -257,8 +258,23 @@ pub fn peer_of(request: &Request) -> SocketAddr {
         .map_or(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0)), |c| c.0)
 }
 
-/// Reads a request body of at most `limit` bytes.
-pub async fn read_body(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
+/// Reads a request body of at most `limit` bytes, within `limits.body_read_timeout`.
+pub async fn read_body(shared: &Shared, request: Request) -> Result<bytes::Bytes, ProxyError> {
+    let within = shared.limits.body_read_timeout;
+    match tokio::time::timeout(within, read_bounded(shared.max_body, request)).await {
+        Ok(body) => body,
+        Err(_) => {
+            shared.metrics.client_timeout("proxy", "body");
+            tracing::info!(
+                "request refused: its body did not arrive within {}s (limits.body_read_timeout)",
+                within.as_secs_f64()
+            );
+            Err(ProxyError::BodyTimeout(within))
+        }
+    }
+}
+
+async fn read_bounded(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -29,6 +29,9 @@ pub enum ProxyError {
     /// The body is larger than `limits.max_body`.
     #[error("request body exceeds limits.max_body ({0} bytes)")]
     BodyTooLarge(usize),
+    /// The body did not arrive in time.
+    #[error("the request body did not arrive within {}s (limits.body_read_timeout)", .0.as_secs_f64())]
+    BodyTimeout(Duration),
     /// The body could not be read from the client.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
@@ -80,6 +83,21 @@ pub enum ProxyError {
         /// The request's id, when it had one.
         id: Option<Value>,
     },
+    /// An `initialize` larger than a session may keep.
+    #[error(
+        "`initialize` request of {size} bytes refused: a session keeps its `initialize` (to re-initialize the upstream), and it may be at most {} KiB", .limit / 1024
+    )]
+    InitializeTooLarge {
+        /// The request's id.
+        id: Option<Value>,
+        /// Its size, as JSON text.
+        size: usize,
+        /// The most accepted.
+        limit: usize,
+    },
+    /// A per-client or per-session quota is used up.
+    #[error("{0}")]
+    Quota(String),
     /// The method is not served on this endpoint.
     #[error("method not allowed on the MCP endpoint")]
     MethodNotAllowed,
@@ -93,7 +111,11 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::MalformedToolCall { id: Some(_) } => StatusCode::OK,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MalformedToolCall { id: Some(_) }
+            | ProxyError::InitializeTooLarge { id: Some(_), .. } => StatusCode::OK,
+            ProxyError::InitializeTooLarge { id: None, .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyRead(_)
             | ProxyError::MalformedToolCall { id: None }
             | ProxyError::Framing(_)
@@ -103,6 +125,9 @@ impl ProxyError {
             | ProxyError::UnknownServer
             | ProxyError::UnknownServerOf(_)
             | ProxyError::AmbiguousServer => StatusCode::NOT_FOUND,
+            ProxyError::SessionsFull(crate::store::sessions::SessionsFull::Client(_)) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::SessionsFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             // The JSON-RPC error carries the failure, so SDK clients surface it as the
             // answer to their request instead of a transport exception.
@@ -126,7 +151,8 @@ impl ProxyError {
         match self {
             ProxyError::HeaderMismatch { id, .. }
             | ProxyError::Upstream { id, .. }
-            | ProxyError::MalformedToolCall { id } => id.as_ref(),
+            | ProxyError::MalformedToolCall { id }
+            | ProxyError::InitializeTooLarge { id, .. } => id.as_ref(),
             _ => None,
         }
     }

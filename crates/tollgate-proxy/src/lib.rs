@@ -27,8 +27,8 @@ pub use admin::{Admin, admin_router};
 pub use app::AppState;
 pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
-    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits, RawServer,
-    ServerConfig, Transport, UpstreamConfig, expand_env, parse_duration, parse_size,
+    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits, OnAuditFailure,
+    RawServer, ServerConfig, Transport, UpstreamConfig, expand_env, parse_duration, parse_size,
 };
 pub use downstream::conversation::Conversation;
 pub use error::ProxyError;
@@ -44,6 +44,8 @@ pub fn router(state: AppState) -> axum::Router {
 }
 
 use std::future::Future;
+
+use downstream::listener::ConnectionLimits;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -72,8 +74,14 @@ pub async fn serve(
         // The deadline below may be gone already, when the server ended first.
         let _ = stopping_tx.send(());
     };
-    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let server = downstream::listener::serve(
+        "proxy",
+        listener,
+        router(state.clone()),
+        state.shared().clone(),
+        ConnectionLimits::new(&state.limits),
+        shutdown,
+    );
     let deadline = async move {
         if stopping_rx.await.is_ok() {
             tokio::time::sleep(grace).await;
@@ -139,7 +147,15 @@ pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(admin))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let shared = admin.app.shared().clone();
+    let limits = ConnectionLimits::new(&shared.limits);
+    downstream::listener::serve(
+        "admin",
+        listener,
+        admin_router(admin),
+        shared,
+        limits,
+        shutdown,
+    )
+    .await
 }

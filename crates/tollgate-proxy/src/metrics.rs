@@ -65,6 +65,50 @@ struct ReloadLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: String,
+}
+
+/// The metrics of the listeners' connections (`limits.max_connections`, …).
+struct ConnectionMetrics {
+    active: Family<ListenerLabels, Gauge>,
+    refused: Family<RefusedLabels, Counter>,
+    timeouts: Family<RefusedLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    fn register(registry: &mut Registry) -> ConnectionMetrics {
+        let metrics = ConnectionMetrics {
+            active: Family::default(),
+            refused: Family::default(),
+            timeouts: Family::default(),
+        };
+        registry.register(
+            "connections_active",
+            "Open client connections, by listener (proxy, admin)",
+            metrics.active.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once, by listener and limit (max_connections, connections_per_peer)",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "client_timeouts",
+            "Requests whose headers or body did not arrive in time, by listener and part (header, body)",
+            metrics.timeouts.clone(),
+        );
+        metrics
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -86,6 +130,8 @@ pub struct Metrics {
     webhook_failures: Gauge,
     upstream_processes: Family<ServerLabels, Gauge>,
     tools_seen: Mutex<HashSet<String>>,
+    audit_refusals: Family<ServerLabels, Counter>,
+    connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
 }
@@ -163,7 +209,16 @@ impl Metrics {
             "Live processes of each stdio upstream",
             upstream_processes.clone(),
         );
+        let audit_refusals = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "audit_refusals",
+            "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
+            audit_refusals.clone(),
+        );
+        let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
+            audit_refusals,
+            connections,
             registry,
             decisions,
             upstream_latency,
@@ -240,6 +295,47 @@ impl Metrics {
                 server: server.to_owned(),
             })
             .set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a call refused because its decision could not be recorded.
+    pub fn audit_refusal(&self, server: &str) {
+        self.audit_refusals
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection opened (`1`) or closed (`-1`) on `listener`.
+    pub fn connection(&self, listener: &str, delta: i64) {
+        self.connections
+            .active
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+            .inc_by(delta);
+    }
+
+    /// Counts a connection closed at once because of `limit`.
+    pub fn connection_refused(&self, listener: &str, limit: &str) {
+        self.connections
+            .refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_owned(),
+                reason: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a request whose `part` (header, body) did not arrive in time.
+    pub fn client_timeout(&self, listener: &str, part: &str) {
+        self.connections
+            .timeouts
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_owned(),
+                reason: part.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a policy reload.

@@ -58,6 +58,9 @@ impl Core {
         message: Message,
     ) -> Result<Answer, ProxyError> {
         let decoded = inbound::decode(&message, meta)?;
+        if decoded.initialize {
+            session::check_initialize(&message)?;
+        }
         let session = session::resolve(self.shared(), server, caller, meta, &decoded)?;
         // The client's answer to a request Tollgate sent (an approval asked by
         // elicitation) is Tollgate's, not the upstream's.

@@ -103,6 +103,8 @@ pub struct Shared {
     pub(crate) audit: Audit,
     /// Largest body accepted from a client.
     pub(crate) max_body: usize,
+    /// `limits:`, for what reads them late (the listeners, body reads).
+    pub(crate) limits: crate::config::Limits,
     /// The HTTP client (connection pool) for upstreams and webhooks.
     pub(crate) http: reqwest::Client,
     /// Every process started for stdio upstreams.
@@ -323,7 +325,7 @@ impl Shared {
             );
         }
         let audit = match &config.audit {
-            Some(audit) => Audit::open(&audit.path, audit.arguments)?,
+            Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
         };
         let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
@@ -344,9 +346,14 @@ impl Shared {
             .max(Duration::from_millis(100));
         Ok(Shared {
             servers,
-            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle),
+            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle)
+                .with_quotas(
+                    config.limits.sessions_per_client,
+                    config.limits.streams_per_session,
+                ),
             audit,
             max_body: config.limits.max_body,
+            limits: config.limits.clone(),
             http,
             children,
             epoch: Instant::now(),

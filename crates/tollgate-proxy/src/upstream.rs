@@ -225,7 +225,9 @@ pub enum Failure {
     #[error("{0}")]
     Broken(String),
     /// Sent, and the answer was larger than Tollgate buffers.
-    #[error("answered with a message larger than {0} bytes")]
+    #[error(
+        "answered with a message larger than {0} bytes, the most Tollgate reads (4 × limits.max_body, at least 4 MiB)"
+    )]
     TooLarge(usize),
 }
 

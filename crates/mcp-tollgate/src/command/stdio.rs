@@ -11,11 +11,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
-use tollgate_mcp::{ErrorCode, error_response};
+use tollgate_mcp::{ErrorCode, Line, LineReader, error_response, sniff_id};
 use tollgate_proxy::{AppState, Config, LoadedPolicy};
 
 use super::scan::UpstreamTransport;
@@ -168,22 +166,19 @@ async fn serve_stdio(
 
     let mut in_flight = tokio::task::JoinSet::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let codec =
-        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), state.max_body());
-    let mut lines = FramedRead::new(tokio::io::stdin(), codec);
+    let max_line = state.max_body();
+    let mut lines = LineReader::new(tokio::io::BufReader::new(tokio::io::stdin()), max_line);
     let shutdown = super::serve::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            line = lines.next() => match line {
-                Some(Ok(line)) => {
-                    let line: Bytes = line;
-                    let text = line.strip_suffix(b"\r").unwrap_or(&line);
-                    if text.iter().all(u8::is_ascii_whitespace) {
+            line = lines.next_line() => match line {
+                Ok(Some(Line::Text(line))) => {
+                    if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
                     let conversation = conversation.clone();
-                    let body = Bytes::copy_from_slice(text);
+                    let body = Bytes::from(line);
                     // At most MAX_IN_FLIGHT messages handled at once: stdin waits beyond that.
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
                     in_flight.spawn(async move {
@@ -191,14 +186,20 @@ async fn serve_stdio(
                         drop(permit);
                     });
                 }
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "unreadable line on stdin");
-                    let refusal = error_response(None, ErrorCode::InvalidRequest, &format!(
-                        "the message could not be read ({err}); messages are single lines of at most limits.max_body bytes"
+                Ok(Some(Line::TooLong { length, prefix })) => {
+                    // The line is skipped, and reading goes on with the next one.
+                    tracing::warn!(length, "over-long message on stdin; discarded");
+                    let id = sniff_id(&prefix);
+                    let refusal = error_response(id.as_ref(), ErrorCode::InvalidRequest, &format!(
+                        "message of {length} bytes discarded: a message is one line of at most {max_line} bytes (limits.max_body)"
                     ), None);
                     let _ = out.send(refusal).await;
                 }
-                None => break,
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "stdin could not be read");
+                    break;
+                }
             },
             () = &mut shutdown => break,
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}

@@ -88,7 +88,7 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         match *request.method() {
             Method::POST => {
                 let meta = meta_of(request.headers());
-                let body = read_body(doors.shared().max_body, request).await?;
+                let body = read_body(doors.shared(), request).await?;
                 let incoming = Incoming::parse(&body)?;
                 core.handle(&server, &caller, Inbound { incoming, meta })
                     .await

@@ -44,6 +44,8 @@ pub struct Streams {
 struct Stream {
     conversation: Arc<Conversation>,
     client: Option<Arc<str>>,
+    /// The caller's client key, for `limits.sessions_per_client`.
+    key: String,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -55,6 +57,11 @@ impl Streams {
     /// Number of open legacy streams.
     pub fn len(&self) -> usize {
         self.map.lock().len()
+    }
+
+    /// Number of open legacy streams of one client key.
+    fn held_by(&self, key: &str) -> usize {
+        self.map.lock().values().filter(|s| s.key == key).count()
     }
 }
 
@@ -104,9 +111,16 @@ async fn open_stream(
         client: doors.authenticate(request.headers())?,
         peer: peer_of(&request).ip(),
     };
-    let capacity = doors.shared().sessions.capacity();
+    let sessions = &doors.shared().sessions;
+    let capacity = sessions.capacity();
     if doors.legacy.len() >= capacity {
-        return Err(ProxyError::SessionsFull(SessionsFull(capacity)));
+        return Err(ProxyError::SessionsFull(SessionsFull::Total(capacity)));
+    }
+    let key = caller.client_key();
+    let per_client = sessions.per_client();
+    if doors.legacy.held_by(&key) >= per_client {
+        tracing::warn!(client = %key, "legacy SSE stream refused: limits.sessions_per_client");
+        return Err(ProxyError::SessionsFull(SessionsFull::Client(per_client)));
     }
     let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
@@ -122,6 +136,7 @@ async fn open_stream(
         Arc::new(Stream {
             conversation,
             client,
+            key,
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         }),
     );
@@ -185,7 +200,7 @@ async fn post_message(
     let server = doors.server(name.as_deref(), request.headers())?;
     let client = doors.authenticate(request.headers())?;
     // Read (bounded) before answering, so the connection stays usable for the next POST.
-    let body = read_body(doors.shared().max_body, request).await?;
+    let body = read_body(doors.shared(), request).await?;
     let stream = query
         .session_id
         .as_deref()

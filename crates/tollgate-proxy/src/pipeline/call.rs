@@ -347,6 +347,12 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
     let Some(session) = &ctx.session else {
         return Err(ProxyError::MethodNotAllowed);
     };
+    // One upstream connection per GET stream: a client may not open them without bound.
+    let slot = session.open_stream().map_err(|limit| {
+        ProxyError::Quota(format!(
+            "this session already has {limit} GET stream(s) open (limits.streams_per_session); close one before opening another"
+        ))
+    })?;
     let upstream = &ctx.server.upstream;
     let upstream_session = session.upstream_id();
     let mut forwarded = ctx.forwarded.clone();
@@ -376,9 +382,21 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
         ctx.shared().sessions.remove(&session.id);
         return Err(ProxyError::UnknownSession);
     }
+    // The slot is held for as long as the stream lives.
+    let body = match reply.body {
+        Body::Events(events) => Body::Events(
+            events
+                .map(move |event| {
+                    let _open = &slot;
+                    event
+                })
+                .boxed(),
+        ),
+        other => other,
+    };
     Ok(Answer {
         status: reply.status,
-        body: reply.body,
+        body,
         session: None,
         retry_after: reply.retry_after,
     })

@@ -11,6 +11,7 @@ use tollgate_mcp::{Era, Incoming};
 
 use crate::approvals::elicit::Elicitations;
 use crate::state::{Server, Shared};
+use crate::store::limits::peer_key;
 use crate::store::sessions::Session;
 use crate::upstream::{Body, Json, Owner};
 
@@ -24,11 +25,12 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Key of `per: client` limits and owner of shared upstream traffic.
+    /// Key of `per: client` limits, of per-client quotas, and owner of shared
+    /// upstream traffic: the client's name, else its address (an IPv6 peer's /64).
     pub fn client_key(&self) -> String {
         match &self.client {
             Some(client) => format!("client:{client}"),
-            None => format!("peer:{}", self.peer),
+            None => format!("peer:{}", peer_key(self.peer)),
         }
     }
 }

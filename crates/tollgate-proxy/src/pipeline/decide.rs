@@ -228,7 +228,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
             decision.reason
         );
     }
-    record(
+    let recorded = record(
         ctx,
         &decision,
         &permit,
@@ -236,6 +236,24 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
         audit_mode,
         policy.names_tool(tool),
     );
+    let goes_on = audit_mode || decision.action != Action::Deny;
+    if !recorded && goes_on && shared.audit.refuses_unrecorded() {
+        // `audit.on_failure: refuse`: what cannot be recorded does not happen. The
+        // permit is dropped unused, so its slot is given back.
+        shared.metrics.audit_refusal(&server.name);
+        tracing::warn!(
+            tool,
+            "tools/call refused: its decision could not be written to the audit log"
+        );
+        return Verdict::Refuse(error_response(
+            Some(id),
+            ErrorCode::InternalError,
+            &format!(
+                "tools/call `{tool}` was not forwarded: its decision could not be written to the audit log (audit.on_failure: refuse); the operator must fix the audit log"
+            ),
+            None,
+        ));
+    }
 
     match decision.action {
         _ if audit_mode => Verdict::Forward(Some(permit)),
@@ -255,7 +273,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
     }
 }
 
-/// The decision's audit record, metric and log line.
+/// The decision's audit record, metric and log line; whether the record was written.
 fn record(
     ctx: &Context,
     decision: &Decision,
@@ -263,15 +281,15 @@ fn record(
     arguments: &Value,
     audit_mode: bool,
     named_by_policy: bool,
-) {
+) -> bool {
     let shared = ctx.shared();
     let rule = decision
         .rule
         .as_ref()
         .map_or_else(|| "default".to_owned(), ToString::to_string);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
-    if shared.audit.enabled() {
-        shared.audit.write(&Record::Decision {
+    let recorded = !shared.audit.enabled()
+        || shared.audit.write(&Record::Decision {
             call_id: &permit.call_id,
             server: &ctx.server.name,
             client: ctx.caller.client.as_deref(),
@@ -286,7 +304,6 @@ fn record(
             arguments: shared.audit.includes_arguments().then_some(arguments),
             failing_path: decision.failing_path.as_deref(),
         });
-    }
     shared.metrics.decision(
         &ctx.server.name,
         &permit.tool,
@@ -302,6 +319,7 @@ fn record(
         audit_mode,
         "tools/call decided"
     );
+    recorded
 }
 
 /// Turns a held call's decision into a refusal (approval denied, expired, or not

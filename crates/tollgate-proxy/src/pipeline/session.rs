@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use tollgate_mcp::Era;
+use tollgate_mcp::{Era, Message};
 
 use super::context::{Caller, Context, Meta};
 use super::inbound::Decoded;
@@ -50,6 +50,55 @@ pub fn find(
     Ok(Some(session))
 }
 
+/// The largest `initialize` accepted: a session keeps it for as long as it lives.
+pub const MAX_INITIALIZE: usize = 64 * 1024;
+
+/// Refuses an `initialize` larger than a session may keep ([`MAX_INITIALIZE`]).
+pub fn check_initialize(message: &Message) -> Result<(), ProxyError> {
+    let size = json_len(message.as_value());
+    if size > MAX_INITIALIZE {
+        tracing::warn!(size, "initialize refused: larger than a session keeps");
+        return Err(ProxyError::InitializeTooLarge {
+            id: message.id().cloned(),
+            size,
+            limit: MAX_INITIALIZE,
+        });
+    }
+    Ok(())
+}
+
+/// The length of `value` as JSON text, counted without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// What a re-initialize replays of the client's `initialize`: the handshake's own
+/// fields, nothing else the client put in it.
+fn replayable(initialize: &Value) -> Value {
+    let mut params = serde_json::Map::new();
+    if let Some(sent) = initialize.get("params").and_then(Value::as_object) {
+        for key in ["protocolVersion", "capabilities", "clientInfo", "_meta"] {
+            if let Some(value) = sent.get(key) {
+                params.insert(key.to_owned(), value.clone());
+            }
+        }
+    }
+    serde_json::json!({"jsonrpc": "2.0", "method": "initialize", "params": params})
+}
+
 /// Opens the session an `initialize` asked for, once the upstream accepted it.
 pub fn open(
     ctx: &Context,
@@ -71,9 +120,10 @@ pub fn open(
             server: ctx.server.name.clone(),
             client: ctx.caller.client.clone(),
             upstream_id,
-            initialize: Some(initialize.clone()),
+            initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
+            quota_key: ctx.client_key.as_str().into(),
         })?;
     tracing::info!(session = %session.id, "session opened");
     Ok(session)

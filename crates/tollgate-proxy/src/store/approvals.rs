@@ -17,6 +17,10 @@ use tokio::sync::{broadcast, oneshot};
 /// How many settled approvals are kept for `GET /approvals`.
 const SETTLED_KEPT: usize = 500;
 
+/// The most of a settled approval's arguments kept, as JSON text: a preview, so
+/// that the settled list stays small whatever the calls carried.
+pub const PREVIEW_BYTES: usize = 2048;
+
 /// Where an approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,8 +48,12 @@ pub struct Approval {
     pub server: String,
     /// The tool.
     pub tool: String,
-    /// The call's arguments.
+    /// The call's arguments; once settled, a preview (a string of their first
+    /// [`PREVIEW_BYTES`] bytes of JSON) when they were larger.
     pub arguments: Value,
+    /// Set when `arguments` is a preview: the size of the whole arguments as JSON text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments_truncated_from: Option<usize>,
     /// The authenticated client, if any.
     pub client: Option<String>,
     /// The session, if any.
@@ -171,6 +179,7 @@ impl Approvals {
             server: request.server,
             tool: request.tool,
             arguments: request.arguments,
+            arguments_truncated_from: None,
             client: request.client,
             session: request.session,
             rule: request.rule,
@@ -306,6 +315,7 @@ fn settle(
     by: Option<String>,
     reason: Option<String>,
 ) -> Approval {
+    preview(&mut approval);
     approval.status = status;
     approval.decided_by = by;
     approval.decision_reason = reason;
@@ -313,6 +323,20 @@ fn settle(
     table.settled.push_front(approval.clone());
     table.settled.truncate(SETTLED_KEPT);
     approval
+}
+
+/// Replaces arguments larger than [`PREVIEW_BYTES`] of JSON by a preview of them.
+fn preview(approval: &mut Approval) {
+    let text = serde_json::to_string(&approval.arguments).unwrap_or_default();
+    if text.len() <= PREVIEW_BYTES {
+        return;
+    }
+    let mut end = PREVIEW_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    approval.arguments = Value::String(format!("{}…", &text[..end]));
+    approval.arguments_truncated_from = Some(text.len());
 }
 
 /// How a held call ended.
@@ -416,6 +440,31 @@ mod tests {
             store.decide(&id, true, "late", None),
             Err(DecideError::Settled(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn settled_approvals_keep_a_preview_of_large_arguments() {
+        let store = Arc::new(Approvals::new());
+        let mut large = request(Duration::from_secs(60));
+        large.arguments = json!({"blob": "é".repeat(100_000)});
+        let ticket = store.open(large);
+        assert_eq!(
+            store.get(&ticket.id).unwrap().arguments["blob"]
+                .as_str()
+                .unwrap()
+                .len(),
+            200_000
+        );
+        let settled = store.decide(&ticket.id, false, "alice", None).unwrap();
+        let preview = settled.arguments.as_str().unwrap();
+        assert!(preview.starts_with("{\"blob\":\"éé") && preview.ends_with('…'));
+        assert!(preview.len() <= PREVIEW_BYTES + '…'.len_utf8());
+        assert_eq!(settled.arguments_truncated_from, Some(200_000 + 11));
+        assert_eq!(store.get(&ticket.id).unwrap().arguments, settled.arguments);
+        let small = store.open(request(Duration::from_secs(60)));
+        let settled = store.decide(&small.id, true, "alice", None).unwrap();
+        assert_eq!(settled.arguments, json!({"a": 1}));
+        assert_eq!(settled.arguments_truncated_from, None);
     }
 
     #[tokio::test]

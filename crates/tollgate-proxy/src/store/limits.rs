@@ -1,12 +1,29 @@
 //! Rate-limit state: each server's rolling windows for `rate_limit` rules, and the
 //! per-client request rate that protects the proxy itself.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 use parking_lot::Mutex;
 use tollgate_policy::{Decision, Policy, RateLimiter, Slot, ToolCall};
+
+/// The key of an anonymous peer for per-client limits: its address, or for an
+/// IPv6 peer its /64, which one host (or one customer of a provider) usually has
+/// whole, so that walking through its addresses does not get it fresh limits.
+pub fn peer_key(peer: IpAddr) -> String {
+    match peer {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", std::net::Ipv6Addr::from(prefix))
+        }
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or_else(String::new, |v4| v4.to_string()),
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
 
 /// One server's rolling windows, kept across policy reloads.
 #[derive(Default)]
@@ -60,5 +77,35 @@ impl ClientRate {
         if let Some(rate) = &self.0 {
             rate.retain_recent();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn ipv6_peers_are_grouped_by_their_64() {
+        let key = |text: &str| peer_key(text.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:fffe"), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::1"), "::/64");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+    }
+
+    #[test]
+    fn one_64_shares_one_request_rate() {
+        let rate = ClientRate::new(2);
+        let key = |text: &str| peer_key(text.parse().unwrap());
+        assert!(rate.check(&key("2001:db8::1")).is_ok());
+        assert!(rate.check(&key("2001:db8::2")).is_ok());
+        assert!(
+            rate.check(&key("2001:db8::3")).is_err(),
+            "a new address in the same /64 got a fresh bucket"
+        );
+        assert!(rate.check(&key("2001:db8:0:1::1")).is_ok());
     }
 }

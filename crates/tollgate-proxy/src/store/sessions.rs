@@ -22,6 +22,11 @@ pub struct Session {
     pub initialize: Option<Value>,
     /// Whether the client declared the elicitation capability in `initialize`.
     pub elicitation: bool,
+    /// Whose session it is for `limits.sessions_per_client` (the caller's client key).
+    quota_key: Arc<str>,
+    /// GET streams open on it, and the most allowed (`limits.streams_per_session`).
+    streams: AtomicUsize,
+    max_streams: usize,
     /// The protocol version the upstream chose in its `initialize` answer.
     protocol_version: Mutex<Option<Arc<str>>>,
     /// The upstream's session id, when the upstream issued one; replaced when
@@ -48,6 +53,8 @@ pub struct NewSession {
     pub elicitation: bool,
     /// The negotiated protocol version.
     pub protocol_version: Option<Arc<str>>,
+    /// Whose session it is, for `limits.sessions_per_client`.
+    pub quota_key: Arc<str>,
 }
 
 /// A fresh unguessable id: 128 random bits in hex.
@@ -86,6 +93,29 @@ impl Session {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
+    /// Takes one of the session's GET stream slots (`limits.streams_per_session`)
+    /// until the returned guard drops; `Err` with the limit when none is free.
+    pub fn open_stream(self: &Arc<Self>) -> Result<OpenStream, usize> {
+        let taken = self
+            .streams
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |open| {
+                (open < self.max_streams).then_some(open + 1)
+            });
+        match taken {
+            Ok(_) => Ok(OpenStream(self.clone())),
+            Err(_) => Err(self.max_streams),
+        }
+    }
+}
+
+/// One open GET stream of a session.
+pub struct OpenStream(Arc<Session>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One request of a session waiting for the upstream.
@@ -100,25 +130,53 @@ impl Drop for InFlight {
 /// The session table.
 pub struct Sessions {
     map: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    /// Sessions held by each client key.
+    held: Mutex<HashMap<Arc<str>, usize>>,
     max: usize,
+    per_client: usize,
+    streams_per_session: usize,
     idle: Duration,
     epoch: Instant,
 }
 
-/// The table is full.
+/// No session can be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("too many sessions ({0}, limits.max_sessions); try again later")]
-pub struct SessionsFull(pub usize);
+pub enum SessionsFull {
+    /// The table is full.
+    #[error("too many sessions ({0}, limits.max_sessions); try again later")]
+    Total(usize),
+    /// This client holds as many sessions (or legacy streams) as it may.
+    #[error(
+        "this client already holds {0} sessions (limits.sessions_per_client); end one (DELETE, or close its stream) or let one expire, then try again"
+    )]
+    Client(usize),
+}
 
 impl Sessions {
     /// An empty table holding at most `max` sessions, each forgotten after `idle`.
     pub fn new(max: usize, idle: Duration) -> Sessions {
         Sessions {
             map: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             max,
+            per_client: usize::MAX,
+            streams_per_session: usize::MAX,
             idle,
             epoch: Instant::now(),
         }
+    }
+
+    /// The same table with per-client quotas: at most `per_client` sessions per
+    /// client key, and `streams_per_session` GET streams on each session.
+    pub fn with_quotas(mut self, per_client: usize, streams_per_session: usize) -> Sessions {
+        self.per_client = per_client;
+        self.streams_per_session = streams_per_session;
+        self
+    }
+
+    /// The most sessions (and legacy streams) one client may hold.
+    pub fn per_client(&self) -> usize {
+        self.per_client
     }
 
     fn now_ms(&self) -> u64 {
@@ -133,6 +191,9 @@ impl Sessions {
             client: new.client,
             initialize: new.initialize,
             elicitation: new.elicitation,
+            quota_key: new.quota_key,
+            streams: AtomicUsize::new(0),
+            max_streams: self.streams_per_session,
             protocol_version: Mutex::new(new.protocol_version),
             upstream_id: Mutex::new(new.upstream_id),
             in_flight: AtomicUsize::new(0),
@@ -143,11 +204,35 @@ impl Sessions {
         if map.len() >= self.max {
             self.sweep_locked(&mut map);
             if map.len() >= self.max {
-                return Err(SessionsFull(self.max));
+                return Err(SessionsFull::Total(self.max));
             }
         }
+        let mut held = self.held.lock();
+        let count = held.entry(session.quota_key.clone()).or_insert(0);
+        if *count >= self.per_client {
+            drop(held);
+            // Idle sessions of this client may be what holds its quota.
+            self.sweep_locked(&mut map);
+            held = self.held.lock();
+            if held.get(&session.quota_key).copied().unwrap_or(0) >= self.per_client {
+                return Err(SessionsFull::Client(self.per_client));
+            }
+        }
+        *held.entry(session.quota_key.clone()).or_insert(0) += 1;
+        drop(held);
         map.insert(session.id.clone(), session.clone());
         Ok(session)
+    }
+
+    /// Gives a forgotten session's quota back to its client.
+    fn release(&self, session: &Session) {
+        let mut held = self.held.lock();
+        if let Some(count) = held.get_mut(&session.quota_key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&session.quota_key);
+            }
+        }
     }
 
     /// The live session with this id, refreshed.
@@ -159,7 +244,11 @@ impl Sessions {
 
     /// Forgets a session.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().remove(id)
+        let removed = self.map.lock().remove(id);
+        if let Some(session) = &removed {
+            self.release(session);
+        }
+        removed
     }
 
     /// How long an unused session is kept (`limits.session_idle`).
@@ -186,7 +275,13 @@ impl Sessions {
     fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Arc<Session>>) {
         let now = self.now_ms();
         let idle = u64::try_from(self.idle.as_millis()).unwrap_or(u64::MAX);
-        map.retain(|_, s| now.saturating_sub(s.last_seen_ms.load(Ordering::Relaxed)) < idle);
+        map.retain(|_, s| {
+            let live = now.saturating_sub(s.last_seen_ms.load(Ordering::Relaxed)) < idle;
+            if !live {
+                self.release(s);
+            }
+            live
+        });
     }
 }
 
@@ -203,6 +298,7 @@ mod tests {
             initialize: None,
             elicitation: false,
             protocol_version: None,
+            quota_key: "peer:127.0.0.1".into(),
         }
     }
 
@@ -233,5 +329,47 @@ mod tests {
         let strict = Sessions::new(1, Duration::from_secs(3600));
         strict.open(new(None)).unwrap();
         assert!(strict.open(new(None)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn of(key: &str) -> NewSession {
+        NewSession {
+            server: "s".into(),
+            client: None,
+            upstream_id: None,
+            initialize: None,
+            elicitation: false,
+            protocol_version: None,
+            quota_key: key.into(),
+        }
+    }
+
+    #[test]
+    fn one_client_cannot_take_every_session() {
+        let sessions = Sessions::new(10, Duration::from_secs(60)).with_quotas(2, 1);
+        let a = sessions.open(of("client:a")).unwrap();
+        sessions.open(of("client:a")).unwrap();
+        assert!(matches!(
+            sessions.open(of("client:a")),
+            Err(SessionsFull::Client(2))
+        ));
+        sessions.open(of("client:b")).unwrap();
+        sessions.remove(&a.id);
+        sessions.open(of("client:a")).unwrap();
+    }
+
+    #[test]
+    fn a_session_has_one_stream_at_a_time() {
+        let sessions = Sessions::new(10, Duration::from_secs(60)).with_quotas(2, 1);
+        let session = sessions.open(of("client:a")).unwrap();
+        let first = session.open_stream().unwrap();
+        assert_eq!(session.open_stream().err(), Some(1));
+        drop(first);
+        assert!(session.open_stream().is_ok());
     }
 }

@@ -101,9 +101,20 @@ impl Routes {
             self.owner_of(&mut message)
         };
         match sink {
-            Some(sink) => {
-                let _ = sink.send(message).await;
-            }
+            // Never waited on: one client that does not read its stream must not
+            // stop the reader, and with it every other request on the channel.
+            Some(sink) => match sink.try_send(message) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                // An answer is never dropped: it waits on its own, one per request.
+                Err(mpsc::error::TrySendError::Full(message)) if is_response => {
+                    tokio::spawn(async move {
+                        let _ = sink.send(message).await;
+                    });
+                }
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    tracing::debug!(method = ?message.get("method"), "server message for a client that does not read its stream; dropped");
+                }
+            },
             None if !is_response => {
                 tracing::debug!(method = ?message.get("method"), "server message with nobody listening; dropped");
             }
@@ -497,6 +508,35 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(&*err.0, "process exited");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_is_not_read_holds_up_nothing() {
+        let (channel, mut wire, routes) = channel();
+        let _listener = channel.listen();
+        let mut call = channel
+            .request(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+                &owner("a"),
+            )
+            .await
+            .unwrap();
+        let own = wire.recv().await.unwrap()["id"].clone();
+        let note =
+            json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "x"}});
+        // Far more than the listener holds: the excess is dropped, not waited on.
+        for _ in 0..SINK_CAPACITY * 4 {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                routes.deliver(note.clone()),
+            )
+            .await
+            .unwrap();
+        }
+        routes
+            .deliver(json!({"jsonrpc": "2.0", "id": own, "result": {}}))
+            .await;
+        assert_eq!(call.messages.recv().await.unwrap()["id"], 1);
     }
 
     #[tokio::test]

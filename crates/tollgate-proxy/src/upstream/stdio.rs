@@ -11,14 +11,12 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
+use tollgate_mcp::{Line, LineReader, sniff_id};
 
 use super::channel::{Channel, Routes, TaskGuard};
 
@@ -336,21 +334,32 @@ async fn read_lines(
     server: Arc<str>,
     max_line: usize,
 ) {
-    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max_line);
-    let mut lines = FramedRead::new(stdout, codec);
-    while let Some(line) = lines.next().await {
-        let line: Bytes = match line {
-            Ok(line) => line,
-            Err(err) => {
-                tracing::warn!(server = %server, error = %err, "unreadable output from the stdio upstream; line skipped");
+    let mut lines = LineReader::new(tokio::io::BufReader::new(stdout), max_line);
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(Line::Text(line))) => line,
+            Ok(Some(Line::TooLong { length, prefix })) => {
+                // Skipped, not fatal: the channel goes on for every other request.
+                let why = format!(
+                    "upstream `{server}` answered with a message of {length} bytes, more than the {max_line} bytes Tollgate reads (4 × limits.max_body, at least 4 MiB); it was discarded"
+                );
+                tracing::warn!(server = %server, length, "the stdio upstream wrote an over-long line; skipped");
+                // Its answer, when it is one, is for the request of that (our own) id.
+                if let Some(own) = sniff_id(&prefix).and_then(|id| id.as_u64()) {
+                    routes.fail(own, &why).await;
+                }
                 continue;
             }
+            Ok(None) => break,
+            Err(err) => {
+                tracing::warn!(server = %server, error = %err, "could not read the stdio upstream's output");
+                break;
+            }
         };
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_slice::<Value>(line) {
+        match serde_json::from_slice::<Value>(&line) {
             Ok(message) => routes.deliver(message).await,
             Err(err) => {
                 tracing::warn!(server = %server, error = %err, "the stdio upstream wrote a line that is not JSON-RPC; ignored");
@@ -371,16 +380,20 @@ async fn read_lines(
 type LastWords = Arc<parking_lot::Mutex<Option<String>>>;
 
 async fn log_stderr(stderr: tokio::process::ChildStderr, server: Arc<str>, last: LastWords) {
-    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), 64 * 1024);
-    let mut lines = FramedRead::new(stderr, codec);
-    while let Some(line) = lines.next().await {
-        if let Ok(line) = line {
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end();
-            if !text.is_empty() {
-                tracing::info!(target: "tollgate::upstream", server = %server, "stderr: {text}");
-                *last.lock() = Some(text.chars().take(500).collect());
-            }
+    // Every line is read to its end, however long: a reader that stopped would
+    // leave the child writing into a closed pipe.
+    let mut lines = LineReader::new(tokio::io::BufReader::new(stderr), 64 * 1024);
+    while let Ok(Some(line)) = lines.next_line().await {
+        let (line, cut) = match line {
+            Line::Text(line) => (line, false),
+            Line::TooLong { prefix, .. } => (prefix, true),
+        };
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            let more = if cut { " …(line cut)" } else { "" };
+            tracing::info!(target: "tollgate::upstream", server = %server, "stderr: {text}{more}");
+            *last.lock() = Some(text.chars().take(500).collect());
         }
     }
 }

@@ -1,0 +1,205 @@
+//! The listeners' connections, served with hyper directly so that a slow client
+//! cannot hold the process: a connection must send a request's headers within
+//! `limits.header_read_timeout` (which also bounds an idle keep-alive connection),
+//! and at most `limits.max_connections` connections, `limits.connections_per_peer`
+//! from one address (an IPv6 peer by its /64), are open at once; beyond them a
+//! connection is closed as soon as it is accepted. Each is counted and logged.
+//! (Bodies are bounded in time where they are read, [`super::read_body`].)
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::Limits;
+use crate::state::Shared;
+use crate::store::limits::peer_key;
+
+/// How connections are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open at once.
+    pub max: usize,
+    /// Open at once from one peer.
+    pub per_peer: usize,
+    /// Until a request's headers are in.
+    pub header_read_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits of `limits:`; `max_connections` defaults to 1024, or three
+    /// quarters of the open-file limit when that is lower, so that the last file
+    /// descriptors stay for upstreams, logs and the clients already in.
+    pub fn new(limits: &Limits) -> ConnectionLimits {
+        ConnectionLimits {
+            max: limits.max_connections.unwrap_or_else(default_max),
+            per_peer: limits.connections_per_peer,
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+fn default_max() -> usize {
+    let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(4096, |(soft, _)| soft);
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    (files / 4 * 3).clamp(16, 1024)
+}
+
+/// Connections open per peer key.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<String, usize>>);
+
+/// One connection's place in the per-peer count.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    key: String,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.0.lock();
+        if let Some(count) = peers.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                peers.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Peers {
+    fn take(self: &Arc<Self>, key: String, limit: usize) -> Option<PeerSlot> {
+        let mut peers = self.0.lock();
+        let count = peers.entry(key.clone()).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            key,
+        })
+    }
+}
+
+/// Logs at most one line a second for a flood of like events.
+struct Throttle(AtomicU64);
+
+impl Throttle {
+    fn ready(&self, epoch: Instant) -> bool {
+        let now = epoch.elapsed().as_secs() + 1;
+        self.0.swap(now, Ordering::Relaxed) != now
+    }
+}
+
+/// Serves `router` on `listener` (named `name` in metrics and logs) until
+/// `shutdown` completes; then connections finish their requests in flight and
+/// close. Returns once every connection is closed.
+pub async fn serve(
+    name: &'static str,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shared: Arc<Shared>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let open = Arc::new(Semaphore::new(limits.max));
+    let peers = Arc::new(Peers::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let epoch = Instant::now();
+    let refused_log = Arc::new(Throttle(AtomicU64::new(0)));
+    let timeout_log = Arc::new(Throttle(AtomicU64::new(0)));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, most often: wait for some to be freed.
+                    if refused_log.ready(epoch) {
+                        tracing::warn!(listener = name, error = %err, "could not accept a connection");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let refuse = |limit: &str| {
+            shared.metrics.connection_refused(name, limit);
+            if refused_log.ready(epoch) {
+                tracing::warn!(listener = name, peer = %peer.ip(), "connection refused: limits.{limit} reached");
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refuse("max_connections");
+            continue;
+        };
+        let Some(peer_slot) = peers.take(peer_key(peer.ip()), limits.per_peer) else {
+            refuse("connections_per_peer");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        // axum's `ConnectInfo` extractor finds the peer's address in the request.
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            },
+        );
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let mut stop = stop_rx.clone();
+        let shared = shared.clone();
+        let timeout_log = timeout_log.clone();
+        let header_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _held = (permit, peer_slot);
+            shared.metrics.connection(name, 1);
+            tokio::pin!(connection);
+            let mut stopping = false;
+            let result = loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = stop.changed(), if !stopping => {
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            };
+            shared.metrics.connection(name, -1);
+            match result {
+                Err(err) if err.is_timeout() => {
+                    shared.metrics.client_timeout(name, "header");
+                    if timeout_log.ready(epoch) {
+                        tracing::info!(listener = name, peer = %peer.ip(), "connection closed: no request headers within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
+                    }
+                }
+                Err(err) => tracing::debug!(listener = name, error = %err, "connection ended"),
+                Ok(()) => {}
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a permit: all of them back means all are closed.
+    let all = u32::try_from(limits.max).unwrap_or(u32::MAX);
+    let _ = open.acquire_many(all).await;
+    Ok(())
+}
