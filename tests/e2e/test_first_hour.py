@@ -141,7 +141,9 @@ def test_hints_name_this_binary_and_the_ports_in_use(procs, tmp_path):
     assert rest == f"approvals list --admin {admin.group(1)}"
     assert ":9090" not in "\n".join(proc.lines)
     # The hint runs as printed.
-    out = subprocess.run([binary, *rest.split()], capture_output=True, text=True, timeout=30)
+    # In the same user's runtime directory, where the demo recorded its generated token.
+    out = subprocess.run([binary, *rest.split()], capture_output=True, text=True, timeout=30,
+                         env=runtime_env(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "no approvals" in out.stdout
 

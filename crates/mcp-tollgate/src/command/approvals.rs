@@ -59,11 +59,19 @@ pub fn run(args: ApprovalsArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     let targets = match &args.admin {
-        Some(url) => vec![Target {
-            base: url.trim_end_matches('/').to_owned(),
-            token: token.clone(),
-            about: None,
-        }],
+        Some(url) => {
+            let base = url.trim_end_matches('/').to_owned();
+            // A running instance at that address may have a token generated for it.
+            let recorded = super::instances::running()
+                .into_iter()
+                .find(|instance| instance.admin.trim_end_matches('/') == base)
+                .and_then(|instance| instance.token);
+            vec![Target {
+                base,
+                token: token.clone().or(recorded),
+                about: None,
+            }]
+        }
         None => discovered(token.as_deref()),
     };
     match runtime.block_on(execute(&args, &targets)) {

@@ -69,18 +69,25 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 &policy_path,
                 args.listen,
             )?;
-            // A token each run (TOLLGATE_ADMIN_TOKEN, else a fresh random one): without
-            // one, any local program (the very agent whose calls wait for a human) could
-            // approve its own calls by curl.
-            let token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+            // A token each run (TOLLGATE_ADMIN_TOKEN, else one generated, printed and
+            // recorded for `approvals`): without one, any local program (the very agent
+            // whose calls wait for a human) could approve its own calls by curl.
+            let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
                 .ok()
-                .filter(|t| !t.is_empty())
-                .unwrap_or_else(random_token);
-            config.admin = Some(tollgate_proxy::AdminConfig {
-                listen: args.admin_listen,
-                token: Some(token.clone()),
-            });
-            let mode = AdminMode::Configured;
+                .filter(|t| !t.is_empty());
+            let mode = match env_token {
+                Some(token) => {
+                    config.admin = Some(tollgate_proxy::AdminConfig {
+                        listen: args.admin_listen,
+                        token: Some(token),
+                    });
+                    AdminMode::Configured
+                }
+                None => AdminMode::Personal {
+                    default_listen: args.admin_listen,
+                    explicit: true,
+                },
+            };
             if let Some(server) = config.servers.remove("upstream") {
                 config.servers.insert("healthlake".into(), server);
             }
@@ -88,8 +95,8 @@ pub fn run(args: DemoArgs) -> ExitCode {
             policies.insert("healthlake".to_owned(), policy);
             let stdio_policy = stdio_policy_path(args.policy.as_deref());
             run_proxy(config, policies, mode, "demo", |bound| {
-                if let Some(admin) = bound.admin {
-                    print_admin(&token, &format!("http://{admin}/"));
+                if let (Some(admin), Some(token)) = (bound.admin, &bound.admin_token) {
+                    print_admin(token, &format!("http://{admin}/"));
                 }
                 print_instructions(&upstream_url, bound, stdio_policy.as_deref())
             })
@@ -99,18 +106,8 @@ pub fn run(args: DemoArgs) -> ExitCode {
     finish(result)
 }
 
-/// 32 random bytes as 64 hex digits.
-fn random_token() -> String {
-    use std::fmt::Write as _;
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
-}
-
 fn print_admin(token: &str, admin_page: &str) {
-    println!("Admin token (new each run unless TOLLGATE_ADMIN_TOKEN is set): {token}");
+    println!("Admin token (new each run): {token}");
     // The token rides in the fragment, which the browser never sends: the page keeps
     // it in the tab's session storage and drops it from the address bar.
     println!("Approvals page: {admin_page}#token={token}");

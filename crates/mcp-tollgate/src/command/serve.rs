@@ -281,8 +281,13 @@ fn policies_need_approvers(state: &AppState) -> bool {
         .any(|server| server.policy.load().uses_approval_queue())
 }
 
+/// 256 random bits as 64 hex digits.
 fn generated_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    )
 }
 
 /// Starts the admin listener of a `tollgate stdio` process (see [`AdminMode::Personal`]:
@@ -399,12 +404,14 @@ pub async fn bind_admin(
 }
 
 /// Where the listeners are, once bound.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bound {
     /// The MCP listener.
     pub listen: SocketAddr,
     /// The admin listener, when there is one.
     pub admin: Option<SocketAddr>,
+    /// The admin token Tollgate generated for this run, if it did.
+    pub admin_token: Option<String>,
 }
 
 /// Binds, prints the URLs, and serves until SIGINT or SIGTERM. `on_bound` gets the
@@ -433,6 +440,7 @@ pub async fn run_proxy(
     on_bound(Bound {
         listen: addr,
         admin: admin.as_ref().map(|a| a.addr),
+        admin_token: admin.as_ref().and_then(|a| a.generated_token.clone()),
     });
     let admin_task = admin.map(|a| a.task);
     let _watcher = start_reloading(&state);

@@ -392,6 +392,14 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
                 })
                 .boxed(),
         ),
+        Body::Sse(bytes) => Body::Sse(
+            bytes
+                .map(move |chunk| {
+                    let _open = &slot;
+                    chunk
+                })
+                .boxed(),
+        ),
         other => other,
     };
     Ok(Answer {
