@@ -79,6 +79,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             config.admin = Some(tollgate_proxy::AdminConfig {
                 listen: args.admin_listen,
                 token: Some(token.clone()),
+                approvers: Vec::new(),
             });
             let mode = AdminMode::Configured;
             if let Some(server) = config.servers.remove("upstream") {
