@@ -18,7 +18,10 @@ from conftest import free_port, start_tollgate, start_upstream
 pytestmark = pytest.mark.anyio
 
 TOKEN = "admin-token-0123456789"
-ADMIN = f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}"
+ALICE = "alice-approver-token-0123"
+BOB = "bob-approver-token-456789"
+ADMIN = (f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, approvers: "
+         f"[{{name: alice, token: {ALICE}}}, {{name: bob, token: {BOB}}}]}}")
 
 POLICY = """
 version: 1
@@ -88,7 +91,7 @@ async def test_approve_forwards_the_call_and_returns_the_upstreams_result(era, p
             assert pending["server"] == "upstream"
             assert pending["reason"] == "Bulk export of patient data needs a human."
             assert upstream.calls() == [], "held, not forwarded"
-            r = admin_post(tg, f"/approvals/{pending['id']}/approve", {"by": "alice"})
+            r = admin_post(tg, f"/approvals/{pending['id']}/approve", token=ALICE)
             assert r.status_code == 200 and r.json()["status"] == "approved"
     assert result is not None and result.is_error is False
     assert json.loads(result.content[0].text)["JobStatus"] == "SUBMITTED"
@@ -112,6 +115,51 @@ async def test_deny_returns_the_approvers_reason_to_the_agent(procs, tmp_path):
     assert "not during the audit freeze" in result.content[0].text
     assert result.meta["dev.tollgate/decision"]["kind"] == "approval_denied"
     assert upstream.calls() == []
+
+
+async def test_the_approver_is_named_by_their_token_never_by_the_body(procs, tmp_path):
+    """Issue 14.3: a decision records the name of the token's owner; the body's `by`
+    cannot put words in anyone's mouth, and an approver's token opens approvals only."""
+    upstream, tg = start(procs, tmp_path)
+    results = []
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            async def call():
+                results.append(await client.call_tool("start_fhir_export_job", EXPORT))
+            tasks.start_soon(call)
+            (first,) = await wait_pending(tg)
+            assert admin_post(tg, f"/approvals/{first['id']}/approve", {"by": "mallory"}, token="not-a-token").status_code == 401
+            r = admin_post(tg, f"/approvals/{first['id']}/approve", {"by": "mallory"}, token=ALICE)
+            assert r.status_code == 200, r.text
+            assert r.json()["decided_by"] == "alice"
+            tasks.start_soon(call)
+            (second,) = await wait_pending(tg)
+            r = admin_post(tg, f"/approvals/{second['id']}/deny", {"reason": "no", "by": "alice"}, token=BOB)
+            assert r.json()["decided_by"] == "bob"
+    assert [r.is_error for r in results] == [False, True]
+    assert admin_get(tg, f"/approvals/{first['id']}", token=BOB).json()["decided_by"] == "alice"
+    # Operations stay the operator's.
+    for path in ("/metrics", "/status"):
+        assert admin_get(tg, path, token=ALICE).status_code == 403
+    assert admin_post(tg, "/reload", token=BOB).status_code == 403
+    assert admin_get(tg, "/status").status_code == 200
+    approvals = [(r["verdict"], r["decided_by"]) for r in tg.audit() if r["event"] == "approval"]
+    assert approvals == [("approved", "alice"), ("denied", "bob")]
+    assert upstream.tools_called() == ["start_fhir_export_job"]
+
+
+async def test_approvers_need_names_and_tokens_of_their_own(procs, tmp_path):
+    from conftest import TOLLGATE
+    import subprocess
+    config = tmp_path / "bad.yaml"
+    (tmp_path / "p.yaml").write_text("version: 1\nrules: []\n")
+    config.write_text(
+        f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, approvers: [{{name: a, token: {TOKEN}}}, {{name: a, token: short}}]}}\n"
+        "servers:\n  s:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n")
+    out = subprocess.run([TOLLGATE, "validate", str(config)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "admin.approvers[0].token" in out.stderr and "admin.approvers[1].name" in out.stderr, out.stderr
+    assert "shorter than 16" in out.stderr, out.stderr
 
 
 async def test_no_decision_before_the_timeout_refuses(procs, tmp_path):

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.anyio
 
 HEALTHLAKE_PYTHON = os.environ.get("HEALTHLAKE_PYTHON", str(ROOT / "tests" / ".venv-healthlake" / "bin" / "python"))
 TOKEN = "admin-token-healthlake-0123"
+LEE = "dr-lee-approver-token-4567"
 DATASTORE = "0123456789abcdef0123456789abcdef"
 ROLE = "arn:aws:iam::123456789012:role/healthlake-export"
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000"
@@ -77,7 +78,7 @@ def start(procs, tmp_path: Path, aws: FakeHealthLake) -> tuple[str, str]:
     config = tmp_path / "tollgate.yaml"
     config.write_text(
         "listen: 127.0.0.1:0\n"
-        f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n"
+        f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}, approvers: [{{name: dr-lee, token: {LEE}}}]}}\n"
         f"audit: {{path: '{tmp_path / 'audit.jsonl'}'}}\n"
         "servers:\n"
         "  healthlake:\n"
@@ -124,8 +125,8 @@ async def test_the_real_healthlake_server_behind_tollgate(era, procs, tmp_path, 
             assert held["tool"] == "start_fhir_export_job" and held["server"] == "healthlake"
             assert held["arguments"] == export("approved-exports")
             assert aws.operations() == [], "held, so AWS has seen nothing yet"
-            approved = httpx.post(f"{admin}/approvals/{held['id']}/approve", json={"by": "dr-lee"},
-                                  headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+            approved = httpx.post(f"{admin}/approvals/{held['id']}/approve",
+                                  headers={"authorization": f"Bearer {LEE}"}, timeout=10)
             assert approved.status_code == 200, approved.text
         assert result is not None and result.is_error is False, result
         answer = json.loads(result.content[0].text)

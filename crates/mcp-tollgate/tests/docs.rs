@@ -110,11 +110,17 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
         .unwrap();
     let documented: BTreeSet<String> = table_keys(keys).into_iter().collect();
     let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
-    let levels: [(&str, String); 7] = [
+    let levels: [(&str, String); 8] = [
         ("", format!("zz_bogus: 1\n{server}")),
         (
             "admin.",
             format!("admin: {{listen: 127.0.0.1:0, zz_bogus: 1}}\n{server}"),
+        ),
+        (
+            "admin.approvers[].",
+            format!(
+                "admin: {{listen: 127.0.0.1:0, approvers: [{{name: a, token: 0123456789abcdef, zz_bogus: 1}}]}}\n{server}"
+            ),
         ),
         (
             "clients[].",

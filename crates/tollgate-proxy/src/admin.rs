@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -40,15 +41,35 @@ pub struct Admin {
     pub loopback: bool,
 }
 
+/// Who is calling the admin API, as their token says.
+#[derive(Debug, Clone)]
+enum Identity {
+    /// The operator's key (`admin.token`), or anyone on a loopback listener without one.
+    Operator,
+    /// A named approver (`admin.approvers`): approvals only.
+    Approver(Arc<str>),
+}
+
+impl Identity {
+    /// The name a decision records: the token's owner, never what a request body says.
+    fn name(&self) -> &str {
+        match self {
+            Identity::Operator => "admin",
+            Identity::Approver(name) => name,
+        }
+    }
+}
+
 /// The admin router.
 pub fn admin_router(admin: Admin) -> Router {
+    let operations = ops::routes().layer(middleware::from_fn(operator_only));
     let api = Router::new()
         .route("/approvals", get(list))
         .route("/approvals/stream", get(stream))
         .route("/approvals/{id}", get(one))
         .route("/approvals/{id}/approve", post(approve))
         .route("/approvals/{id}/deny", post(deny))
-        .merge(ops::routes())
+        .merge(operations)
         .layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/", get(page))
@@ -80,31 +101,57 @@ async fn same_site_only(State(admin): State<Admin>, request: Request, next: Next
 
 /// Whether the request carries the admin token (always, when there is none).
 fn authorized(admin: &Admin, headers: &axum::http::HeaderMap) -> bool {
-    let Some(token) = &admin.token else {
-        return true;
-    };
+    matches!(identify(admin, headers), Some(Identity::Operator))
+}
+
+/// The identity a request's bearer token proves, if any. Every token is compared in
+/// constant time, so timing tells nothing about which one nearly matched.
+fn identify(admin: &Admin, headers: &axum::http::HeaderMap) -> Option<Identity> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(subtle::ConstantTimeEq::ct_eq(
-        presented.as_bytes(),
-        token.as_bytes(),
-    ))
+        .unwrap_or("")
+        .as_bytes();
+    let same = |token: &[u8]| bool::from(subtle::ConstantTimeEq::ct_eq(presented, token));
+    let mut found = None;
+    for approver in admin.app.approvers() {
+        if same(&approver.token) {
+            found = Some(Identity::Approver(approver.name.clone()));
+        }
+    }
+    match &admin.token {
+        Some(token) if same(token.as_bytes()) => Some(Identity::Operator),
+        Some(_) => found,
+        // A loopback listener without a token is open; an approver's token still names them.
+        None => found.or(Some(Identity::Operator)),
+    }
 }
 
-async fn require_token(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    if !authorized(&admin, request.headers()) {
-        let body = json!({"error": "missing or wrong admin token: send `Authorization: Bearer <admin.token>`"});
+async fn require_token(State(admin): State<Admin>, mut request: Request, next: Next) -> Response {
+    let Some(identity) = identify(&admin, request.headers()) else {
+        let body = json!({"error": "missing or wrong admin token: send `Authorization: Bearer <token>` with admin.token or an admin.approvers token"});
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             Json(body),
         )
             .into_response();
-    }
+    };
+    request.extensions_mut().insert(identity);
     next.run(request).await
+}
+
+/// Operations (metrics, status, reload) are the operator's; an approver's token is for approvals.
+async fn operator_only(request: Request, next: Next) -> Response {
+    match request.extensions().get::<Identity>() {
+        Some(Identity::Operator) => next.run(request).await,
+        _ => (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "an approver's token may only list and decide approvals; use admin.token"})),
+        )
+            .into_response(),
+    }
 }
 
 async fn page() -> impl IntoResponse {
@@ -170,29 +217,51 @@ fn not_found(id: &str) -> Response {
 struct DecisionBody {
     #[serde(default)]
     reason: Option<String>,
+    /// Accepted for older clients and ignored: who decided is the token's owner.
     #[serde(default)]
+    #[allow(dead_code)]
     by: Option<String>,
 }
 
 async fn approve(
     State(admin): State<Admin>,
+    Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
     body: Option<Json<DecisionBody>>,
 ) -> Response {
-    decide(admin, id, true, body.map(|b| b.0).unwrap_or_default())
+    decide(
+        admin,
+        &identity,
+        id,
+        true,
+        body.map(|b| b.0).unwrap_or_default(),
+    )
 }
 
 async fn deny(
     State(admin): State<Admin>,
+    Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
     body: Option<Json<DecisionBody>>,
 ) -> Response {
-    decide(admin, id, false, body.map(|b| b.0).unwrap_or_default())
+    decide(
+        admin,
+        &identity,
+        id,
+        false,
+        body.map(|b| b.0).unwrap_or_default(),
+    )
 }
 
-fn decide(admin: Admin, id: String, approved: bool, body: DecisionBody) -> Response {
-    let by = body.by.unwrap_or_else(|| "admin".to_owned());
-    match admin.app.approvals.decide(&id, approved, &by, body.reason) {
+fn decide(
+    admin: Admin,
+    identity: &Identity,
+    id: String,
+    approved: bool,
+    body: DecisionBody,
+) -> Response {
+    let by = identity.name();
+    match admin.app.approvals.decide(&id, approved, by, body.reason) {
         Ok(approval) => Json(approval).into_response(),
         Err(DecideError::NotFound(id)) => not_found(&id),
         Err(DecideError::Settled(current)) => (

@@ -20,6 +20,15 @@ use crate::state::{BuildError, LoadedPolicy, Server, Shared};
 pub struct AppState {
     shared: Arc<Shared>,
     doors: Arc<Doors>,
+    approvers: Arc<[Approver]>,
+}
+
+/// A person who may decide approvals with a token of their own (`admin.approvers`).
+pub struct Approver {
+    /// The name recorded with their decisions.
+    pub name: Arc<str>,
+    /// Their bearer token.
+    pub token: Vec<u8>,
 }
 
 impl std::ops::Deref for AppState {
@@ -37,12 +46,30 @@ impl AppState {
     ) -> Result<AppState, BuildError> {
         let shared = Arc::new(Shared::build(config, policies)?);
         let doors = Arc::new(Doors::new(Core::new(shared.clone()), config));
-        Ok(AppState { shared, doors })
+        let approvers = config
+            .admin
+            .iter()
+            .flat_map(|admin| &admin.approvers)
+            .map(|a| Approver {
+                name: a.name.as_str().into(),
+                token: a.token.as_bytes().to_vec(),
+            })
+            .collect();
+        Ok(AppState {
+            shared,
+            doors,
+            approvers,
+        })
     }
 
     /// The shared state.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The named approvers.
+    pub(crate) fn approvers(&self) -> &[Approver] {
+        &self.approvers
     }
 
     /// The front doors.

@@ -64,9 +64,23 @@ pub struct ConfigOf<S> {
 pub struct AdminConfig {
     /// Where the admin API listens.
     pub listen: SocketAddr,
-    /// Bearer token for the admin API.
+    /// Bearer token for the admin API: the operator's key, good for every route.
     #[serde(default)]
     pub token: Option<String>,
+    /// People who may list and decide approvals, each with a token of their own; a
+    /// decision records the name of the token's owner.
+    #[serde(default)]
+    pub approvers: Vec<ApproverConfig>,
+}
+
+/// One entry of `admin.approvers:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    /// The name recorded with each decision made with this token.
+    pub name: String,
+    /// The approver's bearer token.
+    pub token: String,
 }
 
 /// One entry of `clients:`.
@@ -588,6 +602,9 @@ impl ConfigOf<RawServer> {
     /// Semantic checks that serde cannot express; every problem is reported.
     fn check(self) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
+        if let Some(admin) = &self.admin {
+            check_approvers(admin, &mut problems);
+        }
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
         }
@@ -624,6 +641,36 @@ impl ConfigOf<RawServer> {
             shutdown_grace: self.shutdown_grace,
             servers,
         })
+    }
+}
+
+/// Approvers need names and tokens of their own that nobody else holds.
+fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
+    let mut names = std::collections::HashSet::new();
+    let mut tokens: std::collections::HashSet<&str> =
+        admin.token.iter().map(String::as_str).collect();
+    for (i, approver) in admin.approvers.iter().enumerate() {
+        if approver.name.trim().is_empty() {
+            problems.push(format!("admin.approvers[{i}].name: must not be empty"));
+        }
+        if !names.insert(approver.name.as_str()) {
+            problems.push(format!(
+                "admin.approvers[{i}].name: `{}` appears twice",
+                approver.name
+            ));
+        }
+        if approver.token.len() < 16 {
+            problems.push(format!(
+                "admin.approvers[{i}].token: the token of `{}` is shorter than 16 characters",
+                approver.name
+            ));
+        }
+        if !tokens.insert(approver.token.as_str()) {
+            problems.push(format!(
+                "admin.approvers[{i}].token: the token of `{}` is also another approver's or admin.token; give each its own",
+                approver.name
+            ));
+        }
     }
 }
 

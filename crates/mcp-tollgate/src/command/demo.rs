@@ -80,6 +80,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
                     config.admin = Some(tollgate_proxy::AdminConfig {
                         listen: args.admin_listen,
                         token: Some(token),
+                        approvers: Vec::new(),
                     });
                     AdminMode::Configured
                 }
