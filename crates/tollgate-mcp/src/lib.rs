@@ -17,6 +17,7 @@
 mod era;
 mod jsonrpc;
 mod lines;
+mod param;
 mod sse;
 
 pub use era::{
@@ -28,6 +29,10 @@ pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,
 };
 pub use lines::{Line, LineReader, sniff_id};
+pub use param::{
+    InvalidParamHeaders, MAX_PARAM_HEADERS, ParamHeader, check_param_headers,
+    mirrored_param_headers, param_headers,
+};
 pub use sse::{
     DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseError, SseEvent, encode_event, events,
     events_with_limit,

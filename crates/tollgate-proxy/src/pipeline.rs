@@ -57,7 +57,7 @@ impl Core {
         meta: &Meta,
         message: Message,
     ) -> Result<Answer, ProxyError> {
-        let decoded = inbound::decode(&message, meta)?;
+        let decoded = inbound::decode(&message, meta, &server.params)?;
         if decoded.initialize {
             session::check_initialize(&message)?;
         }

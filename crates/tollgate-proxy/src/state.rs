@@ -19,6 +19,7 @@ use crate::config::{Config, ServerConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::store::approvals::Approvals;
 use crate::store::limits::CallLimits;
+use crate::store::params::ToolParams;
 use crate::store::sessions::Sessions;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
@@ -42,6 +43,8 @@ pub struct Server {
     pub limits: CallLimits,
     /// Where the policy came from and how its last reload went.
     pub policy_info: Mutex<PolicyInfo>,
+    /// The `Mcp-Param-*` headers its tools declare, learned from `tools/list`.
+    pub params: ToolParams,
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -249,6 +252,7 @@ fn build_server(
             last_error: None,
             failed_hash: None,
         }),
+        params: ToolParams::default(),
     })
 }
 

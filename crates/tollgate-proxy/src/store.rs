@@ -1,5 +1,5 @@
 //! State that outlives one request and that several replicas would share: sessions,
-//! rate-limit windows and pending approvals.
+//! rate-limit windows, pending approvals and the tools' learned `Mcp-Param-*` headers.
 //!
 //! Each store is a narrow interface (a handful of methods, private fields) over an
 //! in-memory implementation. A shared backend (Redis, for several replicas) is a
@@ -8,6 +8,7 @@
 
 pub mod approvals;
 pub mod limits;
+pub mod params;
 pub mod sessions;
 
 /// A fresh unguessable id: `bytes` random bytes in hex.

@@ -36,6 +36,22 @@ pub async fn handle(
                 .into(),
         });
     }
+    // So does an `Mcp-Param-*` header one of the batch's tools declares: it cannot
+    // be checked against one call. Headers no tool declares go on untouched.
+    let declared = |header: &str| {
+        messages.iter().filter_map(Message::tool_call).any(|call| {
+            server
+                .params
+                .get(call.name)
+                .is_some_and(|d| d.iter().any(|p| p.header == header))
+        })
+    };
+    if let Some((name, _)) = meta.params.iter().find(|(name, _)| declared(name.as_str())) {
+        return Err(ProxyError::HeaderMismatch {
+            id: None,
+            message: format!("header mismatch: {name} cannot describe a JSON-RPC batch"),
+        });
+    }
     let session = session::find(core.shared(), server, caller, meta.session.as_deref())?;
     if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
         return Err(ProxyError::MissingSession);
@@ -63,7 +79,7 @@ pub async fn handle(
     }
     let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
     let policy = server.policy.load_full();
-    let body = relay::filter(reply.body, policy, caller.client.clone());
+    let body = relay::filter(reply.body, server.clone(), policy, caller.client.clone());
     if refused.is_empty() {
         return Ok(Answer {
             status: reply.status,

@@ -2,14 +2,21 @@
 //!
 //! On Streamable HTTP the routing headers must agree with the body (Tollgate
 //! decides on the body, so a header-routed component behind it must see the same
-//! call) and are forwarded as sent. A binding without headers (stdio, legacy SSE)
-//! gets them mirrored from the body, as a Streamable HTTP client would send them.
+//! call) and are forwarded as sent. So must the `Mcp-Param-*` headers of a
+//! `tools/call` that its tool declares (`x-mcp-header`, learned from `tools/list`);
+//! those no tool declares are forwarded untouched, as the spec asks of an
+//! intermediary. A binding without headers (stdio, legacy SSE) gets them all
+//! mirrored from the body, as a Streamable HTTP client would send them.
 
 use axum::http::{HeaderName, HeaderValue};
-use tollgate_mcp::{Era, Kind, Message, RoutingHeaders, era_of, mirrored_headers};
+use tollgate_mcp::{
+    Era, Kind, Message, RoutingHeaders, check_param_headers, era_of, is_stateless_version,
+    meta_protocol_version, mirrored_headers, mirrored_param_headers,
+};
 
 use super::context::Meta;
 use crate::error::ProxyError;
+use crate::store::params::ToolParams;
 
 /// A message, understood.
 pub struct Decoded {
@@ -21,8 +28,16 @@ pub struct Decoded {
     pub forwarded: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// Checks the routing headers and tells the era.
-pub fn decode(message: &Message, meta: &Meta) -> Result<Decoded, ProxyError> {
+/// Checks the routing headers (and the `Mcp-Param-*` headers the called tool
+/// declares in `params`) and tells the era.
+pub fn decode(message: &Message, meta: &Meta, params: &ToolParams) -> Result<Decoded, ProxyError> {
+    let mismatch = |mismatch: tollgate_mcp::HeaderMismatch| ProxyError::HeaderMismatch {
+        id: message.id().cloned(),
+        message: mismatch.to_string(),
+    };
+    let call = message.tool_call();
+    let declared = call.as_ref().and_then(|call| params.get(call.name));
+    let stateless = meta_protocol_version(message).is_some_and(is_stateless_version);
     let mut forwarded = Vec::new();
     let header_version = match &meta.routing {
         Some(routing) => {
@@ -31,12 +46,16 @@ pub fn decode(message: &Message, meta: &Meta) -> Result<Decoded, ProxyError> {
                 method: routing.method.as_ref().map(HeaderValue::as_bytes),
                 name: routing.name.as_ref().map(HeaderValue::as_bytes),
             };
-            headers
-                .validate(message)
-                .map_err(|mismatch| ProxyError::HeaderMismatch {
-                    id: message.id().cloned(),
-                    message: mismatch.to_string(),
-                })?;
+            headers.validate(message).map_err(mismatch)?;
+            if let (Some(call), Some(declared)) = (&call, &declared) {
+                let sent = meta
+                    .params
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes()));
+                // Required only where the spec obliges clients to send them.
+                check_param_headers(declared, call.arguments.as_object(), sent, stateless)
+                    .map_err(mismatch)?;
+            }
             let named = [
                 ("mcp-protocol-version", &routing.protocol_version),
                 ("mcp-method", &routing.method),
@@ -57,6 +76,15 @@ pub fn decode(message: &Message, meta: &Meta) -> Result<Decoded, ProxyError> {
             for (name, value) in mirrored_headers(message) {
                 if let Ok(value) = HeaderValue::from_str(&value) {
                     forwarded.push((HeaderName::from_static(name), value));
+                }
+            }
+            if stateless && let (Some(call), Some(declared)) = (&call, &declared) {
+                for (name, value) in mirrored_param_headers(declared, call.arguments.as_object()) {
+                    if let (Ok(name), Ok(value)) =
+                        (HeaderName::try_from(name), HeaderValue::from_str(&value))
+                    {
+                        forwarded.push((name, value));
+                    }
                 }
             }
             None

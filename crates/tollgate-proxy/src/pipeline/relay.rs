@@ -1,6 +1,7 @@
 //! Stage 6, relay: the upstream's answer on its way back. Answers stream through
 //! as they arrive; only `tools/list` results are parsed, to hide the tools the
-//! policy denies outright, and only an `initialize` answer is looked at, to open
+//! policy denies outright and to learn which arguments each tool mirrors into
+//! `Mcp-Param-*` headers, and only an `initialize` answer is looked at, to open
 //! the session it started.
 
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tollgate_policy::Policy;
 use super::context::{Answer, Context};
 use super::session;
 use crate::error::ProxyError;
+use crate::state::Server;
+use crate::store::params::ToolParams;
 use crate::store::sessions::Session;
 use crate::upstream::{Body, Event, EventStream, Json, Reply, SseBytes};
 
@@ -32,6 +35,7 @@ pub fn answer(
     if tools_list {
         body = filter(
             body,
+            ctx.server.clone(),
             ctx.server.policy.load_full(),
             ctx.caller.client.clone(),
         );
@@ -136,15 +140,20 @@ fn note_version(events: EventStream, session: Arc<Session>) -> EventStream {
 }
 
 /// Hides the tools the policy denies `client` outright, in a JSON body or in every
-/// event of a stream.
-pub fn filter(body: Body, policy: Arc<Policy>, client: Option<Arc<str>>) -> Body {
+/// event of a stream, and learns the listed tools' `x-mcp-header` annotations.
+pub fn filter(
+    body: Body,
+    server: Arc<Server>,
+    policy: Arc<Policy>,
+    client: Option<Arc<str>>,
+) -> Body {
     match body {
-        Body::Json(json) => Body::Json(filter_json(json, &policy, client.as_deref())),
+        Body::Json(json) => Body::Json(filter_json(json, &server, &policy, client.as_deref())),
         Body::Events(events) => Body::Events(
             events
                 .map(move |event| {
                     event.map(|mut event| {
-                        event.data = filter_json(event.data, &policy, client.as_deref());
+                        event.data = filter_json(event.data, &server, &policy, client.as_deref());
                         event
                     })
                 })
@@ -154,17 +163,18 @@ pub fn filter(body: Body, policy: Arc<Policy>, client: Option<Arc<str>>) -> Body
     }
 }
 
-fn filter_json(json: Json, policy: &Policy, client: Option<&str>) -> Json {
+fn filter_json(json: Json, server: &Server, policy: &Policy, client: Option<&str>) -> Json {
+    let params = &server.params;
     match json {
         Json::Value(mut value) => {
-            filter_tools(&mut value, policy, client);
+            filter_tools(&mut value, &server.name, params, policy, client);
             Json::Value(value)
         }
         Json::Text(text) => {
             // Only an answer that lists tools is parsed.
             if memchr_tools(&text)
                 && let Ok(mut value) = serde_json::from_slice::<Value>(&text)
-                && filter_tools(&mut value, policy, client)
+                && filter_tools(&mut value, &server.name, params, policy, client)
             {
                 return Json::Value(value);
             }
@@ -177,12 +187,20 @@ fn memchr_tools(text: &[u8]) -> bool {
     text.windows(7).any(|w| w == b"\"tools\"")
 }
 
-/// Removes hidden tools from one JSON-RPC response (or each response of a batch).
-/// Returns whether anything was removed.
-pub fn filter_tools(message: &mut Value, policy: &Policy, client: Option<&str>) -> bool {
+/// Removes hidden tools from one JSON-RPC response (or each response of a batch),
+/// and tools whose `x-mcp-header` annotations are not valid (as a Streamable HTTP
+/// client must); learns the annotations of the others into `params`. Returns
+/// whether anything was removed.
+pub fn filter_tools(
+    message: &mut Value,
+    server: &str,
+    params: &ToolParams,
+    policy: &Policy,
+    client: Option<&str>,
+) -> bool {
     if let Value::Array(items) = message {
         return items.iter_mut().fold(false, |changed, item| {
-            filter_tools(item, policy, client) | changed
+            filter_tools(item, server, params, policy, client) | changed
         });
     }
     let Some(tools) = message
@@ -192,9 +210,62 @@ pub fn filter_tools(message: &mut Value, policy: &Policy, client: Option<&str>) 
         return false;
     };
     let before = tools.len();
-    tools.retain(|tool| match tool.get("name").and_then(Value::as_str) {
-        Some(name) => !policy.hides_tool(name, client),
-        None => true,
+    tools.retain(|tool| {
+        let Some(name) = tool.get("name").and_then(Value::as_str) else {
+            return true;
+        };
+        if policy.hides_tool(name, client) {
+            return false;
+        }
+        let schema = tool.get("inputSchema").unwrap_or(&Value::Null);
+        match tollgate_mcp::param_headers(schema) {
+            Ok(declared) => {
+                if !params.learn(name, declared) {
+                    tracing::warn!(
+                        server,
+                        tool = name,
+                        "too many tools with x-mcp-header annotations; this one's are not checked"
+                    );
+                }
+                true
+            }
+            Err(invalid) => {
+                tracing::warn!(server, tool = name, error = %invalid, "tool hidden");
+                params.forget(name);
+                false
+            }
+        }
     });
     tools.len() != before
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tools_list_teaches_param_headers_and_hides_invalid_tools() {
+        let policy = Policy::from_yaml("version: 1\ndefault: allow\n", "test").unwrap();
+        let params = ToolParams::default();
+        let mut answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+            {"name": "read", "inputSchema": {"type": "object", "properties": {
+                "path": {"type": "string", "x-mcp-header": "Path"}}}},
+            {"name": "plain", "inputSchema": {"type": "object"}},
+            {"name": "bad", "inputSchema": {"type": "object", "properties": {
+                "n": {"type": "number", "x-mcp-header": "N"}}}}
+        ]}});
+        assert!(filter_tools(&mut answer, "s", &params, &policy, None));
+        let names: Vec<_> = answer["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["read", "plain"]);
+        assert_eq!(params.get("read").unwrap()[0].header, "mcp-param-path");
+        assert!(params.get("plain").is_none());
+        assert!(params.get("bad").is_none());
+    }
 }
