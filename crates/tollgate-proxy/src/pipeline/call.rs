@@ -118,7 +118,7 @@ fn failed(failure: &Failure) -> Outcome {
 
 /// Finishes each call with what its answer in `body` says: at once for a JSON
 /// answer, as the answer passes for a stream. Only answers to calls are read.
-fn answered(body: Body, mut permits: Vec<Permit>) -> Body {
+fn answered(body: Body, permits: Vec<Permit>) -> Body {
     if permits.is_empty() {
         return body;
     }
@@ -141,35 +141,22 @@ fn answered(body: Body, mut permits: Vec<Permit>) -> Body {
             }
             Body::Json(json)
         }
-        Body::Events(events) => {
-            for permit in &mut permits {
-                permit.answer_began();
+        Body::Events(events) => Body::Events(
+            Accounted {
+                events,
+                waiting: Waiting::began(permits),
             }
-            Body::Events(
-                Accounted {
-                    events,
-                    pending: permits,
-                }
-                .boxed(),
-            )
-        }
-        Body::Sse(bytes) => {
-            for permit in &mut permits {
-                permit.answer_began();
+            .boxed(),
+        ),
+        Body::Sse(bytes) => Body::Sse(
+            AccountedSse {
+                bytes,
+                decoder: Some(SseDecoder::new(DEFAULT_MAX_EVENT_BYTES)),
+                decoded: Vec::new(),
+                waiting: Waiting::began(permits),
             }
-            Body::Sse(
-                AccountedSse {
-                    bytes,
-                    decoder: Some(SseDecoder::new(DEFAULT_MAX_EVENT_BYTES)),
-                    decoded: Vec::new(),
-                    accounted: Accounted {
-                        events: futures::stream::empty().boxed(),
-                        pending: permits,
-                    },
-                }
-                .boxed(),
-            )
-        }
+            .boxed(),
+        ),
         other @ (Body::Empty | Body::Other { .. }) => {
             finish(permits, Outcome::Forwarded);
             other
@@ -248,29 +235,49 @@ impl Head {
     }
 }
 
-/// A streamed answer that finishes each call's permit when the call's answer
-/// passes; when the stream fails or ends first, or is dropped (the client went away),
-/// the calls still waiting are finished with that.
-struct Accounted {
-    events: EventStream,
-    pending: Vec<Permit>,
-}
+/// The calls of a streamed answer still waiting for theirs. Each is finished when its
+/// answer passes; when the stream fails or ends first, or is dropped (the client went
+/// away), the calls still waiting are finished with that.
+struct Waiting(Vec<Permit>);
 
-impl Accounted {
-    fn note(&mut self, event: &Event) {
-        let Some(answers) = answers_in(&event.data) else {
+impl Waiting {
+    /// The permits of calls whose answer has begun to stream.
+    fn began(mut permits: Vec<Permit>) -> Waiting {
+        for permit in &mut permits {
+            permit.answer_began();
+        }
+        Waiting(permits)
+    }
+
+    fn note(&mut self, message: &Json) {
+        if self.0.is_empty() {
+            return;
+        }
+        let Some(answers) = answers_in(message) else {
             return;
         };
         for (id, outcome) in answers {
-            if let Some(at) = self.pending.iter().position(|p| *p.request_id() == id) {
-                self.pending.swap_remove(at).finish(outcome);
+            if let Some(at) = self.0.iter().position(|p| *p.request_id() == id) {
+                self.0.swap_remove(at).finish(outcome);
             }
         }
     }
 
     fn finish_all(&mut self, outcome: Outcome) {
-        finish(std::mem::take(&mut self.pending), outcome);
+        finish(std::mem::take(&mut self.0), outcome);
     }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.finish_all(Outcome::ClientGone);
+    }
+}
+
+/// A stream of messages, accounted as it passes.
+struct Accounted {
+    events: EventStream,
+    waiting: Waiting,
 }
 
 impl Stream for Accounted {
@@ -280,23 +287,22 @@ impl Stream for Accounted {
         let this = &mut *self;
         let item = futures::ready!(this.events.poll_next_unpin(cx));
         match &item {
-            Some(Ok(event)) if !this.pending.is_empty() => this.note(event),
-            Some(Ok(_)) => {}
-            Some(Err(failure)) => this.finish_all(failed(failure)),
-            None => this.finish_all(Outcome::Broken),
+            Some(Ok(event)) => this.waiting.note(&event.data),
+            Some(Err(failure)) => this.waiting.finish_all(failed(failure)),
+            None => this.waiting.finish_all(Outcome::Broken),
         }
         Poll::Ready(item)
     }
 }
 
-/// The same for an SSE stream relayed as it came: its bytes pass unchanged while a
-/// decoder beside them watches for the calls' answers.
+/// An SSE stream relayed as it came, accounted the same way: its bytes pass unchanged
+/// while a decoder beside them watches for the calls' answers.
 struct AccountedSse {
     bytes: SseBytes,
     /// `None` once the stream is past what the decoder accepts: nothing more is read.
     decoder: Option<SseDecoder>,
     decoded: Vec<SseEvent>,
-    accounted: Accounted,
+    waiting: Waiting,
 }
 
 impl Stream for AccountedSse {
@@ -306,33 +312,22 @@ impl Stream for AccountedSse {
         let this = &mut *self;
         let item = futures::ready!(this.bytes.poll_next_unpin(cx));
         match &item {
-            Some(Ok(chunk)) if !this.accounted.pending.is_empty() => {
+            Some(Ok(chunk)) if !this.waiting.0.is_empty() => {
                 if let Some(decoder) = &mut this.decoder
                     && decoder.feed(chunk, &mut this.decoded).is_err()
                 {
                     this.decoder = None;
-                    this.accounted.finish_all(Outcome::Forwarded);
+                    this.waiting.finish_all(Outcome::Forwarded);
                 }
                 for event in this.decoded.drain(..) {
-                    let data = Json::Text(Bytes::from(event.data));
-                    this.accounted.note(&Event {
-                        data,
-                        id: None,
-                        retry: None,
-                    });
+                    this.waiting.note(&Json::Text(Bytes::from(event.data)));
                 }
             }
             Some(Ok(_)) => {}
-            Some(Err(failure)) => this.accounted.finish_all(failed(failure)),
-            None => this.accounted.finish_all(Outcome::Broken),
+            Some(Err(failure)) => this.waiting.finish_all(failed(failure)),
+            None => this.waiting.finish_all(Outcome::Broken),
         }
         Poll::Ready(item)
-    }
-}
-
-impl Drop for Accounted {
-    fn drop(&mut self) {
-        self.finish_all(Outcome::ClientGone);
     }
 }
 

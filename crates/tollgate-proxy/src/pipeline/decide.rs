@@ -283,10 +283,7 @@ fn record(
     named_by_policy: bool,
 ) -> bool {
     let shared = ctx.shared();
-    let rule = decision
-        .rule
-        .as_ref()
-        .map_or_else(|| "default".to_owned(), ToString::to_string);
+    let rule = rule_label(decision);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     let recorded = !shared.audit.enabled()
         || shared.audit.write(&Record::Decision {
@@ -320,6 +317,14 @@ fn record(
         "tools/call decided"
     );
     recorded
+}
+
+/// The deciding rule as the audit log, metrics and approvals name it, or `default`.
+pub fn rule_label(decision: &Decision) -> String {
+    decision
+        .rule
+        .as_ref()
+        .map_or_else(|| "default".to_owned(), ToString::to_string)
 }
 
 /// Turns a held call's decision into a refusal (approval denied, expired, or not

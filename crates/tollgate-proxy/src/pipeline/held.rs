@@ -11,7 +11,7 @@ use tollgate_mcp::{Era, Message};
 use tollgate_policy::DenyKind;
 
 use super::context::{Answer, Context};
-use super::decide::{Held, deny, refusal};
+use super::decide::{Held, deny, refusal, rule_label};
 use super::{call, relay};
 use crate::approvals::hold::{Hold, Sink, wait};
 use crate::store::approvals::Outcome;
@@ -45,11 +45,7 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
         arguments,
         client: ctx.caller.client.clone(),
         session: session.map(|s| s.id.clone()),
-        rule: held
-            .decision
-            .rule
-            .as_ref()
-            .map_or_else(|| "default".to_owned(), ToString::to_string),
+        rule: rule_label(&held.decision),
         reason: held.decision.reason.clone(),
         approval: held.decision.approval.clone().unwrap_or_default(),
         progress_token: message.progress_token().cloned(),

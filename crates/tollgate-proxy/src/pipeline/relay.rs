@@ -17,7 +17,7 @@ use crate::error::ProxyError;
 use crate::state::Server;
 use crate::store::params::ToolParams;
 use crate::store::sessions::Session;
-use crate::upstream::{Body, Event, EventStream, Json, Reply, SseBytes};
+use crate::upstream::{Body, Event, EventStream, Failure, Json, Reply};
 
 /// Turns the upstream's reply to `message` into the client's answer.
 pub fn answer(
@@ -70,56 +70,44 @@ pub fn answer(
 /// A streamed answer that ends with an error message for `id` when the
 /// upstream's stream breaks before the answer; other bodies as they are.
 fn until_answered(body: Body, id: &Value, server: &Arc<str>) -> Body {
+    let (id, server) = (id.clone(), server.clone());
     match body {
-        Body::Events(events) => {
-            Body::Events(events_until_answered(events, id.clone(), server.clone()))
-        }
-        Body::Sse(bytes) => Body::Sse(sse_until_answered(bytes, id.clone(), server.clone())),
+        Body::Events(events) => Body::Events(ending_with(events, move |failure| {
+            Event::message(broken(&id, &server, &failure))
+        })),
+        // The blank line first ends whatever event the break cut short.
+        Body::Sse(bytes) => Body::Sse(ending_with(bytes, move |failure| {
+            let error = broken(&id, &server, &failure);
+            bytes::Bytes::from(format!("\n\nevent: message\ndata: {error}\n\n"))
+        })),
         other => other,
     }
 }
 
+/// `stream`, whose first failure becomes a last item made by `last`.
+fn ending_with<T: Send + 'static>(
+    stream: futures::stream::BoxStream<'static, Result<T, Failure>>,
+    last: impl Fn(Failure) -> T + Send + 'static,
+) -> futures::stream::BoxStream<'static, Result<T, Failure>> {
+    stream
+        .scan(false, move |ended, item| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let item = item.or_else(|failure| {
+                *ended = true;
+                Ok(last(failure))
+            });
+            futures::future::ready(Some(item))
+        })
+        .boxed()
+}
+
 /// The error a broken stream ends with, logged.
-fn broken(id: &Value, server: &str, failure: &crate::upstream::Failure) -> Value {
+fn broken(id: &Value, server: &str, failure: &Failure) -> Value {
     let message = format!("upstream `{server}`: {failure}");
     tracing::warn!(error = %message, "upstream stream failed");
     error_response(Some(id), ErrorCode::InternalError, &message, None)
-}
-
-/// Raw SSE bytes that end with an error event for `id` when the stream breaks.
-fn sse_until_answered(bytes: SseBytes, id: Value, server: Arc<str>) -> SseBytes {
-    bytes
-        .scan(false, move |ended, chunk| {
-            if *ended {
-                return futures::future::ready(None);
-            }
-            let chunk = chunk.or_else(|failure| {
-                *ended = true;
-                // The blank line first ends whatever event the break cut short.
-                let error = broken(&id, &server, &failure);
-                Ok(bytes::Bytes::from(format!(
-                    "\n\nevent: message\ndata: {error}\n\n"
-                )))
-            });
-            futures::future::ready(Some(chunk))
-        })
-        .boxed()
-}
-
-/// Messages that end with an error message for `id` when the stream breaks.
-fn events_until_answered(events: EventStream, id: Value, server: Arc<str>) -> EventStream {
-    events
-        .scan(false, move |ended, event| {
-            if *ended {
-                return futures::future::ready(None);
-            }
-            let event = event.or_else(|failure| {
-                *ended = true;
-                Ok(Event::message(broken(&id, &server, &failure)))
-            });
-            futures::future::ready(Some(event))
-        })
-        .boxed()
 }
 
 /// Records the protocol version from an `initialize` answer that arrives as an event.
