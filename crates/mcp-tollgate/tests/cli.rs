@@ -212,6 +212,42 @@ fn test_prints_each_failing_case_with_the_deciding_rule() {
 }
 
 #[test]
+fn explain_and_test_see_an_active_grant() {
+    let dir = Dir::new("grant");
+    let policy = dir.write(
+        "p.yaml",
+        "version: 1\nrules:\n  - tool: export\n    action: require_approval\n    arguments: {properties: {to: {const: ok}}}\n  - tool: drop\n    action: deny\n",
+    );
+    let explain = |tool: &str, args: &str, grant: bool| {
+        let mut argv = vec![
+            "--format", "json", "explain", "--policy", &policy, "--tool", tool, "--args", args,
+        ];
+        if grant {
+            argv.push("--grant");
+        }
+        let out = tollgate(&argv);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        json["decision"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        explain("export", r#"{"to":"ok"}"#, false),
+        "require_approval"
+    );
+    assert_eq!(explain("export", r#"{"to":"ok"}"#, true), "allow");
+    // A grant never lets through what the rule's schema or a deny rule refuses.
+    assert_eq!(explain("export", r#"{"to":"elsewhere"}"#, true), "deny");
+    assert_eq!(explain("drop", "{}", true), "deny");
+    let file = dir.write(
+        "p.test.yaml",
+        "policy: p.yaml\ncases:\n  - {name: held, tool: export, arguments: {to: ok}, expect: require_approval}\n  - {name: granted, tool: export, arguments: {to: ok}, grant: true, expect: allow}\n  - {name: granted bad args, tool: export, arguments: {to: x}, grant: true, expect: deny, kind: arguments}\n",
+    );
+    let out = tollgate(&["test", &file]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert!(stdout(&out).contains("3 passed"), "{}", stdout(&out));
+}
+
+#[test]
 fn explain_names_the_rule_and_the_failing_argument() {
     let out = tollgate(&[
         "explain",
@@ -443,19 +479,11 @@ fn the_schema_description_is_for_users() {
 
 #[test]
 fn format_is_offered_only_where_it_changes_the_output() {
-    for command in ["validate", "test", "explain"] {
+    for command in ["validate", "test", "explain", "approvals"] {
         let out = tollgate(&[command, "--help"]);
         assert!(stdout(&out).contains("--format"), "{command}");
     }
-    for command in [
-        "demo",
-        "serve",
-        "stdio",
-        "scan",
-        "approvals",
-        "health",
-        "schema",
-    ] {
+    for command in ["demo", "serve", "stdio", "scan", "health", "schema"] {
         let out = tollgate(&[command, "--help"]);
         assert_eq!(code(&out), 0, "{command}");
         assert!(

@@ -57,7 +57,8 @@ pub enum ApprovalVia {
     /// The admin queue: API, web page, CLI, webhook.
     #[default]
     Queue,
-    /// The MCP client's own user, with an `elicitation/create` form (handshake era).
+    /// The MCP client's own user, with an `elicitation/create` form (on the open stream in
+    /// the handshake era, in an `InputRequiredResult` in the stateless era).
     Elicitation,
 }
 
@@ -88,9 +89,17 @@ pub struct RateLimitDoc {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalDoc {
-    /// How long a human has (default 300 seconds); then the call is denied.
+    /// How long a human has (default 300 seconds, may be hours); then the call is denied.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// How long one request is held open waiting (default `approvals.wait` of the
+    /// configuration, 45 s); then the client is told the approval is pending and to retry.
+    #[serde(default)]
+    pub wait: Option<Duration>,
+    /// How long after the decision an approved call may be retried (default 10 minutes);
+    /// the first matching retry uses the approval up.
+    #[serde(default)]
+    pub valid_for: Option<Duration>,
     /// Where the human is asked.
     #[serde(default)]
     pub via: ApprovalVia,

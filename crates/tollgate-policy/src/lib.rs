@@ -37,6 +37,7 @@ pub use doc::{
 pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
-    Approval, DEFAULT_APPROVAL_TIMEOUT, Decision, DenyKind, Policy, RuleRef, ToolCall, evaluate,
+    Approval, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind, Policy,
+    RuleRef, ToolCall, evaluate,
 };
 pub use yaml::{MAX_SOURCE_BYTES, from_yaml_str};

@@ -15,11 +15,18 @@ use crate::yaml;
 /// Default time a human has to approve.
 pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Default time an approved call may be retried after the decision.
+pub const DEFAULT_APPROVAL_VALID_FOR: Duration = Duration::from_secs(600);
+
 /// Approval settings of a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Approval {
     /// How long a human has.
     pub timeout: Duration,
+    /// How long one request waits before it is told to retry; `None`: the proxy's default.
+    pub wait: Option<Duration>,
+    /// How long after the decision an approved call may be retried (once).
+    pub valid_for: Duration,
     /// Where the human is asked.
     pub via: ApprovalVia,
 }
@@ -28,6 +35,8 @@ impl Default for Approval {
     fn default() -> Self {
         Approval {
             timeout: DEFAULT_APPROVAL_TIMEOUT,
+            wait: None,
+            valid_for: DEFAULT_APPROVAL_VALID_FOR,
             via: ApprovalVia::Queue,
         }
     }
@@ -583,15 +592,24 @@ fn compile_rule(
             );
         }
         approval.via = doc_approval.via;
-        if let Some(timeout) = &doc_approval.timeout {
-            match parse_window(timeout) {
-                Ok(timeout) => approval.timeout = timeout,
-                Err(message) => check.at(
-                    span,
-                    "timeout",
-                    format!("rules[{index}].approval.timeout: {message}"),
-                ),
-            }
+        let mut duration = |value: &Option<crate::doc::Duration>, key: &str| {
+            let parsed = parse_window(value.as_ref()?);
+            parsed
+                .map_err(|message| {
+                    check.at(
+                        span,
+                        key,
+                        format!("rules[{index}].approval.{key}: {message}"),
+                    );
+                })
+                .ok()
+        };
+        if let Some(timeout) = duration(&doc_approval.timeout, "timeout") {
+            approval.timeout = timeout;
+        }
+        approval.wait = duration(&doc_approval.wait, "wait");
+        if let Some(valid_for) = duration(&doc_approval.valid_for, "valid_for") {
+            approval.valid_for = valid_for;
         }
     }
     let arguments = match &doc.arguments {

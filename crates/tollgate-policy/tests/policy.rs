@@ -475,3 +475,38 @@ fn names_tool_is_true_only_for_names_a_rule_matches() {
     assert!(!p.names_tool("made_up"));
     assert!(!p.names_tool("x\",decision=\"deny\"} 1"));
 }
+
+#[test]
+fn approval_wait_and_valid_for_are_read_and_checked() {
+    let p = load(
+        "version: 1\nrules:\n  - tool: t\n    action: require_approval\n    approval: { timeout: 1h, wait: 20s, valid_for: 2m }\n  - tool: u\n    action: require_approval\n",
+    );
+    let none = json!({});
+    let a = p.evaluate(&call("t", &none)).approval.unwrap();
+    assert_eq!(
+        (a.timeout, a.wait, a.valid_for),
+        (
+            Duration::from_secs(3600),
+            Some(Duration::from_secs(20)),
+            Duration::from_secs(120)
+        )
+    );
+    let a = p.evaluate(&call("u", &none)).approval.unwrap();
+    assert_eq!(
+        (a.timeout, a.wait, a.valid_for),
+        (Duration::from_secs(300), None, Duration::from_secs(600))
+    );
+    let errs = errors(
+        "version: 1\nrules:\n  - tool: t\n    action: require_approval\n    approval: { wait: soon, valid_for: 0 }\n",
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("rules[0].approval.wait: `soon` is not a duration")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("rules[0].approval.valid_for: must be more than 0")),
+        "{errs:?}"
+    );
+}

@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
@@ -21,7 +21,11 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::app::AppState;
-use crate::store::approvals::DecideError;
+use crate::approvals::decide::Decided;
+use crate::store::approvals::{DecideError, GrantRequest, Scope};
+
+/// The longest grant an approver may give.
+const MAX_GRANT: Duration = Duration::from_secs(24 * 3600);
 
 /// The approver's web page: self-contained, no CDN.
 const PAGE: &str = include_str!("admin/approvals.html");
@@ -66,6 +70,8 @@ pub fn admin_router(admin: Admin) -> Router {
     let api = Router::new()
         .route("/approvals", get(list))
         .route("/approvals/stream", get(stream))
+        .route("/approvals/grants", get(grants))
+        .route("/approvals/grants/{id}", delete(revoke))
         .route("/approvals/{id}", get(one))
         .route("/approvals/{id}/approve", post(approve))
         .route("/approvals/{id}/deny", post(deny))
@@ -197,9 +203,36 @@ async fn list(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn one(State(admin): State<Admin>, Path(id): Path<String>) -> Response {
+    let id = match resolve(&admin, &id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
     match admin.app.approvals.get(&id) {
         Some(approval) => Json(approval).into_response(),
         None => not_found(&id),
+    }
+}
+
+/// The approval a unique prefix of its id names (the CLI and README shorten ids).
+fn resolve(admin: &Admin, prefix: &str) -> Result<String, Box<Response>> {
+    let matches: Vec<String> = admin
+        .app
+        .approvals
+        .list()
+        .into_iter()
+        .map(|a| a.id)
+        .filter(|id| id.starts_with(prefix))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Box::new(not_found(prefix))),
+        many => Err(Box::new((
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("`{prefix}` is the start of {} approval ids ({}); give more of the id", many.len(), many.join(", ")),
+            })),
+        )
+            .into_response())),
     }
 }
 
@@ -221,6 +254,29 @@ struct DecisionBody {
     #[serde(default)]
     #[allow(dead_code)]
     by: Option<String>,
+    /// With approve: let this tool's calls through for a window.
+    #[serde(default)]
+    grant: Option<GrantBody>,
+}
+
+/// `grant` of an approval: `{scope: client|session, for: 10m, any_arguments: false}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    #[serde(default = "client_scope")]
+    scope: Scope,
+    #[serde(rename = "for")]
+    window: tollgate_policy::DurationDoc,
+    #[serde(default)]
+    any_arguments: bool,
+}
+
+fn client_scope() -> Scope {
+    Scope::Client
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response()
 }
 
 async fn approve(
@@ -260,13 +316,67 @@ fn decide(
     approved: bool,
     body: DecisionBody,
 ) -> Response {
+    let id = match resolve(&admin, &id) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
+    let grant = match body.grant {
+        None => None,
+        Some(_) if !approved => {
+            return bad_request("`grant` goes with approve, not deny".to_owned());
+        }
+        Some(grant) => match tollgate_policy::parse_window(&grant.window) {
+            Ok(window) if window <= MAX_GRANT => Some(GrantRequest {
+                scope: grant.scope,
+                window,
+                any_arguments: grant.any_arguments,
+            }),
+            Ok(_) => return bad_request("grant.for: at most 24h".to_owned()),
+            Err(message) => return bad_request(format!("grant.for: {message}")),
+        },
+    };
     let by = identity.name();
-    match admin.app.approvals.decide(&id, approved, by, body.reason) {
-        Ok(approval) => Json(approval).into_response(),
+    let decided =
+        crate::approvals::decide::decide(&admin.app, &id, approved, by, body.reason, grant);
+    match decided {
+        Ok(Decided::AsAsked(approval, grant)) => {
+            let mut body = serde_json::to_value(approval).unwrap_or_default();
+            if let Some(grant) = grant {
+                body["grant"] = serde_json::to_value(*grant).unwrap_or_default();
+            }
+            Json(body).into_response()
+        }
+        Ok(Decided::PolicyChanged(approval)) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": approval.decision_reason.clone().unwrap_or_default(),
+                "approval": approval,
+            })),
+        )
+            .into_response(),
         Err(DecideError::NotFound(id)) => not_found(&id),
         Err(DecideError::Settled(current)) => (
             StatusCode::CONFLICT,
             Json(json!({"error": format!("approval `{id}` is already settled"), "approval": current})),
+        )
+            .into_response(),
+    }
+}
+
+async fn grants(State(admin): State<Admin>) -> impl IntoResponse {
+    Json(admin.app.approvals.grants())
+}
+
+async fn revoke(
+    State(admin): State<Admin>,
+    Extension(identity): Extension<Identity>,
+    Path(id): Path<String>,
+) -> Response {
+    match crate::approvals::decide::revoke(&admin.app, &id, identity.name()) {
+        Some(grant) => Json(grant).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no active grant with id `{id}`")})),
         )
             .into_response(),
     }

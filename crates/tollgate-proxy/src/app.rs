@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::approvals::state::StateKey;
 use crate::config::Config;
 use crate::downstream::Doors;
 use crate::downstream::conversation::Conversation;
@@ -45,7 +46,16 @@ impl AppState {
         policies: BTreeMap<String, LoadedPolicy>,
     ) -> Result<AppState, BuildError> {
         let shared = Arc::new(Shared::build(config, policies)?);
-        let doors = Arc::new(Doors::new(Core::new(shared.clone()), config));
+        let secret = config
+            .approvals
+            .as_ref()
+            .and_then(|a| a.state_key.as_deref());
+        let state_key = match secret {
+            Some(secret) => StateKey::from_secret(secret),
+            None => StateKey::generate(),
+        }
+        .map_err(|e| BuildError::StateKey(e.to_string()))?;
+        let doors = Arc::new(Doors::new(Core::new(shared.clone(), state_key), config));
         let approvers = config
             .admin
             .iter()

@@ -94,12 +94,83 @@ pub enum Record<'a> {
         server: &'a str,
         /// The tool.
         tool: &'a str,
-        /// `approved`, `denied`, `expired` or `abandoned`.
+        /// `approved`, `denied` or `expired`.
         verdict: &'a str,
         /// Who decided.
         decided_by: Option<&'a str>,
         /// The approver's reason.
         reason: Option<&'a str>,
+    },
+    /// A held call's request stopped waiting: the client was told to retry.
+    ApprovalPending {
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
+        /// The approval's id.
+        approval_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// When the approval expires (RFC 3339).
+        expires_at: &'a str,
+    },
+    /// A retry used an approved approval up: the call is forwarded.
+    ApprovalRedeemed {
+        /// The retry's id (a UUIDv7).
+        call_id: &'a str,
+        /// The approval's id.
+        approval_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// Who approved.
+        decided_by: &'a str,
+    },
+    /// An approver granted a tool's calls for a window.
+    GrantCreated {
+        /// The grant's id.
+        grant_id: &'a str,
+        /// The approval it came with.
+        approval_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// `client` or `session`.
+        scope: &'a str,
+        /// The client's or session's key.
+        principal: &'a str,
+        /// Whether any arguments pass, not only the approved call's.
+        any_arguments: bool,
+        /// Who granted it.
+        granted_by: &'a str,
+        /// When it ends (RFC 3339).
+        expires_at: &'a str,
+    },
+    /// A grant let a call through.
+    GrantUsed {
+        /// The call's id (a UUIDv7).
+        call_id: &'a str,
+        /// The grant's id.
+        grant_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// Who granted it.
+        granted_by: &'a str,
+    },
+    /// A grant was ended before its time.
+    GrantRevoked {
+        /// The grant's id.
+        grant_id: &'a str,
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// Who ended it.
+        revoked_by: &'a str,
     },
 }
 
@@ -299,11 +370,76 @@ pub fn digest(arguments: &Value) -> String {
     hex_digest(&serde_json::to_vec(arguments).unwrap_or_default())
 }
 
+/// `sha256:<hex>` of the arguments as canonical JSON (keys sorted at every level, no
+/// spaces; a missing `arguments` is `{}`), so the same call sent with its keys in
+/// another order has the same digest. What a retry must match to redeem an approval.
+pub fn canonical_digest(arguments: &Value) -> String {
+    fn write(value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push(b'{');
+                for (i, (key, value)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    // Writing a string to a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut *out, key);
+                    out.push(b':');
+                    write(value, out);
+                }
+                out.push(b'}');
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(item, out);
+                }
+                out.push(b']');
+            }
+            scalar => {
+                let _ = serde_json::to_writer(&mut *out, scalar);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    match arguments {
+        Value::Null => out.extend_from_slice(b"{}"),
+        value => write(value, &mut out),
+    }
+    hex_digest(&out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_canonical_digest_ignores_key_order_and_nothing_else() {
+        let a: Value =
+            serde_json::from_str(r#"{"b": [1, {"y": 2, "x": "é"}], "a": null}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":null,"b":[1,{"x":"é","y":2}]}"#).unwrap();
+        assert_eq!(canonical_digest(&a), canonical_digest(&b));
+        assert_eq!(canonical_digest(&Value::Null), canonical_digest(&json!({})));
+        assert_eq!(
+            canonical_digest(&json!({"a": 1})),
+            text_digest(r#"{"a":1}"#)
+        );
+        for other in [
+            json!({"a": 2}),
+            json!({"a": "1"}),
+            json!({"A": 1}),
+            json!([1]),
+        ] {
+            assert_ne!(canonical_digest(&json!({"a": 1})), canonical_digest(&other));
+        }
+    }
 
     #[test]
     fn appends_one_line_per_record() {

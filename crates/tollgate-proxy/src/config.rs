@@ -125,7 +125,19 @@ pub struct ApprovalsConfig {
     /// POSTed for every new pending approval.
     #[serde(default)]
     pub webhook: Option<String>,
+    /// How long a held call's request waits before the client is told to retry, for
+    /// rules without `approval.wait` (default 45 s, under common client timeouts).
+    #[serde(default, deserialize_with = "de_optional_duration")]
+    pub wait: Option<Duration>,
+    /// The secret that protects the `requestState` of stateless-era clients (at
+    /// least 32 characters; replicas that share approvals share it). Without it a
+    /// random key is made at start.
+    #[serde(default)]
+    pub state_key: Option<String>,
 }
+
+/// Default of `approvals.wait`.
+pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(45);
 
 /// `limits:`.
 #[derive(Debug, Clone, Deserialize)]
@@ -604,6 +616,17 @@ impl ConfigOf<RawServer> {
         let mut problems = Vec::new();
         if let Some(admin) = &self.admin {
             check_approvers(admin, &mut problems);
+        }
+        if let Some(approvals) = &self.approvals {
+            if approvals.state_key.as_ref().is_some_and(|k| k.len() < 32) {
+                problems.push(
+                    "approvals.state_key: shorter than 32 characters; use a long random secret (e.g. `openssl rand -hex 32`)"
+                        .to_owned(),
+                );
+            }
+            if approvals.wait.is_some_and(|w| w.is_zero()) {
+                problems.push("approvals.wait: must be more than 0 seconds".to_owned());
+            }
         }
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());

@@ -126,6 +126,8 @@ pub struct Shared {
     pub(crate) webhook_failures: AtomicU64,
     /// How often idle sessions and processes are looked for.
     pub(crate) sweep_every: Duration,
+    /// `approvals.wait`: how long a held call's request waits by default.
+    pub(crate) approval_wait: Duration,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -149,6 +151,9 @@ pub enum BuildError {
     /// The HTTP client could not be built.
     #[error("could not build the upstream HTTP client: {0}")]
     Http(String),
+    /// The `requestState` key could not be made.
+    #[error("approvals.state_key: cannot be used as a key: {0}")]
+    StateKey(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -367,6 +372,11 @@ impl Shared {
             webhook,
             webhook_failures: AtomicU64::new(0),
             sweep_every,
+            approval_wait: config
+                .approvals
+                .as_ref()
+                .and_then(|a| a.wait)
+                .unwrap_or(crate::config::DEFAULT_APPROVAL_WAIT),
         })
     }
 

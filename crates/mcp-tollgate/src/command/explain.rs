@@ -30,6 +30,24 @@ pub struct ExplainArgs {
     /// The authenticated client (for rules with `clients:`).
     #[arg(long)]
     pub client: Option<String>,
+    /// As if an approver had granted this tool to this client or session (a call that
+    /// would be held then passes without asking).
+    #[arg(long)]
+    pub grant: bool,
+}
+
+/// What an active grant does to a decision: a call that would be held for a human
+/// passes without asking, as the proxy lets it through; every other decision stands
+/// (a grant never lets through what a rule or its argument schema denies).
+pub fn apply_grant(decision: &mut tollgate_policy::Decision) {
+    if decision.action == Action::RequireApproval {
+        decision.action = Action::Allow;
+        decision.approval = None;
+        decision.reason = format!(
+            "an active grant lets `{}` through without asking (the rule says: {})",
+            decision.tool, decision.reason
+        );
+    }
 }
 
 /// Runs `tollgate explain`.
@@ -63,7 +81,10 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
         session_key: &args.session,
         client_key: &client_key,
     };
-    let decision = evaluate(&policy, &mut RateLimiter::new(), &call, Duration::ZERO);
+    let mut decision = evaluate(&policy, &mut RateLimiter::new(), &call, Duration::ZERO);
+    if args.grant {
+        apply_grant(&mut decision);
+    }
     let action = match decision.action {
         Action::Allow => "allow",
         Action::Deny => "deny",

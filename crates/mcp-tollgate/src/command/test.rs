@@ -75,6 +75,10 @@ pub struct Case {
     /// Expected refusal kind of the last call: deny, arguments or rate_limit.
     #[serde(default)]
     pub kind: Option<String>,
+    /// An approver's grant is active for this tool and this client or session: a call
+    /// that would be held passes without asking.
+    #[serde(default)]
+    pub grant: bool,
 }
 
 fn one() -> u32 {
@@ -163,7 +167,13 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
         };
         let now = Duration::from_secs_f64(case.at);
         let decisions: Vec<Decision> = (0..case.repeat)
-            .map(|_| evaluate(policy, &mut limiter, &call, now))
+            .map(|_| {
+                let mut decision = evaluate(policy, &mut limiter, &call, now);
+                if case.grant {
+                    super::explain::apply_grant(&mut decision);
+                }
+                decision
+            })
             .collect();
         let describe = |d: &Decision| {
             let rule = d

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tollgate_mcp::{Kind, Message};
 
-use crate::store::approvals::{Outcome, Verdict};
+use crate::store::approvals::Verdict;
 use crate::store::sessions::Session;
 
 /// Prefix of the ids of requests Tollgate itself sends to clients; their answers
@@ -81,31 +81,18 @@ impl Elicitations {
     }
 
     /// The `elicitation/create` request that asks the client's user, and the future
-    /// that waits for the answer (or the deadline).
+    /// that waits for the answer (`None` at the deadline).
     pub fn ask(
         self: &Arc<Self>,
         question: Question<'_>,
     ) -> (
         String,
         Value,
-        impl Future<Output = Outcome> + Send + 'static,
+        impl Future<Output = Option<Verdict>> + Send + 'static,
     ) {
         let id = format!("{OWN_REQUEST_PREFIX}{}", crate::store::random_hex(12));
-        let pretty = serde_json::to_string_pretty(question.arguments).unwrap_or_default();
         let request = json!({
-            "jsonrpc": "2.0", "id": id, "method": "elicitation/create",
-            "params": {
-                "mode": "form",
-                "message": format!(
-                    "Tollgate: the agent wants to call `{}` on `{}`.\n{}\n\nArguments:\n{pretty}\n\nApprove this call?",
-                    question.tool, question.server, question.reason
-                ),
-                "requestedSchema": {
-                    "type": "object",
-                    "properties": {"approve": {"type": "boolean", "title": "Approve this call", "default": false}},
-                    "required": ["approve"],
-                },
-            },
+            "jsonrpc": "2.0", "id": id, "method": "elicitation/create", "params": form(&question),
         });
         let (reply, answer) = oneshot::channel::<Value>();
         self.pending
@@ -119,35 +106,59 @@ impl Elicitations {
         let wait = async move {
             let _guard = guard;
             match tokio::time::timeout(timeout, answer).await {
-                Ok(Ok(response)) => Outcome::Decided(verdict(&response)),
-                Ok(Err(_)) | Err(_) => Outcome::Expired,
+                Ok(Ok(response)) => Some(verdict(&response)),
+                Ok(Err(_)) | Err(_) => None,
             }
         };
         (id, request, wait)
     }
 }
 
-/// The user's answer as a verdict.
+/// The `elicitation/create` form that asks the user to approve a call.
+pub fn form(question: &Question<'_>) -> Value {
+    let pretty = serde_json::to_string_pretty(question.arguments).unwrap_or_default();
+    json!({
+        "mode": "form",
+        "message": format!(
+            "Tollgate: the agent wants to call `{}` on `{}`.\n{}\n\nArguments:\n{pretty}\n\nApprove this call?",
+            question.tool, question.server, question.reason
+        ),
+        "requestedSchema": {
+            "type": "object",
+            "properties": {"approve": {"type": "boolean", "title": "Approve this call", "default": false}},
+            "required": ["approve"],
+        },
+    })
+}
+
+/// The user's answer (a JSON-RPC response to Tollgate's request) as a verdict.
 fn verdict(response: &Value) -> Verdict {
-    let result = response.get("result");
-    let action = result
-        .and_then(|r| r.get("action"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    match response.get("error") {
+        Some(error) => Verdict {
+            approved: false,
+            by: BY.to_owned(),
+            reason: Some(format!("the client could not ask its user: {error}")),
+        },
+        None => verdict_of_result(response.get("result").unwrap_or(&Value::Null)),
+    }
+}
+
+/// Who decides by elicitation.
+pub const BY: &str = "the client's user (elicitation)";
+
+/// An `ElicitResult` as a verdict: approved only on `accept` with `approve: true`.
+pub fn verdict_of_result(result: &Value) -> Verdict {
+    let action = result.get("action").and_then(Value::as_str).unwrap_or("");
     let approved = action == "accept"
-        && result
-            .and_then(|r| r.pointer("/content/approve"))
-            .and_then(Value::as_bool)
-            == Some(true);
-    let reason = match (approved, action, response.get("error")) {
-        (true, _, _) => None,
-        (false, _, Some(error)) => Some(format!("the client could not ask its user: {error}")),
-        (false, "accept", None) => Some("the user did not approve".to_owned()),
-        (false, other, None) => Some(format!("the user chose `{other}`")),
+        && result.pointer("/content/approve").and_then(Value::as_bool) == Some(true);
+    let reason = match (approved, action) {
+        (true, _) => None,
+        (false, "accept") => Some("the user did not approve".to_owned()),
+        (false, other) => Some(format!("the user chose `{other}`")),
     };
     Verdict {
         approved,
-        by: "the client's user (elicitation)".to_owned(),
+        by: BY.to_owned(),
         reason,
     }
 }

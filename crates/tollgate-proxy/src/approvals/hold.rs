@@ -1,24 +1,52 @@
-//! Holding a call for a human. The client's request stays open as a stream (a
-//! progress notification first, if it asked for progress); the human is asked
-//! through the approvals queue, or, with `via: elicitation` and a client that can
-//! be asked, through the client itself. The wait ends with the verdict, the
-//! deadline, or the client going away (the approval is then `abandoned`).
+//! Holding a call for a human. The request waits at most `approval.wait` (with
+//! progress notifications, if the client asked for progress); if nobody decided by
+//! then, the client is told the approval is pending and to call again, while the
+//! approval stays pending until its deadline. A retry of the same call joins the
+//! same approval, redeems it once approved, or hears the denial.
+//!
+//! Who is asked: the approvals queue (admin page and API, webhook); or, with `via:
+//! elicitation`, the client's own user: by an `elicitation/create` request on the
+//! open stream in the handshake era, or by an `inputRequests` form in an
+//! `InputRequiredResult` in the stateless era (multi round-trip requests).
 
-use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tollgate_policy::{Approval, ApprovalVia};
+use tollgate_policy::{Approval, ApprovalVia, DenyKind};
 
 use super::elicit::{Elicitations, Question};
+use super::state::{Claims, Expected, Kind, StateError, StateKey, unix_after, unix_of};
 use crate::audit::Record;
 use crate::state::Shared;
-use crate::store::approvals::{Outcome, Request};
+use crate::store::approvals::{Request, Standing, Status, Verdict};
 use crate::upstream::{Event, Failure};
 
 /// Where a held call's messages go while it waits.
 pub type Sink = mpsc::Sender<Result<Event, Failure>>;
+
+/// The `inputRequests` key of Tollgate's approval question (stateless era).
+pub const QUESTION_KEY: &str = "dev.tollgate/approval";
+
+/// The `inputRequests` key of the link to the approvals page (stateless era).
+pub const PAGE_KEY: &str = "dev.tollgate/approval-page";
+
+/// How often a waiting request hears that it still waits.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// How the client can be asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asking {
+    /// Handshake era, `elicitation` declared at `initialize`: a request on the stream.
+    pub on_stream: bool,
+    /// Stateless era, form elicitation declared: an `inputRequests` form.
+    pub form: bool,
+    /// Stateless era, URL elicitation declared: an `inputRequests` link.
+    pub url: bool,
+    /// Stateless era: the answer is an `InputRequiredResult`.
+    pub stateless: bool,
+}
 
 /// A call to hold.
 pub struct Hold {
@@ -30,131 +58,457 @@ pub struct Hold {
     pub tool: String,
     /// Its arguments.
     pub arguments: Value,
+    /// `sha256:<hex>` of the arguments as canonical JSON.
+    pub digest: String,
     /// The authenticated client.
     pub client: Option<Arc<str>>,
     /// Tollgate's session id.
     pub session: Option<Arc<str>>,
+    /// Who may retry it: client key, else session, else peer.
+    pub principal: String,
+    /// Key of the client (or peer), for client grants.
+    pub client_key: String,
+    /// Key of the session (or client), for session grants.
+    pub session_key: String,
     /// The deciding rule.
     pub rule: String,
     /// The rule's reason.
     pub reason: String,
     /// How the rule asks for approval.
     pub approval: Approval,
+    /// How long this request waits before it is told to retry.
+    pub wait: Duration,
     /// The client's progress token, if it asked for progress.
     pub progress_token: Option<Value>,
-    /// Whether the client can be asked by elicitation (handshake era, capability declared).
-    pub can_elicit: bool,
+    /// How the client can be asked.
+    pub asking: Asking,
+    /// Tollgate's `requestState`, when the call is a retry that carries one.
+    pub state: Option<String>,
+    /// The client's answer to Tollgate's question (`inputResponses`), if any.
+    pub answer: Option<Value>,
 }
 
-type Wait = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+/// How holding ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Forward the call: a human, the client's user or a grant approved it.
+    Forward,
+    /// Refuse it.
+    Refuse(DenyKind, String),
+    /// Nobody decided yet: the client is to call again.
+    Pending(Pending),
+    /// The retry's `requestState` is refused.
+    Invalid(StateError),
+    /// The client went away.
+    Gone,
+}
 
-/// Waits for the human; `None` when the client went away first.
-pub async fn wait(
+/// What a client told to call again gets.
+#[derive(Debug)]
+pub struct Pending {
+    /// The approval's id (or the question's).
+    pub approval_id: String,
+    /// When it expires.
+    pub expires_at: SystemTime,
+    /// Where a person approves it, for the queue.
+    pub url: Option<String>,
+    /// `requestState`, in the stateless era.
+    pub state: Option<String>,
+    /// `inputRequests`, in the stateless era.
+    pub input_requests: Option<Value>,
+}
+
+/// Holds a call until it may go on, is refused, or its request stops waiting.
+pub async fn hold(
     shared: &Arc<Shared>,
+    elicitations: &Arc<Elicitations>,
+    key: &StateKey,
+    hold: &Hold,
+    sink: &Sink,
+) -> Ending {
+    let expected = Expected {
+        principal: &hold.principal,
+        server: &hold.server,
+        tool: &hold.tool,
+        digest: &hold.digest,
+    };
+    let claims = match hold.state.as_deref().map(|s| key.open(s, &expected)) {
+        None => None,
+        Some(Ok(claims)) => Some(claims),
+        Some(Err(err)) => {
+            tracing::warn!(tool = %hold.tool, error = %err, "requestState refused");
+            return Ending::Invalid(err);
+        }
+    };
+    if hold.approval.via == ApprovalVia::Elicitation {
+        if hold.asking.form {
+            return ask_in_result(shared, key, hold, claims.as_ref());
+        }
+        if hold.asking.on_stream {
+            return ask_on_stream(shared, elicitations, hold, sink).await;
+        }
+    }
+    if let Some(grant) = shared.approvals.use_grant(
+        &hold.server,
+        &hold.tool,
+        &hold.client_key,
+        &hold.session_key,
+        &hold.digest,
+    ) {
+        tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
+        shared.audit.write(&Record::GrantUsed {
+            call_id: &hold.call_id,
+            grant_id: &grant.id,
+            server: &hold.server,
+            tool: &hold.tool,
+            granted_by: &grant.granted_by,
+        });
+        return Ending::Forward;
+    }
+    let (id, standing) = match claims {
+        Some(claims) if claims.kind == Kind::Queue => match shared.approvals.standing(&claims.id) {
+            Some(standing) => (claims.id, standing),
+            None => {
+                return Ending::Refuse(
+                    DenyKind::ApprovalTimeout,
+                    format!(
+                        "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
+                        claims.id
+                    ),
+                );
+            }
+        },
+        // A question's state on a rule that now uses the queue: ask anew.
+        _ => match open(shared, hold) {
+            Ok(opened) => opened,
+            Err(why) => return Ending::Refuse(DenyKind::ApprovalDenied, why),
+        },
+    };
+    if let Some(ending) = settle(shared, hold, &id, standing) {
+        return ending;
+    }
+    let standing = match wait(shared, hold, &id, sink).await {
+        Some(standing) => standing,
+        None => return Ending::Gone,
+    };
+    if let Some(ending) = settle(shared, hold, &id, standing) {
+        return ending;
+    }
+    pending(shared, key, hold, &id)
+}
+
+/// The live approval of this call, or a new one (then announced).
+fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String> {
+    let opened = shared.approvals.open(Request {
+        server: hold.server.to_string(),
+        tool: hold.tool.clone(),
+        arguments: hold.arguments.clone(),
+        arguments_digest: hold.digest.clone(),
+        client: hold.client.as_deref().map(str::to_owned),
+        session: hold.session.as_deref().map(str::to_owned),
+        principal: hold.principal.clone(),
+        client_key: hold.client_key.clone(),
+        session_key: hold.session_key.clone(),
+        call_id: hold.call_id.clone(),
+        rule: hold.rule.clone(),
+        reason: hold.reason.clone(),
+        timeout: hold.approval.timeout,
+        valid_for: hold.approval.valid_for,
+    });
+    let (id, standing, new) =
+        opened.map_err(|err| format!("the call could not be held for approval: {err}"))?;
+    if new {
+        tracing::info!(approval = %id, tool = %hold.tool, "call held for approval");
+        shared.audit.write(&Record::ApprovalRequested {
+            call_id: &hold.call_id,
+            approval_id: &id,
+            server: &hold.server,
+            tool: &hold.tool,
+            via: "queue",
+        });
+        super::webhook::notify(shared, &id);
+    } else {
+        tracing::info!(approval = %id, tool = %hold.tool, "retry joined its approval");
+    }
+    Ok((id, standing))
+}
+
+/// What a decided (or over) approval means for this call; `None` while pending.
+fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<Ending> {
+    let verdict = match standing {
+        Standing::Pending(_) => return None,
+        Standing::Decided(verdict) => verdict,
+        Standing::Over(Status::Expired) => {
+            record_verdict(shared, hold, id, "expired", None);
+            return Some(Ending::Refuse(
+                DenyKind::ApprovalTimeout,
+                "no one approved the call in time".to_owned(),
+            ));
+        }
+        Standing::Over(_) => {
+            return Some(Ending::Refuse(
+                DenyKind::ApprovalDenied,
+                format!(
+                    "approval {id} was already used or settled; call the tool again without requestState to ask anew"
+                ),
+            ));
+        }
+    };
+    if !verdict.approved {
+        return Some(refused(&verdict));
+    }
+    match shared.approvals.redeem(id) {
+        Ok(verdict) => {
+            tracing::info!(approval = %id, tool = %hold.tool, "approval redeemed");
+            shared.audit.write(&Record::ApprovalRedeemed {
+                call_id: &hold.call_id,
+                approval_id: id,
+                server: &hold.server,
+                tool: &hold.tool,
+                decided_by: &verdict.by,
+            });
+            Some(Ending::Forward)
+        }
+        // Another retry used it in the meantime, or it just expired.
+        Err(Some(standing)) if !matches!(standing, Standing::Decided(_)) => {
+            settle(shared, hold, id, standing)
+        }
+        Err(_) => Some(Ending::Refuse(
+            DenyKind::ApprovalDenied,
+            format!("approval {id} could not be used; call the tool again to ask anew"),
+        )),
+    }
+}
+
+/// The refusal a denial becomes.
+fn refused(verdict: &Verdict) -> Ending {
+    let reason = match verdict.reason.as_deref().map(str::trim) {
+        Some(reason) if !reason.is_empty() => {
+            format!("approval denied by {}: {reason}", verdict.by)
+        }
+        _ => format!("approval denied by {}", verdict.by),
+    };
+    Ending::Refuse(DenyKind::ApprovalDenied, reason)
+}
+
+/// Waits up to the hold's `wait` for a decision, telling a client that asked for
+/// progress now and then; `None` when the client went away.
+async fn wait(shared: &Arc<Shared>, hold: &Hold, id: &str, sink: &Sink) -> Option<Standing> {
+    let until = tokio::time::Instant::now() + hold.wait;
+    let mut progress = 0u64;
+    loop {
+        if let Some(token) = &hold.progress_token {
+            let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                "progressToken": token, "progress": progress,
+                "message": format!(
+                    "Waiting for a human to approve `{}` (approval {id})",
+                    hold.tool
+                ),
+            }});
+            if sink.send(Ok(Event::message(note))).await.is_err() {
+                return None;
+            }
+            progress += 1;
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let standing = tokio::select! {
+            standing = shared.approvals.wait(id, left.min(PROGRESS_EVERY)) => standing,
+            () = sink.closed() => return None,
+        };
+        let standing = standing.unwrap_or(Standing::Over(Status::Expired));
+        if !matches!(standing, Standing::Pending(_)) || tokio::time::Instant::now() >= until {
+            return Some(standing);
+        }
+    }
+}
+
+/// The client is told to call again: an `approval_pending` result, or in the
+/// stateless era an `InputRequiredResult` with a sealed `requestState`.
+fn pending(shared: &Shared, key: &StateKey, hold: &Hold, id: &str) -> Ending {
+    let approval = shared.approvals.get(id);
+    let expires_at = approval
+        .as_ref()
+        .and_then(|a| humantime::parse_rfc3339(&a.deadline).ok())
+        .unwrap_or_else(|| SystemTime::now() + hold.approval.timeout);
+    let url = shared
+        .admin_url
+        .get()
+        .map(|admin| format!("{admin}/#approval={id}"));
+    let expires = humantime::format_rfc3339_seconds(expires_at).to_string();
+    shared.audit.write(&Record::ApprovalPending {
+        call_id: &hold.call_id,
+        approval_id: id,
+        server: &hold.server,
+        tool: &hold.tool,
+        expires_at: &expires,
+    });
+    tracing::info!(approval = %id, tool = %hold.tool, "approval pending: the client is to call again");
+    let (state, input_requests) = if hold.asking.stateless {
+        let state = key.seal(&claims_for(hold, Kind::Queue, id, unix_of(expires_at)));
+        let link = match (&url, hold.asking.url) {
+            (Some(url), true) => Some(json!({PAGE_KEY: {
+                "method": "elicitation/create",
+                "params": {
+                    "mode": "url",
+                    "message": format!(
+                        "Tollgate: a person must approve the call of `{}` on `{}` ({}). Open the approvals page to approve it, or ask an approver.",
+                        hold.tool, hold.server, hold.reason
+                    ),
+                    "url": url,
+                },
+            }})),
+            _ => None,
+        };
+        (Some(state), link)
+    } else {
+        (None, None)
+    };
+    Ending::Pending(Pending {
+        approval_id: id.to_owned(),
+        expires_at,
+        url,
+        state,
+        input_requests,
+    })
+}
+
+fn claims_for(hold: &Hold, kind: Kind, id: &str, expires: u64) -> Claims {
+    Claims {
+        kind,
+        id: id.to_owned(),
+        principal: hold.principal.clone(),
+        server: hold.server.to_string(),
+        tool: hold.tool.clone(),
+        digest: hold.digest.clone(),
+        expires,
+    }
+}
+
+/// Stateless era, `via: elicitation`: the client's user is asked by a form in an
+/// `InputRequiredResult`; the retry carries the answer and the state, used once.
+fn ask_in_result(shared: &Shared, key: &StateKey, hold: &Hold, claims: Option<&Claims>) -> Ending {
+    if let (Some(claims), Some(answer)) = (claims.filter(|c| c.kind == Kind::Elicit), &hold.answer)
+    {
+        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(claims.expires);
+        if !shared.approvals.consume(&claims.id, until) {
+            return Ending::Invalid(StateError::Used);
+        }
+        let verdict = super::elicit::verdict_of_result(answer);
+        shared.audit.write(&Record::Approval {
+            call_id: &hold.call_id,
+            approval_id: &claims.id,
+            server: &hold.server,
+            tool: &hold.tool,
+            verdict: if verdict.approved {
+                "approved"
+            } else {
+                "denied"
+            },
+            decided_by: Some(&verdict.by),
+            reason: verdict.reason.as_deref(),
+        });
+        return if verdict.approved {
+            Ending::Forward
+        } else {
+            refused(&verdict)
+        };
+    }
+    let id = crate::store::random_hex(12);
+    shared.audit.write(&Record::ApprovalRequested {
+        call_id: &hold.call_id,
+        approval_id: &id,
+        server: &hold.server,
+        tool: &hold.tool,
+        via: "elicitation",
+    });
+    let question = super::elicit::form(&Question {
+        server: &hold.server,
+        tool: &hold.tool,
+        arguments: &hold.arguments,
+        reason: &hold.reason,
+        session: None,
+        timeout: hold.approval.timeout,
+    });
+    let expires = unix_after(hold.approval.timeout);
+    Ending::Pending(Pending {
+        state: Some(key.seal(&claims_for(hold, Kind::Elicit, &id, expires))),
+        approval_id: id,
+        expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(expires),
+        url: None,
+        input_requests: Some(json!({QUESTION_KEY: {
+            "method": "elicitation/create", "params": question,
+        }})),
+    })
+}
+
+/// Handshake era, `via: elicitation`: an `elicitation/create` request on the open
+/// stream; the request stays open until the user answers (or the deadline).
+async fn ask_on_stream(
+    shared: &Shared,
     elicitations: &Arc<Elicitations>,
     hold: &Hold,
     sink: &Sink,
-) -> Option<Outcome> {
-    let by_elicitation = hold.approval.via == ApprovalVia::Elicitation && hold.can_elicit;
-    let (approval_id, wait, mut first) = ask(shared, elicitations, hold, by_elicitation);
-    tracing::info!(approval = %approval_id, tool = %hold.tool, by_elicitation, "call held for approval");
-    shared.audit.write(&Record::ApprovalRequested {
-        call_id: &hold.call_id,
-        approval_id: &approval_id,
+) -> Ending {
+    let (id, request, answer) = elicitations.ask(Question {
         server: &hold.server,
         tool: &hold.tool,
-        via: if by_elicitation {
-            "elicitation"
-        } else {
-            "queue"
-        },
+        arguments: &hold.arguments,
+        reason: &hold.reason,
+        session: hold.session.clone(),
+        timeout: hold.approval.timeout,
     });
-    if let Some(token) = &hold.progress_token {
-        let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
-            "progressToken": token, "progress": 0,
-            "message": format!(
-                "Waiting for a human to approve `{}` (approval {approval_id}, up to {}s)",
-                hold.tool,
-                hold.approval.timeout.as_secs()
-            ),
-        }});
-        first.insert(0, note);
+    tracing::info!(approval = %id, tool = %hold.tool, "call held: asking the client's user");
+    shared.audit.write(&Record::ApprovalRequested {
+        call_id: &hold.call_id,
+        approval_id: &id,
+        server: &hold.server,
+        tool: &hold.tool,
+        via: "elicitation",
+    });
+    if sink.send(Ok(Event::message(request))).await.is_err() {
+        return Ending::Gone;
     }
-    let outcome = async {
-        for message in first {
-            if sink.send(Ok(Event::message(message))).await.is_err() {
-                return None;
+    let verdict = tokio::select! {
+        verdict = answer => verdict,
+        // Dropping the wait withdraws the question.
+        () = sink.closed() => {
+            record_verdict(shared, hold, &id, "abandoned", None);
+            return Ending::Gone;
+        }
+    };
+    match verdict {
+        Some(verdict) => {
+            let name = if verdict.approved {
+                "approved"
+            } else {
+                "denied"
+            };
+            record_verdict(shared, hold, &id, name, Some(&verdict));
+            if verdict.approved {
+                Ending::Forward
+            } else {
+                refused(&verdict)
             }
         }
-        tokio::select! {
-            outcome = wait => Some(outcome),
-            // Dropping the wait withdraws the request: the approval is abandoned.
-            () = sink.closed() => None,
+        None => {
+            record_verdict(shared, hold, &id, "expired", None);
+            Ending::Refuse(
+                DenyKind::ApprovalTimeout,
+                "no one approved the call in time".to_owned(),
+            )
         }
     }
-    .await;
-    settled(shared, hold, &approval_id, outcome.as_ref());
-    outcome
 }
 
-/// Asks the human: opens an approval in the queue (and sends the webhook), or
-/// prepares the elicitation request. Returns the approval's id, the wait for its
-/// outcome and the messages to send the client first.
-fn ask(
-    shared: &Arc<Shared>,
-    elicitations: &Arc<Elicitations>,
-    hold: &Hold,
-    by_elicitation: bool,
-) -> (String, Wait, Vec<Value>) {
-    let mut first = Vec::new();
-    let (approval_id, wait): (String, Wait) = if by_elicitation {
-        let (id, request, wait) = elicitations.ask(Question {
-            server: &hold.server,
-            tool: &hold.tool,
-            arguments: &hold.arguments,
-            reason: &hold.reason,
-            session: hold.session.clone(),
-            timeout: hold.approval.timeout,
-        });
-        first.push(request);
-        (id, Box::pin(wait))
-    } else {
-        let ticket = shared.approvals.open(Request {
-            server: hold.server.to_string(),
-            tool: hold.tool.clone(),
-            arguments: hold.arguments.clone(),
-            client: hold.client.as_deref().map(str::to_owned),
-            session: hold.session.as_deref().map(str::to_owned),
-            rule: hold.rule.clone(),
-            reason: hold.reason.clone(),
-            timeout: hold.approval.timeout,
-        });
-        let id = ticket.id.clone();
-        super::webhook::notify(shared, &id);
-        (id, Box::pin(ticket.wait()))
-    };
-    (approval_id, wait, first)
-}
-
-/// The `approval` record and log line of a settled hold.
-fn settled(shared: &Shared, hold: &Hold, approval_id: &str, outcome: Option<&Outcome>) {
-    let (verdict, by, reason) = match outcome {
-        None => ("abandoned", None, None),
-        Some(Outcome::Expired) => ("expired", None, None),
-        Some(Outcome::Decided(v)) => (
-            if v.approved { "approved" } else { "denied" },
-            Some(v.by.as_str()),
-            v.reason.as_deref(),
-        ),
-    };
+fn record_verdict(shared: &Shared, hold: &Hold, id: &str, verdict: &str, by: Option<&Verdict>) {
     shared.audit.write(&Record::Approval {
         call_id: &hold.call_id,
-        approval_id,
+        approval_id: id,
         server: &hold.server,
         tool: &hold.tool,
         verdict,
-        decided_by: by,
-        reason,
+        decided_by: by.map(|v| v.by.as_str()),
+        reason: by.and_then(|v| v.reason.as_deref()),
     });
-    tracing::info!(approval = %approval_id, verdict, "approval settled");
+    tracing::info!(approval = %id, verdict, "approval settled");
 }

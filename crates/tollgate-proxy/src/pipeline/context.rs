@@ -10,6 +10,7 @@ use serde_json::Value;
 use tollgate_mcp::{Era, Incoming};
 
 use crate::approvals::elicit::Elicitations;
+use crate::approvals::state::StateKey;
 use crate::state::{Server, Shared};
 use crate::store::limits::peer_key;
 use crate::store::sessions::Session;
@@ -106,6 +107,8 @@ impl Answer {
 pub struct Core {
     shared: Arc<Shared>,
     pub(super) elicitations: Arc<Elicitations>,
+    /// Seals and checks the `requestState` of stateless-era retries.
+    pub(super) state_key: Arc<StateKey>,
 }
 
 /// One request's place in the world: server, caller, session, era. Owned, so a
@@ -169,11 +172,12 @@ impl Context {
 }
 
 impl Core {
-    /// The core over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Core {
+    /// The core over `shared`, sealing `requestState`s with `state_key`.
+    pub fn new(shared: Arc<Shared>, state_key: StateKey) -> Core {
         Core {
             shared,
             elicitations: Arc::new(Elicitations::default()),
+            state_key: Arc::new(state_key),
         }
     }
 

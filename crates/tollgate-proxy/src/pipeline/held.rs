@@ -1,29 +1,38 @@
 //! Stage 4, held: a call that needs a human. The client gets a stream at once; a
-//! task waits for the decision (`approvals::hold`) and then either forwards the
-//! call exactly as it was evaluated, through the same [`call::forward`] as every
-//! other call, or answers with the refusal.
+//! task holds the call (`approvals::hold`) and then either forwards it exactly as
+//! it was evaluated (less Tollgate's own `requestState` and `inputResponses`),
+//! through the same [`call::forward`] as every other call, or answers with the
+//! refusal, or tells the client to call again: an `approval_pending` tool result,
+//! or in the stateless era an `InputRequiredResult` (multi round-trip requests).
 
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tollgate_mcp::{Era, Message};
-use tollgate_policy::DenyKind;
+use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 
 use super::context::{Answer, Context};
 use super::decide::{Held, deny, refusal, rule_label};
 use super::{call, relay};
-use crate::approvals::hold::{Hold, Sink, wait};
-use crate::store::approvals::Outcome;
+use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
+use crate::approvals::state::PREFIX;
+use crate::audit::canonical_digest;
 use crate::upstream::{Body, Event, Payload};
 
-/// Answers a held call with a stream that ends with the call's result.
+/// Answers a held call with a stream that ends with the call's answer.
 pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
     let (sink, events) = mpsc::channel(16);
     tokio::spawn(async move {
-        let hold = hold_of(&ctx, &message, &held);
-        let outcome = wait(ctx.shared(), &ctx.core.elicitations, &hold, &sink).await;
-        settle(ctx, message, held, outcome, sink).await;
+        let holding = hold_of(&ctx, &message, &held);
+        let ending = hold(
+            ctx.shared(),
+            &ctx.core.elicitations,
+            &ctx.core.state_key,
+            &holding,
+            &sink,
+        )
+        .await;
+        settle(ctx, message, held, ending, sink).await;
     });
     Answer {
         status: axum::http::StatusCode::OK,
@@ -33,38 +42,81 @@ pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
     }
 }
 
+/// Tollgate's `requestState` in a call's params, if it carries one.
+fn own_state(message: &Message) -> Option<&str> {
+    message
+        .params()?
+        .get("requestState")?
+        .as_str()
+        .filter(|s| s.starts_with(PREFIX))
+}
+
 fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
     let (tool, arguments) = message.tool_call().map_or_else(Default::default, |call| {
         (call.name.to_owned(), call.arguments.clone())
     });
     let session = ctx.session.as_ref();
+    let approval = held.decision.approval.clone().unwrap_or_default();
+    let elicitation = (ctx.era == Era::Stateless)
+        .then(|| {
+            message
+                .meta()?
+                .get("io.modelcontextprotocol/clientCapabilities")?
+                .get("elicitation")?
+                .as_object()
+        })
+        .flatten();
+    let asking = Asking {
+        on_stream: ctx.era == Era::Handshake && session.is_some_and(|s| s.elicitation),
+        // An empty `elicitation` object means form mode.
+        form: elicitation.is_some_and(|e| e.is_empty() || e.contains_key("form")),
+        url: elicitation.is_some_and(|e| e.contains_key("url")),
+        stateless: ctx.era == Era::Stateless,
+    };
     Hold {
         call_id: held.permit.call_id().to_owned(),
         server: ctx.server.name.clone(),
+        digest: canonical_digest(&arguments),
         tool,
         arguments,
         client: ctx.caller.client.clone(),
         session: session.map(|s| s.id.clone()),
+        // Client key, else session, else peer.
+        principal: if ctx.caller.client.is_some() {
+            ctx.client_key.clone()
+        } else {
+            ctx.session_key.clone()
+        },
+        client_key: ctx.client_key.clone(),
+        session_key: ctx.session_key.clone(),
         rule: rule_label(&held.decision),
         reason: held.decision.reason.clone(),
-        approval: held.decision.approval.clone().unwrap_or_default(),
+        wait: approval.wait.unwrap_or(ctx.shared().approval_wait),
+        approval,
         progress_token: message.progress_token().cloned(),
-        can_elicit: ctx.era == Era::Handshake && session.is_some_and(|s| s.elicitation),
+        asking,
+        state: own_state(message).map(str::to_owned),
+        answer: message
+            .params()
+            .and_then(|p| p.get("inputResponses"))
+            .and_then(|r| r.get(QUESTION_KEY))
+            .cloned(),
     }
 }
 
-async fn settle(ctx: Context, message: Message, held: Held, outcome: Option<Outcome>, sink: Sink) {
+async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink: Sink) {
     let Held {
         permit,
         mut decision,
         deny_as,
     } = held;
     let id = message.id().cloned().unwrap_or(Value::Null);
-    let reason = match outcome {
+    let (kind, reason) = match ending {
         // The client went away: dropping the permit gives its slot back.
-        None => return,
-        Some(Outcome::Decided(verdict)) if verdict.approved => {
-            let payload = Payload::One(message.as_value());
+        Ending::Gone => return,
+        Ending::Forward => {
+            let forwarded = without_own_input(&message);
+            let payload = Payload::One(forwarded.as_ref().unwrap_or(message.as_value()));
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
                 Ok(reply) => relay::answer(&ctx, &message, false, reply),
                 Err(err) => Err(err),
@@ -75,24 +127,107 @@ async fn settle(ctx: Context, message: Message, held: Held, outcome: Option<Outc
             }
             return;
         }
-        Some(Outcome::Decided(verdict)) => {
-            let reason = match verdict.reason {
-                Some(reason) if !reason.trim().is_empty() => {
-                    format!("approval denied by {}: {reason}", verdict.by)
-                }
-                _ => format!("approval denied by {}", verdict.by),
-            };
-            (DenyKind::ApprovalDenied, reason)
+        Ending::Pending(pending) => {
+            // Not forwarded: the permit's slot is given back; the retry takes its own.
+            drop(permit);
+            send(&sink, to_call_again(&ctx, &decision, &id, pending)).await;
+            return;
         }
-        Some(Outcome::Expired) => (
-            DenyKind::ApprovalTimeout,
-            "no one approved the call in time".to_owned(),
-        ),
+        Ending::Invalid(err) => {
+            drop(permit);
+            let answer = error_response(
+                Some(&id),
+                ErrorCode::InvalidParams,
+                &format!("tools/call was not forwarded: {err}"),
+                Some(json!({"reason": "invalid_request_state"})),
+            );
+            send(&sink, answer).await;
+            return;
+        }
+        Ending::Refuse(kind, reason) => (kind, reason),
     };
     // Refused: the permit is dropped unfinished and its slot given back.
     drop(permit);
-    deny(&mut decision, reason.0, reason.1);
+    deny(&mut decision, kind, reason);
     send(&sink, refusal(&decision, &id, ctx.era, deny_as)).await;
+}
+
+/// The message without Tollgate's own `requestState` and `inputResponses` entry,
+/// which are not the upstream's business; `None` when it carries neither.
+fn without_own_input(message: &Message) -> Option<Value> {
+    let params = message.params()?;
+    let own_answer = params
+        .get("inputResponses")
+        .and_then(Value::as_object)
+        .is_some_and(|r| {
+            r.contains_key(QUESTION_KEY) || r.contains_key(crate::approvals::hold::PAGE_KEY)
+        });
+    if own_state(message).is_none() && !own_answer {
+        return None;
+    }
+    let mut value = message.as_value().clone();
+    let params = value.get_mut("params")?.as_object_mut()?;
+    if params
+        .get("requestState")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.starts_with(PREFIX))
+    {
+        params.remove("requestState");
+    }
+    if let Some(Value::Object(responses)) = params.get_mut("inputResponses") {
+        responses.remove(QUESTION_KEY);
+        responses.remove(crate::approvals::hold::PAGE_KEY);
+        if responses.is_empty() {
+            params.remove("inputResponses");
+        }
+    }
+    Some(value)
+}
+
+/// What a client told to call again gets: in the stateless era an
+/// `InputRequiredResult`; otherwise an `approval_pending` tool result (never a
+/// JSON-RPC error: the model is to read it and call again).
+fn to_call_again(
+    ctx: &Context,
+    decision: &tollgate_policy::Decision,
+    id: &Value,
+    pending: Pending,
+) -> Value {
+    let expires_at = humantime::format_rfc3339_seconds(pending.expires_at).to_string();
+    let mut meta = decision.meta_json();
+    meta["kind"] = json!("approval_pending");
+    meta["approval_id"] = json!(pending.approval_id);
+    meta["url"] = json!(pending.url);
+    meta["expires_at"] = json!(expires_at);
+    if ctx.era == Era::Stateless {
+        let mut result = json!({
+            "resultType": "input_required",
+            "_meta": {"dev.tollgate/decision": meta},
+        });
+        if let Some(state) = pending.state {
+            result["requestState"] = json!(state);
+        }
+        if let Some(requests) = pending.input_requests {
+            result["inputRequests"] = requests;
+        }
+        return result_response(id, result);
+    }
+    let at = match &pending.url {
+        Some(url) => format!(" at {url}"),
+        None => String::new(),
+    };
+    let text = format!(
+        "Approval pending (id {}): a person must approve this call{at}; call the tool again with the same arguments once it is approved (the approval expires at {expires_at})",
+        pending.approval_id
+    );
+    result_response(
+        id,
+        json!({
+            "content": [{"type": "text", "text": text}],
+            "isError": true,
+            "_meta": {"dev.tollgate/decision": meta},
+        }),
+    )
 }
 
 async fn send(sink: &Sink, message: Value) {

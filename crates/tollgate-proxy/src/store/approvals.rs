@@ -1,21 +1,39 @@
-//! Calls held for a human: the pending-approval store.
+//! Calls held for a human: approvals, and the grants approvers give.
 //!
-//! A held call owns a [`Ticket`]. Approving or denying completes the ticket; if the
-//! caller goes away first (client disconnect, cancellation), dropping the ticket
-//! marks the approval `abandoned`, so nothing stays pending for a call nobody
-//! waits for. Every change is broadcast for the admin page's live stream.
+//! An approval outlives the request that asked for it. The request waits a while
+//! (`approval.wait`) and is then told to retry; the approval stays pending until
+//! its deadline (`approval.timeout`). A retry of the same call (same server,
+//! principal, tool and arguments digest: the approval's key) joins it while it is
+//! pending, redeems it once it is approved (once, within `valid_for` of the
+//! decision), and is answered with the approver's reason once it is denied, until
+//! the deadline. A grant lets one client's (or session's) calls of one tool through
+//! for a window.
+//!
+//! The interface is narrow, so that a shared backend (several replicas) can
+//! implement the same methods: [`Approvals::open`] (or join), [`Approvals::decide`],
+//! [`Approvals::redeem`] (atomic, once), [`Approvals::consume`] (a one-use token),
+//! [`Approvals::wait`], [`Approvals::list`], [`Approvals::subscribe`], and for grants
+//! [`Approvals::grant`], [`Approvals::use_grant`], [`Approvals::revoke`],
+//! [`Approvals::grants`]. Every change to an approval is broadcast for the admin
+//! page's live stream and for the requests waiting on it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 /// How many settled approvals are kept for `GET /approvals`.
 const SETTLED_KEPT: usize = 500;
+
+/// The most approvals alive (pending, or decided and not yet used or expired) at
+/// once; more are refused, so that clients that never wait cannot fill memory.
+pub const MAX_LIVE: usize = 10_000;
+
+/// The most grants active at once.
+pub const MAX_GRANTS: usize = 10_000;
 
 /// The most of a settled approval's arguments kept, as JSON text: a preview, so
 /// that the settled list stays small whatever the calls carried.
@@ -27,14 +45,12 @@ pub const PREVIEW_BYTES: usize = 2048;
 pub enum Status {
     /// Waiting for a human.
     Pending,
-    /// Approved: the call was forwarded.
+    /// Approved: the call is (or may be, once, within `valid_until`) forwarded.
     Approved,
-    /// Denied by a human.
+    /// Denied by a human, or by the policy in force when a human approved.
     Denied,
-    /// Nobody decided before the deadline.
+    /// Nobody decided before the deadline, or the approved call was not retried in time.
     Expired,
-    /// The caller went away before a decision.
-    Abandoned,
 }
 
 /// One approval, as the admin API shows it.
@@ -54,10 +70,16 @@ pub struct Approval {
     /// Set when `arguments` is a preview: the size of the whole arguments as JSON text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments_truncated_from: Option<usize>,
+    /// `sha256:<hex>` of the arguments as canonical JSON: what a retry must match.
+    pub arguments_digest: String,
     /// The authenticated client, if any.
     pub client: Option<String>,
     /// The session, if any.
     pub session: Option<String>,
+    /// Who may retry the call: `client:<name>`, else `session:<id>`, else `peer:<address>`.
+    pub principal: String,
+    /// The id (in the audit log) of the call that asked first.
+    pub call_id: String,
     /// The rule that asked for approval.
     pub rule: String,
     /// The rule's reason.
@@ -66,19 +88,30 @@ pub struct Approval {
     pub created_at: String,
     /// When it expires (RFC 3339).
     pub deadline: String,
+    /// How many seconds after the decision an approved call may be retried.
+    pub valid_for_secs: u64,
     /// Who decided.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
     /// The approver's reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision_reason: Option<String>,
-    /// When it was settled (RFC 3339).
+    /// When it was decided (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_at: Option<String>,
+    /// Until when an approved call may be retried (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<String>,
+    /// When the approved call was forwarded (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redeemed_at: Option<String>,
+    /// The grant given with the approval, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
 }
 
-/// A human's verdict, delivered to the waiting call.
-#[derive(Debug, Clone)]
+/// A human's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     /// Approved or not.
     pub approved: bool,
@@ -86,6 +119,17 @@ pub struct Verdict {
     pub by: String,
     /// Why, when given.
     pub reason: Option<String>,
+}
+
+/// Where an approval stands, as a held call needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Nobody decided yet; the deadline.
+    Pending(SystemTime),
+    /// Decided, and the decision still answers retries.
+    Decided(Verdict),
+    /// Over: expired, or already used.
+    Over(Status),
 }
 
 /// What a new approval is about.
@@ -97,16 +141,38 @@ pub struct Request {
     pub tool: String,
     /// Arguments.
     pub arguments: Value,
+    /// `sha256:<hex>` of the arguments as canonical JSON.
+    pub arguments_digest: String,
     /// Client.
     pub client: Option<String>,
     /// Session.
     pub session: Option<String>,
+    /// Who may retry: see [`Approval::principal`].
+    pub principal: String,
+    /// Key of the client (`client:<name>`, else `peer:<address>`), for client grants.
+    pub client_key: String,
+    /// Key of the session (`session:<id>`, else the client key), for session grants.
+    pub session_key: String,
+    /// The asking call's id.
+    pub call_id: String,
     /// Deciding rule.
     pub rule: String,
     /// The rule's reason.
     pub reason: String,
     /// How long a human has.
     pub timeout: Duration,
+    /// How long after approval the call may be retried.
+    pub valid_for: Duration,
+}
+
+/// Opening an approval failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Too many approvals alive.
+    #[error(
+        "{MAX_LIVE} approvals are already waiting for a decision; decide or let some expire, then retry"
+    )]
+    Full,
 }
 
 /// Deciding failed.
@@ -120,16 +186,76 @@ pub enum DecideError {
     Settled(Box<Approval>),
 }
 
-struct Pending {
+/// Who a grant is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The client (its key; the peer's address for a client without one).
+    Client,
+    /// The session (in the stateless era: the client).
+    Session,
+}
+
+/// A window in which one tool's calls by one client or session pass without asking.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    /// Random id.
+    pub id: String,
+    /// The server.
+    pub server: String,
+    /// The tool.
+    pub tool: String,
+    /// Client or session.
+    pub scope: Scope,
+    /// The client's or session's key the grant is for.
+    pub principal: String,
+    /// The arguments digest it is limited to; `None`: any arguments the rule lets through.
+    pub arguments_digest: Option<String>,
+    /// Who granted it.
+    pub granted_by: String,
+    /// The approval it was given with.
+    pub approval_id: String,
+    /// When it was given (RFC 3339).
+    pub created_at: String,
+    /// When it ends (RFC 3339).
+    pub expires_at: String,
+    /// How many calls it let through.
+    pub uses: u64,
+    #[serde(skip)]
+    until: SystemTime,
+}
+
+/// What an approver grants with an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantRequest {
+    /// Client or session.
+    pub scope: Scope,
+    /// For how long.
+    pub window: Duration,
+    /// Any arguments the rule lets through, not only the approved call's.
+    pub any_arguments: bool,
+}
+
+struct Entry {
     approval: Approval,
-    reply: oneshot::Sender<Verdict>,
+    key: String,
+    client_key: String,
+    session_key: String,
     deadline: SystemTime,
+    valid_for: Duration,
+    valid_until: Option<SystemTime>,
 }
 
 #[derive(Default)]
 struct Table {
-    pending: HashMap<String, Pending>,
+    /// Approvals still answering retries: pending, or decided and not yet over.
+    live: HashMap<String, Entry>,
+    /// Live approvals by key.
+    by_key: HashMap<String, String>,
     settled: VecDeque<Approval>,
+    grants: Vec<Grant>,
+    /// One-use tokens already used, until they expire.
+    used: HashMap<String, SystemTime>,
 }
 
 /// The store.
@@ -144,18 +270,13 @@ impl Default for Approvals {
     }
 }
 
-/// A held call's claim on its approval. Dropping it before a verdict abandons it.
-pub struct Ticket {
-    /// The approval's id.
-    pub id: String,
-    /// When it expires.
-    pub deadline: SystemTime,
-    verdict: Option<oneshot::Receiver<Verdict>>,
-    store: Arc<Approvals>,
-}
-
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The key a retry must match: server, principal, tool, arguments digest.
+fn key_of(server: &str, principal: &str, tool: &str, digest: &str) -> String {
+    format!("{server}\n{principal}\n{tool}\n{digest}")
 }
 
 impl Approvals {
@@ -168,109 +289,198 @@ impl Approvals {
         }
     }
 
-    /// Holds a call: returns the ticket its handler waits on.
-    pub fn open(self: &Arc<Self>, request: Request) -> Ticket {
-        let id = super::random_hex(12);
+    /// The live approval for this call, or a new pending one. Returns its id, where
+    /// it stands, and whether it is new.
+    pub fn open(&self, request: Request) -> Result<(String, Standing, bool), OpenError> {
         let now = SystemTime::now();
-        let deadline = now + request.timeout;
-        let approval = Approval {
-            id: id.clone(),
-            status: Status::Pending,
-            server: request.server,
-            tool: request.tool,
-            arguments: request.arguments,
-            arguments_truncated_from: None,
-            client: request.client,
-            session: request.session,
-            rule: request.rule,
-            reason: request.reason,
-            created_at: rfc3339(now),
-            deadline: rfc3339(deadline),
-            decided_by: None,
-            decision_reason: None,
-            decided_at: None,
-        };
-        let (reply, verdict) = oneshot::channel();
-        self.table.lock().pending.insert(
-            id.clone(),
-            Pending {
-                approval: approval.clone(),
-                reply,
-                deadline,
-            },
+        let key = key_of(
+            &request.server,
+            &request.principal,
+            &request.tool,
+            &request.arguments_digest,
         );
-        let _ = self.changes.send(approval);
-        Ticket {
-            id,
-            deadline,
-            verdict: Some(verdict),
-            store: self.clone(),
+        let mut table = self.table.lock();
+        let changed = sweep(&mut table, now);
+        let found = table
+            .by_key
+            .get(&key)
+            .and_then(|id| Some((id.clone(), standing(table.live.get(id)?))));
+        let result = match found {
+            Some((id, standing)) => Ok((id, standing, false)),
+            None if table.live.len() >= MAX_LIVE => Err(OpenError::Full),
+            None => {
+                let id = super::random_hex(12);
+                let deadline = now + request.timeout;
+                let approval = Approval {
+                    id: id.clone(),
+                    status: Status::Pending,
+                    server: request.server,
+                    tool: request.tool,
+                    arguments: request.arguments,
+                    arguments_truncated_from: None,
+                    arguments_digest: request.arguments_digest,
+                    client: request.client,
+                    session: request.session,
+                    principal: request.principal,
+                    call_id: request.call_id,
+                    rule: request.rule,
+                    reason: request.reason,
+                    created_at: rfc3339(now),
+                    deadline: rfc3339(deadline),
+                    valid_for_secs: request.valid_for.as_secs(),
+                    decided_by: None,
+                    decision_reason: None,
+                    decided_at: None,
+                    valid_until: None,
+                    redeemed_at: None,
+                    grant_id: None,
+                };
+                table.by_key.insert(key.clone(), id.clone());
+                table.live.insert(
+                    id.clone(),
+                    Entry {
+                        approval: approval.clone(),
+                        key,
+                        client_key: request.client_key,
+                        session_key: request.session_key,
+                        deadline,
+                        valid_for: request.valid_for,
+                        valid_until: None,
+                    },
+                );
+                let _ = self.changes.send(approval);
+                Ok((id, Standing::Pending(deadline), true))
+            }
+        };
+        drop(table);
+        self.announce(changed);
+        result
+    }
+
+    /// Where an approval stands; `None` for an id never seen (or long forgotten).
+    pub fn standing(&self, id: &str) -> Option<Standing> {
+        let mut table = self.table.lock();
+        let changed = sweep(&mut table, SystemTime::now());
+        let found = match table.live.get(id) {
+            Some(entry) => Some(standing(entry)),
+            None => table
+                .settled
+                .iter()
+                .find(|a| a.id == id)
+                .map(|a| Standing::Over(a.status)),
+        };
+        drop(table);
+        self.announce(changed);
+        found
+    }
+
+    /// Waits up to `max` for a pending approval to be decided (or to expire); then
+    /// where it stands.
+    pub async fn wait(&self, id: &str, max: Duration) -> Option<Standing> {
+        let mut changes = self.changes.subscribe();
+        let until = tokio::time::Instant::now() + max;
+        loop {
+            let now = self.standing(id)?;
+            let Standing::Pending(deadline) = now else {
+                return Some(now);
+            };
+            let left = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let stop = until.min(tokio::time::Instant::now() + left);
+            loop {
+                match tokio::time::timeout_at(stop, changes.recv()).await {
+                    Err(_) => return self.standing(id),
+                    Ok(Ok(change)) if change.id != id => continue,
+                    // Its change, or changes missed: look again.
+                    Ok(_) => break,
+                }
+            }
         }
     }
 
-    /// Approves or denies a pending approval.
+    /// Approves or denies a pending approval. An approval with a grant request
+    /// also opens the grant.
     pub fn decide(
         &self,
         id: &str,
         approved: bool,
         by: &str,
         reason: Option<String>,
-    ) -> Result<Approval, DecideError> {
+        grant: Option<GrantRequest>,
+    ) -> Result<(Approval, Option<Grant>), DecideError> {
+        let now = SystemTime::now();
         let mut table = self.table.lock();
-        let Some(pending) = table.pending.remove(id) else {
-            return match table.settled.iter().find(|a| a.id == id) {
-                Some(settled) => Err(DecideError::Settled(Box::new(settled.clone()))),
-                None => Err(DecideError::NotFound(id.to_owned())),
-            };
-        };
-        if SystemTime::now() >= pending.deadline {
-            let expired = settle(&mut table, pending.approval, Status::Expired, None, None);
-            let _ = self.changes.send(expired.clone());
-            return Err(DecideError::Settled(Box::new(expired)));
-        }
-        let status = if approved {
-            Status::Approved
-        } else {
-            Status::Denied
-        };
-        let verdict = Verdict {
-            approved,
-            by: by.to_owned(),
-            reason: reason.clone(),
-        };
-        let delivered = pending.reply.send(verdict).is_ok();
-        let status = if delivered { status } else { Status::Abandoned };
-        let settled = settle(
-            &mut table,
-            pending.approval,
-            status,
-            Some(by.to_owned()),
-            reason,
-        );
+        let changed = sweep(&mut table, now);
+        let result = decide_in(&mut table, id, approved, by, reason, grant, now);
         drop(table);
-        let _ = self.changes.send(settled.clone());
-        Ok(settled)
+        self.announce(changed);
+        if let Ok((approval, _)) = &result {
+            let _ = self.changes.send(approval.clone());
+        }
+        result
     }
 
-    /// Settles an approval its caller stopped waiting for.
-    fn close(&self, id: &str, status: Status) {
+    /// Uses an approved approval, atomically and once: the verdict, or where it
+    /// stands when it cannot be used (pending, denied, over).
+    pub fn redeem(&self, id: &str) -> Result<Verdict, Option<Standing>> {
+        let now = SystemTime::now();
         let mut table = self.table.lock();
-        if let Some(pending) = table.pending.remove(id) {
-            let settled = settle(&mut table, pending.approval, status, None, None);
-            drop(table);
-            let _ = self.changes.send(settled);
+        let changed = sweep(&mut table, now);
+        let usable = table
+            .live
+            .get(id)
+            .is_some_and(|e| e.approval.status == Status::Approved);
+        let result = if usable && let Some(entry) = remove_live(&mut table, id) {
+            let mut approval = entry.approval;
+            approval.redeemed_at = Some(rfc3339(now));
+            let verdict = Verdict {
+                approved: true,
+                by: approval.decided_by.clone().unwrap_or_default(),
+                reason: approval.decision_reason.clone(),
+            };
+            push_settled(&mut table, approval.clone());
+            let _ = self.changes.send(approval);
+            Ok(verdict)
+        } else {
+            Err(match table.live.get(id) {
+                Some(entry) => Some(standing(entry)),
+                None => table
+                    .settled
+                    .iter()
+                    .find(|a| a.id == id)
+                    .map(|a| Standing::Over(a.status)),
+            })
+        };
+        drop(table);
+        self.announce(changed);
+        result
+    }
+
+    /// Marks a one-use token used until `until`; `false` when it already was.
+    pub fn consume(&self, token: &str, until: SystemTime) -> bool {
+        let mut table = self.table.lock();
+        let now = SystemTime::now();
+        table.used.retain(|_, end| *end > now);
+        if table.used.contains_key(token) {
+            return false;
         }
+        table.used.insert(token.to_owned(), until);
+        true
     }
 
     /// Pending and recently settled approvals, newest first.
     pub fn list(&self) -> Vec<Approval> {
-        let table = self.table.lock();
+        let mut table = self.table.lock();
+        let changed = sweep(&mut table, SystemTime::now());
         let mut all: Vec<Approval> = table
-            .pending
+            .live
             .values()
-            .map(|p| p.approval.clone())
+            .map(|e| e.approval.clone())
             .chain(table.settled.iter().cloned())
             .collect();
+        drop(table);
+        self.announce(changed);
         all.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -283,15 +493,24 @@ impl Approvals {
     pub fn get(&self, id: &str) -> Option<Approval> {
         let table = self.table.lock();
         table
-            .pending
+            .live
             .get(id)
-            .map(|p| p.approval.clone())
+            .map(|e| e.approval.clone())
             .or_else(|| table.settled.iter().find(|a| a.id == id).cloned())
     }
 
     /// Number of pending approvals.
     pub fn pending(&self) -> usize {
-        self.table.lock().pending.len()
+        let mut table = self.table.lock();
+        let changed = sweep(&mut table, SystemTime::now());
+        let pending = table
+            .live
+            .values()
+            .filter(|e| e.approval.status == Status::Pending)
+            .count();
+        drop(table);
+        self.announce(changed);
+        pending
     }
 
     /// Every change from now on.
@@ -301,28 +520,183 @@ impl Approvals {
 
     /// Denies everything pending, e.g. on shutdown.
     pub fn deny_all(&self, by: &str, reason: &str) {
-        let ids: Vec<String> = self.table.lock().pending.keys().cloned().collect();
+        let ids: Vec<String> = {
+            let table = self.table.lock();
+            table
+                .live
+                .iter()
+                .filter(|(_, e)| e.approval.status == Status::Pending)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
         for id in ids {
-            let _ = self.decide(&id, false, by, Some(reason.to_owned()));
+            let _ = self.decide(&id, false, by, Some(reason.to_owned()), None);
+        }
+    }
+
+    /// A grant that lets this call through, its use counted; `None` when none does.
+    pub fn use_grant(
+        &self,
+        server: &str,
+        tool: &str,
+        client_key: &str,
+        session_key: &str,
+        digest: &str,
+    ) -> Option<Grant> {
+        let now = SystemTime::now();
+        let mut table = self.table.lock();
+        table.grants.retain(|g| g.until > now);
+        let grant = table.grants.iter_mut().find(|g| {
+            g.server == server
+                && g.tool == tool
+                && g.principal
+                    == match g.scope {
+                        Scope::Client => client_key,
+                        Scope::Session => session_key,
+                    }
+                && g.arguments_digest.as_deref().is_none_or(|d| d == digest)
+        })?;
+        grant.uses += 1;
+        Some(grant.clone())
+    }
+
+    /// Active grants, newest first.
+    pub fn grants(&self) -> Vec<Grant> {
+        let now = SystemTime::now();
+        let mut table = self.table.lock();
+        table.grants.retain(|g| g.until > now);
+        table.grants.iter().rev().cloned().collect()
+    }
+
+    /// Ends a grant at once; the grant, or `None` when no active grant has this id.
+    pub fn revoke(&self, id: &str) -> Option<Grant> {
+        let now = SystemTime::now();
+        let mut table = self.table.lock();
+        table.grants.retain(|g| g.until > now);
+        let at = table.grants.iter().position(|g| g.id == id)?;
+        Some(table.grants.remove(at))
+    }
+
+    /// Broadcasts approvals a sweep settled.
+    fn announce(&self, changed: Vec<Approval>) {
+        for approval in changed {
+            let _ = self.changes.send(approval);
         }
     }
 }
 
-fn settle(
+fn decide_in(
     table: &mut Table,
-    mut approval: Approval,
-    status: Status,
-    by: Option<String>,
+    id: &str,
+    approved: bool,
+    by: &str,
     reason: Option<String>,
-) -> Approval {
+    grant: Option<GrantRequest>,
+    now: SystemTime,
+) -> Result<(Approval, Option<Grant>), DecideError> {
+    let Some(entry) = table.live.get_mut(id) else {
+        return match table.settled.iter().find(|a| a.id == id) {
+            Some(settled) => Err(DecideError::Settled(Box::new(settled.clone()))),
+            None => Err(DecideError::NotFound(id.to_owned())),
+        };
+    };
+    if entry.approval.status != Status::Pending {
+        return Err(DecideError::Settled(Box::new(entry.approval.clone())));
+    }
+    entry.approval.status = if approved {
+        Status::Approved
+    } else {
+        Status::Denied
+    };
+    entry.approval.decided_by = Some(by.to_owned());
+    entry.approval.decision_reason = reason;
+    entry.approval.decided_at = Some(rfc3339(now));
+    if approved {
+        let until = now + entry.valid_for;
+        entry.valid_until = Some(until);
+        entry.approval.valid_until = Some(rfc3339(until));
+    }
+    let granted = match grant {
+        Some(request) if approved && table.grants.len() < MAX_GRANTS => {
+            let until = now + request.window;
+            let grant = Grant {
+                id: super::random_hex(8),
+                server: entry.approval.server.clone(),
+                tool: entry.approval.tool.clone(),
+                scope: request.scope,
+                principal: match request.scope {
+                    Scope::Client => entry.client_key.clone(),
+                    Scope::Session => entry.session_key.clone(),
+                },
+                arguments_digest: (!request.any_arguments)
+                    .then(|| entry.approval.arguments_digest.clone()),
+                granted_by: by.to_owned(),
+                approval_id: id.to_owned(),
+                created_at: rfc3339(now),
+                expires_at: rfc3339(until),
+                uses: 0,
+                until,
+            };
+            entry.approval.grant_id = Some(grant.id.clone());
+            Some(grant)
+        }
+        _ => None,
+    };
+    let approval = entry.approval.clone();
+    if let Some(grant) = &granted {
+        table.grants.push(grant.clone());
+    }
+    Ok((approval, granted))
+}
+
+fn standing(entry: &Entry) -> Standing {
+    match entry.approval.status {
+        Status::Pending => Standing::Pending(entry.deadline),
+        Status::Approved | Status::Denied => Standing::Decided(Verdict {
+            approved: entry.approval.status == Status::Approved,
+            by: entry.approval.decided_by.clone().unwrap_or_default(),
+            reason: entry.approval.decision_reason.clone(),
+        }),
+        Status::Expired => Standing::Over(Status::Expired),
+    }
+}
+
+fn remove_live(table: &mut Table, id: &str) -> Option<Entry> {
+    let entry = table.live.remove(id)?;
+    table.by_key.remove(&entry.key);
+    Some(entry)
+}
+
+/// Settles what is over: pending past the deadline and approved past `valid_until`
+/// expire; denied past the deadline stops answering retries. Returns what changed.
+fn sweep(table: &mut Table, now: SystemTime) -> Vec<Approval> {
+    let over: Vec<String> = table
+        .live
+        .iter()
+        .filter(|(_, e)| match e.approval.status {
+            Status::Approved => e.valid_until.is_some_and(|until| until <= now),
+            _ => e.deadline <= now,
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut changed = Vec::new();
+    for id in over {
+        if let Some(entry) = remove_live(table, &id) {
+            let mut approval = entry.approval;
+            if approval.status != Status::Denied {
+                approval.status = Status::Expired;
+            }
+            push_settled(table, approval.clone());
+            changed.push(approval);
+        }
+    }
+    changed
+}
+
+fn push_settled(table: &mut Table, mut approval: Approval) {
     preview(&mut approval);
-    approval.status = status;
-    approval.decided_by = by;
-    approval.decision_reason = reason;
-    approval.decided_at = Some(rfc3339(SystemTime::now()));
-    table.settled.push_front(approval.clone());
+    table.settled.push_front(approval);
     table.settled.truncate(SETTLED_KEPT);
-    approval
 }
 
 /// Replaces arguments larger than [`PREVIEW_BYTES`] of JSON by a preview of them.
@@ -339,50 +713,11 @@ fn preview(approval: &mut Approval) {
     approval.arguments_truncated_from = Some(text.len());
 }
 
-/// How a held call ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// A human decided.
-    Decided(Verdict),
-    /// The deadline passed.
-    Expired,
-}
-
-impl Ticket {
-    /// Waits for a verdict or the deadline.
-    pub async fn wait(mut self) -> Outcome {
-        let Some(verdict) = self.verdict.take() else {
-            return Outcome::Expired;
-        };
-        let left = self
-            .deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        let outcome = match tokio::time::timeout(left, verdict).await {
-            Ok(Ok(verdict)) => Outcome::Decided(verdict),
-            // The sender is only dropped without a verdict when the store settled it otherwise.
-            Ok(Err(_)) | Err(_) => {
-                self.store.close(&self.id, Status::Expired);
-                Outcome::Expired
-            }
-        };
-        // Settled either way: nothing for Drop to abandon.
-        self.id.clear();
-        outcome
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.id.is_empty() {
-            self.store.close(&self.id, Status::Abandoned);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::sync::Arc;
+
     use super::*;
     use serde_json::json;
 
@@ -391,94 +726,261 @@ mod tests {
             server: "s".into(),
             tool: "start_fhir_export_job".into(),
             arguments: json!({"a": 1}),
+            arguments_digest: "sha256:aa".into(),
             client: None,
             session: Some("abc".into()),
+            principal: "session:abc".into(),
+            client_key: "peer:127.0.0.1".into(),
+            session_key: "session:abc".into(),
+            call_id: "call".into(),
             rule: "rules[0] (start_*)".into(),
             reason: "needs a human".into(),
             timeout,
+            valid_for: Duration::from_secs(600),
         }
     }
 
+    fn open(store: &Approvals, request: Request) -> String {
+        store.open(request).unwrap().0
+    }
+
     #[tokio::test]
-    async fn approving_releases_the_waiting_call() {
+    async fn approving_releases_the_waiter_and_the_approval_is_used_once() {
         let store = Arc::new(Approvals::new());
-        let ticket = store.open(request(Duration::from_secs(60)));
-        let id = ticket.id.clone();
+        let id = open(&store, request(Duration::from_secs(60)));
         assert_eq!(store.get(&id).unwrap().status, Status::Pending);
-        let waiter = tokio::spawn(ticket.wait());
+        let waiting = store.clone();
+        let wid = id.clone();
+        let waiter = tokio::spawn(async move { waiting.wait(&wid, Duration::from_secs(30)).await });
         tokio::task::yield_now().await;
-        let settled = store.decide(&id, true, "alice", None).unwrap();
-        assert_eq!(settled.status, Status::Approved);
+        let (settled, grant) = store.decide(&id, true, "alice", None, None).unwrap();
+        assert_eq!((settled.status, grant.is_none()), (Status::Approved, true));
         match waiter.await.unwrap() {
-            Outcome::Decided(v) => assert!(v.approved),
-            Outcome::Expired => panic!("expired"),
+            Some(Standing::Decided(v)) => assert!(v.approved && v.by == "alice"),
+            other => panic!("{other:?}"),
         }
+        assert!(store.redeem(&id).is_ok());
+        assert_eq!(
+            store.redeem(&id),
+            Err(Some(Standing::Over(Status::Approved)))
+        );
+        assert!(store.get(&id).unwrap().redeemed_at.is_some());
+        // Used up: the same call opens a new approval.
+        let (again, standing, new) = store.open(request(Duration::from_secs(60))).unwrap();
+        assert!(new && again != id && matches!(standing, Standing::Pending(_)));
         assert!(matches!(
-            store.decide(&id, false, "bob", None),
+            store.decide(&id, false, "bob", None, None),
             Err(DecideError::Settled(_))
         ));
         assert!(matches!(
-            store.decide("nope", false, "bob", None),
+            store.decide("nope", false, "bob", None, None),
             Err(DecideError::NotFound(_))
         ));
     }
 
     #[tokio::test]
-    async fn a_dropped_ticket_is_abandoned_and_a_late_one_expires() {
-        let store = Arc::new(Approvals::new());
-        let ticket = store.open(request(Duration::from_secs(60)));
-        let id = ticket.id.clone();
-        drop(ticket);
-        assert_eq!(store.get(&id).unwrap().status, Status::Abandoned);
-        assert_eq!(store.pending(), 0);
+    async fn the_same_call_joins_and_another_call_opens_its_own() {
+        let store = Approvals::new();
+        let first = open(&store, request(Duration::from_secs(60)));
+        let (joined, _, new) = store.open(request(Duration::from_secs(60))).unwrap();
+        assert_eq!((joined.as_str(), new), (first.as_str(), false));
+        for change in [
+            |r: &mut Request| r.arguments_digest = "sha256:bb".into(),
+            |r: &mut Request| r.principal = "session:other".into(),
+            |r: &mut Request| r.tool = "other".into(),
+            |r: &mut Request| r.server = "t".into(),
+        ] {
+            let mut other = request(Duration::from_secs(60));
+            change(&mut other);
+            assert_ne!(open(&store, other), first);
+        }
+        assert_eq!(store.pending(), 5);
+        // A denial answers retries until the deadline.
+        store
+            .decide(&first, false, "bob", Some("no".into()), None)
+            .unwrap();
+        let (id, standing, _) = store.open(request(Duration::from_secs(60))).unwrap();
+        assert_eq!(id, first);
+        assert_eq!(
+            standing,
+            Standing::Decided(Verdict {
+                approved: false,
+                by: "bob".into(),
+                reason: Some("no".into())
+            })
+        );
+        assert_eq!(store.redeem(&first), Err(Some(standing)));
+    }
 
-        let ticket = store.open(request(Duration::from_millis(20)));
-        let id = ticket.id.clone();
-        assert!(matches!(ticket.wait().await, Outcome::Expired));
-        assert_eq!(store.get(&id).unwrap().status, Status::Expired);
+    #[tokio::test]
+    async fn deadlines_expire_pending_and_unused_approvals() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_millis(30)));
+        assert_eq!(
+            store.wait(&id, Duration::from_secs(5)).await,
+            Some(Standing::Over(Status::Expired))
+        );
         assert!(matches!(
-            store.decide(&id, true, "late", None),
+            store.decide(&id, true, "late", None, None),
             Err(DecideError::Settled(_))
         ));
+        // Waiting less than the deadline leaves it pending.
+        let id = open(&store, request(Duration::from_secs(60)));
+        assert!(matches!(
+            store.wait(&id, Duration::from_millis(20)).await,
+            Some(Standing::Pending(_))
+        ));
+        let mut short = request(Duration::from_secs(60));
+        short.tool = "short".into();
+        short.valid_for = Duration::from_millis(20);
+        let id = open(&store, short);
+        store.decide(&id, true, "alice", None, None).unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(
+            store.redeem(&id),
+            Err(Some(Standing::Over(Status::Expired)))
+        );
+        assert_eq!(store.get(&id).unwrap().decided_by.as_deref(), Some("alice"));
+    }
+
+    #[tokio::test]
+    async fn the_number_of_live_approvals_is_bounded() {
+        let store = Approvals::new();
+        for i in 0..MAX_LIVE {
+            let mut r = request(Duration::from_secs(60));
+            r.arguments_digest = i.to_string();
+            store.open(r).unwrap();
+        }
+        let mut r = request(Duration::from_secs(60));
+        r.arguments_digest = "one more".into();
+        assert!(matches!(store.open(r), Err(OpenError::Full)));
+        // Joining an existing one still works.
+        let mut r = request(Duration::from_secs(60));
+        r.arguments_digest = "0".into();
+        assert!(store.open(r).is_ok());
+    }
+
+    #[tokio::test]
+    async fn grants_let_their_scope_through_until_revoked_or_expired() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_secs(60)));
+        let grant = GrantRequest {
+            scope: Scope::Session,
+            window: Duration::from_secs(60),
+            any_arguments: false,
+        };
+        let (approval, grant) = store.decide(&id, true, "alice", None, Some(grant)).unwrap();
+        let grant = grant.unwrap();
+        assert_eq!(approval.grant_id.as_ref(), Some(&grant.id));
+        assert_eq!(
+            (grant.principal.as_str(), grant.granted_by.as_str()),
+            ("session:abc", "alice")
+        );
+        let tool = "start_fhir_export_job";
+        assert!(
+            store
+                .use_grant("s", tool, "x", "session:abc", "sha256:aa")
+                .is_some()
+        );
+        assert_eq!(
+            store
+                .use_grant("s", tool, "x", "session:abc", "sha256:aa")
+                .unwrap()
+                .uses,
+            2
+        );
+        assert!(
+            store
+                .use_grant("s", tool, "x", "session:abc", "sha256:bb")
+                .is_none()
+        );
+        assert!(
+            store
+                .use_grant("s", tool, "x", "session:zzz", "sha256:aa")
+                .is_none()
+        );
+        assert!(
+            store
+                .use_grant("s", "other", "x", "session:abc", "sha256:aa")
+                .is_none()
+        );
+        assert_eq!(store.grants().len(), 1);
+        assert!(store.revoke(&grant.id).is_some());
+        assert!(store.revoke(&grant.id).is_none());
+        assert!(
+            store
+                .use_grant("s", tool, "x", "session:abc", "sha256:aa")
+                .is_none()
+        );
+
+        let mut other = request(Duration::from_secs(60));
+        other.tool = "t2".into();
+        let id = open(&store, other);
+        let any = GrantRequest {
+            scope: Scope::Client,
+            window: Duration::from_millis(30),
+            any_arguments: true,
+        };
+        store.decide(&id, true, "bob", None, Some(any)).unwrap();
+        assert!(
+            store
+                .use_grant("s", "t2", "peer:127.0.0.1", "session:q", "sha256:zz")
+                .is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            store
+                .use_grant("s", "t2", "peer:127.0.0.1", "session:q", "sha256:zz")
+                .is_none()
+        );
+        assert!(store.grants().is_empty());
+    }
+
+    #[test]
+    fn a_one_use_token_is_used_once() {
+        let store = Approvals::new();
+        let until = SystemTime::now() + Duration::from_secs(60);
+        assert!(store.consume("t", until));
+        assert!(!store.consume("t", until));
+        assert!(store.consume("u", until));
     }
 
     #[tokio::test]
     async fn settled_approvals_keep_a_preview_of_large_arguments() {
-        let store = Arc::new(Approvals::new());
+        let store = Approvals::new();
         let mut large = request(Duration::from_secs(60));
         large.arguments = json!({"blob": "é".repeat(100_000)});
-        let ticket = store.open(large);
+        let id = open(&store, large);
         assert_eq!(
-            store.get(&ticket.id).unwrap().arguments["blob"]
+            store.get(&id).unwrap().arguments["blob"]
                 .as_str()
                 .unwrap()
                 .len(),
             200_000
         );
-        let settled = store.decide(&ticket.id, false, "alice", None).unwrap();
+        store.decide(&id, true, "alice", None, None).unwrap();
+        store.redeem(&id).unwrap();
+        let settled = store.get(&id).unwrap();
         let preview = settled.arguments.as_str().unwrap();
         assert!(preview.starts_with("{\"blob\":\"éé") && preview.ends_with('…'));
         assert!(preview.len() <= PREVIEW_BYTES + '…'.len_utf8());
         assert_eq!(settled.arguments_truncated_from, Some(200_000 + 11));
-        assert_eq!(store.get(&ticket.id).unwrap().arguments, settled.arguments);
-        let small = store.open(request(Duration::from_secs(60)));
-        let settled = store.decide(&small.id, true, "alice", None).unwrap();
-        assert_eq!(settled.arguments, json!({"a": 1}));
-        assert_eq!(settled.arguments_truncated_from, None);
     }
 
     #[tokio::test]
     async fn broadcasts_changes_and_lists_newest_first() {
-        let store = Arc::new(Approvals::new());
+        let store = Approvals::new();
         let mut changes = store.subscribe();
-        let first = store.open(request(Duration::from_secs(60)));
+        let first = open(&store, request(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(2));
-        let second = store.open(request(Duration::from_secs(60)));
-        assert_eq!(changes.recv().await.unwrap().id, first.id);
-        assert_eq!(changes.recv().await.unwrap().id, second.id);
+        let mut r = request(Duration::from_secs(60));
+        r.tool = "second".into();
+        let second = open(&store, r);
+        assert_eq!(changes.recv().await.unwrap().id, first);
+        assert_eq!(changes.recv().await.unwrap().id, second);
         let list = store.list();
-        assert_eq!(list[0].id, second.id);
+        assert_eq!(list[0].id, second);
         store.deny_all("tollgate", "shutting down");
-        assert_eq!(store.get(&first.id).unwrap().status, Status::Denied);
+        assert_eq!(store.get(&first).unwrap().status, Status::Denied);
     }
 }
