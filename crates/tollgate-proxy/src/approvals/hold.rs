@@ -148,26 +148,11 @@ pub async fn hold(
             return ask_on_stream(shared, elicitations, hold, sink).await;
         }
     }
-    if let Some(grant) = shared.approvals.use_grant(
-        &hold.server,
-        &hold.tool,
-        &hold.client_key,
-        &hold.session_key,
-        &hold.digest,
-    ) {
-        tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
-        shared.audit.write(&Record::GrantUsed {
-            call_id: &hold.call_id,
-            grant_id: &grant.id,
-            server: &hold.server,
-            tool: &hold.tool,
-            granted_by: &grant.granted_by,
-        });
-        return Ending::Forward;
-    }
-    let (id, standing) = match claims {
+    // The approval the state names, else this call's own; an approved one is used
+    // before any grant; else a grant; else the approval (a new one if none).
+    let found = match claims {
         Some(claims) if claims.kind == Kind::Queue => match shared.approvals.standing(&claims.id) {
-            Some(standing) => (claims.id, standing),
+            Some(standing) => Some((claims.id, standing)),
             None => {
                 return Ending::Refuse(
                     DenyKind::ApprovalTimeout,
@@ -179,7 +164,33 @@ pub async fn hold(
             }
         },
         // A question's state on a rule that now uses the queue: ask anew.
-        _ => match open(shared, hold) {
+        _ => shared
+            .approvals
+            .find(&hold.server, &hold.principal, &hold.tool, &hold.digest),
+    };
+    let approved = matches!(&found, Some((_, Standing::Decided(v))) if v.approved);
+    if !approved
+        && let Some(grant) = shared.approvals.use_grant(
+            &hold.server,
+            &hold.tool,
+            &hold.client_key,
+            &hold.session_key,
+            &hold.digest,
+        )
+    {
+        tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
+        shared.audit.write(&Record::GrantUsed {
+            call_id: &hold.call_id,
+            grant_id: &grant.id,
+            server: &hold.server,
+            tool: &hold.tool,
+            granted_by: &grant.granted_by,
+        });
+        return Ending::Forward;
+    }
+    let (id, standing) = match found {
+        Some(found) => found,
+        None => match open(shared, hold) {
             Ok(opened) => opened,
             Err(why) => return Ending::Refuse(DenyKind::ApprovalDenied, why),
         },

@@ -10,7 +10,8 @@
 //! for a window.
 //!
 //! The interface is narrow, so that a shared backend (several replicas) can
-//! implement the same methods: [`Approvals::open`] (or join), [`Approvals::decide`],
+//! implement the same methods: [`Approvals::open`] (or join), [`Approvals::find`],
+//! [`Approvals::decide`],
 //! [`Approvals::redeem`] (atomic, once), [`Approvals::consume`] (a one-use token),
 //! [`Approvals::wait`], [`Approvals::list`], [`Approvals::subscribe`], and for grants
 //! [`Approvals::grant`], [`Approvals::use_grant`], [`Approvals::revoke`],
@@ -355,6 +356,26 @@ impl Approvals {
         drop(table);
         self.announce(changed);
         result
+    }
+
+    /// The live approval of this call (by its key), if any, and where it stands.
+    pub fn find(
+        &self,
+        server: &str,
+        principal: &str,
+        tool: &str,
+        digest: &str,
+    ) -> Option<(String, Standing)> {
+        let key = key_of(server, principal, tool, digest);
+        let mut table = self.table.lock();
+        let changed = sweep(&mut table, SystemTime::now());
+        let found = table
+            .by_key
+            .get(&key)
+            .and_then(|id| Some((id.clone(), standing(table.live.get(id)?))));
+        drop(table);
+        self.announce(changed);
+        found
     }
 
     /// Where an approval stands; `None` for an id never seen (or long forgotten).
@@ -784,6 +805,14 @@ mod tests {
         let first = open(&store, request(Duration::from_secs(60)));
         let (joined, _, new) = store.open(request(Duration::from_secs(60))).unwrap();
         assert_eq!((joined.as_str(), new), (first.as_str(), false));
+        let r = request(Duration::from_secs(60));
+        let found = store.find(&r.server, &r.principal, &r.tool, &r.arguments_digest);
+        assert_eq!(found.map(|f| f.0), Some(first.clone()));
+        assert!(
+            store
+                .find(&r.server, &r.principal, &r.tool, "sha256:zz")
+                .is_none()
+        );
         for change in [
             |r: &mut Request| r.arguments_digest = "sha256:bb".into(),
             |r: &mut Request| r.principal = "session:other".into(),
