@@ -13,7 +13,7 @@ import pytest
 from mcp import Client
 
 from conftest import ROOT, start_tollgate, start_upstream
-from test_approvals import ADMIN, EXPORT, POLICY, TOKEN
+from test_approvals import ADMIN, EXPORT, POLICY, TOKEN, admin_get
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +47,10 @@ async def test_a_pending_call_appears_live_and_approve_releases_the_client(procs
     seen = json.loads(out)
     assert seen["tool"] == "start_fhir_export_job"
     assert "s3://approved-exports/a" in seen["args"]
+    # Issue 16.5: the call's age, the time left and the grant choices.
+    assert any(m.startswith("waiting ") for m in seen["meta"]), seen
+    assert seen["left"].endswith("s left"), seen
+    assert seen["choices"][0] == "once" and "this client, 10 min" in seen["choices"], seen
     assert result.is_error is False
     assert upstream.tools_called() == ["start_fhir_export_job"]
     assert screenshot.stat().st_size > 10_000
@@ -90,3 +94,47 @@ def test_control_and_bidi_characters_are_shown_escaped_on_the_page(procs, tmp_pa
     assert "\u202e" not in seen["args"] and "\\u202e" in seen["args"], seen
     assert answers and answers[0]["result"]["isError"] is False, answers
     assert [c["body"]["params"]["name"] for c in recorder.tool_calls()] == [tool]
+
+
+async def test_the_page_grants_a_window_and_revokes_it(procs, tmp_path):
+    """Issue 16.4: Approve with "this client, 10 min, any arguments" lets the client's next
+    call through without asking; Revoke on the page ends the grant at once."""
+    if shutil.which("chromium") is None or not (ROOT / "tests/ts/node_modules/playwright-core").exists():
+        pytest.fail("chromium or playwright-core is missing: run tests/run, which installs both")
+    upstream = start_upstream(procs, tmp_path)
+    policy = POLICY.replace("approval: { timeout: %s }", "approval: { timeout: 60, wait: 20 }")
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy, extra=ADMIN)
+    browser = subprocess.Popen(
+        ["node", str(ROOT / "tests/ts/page.mjs"), tg.admin, TOKEN, str(tmp_path / "grant.png"), "grant"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert browser.stderr is not None and browser.stdin is not None
+        with anyio.fail_after(30):
+            line = await anyio.to_thread.run_sync(browser.stderr.readline)
+        assert line.strip() == "READY", line
+        async with Client(tg.url, mode="legacy") as client:
+            with anyio.fail_after(60):
+                first = await client.call_tool("start_fhir_export_job", EXPORT)
+                line = await anyio.to_thread.run_sync(browser.stderr.readline)
+            assert line.startswith("GRANTED "), line
+            grant_id = line.split()[1]
+            assert first.is_error is False
+            granted = await client.call_tool("start_fhir_export_job", {**EXPORT, "job_name": "two"})
+            assert granted.is_error is False, "the grant lets the client's next call through"
+            browser.stdin.write("revoke\n")
+            browser.stdin.flush()
+            out, err = await anyio.to_thread.run_sync(lambda: browser.communicate(timeout=30))
+            assert browser.returncode == 0, err
+            seen = json.loads(out)
+            assert "start_fhir_export_job" in seen["grant"] and "any" in seen["grant"] and seen["revoked"]
+            with anyio.move_on_after(2):
+                await client.call_tool("start_fhir_export_job", {**EXPORT, "job_name": "three"})
+            held = [a for a in admin_get(tg, "/approvals").json() if a["status"] == "pending"]
+            assert [a["arguments"]["job_name"] for a in held] == ["three"], "revoked: held again"
+    finally:
+        if browser.poll() is None:
+            browser.kill()
+    assert upstream.tools_called() == ["start_fhir_export_job"] * 2
+    revoked = [r for r in tg.audit() if r["event"] == "grant_revoked"]
+    assert [r["grant_id"] for r in revoked] == [grant_id]

@@ -1,9 +1,13 @@
 // Drives the approvals page in Debian's headless Chromium: sign in with the
 // token, wait for the pending call to appear (no reload), click Approve, and
-// save a screenshot. Prints JSON of what it saw.
+// save a screenshot. Prints JSON of what it saw. With a fourth argument `grant`,
+// approves with "this client, 10 min" for any arguments, says GRANTED on stderr once
+// the grant is listed, waits for a line on stdin, then clicks Revoke.
 import { chromium } from "playwright-core";
 
-const [adminUrl, token, screenshot] = process.argv.slice(2);
+import { createInterface } from "node:readline";
+
+const [adminUrl, token, screenshot, mode] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,10 +25,29 @@ try {
   await card.waitFor({ timeout: 30000 });
   const tool = await card.locator(".tool").innerText();
   const args = await card.locator("pre").innerText();
+  const meta = await card.locator(".meta").allInnerTexts();
+  const left = await card.locator(".left").innerText();
+  const choices = await card.locator("select[data-grant] option").allInnerTexts();
   await page.screenshot({ path: screenshot, fullPage: true });
+  const seen = { tool, args, meta, left, choices };
+  if (mode === "grant") {
+    await card.locator("select[data-grant]").selectOption("client:10m");
+    await card.locator("input[data-any-arguments]").check();
+  }
   await card.locator("button[data-action=approve]").click();
   await page.locator(".badge.approved").first().waitFor({ timeout: 15000 });
-  console.log(JSON.stringify({ tool, args, live: await page.locator("#statustext").innerText() }));
+  if (mode === "grant") {
+    const row = page.locator("tr[data-grant-id]").first();
+    await row.waitFor({ timeout: 15000 });
+    seen.grant = await row.innerText();
+    console.error("GRANTED " + await row.getAttribute("data-grant-id"));
+    await createInterface({ input: process.stdin })[Symbol.asyncIterator]().next();
+    await row.locator("button[data-revoke]").click();
+    await page.locator("tr[data-grant-id]").first().waitFor({ state: "detached", timeout: 15000 });
+    seen.revoked = true;
+  }
+  seen.live = await page.locator("#statustext").innerText();
+  console.log(JSON.stringify(seen));
 } finally {
   clearTimeout(timer);
   await browser.close();
