@@ -177,18 +177,34 @@ async def test_no_decision_before_the_timeout_refuses(procs, tmp_path):
 
 
 async def test_a_disconnecting_client_leaves_its_approval_pending_for_the_retry(procs, tmp_path):
-    """Issue 16: a client that gives up (its own timeout, a proxy cutting the request)
-    does not abandon the approval: the person's later click still counts, for the retry."""
-    upstream, tg = start(procs, tmp_path)
-    async with Client(tg.url, mode="legacy") as client:
+    """Issue 16: a client that gives up and goes away (its own timeout, a proxy cutting the
+    request) does not abandon the approval: the person's later click still counts, for the
+    same client's retry."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    key = "alpha-key-0123456789"
+    upstream, tg = start(procs, tmp_path, extra=f"clients: [{{name: alpha, key: {key}}}]")
+
+    def alpha():
+        return Client(streamable_http_client(tg.url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})),
+                      mode="legacy")
+
+    async with alpha() as client:
         with anyio.move_on_after(1.5):
             await client.call_tool("start_fhir_export_job", EXPORT)
-        (pending,) = await wait_pending(tg)
-        await anyio.sleep(1)
-        assert [a["status"] for a in admin_get(tg, "/approvals").json()] == ["pending"]
-        assert admin_post(tg, f"/approvals/{pending['id']}/approve", token=ALICE).status_code == 200
+    (pending,) = await wait_pending(tg)
+    # Within a keep-alive interval Tollgate notices the request is gone ...
+    with anyio.fail_after(20):
+        while "tollgate_streams_active 0" not in admin_get(tg, "/metrics").text:
+            await anyio.sleep(0.2)
+    # ... and the approval stays pending: nothing is forwarded on the dead request.
+    assert [a["status"] for a in admin_get(tg, "/approvals").json()] == ["pending"]
+    assert admin_post(tg, f"/approvals/{pending['id']}/approve", token=ALICE).status_code == 200
+    assert upstream.calls() == []
+    async with alpha() as client:  # a new session of the same client
         result = await client.call_tool("start_fhir_export_job", EXPORT)
-    assert result.is_error is False
+    assert result.is_error is False, result
     assert upstream.tools_called() == ["start_fhir_export_job"]
 
 
@@ -360,6 +376,39 @@ async def test_the_cli_lists_approves_and_denies(procs, tmp_path):
     assert "from the terminal" in outcome["drop"].content[0].text
     again = cli("approve", ids["keep"])
     assert again.returncode == 1 and "already settled" in again.stderr
+
+    # Issue 16.5: show by a unique prefix, with the full arguments; --format json everywhere.
+    shown = cli("show", ids["keep"][:5])
+    assert shown.returncode == 0, shown.stderr
+    assert "start_fhir_export_job" in shown.stdout and "Bulk export of patient data needs a human." in shown.stdout
+    assert '"s3_uri": "s3://approved-exports/a"' in shown.stdout, "pretty JSON of the arguments"
+    assert "rules[0] (start_fhir_export_job)" in shown.stdout and "alice" not in shown.stdout
+    as_json = cli("show", ids["keep"][:5], "--format", "json")
+    assert json.loads(as_json.stdout)["id"] == ids["keep"]
+    listed = cli("list")
+    assert '{"datastore_id":"0123456789' in listed.stdout, "an argument preview"
+    assert {a["id"] for a in json.loads(cli("list", "--format", "json").stdout)} == set(ids.values())
+    assert json.loads(cli("grants", "--format", "json").stdout) == []
+
+    # Approve with a grant from the terminal, list it, revoke it.
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            async def held():
+                results.append(("grant", await client.call_tool("start_fhir_export_job", {**EXPORT, "job_name": "g"})))
+            tasks.start_soon(held)
+            (pending,) = await wait_pending(tg)
+            granted = await anyio.to_thread.run_sync(lambda: cli("approve", pending["id"], "--grant-for", "10m", "--scope", "session", "--format", "json"))
+            assert granted.returncode == 0, granted.stderr
+            grant = json.loads(granted.stdout)["grant"]
+        assert grant["scope"] == "session" and grant["arguments_digest"]
+        assert (await client.call_tool("start_fhir_export_job", {**EXPORT, "job_name": "g"})).is_error is False
+    grants = cli("grants")
+    assert grant["id"] in grants.stdout and "session" in grants.stdout, grants.stdout
+    revoked = cli("revoke", grant["id"])
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+    assert cli("revoke", grant["id"]).returncode == 1
+    ambiguous = cli("show", "")
+    assert ambiguous.returncode != 0
     wrong = subprocess.run([TOLLGATE, "approvals", "list", "--admin", tg.admin], capture_output=True, text=True,
                            env={"TOLLGATE_ADMIN_TOKEN": "wrong", "PATH": "/usr/bin:/bin"}, timeout=30)
     assert wrong.returncode == 2 and "refused the token" in wrong.stderr
