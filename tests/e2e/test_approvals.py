@@ -208,6 +208,38 @@ async def test_a_disconnecting_client_leaves_its_approval_pending_for_the_retry(
     assert upstream.tools_called() == ["start_fhir_export_job"]
 
 
+async def test_a_cancelled_call_stops_waiting_and_its_retry_redeems_the_approval(procs, tmp_path):
+    """Issue 16: the client cancels the held call (`notifications/cancelled`) but keeps its
+    session: the held request ends at once, nothing is ever forwarded for it, and the
+    approval waits for the retry on the same session."""
+    from conftest import RawSession
+
+    upstream, tg = start(procs, tmp_path)
+    session = RawSession(tg.url, timeout=60)
+    session.initialize()
+    answers: list[dict] = []
+    caller = threading.Thread(target=lambda: answers.append(session.call("start_fhir_export_job", EXPORT)), daemon=True)
+    caller.start()
+    try:
+        (pending,) = await wait_pending(tg)
+        held_id = session.next_id - 1
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": held_id, "reason": "gave up"}}
+        other = RawSession(tg.url)
+        other.session_id, other.protocol = session.session_id, session.protocol
+        assert other.http.post(tg.url, json=cancel, headers=other._headers()).status_code == 202
+        await anyio.to_thread.run_sync(lambda: caller.join(timeout=4))
+        assert not caller.is_alive(), "the cancelled request ended at once"
+        assert "result" not in answers[0], answers
+        assert admin_post(tg, f"/approvals/{pending['id']}/approve", token=ALICE).status_code == 200
+        await anyio.sleep(0.5)
+        assert upstream.calls() == [], "nothing forwarded for the cancelled request"
+        retry = await anyio.to_thread.run_sync(lambda: session.call("start_fhir_export_job", EXPORT))
+        assert retry["result"]["isError"] is False, retry
+    finally:
+        session.close()
+    assert upstream.tools_called() == ["start_fhir_export_job"]
+
+
 async def test_twenty_calls_waiting_at_once_are_each_settled_correctly(procs, tmp_path):
     upstream, tg = start(procs, tmp_path)
     results: dict[int, object] = {}

@@ -75,6 +75,9 @@ impl Core {
             decoded.era,
             decoded.forwarded,
         );
+        if held::withdraw(&ctx, &message) {
+            return Ok(Answer::accepted());
+        }
         let permit = match decide::decide(&ctx, &message)? {
             decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),

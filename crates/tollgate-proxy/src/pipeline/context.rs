@@ -109,6 +109,61 @@ pub struct Core {
     pub(super) elicitations: Arc<Elicitations>,
     /// Seals and checks the `requestState` of stateless-era retries.
     pub(super) state_key: Arc<StateKey>,
+    /// Calls being held, so that the client's `notifications/cancelled` withdraws one.
+    pub(super) holding: Arc<Holding>,
+}
+
+/// Held calls by owner and request id.
+#[derive(Default)]
+pub struct Holding {
+    calls: parking_lot::Mutex<
+        std::collections::HashMap<String, (u64, tokio::sync::oneshot::Sender<()>)>,
+    >,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A held call's entry; dropping it removes the entry.
+pub struct HoldEntry {
+    table: Arc<Holding>,
+    key: String,
+    token: u64,
+}
+
+impl Holding {
+    /// Registers a held call; the receiver fires when the client cancels it.
+    pub fn hold(self: &Arc<Self>, key: String) -> (HoldEntry, tokio::sync::oneshot::Receiver<()>) {
+        let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cancel, cancelled) = tokio::sync::oneshot::channel();
+        // A request id the client reuses replaces the older entry, whose wait then goes on.
+        self.calls.lock().insert(key.clone(), (token, cancel));
+        let entry = HoldEntry {
+            table: self.clone(),
+            key,
+            token,
+        };
+        (entry, cancelled)
+    }
+
+    /// Withdraws a held call; `true` when one was held under `key`.
+    pub fn cancel(&self, key: &str) -> bool {
+        match self.calls.lock().remove(key) {
+            // The held task may have just finished; then there is nothing to stop.
+            Some((_, cancel)) => cancel.send(()).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for HoldEntry {
+    fn drop(&mut self) {
+        let mut calls = self.table.calls.lock();
+        if calls
+            .get(&self.key)
+            .is_some_and(|(token, _)| *token == self.token)
+        {
+            calls.remove(&self.key);
+        }
+    }
 }
 
 /// One request's place in the world: server, caller, session, era. Owned, so a
@@ -178,6 +233,7 @@ impl Core {
             shared,
             elicitations: Arc::new(Elicitations::default()),
             state_key: Arc::new(state_key),
+            holding: Arc::default(),
         }
     }
 

@@ -22,16 +22,28 @@ use crate::upstream::{Body, Event, Payload};
 /// Answers a held call with a stream that ends with the call's answer.
 pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
     let (sink, events) = mpsc::channel(16);
+    let (entry, cancelled) = ctx
+        .core
+        .holding
+        .hold(holding_key(&ctx, message.id().unwrap_or(&Value::Null)));
     tokio::spawn(async move {
         let holding = hold_of(&ctx, &message, &held);
-        let ending = hold(
-            ctx.shared(),
-            &ctx.core.elicitations,
-            &ctx.core.state_key,
-            &holding,
-            &sink,
-        )
-        .await;
+        let ending = tokio::select! {
+            ending = hold(
+                ctx.shared(),
+                &ctx.core.elicitations,
+                &ctx.core.state_key,
+                &holding,
+                &sink,
+            ) => ending,
+            // The client cancelled the request: it no longer waits, the approval stays
+            // for its retry. (A cancellation after this goes upstream like any other.)
+            Ok(()) = cancelled => {
+                tracing::info!(tool = %holding.tool, "held call cancelled by the client");
+                Ending::Gone
+            }
+        };
+        drop(entry);
         settle(ctx, message, held, ending, sink).await;
     });
     Answer {
@@ -40,6 +52,28 @@ pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
         session: None,
         retry_after: None,
     }
+}
+
+/// A held call's key among its owner's: client, session, request id.
+fn holding_key(ctx: &Context, id: &Value) -> String {
+    format!(
+        "{}\n{}\n{id}",
+        ctx.client_key,
+        ctx.session.as_ref().map_or("", |s| &*s.id)
+    )
+}
+
+/// Takes the client's `notifications/cancelled` for a call still being held: the
+/// hold ends (the approval stays for the retry); `true` when it was one, which then
+/// goes no further (the upstream never saw that request).
+pub fn withdraw(ctx: &Context, message: &Message) -> bool {
+    if message.method() != Some("notifications/cancelled") || message.id().is_some() {
+        return false;
+    }
+    let Some(id) = message.params().and_then(|p| p.get("requestId")) else {
+        return false;
+    };
+    ctx.core.holding.cancel(&holding_key(ctx, id))
 }
 
 /// Tollgate's `requestState` in a call's params, if it carries one.
