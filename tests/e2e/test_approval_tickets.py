@@ -119,6 +119,19 @@ async def test_a_ticket_then_the_retry_is_forwarded_exactly_once(procs, tmp_path
     assert [(r["verdict"], r["decided_by"]) for r in events(tg, "approval")] == [("approved", "alice")]
 
 
+async def test_a_waiting_call_hears_progress_when_it_asked_for_it(procs, tmp_path):
+    upstream, tg = start(procs, tmp_path)
+    notes: list = []
+
+    async def on_progress(progress, total, message):
+        notes.append((progress, message))
+
+    async with Client(authed(tg, "alpha"), mode="legacy") as alpha:
+        result = await alpha.call_tool(TOOL, EXPORT, progress_callback=on_progress)
+    assert decision(result)["kind"] == "approval_pending"
+    assert notes and "Waiting for a human to approve `start_fhir_export_job`" in notes[0][1], notes
+
+
 async def test_a_denial_answers_every_retry_with_the_reason(procs, tmp_path):
     upstream, tg = start(procs, tmp_path)
     async with Client(authed(tg, "alpha"), mode="legacy") as alpha:

@@ -291,3 +291,45 @@ async fn pipe(body: Body, sink: &Sink) {
         Body::Empty | Body::Other { .. } | Body::Sse(_) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn message(value: Value) -> Message {
+        Message::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn tollgates_own_input_is_not_forwarded_and_the_upstreams_is() {
+        let call = |params: Value| {
+            message(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}))
+        };
+        let plain = call(json!({"name": "t", "arguments": {"a": 1}}));
+        assert!(without_own_input(&plain).is_none());
+        let ours = call(json!({
+            "name": "t", "arguments": {"a": 1},
+            "requestState": "tollgate1.x.y",
+            "inputResponses": {QUESTION_KEY: {"action": "accept"}},
+        }));
+        let forwarded = without_own_input(&ours).unwrap();
+        assert_eq!(
+            forwarded["params"],
+            json!({"name": "t", "arguments": {"a": 1}})
+        );
+        // The upstream's own multi round-trip state and answers pass through.
+        let mixed = call(json!({
+            "name": "t",
+            "requestState": "upstream-state",
+            "inputResponses": {QUESTION_KEY: {"action": "accept"}, "github_login": {"action": "accept"}},
+        }));
+        let forwarded = without_own_input(&mixed).unwrap();
+        assert_eq!(forwarded["params"]["requestState"], "upstream-state");
+        assert_eq!(
+            forwarded["params"]["inputResponses"],
+            json!({"github_login": {"action": "accept"}})
+        );
+        assert!(own_state(&mixed).is_none());
+    }
+}
