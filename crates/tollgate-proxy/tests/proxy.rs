@@ -1013,3 +1013,60 @@ async fn several_servers_each_with_its_own_policy() {
     );
     assert_eq!(demo.calls(), 1);
 }
+
+/// Issue 16.3: a stateless-era client that supports URL-mode elicitation is pointed at
+/// the approvals page in `inputRequests`; one without gets `requestState` alone; a
+/// handshake-era one gets neither (an `approval_pending` result).
+#[tokio::test]
+async fn a_pending_approval_points_a_url_capable_client_at_the_page() {
+    let policy = POLICY.replace(
+        "approval: { timeout: 2 }",
+        "approval: { timeout: 60, wait: 1 }",
+    );
+    let h = start(&policy, "", true).await;
+    let admin = h.admin.clone().unwrap();
+    let ask = |id: u64, capabilities: Value| {
+        let (url, http) = (h.url.clone(), h.http.clone());
+        async move {
+            let mut body = stateless(call(
+                id,
+                "start_fhir_export_job",
+                json!({"datastore_id": EXPORT, "job": id}),
+            ));
+            body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = capabilities;
+            let response = http
+                .post(&url)
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", "start_fhir_export_job")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            parse_body(&response.text().await.unwrap())
+        }
+    };
+    let with_url = ask(1, json!({"elicitation": {"url": {}}})).await;
+    let result = &with_url["result"];
+    assert_eq!(result["resultType"], "input_required", "{with_url}");
+    assert!(
+        result["requestState"]
+            .as_str()
+            .unwrap()
+            .starts_with("tollgate1.")
+    );
+    let link = &result["inputRequests"]["dev.tollgate/approval-page"];
+    assert_eq!(link["method"], "elicitation/create", "{with_url}");
+    assert_eq!(link["params"]["mode"], "url");
+    let id = decision(&with_url)["approval_id"].as_str().unwrap();
+    assert_eq!(
+        link["params"]["url"],
+        format!("{admin}/#approval={id}").as_str()
+    );
+    // Form-only elicitation (an empty object) with a queue rule: no form, no link.
+    let plain = ask(2, json!({"elicitation": {}})).await;
+    assert_eq!(plain["result"]["resultType"], "input_required", "{plain}");
+    assert!(plain["result"].get("inputRequests").is_none(), "{plain}");
+    assert_eq!(h.demo.calls(), 0);
+}
