@@ -299,3 +299,38 @@ async def test_stateless_via_elicitation_asks_the_clients_user_in_input_requests
         assert result.is_error is True and decision(result)["kind"] == "approval_denied"
         assert "decline" in result.content[0].text
         assert upstream.calls() == []
+
+
+async def test_the_typescript_sdk_with_its_default_timeout_gets_a_ticket_and_the_retry_goes_through(procs, tmp_path):
+    import json
+    import subprocess
+
+    from conftest import ROOT
+
+    if not (ROOT / "tests/ts/node_modules/@modelcontextprotocol/sdk").exists():
+        pytest.fail("the TypeScript SDK is not installed: run tests/run (npm ci in tests/ts)")
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy(wait=3), extra=ADMIN)
+    node = subprocess.Popen(["node", str(ROOT / "tests/ts/approval.mjs"), tg.url, json.dumps(EXPORT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None and node.stdin is not None
+        with anyio.fail_after(60):
+            line = await anyio.to_thread.run_sync(node.stdout.readline)
+        first = json.loads(line)["first"]
+        meta = first["_meta"]["dev.tollgate/decision"]
+        assert first["isError"] is True and meta["kind"] == "approval_pending", first
+        assert upstream.calls() == []
+        assert admin_post(tg, f"/approvals/{meta['approval_id']}/approve", token=ALICE).status_code == 200
+        node.stdin.write("approved\n")
+        node.stdin.flush()
+        out, err = await anyio.to_thread.run_sync(lambda: node.communicate(timeout=60))
+    finally:
+        if node.poll() is None:
+            node.kill()
+    assert node.returncode == 0, err
+    report = json.loads(out)
+    assert report["retry"]["isError"] is False, report["retry"]
+    assert report["otherArgs"]["_meta"]["dev.tollgate/decision"]["kind"] == "approval_pending"
+    assert report["secondRetry"]["_meta"]["dev.tollgate/decision"]["kind"] == "approval_pending"
+    assert upstream.tools_called() == [TOOL], "forwarded exactly once"
