@@ -234,6 +234,15 @@ async def test_stateless_input_required_with_request_state_is_retried_by_the_sdk
         at = len("tollgate1.") + 5
         tampered = state[:at] + ("A" if state[at] != "A" else "B") + state[at + 1:]
         assert "altered" in str(await refused(alpha, EXPORT, tampered))
+        # A well-formed payload rewritten for another client, under the old MAC: only the MAC tells.
+        import base64
+        import json as json_
+        payload, tag = state[len("tollgate1."):].split(".")
+        claims = json_.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["principal"] == "client:alpha" and claims["id"] == approval_id
+        claims["principal"] = "client:beta"
+        forged = "tollgate1." + base64.urlsafe_b64encode(json_.dumps(claims).encode()).decode().rstrip("=") + "." + tag
+        assert "altered" in str(await refused(beta, EXPORT, forged))
         assert "another client" in str(await refused(beta, EXPORT, state))
         assert "another call" in str(await refused(alpha, OTHER, state))
         assert upstream.calls() == []
