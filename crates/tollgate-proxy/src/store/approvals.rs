@@ -18,7 +18,7 @@
 //! [`Approvals::grants`]. Every change to an approval is broadcast for the admin
 //! page's live stream and for the requests waiting on it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -32,6 +32,12 @@ const SETTLED_KEPT: usize = 500;
 /// The most approvals alive (pending, or decided and not yet used or expired) at
 /// once; more are refused, so that clients that never wait cannot fill memory.
 pub const MAX_LIVE: usize = 10_000;
+
+/// The most approvals alive for one principal, so that one client cannot crowd out the rest.
+pub const MAX_LIVE_PER_PRINCIPAL: usize = 100;
+
+/// The most bytes of arguments (as JSON) the live approvals keep, together.
+pub const MAX_LIVE_BYTES: usize = 64 << 20;
 
 /// The most grants active at once.
 pub const MAX_GRANTS: usize = 10_000;
@@ -169,11 +175,17 @@ pub struct Request {
 /// Opening an approval failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// Too many approvals alive.
+    /// Too many approvals alive, or too many bytes of arguments.
     #[error(
-        "{MAX_LIVE} approvals are already waiting for a decision; decide or let some expire, then retry"
+        "too many approvals are waiting for a decision (at most {MAX_LIVE}, {} MiB of arguments); decide or let some expire, then retry",
+        MAX_LIVE_BYTES >> 20
     )]
     Full,
+    /// Too many approvals alive for this principal.
+    #[error(
+        "this client already has {MAX_LIVE_PER_PRINCIPAL} calls waiting for approval; wait for decisions, then retry"
+    )]
+    TooManyForPrincipal,
 }
 
 /// Deciding failed.
@@ -239,6 +251,10 @@ pub struct GrantRequest {
 
 struct Entry {
     approval: Approval,
+    /// Size of the arguments as JSON, counted against [`MAX_LIVE_BYTES`].
+    bytes: usize,
+    /// When it is over: the deadline, or once approved `valid_until`.
+    due: SystemTime,
     key: String,
     client_key: String,
     session_key: String,
@@ -253,6 +269,12 @@ struct Table {
     live: HashMap<String, Entry>,
     /// Live approvals by key.
     by_key: HashMap<String, String>,
+    /// Bytes of arguments the live approvals keep.
+    live_bytes: usize,
+    /// Live approvals per principal.
+    per_principal: HashMap<String, usize>,
+    /// Live approvals by when they are over, so a sweep looks only at those due.
+    due: BTreeSet<(SystemTime, String)>,
     settled: VecDeque<Approval>,
     grants: Vec<Grant>,
     /// One-use tokens already used, until they expire.
@@ -306,9 +328,19 @@ impl Approvals {
             .by_key
             .get(&key)
             .and_then(|id| Some((id.clone(), standing(table.live.get(id)?))));
+        let bytes = serde_json::to_vec(&request.arguments).map_or(0, |v| v.len());
         let result = match found {
             Some((id, standing)) => Ok((id, standing, false)),
-            None if table.live.len() >= MAX_LIVE => Err(OpenError::Full),
+            None if table.live.len() >= MAX_LIVE || table.live_bytes + bytes > MAX_LIVE_BYTES => {
+                Err(OpenError::Full)
+            }
+            None if table
+                .per_principal
+                .get(&request.principal)
+                .is_some_and(|n| *n >= MAX_LIVE_PER_PRINCIPAL) =>
+            {
+                Err(OpenError::TooManyForPrincipal)
+            }
             None => {
                 let id = super::random_hex(12);
                 let deadline = now + request.timeout;
@@ -337,10 +369,18 @@ impl Approvals {
                     grant_id: None,
                 };
                 table.by_key.insert(key.clone(), id.clone());
+                table.live_bytes += bytes;
+                table.due.insert((deadline, id.clone()));
+                *table
+                    .per_principal
+                    .entry(approval.principal.clone())
+                    .or_default() += 1;
                 table.live.insert(
                     id.clone(),
                     Entry {
                         approval: approval.clone(),
+                        bytes,
+                        due: deadline,
                         key,
                         client_key: request.client_key,
                         session_key: request.session_key,
@@ -632,10 +672,12 @@ fn decide_in(
     entry.approval.decided_by = Some(by.to_owned());
     entry.approval.decision_reason = reason;
     entry.approval.decided_at = Some(rfc3339(now));
+    let mut due = None;
     if approved {
         let until = now + entry.valid_for;
         entry.valid_until = Some(until);
         entry.approval.valid_until = Some(rfc3339(until));
+        due = Some((std::mem::replace(&mut entry.due, until), until));
     }
     let granted = match grant {
         Some(request) if approved && table.grants.len() < MAX_GRANTS => {
@@ -664,6 +706,10 @@ fn decide_in(
         _ => None,
     };
     let approval = entry.approval.clone();
+    if let Some((old, new)) = due {
+        table.due.remove(&(old, id.to_owned()));
+        table.due.insert((new, id.to_owned()));
+    }
     if let Some(grant) = &granted {
         table.grants.push(grant.clone());
     }
@@ -685,30 +731,36 @@ fn standing(entry: &Entry) -> Standing {
 fn remove_live(table: &mut Table, id: &str) -> Option<Entry> {
     let entry = table.live.remove(id)?;
     table.by_key.remove(&entry.key);
+    table.live_bytes -= entry.bytes;
+    table.due.remove(&(entry.due, entry.approval.id.clone()));
+    if let Some(n) = table.per_principal.get_mut(&entry.approval.principal) {
+        *n -= 1;
+        if *n == 0 {
+            table.per_principal.remove(&entry.approval.principal);
+        }
+    }
     Some(entry)
 }
 
 /// Settles what is over: pending past the deadline and approved past `valid_until`
 /// expire; denied past the deadline stops answering retries. Returns what changed.
 fn sweep(table: &mut Table, now: SystemTime) -> Vec<Approval> {
-    let over: Vec<String> = table
-        .live
-        .iter()
-        .filter(|(_, e)| match e.approval.status {
-            Status::Approved => e.valid_until.is_some_and(|until| until <= now),
-            _ => e.deadline <= now,
-        })
-        .map(|(id, _)| id.clone())
-        .collect();
     let mut changed = Vec::new();
-    for id in over {
-        if let Some(entry) = remove_live(table, &id) {
-            let mut approval = entry.approval;
-            if approval.status != Status::Denied {
-                approval.status = Status::Expired;
+    while let Some((due, id)) = table.due.first().cloned()
+        && due <= now
+    {
+        match remove_live(table, &id) {
+            Some(entry) => {
+                let mut approval = entry.approval;
+                if approval.status != Status::Denied {
+                    approval.status = Status::Expired;
+                }
+                push_settled(table, approval.clone());
+                changed.push(approval);
             }
-            push_settled(table, approval.clone());
-            changed.push(approval);
+            None => {
+                table.due.remove(&(due, id));
+            }
         }
     }
     changed
@@ -873,20 +925,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_number_of_live_approvals_is_bounded() {
+    async fn live_approvals_are_bounded_in_number_per_principal_and_in_bytes() {
         let store = Approvals::new();
-        for i in 0..MAX_LIVE {
+        let numbered = |principal: usize, i: usize| {
             let mut r = request(Duration::from_secs(60));
+            r.principal = format!("client:{principal}");
             r.arguments_digest = i.to_string();
-            store.open(r).unwrap();
+            r
+        };
+        for i in 0..MAX_LIVE_PER_PRINCIPAL {
+            store.open(numbered(0, i)).unwrap();
         }
-        let mut r = request(Duration::from_secs(60));
-        r.arguments_digest = "one more".into();
-        assert!(matches!(store.open(r), Err(OpenError::Full)));
-        // Joining an existing one still works.
-        let mut r = request(Duration::from_secs(60));
-        r.arguments_digest = "0".into();
-        assert!(store.open(r).is_ok());
+        assert!(matches!(
+            store.open(numbered(0, 1000)),
+            Err(OpenError::TooManyForPrincipal)
+        ));
+        // Joining an existing one still works, and other principals are not crowded out.
+        assert!(store.open(numbered(0, 0)).is_ok());
+        for p in 1..MAX_LIVE / MAX_LIVE_PER_PRINCIPAL {
+            for i in 0..MAX_LIVE_PER_PRINCIPAL {
+                store.open(numbered(p, i)).unwrap();
+            }
+        }
+        assert!(matches!(
+            store.open(numbered(9999, 0)),
+            Err(OpenError::Full)
+        ));
+        // Bytes: large arguments fill the budget before the count does; using one frees its bytes.
+        let store = Approvals::new();
+        let big = |p: usize| {
+            let mut r = numbered(p, 0);
+            r.arguments = json!("x".repeat((4 << 20) - 2));
+            r
+        };
+        let mut ids = Vec::new();
+        for p in 0..(MAX_LIVE_BYTES / (4 << 20)) {
+            ids.push(store.open(big(p)).unwrap().0);
+        }
+        assert!(matches!(store.open(big(1000)), Err(OpenError::Full)));
+        store.decide(&ids[0], true, "alice", None, None).unwrap();
+        store.redeem(&ids[0]).unwrap();
+        assert!(store.open(big(1000)).is_ok());
     }
 
     #[tokio::test]
