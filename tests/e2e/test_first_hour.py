@@ -245,7 +245,7 @@ def test_two_stdio_processes_of_one_config_both_start_and_approvals_finds_both(p
         held = pending(tmp_path, 2)
         assert {h["arguments"]["datastore_id"] for h in held} == {"store-0", "store-1"}
         assert len({h["admin"] for h in held}) == 2
-        shown = approvals(tmp_path, "show", held[1]["id"])
+        shown = approvals(tmp_path, "show", held[1]["id"], "--format", "json")
         assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == held[1]["id"], shown.stderr
         for h in held:
             out = approvals(tmp_path, "approve", h["id"])
