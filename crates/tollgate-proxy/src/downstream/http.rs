@@ -29,7 +29,7 @@ use crate::upstream::http::SESSION_HEADER;
 use crate::upstream::{Body, Event};
 
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
-/// vanished client is noticed, which abandons a held call's approval.
+/// vanished client is noticed, which ends a held call's wait (its approval stays).
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The proxy's router.
