@@ -865,6 +865,29 @@ servers:
     }
 
     #[test]
+    fn approvals_wait_and_state_key_are_read_and_checked() {
+        let server = "servers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n";
+        let src = format!(
+            "approvals: {{wait: 20s, state_key: '{}'}}\n{server}",
+            "k".repeat(32)
+        );
+        let config = Config::from_yaml(&src, "t.yaml", &env).unwrap();
+        let approvals = config.approvals.unwrap();
+        assert_eq!(approvals.wait, Some(Duration::from_secs(20)));
+        assert_eq!(approvals.state_key.map(|k| k.len()), Some(32));
+        let src = format!("approvals: {{state_key: short}}\n{server}");
+        let err = Config::from_yaml(&src, "t.yaml", &env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("approvals.state_key: shorter than 32"),
+            "{err}"
+        );
+        let src = format!("approvals: {{wait: 0}}\n{server}");
+        let err = Config::from_yaml(&src, "t.yaml", &env).unwrap_err();
+        assert!(err.to_string().contains("approvals.wait"), "{err}");
+    }
+
+    #[test]
     fn reports_unknown_fields_with_a_location() {
         let src = "servers:\n  a:\n    url: http://x/mcp\n    polcy: p.yaml\n";
         let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();
