@@ -260,7 +260,7 @@ fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<
             return Some(Ending::Refuse(
                 DenyKind::ApprovalDenied,
                 format!(
-                    "approval {id} was already used or settled; call the tool again without requestState to ask anew"
+                    "approval {id} was already used by another request for this call; call the tool again (without requestState) to ask anew"
                 ),
             ));
         }
