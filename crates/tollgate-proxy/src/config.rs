@@ -54,6 +54,9 @@ pub struct ConfigOf<S> {
     /// On SIGTERM, how long calls in flight may take to finish (default 20s).
     #[serde(default = "default_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// Where state shared by several replicas lives (default: in this process).
+    #[serde(default)]
+    pub state: StateConfig,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -125,6 +128,73 @@ pub struct ApprovalsConfig {
     /// POSTed for every new pending approval.
     #[serde(default)]
     pub webhook: Option<String>,
+}
+
+/// `state:`: where rate-limit windows and handshake-era sessions live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `memory` (this process only, the default) or `redis` (shared by replicas).
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// The Redis server, `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Put before every key, so that several deployments can share one Redis.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+    /// What a call that needs shared state becomes while Redis cannot be reached.
+    #[serde(default)]
+    pub on_failure: OnStateFailure,
+    /// The longest wait for one Redis command (default 1s).
+    #[serde(default = "default_state_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// This replica's name, given in errors about sessions that belong to another
+    /// replica (default: `$HOSTNAME`, a pod's name in Kubernetes).
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::default(),
+            url: None,
+            prefix: default_state_prefix(),
+            on_failure: OnStateFailure::default(),
+            timeout: default_state_timeout(),
+            replica: None,
+        }
+    }
+}
+
+/// `state.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// In this process: nothing to run, nothing shared.
+    #[default]
+    Memory,
+    /// In Redis, shared by every replica using the same `url` and `prefix`.
+    Redis,
+}
+
+/// `state.on_failure`: a call that needs shared state while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStateFailure {
+    /// Refused with an error saying why: never let through unlimited.
+    #[default]
+    Refuse,
+    /// Let through without its rate limit (counted and logged).
+    Allow,
+}
+
+fn default_state_prefix() -> String {
+    "tollgate:".to_owned()
+}
+fn default_state_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `limits:`.
@@ -608,6 +678,7 @@ impl ConfigOf<RawServer> {
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
         }
+        check_state(&self.state, &mut problems);
         let mut seen = std::collections::HashSet::new();
         for client in &self.clients {
             if !seen.insert(client.name.as_str()) {
@@ -639,8 +710,56 @@ impl ConfigOf<RawServer> {
             allowed_hosts: self.allowed_hosts,
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
+            state: self.state,
             servers,
         })
+    }
+}
+
+/// `state:`: a Redis backend needs a Redis URL; a memory one needs nothing else.
+fn check_state(state: &StateConfig, problems: &mut Vec<String>) {
+    match (state.backend, &state.url) {
+        (StateBackend::Redis, None) => problems.push(
+            "state.url: `backend: redis` needs the Redis server's URL, e.g. redis://127.0.0.1:6379"
+                .to_owned(),
+        ),
+        (StateBackend::Redis, Some(url)) => {
+            let scheme = reqwest::Url::parse(url).map(|u| u.scheme().to_owned());
+            if !matches!(scheme.as_deref(), Ok("redis" | "rediss")) {
+                problems.push(format!(
+                    "state.url: `{}` is not a redis:// or rediss:// URL",
+                    redacted_url(url)
+                ));
+            }
+        }
+        (StateBackend::Memory, Some(_)) => problems.push(
+            "state.url: only used with `backend: redis`; set the backend or remove the url"
+                .to_owned(),
+        ),
+        (StateBackend::Memory, None) => {}
+    }
+    if state.prefix.is_empty() || state.prefix.chars().any(char::is_whitespace) {
+        problems.push(
+            "state.prefix: must be a non-empty key prefix without spaces, e.g. `tollgate:`"
+                .to_owned(),
+        );
+    }
+    if let Some(replica) = &state.replica
+        && (replica.is_empty() || replica.chars().any(char::is_control))
+    {
+        problems.push("state.replica: must be a non-empty name".to_owned());
+    }
+}
+
+/// A URL as it may be shown: any password replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => url.split('@').next_back().unwrap_or_default().to_owned(),
     }
 }
 
@@ -830,6 +949,42 @@ servers:
         assert_eq!(server.headers["Authorization"], "Bearer s3cr3t");
         assert_eq!(server.timeout, Duration::from_secs(30));
         assert_eq!(config.limits.max_body, 4 << 20);
+    }
+
+    #[test]
+    fn state_is_in_memory_by_default_and_redis_needs_a_url() {
+        let server = "servers:\n  a:\n    url: http://127.0.0.1:1/mcp\n    policy: p.yaml\n";
+        let config = Config::from_yaml(server, "t.yaml", &env).unwrap();
+        assert_eq!(config.state.backend, StateBackend::Memory);
+        assert_eq!(config.state.prefix, "tollgate:");
+        assert_eq!(config.state.on_failure, OnStateFailure::Refuse);
+        let with = |state: &str| Config::from_yaml(&format!("{state}{server}"), "t.yaml", &env);
+        let redis = with("state:\n  backend: redis\n  url: redis://:${TOKEN}@127.0.0.1:6379/0\n  prefix: 'tg:'\n  on_failure: allow\n  replica: a\n  timeout: 250ms\n").unwrap();
+        assert_eq!(redis.state.backend, StateBackend::Redis);
+        assert_eq!(redis.state.on_failure, OnStateFailure::Allow);
+        assert_eq!(redis.state.timeout, Duration::from_millis(250));
+        assert_eq!(redis.state.prefix, "tg:");
+        let err = with("state:\n  backend: redis\n").unwrap_err().to_string();
+        assert!(err.contains("state.url: `backend: redis` needs"), "{err}");
+        let err = with("state:\n  backend: redis\n  url: http://u:secret@127.0.0.1/\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a redis:// or rediss:// URL"), "{err}");
+        assert!(!err.contains("secret"), "a password was shown: {err}");
+        let err = with("state:\n  url: redis://127.0.0.1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only used with `backend: redis`"), "{err}");
+        let err = with("state:\n  backend: redis\n  url: redis://127.0.0.1\n  prefix: ''\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state.prefix"), "{err}");
+        let err = with("state:\n  backend: etcd\n").unwrap_err().to_string();
+        assert!(err.contains("etcd"), "{err}");
+        let err = with("state:\n  on_failure: maybe\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maybe"), "{err}");
     }
 
     #[test]
