@@ -38,5 +38,6 @@ pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
     Approval, DEFAULT_APPROVAL_TIMEOUT, Decision, DenyKind, Policy, RuleRef, ToolCall, evaluate,
+    limit_of, over_limit,
 };
 pub use yaml::{MAX_SOURCE_BYTES, from_yaml_str};

@@ -637,35 +637,50 @@ pub fn evaluate(
     now: Duration,
 ) -> Decision {
     let mut decision = policy.evaluate(call);
-    if decision.action == Action::Deny {
-        return decision;
-    }
-    let Some(limit) = policy.rate_limit_of(&decision) else {
+    let Some((limit, key)) = limit_of(policy, &decision, call) else {
         return decision;
     };
+    match limiter.try_acquire(limit, key, now) {
+        Ok(slot) => decision.slot = Some(slot),
+        Err(wait) => over_limit(&mut decision, limit, wait),
+    }
+    decision
+}
+
+/// The rate limit a call the policy would let through must fit in, and the key it
+/// is counted under (its session, its client, or everyone's): what a limiter kept
+/// elsewhere (shared by several processes) needs to take the slot itself.
+pub fn limit_of<'p, 'c>(
+    policy: &'p Policy,
+    decision: &Decision,
+    call: &ToolCall<'c>,
+) -> Option<(&'p RateLimit, &'c str)> {
+    if decision.action == Action::Deny {
+        return None;
+    }
+    let limit = policy.rate_limit_of(decision)?;
     let key = match limit.per {
         Per::Session => call.session_key,
         Per::Client => call.client_key,
         Per::Global => "",
     };
-    match limiter.try_acquire(limit, key, now) {
-        Ok(slot) => decision.slot = Some(slot),
-        Err(wait) => {
-            decision.action = Action::Deny;
-            decision.kind = Some(DenyKind::RateLimit);
-            decision.approval = None;
-            let per = match limit.per {
-                Per::Session => "session",
-                Per::Client => "client",
-                Per::Global => "everyone",
-            };
-            decision.reason = format!(
-                "rate limit of {} calls per {}s per {per} exceeded",
-                limit.max,
-                limit.window.as_secs()
-            );
-            decision.retry_after = Some(wait);
-        }
-    }
-    decision
+    Some((limit, key))
+}
+
+/// Turns a decision into the refusal of a call over `limit`, free again in `wait`.
+pub fn over_limit(decision: &mut Decision, limit: &RateLimit, wait: Duration) {
+    decision.action = Action::Deny;
+    decision.kind = Some(DenyKind::RateLimit);
+    decision.approval = None;
+    let per = match limit.per {
+        Per::Session => "session",
+        Per::Client => "client",
+        Per::Global => "everyone",
+    };
+    decision.reason = format!(
+        "rate limit of {} calls per {}s per {per} exceeded",
+        limit.max,
+        limit.window.as_secs()
+    );
+    decision.retry_after = Some(wait);
 }

@@ -131,6 +131,7 @@ pub struct Metrics {
     upstream_processes: Family<ServerLabels, Gauge>,
     tools_seen: Mutex<HashSet<String>>,
     audit_refusals: Family<ServerLabels, Counter>,
+    state_unavailable: Family<UpstreamErrorLabels, Counter>,
     connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -215,9 +216,16 @@ impl Metrics {
             "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
             audit_refusals.clone(),
         );
+        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "state_unavailable",
+            "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
+            state_unavailable.clone(),
+        );
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
             audit_refusals,
+            state_unavailable,
             connections,
             registry,
             decisions,
@@ -302,6 +310,17 @@ impl Metrics {
         self.audit_refusals
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a request that needed the shared state while it was unreachable:
+    /// `refused` (`state.on_failure: refuse`) or `allowed` without its limit.
+    pub fn state_unavailable(&self, server: &str, refused: bool) {
+        self.state_unavailable
+            .get_or_create(&UpstreamErrorLabels {
+                server: label(server),
+                kind: if refused { "refused" } else { "allowed" }.to_owned(),
             })
             .inc();
     }

@@ -75,7 +75,7 @@ impl Core {
             decoded.era,
             decoded.forwarded,
         );
-        let permit = match decide::decide(&ctx, &message)? {
+        let permit = match decide::decide(&ctx, &message).await? {
             decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
             decide::Verdict::Forward(permit) => permit,

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::store::approvals::Approvals;
 use crate::store::limits::CallLimits;
 use crate::store::params::ToolParams;
+use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
@@ -45,6 +46,9 @@ pub struct Server {
     pub policy_info: Mutex<PolicyInfo>,
     /// The `Mcp-Param-*` headers its tools declare, learned from `tools/list`.
     pub params: ToolParams,
+    /// Whether its upstream sessions live in this process (a stdio process, a legacy
+    /// SSE connection), so that another replica cannot serve them.
+    pub pinned: bool,
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -126,6 +130,10 @@ pub struct Shared {
     pub(crate) webhook_failures: AtomicU64,
     /// How often idle sessions and processes are looked for.
     pub(crate) sweep_every: Duration,
+    /// The shared backend (`state.backend: redis`), if any.
+    pub(crate) remote: Option<Arc<Remote>>,
+    /// `state.on_failure`.
+    pub(crate) state_on_failure: crate::config::OnStateFailure,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -149,6 +157,9 @@ pub enum BuildError {
     /// The HTTP client could not be built.
     #[error("could not build the upstream HTTP client: {0}")]
     Http(String),
+    /// The shared state's connection could not be prepared.
+    #[error("{0}")]
+    State(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -156,6 +167,7 @@ struct UpstreamKit<'a> {
     http: &'a reqwest::Client,
     children: &'a Arc<stdio::Children>,
     max_message: usize,
+    remote: Option<&'a Arc<Remote>>,
 }
 
 fn build_server(
@@ -244,7 +256,11 @@ fn build_server(
         network_address: network,
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
-        limits: CallLimits::default(),
+        limits: match kit.remote {
+            Some(remote) => CallLimits::shared(remote.clone(), name),
+            None => CallLimits::local(),
+        },
+        pinned: !matches!(config.upstream, UpstreamConfig::Http { .. }),
         policy_info: Mutex::new(PolicyInfo {
             path: loaded.path,
             hash: loaded.hash,
@@ -254,6 +270,16 @@ fn build_server(
         }),
         params: ToolParams::default(),
     })
+}
+
+/// This replica's name: `state.replica`, else `$HOSTNAME` (a pod's name), else a
+/// random one.
+fn replica_name(configured: Option<&str>) -> Arc<str> {
+    configured
+        .map(str::to_owned)
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| format!("tollgate-{}", crate::store::random_hex(4)))
+        .into()
 }
 
 fn address_of(url: &reqwest::Url) -> Option<(String, u16)> {
@@ -313,10 +339,24 @@ impl Shared {
         let children = Arc::new(stdio::Children::default());
         // A message from an upstream may be as large as four of a client's.
         let max_message = config.limits.max_body.max(1 << 20) * 4;
+        let remote = match (&config.state.backend, &config.state.url) {
+            (crate::config::StateBackend::Redis, Some(url)) => Some(Arc::new(
+                Remote::connect(RemoteConfig {
+                    url,
+                    shown: crate::config::redacted_url(url),
+                    prefix: &config.state.prefix,
+                    timeout: config.state.timeout,
+                    replica: replica_name(config.state.replica.as_deref()),
+                })
+                .map_err(BuildError::State)?,
+            )),
+            _ => None,
+        };
         let kit = UpstreamKit {
             http: &http,
             children: &children,
             max_message,
+            remote: remote.as_ref(),
         };
         let mut servers = BTreeMap::new();
         for (name, server) in &config.servers {
@@ -367,6 +407,8 @@ impl Shared {
             webhook,
             webhook_failures: AtomicU64::new(0),
             sweep_every,
+            remote,
+            state_on_failure: config.state.on_failure,
         })
     }
 

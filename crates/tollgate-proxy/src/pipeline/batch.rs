@@ -73,7 +73,7 @@ pub async fn handle(
         refused,
         forward,
         permits,
-    } = decide_each(&ctx, messages);
+    } = decide_each(&ctx, messages).await;
     if forward.is_empty() {
         return Ok(Answer::message(Value::Array(refused)));
     }
@@ -101,12 +101,12 @@ struct Decided {
     permits: Vec<Permit>,
 }
 
-fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
+async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
     let mut refused = Vec::new();
     let mut forward = Vec::new();
     let mut permits = Vec::new();
     for message in messages {
-        match decide(ctx, &message) {
+        match decide(ctx, &message).await {
             Err(err) => refused.push(err.to_json()),
             Ok(Verdict::Refuse(answer)) => refused.push(answer),
             Ok(Verdict::Hold(held)) => {

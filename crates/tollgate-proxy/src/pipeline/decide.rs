@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
-use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Slot, ToolCall};
+use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, ToolCall};
 
 use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
+use crate::store::limits::{Taken, Unchecked};
 
 /// What to do with an evaluated message.
 pub enum Verdict {
@@ -106,7 +107,7 @@ pub struct Permit {
     call_id: String,
     request_id: Value,
     tool: String,
-    slot: Option<Slot>,
+    slot: Option<Taken>,
     started: Option<Instant>,
     latency: Option<Duration>,
 }
@@ -178,7 +179,7 @@ fn decision_name(decision: &Decision) -> &'static str {
 }
 
 /// Evaluates a message: anything but a `tools/call` goes on as it is.
-pub fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
+pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
     if message.is_malformed_tool_call() {
         return Err(ProxyError::MalformedToolCall {
             id: message.id().cloned(),
@@ -189,11 +190,11 @@ pub fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    Ok(enforce(ctx, &id, call.name, call.arguments))
+    Ok(enforce(ctx, &id, call.name, call.arguments).await)
 }
 
 /// Evaluates one `tools/call`, writes the decision to the audit log, and says what to do.
-fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict {
+async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict {
     let shared = ctx.shared();
     let server = &ctx.server;
     let policy = server.policy.load_full();
@@ -204,7 +205,26 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
         session_key: &ctx.session_key,
         client_key: &ctx.client_key,
     };
-    let mut decision = server.limits.decide(&policy, &call, shared.now());
+    let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
+        Ok(decided) => decided,
+        Err(Unchecked { decision, error }) => {
+            let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
+            shared.metrics.state_unavailable(&server.name, refuse);
+            if refuse {
+                tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
+                return Verdict::Refuse(error_response(
+                    Some(id),
+                    ErrorCode::InternalError,
+                    &format!(
+                        "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
+                    ),
+                    None,
+                ));
+            }
+            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
+            (decision, None)
+        }
+    };
     let audit_mode = policy.mode() == Mode::Audit;
     let mut permit = Permit {
         shared: shared.clone(),
@@ -212,7 +232,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
         call_id: uuid_v7(),
         request_id: id.clone(),
         tool: tool.to_owned(),
-        slot: decision.slot.take(),
+        slot: taken,
         started: None,
         latency: None,
     };

@@ -1,0 +1,145 @@
+//! The shared backend (`state.backend: redis`): one Redis server that every replica
+//! of a deployment uses, through one multiplexed connection that reconnects by
+//! itself (the `redis` crate's tokio `ConnectionManager`).
+//!
+//! Every command is bounded by `state.timeout`; a command that fails or times out
+//! is an [`Unavailable`], which the caller turns into a refusal (or, with
+//! `state.on_failure: allow`, lets the call through unshared). The first failure
+//! and the first success after failures are logged, once each.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// The shared state could not be read or written.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the shared state (Redis at {url}) cannot be reached: {reason}")]
+pub struct Unavailable {
+    /// The server, its password hidden.
+    pub url: String,
+    /// What failed.
+    pub reason: String,
+}
+
+/// A connection to the shared Redis, with this deployment's key prefix.
+pub struct Remote {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    shown: String,
+    replica: Arc<str>,
+    down: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Settings of the shared backend (from `state:`).
+pub struct RemoteConfig<'a> {
+    /// `state.url`.
+    pub url: &'a str,
+    /// The URL as it may be shown (no password).
+    pub shown: String,
+    /// `state.prefix`.
+    pub prefix: &'a str,
+    /// `state.timeout`.
+    pub timeout: Duration,
+    /// This replica's name.
+    pub replica: Arc<str>,
+}
+
+impl Remote {
+    /// Prepares the connection; it is made on first use and remade after a failure,
+    /// so Tollgate starts (and reports itself not ready) while Redis is down.
+    pub fn connect(config: RemoteConfig<'_>) -> Result<Remote, String> {
+        let failed = |e: redis::RedisError| format!("state.url `{}`: {e}", config.shown);
+        let client = redis::Client::open(config.url).map_err(failed)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            // Each command fails fast while Redis is away; the next one tries again.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(failed)?;
+        Ok(Remote {
+            conn,
+            prefix: config.prefix.to_owned(),
+            timeout: config.timeout,
+            shown: config.shown,
+            replica: config.replica,
+            down: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// This replica's name (`state.replica`).
+    pub fn replica(&self) -> &Arc<str> {
+        &self.replica
+    }
+
+    /// A key of this deployment: the prefix, then `parts` joined by `:`.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                key.push(':');
+            }
+            key.push_str(part);
+        }
+        key
+    }
+
+    /// A handle for one command (a clone of the multiplexed connection).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Runs one command (or script) within `state.timeout`.
+    pub async fn run<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        let outcome = match tokio::time::timeout(self.timeout, command).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {}ms (state.timeout)",
+                self.timeout.as_millis()
+            )),
+        };
+        match outcome {
+            Ok(value) => {
+                if self.down.swap(false, Ordering::SeqCst) {
+                    tracing::info!(redis = %self.shown, "shared state reachable again");
+                    *self.last_error.lock() = None;
+                }
+                Ok(value)
+            }
+            Err(reason) => {
+                if !self.down.swap(true, Ordering::SeqCst) {
+                    tracing::error!(redis = %self.shown, error = %reason, "shared state unreachable: calls that need it are affected (state.on_failure)");
+                }
+                *self.last_error.lock() = Some(reason.clone());
+                Err(Unavailable {
+                    url: self.shown.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Asks Redis for a `PONG`, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        let mut conn = self.connection();
+        self.run(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .map(drop)
+    }
+
+    /// Where Redis is, as it may be shown.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}

@@ -1,0 +1,198 @@
+"""Several replicas behind a load balancer (issue 17): three `tollgate serve`
+processes share one Redis (`state.backend: redis`), nginx round-robins between
+them, and they behave as one: rate limits count across all of them, a session
+opened through one continues through the others, and Redis going away refuses
+what needs it (never lets it through unlimited) until Redis is back.
+
+redis-server and nginx are Debian's (tests/run installs them); each test starts its
+own on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import TOLLGATE, Proc, RawSession, free_port, start_upstream, wait_port, wait_until
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+STATELESS_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef00"
+
+
+class Redis:
+    """A redis-server of the test's own, on a loopback port; can be killed and restarted."""
+
+    def __init__(self, procs: list, tmp_path: Path):
+        self.port = free_port()
+        self.procs, self.tmp_path = procs, tmp_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = Proc(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(self.tmp_path)],
+                         self.tmp_path / f"redis-{len(self.procs)}.log")
+        self.procs.append(self.proc)
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        self.proc.proc.kill()
+        self.proc.proc.wait(timeout=10)
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+
+class Cluster:
+    """Three Tollgate replicas (a, b, c) on one Redis, nginx round-robin in front."""
+
+    def __init__(self, procs: list, tmp_path: Path, redis: Redis, upstream_url: str, policy: str,
+                 state_extra: str = "", n: int = 3):
+        (tmp_path / "policy.yaml").write_text(policy)
+        self.replicas = []
+        for name in "abc"[:n]:
+            port, admin = free_port(), free_port()
+            config = tmp_path / f"tollgate-{name}.yaml"
+            config.write_text(
+                f"listen: 127.0.0.1:{port}\n"
+                f"admin: {{listen: '127.0.0.1:{admin}', token: admin-token-0123456789}}\n"
+                f"audit: {{path: '{tmp_path / f'audit-{name}.jsonl'}'}}\n"
+                f"limits: {{requests_per_second: 0}}\n"
+                f"clients:\n  - {{name: alice, key: {ALICE}}}\n  - {{name: bob, key: {BOB}}}\n"
+                f"state:\n  backend: redis\n  url: {redis.url}\n  prefix: 'e2e:'\n  replica: {name}\n"
+                f"  timeout: 500ms\n{state_extra}"
+                f"servers:\n  up:\n    url: {upstream_url}\n    policy: policy.yaml\n")
+            proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / f"tollgate-{name}.log")
+            procs.append(proc)
+            proc.wait_line(r"Tollgate listening on")
+            self.replicas.append({"name": name, "url": f"http://127.0.0.1:{port}/servers/up/mcp",
+                                  "admin": f"http://127.0.0.1:{admin}", "proc": proc})
+        self.lb_port = free_port()
+        servers = "".join(f"    server 127.0.0.1:{r['url'].split(':')[2].split('/')[0]};\n" for r in self.replicas)
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(
+            "worker_processes 1;\n"
+            f"pid {tmp_path / 'nginx.pid'};\n"
+            f"error_log {tmp_path / 'nginx-error.log'} warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http {\n"
+            f"  access_log {tmp_path / 'nginx-access.log'};\n"
+            f"  client_body_temp_path {tmp_path}/nginx-body;\n  proxy_temp_path {tmp_path}/nginx-proxy;\n"
+            f"  fastcgi_temp_path {tmp_path}/nginx-fcgi;\n  uwsgi_temp_path {tmp_path}/nginx-uwsgi;\n"
+            f"  scgi_temp_path {tmp_path}/nginx-scgi;\n"
+            f"  upstream tollgate {{\n{servers}  }}\n"
+            "  server {\n"
+            f"    listen 127.0.0.1:{self.lb_port};\n"
+            "    location / {\n"
+            "      proxy_pass http://tollgate;\n"
+            "      proxy_http_version 1.1;\n"
+            "      proxy_set_header Connection \"\";\n"
+            "      proxy_set_header Host $http_host;\n"
+            "      proxy_buffering off;\n"
+            "      proxy_read_timeout 60s;\n"
+            "    }\n"
+            "  }\n"
+            "}\n")
+        self.nginx = Proc([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+                          tmp_path / "nginx.log")
+        procs.append(self.nginx)
+        wait_port(self.lb_port)
+        self.url = f"http://127.0.0.1:{self.lb_port}/servers/up/mcp"
+
+
+def stateless_call(url: str, tool: str, arguments: dict, key: str | None = None, id_: int = 1) -> dict:
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+               "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": tool}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    body = {"jsonrpc": "2.0", "id": id_, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments, "_meta": dict(STATELESS_META)}}
+    r = httpx.post(url, json=body, headers=headers, timeout=30)
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        for line in r.text.splitlines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("id") == id_:
+                    return msg
+    return r.json()
+
+
+def passed(answer: dict) -> bool:
+    """Whether a call reached the upstream's tool (its echo came back)."""
+    result = answer.get("result") or {}
+    return result.get("isError") is False and "error" not in answer
+
+
+@pytest.fixture
+def redis(procs, tmp_path):
+    return Redis(procs, tmp_path)
+
+
+def test_a_global_limit_of_10_lets_exactly_10_of_100_concurrent_calls_through(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url,
+                      "version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                      "    rate_limit: {max: 10, window: 1h, per: global}\n")
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(lambda i: stateless_call(cluster.url, "echo", {"text": str(i)}, ALICE, i),
+                                range(100)))
+    allowed = [a for a in answers if passed(a)]
+    refused = [a for a in answers if not passed(a)]
+    assert len(allowed) == 10, [a for a in answers][:5]
+    assert len(refused) == 90
+    for answer in refused:
+        text = answer["result"]["content"][0]["text"]
+        assert "rate limit of 10 calls per 3600s per everyone exceeded" in text, answer
+    # Exactly 10 reached the upstream, and every replica took part.
+    assert upstream.tools_called().count("echo") == 10
+    served = {r["name"] for r in cluster.replicas
+              if any('"decision"' in line for line in (Path(tmp_path / f"audit-{r['name']}.jsonl").read_text().splitlines()))}
+    assert served == {"a", "b", "c"}
+    # The window lives in Redis, with an expiry no longer than the window.
+    keys = redis.cli("--scan", "--pattern", "e2e:limit:up:*").splitlines()
+    assert len(keys) == 1, keys
+    assert 0 < int(redis.cli("PTTL", keys[0])) <= 3600 * 1000
+    assert int(redis.cli("ZCARD", keys[0])) == 10
+
+
+def test_per_client_limits_hold_across_replicas(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url,
+                      "version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                      "    rate_limit: {max: 4, window: 1h, per: client}\n")
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        alice = list(pool.map(lambda i: stateless_call(cluster.url, "echo", {"text": f"a{i}"}, ALICE, i), range(20)))
+        bob = list(pool.map(lambda i: stateless_call(cluster.url, "echo", {"text": f"b{i}"}, BOB, i), range(20)))
+    assert sum(map(passed, alice)) == 4
+    assert sum(map(passed, bob)) == 4
+    assert upstream.tools_called().count("echo") == 8
+
+
+def test_a_slot_of_a_call_that_never_left_is_given_back(procs, tmp_path, redis):
+    # The upstream is down: the call is refused as unreachable, and its shared slot is
+    # given back, so the limit of 1 lets the next call try again.
+    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    cluster = Cluster(procs, tmp_path, redis, dead,
+                      "version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                      "    rate_limit: {max: 1, window: 1h, per: global}\n")
+    for i in range(4):
+        answer = stateless_call(cluster.url, "echo", {"text": "x"}, ALICE, i)
+        text = json.dumps(answer)
+        assert "rate limit" not in text, (i, answer)
+    wait_until(lambda: all(int(redis.cli("ZCARD", k)) == 0
+                           for k in redis.cli("--scan", "--pattern", "e2e:limit:*").splitlines()),
+               5, "the slots to be given back")
