@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TOLLGATE, Proc, RawSession, free_port, start_upstream, wait_port, wait_until
+from conftest import TOLLGATE, Proc, RawSession, free_port, start_upstream, stdio_argv, wait_port, wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -60,8 +60,10 @@ class Redis:
 class Cluster:
     """Three Tollgate replicas (a, b, c) on one Redis, nginx round-robin in front."""
 
-    def __init__(self, procs: list, tmp_path: Path, redis: Redis, upstream_url: str, policy: str,
+    def __init__(self, procs: list, tmp_path: Path, redis: Redis, upstream: str, policy: str,
                  state_extra: str = "", n: int = 3):
+        """upstream: the server's URL, or its config lines (indented by 4 spaces)."""
+        block = upstream if upstream.startswith("    ") else f"    url: {upstream}\n"
         (tmp_path / "policy.yaml").write_text(policy)
         self.replicas = []
         for name in "abc"[:n]:
@@ -75,7 +77,7 @@ class Cluster:
                 f"clients:\n  - {{name: alice, key: {ALICE}}}\n  - {{name: bob, key: {BOB}}}\n"
                 f"state:\n  backend: redis\n  url: {redis.url}\n  prefix: 'e2e:'\n  replica: {name}\n"
                 f"  timeout: 500ms\n{state_extra}"
-                f"servers:\n  up:\n    url: {upstream_url}\n    policy: policy.yaml\n")
+                f"servers:\n  up:\n{block}    policy: policy.yaml\n")
             proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / f"tollgate-{name}.log")
             procs.append(proc)
             proc.wait_line(r"Tollgate listening on")
@@ -196,3 +198,99 @@ def test_a_slot_of_a_call_that_never_left_is_given_back(procs, tmp_path, redis):
     wait_until(lambda: all(int(redis.cli("ZCARD", k)) == 0
                            for k in redis.cli("--scan", "--pattern", "e2e:limit:*").splitlines()),
                5, "the slots to be given back")
+
+
+class KeyedSession(RawSession):
+    """A RawSession of client alice whose URL can change between requests (replica to replica)."""
+
+    def _headers(self) -> dict:
+        return {**super()._headers(), "authorization": f"Bearer {ALICE}"}
+
+
+def audited_sessions(tmp_path: Path, replica: str) -> list[str]:
+    path = tmp_path / f"audit-{replica}.jsonl"
+    return [json.loads(line).get("session") for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("event") == "decision"]
+
+
+ECHO_PER_SESSION = ("version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                    "    rate_limit: {max: 3, window: 1h, per: session}\n")
+
+
+def test_a_session_opened_through_a_continues_through_b_and_c(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, "version: 1\nrules:\n  - tool: echo\n    action: allow\n")
+    a, b, c = (r["url"] for r in cluster.replicas)
+    session = KeyedSession(a)
+    session.initialize()
+    for url, text in [(b, "via b"), (c, "via c"), (a, "via a"), (c, "via c again")]:
+        session.url = url
+        answer = session.call("echo", {"text": text})
+        assert answer["result"]["isError"] is False, answer
+        assert text in answer["result"]["content"][0]["text"]
+    session.url = b
+    assert "echo" in [t["name"] for t in session.request("tools/list")["result"]["tools"]]
+    # Each replica decided calls of that one session; the upstream saw one session.
+    for replica in "abc":
+        assert session.session_id in audited_sessions(tmp_path, replica), replica
+    assert session.initializes == 1
+    # Ended through C: gone on A and B too, although they had it in hand.
+    session.url = c
+    session.close()
+    for url in (a, b):
+        session.http = httpx.Client(timeout=10)
+        session.url = url
+        wait_until(lambda: "unknown or expired session" in json.dumps(session.call("echo", {"text": "x"})),
+                   5, f"the ended session to be refused at {url}")
+
+
+@pytest.mark.anyio
+async def test_the_official_sdk_keeps_one_session_across_round_robin_replicas(procs, tmp_path, redis):
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, "version: 1\nrules:\n  - tool: echo\n    action: allow\n")
+    transport = streamable_http_client(
+        cluster.url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {ALICE}"}))
+    async with Client(transport, mode="legacy") as client:
+        for i in range(6):
+            result = await client.call_tool("echo", {"text": f"call {i}"})
+            assert not result.is_error and f"call {i}" in result.content[0].text
+    ids = {s for r in "abc" for s in audited_sessions(tmp_path, r)}
+    assert len(ids) == 1 and None not in ids, ids
+    assert sum(bool(audited_sessions(tmp_path, r)) for r in "abc") >= 2
+
+
+def test_a_per_session_limit_holds_across_replicas(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, ECHO_PER_SESSION)
+    urls = [r["url"] for r in cluster.replicas]
+    one, other = KeyedSession(urls[0]), KeyedSession(urls[1])
+    one.initialize()
+    other.initialize()
+    passed_one = 0
+    for i in range(9):
+        one.url = urls[i % 3]
+        passed_one += passed(one.call("echo", {"text": str(i)}))
+    other.url = urls[2]
+    assert passed_one == 3
+    assert passed(other.call("echo", {"text": "another session has its own"}))
+
+
+def test_a_stdio_session_on_the_wrong_replica_is_told_where_it_lives(procs, tmp_path, redis):
+    argv = stdio_argv(tmp_path / "stdio.jsonl")
+    block = "    command: [" + ", ".join(json.dumps(a) for a in argv) + "]\n"
+    cluster = Cluster(procs, tmp_path, redis, block, "version: 1\nrules:\n  - tool: echo\n    action: allow\n", n=2)
+    a, b = (r["url"] for r in cluster.replicas)
+    session = KeyedSession(a)
+    session.initialize()
+    assert passed(session.call("echo", {"text": "home"}))
+    session.url = b
+    answer = session.call("echo", {"text": "away"})
+    assert session.last.status_code == 421, answer
+    message = json.dumps(answer)
+    assert "belongs to replica `a`" in message and "Mcp-Session-Id" in message, answer
+    session.url = a
+    assert passed(session.call("echo", {"text": "home again"}))

@@ -101,6 +101,24 @@ pub enum ProxyError {
     /// The method is not served on this endpoint.
     #[error("method not allowed on the MCP endpoint")]
     MethodNotAllowed,
+    /// The shared state (Redis) is needed and cannot be reached (`state.on_failure: refuse`).
+    #[error(
+        "{0} (state.on_failure: refuse); nothing was forwarded: retry shortly, the operator must bring Redis back"
+    )]
+    StateUnavailable(#[from] crate::store::remote::Unavailable),
+    /// A session whose upstream lives on another replica (a stdio process, a legacy
+    /// SSE connection) reached this one.
+    #[error(
+        "this session belongs to replica `{replica}`, where its upstream `{server}` runs (a process or connection of that replica; this is replica `{here}`): the load balancer must send each session to one replica, by hashing on the Mcp-Session-Id header"
+    )]
+    OtherReplica {
+        /// The replica that opened the session.
+        replica: String,
+        /// This replica.
+        here: String,
+        /// The server.
+        server: String,
+    },
 }
 
 impl ProxyError {
@@ -134,6 +152,8 @@ impl ProxyError {
             ProxyError::Upstream { id: Some(_), .. } => StatusCode::OK,
             ProxyError::Upstream { id: None, .. } => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OtherReplica { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -141,7 +161,9 @@ impl ProxyError {
         match self {
             ProxyError::Framing(err) => err.code(),
             ProxyError::HeaderMismatch { .. } => ErrorCode::HeaderMismatch,
-            ProxyError::Upstream { .. } => ErrorCode::InternalError,
+            ProxyError::Upstream { .. } | ProxyError::StateUnavailable(_) => {
+                ErrorCode::InternalError
+            }
             ProxyError::MalformedToolCall { .. } => ErrorCode::InvalidParams,
             _ => ErrorCode::InvalidRequest,
         }

@@ -61,7 +61,7 @@ impl Core {
         if decoded.initialize {
             session::check_initialize(&message)?;
         }
-        let session = session::resolve(self.shared(), server, caller, meta, &decoded)?;
+        let session = session::resolve(self.shared(), server, caller, meta, &decoded).await?;
         // The client's answer to a request Tollgate sent (an approval asked by
         // elicitation) is Tollgate's, not the upstream's.
         if self.elicitations.take_answer(&message, session.as_deref()) {
@@ -82,7 +82,7 @@ impl Core {
         };
         let payload = crate::upstream::Payload::One(message.as_value());
         let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
-        relay::answer(&ctx, &message, decoded.initialize, reply)
+        relay::answer(&ctx, &message, decoded.initialize, reply).await
     }
 
     /// Opens a handshake-era session's server-to-client stream.
@@ -94,7 +94,8 @@ impl Core {
         forwarded: Vec<(HeaderName, HeaderValue)>,
     ) -> Result<Answer, ProxyError> {
         // Without a session this is a stateless-era endpoint, which has no GET stream.
-        let session = session::find(self.shared(), server, caller, session_id)?
+        let session = session::find(self.shared(), server, caller, session_id)
+            .await?
             .ok_or(ProxyError::MethodNotAllowed)?;
         let ctx = Context::new(
             self,
@@ -114,7 +115,8 @@ impl Core {
         caller: &Caller,
         session_id: Option<&str>,
     ) -> Result<(), ProxyError> {
-        let session = session::find(self.shared(), server, caller, session_id)?
+        let session = session::find(self.shared(), server, caller, session_id)
+            .await?
             .ok_or(ProxyError::MissingSession)?;
         session::end(self.shared(), server, &session).await;
         Ok(())

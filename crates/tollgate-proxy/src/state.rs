@@ -390,11 +390,18 @@ impl Shared {
             .max(Duration::from_millis(100));
         Ok(Shared {
             servers,
-            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle)
-                .with_quotas(
-                    config.limits.sessions_per_client,
-                    config.limits.streams_per_session,
-                ),
+            sessions: {
+                let sessions =
+                    Sessions::new(config.limits.max_sessions, config.limits.session_idle)
+                        .with_quotas(
+                            config.limits.sessions_per_client,
+                            config.limits.streams_per_session,
+                        );
+                match &remote {
+                    Some(remote) => sessions.with_shared(remote.clone()),
+                    None => sessions,
+                }
+            },
             audit,
             max_body: config.limits.max_body,
             limits: config.limits.clone(),

@@ -52,7 +52,7 @@ pub async fn handle(
             message: format!("header mismatch: {name} cannot describe a JSON-RPC batch"),
         });
     }
-    let session = session::find(core.shared(), server, caller, meta.session.as_deref())?;
+    let session = session::find(core.shared(), server, caller, meta.session.as_deref()).await?;
     if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
         return Err(ProxyError::MissingSession);
     }

@@ -66,7 +66,7 @@ async fn settle(ctx: Context, message: Message, held: Held, outcome: Option<Outc
         Some(Outcome::Decided(verdict)) if verdict.approved => {
             let payload = Payload::One(message.as_value());
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
-                Ok(reply) => relay::answer(&ctx, &message, false, reply),
+                Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
                 Err(err) => Err(err),
             };
             match answer {

@@ -20,7 +20,7 @@ use crate::store::sessions::Session;
 use crate::upstream::{Body, Event, EventStream, Failure, Json, Reply};
 
 /// Turns the upstream's reply to `message` into the client's answer.
-pub fn answer(
+pub async fn answer(
     ctx: &Context,
     message: &Message,
     initialize: bool,
@@ -53,9 +53,9 @@ pub fn answer(
         let opened = match &answer.body {
             Body::Json(json) => {
                 let value = json.clone().into_value().ok();
-                session::open(ctx, message.as_value(), reply.session, value.as_ref())?
+                session::open(ctx, message.as_value(), reply.session, value.as_ref()).await?
             }
-            _ => session::open(ctx, message.as_value(), reply.session, None)?,
+            _ => session::open(ctx, message.as_value(), reply.session, None).await?,
         };
         if let Body::Events(_) = &answer.body
             && let Body::Events(events) = std::mem::replace(&mut answer.body, Body::Empty)

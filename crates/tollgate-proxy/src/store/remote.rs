@@ -27,6 +27,7 @@ pub struct Unavailable {
 
 /// A connection to the shared Redis, with this deployment's key prefix.
 pub struct Remote {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -34,6 +35,15 @@ pub struct Remote {
     replica: Arc<str>,
     down: AtomicBool,
     last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &self.shown)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Settings of the shared backend (from `state:`).
@@ -62,8 +72,10 @@ impl Remote {
             // Each command fails fast while Redis is away; the next one tries again.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(failed)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager).map_err(failed)?;
         Ok(Remote {
+            client,
             conn,
             prefix: config.prefix.to_owned(),
             timeout: config.timeout,
@@ -128,6 +140,11 @@ impl Remote {
                 })
             }
         }
+    }
+
+    /// A connection of its own for subscriptions, made within `state.timeout`.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
+        self.run(self.client.get_async_pubsub()).await
     }
 
     /// Asks Redis for a `PONG`, for `/readyz`.
