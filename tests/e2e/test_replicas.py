@@ -294,3 +294,60 @@ def test_a_stdio_session_on_the_wrong_replica_is_told_where_it_lives(procs, tmp_
     assert "belongs to replica `a`" in message and "Mcp-Session-Id" in message, answer
     session.url = a
     assert passed(session.call("echo", {"text": "home again"}))
+
+
+def metric(admin: str, name: str) -> float:
+    text = httpx.get(f"{admin}/metrics", headers={"authorization": "Bearer admin-token-0123456789"}, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_redis_down_refuses_with_a_clear_error_and_recovers_without_a_restart(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url,
+                      "version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                      "    rate_limit: {max: 1000, window: 1h, per: global}\n"
+                      "  - tool: list_fhir_datastores\n    action: allow\n")
+    admin = cluster.replicas[0]["admin"]
+    auth = {"authorization": "Bearer admin-token-0123456789"}
+    assert passed(stateless_call(cluster.url, "echo", {"text": "before"}, ALICE))
+    assert httpx.get(f"{admin}/readyz", headers=auth, timeout=10).json()["state"]["ready"] is True
+    before = len(upstream.tools_called())
+
+    redis.kill()
+    answers = [stateless_call(cluster.url, "echo", {"text": f"down {i}"}, ALICE, i) for i in range(6)]
+    for answer in answers:
+        assert answer["error"]["code"] == -32603, answer
+        message = answer["error"]["message"]
+        assert "rate limit could not be checked" in message and "Redis at redis://127.0.0.1" in message, message
+        assert "state.on_failure: refuse" in message
+    # None went through unlimited.
+    assert len(upstream.tools_called()) == before
+    # A call that needs no shared state still flows.
+    assert passed(stateless_call(cluster.url, "list_fhir_datastores", {}, ALICE))
+    ready = httpx.get(f"{admin}/readyz", headers=auth, timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["state"]["ready"] is False and ready.json()["state"]["error"], ready.json()
+    assert httpx.get(f"{admin}/readyz", timeout=10).json() == {"ready": False}
+    assert metric(admin, 'tollgate_state_unavailable_total{server="up",kind="refused"}') >= 1
+    assert "shared state unreachable" in cluster.replicas[0]["proc"].log.read_text()
+
+    redis.start()
+    # Each replica reconnects by itself (it pings every second), so once they had a
+    # moment, no call of any replica fails.
+    time.sleep(3)
+    for i in range(6):
+        assert passed(stateless_call(cluster.url, "echo", {"text": f"after {i}"}, ALICE, i)), i
+    assert httpx.get(f"{admin}/readyz", headers=auth, timeout=10).status_code == 200
+    assert all(r["proc"].proc.poll() is None for r in cluster.replicas)
+
+
+def test_on_failure_allow_lets_calls_through_without_their_limit_counted(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url,
+                      "version: 1\nrules:\n  - tool: echo\n    action: allow\n"
+                      "    rate_limit: {max: 1000, window: 1h, per: global}\n",
+                      state_extra="  on_failure: allow\n", n=1)
+    redis.kill()
+    assert passed(stateless_call(cluster.url, "echo", {"text": "allowed"}, ALICE))
+    assert metric(cluster.replicas[0]["admin"], 'tollgate_state_unavailable_total{server="up",kind="allowed"}') == 1

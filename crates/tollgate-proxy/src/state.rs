@@ -352,6 +352,9 @@ impl Shared {
             )),
             _ => None,
         };
+        if let Some(remote) = &remote {
+            remote.keep_alive();
+        }
         let kit = UpstreamKit {
             http: &http,
             children: &children,

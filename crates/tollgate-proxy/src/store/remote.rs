@@ -142,6 +142,28 @@ impl Remote {
         }
     }
 
+    /// Pings Redis every second for as long as this backend lives, so that a
+    /// connection lost while Redis was away is remade as soon as Redis is back
+    /// (the connection manager reconnects after a failed command), not at the
+    /// expense of the first call after it.
+    pub fn keep_alive(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(remote) = weak.upgrade() else {
+                    return;
+                };
+                let _ = remote.ping().await;
+            }
+        });
+    }
+
     /// A connection of its own for subscriptions, made within `state.timeout`.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
         self.run(self.client.get_async_pubsub()).await
