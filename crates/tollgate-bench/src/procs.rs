@@ -61,7 +61,8 @@ impl Drop for Lab {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A port nothing listens on now.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -176,6 +177,39 @@ impl Lab {
             cmd.env("TOKIO_WORKER_THREADS", threads);
         }
         self.start(cmd, "Tollgate listening on ")
+    }
+
+    /// A redis-server of its own on a free loopback port, keeping nothing on disk;
+    /// returns its port.
+    pub async fn redis(&mut self) -> anyhow::Result<u16> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (apt-get install redis-server)")?;
+        self.children.push(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("redis-server did not listen on {port} within 10s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(port)
     }
 
     /// nginx as a plain reverse proxy: one worker, keep-alive to the upstream, no buffering.

@@ -28,6 +28,9 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             app.metrics.upstream_processes(&server.name, live);
         }
     }
+    if let Some(remote) = &app.remote {
+        app.metrics.state_round_trips(remote.round_trips());
+    }
     let text = app.metrics.render(
         app.sessions.len(),
         app.approvals.pending(),

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -35,6 +35,8 @@ pub struct Remote {
     replica: Arc<str>,
     down: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Round trips made for requests (not the keep-alive pings), for `/metrics`.
+    round_trips: AtomicU64,
 }
 
 impl std::fmt::Debug for Remote {
@@ -83,6 +85,7 @@ impl Remote {
             replica: config.replica,
             down: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            round_trips: AtomicU64::new(0),
         })
     }
 
@@ -108,8 +111,21 @@ impl Remote {
         self.conn.clone()
     }
 
-    /// Runs one command (or script) within `state.timeout`.
+    /// Runs one command, script or pipeline (one round trip) within `state.timeout`.
     pub async fn run<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.exec(command).await
+    }
+
+    /// Round trips made for requests so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    async fn exec<T>(
         &self,
         command: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {
@@ -172,7 +188,7 @@ impl Remote {
     /// Asks Redis for a `PONG`, for `/readyz`.
     pub async fn ping(&self) -> Result<(), Unavailable> {
         let mut conn = self.connection();
-        self.run(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+        self.exec(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
             .await
             .map(drop)
     }
