@@ -552,7 +552,9 @@ async fn follow_changes(remote: Arc<Remote>, stale: Arc<Mutex<Stale>>) {
     loop {
         match remote.pubsub().await {
             Ok(mut pubsub) => {
-                if pubsub.subscribe(&channel).await.is_ok() {
+                let subscribed =
+                    tokio::time::timeout(Duration::from_secs(5), pubsub.subscribe(&channel)).await;
+                if matches!(subscribed, Ok(Ok(()))) {
                     stale.lock().all = true;
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
