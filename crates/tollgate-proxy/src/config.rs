@@ -988,6 +988,19 @@ servers:
     }
 
     #[test]
+    fn a_redis_url_is_shown_without_its_password() {
+        assert_eq!(
+            redacted_url("redis://user:hunter2@10.0.0.1:6379/0"),
+            "redis://user:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert!(!redacted_url("not a url:hunter2@host").contains("hunter2"));
+    }
+
+    #[test]
     fn reports_every_unset_variable_with_its_path() {
         let src = "servers:\n  a:\n    url: ${NOPE}\n    policy: p.yaml\n    headers: {X: '${ALSO_NOT}'}\n";
         let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();

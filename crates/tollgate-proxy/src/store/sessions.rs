@@ -632,6 +632,64 @@ mod tests {
 }
 
 #[cfg(test)]
+mod shared_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn a_sessions_record_carries_what_another_replica_needs() {
+        let sessions = Sessions::new(10, Duration::from_secs(60));
+        let session = sessions
+            .open(NewSession {
+                server: "s".into(),
+                client: Some("alice".into()),
+                upstream_id: Some("up-1".into()),
+                initialize: Some(serde_json::json!({"method": "initialize"})),
+                elicitation: true,
+                protocol_version: Some("2025-11-25".into()),
+                quota_key: "client:alice".into(),
+                pinned: true,
+            })
+            .unwrap();
+        session.set_upstream_id(Some("up-2".into()));
+        let text = serde_json::to_string(&session.record()).unwrap();
+        let record: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(record.server, "s");
+        assert_eq!(record.client.as_deref(), Some("alice"));
+        assert_eq!(record.upstream_id.as_deref(), Some("up-2"));
+        assert_eq!(record.protocol_version.as_deref(), Some("2025-11-25"));
+        assert!(record.elicitation && record.pinned);
+        assert_eq!(record.initialize, session.initialize);
+    }
+
+    #[test]
+    fn copies_named_stale_are_dropped_before_the_next_lookup() {
+        let sessions = Sessions::new(10, Duration::from_secs(60));
+        let a = sessions.open(of_key("client:a")).unwrap();
+        let b = sessions.open(of_key("client:a")).unwrap();
+        sessions.stale.lock().ids.push(a.id.to_string());
+        sessions.drop_stale();
+        assert!(sessions.map.lock().get(&a.id).is_none());
+        assert!(sessions.map.lock().get(&b.id).is_some());
+        // Its client's quota was given back with it.
+        assert_eq!(sessions.held.lock().get("client:a").copied(), Some(1));
+    }
+
+    fn of_key(key: &str) -> NewSession {
+        NewSession {
+            server: "s".into(),
+            client: None,
+            upstream_id: None,
+            initialize: None,
+            elicitation: false,
+            protocol_version: None,
+            quota_key: key.into(),
+            pinned: false,
+        }
+    }
+}
+
+#[cfg(test)]
 mod quota_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
