@@ -351,3 +351,59 @@ def test_on_failure_allow_lets_calls_through_without_their_limit_counted(procs, 
     redis.kill()
     assert passed(stateless_call(cluster.url, "echo", {"text": "allowed"}, ALICE))
     assert metric(cluster.replicas[0]["admin"], 'tollgate_state_unavailable_total{server="up",kind="allowed"}') == 1
+
+
+ADMIN_AUTH = {"authorization": "Bearer admin-token-0123456789"}
+
+
+def test_a_call_held_on_a_is_listed_everywhere_and_approved_through_b(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url,
+                      "version: 1\nrules:\n  - tool: echo\n    action: require_approval\n"
+                      "    approval: {timeout: 60}\n")
+    a, b, c = cluster.replicas
+    held: dict = {}
+
+    def call_on_a(text: str) -> None:
+        held[text] = stateless_call(a["url"], "echo", {"text": text}, ALICE)
+        held[text + "@"] = time.monotonic()
+
+    def pending_on(replica) -> list[dict]:
+        listed = httpx.get(f"{replica['admin']}/approvals", headers=ADMIN_AUTH, timeout=10).json()
+        return [x for x in listed if x["status"] == "pending"]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        waiting = pool.submit(call_on_a, "approve me")
+        wait_until(lambda: len(pending_on(b)) == 1 and len(pending_on(c)) == 1, 10,
+                   "the approval held on A to be listed on B and C")
+        (approval,) = pending_on(b)
+        assert approval["tool"] == "echo" and approval["client"] == "alice"
+        assert upstream.tools_called() == []
+        r = httpx.post(f"{b['admin']}/approvals/{approval['id']}/approve", headers=ADMIN_AUTH, timeout=10)
+        decided_at = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "approved"
+        waiting.result(timeout=10)
+    # The client on A was released within 1 s of the decision on B, and forwarded once.
+    assert held["approve me@"] - decided_at < 1.0
+    assert passed(held["approve me"]), held["approve me"]
+    assert upstream.tools_called() == ["echo"]
+    # Deciding again, anywhere, is refused: it was settled once.
+    again = httpx.post(f"{c['admin']}/approvals/{approval['id']}/deny", headers=ADMIN_AUTH, timeout=10)
+    assert again.status_code == 409, again.text
+    wait_until(lambda: [x["status"] for x in httpx.get(f"{c['admin']}/approvals", headers=ADMIN_AUTH,
+                                                       timeout=10).json()] == ["approved"],
+               5, "C to see it approved")
+
+    # Denied through C: the client on A gets the refusal, nothing is forwarded.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(call_on_a, "deny me")
+        wait_until(lambda: len(pending_on(c)) == 1, 10, "the second approval to be listed on C")
+        (second,) = pending_on(c)
+        r = httpx.post(f"{c['admin']}/approvals/{second['id']}/deny", headers=ADMIN_AUTH,
+                       json={"reason": "not today"}, timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "denied", r.text
+        waiting.result(timeout=10)
+    assert not passed(held["deny me"])
+    assert "not today" in json.dumps(held["deny me"])
+    assert upstream.tools_called() == ["echo"]

@@ -236,6 +236,7 @@ async fn approve(
         true,
         body.map(|b| b.0).unwrap_or_default(),
     )
+    .await
 }
 
 async fn deny(
@@ -251,9 +252,10 @@ async fn deny(
         false,
         body.map(|b| b.0).unwrap_or_default(),
     )
+    .await
 }
 
-fn decide(
+async fn decide(
     admin: Admin,
     identity: &Identity,
     id: String,
@@ -261,12 +263,22 @@ fn decide(
     body: DecisionBody,
 ) -> Response {
     let by = identity.name();
-    match admin.app.approvals.decide(&id, approved, by, body.reason) {
+    let decided = admin
+        .app
+        .approvals
+        .decide_anywhere(&id, approved, by, body.reason)
+        .await;
+    match decided {
         Ok(approval) => Json(approval).into_response(),
         Err(DecideError::NotFound(id)) => not_found(&id),
         Err(DecideError::Settled(current)) => (
             StatusCode::CONFLICT,
             Json(json!({"error": format!("approval `{id}` is already settled"), "approval": current})),
+        )
+            .into_response(),
+        Err(err @ DecideError::Unconfirmed(..)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("{err}; look the approval up again before retrying")})),
         )
             .into_response(),
     }

@@ -411,7 +411,10 @@ impl Shared {
             http,
             children,
             epoch: Instant::now(),
-            approvals: Arc::new(Approvals::new()),
+            approvals: match &remote {
+                Some(remote) => Approvals::shared(remote.clone()),
+                None => Arc::new(Approvals::new()),
+            },
             metrics: Metrics::new(),
             admin_url: std::sync::OnceLock::new(),
             webhook,

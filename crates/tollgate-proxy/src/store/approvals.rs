@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, oneshot};
+
+use super::remote::Remote;
 
 /// How many settled approvals are kept for `GET /approvals`.
 const SETTLED_KEPT: usize = 500;
@@ -22,7 +24,7 @@ const SETTLED_KEPT: usize = 500;
 pub const PREVIEW_BYTES: usize = 2048;
 
 /// Where an approval stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Waiting for a human.
@@ -38,7 +40,7 @@ pub enum Status {
 }
 
 /// One approval, as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Approval {
     /// Random id.
     pub id: String,
@@ -118,6 +120,9 @@ pub enum DecideError {
     /// Already settled (or past its deadline); carries the current state.
     #[error("approval `{}` is already {:?}", .0.id, .0.status)]
     Settled(Box<Approval>),
+    /// Held by another replica, which could not be reached or did not answer.
+    #[error("approval `{0}` is held by another replica, which did not confirm the decision: {1}")]
+    Unconfirmed(String, String),
 }
 
 struct Pending {
@@ -136,6 +141,28 @@ struct Table {
 pub struct Approvals {
     table: Mutex<Table>,
     changes: broadcast::Sender<Approval>,
+    /// With a shared backend: the other replicas' approvals, as they last published them.
+    mirror: Option<Mirror>,
+}
+
+/// Other replicas' approvals (`state.backend: redis`). A call stays held by the
+/// replica it reached; every change is published, so each replica lists them all,
+/// and a decision made elsewhere is sent to the holder, which settles it (once).
+struct Mirror {
+    remote: Arc<Remote>,
+    others: Arc<Mutex<HashMap<String, Approval>>>,
+}
+
+/// Most approvals of other replicas kept in the mirror.
+const MIRRORED: usize = 2 * SETTLED_KEPT + 10_000;
+
+/// A decision made on another replica, for the replica holding the call.
+#[derive(Serialize, Deserialize)]
+struct Decision {
+    id: String,
+    approved: bool,
+    by: String,
+    reason: Option<String>,
 }
 
 impl Default for Approvals {
@@ -165,6 +192,158 @@ impl Approvals {
         Approvals {
             table: Mutex::new(Table::default()),
             changes,
+            mirror: None,
+        }
+    }
+
+    /// A store whose approvals every replica on `remote` lists and can decide.
+    pub fn shared(remote: Arc<Remote>) -> Arc<Approvals> {
+        let (changes, _) = broadcast::channel(1024);
+        let others = Arc::new(Mutex::new(HashMap::new()));
+        let store = Arc::new(Approvals {
+            table: Mutex::new(Table::default()),
+            changes,
+            mirror: Some(Mirror {
+                remote: remote.clone(),
+                others: others.clone(),
+            }),
+        });
+        let (weak, broadcast) = (Arc::downgrade(&store), store.changes.clone());
+        remote.follow(
+            remote.key(&["approvals", "changed"]),
+            move |body| {
+                let Ok(approval) = serde_json::from_str::<Approval>(body) else {
+                    return;
+                };
+                let mut others = others.lock();
+                if others.len() >= MIRRORED {
+                    others.retain(|_, a| a.status == Status::Pending);
+                    if others.len() >= MIRRORED {
+                        return;
+                    }
+                }
+                // Changes are published by tasks of their own, so they may arrive out
+                // of order: a settled approval never goes back to pending.
+                if approval.status == Status::Pending
+                    && others
+                        .get(&approval.id)
+                        .is_some_and(|known| known.status != Status::Pending)
+                {
+                    return;
+                }
+                others.insert(approval.id.clone(), approval.clone());
+                drop(others);
+                let _ = broadcast.send(approval);
+            },
+            || {},
+        );
+        remote.follow(
+            remote.key(&["approvals", "decide"]),
+            move |body| {
+                let (Some(store), Ok(decision)) =
+                    (weak.upgrade(), serde_json::from_str::<Decision>(body))
+                else {
+                    return;
+                };
+                // Only the replica holding the call settles it; the rest ignore it.
+                if store.holds(&decision.id) {
+                    let _ = store.decide(
+                        &decision.id,
+                        decision.approved,
+                        &decision.by,
+                        decision.reason,
+                    );
+                }
+            },
+            || {},
+        );
+        store
+    }
+
+    /// Whether this replica holds (or held) the approval.
+    fn holds(&self, id: &str) -> bool {
+        let table = self.table.lock();
+        table.pending.contains_key(id) || table.settled.iter().any(|a| a.id == id)
+    }
+
+    /// Tells the admin stream, and with a shared backend the other replicas.
+    fn changed(&self, approval: Approval) {
+        if let Some(mirror) = &self.mirror
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Ok(body) = serde_json::to_string(&approval)
+        {
+            let remote = mirror.remote.clone();
+            runtime.spawn(async move {
+                let channel = remote.key(&["approvals", "changed"]);
+                if let Err(err) = remote.publish(&channel, &body).await {
+                    tracing::warn!(error = %err, "an approval's change could not be shared with the other replicas");
+                }
+            });
+        }
+        let _ = self.changes.send(approval);
+    }
+
+    /// Approves or denies an approval held by this replica or, with a shared
+    /// backend, by another one: the holder settles it (exactly once, whoever asks
+    /// first), and the answer is what it published, awaited for at most 3 s.
+    pub async fn decide_anywhere(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<Approval, DecideError> {
+        let Some(mirror) = &self.mirror else {
+            return self.decide(id, approved, by, reason);
+        };
+        if self.holds(id) {
+            return self.decide(id, approved, by, reason);
+        }
+        let known = mirror.others.lock().get(id).cloned();
+        let Some(known) = known else {
+            return Err(DecideError::NotFound(id.to_owned()));
+        };
+        if known.status != Status::Pending {
+            return Err(DecideError::Settled(Box::new(known)));
+        }
+        let mut changes = self.changes.subscribe();
+        let body = serde_json::to_string(&Decision {
+            id: id.to_owned(),
+            approved,
+            by: by.to_owned(),
+            reason,
+        })
+        .unwrap_or_default();
+        let unconfirmed = |why: String| DecideError::Unconfirmed(id.to_owned(), why);
+        mirror
+            .remote
+            .publish(&mirror.remote.key(&["approvals", "decide"]), &body)
+            .await
+            .map_err(|e| unconfirmed(e.to_string()))?;
+        let wanted = if approved {
+            Status::Approved
+        } else {
+            Status::Denied
+        };
+        let settled = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match changes.recv().await {
+                    Ok(change) if change.id == id && change.status != Status::Pending => {
+                        return Some(change);
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
+        if settled.status == wanted && settled.decided_by.as_deref() == Some(by) {
+            Ok(settled)
+        } else {
+            Err(DecideError::Settled(Box::new(settled)))
         }
     }
 
@@ -199,7 +378,7 @@ impl Approvals {
                 deadline,
             },
         );
-        let _ = self.changes.send(approval);
+        self.changed(approval);
         Ticket {
             id,
             deadline,
@@ -225,7 +404,8 @@ impl Approvals {
         };
         if SystemTime::now() >= pending.deadline {
             let expired = settle(&mut table, pending.approval, Status::Expired, None, None);
-            let _ = self.changes.send(expired.clone());
+            drop(table);
+            self.changed(expired.clone());
             return Err(DecideError::Settled(Box::new(expired)));
         }
         let status = if approved {
@@ -248,7 +428,7 @@ impl Approvals {
             reason,
         );
         drop(table);
-        let _ = self.changes.send(settled.clone());
+        self.changed(settled.clone());
         Ok(settled)
     }
 
@@ -258,11 +438,12 @@ impl Approvals {
         if let Some(pending) = table.pending.remove(id) {
             let settled = settle(&mut table, pending.approval, status, None, None);
             drop(table);
-            let _ = self.changes.send(settled);
+            self.changed(settled);
         }
     }
 
-    /// Pending and recently settled approvals, newest first.
+    /// Pending and recently settled approvals, newest first (with a shared
+    /// backend, every replica's).
     pub fn list(&self) -> Vec<Approval> {
         let table = self.table.lock();
         let mut all: Vec<Approval> = table
@@ -271,6 +452,10 @@ impl Approvals {
             .map(|p| p.approval.clone())
             .chain(table.settled.iter().cloned())
             .collect();
+        drop(table);
+        if let Some(mirror) = &self.mirror {
+            all.extend(mirror.others.lock().values().cloned());
+        }
         all.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -279,7 +464,7 @@ impl Approvals {
         all
     }
 
-    /// One approval.
+    /// One approval (with a shared backend, of any replica).
     pub fn get(&self, id: &str) -> Option<Approval> {
         let table = self.table.lock();
         table
@@ -287,6 +472,12 @@ impl Approvals {
             .get(id)
             .map(|p| p.approval.clone())
             .or_else(|| table.settled.iter().find(|a| a.id == id).cloned())
+            .or_else(|| {
+                drop(table);
+                self.mirror
+                    .as_ref()
+                    .and_then(|m| m.others.lock().get(id).cloned())
+            })
     }
 
     /// Number of pending approvals.

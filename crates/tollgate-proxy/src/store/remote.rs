@@ -185,6 +185,62 @@ impl Remote {
         self.run(self.client.get_async_pubsub()).await
     }
 
+    /// Follows `channel` (a key of this deployment) for as long as the process
+    /// runs, by a task of its own: `on_message` gets each message another replica
+    /// sent with [`Remote::publish`] (this replica's own are skipped), and `on_gap`
+    /// is called whenever the feed (re)starts, since messages may have been missed.
+    pub fn follow(
+        self: &Arc<Self>,
+        channel: String,
+        on_message: impl Fn(&str) + Send + 'static,
+        on_gap: impl Fn() + Send + 'static,
+    ) {
+        use futures::StreamExt as _;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let remote = self.clone();
+        let own = format!("{}\n", self.replica);
+        runtime.spawn(async move {
+            loop {
+                if let Ok(mut pubsub) = remote.pubsub().await {
+                    let subscribed =
+                        tokio::time::timeout(remote.timeout, pubsub.subscribe(&channel)).await;
+                    if matches!(subscribed, Ok(Ok(()))) {
+                        on_gap();
+                        let mut messages = pubsub.on_message();
+                        while let Some(message) = messages.next().await {
+                            let Ok(text) = message.get_payload::<String>() else {
+                                continue;
+                            };
+                            if let Some(body) = text.split_once('\n').map(|(_, b)| b)
+                                && !text.starts_with(&own)
+                            {
+                                on_message(body);
+                            }
+                        }
+                    }
+                }
+                on_gap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Publishes `body` on `channel` for the other replicas' [`Remote::follow`].
+    pub async fn publish(&self, channel: &str, body: &str) -> Result<(), Unavailable> {
+        let mut conn = self.connection();
+        let message = format!("{}\n{body}", self.replica);
+        self.run(
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Asks Redis for a `PONG`, for `/readyz`.
     pub async fn ping(&self) -> Result<(), Unavailable> {
         let mut conn = self.connection();

@@ -256,9 +256,22 @@ impl Sessions {
     /// The same table kept in the shared backend too, so that every replica can
     /// serve every session; a task follows the other replicas' changes.
     pub fn with_shared(mut self, remote: Arc<Remote>) -> Sessions {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(follow_changes(remote.clone(), self.stale.clone()));
-        }
+        // Each message names a session whose copy here is out of date; after a gap in
+        // the feed every copy may be.
+        let (stale, gap) = (self.stale.clone(), self.stale.clone());
+        remote.follow(
+            remote.key(&["sessions", "changed"]),
+            move |id| {
+                let mut stale = stale.lock();
+                // Bounded: a burst beyond it drops every copy instead.
+                if stale.ids.len() < 10_000 {
+                    stale.ids.push(id.to_owned());
+                } else {
+                    stale.all = true;
+                }
+            },
+            move || gap.lock().all = true,
+        );
         self.shared = Some(remote);
         self
     }
@@ -539,49 +552,6 @@ impl Sessions {
             }
             live
         });
-    }
-}
-
-/// Follows the other replicas' session changes (`<prefix>sessions:changed`), for as
-/// long as the process runs: each names a session whose copy here is out of date.
-/// After an interruption every copy is dropped, since changes may have been missed.
-async fn follow_changes(remote: Arc<Remote>, stale: Arc<Mutex<Stale>>) {
-    use futures::StreamExt as _;
-    let channel = remote.key(&["sessions", "changed"]);
-    let own = format!("{}\n", remote.replica());
-    loop {
-        match remote.pubsub().await {
-            Ok(mut pubsub) => {
-                let subscribed =
-                    tokio::time::timeout(Duration::from_secs(5), pubsub.subscribe(&channel)).await;
-                if matches!(subscribed, Ok(Ok(()))) {
-                    stale.lock().all = true;
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        let Ok(text) = message.get_payload::<String>() else {
-                            continue;
-                        };
-                        if text.starts_with(&own) {
-                            continue;
-                        }
-                        if let Some((_, id)) = text.split_once('\n') {
-                            let mut stale = stale.lock();
-                            // Bounded: a burst beyond it drops every copy instead.
-                            if stale.ids.len() < 10_000 {
-                                stale.ids.push(id.to_owned());
-                            } else {
-                                stale.all = true;
-                            }
-                        }
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "the shared sessions' change feed is not reachable");
-            }
-        }
-        stale.lock().all = true;
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
