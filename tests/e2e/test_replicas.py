@@ -312,9 +312,19 @@ def test_redis_down_refuses_with_a_clear_error_and_recovers_without_a_restart(pr
     auth = {"authorization": "Bearer admin-token-0123456789"}
     assert passed(stateless_call(cluster.url, "echo", {"text": "before"}, ALICE))
     assert httpx.get(f"{admin}/readyz", headers=auth, timeout=10).json()["state"]["ready"] is True
-    before = len(upstream.tools_called())
+    session = KeyedSession(cluster.replicas[0]["url"])
+    session.initialize()
 
     redis.kill()
+    # A session this replica has not seen cannot be looked up: refused, saying why.
+    session.url = cluster.replicas[1]["url"]
+    lost = session.request("tools/list")
+    assert session.last.status_code == 503, lost
+    assert "shared state (Redis at" in json.dumps(lost) and "state.on_failure: refuse" in json.dumps(lost)
+    # The replica that has it goes on with what needs nothing shared.
+    session.url = cluster.replicas[0]["url"]
+    assert passed(session.call("list_fhir_datastores", {}))
+    before = len(upstream.tools_called())
     answers = [stateless_call(cluster.url, "echo", {"text": f"down {i}"}, ALICE, i) for i in range(6)]
     for answer in answers:
         assert answer["error"]["code"] == -32603, answer
