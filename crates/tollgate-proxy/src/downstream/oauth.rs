@@ -116,7 +116,10 @@ struct Keys {
 #[derive(Default)]
 struct FetchState {
     jwks_uri: Option<String>,
+    /// The last fetch, whatever prompted it.
     last_attempt: Option<Instant>,
+    /// The last fetch prompted by an unknown `kid`.
+    last_forced: Option<Instant>,
     fetches: u64,
 }
 
@@ -257,16 +260,13 @@ impl OAuth {
         if token.len() > MAX_TOKEN || token.split('.').count() != 3 {
             return Err(Ok(Refusal::Malformed));
         }
-        // `alg: none` and unknown algorithms fail here already: they are not `Algorithm`s.
-        let header = jsonwebtoken::decode_header(token).map_err(|err| {
-            Ok(match err.kind() {
-                ErrorKind::InvalidAlgorithmName => Refusal::Algorithm,
-                _ => Refusal::Malformed,
-            })
-        })?;
-        if !self.algorithms.contains(&header.alg) {
+        // The algorithm first, by its name: `none` and HMAC are refused as such
+        // before anything else of the token is trusted.
+        let alg = header_alg(token).ok_or(Ok(Refusal::Malformed))?;
+        if !self.algorithms.iter().any(|a| format!("{a:?}") == alg) {
             return Err(Ok(Refusal::Algorithm));
         }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Ok(Refusal::Malformed))?;
         let alg_name = format!("{:?}", header.alg);
         let mut set = self.keys.usable(false).await.map_err(Err)?;
         let mut candidates = keys_for(&set, header.kid.as_deref(), &alg_name);
@@ -300,6 +300,17 @@ impl OAuth {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation
     }
+}
+
+/// The `alg` a JWT's header names.
+fn header_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let head = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let header: Value = serde_json::from_slice(&bytes).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
 }
 
 /// What the token's claims say of its bearer; `None` without a string `sub`.
@@ -368,9 +379,9 @@ fn origin_of(url: &str) -> String {
 }
 
 impl Keys {
-    /// The current keys; fetched first when there are none yet, when they are
-    /// old, or (`unknown_kid`) when a token named a key they lack and the last
-    /// fetch is at least [`MIN_REFRESH`] ago.
+    /// The current keys; fetched first when there are none yet or they are old
+    /// (after a failed fetch, not again for [`MIN_REFRESH`]), or (`unknown_kid`)
+    /// when a token named a key they lack, at most once per [`MIN_REFRESH`].
     async fn usable(&self, unknown_kid: bool) -> Result<Arc<KeySet>, String> {
         let seen = self.current.load_full();
         let fresh = seen.fetched.is_some_and(|at| at.elapsed() < MAX_AGE);
@@ -383,16 +394,21 @@ impl Keys {
         if now.fetched != seen.fetched && now.fetched.is_some() {
             return Ok(now);
         }
-        let recently = state
-            .last_attempt
-            .is_some_and(|at| at.elapsed() < MIN_REFRESH);
-        if recently && now.fetched.is_some() {
-            return Ok(now);
-        }
-        if recently {
-            return Err(
-                "the authorization server's keys could not be fetched; retrying shortly".to_owned(),
-            );
+        let recent = |at: Option<Instant>| at.is_some_and(|at| at.elapsed() < MIN_REFRESH);
+        if unknown_kid {
+            if recent(state.last_forced) {
+                return Ok(now);
+            }
+            state.last_forced = Some(Instant::now());
+        } else if recent(state.last_attempt) {
+            return if now.fetched.is_some() {
+                Ok(now)
+            } else {
+                Err(
+                    "the authorization server's keys could not be fetched; retrying shortly"
+                        .to_owned(),
+                )
+            };
         }
         state.last_attempt = Some(Instant::now());
         state.fetches += 1;
