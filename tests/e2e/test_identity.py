@@ -60,6 +60,9 @@ rules:
   - tool: whoami
     action: allow
     rate_limit: {max: 3, window: 1h, per: user}
+  - tool: drop_everything
+    action: require_approval
+    reason: a human decides
 """
 
 
@@ -142,9 +145,11 @@ def setup(procs, tmp_path):
     (tmp_path / "demo.yaml").write_text(POLICY)
     audit = tmp_path / "audit.jsonl"
     config = tmp_path / "tollgate.yaml"
+    admin_port = free_port()
     config.write_text(
         f"listen: 127.0.0.1:{gate_port}\n"
         f"audit: {{path: '{audit}'}}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}, token: admin-token-0123456789}}\n"
         "auth:\n  oauth:\n"
         f"    issuer: {issuer}\n"
         f"    resource: {resource}\n"
@@ -156,7 +161,10 @@ def setup(procs, tmp_path):
     proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "tollgate.log")
     procs.append(proc)
     base = proc.wait_line(r"Tollgate listening on (http://127\.0\.0\.1:\d+)").group(1)
-    return Idp(idp_proc, issuer, key, "k1"), Gate(proc, base, audit, record), other
+    gate = Gate(proc, base, audit, record)
+    gate.admin = f"http://127.0.0.1:{admin_port}"
+    wait_port(admin_port)
+    return Idp(idp_proc, issuer, key, "k1"), gate, other
 
 
 class Memory:
@@ -376,13 +384,13 @@ async def test_per_user_limits_follow_the_user_across_sessions_and_eras(setup):
     assert gate.calls() == ["whoami"] * 4
 
 
-def raw_call(gate: Gate, token: str | None) -> httpx.Response:
+def raw_call(gate: Gate, token: str | None, tool: str = "whoami") -> httpx.Response:
     headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
-               "mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": "whoami"}
+               "mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": tool}
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-        "name": "whoami", "arguments": {},
+        "name": tool, "arguments": {},
         "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
                   "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
                   "io.modelcontextprotocol/clientCapabilities": {}}}}
@@ -454,3 +462,32 @@ async def test_an_unknown_kid_fetches_the_keys_once_not_once_per_request(setup):
     # The known key still works from the cache, with no further fetch.
     assert raw_call(gate, idp.sign(good)).status_code == 200
     assert idp.jwks_hits() == warm + 1
+
+
+async def test_the_approvals_api_shows_who_asked(setup):
+    idp, gate, _ = setup
+    now = int(time.time())
+    token = idp.sign({"iss": idp.issuer, "sub": "alice", "aud": gate.resource, "azp": "vscode",
+                      "scope": "mcp", "iat": now, "exp": now + 300, "jti": "j-approval"})
+    admin = {"authorization": "Bearer admin-token-0123456789"}
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        answers.append(raw_call(gate, token, "drop_everything"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, call)
+        with anyio.fail_after(20):
+            while True:
+                pending = [a for a in httpx.get(f"{gate.admin}/approvals", headers=admin, timeout=10).json()
+                           if a["status"] == "pending"]
+                if pending:
+                    break
+                await anyio.sleep(0.05)
+        [approval] = pending
+        assert approval["user"] == "alice" and approval["client_id"] == "vscode", approval
+        r = httpx.post(f"{gate.admin}/approvals/{approval['id']}/deny", headers=admin,
+                       json={"reason": "not today"}, timeout=10)
+        assert r.status_code == 200, r.text
+    assert "not today" in answers[0].text
+    assert gate.calls() == []

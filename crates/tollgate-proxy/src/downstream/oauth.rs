@@ -322,7 +322,10 @@ fn identity(claims: Map<String, Value>) -> Option<Identity> {
             .map(Arc::<str>::from)
     };
     let user = text("sub")?;
-    let client_id = text("azp").or_else(|| text("client_id"));
+    // `cid` is Okta's name for it.
+    let client_id = text("azp")
+        .or_else(|| text("client_id"))
+        .or_else(|| text("cid"));
     let jti = text("jti");
     // `scope` (RFC 9068) is space-separated; Okta and Entra ID send `scp`, a list or a string.
     let mut scopes = Vec::new();

@@ -31,7 +31,7 @@ pub struct Caller {
 pub struct Identity {
     /// `sub`: the user (for a client-credentials token, the client itself).
     pub user: Arc<str>,
-    /// The OAuth client: `azp`, else `client_id`.
+    /// The OAuth client: `azp`, else `client_id` (else Okta's `cid`).
     pub client_id: Option<Arc<str>>,
     /// `jti`, when the token has one.
     pub jti: Option<Arc<str>>,
