@@ -316,6 +316,8 @@ async def test_a_challenge_names_the_metadata_and_the_metadata_names_the_issuer(
     r = httpx.post(gate.url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
                    headers={"accept": "application/json, text/event-stream"}, timeout=10)
     assert r.status_code == 401
+    # The body was not read, so the connection is not reused for the client's next try.
+    assert r.headers["connection"] == "close"
     challenge = r.headers["www-authenticate"]
     metadata_url = f"{gate.base}/.well-known/oauth-protected-resource/servers/demo/mcp"
     assert challenge == f'Bearer scope="mcp", resource_metadata="{metadata_url}"', challenge

@@ -969,6 +969,35 @@ servers:
     }
 
     #[test]
+    fn oauth_needs_secure_urls_and_asymmetric_algorithms() {
+        let server = "servers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n";
+        let good = format!(
+            "auth:\n  oauth:\n    issuer: https://idp.example/realms/a\n    resource: http://127.0.0.1:8080\n    required_scopes: [mcp]\n{server}"
+        );
+        let config = Config::from_yaml(&good, "t.yaml", &env).unwrap();
+        let oauth = config.auth.oauth.unwrap();
+        assert_eq!(oauth.clock_skew, Duration::from_secs(30));
+        assert!(oauth.algorithms.iter().any(|a| a == "RS256"));
+        let bad = format!(
+            "auth:\n  oauth:\n    issuer: http://idp.example\n    resource: https://t.example/mcp?x=1\n    jwks_uri: ftp://k\n    algorithms: [RS256, HS256, none]\n    scopes_supported: [\"two words\"]\n{server}"
+        );
+        let err = Config::from_yaml(&bad, "t.yaml", &env).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        assert!(
+            text.contains("auth.oauth.issuer: `http://idp.example` must be an absolute https URL"),
+            "{text}"
+        );
+        assert!(text.contains("auth.oauth.jwks_uri"), "{text}");
+        assert!(text.contains("no query or fragment"), "{text}");
+        assert!(
+            text.contains("`HS256` is not accepted") && text.contains("`none` is not accepted"),
+            "{text}"
+        );
+        assert!(text.contains("scope `two words`"), "{text}");
+    }
+
+    #[test]
     fn reports_unknown_fields_with_a_location() {
         let src = "servers:\n  a:\n    url: http://x/mcp\n    polcy: p.yaml\n";
         let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();

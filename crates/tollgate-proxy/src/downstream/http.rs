@@ -115,10 +115,15 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         tool = tracing::field::Empty,
     );
     let path = resource_path(name.as_deref(), "mcp");
+    let identified = doors.caller(request.headers(), peer_of(&request).ip(), &path);
+    let caller = match tracing::Instrument::instrument(identified, span.clone()).await {
+        Ok(caller) => caller,
+        Err(err) => {
+            tracing::debug!(error = %err, "refused before reading the body");
+            return unread(doors.challenge(&path, err).into_response());
+        }
+    };
     let result = async {
-        let caller = doors
-            .caller(request.headers(), peer_of(&request).ip(), &path)
-            .await?;
         if let Some(client) = caller.shown_name() {
             tracing::Span::current().record("client", client);
         }
@@ -159,6 +164,16 @@ async fn end(
     let mut answer = Answer::accepted();
     answer.status = StatusCode::OK;
     Ok(answer)
+}
+
+/// A response sent without reading the request's body: the connection cannot carry
+/// another request, so the client is told to open a new one (a client retrying with a
+/// token after a 401 would otherwise send it on a connection that is being closed).
+pub fn unread(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// `Mcp-Session-Id`; a value that is not text names no session there is.

@@ -199,10 +199,13 @@ async fn post_message(
 ) -> Result<Response, ProxyError> {
     let server = doors.server(name.as_deref(), request.headers())?;
     let path = super::resource_path(name.as_deref(), "messages");
-    let client = doors
+    let client = match doors
         .identify(request.headers(), peer_of(&request).ip(), &path)
-        .await?
-        .principal();
+        .await
+    {
+        Ok(caller) => caller.principal(),
+        Err(err) => return Ok(super::http::unread(err.into_response())),
+    };
     // Read (bounded) before answering, so the connection stays usable for the next POST.
     let body = read_body(doors.shared(), request).await?;
     let stream = query
