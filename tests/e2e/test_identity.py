@@ -321,7 +321,8 @@ async def test_a_challenge_names_the_metadata_and_the_metadata_names_the_issuer(
     challenge = r.headers["www-authenticate"]
     metadata_url = f"{gate.base}/.well-known/oauth-protected-resource/servers/demo/mcp"
     assert challenge == f'Bearer scope="mcp", resource_metadata="{metadata_url}"', challenge
-    for url in (metadata_url, f"{gate.base}/.well-known/oauth-protected-resource"):
+    for url in (metadata_url, f"{gate.base}/.well-known/oauth-protected-resource",
+                f"{gate.base}/.well-known/oauth-protected-resource/mcp"):
         meta = httpx.get(url, timeout=10).json()
         assert meta["resource"] == gate.resource
         assert meta["authorization_servers"] == [idp.issuer]

@@ -600,4 +600,131 @@ mod tests {
         enc["use"] = json!("enc");
         assert!(usable_key(&enc).is_none());
     }
+
+    const KEY_1: [u8; 48] = [
+        48, 46, 2, 1, 0, 48, 5, 6, 3, 43, 101, 112, 4, 34, 4, 32, 137, 194, 224, 102, 144, 212,
+        147, 131, 64, 157, 51, 51, 236, 53, 50, 183, 97, 229, 220, 54, 207, 31, 250, 156, 207, 230,
+        120, 206, 229, 86, 181, 37,
+    ];
+    const PUBLIC_1: &str = "ndiQ2RSZ31HNuu0irYv2iUgOYY4vEhDJTabnwV1RIQg";
+    const KEY_2: [u8; 48] = [
+        48, 46, 2, 1, 0, 48, 5, 6, 3, 43, 101, 112, 4, 34, 4, 32, 205, 73, 66, 106, 26, 209, 170,
+        238, 151, 59, 249, 49, 14, 1, 101, 128, 42, 108, 1, 215, 92, 161, 111, 158, 252, 13, 127,
+        119, 198, 113, 176, 54,
+    ];
+
+    /// An issuer on a loopback port: RFC 8414 metadata and a JWKS with `KEY_1` as `k1`,
+    /// counting how often the JWKS is fetched.
+    async fn issuer() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let meta = json!({"issuer": base, "jwks_uri": format!("{base}/jwks")});
+        let counted = hits.clone();
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/oauth-authorization-server",
+                axum::routing::get(move || async move { axum::Json(meta) }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        axum::Json(json!({"keys": [
+                            {"kty": "oct", "k": "c2VjcmV0", "kid": "h"},
+                            {"kty": "OKP", "crv": "Ed25519", "x": PUBLIC_1, "kid": "k1", "alg": "EdDSA", "use": "sig"},
+                        ]}))
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, hits)
+    }
+
+    fn sign(claims: &Value, key: &[u8], kid: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(key),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_are_checked_against_the_issuers_keys() {
+        use std::sync::atomic::Ordering;
+        let (issuer, hits) = issuer().await;
+        let config: OAuthConfig = serde_yaml::from_str(&format!(
+            "issuer: {issuer}\nresource: https://tollgate.example/\n"
+        ))
+        .unwrap();
+        let oauth = OAuth::new(&config).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let good = json!({"iss": issuer, "sub": "alice", "aud": "https://tollgate.example",
+            "scope": "mcp", "exp": now + 60, "iat": now});
+        let id = oauth.validate(&sign(&good, &KEY_1, "k1")).await.unwrap();
+        assert_eq!(&*id.user, "alice");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        let refused = |claims: Value, key: &'static [u8], kid: &'static str| {
+            let token = sign(&claims, key, kid);
+            let oauth = &oauth;
+            async move { oauth.validate(&token).await.err().and_then(Result::ok) }
+        };
+        let mut other = good.clone();
+        other["aud"] = json!("https://elsewhere.example");
+        assert_eq!(refused(other, &KEY_1, "k1").await, Some(Refusal::Audience));
+        let mut old = good.clone();
+        old["exp"] = json!(now - 600);
+        assert_eq!(refused(old, &KEY_1, "k1").await, Some(Refusal::Expired));
+        let mut early = good.clone();
+        early["nbf"] = json!(now + 600);
+        assert_eq!(
+            refused(early, &KEY_1, "k1").await,
+            Some(Refusal::NotYetValid)
+        );
+        assert_eq!(
+            refused(good.clone(), &KEY_2, "k1").await,
+            Some(Refusal::Signature)
+        );
+        for _ in 0..5 {
+            assert_eq!(
+                refused(good.clone(), &KEY_2, "k9").await,
+                Some(Refusal::UnknownKey)
+            );
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            2,
+            "one refresh for unknown kids"
+        );
+        // HMAC, even with a secret the JWKS publishes as a symmetric key, and `none`.
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("h".into());
+        let hmac = jsonwebtoken::encode(
+            &header,
+            &good,
+            &jsonwebtoken::EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert_eq!(
+            oauth.validate(&hmac).await.err(),
+            Some(Ok(Refusal::Algorithm))
+        );
+        let none = format!("eyJhbGciOiJub25lIn0.{}.", hmac.split('.').nth(1).unwrap());
+        assert_eq!(
+            oauth.validate(&none).await.err(),
+            Some(Ok(Refusal::Algorithm))
+        );
+        assert_eq!(
+            oauth.validate("a.b").await.err(),
+            Some(Ok(Refusal::Malformed))
+        );
+    }
 }
