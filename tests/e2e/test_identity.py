@@ -118,8 +118,9 @@ class Gate:
 
 
 @pytest.fixture
-def setup(procs, tmp_path):
-    """The authorization server, an upstream that records headers, and Tollgate."""
+def setup(procs, tmp_path, request):
+    """The authorization server, an upstream that records headers, and Tollgate
+    (an indirect parameter adds configuration lines)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
     jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
@@ -150,6 +151,7 @@ def setup(procs, tmp_path):
         f"listen: 127.0.0.1:{gate_port}\n"
         f"audit: {{path: '{audit}'}}\n"
         f"admin: {{listen: 127.0.0.1:{admin_port}, token: admin-token-0123456789}}\n"
+        f"{getattr(request, 'param', '')}\n"
         "auth:\n  oauth:\n"
         f"    issuer: {issuer}\n"
         f"    resource: {resource}\n"
@@ -493,4 +495,35 @@ async def test_the_approvals_api_shows_who_asked(setup):
                        json={"reason": "not today"}, timeout=10)
         assert r.status_code == 200, r.text
     assert "not today" in answers[0].text
+    assert gate.calls() == []
+
+
+async def test_the_legacy_sse_transport_takes_tokens_too(setup):
+    from mcp.client.sse import sse_client
+
+    idp, gate, _ = setup
+    sse_url = f"{gate.base}/servers/demo/sse"
+    r = httpx.get(sse_url, timeout=10)
+    assert r.status_code == 401, r.text
+    assert f'resource_metadata="{gate.base}/.well-known/oauth-protected-resource/servers/demo/sse"' in r.headers["www-authenticate"]
+    storage = Memory()
+    auth = ClientCredentialsOAuthProvider(
+        server_url=sse_url, storage=storage, client_id="ci-agent",
+        client_secret="ci-agent-secret-0123", issuer=idp.issuer, scope="mcp",
+    )
+    with anyio.fail_after(60):
+        async with Client(sse_client(sse_url, auth=auth, timeout=30), mode="legacy") as client:
+            assert (await client.call_tool("whoami", {})).is_error is False
+    assert gate.calls() == ["whoami"]
+    [d] = [d for d in gate.decisions() if d["tool"] == "whoami"]
+    assert d["user"] == "ci-agent", d
+    no_token_reached_upstream(gate, storage.tokens.access_token)
+
+
+@pytest.mark.parametrize("setup", ["limits: {requests_per_second: 5}"], indirect=True)
+async def test_bad_tokens_cost_their_sender_requests(setup):
+    idp, gate, _ = setup
+    answers = [raw_call(gate, "not-a-token").status_code for _ in range(30)]
+    assert answers[0] == 401
+    assert 429 in answers, answers
     assert gate.calls() == []

@@ -255,7 +255,20 @@ impl Doors {
         peer: IpAddr,
         path: &str,
     ) -> Result<Caller, ProxyError> {
-        let caller = self.identify(headers, peer, path).await?;
+        let caller = match self.identify(headers, peer, path).await {
+            Ok(caller) => caller,
+            Err(
+                err @ (ProxyError::Unauthorized
+                | ProxyError::TokenRequired { .. }
+                | ProxyError::InvalidToken { .. }),
+            ) => {
+                // A refused credential still costs its sender's address a request, so
+                // guessing keys or flooding with bad tokens is throttled like anything else.
+                self.check_rate(&Caller::anonymous(peer))?;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
         self.check_rate(&caller)?;
         Ok(caller)
     }
