@@ -149,6 +149,9 @@ pub enum BuildError {
     /// The HTTP client could not be built.
     #[error("could not build the upstream HTTP client: {0}")]
     Http(String),
+    /// The OAuth resource server could not be set up.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.

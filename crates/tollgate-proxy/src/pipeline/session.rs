@@ -44,7 +44,7 @@ pub fn find(
     };
     let session = shared.sessions.get(id).ok_or(ProxyError::UnknownSession)?;
     // A session is only valid for the server and client that opened it.
-    if session.server != server.name || session.client != caller.client {
+    if session.server != server.name || session.client != caller.principal() {
         return Err(ProxyError::UnknownSession);
     }
     Ok(Some(session))
@@ -118,12 +118,12 @@ pub fn open(
         .sessions
         .open(crate::store::sessions::NewSession {
             server: ctx.server.name.clone(),
-            client: ctx.caller.client.clone(),
+            client: ctx.caller.principal(),
             upstream_id,
             initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
-            quota_key: ctx.client_key.as_str().into(),
+            quota_key: ctx.user_key.as_str().into(),
         })?;
     tracing::info!(session = %session.id, "session opened");
     Ok(session)
