@@ -45,7 +45,7 @@ impl AppState {
         policies: BTreeMap<String, LoadedPolicy>,
     ) -> Result<AppState, BuildError> {
         let shared = Arc::new(Shared::build(config, policies)?);
-        let doors = Arc::new(Doors::new(Core::new(shared.clone()), config));
+        let doors = Arc::new(Doors::new(Core::new(shared.clone()), config)?);
         let approvers = config
             .admin
             .iter()
@@ -84,10 +84,7 @@ impl AppState {
         server: &Arc<Server>,
         out: mpsc::Sender<Value>,
     ) -> Arc<Conversation> {
-        let caller = Caller {
-            client: None,
-            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        };
+        let caller = Caller::anonymous(IpAddr::V4(Ipv4Addr::LOCALHOST));
         Arc::new(Conversation::new(
             self.doors.clone(),
             server.clone(),

@@ -36,6 +36,9 @@ pub struct ConfigOf<S> {
     /// Authenticated clients; when present, every request needs a key.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// Authentication besides `clients:` keys: OAuth 2.1 access tokens.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The audit log.
     #[serde(default)]
     pub audit: Option<AuditConfig>,
@@ -94,6 +97,126 @@ pub struct ClientConfig {
     pub name: String,
     /// Its key, sent as `Authorization: Bearer <key>`.
     pub key: String,
+}
+
+/// `auth:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tollgate as an OAuth 2.1 resource server: every request needs an access token
+    /// of this issuer for this resource (or a `clients:` key).
+    #[serde(default)]
+    pub oauth: Option<OAuthConfig>,
+}
+
+/// `auth.oauth:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The authorization server's issuer identifier; its metadata (RFC 8414, else
+    /// OpenID Connect discovery) names the JWKS.
+    pub issuer: String,
+    /// The JWKS, when the issuer's metadata should not be asked for it.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// This server's resource identifier (RFC 8707): tokens must name it in `aud`. The
+    /// URL clients connect to, or a parent of it (the origin, when several servers are served).
+    pub resource: String,
+    /// Scopes announced in the protected resource metadata.
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+    /// Scopes every request's token must carry (else 403 `insufficient_scope`).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// How far `exp` and `nbf` may be off (default 30s).
+    #[serde(default = "default_clock_skew", deserialize_with = "de_duration")]
+    pub clock_skew: Duration,
+    /// Signature algorithms accepted (default RS256, ES256, PS256, EdDSA and the
+    /// larger RS/ES/PS variants); `none` and HMAC are never accepted.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_clock_skew() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Asymmetric algorithms only: a resource server holds no shared secret.
+pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+fn default_algorithms() -> Vec<String> {
+    ASYMMETRIC_ALGORITHMS
+        .iter()
+        .map(|&a| a.to_owned())
+        .collect()
+}
+
+/// Whether `url` is absolute `https`, or `http` to a loopback host (for local testing).
+pub(crate) fn secure_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    match scheme {
+        "https" => true,
+        "http" => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
+fn check_oauth(oauth: &OAuthConfig, problems: &mut Vec<String>) {
+    for (field, url) in [
+        ("issuer", Some(&oauth.issuer)),
+        ("resource", Some(&oauth.resource)),
+        ("jwks_uri", oauth.jwks_uri.as_ref()),
+    ] {
+        if let Some(url) = url
+            && !secure_url(url)
+        {
+            problems.push(format!(
+                "auth.oauth.{field}: `{url}` must be an absolute https URL (http only to a loopback host)"
+            ));
+        }
+    }
+    if oauth.resource.contains(['?', '#']) {
+        problems.push(
+            "auth.oauth.resource: a resource identifier has no query or fragment (RFC 8707)"
+                .to_owned(),
+        );
+    }
+    if oauth.algorithms.is_empty() {
+        problems.push("auth.oauth.algorithms: list at least one algorithm, e.g. RS256".to_owned());
+    }
+    for alg in &oauth.algorithms {
+        if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
+            problems.push(format!(
+                "auth.oauth.algorithms: `{alg}` is not accepted: use asymmetric ones ({}); `none` and HMAC never are",
+                ASYMMETRIC_ALGORITHMS.join(", ")
+            ));
+        }
+    }
+    for scope in oauth.scopes_supported.iter().chain(&oauth.required_scopes) {
+        if scope.is_empty() || scope.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\')
+        {
+            problems.push(format!(
+                "auth.oauth: scope `{scope}` must be one word without quotes"
+            ));
+        }
+    }
 }
 
 /// `audit:`.
@@ -679,6 +802,9 @@ impl ConfigOf<RawServer> {
             problems.push("servers: at least one server is needed".to_owned());
         }
         check_state(&self.state, &mut problems);
+        if let Some(oauth) = &self.auth.oauth {
+            check_oauth(oauth, &mut problems);
+        }
         let mut seen = std::collections::HashSet::new();
         for client in &self.clients {
             if !seen.insert(client.name.as_str()) {
@@ -704,6 +830,7 @@ impl ConfigOf<RawServer> {
             listen: self.listen,
             admin: self.admin,
             clients: self.clients,
+            auth: self.auth,
             audit: self.audit,
             limits: self.limits,
             allowed_origins: self.allowed_origins,
@@ -1007,6 +1134,35 @@ servers:
         assert_eq!(err.problems.len(), 2, "{err}");
         assert!(err.problems[0].contains("servers.a.url: environment variable `NOPE` is not set"));
         assert!(err.problems[1].contains("servers.a.headers.X"));
+    }
+
+    #[test]
+    fn oauth_needs_secure_urls_and_asymmetric_algorithms() {
+        let server = "servers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n";
+        let good = format!(
+            "auth:\n  oauth:\n    issuer: https://idp.example/realms/a\n    resource: http://127.0.0.1:8080\n    required_scopes: [mcp]\n{server}"
+        );
+        let config = Config::from_yaml(&good, "t.yaml", &env).unwrap();
+        let oauth = config.auth.oauth.unwrap();
+        assert_eq!(oauth.clock_skew, Duration::from_secs(30));
+        assert!(oauth.algorithms.iter().any(|a| a == "RS256"));
+        let bad = format!(
+            "auth:\n  oauth:\n    issuer: http://idp.example\n    resource: https://t.example/mcp?x=1\n    jwks_uri: ftp://k\n    algorithms: [RS256, HS256, none]\n    scopes_supported: [\"two words\"]\n{server}"
+        );
+        let err = Config::from_yaml(&bad, "t.yaml", &env).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        assert!(
+            text.contains("auth.oauth.issuer: `http://idp.example` must be an absolute https URL"),
+            "{text}"
+        );
+        assert!(text.contains("auth.oauth.jwks_uri"), "{text}");
+        assert!(text.contains("no query or fragment"), "{text}");
+        assert!(
+            text.contains("`HS256` is not accepted") && text.contains("`none` is not accepted"),
+            "{text}"
+        );
+        assert!(text.contains("scope `two words`"), "{text}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use axum::http::{HeaderName, HeaderValue};
 use tollgate_mcp::{Era, Incoming, Message};
 
-pub use context::{Answer, Caller, Context, Core, Inbound, Meta, Routing};
+pub use context::{Answer, Caller, Context, Core, Identity, Inbound, Meta, Routing};
 
 use crate::error::ProxyError;
 use crate::state::Server;

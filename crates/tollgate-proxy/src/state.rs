@@ -160,6 +160,9 @@ pub enum BuildError {
     /// The shared state's connection could not be prepared.
     #[error("{0}")]
     State(String),
+    /// The OAuth resource server could not be set up.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.

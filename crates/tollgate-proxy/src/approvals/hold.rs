@@ -32,6 +32,8 @@ pub struct Hold {
     pub arguments: Value,
     /// The authenticated client.
     pub client: Option<Arc<str>>,
+    /// The OAuth token's user and client, when the caller sent a token.
+    pub user: Option<(Arc<str>, Option<Arc<str>>)>,
     /// Tollgate's session id.
     pub session: Option<Arc<str>>,
     /// The deciding rule.
@@ -124,6 +126,11 @@ fn ask(
             tool: hold.tool.clone(),
             arguments: hold.arguments.clone(),
             client: hold.client.as_deref().map(str::to_owned),
+            user: hold.user.as_ref().map(|(user, _)| user.to_string()),
+            client_id: hold
+                .user
+                .as_ref()
+                .and_then(|(_, client_id)| client_id.as_deref().map(str::to_owned)),
             session: hold.session.as_deref().map(str::to_owned),
             rule: hold.rule.clone(),
             reason: hold.reason.clone(),

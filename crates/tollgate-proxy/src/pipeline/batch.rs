@@ -79,7 +79,7 @@ pub async fn handle(
     }
     let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
     let policy = server.policy.load_full();
-    let body = relay::filter(reply.body, server.clone(), policy, caller.client.clone());
+    let body = relay::filter(reply.body, server.clone(), policy, caller.clone());
     if refused.is_empty() {
         return Ok(Answer {
             status: reply.status,

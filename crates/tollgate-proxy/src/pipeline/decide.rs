@@ -190,20 +190,31 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    Ok(enforce(ctx, &id, call.name, call.arguments).await)
+    enforce(ctx, &id, call.name, call.arguments).await
 }
 
-/// Evaluates one `tools/call`, writes the decision to the audit log, and says what to do.
-async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict {
+/// Evaluates one `tools/call`, writes the decision to the audit log, and says what
+/// to do; a token that lacks a scope the rule needs is an error (HTTP 403) that
+/// lets the client step up.
+async fn enforce(
+    ctx: &Context,
+    id: &Value,
+    tool: &str,
+    arguments: &Value,
+) -> Result<Verdict, ProxyError> {
     let shared = ctx.shared();
     let server = &ctx.server;
     let policy = server.policy.load_full();
+    let identity = ctx.caller.identity.as_deref();
     let call = ToolCall {
         tool,
         arguments,
         client: ctx.caller.client.as_deref(),
         session_key: &ctx.session_key,
         client_key: &ctx.client_key,
+        user_key: &ctx.user_key,
+        claims: identity.map(|id| &id.claims),
+        scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
     let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
         Ok(decided) => decided,
@@ -212,14 +223,14 @@ async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Ve
             shared.metrics.state_unavailable(&server.name, refuse);
             if refuse {
                 tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
-                return Verdict::Refuse(error_response(
+                return Ok(Verdict::Refuse(error_response(
                     Some(id),
                     ErrorCode::InternalError,
                     &format!(
                         "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
                     ),
                     None,
-                ));
+                )));
             }
             tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
             (decision, None)
@@ -265,17 +276,17 @@ async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Ve
             tool,
             "tools/call refused: its decision could not be written to the audit log"
         );
-        return Verdict::Refuse(error_response(
+        return Ok(Verdict::Refuse(error_response(
             Some(id),
             ErrorCode::InternalError,
             &format!(
                 "tools/call `{tool}` was not forwarded: its decision could not be written to the audit log (audit.on_failure: refuse); the operator must fix the audit log"
             ),
             None,
-        ));
+        )));
     }
 
-    match decision.action {
+    Ok(match decision.action {
         _ if audit_mode => Verdict::Forward(Some(permit)),
         Action::Allow => Verdict::Forward(Some(permit)),
         Action::RequireApproval => Verdict::Hold(Box::new(Held {
@@ -283,6 +294,16 @@ async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Ve
             deny_as: policy.deny_as(),
             decision,
         })),
+        // A token bearer can get the scope and retry (MCP's step-up flow); anyone
+        // else is refused like any other denial.
+        Action::Deny
+            if decision.kind == Some(DenyKind::InsufficientScope) && identity.is_some() =>
+        {
+            return Err(ProxyError::InsufficientScope {
+                scope: decision.required_scopes.join(" "),
+                challenge: None,
+            });
+        }
         Action::Deny => {
             // Refused here: the slot (if the decision took one) is not spent.
             if let Some(slot) = permit.slot.take() {
@@ -290,7 +311,7 @@ async fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Ve
             }
             Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
         }
-    }
+    })
 }
 
 /// The decision's audit record, metric and log line; whether the record was written.
@@ -303,6 +324,7 @@ fn record(
     named_by_policy: bool,
 ) -> bool {
     let shared = ctx.shared();
+    let identity = ctx.caller.identity.as_deref();
     let rule = rule_label(decision);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     let recorded = !shared.audit.enabled()
@@ -310,6 +332,9 @@ fn record(
             call_id: &permit.call_id,
             server: &ctx.server.name,
             client: ctx.caller.client.as_deref(),
+            user: identity.map(|id| &*id.user),
+            client_id: identity.and_then(|id| id.client_id.as_deref()),
+            jti: identity.and_then(|id| id.jti.as_deref()),
             session: ctx.session.as_ref().map(|s| &*s.id),
             tool: &permit.tool,
             decision: decision_name(decision),

@@ -44,6 +44,11 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
         tool,
         arguments,
         client: ctx.caller.client.clone(),
+        user: ctx
+            .caller
+            .identity
+            .as_ref()
+            .map(|id| (id.user.clone(), id.client_id.clone())),
         session: session.map(|s| s.id.clone()),
         rule: rule_label(&held.decision),
         reason: held.decision.reason.clone(),

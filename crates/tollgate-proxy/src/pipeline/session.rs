@@ -59,7 +59,7 @@ pub async fn find(
         }
     };
     // A session is only valid for the server and client that opened it.
-    if session.server != server.name || session.client != caller.client {
+    if session.server != server.name || session.client != caller.principal() {
         return Err(ProxyError::UnknownSession);
     }
     if let (Some(remote), Some(owner)) = (&shared.remote, &session.replica)
@@ -144,12 +144,12 @@ pub async fn open(
         .sessions
         .open(crate::store::sessions::NewSession {
             server: ctx.server.name.clone(),
-            client: ctx.caller.client.clone(),
+            client: ctx.caller.principal(),
             upstream_id,
             initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
-            quota_key: ctx.client_key.as_str().into(),
+            quota_key: ctx.user_key.as_str().into(),
             pinned: ctx.server.pinned,
         })?;
     let shared = ctx.shared();

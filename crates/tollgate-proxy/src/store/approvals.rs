@@ -58,6 +58,12 @@ pub struct Approval {
     pub arguments_truncated_from: Option<usize>,
     /// The authenticated client, if any.
     pub client: Option<String>,
+    /// Who asked: the OAuth token's user (`sub`), when the caller sent a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The OAuth token's client (`azp` / `client_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     /// The session, if any.
     pub session: Option<String>,
     /// The rule that asked for approval.
@@ -101,6 +107,10 @@ pub struct Request {
     pub arguments: Value,
     /// Client.
     pub client: Option<String>,
+    /// The OAuth token's user.
+    pub user: Option<String>,
+    /// The OAuth token's client.
+    pub client_id: Option<String>,
     /// Session.
     pub session: Option<String>,
     /// Deciding rule.
@@ -360,6 +370,8 @@ impl Approvals {
             arguments: request.arguments,
             arguments_truncated_from: None,
             client: request.client,
+            user: request.user,
+            client_id: request.client_id,
             session: request.session,
             rule: request.rule,
             reason: request.reason,
@@ -583,6 +595,8 @@ mod tests {
             tool: "start_fhir_export_job".into(),
             arguments: json!({"a": 1}),
             client: None,
+            user: None,
+            client_id: None,
             session: Some("abc".into()),
             rule: "rules[0] (start_*)".into(),
             reason: "needs a human".into(),
