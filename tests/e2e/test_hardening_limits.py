@@ -492,14 +492,20 @@ def test_a_flooding_legacy_sse_upstream_does_not_grow_memory(reader, procs, tmp_
         stalled.sendall((f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\naccept: text/event-stream\r\n"
                          f"mcp-session-id: {session.session_id}\r\nmcp-protocol-version: {session.protocol}\r\n\r\n").encode())
     try:
-        # 64 MiB of notifications, or as many as Tollgate takes in 15 s when it pushes back.
+        # 64 MiB of notifications, or as many as Tollgate takes in 15 s when it pushes back;
+        # then RSS is sampled while the flood goes on, so a bound that holds only between
+        # bursts (or memory the allocator keeps long after it was freed) fails too.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not any(line == "sent 1000" for line in flood.lines):
             time.sleep(0.2)
         assert flood.lines, "the upstream never flooded"
-        peak = rss_mib(pid) - before
-        print(f"{reader}: {flood.lines[-1]} notifications of 64 KiB, RSS +{peak:.0f} MiB")
-        assert peak < 64, f"a flooding upstream grew RSS by {peak:.0f} MiB"
+        samples = []
+        for _ in range(12):
+            samples.append(rss_mib(pid) - before)
+            time.sleep(0.25)
+        peak = max(samples)
+        print(f"{reader}: {flood.lines[-1]} notifications of 64 KiB, RSS +{peak:.0f} MiB at most")
+        assert peak < 64, f"a flooding upstream grew RSS by {peak:.0f} MiB ({flood.lines[-1]})"
         # The session still answers.
         assert "result" in session.request("ping")
     finally:

@@ -550,3 +550,57 @@ fn a_bad_value_names_its_key() {
         .unwrap();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
+
+#[test]
+fn test_and_explain_take_the_callers_claims_and_scopes() {
+    let dir = Dir::new("identity");
+    let policy = dir.write(
+        "p.yaml",
+        "version: 1\ndefault: deny\nrules:\n  - tool: query\n    when: {claims: {groups: [sre]}}\n    action: allow\n    rate_limit: {max: 1, window: 1h, per: user}\n  - tool: export\n    scopes: [exports:write]\n    action: allow\n",
+    );
+    let file = dir.write(
+        "p.test.yaml",
+        "policy: p.yaml\ncases:\n  - {name: alice is sre, tool: query, claims: {sub: alice, groups: [sre]}, expect: allow}\n  - {name: alice again in another session, tool: query, session: s2, claims: {sub: alice, groups: [sre]}, expect: deny, kind: rate_limit}\n  - {name: carol has her own quota, tool: query, claims: {sub: carol, groups: [sre]}, expect: allow}\n  - {name: bob is not, tool: query, claims: {sub: bob, groups: [dev]}, expect: deny, kind: deny}\n  - {name: export needs the scope, tool: export, scopes: [mcp], expect: deny, kind: insufficient_scope}\n  - {name: export with it, tool: export, scopes: [mcp, exports:write], expect: allow}\n",
+    );
+    let out = tollgate(&["test", &file]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("6 passed, 0 failed"),
+        "{}",
+        stdout(&out)
+    );
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["--format", "json", "explain", "--policy", &policy];
+        args.extend_from_slice(extra);
+        let out = tollgate(&args);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()
+    };
+    let sre = explain(&[
+        "--tool",
+        "query",
+        "--claims",
+        r#"{"sub": "a", "groups": ["sre"]}"#,
+    ]);
+    assert_eq!(sre["decision"], "allow", "{sre}");
+    let dev = explain(&["--tool", "query", "--claims", r#"{"groups": "dev"}"#]);
+    assert_eq!(dev["decision"], "deny", "{dev}");
+    let from_claims = explain(&[
+        "--tool",
+        "export",
+        "--claims",
+        r#"{"scope": "mcp exports:write"}"#,
+    ]);
+    assert_eq!(from_claims["decision"], "allow", "{from_claims}");
+    let lacking = explain(&["--tool", "export", "--scopes", "mcp"]);
+    assert_eq!(lacking["kind"], "insufficient_scope", "{lacking}");
+    let out = tollgate(&[
+        "explain", "--policy", &policy, "--tool", "x", "--claims", "[1]",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("--claims is not a JSON object"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -110,7 +110,7 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
         .unwrap();
     let documented: BTreeSet<String> = table_keys(keys).into_iter().collect();
     let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
-    let levels: [(&str, String); 8] = [
+    let levels: [(&str, String); 11] = [
         ("", format!("zz_bogus: 1\n{server}")),
         (
             "admin.",
@@ -131,6 +131,14 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
             format!("audit: {{path: '-', zz_bogus: 1}}\n{server}"),
         ),
         ("limits.", format!("limits: {{zz_bogus: 1}}\n{server}")),
+        ("state.", format!("state: {{zz_bogus: 1}}\n{server}")),
+        ("auth.", format!("auth: {{zz_bogus: 1}}\n{server}")),
+        (
+            "auth.oauth.",
+            format!(
+                "auth: {{oauth: {{issuer: 'https://i', resource: 'https://r', zz_bogus: 1}}}}\n{server}"
+            ),
+        ),
         (
             "approvals.",
             format!("approvals: {{zz_bogus: 1}}\n{server}"),
@@ -382,6 +390,9 @@ fn the_audit_reference_names_every_field_written() {
         call_id: "0190b8a0-0000-7000-8000-000000000001",
         server: "s",
         client: Some("c"),
+        user: Some("alice"),
+        client_id: Some("vscode"),
+        jti: Some("j"),
         session: Some("x"),
         tool: "t",
         decision: "deny",

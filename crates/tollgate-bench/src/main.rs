@@ -6,6 +6,8 @@
 //!   Tollgate with a 50-rule policy and an argument schema; JSON and SSE answers,
 //!   handshake and stateless eras, concurrency 1/16/64, plus an upstream that takes 1 ms.
 //! * `memory`: Tollgate's RSS with 0, 1,000 and 10,000 idle handshake-era sessions.
+//! * `state`: the same rate-limited calls with `state.backend: memory` and `redis`
+//!   (a redis-server of its own): added latency, CPU and Redis commands per call.
 //!
 //! Every process it starts is killed when it exits; every wait is bounded.
 
@@ -48,6 +50,16 @@ enum Command {
     },
     /// RSS per idle session, and with 1,000 calls waiting for approval.
     Memory,
+    /// The shared state's cost: the same rate-limited calls with `state.backend`
+    /// memory and redis, and the Redis round trips each call needs.
+    State {
+        /// Seconds per measurement cell.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Concurrency levels.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+    },
     /// Mixed allowed, denied and rate-limited calls with sessions opening and closing.
     Soak {
         /// How long.
@@ -75,6 +87,9 @@ fn main() -> anyhow::Result<()> {
                 json,
             } => compare(&tollgate, Duration::from_secs_f64(secs), &concurrency, json).await,
             Command::Memory => memory(&tollgate).await,
+            Command::State { secs, concurrency } => {
+                state(&tollgate, Duration::from_secs_f64(secs), &concurrency).await
+            }
             Command::Soak { secs } => soak::run(&tollgate, Duration::from_secs(secs)).await,
         }
     })
@@ -222,6 +237,72 @@ fn row_json(r: &Row) -> serde_json::Value {
         "direct": stats(&r.direct), "nginx": r.nginx.as_ref().map(stats), "tollgate": stats(&r.tollgate),
         "tollgate_cpu_us_per_call": r.tollgate_cpu_us, "upstream_cpu_us_per_call": r.upstream_cpu_us,
     })
+}
+
+/// Round trips Tollgate made to Redis for requests, from its `/metrics`.
+async fn round_trips(admin: &str) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("tollgate_state_round_trips_total "))
+        .context("no tollgate_state_round_trips_total in /metrics")?
+        .trim()
+        .parse()
+        .context("tollgate_state_round_trips_total")
+}
+
+async fn state(tollgate: &std::path::Path, secs: Duration, levels: &[usize]) -> anyhow::Result<()> {
+    let mut lab = Lab::new()?;
+    let port = lab.redis().await?;
+    let upstream = lab.demo_upstream(tollgate, false, 0).await?;
+    let policy = procs::fifty_rule_policy();
+    let memory = lab
+        .tollgate_with(tollgate, &upstream.url, &policy, "")
+        .await?;
+    let admin_port = procs::free_port()?;
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let redis_state = format!(
+        "state: {{backend: redis, url: 'redis://127.0.0.1:{port}/0', prefix: 'bench:'}}\nadmin: {{listen: '127.0.0.1:{admin_port}'}}"
+    );
+    let redis = lab
+        .tollgate_with(tollgate, &upstream.url, &policy, &redis_state)
+        .await?;
+    println!(
+        "| era | conc | memory rps | redis rps | redis/memory | memory p50 µs | redis p50 µs | added p50 µs | added p99 µs | memory CPU µs/call | redis CPU µs/call | Redis round trips/call | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for era in [Era::Handshake, Era::Stateless] {
+        for &concurrency in levels {
+            let cpu0 = memory.cpu_time()?;
+            let local = measure(&Target::new(&memory.url), era, concurrency, secs).await?;
+            let local_calls = (local.calls + local.warmup_calls).max(1) as f64;
+            let local_cpu = (memory.cpu_time()? - cpu0).as_secs_f64() * 1e6 / local_calls;
+            let target = Target::new(&redis.url);
+            // Warmed up apart, so that only the measured calls' round trips are counted.
+            load::run(&target, era, concurrency, Duration::from_millis(300)).await?;
+            let (cpu0, trips0) = (redis.cpu_time()?, round_trips(&admin).await?);
+            let shared = load::run(&target, era, concurrency, secs).await?;
+            let calls = (shared.calls + shared.warmup_calls + shared.errors).max(1) as f64;
+            let trips = (round_trips(&admin).await? - trips0) as f64;
+            let shared_cpu = (redis.cpu_time()? - cpu0).as_secs_f64() * 1e6 / calls;
+            println!(
+                "| {era:?} | {concurrency} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {local_cpu:.1} | {shared_cpu:.1} | {:.2} | {} |",
+                local.rps(),
+                shared.rps(),
+                shared.rps() / local.rps(),
+                local.percentile(50.0),
+                shared.percentile(50.0),
+                shared.percentile(50.0) - local.percentile(50.0),
+                shared.percentile(99.0) - local.percentile(99.0),
+                trips / calls,
+                local.errors + shared.errors,
+            );
+        }
+    }
+    lab.stop_all();
+    Ok(())
 }
 
 async fn memory(tollgate: &std::path::Path) -> anyhow::Result<()> {

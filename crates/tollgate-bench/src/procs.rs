@@ -61,7 +61,8 @@ impl Drop for Lab {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A port nothing listens on now.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -178,6 +179,39 @@ impl Lab {
         self.start(cmd, "Tollgate listening on ")
     }
 
+    /// A redis-server of its own on a free loopback port, keeping nothing on disk;
+    /// returns its port.
+    pub async fn redis(&mut self) -> anyhow::Result<u16> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (apt-get install redis-server)")?;
+        self.children.push(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("redis-server did not listen on {port} within 10s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(port)
+    }
+
     /// nginx as a plain reverse proxy: one worker, keep-alive to the upstream, no buffering.
     pub async fn nginx(&mut self, upstream: &str) -> anyhow::Result<Child> {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
@@ -198,7 +232,8 @@ impl Lab {
         std::fs::write(
             &conf,
             format!(
-                "worker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  upstream up {{ server {target}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+                // One process that serves (no master): killing it leaves no orphaned worker.
+                "master_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  upstream up {{ server {target}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
                 p = prefix.display()
             ),
         )?;

@@ -69,6 +69,9 @@ fn bench(c: &mut Criterion) {
                         client: None,
                         session_key: "s",
                         client_key: "c",
+                        user_key: "u",
+                        claims: None,
+                        scopes: &[],
                     };
                     black_box(p.evaluate(black_box(&call)))
                 });
@@ -89,6 +92,9 @@ fn bench(c: &mut Criterion) {
                 client: None,
                 session_key: "s",
                 client_key: "c",
+                user_key: "u",
+                claims: None,
+                scopes: &[],
             };
             black_box(fhir.evaluate(black_box(&call)))
         });

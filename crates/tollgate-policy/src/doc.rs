@@ -44,8 +44,11 @@ pub enum Per {
     /// Each downstream MCP session (in the stateless era: the client, else the peer address).
     #[default]
     Session,
-    /// Each authenticated client (else the peer address).
+    /// Each client: an API key's name, an OAuth token's client (`azp` / `client_id`),
+    /// else the peer address.
     Client,
+    /// Each user: an OAuth token's `sub`, an API key's client name, else the peer address.
+    User,
     /// All calls the rule matches.
     Global,
 }
@@ -105,7 +108,41 @@ pub struct ApprovalDoc {
     pub via: ApprovalVia,
 }
 
-/// One rule. Rules are ordered; the first whose `tool` (and `clients`) match decides.
+/// A value a claim is compared with.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ClaimValue {
+    /// A string claim, or an element of an array claim.
+    Text(String),
+    /// A number.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+}
+
+/// One value, or a list of which the claim must match one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ClaimValues {
+    /// One value.
+    One(ClaimValue),
+    /// Any of these.
+    Any(Vec<ClaimValue>),
+}
+
+/// `when:` of a rule: what the caller must be for the rule to apply.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhenDoc {
+    /// Claims of the caller's OAuth token, by name (a name with dots, like
+    /// `realm_access.roles`, also reaches into nested objects). A string claim must
+    /// equal one of the values, an array claim contain one; every claim listed must
+    /// match. A caller without a token (an API key, anonymous) matches no claims.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, ClaimValues>,
+}
+
+/// One rule. Rules are ordered; the first whose `tool` (and `clients`, `when`) match decides.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleDoc {
@@ -129,6 +166,14 @@ pub struct RuleDoc {
     #[serde(default)]
     #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
     pub arguments: Option<serde_json::Value>,
+    /// Only for callers whose token's claims match.
+    #[serde(default)]
+    pub when: Option<WhenDoc>,
+    /// OAuth scopes the caller's token must carry for the rule to let a call through;
+    /// without them the call is refused with `insufficient_scope` (HTTP 403), so the
+    /// client can ask for them and retry.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A policy file. `R` is the rule type: [`RuleDoc`], or a raw value while loading.
@@ -189,7 +234,7 @@ pub fn parse_window(duration: &Duration) -> Result<std::time::Duration, String> 
 
 /// What the schema says about a whole policy file, for someone editing one.
 const SCHEMA_DESCRIPTION: &str = "A Tollgate policy: which MCP tool calls an agent may make. \
-Rules are tried in order and the first whose `tool` (and `clients`) match decides: allow, deny, or \
+Rules are tried in order and the first whose `tool` (and `clients`, `when`) match decides: allow, deny, or \
 require_approval (a human decides). A rule may also rate-limit calls and check their arguments \
 against a JSON Schema. `default` decides calls no rule matches. Check a file with `tollgate validate`.";
 

@@ -16,7 +16,7 @@
 //!     "example.yaml",
 //! )?;
 //! let args = json!({});
-//! let call = ToolCall { tool: "describe_job", arguments: &args, client: None, session_key: "s1", client_key: "c1" };
+//! let call = ToolCall { tool: "describe_job", arguments: &args, client: None, session_key: "s1", client_key: "c1", user_key: "u1", claims: None, scopes: &[] };
 //! let mut limiter = RateLimiter::new();
 //! assert_eq!(evaluate(&policy, &mut limiter, &call, Duration::ZERO).action, Action::Allow);
 //! assert_eq!(evaluate(&policy, &mut limiter, &call, Duration::from_secs(1)).action, Action::Deny);
@@ -31,13 +31,13 @@ mod shadow;
 mod yaml;
 
 pub use doc::{
-    Action, ApprovalDoc, ApprovalVia, DenyAs, Duration as DurationDoc, Mode, Per, PolicyDoc,
-    RateLimitDoc, RuleDoc, parse_window, policy_schema,
+    Action, ApprovalDoc, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Duration as DurationDoc,
+    Mode, Per, PolicyDoc, RateLimitDoc, RuleDoc, WhenDoc, parse_window, policy_schema,
 };
 pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
-    Approval, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind, Policy,
-    RuleRef, ToolCall, evaluate,
+    Approval, Claims, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind,
+    Policy, RuleRef, ToolCall, evaluate, limit_of, over_limit,
 };
 pub use yaml::{MAX_SOURCE_BYTES, from_yaml_str};

@@ -7,7 +7,10 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{Value, json};
 
-use crate::doc::{Action, ApprovalVia, DenyAs, Mode, Per, PolicyDoc, RuleDoc, parse_window};
+use crate::doc::{
+    Action, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Mode, Per, PolicyDoc, RuleDoc,
+    parse_window,
+};
 use crate::error::{PolicyError, PolicyErrors, PolicyWarning};
 use crate::limiter::{RateLimit, RateLimiter, Slot};
 use crate::yaml;
@@ -55,6 +58,8 @@ pub enum DenyKind {
     ApprovalDenied,
     /// No human decided in time.
     ApprovalTimeout,
+    /// The rule needs OAuth scopes the caller's token does not carry.
+    InsufficientScope,
 }
 
 impl DenyKind {
@@ -66,6 +71,7 @@ impl DenyKind {
             DenyKind::RateLimit => "rate_limit",
             DenyKind::ApprovalDenied => "approval_denied",
             DenyKind::ApprovalTimeout => "approval_timeout",
+            DenyKind::InsufficientScope => "insufficient_scope",
         }
     }
 }
@@ -98,7 +104,17 @@ pub struct ToolCall<'a> {
     pub session_key: &'a str,
     /// Key of `per: client` limits.
     pub client_key: &'a str,
+    /// Key of `per: user` limits.
+    pub user_key: &'a str,
+    /// The caller's OAuth token claims, for rules with `when: {claims}`; `None`
+    /// without a token.
+    pub claims: Option<&'a Claims>,
+    /// The scopes of the caller's token, for rules with `scopes`.
+    pub scopes: &'a [String],
 }
+
+/// A token's claims, as decoded JSON.
+pub type Claims = serde_json::Map<String, Value>;
 
 /// What the policy decided about one call. Not `Clone`: it may own a rate-limit slot.
 #[derive(Debug)]
@@ -121,6 +137,8 @@ pub struct Decision {
     pub approval: Option<Approval>,
     /// The rate-limit slot this call took.
     pub slot: Option<Slot>,
+    /// With kind `insufficient_scope`: every scope the deciding rule needs.
+    pub required_scopes: Vec<String>,
 }
 
 impl Decision {
@@ -153,6 +171,9 @@ struct Rule {
     at: (usize, usize),
     tool: String,
     clients: Option<Vec<String>>,
+    /// `when.claims`: each claim (by name) and the values one of which it must match.
+    claims: Vec<(String, Vec<Value>)>,
+    scopes: Vec<String>,
     action: Action,
     reason: Option<String>,
     rate_limit: Option<RateLimit>,
@@ -338,17 +359,23 @@ impl Policy {
         self.rules.is_empty()
     }
 
-    /// The first rule matching `tool` for `client`.
-    fn matching_rule(&self, tool: &str, client: Option<&str>) -> Option<usize> {
+    /// The first rule matching `tool` for `client` with `claims`.
+    fn matching_rule(
+        &self,
+        tool: &str,
+        client: Option<&str>,
+        claims: Option<&Claims>,
+    ) -> Option<usize> {
         let applies = |&index: &usize| {
-            self.rules
-                .get(index)
-                .is_some_and(|rule| match &rule.clients {
+            self.rules.get(index).is_some_and(|rule| {
+                let client_ok = match &rule.clients {
                     None => true,
                     Some(clients) => {
                         client.is_some_and(|c| clients.iter().any(|allowed| allowed == c))
                     }
-                })
+                };
+                client_ok && claims_match(&rule.claims, claims)
+            })
         };
         let exact = self
             .exact
@@ -375,14 +402,15 @@ impl Policy {
         self.exact.contains_key(tool) || self.globs.is_match(tool)
     }
 
-    /// True when every call of `tool` by `client` is denied whatever its arguments;
-    /// such tools are removed from `tools/list`. Always false in audit mode.
-    pub fn hides_tool(&self, tool: &str, client: Option<&str>) -> bool {
+    /// True when every call of `tool` by `client` (with `claims`) is denied whatever
+    /// its arguments; such tools are removed from `tools/list`. A rule that needs
+    /// scopes hides nothing: the caller may step up. Always false in audit mode.
+    pub fn hides_tool(&self, tool: &str, client: Option<&str>, claims: Option<&Claims>) -> bool {
         if self.mode == Mode::Audit {
             return false;
         }
         match self
-            .matching_rule(tool, client)
+            .matching_rule(tool, client, claims)
             .and_then(|i| self.rules.get(i))
         {
             Some(rule) => rule.action == Action::Deny,
@@ -402,9 +430,10 @@ impl Policy {
             retry_after: None,
             approval: None,
             slot: None,
+            required_scopes: Vec::new(),
         };
         let Some((index, rule)) = self
-            .matching_rule(call.tool, call.client)
+            .matching_rule(call.tool, call.client, call.claims)
             .and_then(|i| Some((i, self.rules.get(i)?)))
         else {
             decision.reason = match self.default {
@@ -448,6 +477,23 @@ impl Policy {
             decision.kind = Some(DenyKind::Deny);
             return decision;
         }
+        let missing: Vec<&str> = rule
+            .scopes
+            .iter()
+            .filter(|needed| !call.scopes.contains(needed))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            decision.action = Action::Deny;
+            decision.kind = Some(DenyKind::InsufficientScope);
+            decision.reason = format!(
+                "`{}` needs the scope `{}`, which the caller's token does not carry; ask the authorization server for it",
+                call.tool,
+                missing.join(" ")
+            );
+            decision.required_scopes = rule.scopes.clone();
+            return decision;
+        }
         if let Some(schema) = &rule.arguments {
             let empty = Value::Object(serde_json::Map::new());
             let arguments = if call.arguments.is_null() {
@@ -483,6 +529,38 @@ impl Policy {
     }
 }
 
+/// Whether `claims` satisfy every condition (no conditions: anyone does).
+fn claims_match(conditions: &[(String, Vec<Value>)], claims: Option<&Claims>) -> bool {
+    if conditions.is_empty() {
+        return true;
+    }
+    let Some(claims) = claims else {
+        return false;
+    };
+    conditions
+        .iter()
+        .all(|(name, wanted)| match claim(claims, name) {
+            Some(Value::Array(items)) => items.iter().any(|item| wanted.contains(item)),
+            Some(value) => wanted.contains(value),
+            None => false,
+        })
+}
+
+/// A claim by its name, else by a dotted path into nested objects (Keycloak's
+/// `realm_access.roles`); a name is tried whole first, as namespaced claims
+/// (`https://example.com/groups`) contain dots.
+fn claim<'c>(claims: &'c Claims, name: &str) -> Option<&'c Value> {
+    if let Some(value) = claims.get(name) {
+        return Some(value);
+    }
+    let mut parts = name.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
 /// The top level of a policy whose top level has errors (already reported): the
 /// rules, if they are a list, so they are checked too; defaults for the rest.
 fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
@@ -506,6 +584,7 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
         .map(|rule| crate::shadow::Shape {
             tool: &rule.tool,
             clients: rule.clients.as_deref(),
+            conditional: !rule.claims.is_empty(),
         })
         .collect();
     crate::shadow::shadowed(&shapes)
@@ -546,6 +625,44 @@ fn compile_rule(
     if matches!(&doc.clients, Some(c) if c.is_empty()) {
         check.at(span, "clients", format!("rules[{index}].clients: an empty list matches no one; remove it to match every client"));
     }
+    let mut claims = Vec::new();
+    for (name, values) in doc.when.iter().flat_map(|w| &w.claims) {
+        let values = match values {
+            ClaimValues::One(one) => vec![one],
+            ClaimValues::Any(any) => any.iter().collect(),
+        };
+        if name.is_empty() || values.is_empty() {
+            check.at(span, "when", format!("rules[{index}].when.claims: `{name}` needs a claim name and at least one value; remove it to match everyone"));
+            continue;
+        }
+        let values = values
+            .into_iter()
+            .map(|v| match v {
+                ClaimValue::Text(t) => Value::from(t.as_str()),
+                ClaimValue::Integer(n) => Value::from(*n),
+                ClaimValue::Bool(b) => Value::from(*b),
+            })
+            .collect();
+        claims.push((name.clone(), values));
+    }
+    if matches!(&doc.when, Some(w) if w.claims.is_empty()) {
+        check.at(
+            span,
+            "when",
+            format!("rules[{index}].when: names no condition; add `claims:` or remove it"),
+        );
+    }
+    let scopes = doc.scopes.clone().unwrap_or_default();
+    if matches!(&doc.scopes, Some(s) if s.is_empty())
+        || scopes
+            .iter()
+            .any(|s| s.is_empty() || s.contains(char::is_whitespace) || s.contains(['"', '\\']))
+    {
+        check.at(span, "scopes", format!("rules[{index}].scopes: list one or more scope names, each without spaces or quotes; remove it to need none"));
+    }
+    if !scopes.is_empty() && doc.action == Action::Deny {
+        check.at(span, "scopes", format!("rules[{index}].scopes: a deny rule lets nothing through, so scopes have no effect; remove them"));
+    }
     let rate_limit = match &doc.rate_limit {
         None => None,
         Some(_) if doc.action == Action::Deny => {
@@ -559,9 +676,10 @@ fn compile_rule(
             match parse_window(&limit.window) {
                 Ok(window) => Some(RateLimit {
                     id: format!(
-                        "{}|{:?}|{}|{}|{:?}",
+                        "{}|{:?}|{:?}|{}|{}|{:?}",
                         doc.tool,
                         doc.clients,
+                        doc.when,
                         limit.max,
                         window.as_secs(),
                         limit.per
@@ -637,6 +755,8 @@ fn compile_rule(
         at,
         tool: doc.tool,
         clients: doc.clients,
+        claims,
+        scopes,
         action: doc.action,
         reason: doc.reason,
         rate_limit,
@@ -655,35 +775,52 @@ pub fn evaluate(
     now: Duration,
 ) -> Decision {
     let mut decision = policy.evaluate(call);
-    if decision.action == Action::Deny {
+    let Some((limit, key)) = limit_of(policy, &decision, call) else {
         return decision;
-    }
-    let Some(limit) = policy.rate_limit_of(&decision) else {
-        return decision;
-    };
-    let key = match limit.per {
-        Per::Session => call.session_key,
-        Per::Client => call.client_key,
-        Per::Global => "",
     };
     match limiter.try_acquire(limit, key, now) {
         Ok(slot) => decision.slot = Some(slot),
-        Err(wait) => {
-            decision.action = Action::Deny;
-            decision.kind = Some(DenyKind::RateLimit);
-            decision.approval = None;
-            let per = match limit.per {
-                Per::Session => "session",
-                Per::Client => "client",
-                Per::Global => "everyone",
-            };
-            decision.reason = format!(
-                "rate limit of {} calls per {}s per {per} exceeded",
-                limit.max,
-                limit.window.as_secs()
-            );
-            decision.retry_after = Some(wait);
-        }
+        Err(wait) => over_limit(&mut decision, limit, wait),
     }
     decision
+}
+
+/// The rate limit a call the policy would let through must fit in, and the key it
+/// is counted under (its session, its client, or everyone's): what a limiter kept
+/// elsewhere (shared by several processes) needs to take the slot itself.
+pub fn limit_of<'p, 'c>(
+    policy: &'p Policy,
+    decision: &Decision,
+    call: &ToolCall<'c>,
+) -> Option<(&'p RateLimit, &'c str)> {
+    if decision.action == Action::Deny {
+        return None;
+    }
+    let limit = policy.rate_limit_of(decision)?;
+    let key = match limit.per {
+        Per::Session => call.session_key,
+        Per::Client => call.client_key,
+        Per::User => call.user_key,
+        Per::Global => "",
+    };
+    Some((limit, key))
+}
+
+/// Turns a decision into the refusal of a call over `limit`, free again in `wait`.
+pub fn over_limit(decision: &mut Decision, limit: &RateLimit, wait: Duration) {
+    decision.action = Action::Deny;
+    decision.kind = Some(DenyKind::RateLimit);
+    decision.approval = None;
+    let per = match limit.per {
+        Per::Session => "session",
+        Per::Client => "client",
+        Per::User => "user",
+        Per::Global => "everyone",
+    };
+    decision.reason = format!(
+        "rate limit of {} calls per {}s per {per} exceeded",
+        limit.max,
+        limit.window.as_secs()
+    );
+    decision.retry_after = Some(wait);
 }

@@ -1,6 +1,6 @@
 //! Rules that can never decide: an earlier rule matches every call they match.
 //!
-//! Rules match on `tool` and `clients` only (a failing `arguments` schema denies the
+//! Rules match on `tool`, `clients` and `when` only (a rule with `when` covers no later rule) (a failing `arguments` schema denies the
 //! call at that rule; later rules are not consulted), so a rule is shadowed when an
 //! earlier rule's tool pattern covers its pattern and the earlier rule applies to at
 //! least the clients it applies to. Whether one glob covers another is undecidable in
@@ -16,6 +16,8 @@ pub(crate) struct Shape<'a> {
     pub tool: &'a str,
     /// Its `clients`, `None` for everyone.
     pub clients: Option<&'a [String]>,
+    /// Whether it applies only to callers whose claims match (`when`).
+    pub conditional: bool,
 }
 
 /// Characters with a meaning in a glob (`\` escapes one).
@@ -83,7 +85,8 @@ pub(crate) fn shadowed(rules: &[Shape<'_>]) -> Vec<(usize, usize)> {
             .zip(&matchers)
             .take(later)
             .position(|(earlier, matcher)| {
-                pattern_covers(earlier.tool, matcher.as_ref(), shape.tool)
+                !earlier.conditional
+                    && pattern_covers(earlier.tool, matcher.as_ref(), shape.tool)
                     && clients_cover(earlier.clients, shape.clients)
             });
         if let Some(by) = by {
@@ -102,6 +105,7 @@ mod tests {
         Shape {
             tool,
             clients: None,
+            conditional: false,
         }
     }
 
@@ -152,11 +156,13 @@ mod tests {
             Shape {
                 tool: "deploy",
                 clients: Some(&ci),
+                conditional: false,
             },
             shape("deploy"),
             Shape {
                 tool: "deploy",
                 clients: Some(&both),
+                conditional: false,
             },
         ];
         // The client-scoped rule first leaves room for everyone else; the unscoped one
@@ -166,10 +172,12 @@ mod tests {
             Shape {
                 tool: "*",
                 clients: Some(&both),
+                conditional: false,
             },
             Shape {
                 tool: "deploy",
                 clients: Some(&ci),
+                conditional: false,
             },
         ];
         assert_eq!(shadowed(&rules), vec![(1, 0)]);

@@ -26,6 +26,9 @@ fn call<'a>(tool: &'a str, args: &'a Value) -> ToolCall<'a> {
         client: None,
         session_key: "s",
         client_key: "c",
+        user_key: "u",
+        claims: None,
+        scopes: &[],
     }
 }
 
@@ -224,11 +227,14 @@ fn client_scoped_rules_and_hidden_tools() {
     };
     assert_eq!(p.evaluate(&ci).action, Action::Allow);
     assert_eq!(p.evaluate(&call("deploy", &none)).action, Action::Deny);
-    assert!(p.hides_tool("deploy", None));
-    assert!(!p.hides_tool("deploy", Some("ci-agent")));
-    assert!(p.hides_tool("never_reached", None), "first match wins");
+    assert!(p.hides_tool("deploy", None, None));
+    assert!(!p.hides_tool("deploy", Some("ci-agent"), None));
+    assert!(
+        p.hides_tool("never_reached", None, None),
+        "first match wins"
+    );
     let audit = load("version: 1\nmode: audit\ndefault: deny\nrules: []\n");
-    assert!(!audit.hides_tool("anything", None));
+    assert!(!audit.hides_tool("anything", None, None));
 }
 
 #[test]
@@ -508,5 +514,127 @@ fn approval_wait_and_valid_for_are_read_and_checked() {
         errs.iter()
             .any(|e| e.contains("rules[0].approval.valid_for: must be more than 0")),
         "{errs:?}"
+    );
+}
+fn claims(value: Value) -> tollgate_policy::Claims {
+    match value {
+        Value::Object(map) => map,
+        _ => panic!("claims must be an object"),
+    }
+}
+
+#[test]
+fn rules_match_on_token_claims() {
+    let p = load(
+        "version: 1\ndefault: deny\nrules:\n  - tool: query\n    when: {claims: {groups: [sre, data-eng], \"realm_access.roles\": admin}}\n    action: allow\n  - tool: query\n    when: {claims: {tenant: 42}}\n    action: allow\n  - tool: query\n    action: deny\n    reason: only SRE may query\n",
+    );
+    let none = json!({});
+    let alice = claims(
+        json!({"sub": "alice", "groups": ["sre"], "realm_access": {"roles": ["admin", "x"]}}),
+    );
+    let bob =
+        claims(json!({"sub": "bob", "groups": ["dev"], "realm_access": {"roles": ["admin"]}}));
+    let carol =
+        claims(json!({"sub": "carol", "groups": "data-eng", "realm_access": {"roles": "admin"}}));
+    let not_admin = claims(json!({"groups": ["sre"], "realm_access": {"roles": ["x"]}}));
+    let tenant = claims(json!({"tenant": 42}));
+    let as_caller = |c| ToolCall {
+        claims: Some(c),
+        ..call("query", &none)
+    };
+    assert_eq!(p.evaluate(&as_caller(&alice)).action, Action::Allow);
+    assert_eq!(
+        p.evaluate(&as_caller(&carol)).action,
+        Action::Allow,
+        "a string claim equal to one value"
+    );
+    let denied = p.evaluate(&as_caller(&bob));
+    assert_eq!(denied.action, Action::Deny);
+    assert_eq!(denied.reason, "only SRE may query");
+    assert_eq!(
+        p.evaluate(&as_caller(&not_admin)).action,
+        Action::Deny,
+        "every claim must match"
+    );
+    assert_eq!(p.evaluate(&as_caller(&tenant)).action, Action::Allow);
+    assert_eq!(
+        p.evaluate(&call("query", &none)).action,
+        Action::Deny,
+        "no token, no claims"
+    );
+    // Hidden from bob's tools/list, shown to alice's.
+    assert!(p.hides_tool("query", None, Some(&bob)));
+    assert!(!p.hides_tool("query", None, Some(&alice)));
+    // A rule with `when` shadows nothing after it.
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
+
+#[test]
+fn rules_may_need_scopes() {
+    let p = load(
+        "version: 1\ndefault: deny\nrules:\n  - tool: export\n    scopes: [exports:write]\n    action: allow\n",
+    );
+    let none = json!({});
+    let read = ["mcp".to_owned()];
+    let write = ["mcp".to_owned(), "exports:write".to_owned()];
+    let d = p.evaluate(&ToolCall {
+        scopes: &read,
+        ..call("export", &none)
+    });
+    assert_eq!(d.action, Action::Deny);
+    assert_eq!(d.kind, Some(DenyKind::InsufficientScope));
+    assert_eq!(d.required_scopes, vec!["exports:write".to_owned()]);
+    assert_eq!(d.meta_json()["kind"], "insufficient_scope");
+    let d = p.evaluate(&ToolCall {
+        scopes: &write,
+        ..call("export", &none)
+    });
+    assert_eq!(d.action, Action::Allow);
+    // The caller may step up, so the tool stays listed.
+    assert!(!p.hides_tool("export", None, None));
+    let errs = errors(
+        "version: 1\nrules:\n  - tool: a\n    scopes: []\n    action: allow\n  - tool: b\n    scopes: [x]\n    action: deny\n  - tool: c\n    when: {}\n    action: allow\n  - tool: d\n    scopes: [\"two words\"]\n    action: allow\n",
+    );
+    assert_eq!(errs.len(), 4, "{errs:?}");
+    assert!(errs[0].contains("rules[0].scopes"), "{errs:?}");
+    assert!(errs[1].contains("rules[1].scopes: a deny rule"), "{errs:?}");
+    assert!(
+        errs[2].contains("rules[2].when: names no condition"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn per_user_limits_follow_the_user() {
+    let p = load(
+        "version: 1\nrules:\n  - tool: a\n    action: allow\n    rate_limit: {max: 1, window: 1m, per: user}\n",
+    );
+    let mut limiter = RateLimiter::new();
+    let none = json!({});
+    let alice = ToolCall {
+        user_key: "user:alice",
+        session_key: "s1",
+        client_key: "vscode",
+        ..call("a", &none)
+    };
+    let alice_elsewhere = ToolCall {
+        session_key: "s2",
+        client_key: "claude",
+        ..alice
+    };
+    let bob = ToolCall {
+        user_key: "user:bob",
+        ..alice
+    };
+    assert_eq!(
+        evaluate(&p, &mut limiter, &alice, Duration::ZERO).action,
+        Action::Allow
+    );
+    let d = evaluate(&p, &mut limiter, &alice_elsewhere, Duration::ZERO);
+    assert_eq!(d.kind, Some(DenyKind::RateLimit));
+    assert!(d.reason.contains("per user"), "{}", d.reason);
+    assert_eq!(
+        evaluate(&p, &mut limiter, &bob, Duration::ZERO).action,
+        Action::Allow
     );
 }

@@ -292,6 +292,7 @@ async fn approve(
         true,
         body.map(|b| b.0).unwrap_or_default(),
     )
+    .await
 }
 
 async fn deny(
@@ -307,9 +308,10 @@ async fn deny(
         false,
         body.map(|b| b.0).unwrap_or_default(),
     )
+    .await
 }
 
-fn decide(
+async fn decide(
     admin: Admin,
     identity: &Identity,
     id: String,
@@ -337,7 +339,7 @@ fn decide(
     };
     let by = identity.name();
     let decided =
-        crate::approvals::decide::decide(&admin.app, &id, approved, by, body.reason, grant);
+        crate::approvals::decide::decide(&admin.app, &id, approved, by, body.reason, grant).await;
     match decided {
         Ok(Decided::AsAsked(approval, grant)) => {
             let mut body = serde_json::to_value(approval).unwrap_or_default();
@@ -358,6 +360,11 @@ fn decide(
         Err(DecideError::Settled(current)) => (
             StatusCode::CONFLICT,
             Json(json!({"error": format!("approval `{id}` is already settled"), "approval": current})),
+        )
+            .into_response(),
+        Err(err @ DecideError::Unconfirmed(..)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("{err}; look the approval up again before retrying")})),
         )
             .into_response(),
     }

@@ -55,7 +55,7 @@ impl AppState {
             None => StateKey::generate(),
         }
         .map_err(|e| BuildError::StateKey(e.to_string()))?;
-        let doors = Arc::new(Doors::new(Core::new(shared.clone(), state_key), config));
+        let doors = Arc::new(Doors::new(Core::new(shared.clone(), state_key), config)?);
         let approvers = config
             .admin
             .iter()
@@ -94,10 +94,7 @@ impl AppState {
         server: &Arc<Server>,
         out: mpsc::Sender<Value>,
     ) -> Arc<Conversation> {
-        let caller = Caller {
-            client: None,
-            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        };
+        let caller = Caller::anonymous(IpAddr::V4(Ipv4Addr::LOCALHOST));
         Arc::new(Conversation::new(
             self.doors.clone(),
             server.clone(),

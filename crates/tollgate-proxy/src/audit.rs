@@ -30,6 +30,15 @@ pub enum Record<'a> {
         server: &'a str,
         /// The authenticated client.
         client: Option<&'a str>,
+        /// The OAuth token's user (`sub`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        /// The OAuth token's client (`azp` / `client_id`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+        /// The OAuth token's id (`jti`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        jti: Option<&'a str>,
         /// Tollgate's session id.
         session: Option<&'a str>,
         /// The tool.

@@ -36,6 +36,9 @@ pub struct ConfigOf<S> {
     /// Authenticated clients; when present, every request needs a key.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// Authentication besides `clients:` keys: OAuth 2.1 access tokens.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The audit log.
     #[serde(default)]
     pub audit: Option<AuditConfig>,
@@ -54,6 +57,9 @@ pub struct ConfigOf<S> {
     /// On SIGTERM, how long calls in flight may take to finish (default 20s).
     #[serde(default = "default_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// Where state shared by several replicas lives (default: in this process).
+    #[serde(default)]
+    pub state: StateConfig,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -91,6 +97,126 @@ pub struct ClientConfig {
     pub name: String,
     /// Its key, sent as `Authorization: Bearer <key>`.
     pub key: String,
+}
+
+/// `auth:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tollgate as an OAuth 2.1 resource server: every request needs an access token
+    /// of this issuer for this resource (or a `clients:` key).
+    #[serde(default)]
+    pub oauth: Option<OAuthConfig>,
+}
+
+/// `auth.oauth:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The authorization server's issuer identifier; its metadata (RFC 8414, else
+    /// OpenID Connect discovery) names the JWKS.
+    pub issuer: String,
+    /// The JWKS, when the issuer's metadata should not be asked for it.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// This server's resource identifier (RFC 8707): tokens must name it in `aud`. The
+    /// URL clients connect to, or a parent of it (the origin, when several servers are served).
+    pub resource: String,
+    /// Scopes announced in the protected resource metadata.
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+    /// Scopes every request's token must carry (else 403 `insufficient_scope`).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// How far `exp` and `nbf` may be off (default 30s).
+    #[serde(default = "default_clock_skew", deserialize_with = "de_duration")]
+    pub clock_skew: Duration,
+    /// Signature algorithms accepted (default RS256, ES256, PS256, EdDSA and the
+    /// larger RS/ES/PS variants); `none` and HMAC are never accepted.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_clock_skew() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Asymmetric algorithms only: a resource server holds no shared secret.
+pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+fn default_algorithms() -> Vec<String> {
+    ASYMMETRIC_ALGORITHMS
+        .iter()
+        .map(|&a| a.to_owned())
+        .collect()
+}
+
+/// Whether `url` is absolute `https`, or `http` to a loopback host (for local testing).
+pub(crate) fn secure_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    match scheme {
+        "https" => true,
+        "http" => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
+fn check_oauth(oauth: &OAuthConfig, problems: &mut Vec<String>) {
+    for (field, url) in [
+        ("issuer", Some(&oauth.issuer)),
+        ("resource", Some(&oauth.resource)),
+        ("jwks_uri", oauth.jwks_uri.as_ref()),
+    ] {
+        if let Some(url) = url
+            && !secure_url(url)
+        {
+            problems.push(format!(
+                "auth.oauth.{field}: `{url}` must be an absolute https URL (http only to a loopback host)"
+            ));
+        }
+    }
+    if oauth.resource.contains(['?', '#']) {
+        problems.push(
+            "auth.oauth.resource: a resource identifier has no query or fragment (RFC 8707)"
+                .to_owned(),
+        );
+    }
+    if oauth.algorithms.is_empty() {
+        problems.push("auth.oauth.algorithms: list at least one algorithm, e.g. RS256".to_owned());
+    }
+    for alg in &oauth.algorithms {
+        if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
+            problems.push(format!(
+                "auth.oauth.algorithms: `{alg}` is not accepted: use asymmetric ones ({}); `none` and HMAC never are",
+                ASYMMETRIC_ALGORITHMS.join(", ")
+            ));
+        }
+    }
+    for scope in oauth.scopes_supported.iter().chain(&oauth.required_scopes) {
+        if scope.is_empty() || scope.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\')
+        {
+            problems.push(format!(
+                "auth.oauth: scope `{scope}` must be one word without quotes"
+            ));
+        }
+    }
 }
 
 /// `audit:`.
@@ -138,6 +264,72 @@ pub struct ApprovalsConfig {
 
 /// Default of `approvals.wait`.
 pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(45);
+/// `state:`: where rate-limit windows and handshake-era sessions live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `memory` (this process only, the default) or `redis` (shared by replicas).
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// The Redis server, `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Put before every key, so that several deployments can share one Redis.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+    /// What a call that needs shared state becomes while Redis cannot be reached.
+    #[serde(default)]
+    pub on_failure: OnStateFailure,
+    /// The longest wait for one Redis command (default 1s).
+    #[serde(default = "default_state_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// This replica's name, given in errors about sessions that belong to another
+    /// replica (default: `$HOSTNAME`, a pod's name in Kubernetes).
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::default(),
+            url: None,
+            prefix: default_state_prefix(),
+            on_failure: OnStateFailure::default(),
+            timeout: default_state_timeout(),
+            replica: None,
+        }
+    }
+}
+
+/// `state.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// In this process: nothing to run, nothing shared.
+    #[default]
+    Memory,
+    /// In Redis, shared by every replica using the same `url` and `prefix`.
+    Redis,
+}
+
+/// `state.on_failure`: a call that needs shared state while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStateFailure {
+    /// Refused with an error saying why: never let through unlimited.
+    #[default]
+    Refuse,
+    /// Let through without its rate limit (counted and logged).
+    Allow,
+}
+
+fn default_state_prefix() -> String {
+    "tollgate:".to_owned()
+}
+fn default_state_timeout() -> Duration {
+    Duration::from_secs(1)
+}
 
 /// `limits:`.
 #[derive(Debug, Clone, Deserialize)]
@@ -631,6 +823,10 @@ impl ConfigOf<RawServer> {
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
         }
+        check_state(&self.state, &mut problems);
+        if let Some(oauth) = &self.auth.oauth {
+            check_oauth(oauth, &mut problems);
+        }
         let mut seen = std::collections::HashSet::new();
         for client in &self.clients {
             if !seen.insert(client.name.as_str()) {
@@ -656,14 +852,63 @@ impl ConfigOf<RawServer> {
             listen: self.listen,
             admin: self.admin,
             clients: self.clients,
+            auth: self.auth,
             audit: self.audit,
             limits: self.limits,
             allowed_origins: self.allowed_origins,
             allowed_hosts: self.allowed_hosts,
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
+            state: self.state,
             servers,
         })
+    }
+}
+
+/// `state:`: a Redis backend needs a Redis URL; a memory one needs nothing else.
+fn check_state(state: &StateConfig, problems: &mut Vec<String>) {
+    match (state.backend, &state.url) {
+        (StateBackend::Redis, None) => problems.push(
+            "state.url: `backend: redis` needs the Redis server's URL, e.g. redis://127.0.0.1:6379"
+                .to_owned(),
+        ),
+        (StateBackend::Redis, Some(url)) => {
+            let scheme = reqwest::Url::parse(url).map(|u| u.scheme().to_owned());
+            if !matches!(scheme.as_deref(), Ok("redis" | "rediss")) {
+                problems.push(format!(
+                    "state.url: `{}` is not a redis:// or rediss:// URL",
+                    redacted_url(url)
+                ));
+            }
+        }
+        (StateBackend::Memory, Some(_)) => problems.push(
+            "state.url: only used with `backend: redis`; set the backend or remove the url"
+                .to_owned(),
+        ),
+        (StateBackend::Memory, None) => {}
+    }
+    if state.prefix.is_empty() || state.prefix.chars().any(char::is_whitespace) {
+        problems.push(
+            "state.prefix: must be a non-empty key prefix without spaces, e.g. `tollgate:`"
+                .to_owned(),
+        );
+    }
+    if let Some(replica) = &state.replica
+        && (replica.is_empty() || replica.chars().any(char::is_control))
+    {
+        problems.push("state.replica: must be a non-empty name".to_owned());
+    }
+}
+
+/// A URL as it may be shown: any password replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => url.split('@').next_back().unwrap_or_default().to_owned(),
     }
 }
 
@@ -856,6 +1101,55 @@ servers:
     }
 
     #[test]
+    fn state_is_in_memory_by_default_and_redis_needs_a_url() {
+        let server = "servers:\n  a:\n    url: http://127.0.0.1:1/mcp\n    policy: p.yaml\n";
+        let config = Config::from_yaml(server, "t.yaml", &env).unwrap();
+        assert_eq!(config.state.backend, StateBackend::Memory);
+        assert_eq!(config.state.prefix, "tollgate:");
+        assert_eq!(config.state.on_failure, OnStateFailure::Refuse);
+        let with = |state: &str| Config::from_yaml(&format!("{state}{server}"), "t.yaml", &env);
+        let redis = with("state:\n  backend: redis\n  url: redis://:${TOKEN}@127.0.0.1:6379/0\n  prefix: 'tg:'\n  on_failure: allow\n  replica: a\n  timeout: 250ms\n").unwrap();
+        assert_eq!(redis.state.backend, StateBackend::Redis);
+        assert_eq!(redis.state.on_failure, OnStateFailure::Allow);
+        assert_eq!(redis.state.timeout, Duration::from_millis(250));
+        assert_eq!(redis.state.prefix, "tg:");
+        let err = with("state:\n  backend: redis\n").unwrap_err().to_string();
+        assert!(err.contains("state.url: `backend: redis` needs"), "{err}");
+        let err = with("state:\n  backend: redis\n  url: http://u:secret@127.0.0.1/\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a redis:// or rediss:// URL"), "{err}");
+        assert!(!err.contains("secret"), "a password was shown: {err}");
+        let err = with("state:\n  url: redis://127.0.0.1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only used with `backend: redis`"), "{err}");
+        let err = with("state:\n  backend: redis\n  url: redis://127.0.0.1\n  prefix: ''\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state.prefix"), "{err}");
+        let err = with("state:\n  backend: etcd\n").unwrap_err().to_string();
+        assert!(err.contains("etcd"), "{err}");
+        let err = with("state:\n  on_failure: maybe\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn a_redis_url_is_shown_without_its_password() {
+        assert_eq!(
+            redacted_url("redis://user:hunter2@10.0.0.1:6379/0"),
+            "redis://user:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert!(!redacted_url("not a url:hunter2@host").contains("hunter2"));
+    }
+
+    #[test]
     fn reports_every_unset_variable_with_its_path() {
         let src = "servers:\n  a:\n    url: ${NOPE}\n    policy: p.yaml\n    headers: {X: '${ALSO_NOT}'}\n";
         let err = Config::from_yaml(src, "t.yaml", &env).unwrap_err();
@@ -885,6 +1179,35 @@ servers:
         let src = format!("approvals: {{wait: 0}}\n{server}");
         let err = Config::from_yaml(&src, "t.yaml", &env).unwrap_err();
         assert!(err.to_string().contains("approvals.wait"), "{err}");
+    }
+
+    #[test]
+    fn oauth_needs_secure_urls_and_asymmetric_algorithms() {
+        let server = "servers:\n  a:\n    url: http://x/mcp\n    policy: p.yaml\n";
+        let good = format!(
+            "auth:\n  oauth:\n    issuer: https://idp.example/realms/a\n    resource: http://127.0.0.1:8080\n    required_scopes: [mcp]\n{server}"
+        );
+        let config = Config::from_yaml(&good, "t.yaml", &env).unwrap();
+        let oauth = config.auth.oauth.unwrap();
+        assert_eq!(oauth.clock_skew, Duration::from_secs(30));
+        assert!(oauth.algorithms.iter().any(|a| a == "RS256"));
+        let bad = format!(
+            "auth:\n  oauth:\n    issuer: http://idp.example\n    resource: https://t.example/mcp?x=1\n    jwks_uri: ftp://k\n    algorithms: [RS256, HS256, none]\n    scopes_supported: [\"two words\"]\n{server}"
+        );
+        let err = Config::from_yaml(&bad, "t.yaml", &env).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        assert!(
+            text.contains("auth.oauth.issuer: `http://idp.example` must be an absolute https URL"),
+            "{text}"
+        );
+        assert!(text.contains("auth.oauth.jwks_uri"), "{text}");
+        assert!(text.contains("no query or fragment"), "{text}");
+        assert!(
+            text.contains("`HS256` is not accepted") && text.contains("`none` is not accepted"),
+            "{text}"
+        );
+        assert!(text.contains("scope `two words`"), "{text}");
     }
 
     #[test]

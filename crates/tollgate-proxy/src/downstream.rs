@@ -7,6 +7,7 @@ pub mod conversation;
 pub mod http;
 pub mod legacy_sse;
 pub mod listener;
+pub mod oauth;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,8 +20,8 @@ use futures::{Stream, StreamExt};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::pipeline::{Caller, Core};
-use crate::state::{Server, Shared};
-use crate::store::limits::{ClientRate, peer_key};
+use crate::state::{BuildError, Server, Shared};
+use crate::store::limits::ClientRate;
 
 /// An authenticated client.
 struct Client {
@@ -123,6 +124,7 @@ fn host_name(host: &str) -> &str {
 pub struct Doors {
     core: Core,
     clients: Vec<Client>,
+    oauth: Option<oauth::OAuth>,
     client_rate: ClientRate,
     guard: Guard,
     legacy: legacy_sse::Streams,
@@ -130,9 +132,14 @@ pub struct Doors {
 
 impl Doors {
     /// The doors of `core`, configured by `config`.
-    pub fn new(core: Core, config: &Config) -> Doors {
-        Doors {
+    pub fn new(core: Core, config: &Config) -> Result<Doors, BuildError> {
+        let oauth = match &config.auth.oauth {
+            Some(oauth) => Some(oauth::OAuth::new(oauth).map_err(BuildError::Auth)?),
+            None => None,
+        };
+        Ok(Doors {
             core,
+            oauth,
             clients: config
                 .clients
                 .iter()
@@ -144,7 +151,12 @@ impl Doors {
             client_rate: ClientRate::new(config.limits.requests_per_second),
             guard: Guard::new(config),
             legacy: legacy_sse::Streams::default(),
-        }
+        })
+    }
+
+    /// The OAuth resource server, when `auth.oauth` is configured.
+    pub fn oauth(&self) -> Option<&oauth::OAuth> {
+        self.oauth.as_ref()
     }
 
     /// The core.
@@ -172,12 +184,14 @@ impl Doors {
         if self.clients.is_empty() {
             return Ok(None);
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or(ProxyError::Unauthorized)?;
+        bearer(headers)
+            .and_then(|presented| self.key_client(presented))
+            .map(Some)
+            .ok_or(ProxyError::Unauthorized)
+    }
+
+    /// The client whose `clients:` key is `presented`.
+    fn key_client(&self, presented: &str) -> Option<Arc<str>> {
         // Compare against every key in constant time so timing reveals nothing.
         let mut found = None;
         for client in &self.clients {
@@ -188,14 +202,72 @@ impl Doors {
                 found = Some(client.name.clone());
             }
         }
-        found.map(Some).ok_or(ProxyError::Unauthorized)
+        found
     }
 
-    /// Authenticates a request and takes one from its client's request rate.
-    pub fn caller(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Caller, ProxyError> {
-        let caller = Caller {
-            client: self.authenticate(headers)?,
-            peer,
+    /// Who sends a request to `path` (for the OAuth challenge): a `clients:` key's
+    /// client, the bearer of a valid OAuth access token, or, when neither is
+    /// configured, an anonymous peer.
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+        path: &str,
+    ) -> Result<Caller, ProxyError> {
+        let mut caller = Caller::anonymous(peer);
+        let presented = bearer(headers);
+        if let Some(name) = presented.and_then(|p| self.key_client(p)) {
+            caller.client = Some(name);
+            return Ok(caller);
+        }
+        let Some(oauth) = &self.oauth else {
+            if self.clients.is_empty() {
+                return Ok(caller);
+            }
+            return Err(ProxyError::Unauthorized);
+        };
+        let Some(token) = presented else {
+            return Err(oauth.token_required(path));
+        };
+        match oauth.validate(token).await {
+            Ok(identity) => {
+                if let Some(scope) = oauth.missing_required(&identity) {
+                    return Err(oauth.insufficient(path, &scope));
+                }
+                caller.identity = Some(Arc::new(identity));
+                Ok(caller)
+            }
+            Err(Ok(refusal)) => {
+                tracing::info!(
+                    reason = refusal.describe(),
+                    "request refused: invalid access token"
+                );
+                Err(oauth.invalid(path, refusal))
+            }
+            Err(Err(unavailable)) => Err(ProxyError::AuthUnavailable(unavailable)),
+        }
+    }
+
+    /// Authenticates a request to `path` and takes one from its caller's request rate.
+    pub async fn caller(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+        path: &str,
+    ) -> Result<Caller, ProxyError> {
+        let caller = match self.identify(headers, peer, path).await {
+            Ok(caller) => caller,
+            Err(
+                err @ (ProxyError::Unauthorized
+                | ProxyError::TokenRequired { .. }
+                | ProxyError::InvalidToken { .. }),
+            ) => {
+                // A refused credential still costs its sender's address a request, so
+                // guessing keys or flooding with bad tokens is throttled like anything else.
+                self.check_rate(&Caller::anonymous(peer))?;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
         };
         self.check_rate(&caller)?;
         Ok(caller)
@@ -203,13 +275,24 @@ impl Doors {
 
     /// Takes one request from the caller's request rate (`limits.requests_per_second`).
     pub fn check_rate(&self, caller: &Caller) -> Result<(), ProxyError> {
-        let key = match &caller.client {
-            Some(client) => client.to_string(),
-            None => peer_key(caller.peer),
-        };
         self.client_rate
-            .check(&key)
+            .check(&caller.user_key())
             .map_err(ProxyError::TooManyRequests)
+    }
+
+    /// A 403 for a token without scopes the request to `path` needs, with the
+    /// challenge that lets the client step up; other errors as they are.
+    pub fn challenge(&self, path: &str, err: ProxyError) -> ProxyError {
+        match (&self.oauth, err) {
+            (
+                Some(oauth),
+                ProxyError::InsufficientScope {
+                    scope,
+                    challenge: None,
+                },
+            ) => oauth.insufficient(path, &scope),
+            (_, err) => err,
+        }
     }
 
     /// The server at `/servers/<name>/…` (`Some(name)`) or at `/mcp` (`None`, only
@@ -247,6 +330,34 @@ impl Doors {
     /// Open legacy SSE streams.
     pub fn legacy_streams(&self) -> usize {
         self.legacy.len()
+    }
+}
+
+/// The bearer credential of a request, if it sends one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credential) = value.split_once(' ')?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim())
+        .filter(|c| !c.is_empty())
+}
+
+/// The path a resource's metadata is named after: the request's route, for a server
+/// whose name can stand in a URL as it is; else the root document.
+pub fn resource_path(name: Option<&str>, tail: &str) -> String {
+    match name {
+        None => format!("/{tail}"),
+        Some(name)
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) =>
+        {
+            format!("/servers/{name}/{tail}")
+        }
+        Some(_) => String::new(),
     }
 }
 

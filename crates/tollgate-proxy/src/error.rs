@@ -23,6 +23,35 @@ pub enum ProxyError {
         "missing or unknown client key: send `Authorization: Bearer <key>` with a key from `clients:`"
     )]
     Unauthorized,
+    /// No access token, where OAuth is configured.
+    #[error(
+        "this server needs an OAuth access token: get one from the authorization server its protected resource metadata names (see WWW-Authenticate) and send `Authorization: Bearer <token>`"
+    )]
+    TokenRequired {
+        /// `WWW-Authenticate`.
+        challenge: HeaderValue,
+    },
+    /// An access token that is invalid, expired, or not for this server.
+    #[error("{reason}: get a new access token for this server")]
+    InvalidToken {
+        /// Why (never the token).
+        reason: &'static str,
+        /// `WWW-Authenticate`.
+        challenge: HeaderValue,
+    },
+    /// The token lacks scopes the request needs (step-up, RFC 6750 §3.1).
+    #[error(
+        "the access token lacks the scope `{scope}` this request needs: ask the authorization server for it and retry"
+    )]
+    InsufficientScope {
+        /// The scopes the request needs, space-separated.
+        scope: String,
+        /// `WWW-Authenticate`, set by the front door that knows the path.
+        challenge: Option<HeaderValue>,
+    },
+    /// The authorization server's keys could not be had, so no token can be checked.
+    #[error("access tokens cannot be checked right now ({0}); retry later")]
+    AuthUnavailable(String),
     /// The per-client token bucket is empty.
     #[error("too many requests from this client (limits.requests_per_second); retry in {}ms", .0.as_millis())]
     TooManyRequests(Duration),
@@ -101,6 +130,24 @@ pub enum ProxyError {
     /// The method is not served on this endpoint.
     #[error("method not allowed on the MCP endpoint")]
     MethodNotAllowed,
+    /// The shared state (Redis) is needed and cannot be reached (`state.on_failure: refuse`).
+    #[error(
+        "{0} (state.on_failure: refuse); nothing was forwarded: retry shortly, the operator must bring Redis back"
+    )]
+    StateUnavailable(#[from] crate::store::remote::Unavailable),
+    /// A session whose upstream lives on another replica (a stdio process, a legacy
+    /// SSE connection) reached this one.
+    #[error(
+        "this session belongs to replica `{replica}`, where its upstream `{server}` runs (a process or connection of that replica; this is replica `{here}`): the load balancer must send each session to one replica, by hashing on the Mcp-Session-Id header"
+    )]
+    OtherReplica {
+        /// The replica that opened the session.
+        replica: String,
+        /// This replica.
+        here: String,
+        /// The server.
+        server: String,
+    },
 }
 
 impl ProxyError {
@@ -108,7 +155,11 @@ impl ProxyError {
         match self {
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
-            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized
+            | ProxyError::TokenRequired { .. }
+            | ProxyError::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            ProxyError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -134,6 +185,8 @@ impl ProxyError {
             ProxyError::Upstream { id: Some(_), .. } => StatusCode::OK,
             ProxyError::Upstream { id: None, .. } => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OtherReplica { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -141,7 +194,9 @@ impl ProxyError {
         match self {
             ProxyError::Framing(err) => err.code(),
             ProxyError::HeaderMismatch { .. } => ErrorCode::HeaderMismatch,
-            ProxyError::Upstream { .. } => ErrorCode::InternalError,
+            ProxyError::Upstream { .. } | ProxyError::StateUnavailable(_) => {
+                ErrorCode::InternalError
+            }
             ProxyError::MalformedToolCall { .. } => ErrorCode::InvalidParams,
             _ => ErrorCode::InvalidRequest,
         }
@@ -173,6 +228,14 @@ impl IntoResponse for ProxyError {
         match &self {
             ProxyError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ProxyError::TokenRequired { challenge }
+            | ProxyError::InvalidToken { challenge, .. }
+            | ProxyError::InsufficientScope {
+                challenge: Some(challenge),
+                ..
+            } => {
+                headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
             }
             ProxyError::TooManyRequests(wait) => {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -27,8 +27,9 @@ pub use admin::{Admin, admin_router};
 pub use app::AppState;
 pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
-    AdminConfig, AuditConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits, OnAuditFailure,
-    RawServer, ServerConfig, Transport, UpstreamConfig, expand_env, parse_duration, parse_size,
+    AdminConfig, AuditConfig, AuthConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits,
+    OAuthConfig, OnAuditFailure, RawServer, ServerConfig, Transport, UpstreamConfig, expand_env,
+    parse_duration, parse_size,
 };
 pub use downstream::conversation::Conversation;
 pub use error::ProxyError;

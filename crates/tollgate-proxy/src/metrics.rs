@@ -131,6 +131,8 @@ pub struct Metrics {
     upstream_processes: Family<ServerLabels, Gauge>,
     tools_seen: Mutex<HashSet<String>>,
     audit_refusals: Family<ServerLabels, Counter>,
+    state_unavailable: Family<UpstreamErrorLabels, Counter>,
+    state_round_trips: Mutex<Counter>,
     connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -215,9 +217,23 @@ impl Metrics {
             "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
             audit_refusals.clone(),
         );
+        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "state_unavailable",
+            "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
+            state_unavailable.clone(),
+        );
+        let state_round_trips = Counter::default();
+        registry.register(
+            "state_round_trips",
+            "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
+            state_round_trips.clone(),
+        );
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
             audit_refusals,
+            state_unavailable,
+            state_round_trips: Mutex::new(state_round_trips),
             connections,
             registry,
             decisions,
@@ -304,6 +320,26 @@ impl Metrics {
                 server: server.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts a request that needed the shared state while it was unreachable:
+    /// `refused` (`state.on_failure: refuse`) or `allowed` without its limit.
+    pub fn state_unavailable(&self, server: &str, refused: bool) {
+        self.state_unavailable
+            .get_or_create(&UpstreamErrorLabels {
+                server: label(server),
+                kind: if refused { "refused" } else { "allowed" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Brings the shared state's round-trip count up to `total` (read from the store).
+    pub fn state_round_trips(&self, total: u64) {
+        let counter = self.state_round_trips.lock();
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
     }
 
     /// Counts a connection opened (`1`) or closed (`-1`) on `listener`.

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use axum::http::{HeaderName, HeaderValue};
 use tollgate_mcp::{Era, Incoming, Message};
 
-pub use context::{Answer, Caller, Context, Core, Inbound, Meta, Routing};
+pub use context::{Answer, Caller, Context, Core, Identity, Inbound, Meta, Routing};
 
 use crate::error::ProxyError;
 use crate::state::Server;
@@ -61,7 +61,7 @@ impl Core {
         if decoded.initialize {
             session::check_initialize(&message)?;
         }
-        let session = session::resolve(self.shared(), server, caller, meta, &decoded)?;
+        let session = session::resolve(self.shared(), server, caller, meta, &decoded).await?;
         // The client's answer to a request Tollgate sent (an approval asked by
         // elicitation) is Tollgate's, not the upstream's.
         if self.elicitations.take_answer(&message, session.as_deref()) {
@@ -78,14 +78,14 @@ impl Core {
         if held::withdraw(&ctx, &message) {
             return Ok(Answer::accepted());
         }
-        let permit = match decide::decide(&ctx, &message)? {
+        let permit = match decide::decide(&ctx, &message).await? {
             decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
             decide::Verdict::Forward(permit) => permit,
         };
         let payload = crate::upstream::Payload::One(message.as_value());
         let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
-        relay::answer(&ctx, &message, decoded.initialize, reply)
+        relay::answer(&ctx, &message, decoded.initialize, reply).await
     }
 
     /// Opens a handshake-era session's server-to-client stream.
@@ -97,7 +97,8 @@ impl Core {
         forwarded: Vec<(HeaderName, HeaderValue)>,
     ) -> Result<Answer, ProxyError> {
         // Without a session this is a stateless-era endpoint, which has no GET stream.
-        let session = session::find(self.shared(), server, caller, session_id)?
+        let session = session::find(self.shared(), server, caller, session_id)
+            .await?
             .ok_or(ProxyError::MethodNotAllowed)?;
         let ctx = Context::new(
             self,
@@ -117,7 +118,8 @@ impl Core {
         caller: &Caller,
         session_id: Option<&str>,
     ) -> Result<(), ProxyError> {
-        let session = session::find(self.shared(), server, caller, session_id)?
+        let session = session::find(self.shared(), server, caller, session_id)
+            .await?
             .ok_or(ProxyError::MissingSession)?;
         session::end(self.shared(), server, &session).await;
         Ok(())

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::store::approvals::Approvals;
 use crate::store::limits::CallLimits;
 use crate::store::params::ToolParams;
+use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
@@ -45,6 +46,9 @@ pub struct Server {
     pub policy_info: Mutex<PolicyInfo>,
     /// The `Mcp-Param-*` headers its tools declare, learned from `tools/list`.
     pub params: ToolParams,
+    /// Whether its upstream sessions live in this process (a stdio process, a legacy
+    /// SSE connection), so that another replica cannot serve them.
+    pub pinned: bool,
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -128,6 +132,10 @@ pub struct Shared {
     pub(crate) sweep_every: Duration,
     /// `approvals.wait`: how long a held call's request waits by default.
     pub(crate) approval_wait: Duration,
+    /// The shared backend (`state.backend: redis`), if any.
+    pub(crate) remote: Option<Arc<Remote>>,
+    /// `state.on_failure`.
+    pub(crate) state_on_failure: crate::config::OnStateFailure,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -154,6 +162,12 @@ pub enum BuildError {
     /// The `requestState` key could not be made.
     #[error("approvals.state_key: cannot be used as a key: {0}")]
     StateKey(String),
+    /// The shared state's connection could not be prepared.
+    #[error("{0}")]
+    State(String),
+    /// The OAuth resource server could not be set up.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -161,6 +175,7 @@ struct UpstreamKit<'a> {
     http: &'a reqwest::Client,
     children: &'a Arc<stdio::Children>,
     max_message: usize,
+    remote: Option<&'a Arc<Remote>>,
 }
 
 fn build_server(
@@ -249,7 +264,11 @@ fn build_server(
         network_address: network,
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
-        limits: CallLimits::default(),
+        limits: match kit.remote {
+            Some(remote) => CallLimits::shared(remote.clone(), name),
+            None => CallLimits::local(),
+        },
+        pinned: !matches!(config.upstream, UpstreamConfig::Http { .. }),
         policy_info: Mutex::new(PolicyInfo {
             path: loaded.path,
             hash: loaded.hash,
@@ -259,6 +278,16 @@ fn build_server(
         }),
         params: ToolParams::default(),
     })
+}
+
+/// This replica's name: `state.replica`, else `$HOSTNAME` (a pod's name), else a
+/// random one.
+fn replica_name(configured: Option<&str>) -> Arc<str> {
+    configured
+        .map(str::to_owned)
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| format!("tollgate-{}", crate::store::random_hex(4)))
+        .into()
 }
 
 fn address_of(url: &reqwest::Url) -> Option<(String, u16)> {
@@ -318,10 +347,27 @@ impl Shared {
         let children = Arc::new(stdio::Children::default());
         // A message from an upstream may be as large as four of a client's.
         let max_message = config.limits.max_body.max(1 << 20) * 4;
+        let remote = match (&config.state.backend, &config.state.url) {
+            (crate::config::StateBackend::Redis, Some(url)) => Some(Arc::new(
+                Remote::connect(RemoteConfig {
+                    url,
+                    shown: crate::config::redacted_url(url),
+                    prefix: &config.state.prefix,
+                    timeout: config.state.timeout,
+                    replica: replica_name(config.state.replica.as_deref()),
+                })
+                .map_err(BuildError::State)?,
+            )),
+            _ => None,
+        };
+        if let Some(remote) = &remote {
+            remote.keep_alive();
+        }
         let kit = UpstreamKit {
             http: &http,
             children: &children,
             max_message,
+            remote: remote.as_ref(),
         };
         let mut servers = BTreeMap::new();
         for (name, server) in &config.servers {
@@ -355,18 +401,28 @@ impl Shared {
             .max(Duration::from_millis(100));
         Ok(Shared {
             servers,
-            sessions: Sessions::new(config.limits.max_sessions, config.limits.session_idle)
-                .with_quotas(
-                    config.limits.sessions_per_client,
-                    config.limits.streams_per_session,
-                ),
+            sessions: {
+                let sessions =
+                    Sessions::new(config.limits.max_sessions, config.limits.session_idle)
+                        .with_quotas(
+                            config.limits.sessions_per_client,
+                            config.limits.streams_per_session,
+                        );
+                match &remote {
+                    Some(remote) => sessions.with_shared(remote.clone()),
+                    None => sessions,
+                }
+            },
             audit,
             max_body: config.limits.max_body,
             limits: config.limits.clone(),
             http,
             children,
             epoch: Instant::now(),
-            approvals: Arc::new(Approvals::new()),
+            approvals: match &remote {
+                Some(remote) => Approvals::shared(remote.clone()),
+                None => Arc::new(Approvals::new()),
+            },
             metrics: Metrics::new(),
             admin_url: std::sync::OnceLock::new(),
             webhook,
@@ -377,6 +433,8 @@ impl Shared {
                 .as_ref()
                 .and_then(|a| a.wait)
                 .unwrap_or(crate::config::DEFAULT_APPROVAL_WAIT),
+            remote,
+            state_on_failure: config.state.on_failure,
         })
     }
 

@@ -9,6 +9,7 @@
 pub mod approvals;
 pub mod limits;
 pub mod params;
+pub mod remote;
 pub mod sessions;
 
 /// A fresh unguessable id: `bytes` random bytes in hex.

@@ -34,6 +34,13 @@ pub struct ExplainArgs {
     /// would be held then passes without asking).
     #[arg(long)]
     pub grant: bool,
+    /// The caller's OAuth token claims, as a JSON object (for rules with `when`);
+    /// its `scope` (or `scp`) claim gives the token's scopes unless `--scopes` does.
+    #[arg(long)]
+    pub claims: Option<String>,
+    /// The token's scopes, space-separated (for rules with `scopes`).
+    #[arg(long)]
+    pub scopes: Option<String>,
 }
 
 /// What an active grant does to a decision: a call that would be held for a human
@@ -73,13 +80,42 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let claims: Option<tollgate_policy::Claims> =
+        match args.claims.as_deref().map(serde_json::from_str).transpose() {
+            Ok(claims) => claims,
+            Err(err) => {
+                eprintln!("error: --claims is not a JSON object: {err}");
+                return ExitCode::from(2);
+            }
+        };
+    let scopes: Vec<String> = match (&args.scopes, &claims) {
+        (Some(scopes), _) => scopes.split_whitespace().map(str::to_owned).collect(),
+        (None, Some(claims)) => ["scope", "scp"]
+            .iter()
+            .filter_map(|name| claims.get(*name))
+            .flat_map(|value| match value {
+                Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect(),
+        (None, None) => Vec::new(),
+    };
     let client_key = args.client.clone().unwrap_or_else(|| "default".to_owned());
+    let user_key = super::test::user_key(claims.as_ref(), args.client.as_deref());
     let call = ToolCall {
         tool: &args.tool,
         arguments: &arguments,
         client: args.client.as_deref(),
         session_key: &args.session,
         client_key: &client_key,
+        user_key: &user_key,
+        claims: claims.as_ref(),
+        scopes: &scopes,
     };
     let mut decision = evaluate(&policy, &mut RateLimiter::new(), &call, Duration::ZERO);
     if args.grant {

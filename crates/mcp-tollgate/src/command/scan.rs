@@ -335,6 +335,9 @@ mod tests {
             client: None,
             session_key: "s",
             client_key: "c",
+            user_key: "u",
+            claims: None,
+            scopes: &[],
         };
         assert_eq!(
             policy.evaluate(&call("read_x")).action,

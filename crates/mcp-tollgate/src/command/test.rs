@@ -60,6 +60,13 @@ pub struct Case {
     /// The authenticated client.
     #[serde(default)]
     pub client: Option<String>,
+    /// The caller's OAuth token claims (for rules with `when`; `sub` is the user of
+    /// `per: user` limits).
+    #[serde(default)]
+    pub claims: Option<tollgate_policy::Claims>,
+    /// The scopes of the caller's token (for rules with `scopes`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
     /// Seconds since the start of the test file.
     #[serde(default)]
     pub at: f64,
@@ -72,13 +79,26 @@ pub struct Case {
     /// Expected decision of the last call.
     #[serde(default)]
     pub expect_last: Option<Expect>,
-    /// Expected refusal kind of the last call: deny, arguments or rate_limit.
+    /// Expected refusal kind of the last call: deny, arguments, rate_limit or insufficient_scope.
     #[serde(default)]
     pub kind: Option<String>,
     /// An approver's grant is active for this tool and this client or session: a call
     /// that would be held passes without asking.
     #[serde(default)]
     pub grant: bool,
+}
+
+/// The key of `per: user` limits, as the proxy forms it: the token's `sub`, else
+/// the client, else one shared key.
+pub fn user_key(claims: Option<&tollgate_policy::Claims>, client: Option<&str>) -> String {
+    match (
+        claims.and_then(|c| c.get("sub")).and_then(Value::as_str),
+        client,
+    ) {
+        (Some(sub), _) => format!("user:{sub}"),
+        (None, Some(client)) => format!("client:{client}"),
+        (None, None) => "default".to_owned(),
+    }
 }
 
 fn one() -> u32 {
@@ -129,10 +149,13 @@ pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<Stri
             ));
         }
         if let Some(kind) = &case.kind
-            && !matches!(kind.as_str(), "deny" | "arguments" | "rate_limit")
+            && !matches!(
+                kind.as_str(),
+                "deny" | "arguments" | "rate_limit" | "insufficient_scope"
+            )
         {
             problems.push(format!(
-                "{}: cases[{i}] `{}`: kind must be deny, arguments or rate_limit",
+                "{}: cases[{i}] `{}`: kind must be deny, arguments, rate_limit or insufficient_scope",
                 path.display(),
                 case.name
             ));
@@ -158,12 +181,16 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
         let arguments = case.arguments.as_ref().unwrap_or(&null);
         let session = case.session.as_deref().unwrap_or("default");
         let client_key = case.client.as_deref().unwrap_or("default");
+        let user_key = user_key(case.claims.as_ref(), case.client.as_deref());
         let call = ToolCall {
             tool: &case.tool,
             arguments,
             client: case.client.as_deref(),
             session_key: session,
             client_key,
+            user_key: &user_key,
+            claims: case.claims.as_ref(),
+            scopes: &case.scopes,
         };
         let now = Duration::from_secs_f64(case.at);
         let decisions: Vec<Decision> = (0..case.repeat)

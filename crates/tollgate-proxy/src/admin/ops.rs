@@ -28,6 +28,9 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             app.metrics.upstream_processes(&server.name, live);
         }
     }
+    if let Some(remote) = &app.remote {
+        app.metrics.state_round_trips(remote.round_trips());
+    }
     let text = app.metrics.render(
         app.sessions.len(),
         app.approvals.pending(),
@@ -45,7 +48,8 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// Ready when every network upstream accepts a TCP connection within 2 s. Without
+/// Ready when every network upstream accepts a TCP connection within 2 s, and the
+/// shared state (Redis) answers when there is one. Without
 /// the admin token only `ready` is told: upstream names and errors stay behind it.
 pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     let checks = admin.app.servers.values().map(|server| async move {
@@ -65,8 +69,16 @@ pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Re
         };
         (server.name.to_string(), error)
     });
-    let results = futures::future::join_all(checks).await;
-    let ready = results.iter().all(|(_, e)| e.is_none());
+    let (results, state) = futures::future::join(futures::future::join_all(checks), async {
+        match &admin.app.remote {
+            Some(remote) => Some(remote.ping().await.err().map(|e| e.to_string())),
+            None => None,
+        }
+    })
+    .await;
+    // With `state.backend: redis`, a replica that cannot reach Redis is not ready.
+    let state_ok = !matches!(state, Some(Some(_)));
+    let ready = state_ok && results.iter().all(|(_, e)| e.is_none());
     let upstreams: Value = results
         .into_iter()
         .map(|(name, error)| (name, json!({"ready": error.is_none(), "error": error})))
@@ -80,11 +92,11 @@ pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Re
     if !super::authorized(&admin, &headers) {
         return (status, Json(json!({"ready": ready}))).into_response();
     }
-    (
-        status,
-        Json(json!({"ready": ready, "upstreams": upstreams})),
-    )
-        .into_response()
+    let mut body = json!({"ready": ready, "upstreams": upstreams});
+    if let (Some(error), Some(remote)) = (state, &admin.app.remote) {
+        body["state"] = json!({"backend": "redis", "url": remote.shown(), "replica": &**remote.replica(), "ready": error.is_none(), "error": error});
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn status(State(admin): State<Admin>) -> Json<Value> {

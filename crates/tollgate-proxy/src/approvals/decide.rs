@@ -8,7 +8,9 @@ use tollgate_policy::{Action, ToolCall};
 
 use crate::audit::Record;
 use crate::state::Shared;
-use crate::store::approvals::{Approval, DecideError, Grant, GrantRequest, Scope, Status};
+use crate::store::approvals::{
+    Approval, DecideError, Grant, GrantRequest, Identity, Scope, Status,
+};
 
 /// What a decision did.
 #[derive(Debug)]
@@ -20,7 +22,7 @@ pub enum Decided {
 }
 
 /// Approves or denies approval `id` as `by`.
-pub fn decide(
+pub async fn decide(
     shared: &Shared,
     id: &str,
     approved: bool,
@@ -36,7 +38,12 @@ pub fn decide(
         if current.status != Status::Pending {
             return Err(DecideError::Settled(Box::new(current)));
         }
-        refused_now(shared, &current)
+        // Held here: decided again with its caller's claims. (One another replica holds
+        // is not: its caller's token stays there.)
+        shared
+            .approvals
+            .held_call(id)
+            .and_then(|(approval, identity)| refused_now(shared, &approval, &identity))
     } else {
         None
     };
@@ -46,11 +53,17 @@ pub fn decide(
                 "the policy changed since the call was held and now refuses it ({why}); {by}'s approval was not applied"
             );
             tracing::warn!(approval = %id, %reason, "approval refused by the policy in force");
-            let (approval, _) = shared.approvals.decide(id, false, by, Some(reason), None)?;
+            let (approval, _) = shared
+                .approvals
+                .decide_anywhere(id, false, by, Some(reason), None)
+                .await?;
             Decided::PolicyChanged(approval)
         }
         None => {
-            let (approval, grant) = shared.approvals.decide(id, approved, by, reason, grant)?;
+            let (approval, grant) = shared
+                .approvals
+                .decide_anywhere(id, approved, by, reason, grant)
+                .await?;
             Decided::AsAsked(approval, grant.map(Box::new))
         }
     };
@@ -89,7 +102,7 @@ pub fn decide(
 }
 
 /// Why the policy in force refuses the held call now, if it does.
-fn refused_now(shared: &Shared, approval: &Approval) -> Option<String> {
+fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Option<String> {
     let Some(server) = shared.servers.get(&approval.server) else {
         return Some(format!("server `{}` is gone", approval.server));
     };
@@ -101,6 +114,9 @@ fn refused_now(shared: &Shared, approval: &Approval) -> Option<String> {
         // Rate limits were counted when the call arrived; only the rules matter here.
         session_key: "",
         client_key: "",
+        user_key: "",
+        claims: identity.claims.as_ref(),
+        scopes: &identity.scopes,
     });
     (decision.action == Action::Deny).then_some(decision.reason)
 }

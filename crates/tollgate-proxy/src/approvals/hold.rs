@@ -20,7 +20,7 @@ use super::elicit::{Elicitations, Question};
 use super::state::{Claims, Expected, Kind, StateError, StateKey, unix_after, unix_of};
 use crate::audit::Record;
 use crate::state::Shared;
-use crate::store::approvals::{Request, Standing, Status, Verdict};
+use crate::store::approvals::{Identity, Request, Standing, Status, Verdict};
 use crate::upstream::{Event, Failure};
 
 /// Where a held call's messages go while it waits.
@@ -62,6 +62,10 @@ pub struct Hold {
     pub digest: String,
     /// The authenticated client.
     pub client: Option<Arc<str>>,
+    /// The OAuth token's user and client, when the caller sent a token.
+    pub user: Option<(Arc<str>, Option<Arc<str>>)>,
+    /// The token's claims and scopes, for deciding the call again at approval.
+    pub identity: Identity,
     /// Tollgate's session id.
     pub session: Option<Arc<str>>,
     /// Who may retry it: client key, else session, else peer.
@@ -216,6 +220,11 @@ fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String>
         arguments: hold.arguments.clone(),
         arguments_digest: hold.digest.clone(),
         client: hold.client.as_deref().map(str::to_owned),
+        user: hold.user.as_ref().map(|(user, _)| user.to_string()),
+        client_id: hold
+            .user
+            .as_ref()
+            .and_then(|(_, client_id)| client_id.as_deref().map(str::to_owned)),
         session: hold.session.as_deref().map(str::to_owned),
         principal: hold.principal.clone(),
         client_key: hold.client_key.clone(),
@@ -225,6 +234,7 @@ fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String>
         reason: hold.reason.clone(),
         timeout: hold.approval.timeout,
         valid_for: hold.approval.valid_for,
+        identity: hold.identity.clone(),
     });
     let (id, standing, new) =
         opened.map_err(|err| format!("the call could not be held for approval: {err}"))?;

@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
-use super::{Doors, counted, legacy_sse, peer_of, read_body};
+use super::{Doors, counted, legacy_sse, peer_of, read_body, resource_path};
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
@@ -41,6 +41,15 @@ pub fn router(doors: Arc<Doors>) -> Router {
         .route("/messages", post(legacy_sse::single_message))
         .route("/servers/{name}/sse", get(legacy_sse::named_stream))
         .route("/servers/{name}/messages", post(legacy_sse::named_message))
+        // RFC 9728: the root document, and one per resource path.
+        .route(
+            "/.well-known/oauth-protected-resource",
+            get(resource_metadata),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource/{*path}",
+            get(resource_metadata_of),
+        )
         .layer(middleware::from_fn_with_state(doors.clone(), guard))
         .with_state(doors)
 }
@@ -52,6 +61,32 @@ async fn guard(State(doors): State<Arc<Doors>>, request: Request, next: Next) ->
         return err.into_response();
     }
     next.run(request).await
+}
+
+/// The Protected Resource Metadata document (404 without `auth.oauth`).
+async fn resource_metadata(State(doors): State<Arc<Doors>>) -> Response {
+    match doors.oauth() {
+        Some(oauth) => axum::Json(oauth.metadata()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The metadata of one resource path: a served MCP endpoint's.
+async fn resource_metadata_of(
+    State(doors): State<Arc<Doors>>,
+    Path(path): Path<String>,
+) -> Response {
+    let servers = &doors.shared().servers;
+    let parts: Vec<&str> = path.split('/').collect();
+    let served = match parts.as_slice() {
+        ["mcp" | "sse" | "messages"] => servers.len() == 1,
+        ["servers", name, "mcp" | "sse" | "messages"] => servers.contains_key(*name),
+        _ => false,
+    };
+    if !served {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    resource_metadata(State(doors)).await
 }
 
 async fn single_server(State(doors): State<Arc<Doors>>, request: Request) -> Response {
@@ -79,10 +114,18 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         client = tracing::field::Empty,
         tool = tracing::field::Empty,
     );
+    let path = resource_path(name.as_deref(), "mcp");
+    let identified = doors.caller(request.headers(), peer_of(&request).ip(), &path);
+    let caller = match tracing::Instrument::instrument(identified, span.clone()).await {
+        Ok(caller) => caller,
+        Err(err) => {
+            tracing::debug!(error = %err, "refused before reading the body");
+            return unread(doors.challenge(&path, err).into_response());
+        }
+    };
     let result = async {
-        let caller = doors.caller(request.headers(), peer_of(&request).ip())?;
-        if let Some(client) = &caller.client {
-            tracing::Span::current().record("client", &**client);
+        if let Some(client) = caller.shown_name() {
+            tracing::Span::current().record("client", client);
         }
         let core = doors.core();
         match *request.method() {
@@ -106,7 +149,7 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         Ok(answer) => respond(doors.shared(), answer),
         Err(err) => {
             tracing::debug!(error = %err, "answered with an error");
-            err.into_response()
+            doors.challenge(&path, err).into_response()
         }
     }
 }
@@ -121,6 +164,16 @@ async fn end(
     let mut answer = Answer::accepted();
     answer.status = StatusCode::OK;
     Ok(answer)
+}
+
+/// A response sent without reading the request's body: the connection cannot carry
+/// another request, so the client is told to open a new one (a client retrying with a
+/// token after a 401 would otherwise send it on a connection that is being closed).
+pub fn unread(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// `Mcp-Session-Id`; a value that is not text names no session there is.

@@ -107,10 +107,10 @@ async fn open_stream(
     request: Request,
 ) -> Result<Response, ProxyError> {
     let server = doors.server(name.as_deref(), request.headers())?;
-    let caller = crate::pipeline::Caller {
-        client: doors.authenticate(request.headers())?,
-        peer: peer_of(&request).ip(),
-    };
+    let path = super::resource_path(name.as_deref(), "sse");
+    let caller = doors
+        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .await?;
     let sessions = &doors.shared().sessions;
     let capacity = sessions.capacity();
     if doors.legacy.len() >= capacity {
@@ -124,7 +124,7 @@ async fn open_stream(
     }
     let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
-    let client = caller.client.clone();
+    let client = caller.principal();
     let conversation = Arc::new(Conversation::new(
         doors.clone(),
         server.clone(),
@@ -198,7 +198,14 @@ async fn post_message(
     request: Request,
 ) -> Result<Response, ProxyError> {
     let server = doors.server(name.as_deref(), request.headers())?;
-    let client = doors.authenticate(request.headers())?;
+    let path = super::resource_path(name.as_deref(), "messages");
+    let client = match doors
+        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .await
+    {
+        Ok(caller) => caller.principal(),
+        Err(err) => return Ok(super::http::unread(err.into_response())),
+    };
     // Read (bounded) before answering, so the connection stays usable for the next POST.
     let body = read_body(doors.shared(), request).await?;
     let stream = query

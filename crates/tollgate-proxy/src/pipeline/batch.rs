@@ -52,7 +52,7 @@ pub async fn handle(
             message: format!("header mismatch: {name} cannot describe a JSON-RPC batch"),
         });
     }
-    let session = session::find(core.shared(), server, caller, meta.session.as_deref())?;
+    let session = session::find(core.shared(), server, caller, meta.session.as_deref()).await?;
     if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
         return Err(ProxyError::MissingSession);
     }
@@ -73,13 +73,13 @@ pub async fn handle(
         refused,
         forward,
         permits,
-    } = decide_each(&ctx, messages);
+    } = decide_each(&ctx, messages).await;
     if forward.is_empty() {
         return Ok(Answer::message(Value::Array(refused)));
     }
     let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
     let policy = server.policy.load_full();
-    let body = relay::filter(reply.body, server.clone(), policy, caller.client.clone());
+    let body = relay::filter(reply.body, server.clone(), policy, caller.clone());
     if refused.is_empty() {
         return Ok(Answer {
             status: reply.status,
@@ -101,12 +101,12 @@ struct Decided {
     permits: Vec<Permit>,
 }
 
-fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
+async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
     let mut refused = Vec::new();
     let mut forward = Vec::new();
     let mut permits = Vec::new();
     for message in messages {
-        match decide(ctx, &message) {
+        match decide(ctx, &message).await {
             Err(err) => refused.push(err.to_json()),
             Ok(Verdict::Refuse(answer)) => refused.push(answer),
             Ok(Verdict::Hold(held)) => {

@@ -19,20 +19,77 @@ use crate::upstream::{Body, Json, Owner};
 /// Who sends, as the front door established it.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The authenticated client, if any.
+    /// The client whose `clients:` key was presented, if any.
     pub client: Option<Arc<str>>,
     /// The peer's address.
     pub peer: IpAddr,
+    /// Whom a valid OAuth access token names, if one was presented.
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// What a validated OAuth access token says about its bearer.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `sub`: the user (for a client-credentials token, the client itself).
+    pub user: Arc<str>,
+    /// The OAuth client: `azp`, else `client_id` (else Okta's `cid`).
+    pub client_id: Option<Arc<str>>,
+    /// `jti`, when the token has one.
+    pub jti: Option<Arc<str>>,
+    /// `scope` (space-separated) or `scp` (a list, or space-separated).
+    pub scopes: Vec<String>,
+    /// Every claim, for rules with `when: {claims}`.
+    pub claims: tollgate_policy::Claims,
 }
 
 impl Caller {
-    /// Key of `per: client` limits, of per-client quotas, and owner of shared
-    /// upstream traffic: the client's name, else its address (an IPv6 peer's /64).
-    pub fn client_key(&self) -> String {
-        match &self.client {
-            Some(client) => format!("client:{client}"),
-            None => format!("peer:{}", peer_key(self.peer)),
+    /// A caller with no credentials but its address.
+    pub fn anonymous(peer: IpAddr) -> Caller {
+        Caller {
+            client: None,
+            peer,
+            identity: None,
         }
+    }
+
+    /// Key of `per: client` limits: the API key's client, the token's OAuth
+    /// client (else its user), else the address (an IPv6 peer's /64).
+    pub fn client_key(&self) -> String {
+        match (&self.client, &self.identity) {
+            (Some(client), _) => format!("client:{client}"),
+            (None, Some(id)) => match &id.client_id {
+                Some(client_id) => format!("oauth-client:{client_id}"),
+                None => format!("user:{}", id.user),
+            },
+            (None, None) => format!("peer:{}", peer_key(self.peer)),
+        }
+    }
+
+    /// Key of `per: user` limits, of per-client quotas, and owner of shared
+    /// upstream traffic: the token's user, else the API key's client, else the address.
+    pub fn user_key(&self) -> String {
+        match (&self.client, &self.identity) {
+            (Some(client), _) => format!("client:{client}"),
+            (None, Some(id)) => format!("user:{}", id.user),
+            (None, None) => format!("peer:{}", peer_key(self.peer)),
+        }
+    }
+
+    /// Who owns what this caller opens (sessions, streams): the API key's client,
+    /// or the token's user; `None` for an anonymous caller.
+    pub fn principal(&self) -> Option<Arc<str>> {
+        match (&self.client, &self.identity) {
+            (Some(client), _) => Some(client.clone()),
+            (None, Some(id)) => Some(format!("user:{}", id.user).into()),
+            (None, None) => None,
+        }
+    }
+
+    /// The name logs show for the caller: the client, else the token's user.
+    pub fn shown_name(&self) -> Option<&str> {
+        self.client
+            .as_deref()
+            .or(self.identity.as_deref().map(|id| &*id.user))
     }
 }
 
@@ -186,6 +243,8 @@ pub struct Context {
     pub owner: Owner,
     /// Key of `per: client` limits.
     pub client_key: String,
+    /// Key of `per: user` limits and of per-client quotas.
+    pub user_key: String,
     /// Key of `per: session` limits.
     pub session_key: String,
 }
@@ -200,22 +259,24 @@ impl Context {
         forwarded: Vec<(HeaderName, HeaderValue)>,
     ) -> Context {
         let client_key = caller.client_key();
+        let user_key = caller.user_key();
         let session_key = match &session {
             Some(session) => format!("session:{}", session.id),
-            None => client_key.clone(),
+            None => user_key.clone(),
         };
         Context {
             core: core.clone(),
             server: server.clone(),
             caller: caller.clone(),
             owner: Owner {
-                client: client_key.as_str().into(),
+                client: user_key.as_str().into(),
                 session: session.as_ref().map(|s| s.id.clone()),
             },
             session,
             era,
             forwarded,
             client_key,
+            user_key,
             session_key,
         }
     }

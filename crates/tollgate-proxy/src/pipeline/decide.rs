@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
-use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Slot, ToolCall};
+use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, ToolCall};
 
 use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
+use crate::store::limits::{Taken, Unchecked};
 
 /// What to do with an evaluated message.
 pub enum Verdict {
@@ -106,7 +107,7 @@ pub struct Permit {
     call_id: String,
     request_id: Value,
     tool: String,
-    slot: Option<Slot>,
+    slot: Option<Taken>,
     started: Option<Instant>,
     latency: Option<Duration>,
 }
@@ -178,7 +179,7 @@ fn decision_name(decision: &Decision) -> &'static str {
 }
 
 /// Evaluates a message: anything but a `tools/call` goes on as it is.
-pub fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
+pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
     if message.is_malformed_tool_call() {
         return Err(ProxyError::MalformedToolCall {
             id: message.id().cloned(),
@@ -189,22 +190,52 @@ pub fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    Ok(enforce(ctx, &id, call.name, call.arguments))
+    enforce(ctx, &id, call.name, call.arguments).await
 }
 
-/// Evaluates one `tools/call`, writes the decision to the audit log, and says what to do.
-fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict {
+/// Evaluates one `tools/call`, writes the decision to the audit log, and says what
+/// to do; a token that lacks a scope the rule needs is an error (HTTP 403) that
+/// lets the client step up.
+async fn enforce(
+    ctx: &Context,
+    id: &Value,
+    tool: &str,
+    arguments: &Value,
+) -> Result<Verdict, ProxyError> {
     let shared = ctx.shared();
     let server = &ctx.server;
     let policy = server.policy.load_full();
+    let identity = ctx.caller.identity.as_deref();
     let call = ToolCall {
         tool,
         arguments,
         client: ctx.caller.client.as_deref(),
         session_key: &ctx.session_key,
         client_key: &ctx.client_key,
+        user_key: &ctx.user_key,
+        claims: identity.map(|id| &id.claims),
+        scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
-    let mut decision = server.limits.decide(&policy, &call, shared.now());
+    let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
+        Ok(decided) => decided,
+        Err(Unchecked { decision, error }) => {
+            let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
+            shared.metrics.state_unavailable(&server.name, refuse);
+            if refuse {
+                tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
+                return Ok(Verdict::Refuse(error_response(
+                    Some(id),
+                    ErrorCode::InternalError,
+                    &format!(
+                        "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
+                    ),
+                    None,
+                )));
+            }
+            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
+            (decision, None)
+        }
+    };
     let audit_mode = policy.mode() == Mode::Audit;
     let mut permit = Permit {
         shared: shared.clone(),
@@ -212,7 +243,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
         call_id: uuid_v7(),
         request_id: id.clone(),
         tool: tool.to_owned(),
-        slot: decision.slot.take(),
+        slot: taken,
         started: None,
         latency: None,
     };
@@ -245,17 +276,17 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
             tool,
             "tools/call refused: its decision could not be written to the audit log"
         );
-        return Verdict::Refuse(error_response(
+        return Ok(Verdict::Refuse(error_response(
             Some(id),
             ErrorCode::InternalError,
             &format!(
                 "tools/call `{tool}` was not forwarded: its decision could not be written to the audit log (audit.on_failure: refuse); the operator must fix the audit log"
             ),
             None,
-        ));
+        )));
     }
 
-    match decision.action {
+    Ok(match decision.action {
         _ if audit_mode => Verdict::Forward(Some(permit)),
         Action::Allow => Verdict::Forward(Some(permit)),
         Action::RequireApproval => Verdict::Hold(Box::new(Held {
@@ -263,6 +294,16 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
             deny_as: policy.deny_as(),
             decision,
         })),
+        // A token bearer can get the scope and retry (MCP's step-up flow); anyone
+        // else is refused like any other denial.
+        Action::Deny
+            if decision.kind == Some(DenyKind::InsufficientScope) && identity.is_some() =>
+        {
+            return Err(ProxyError::InsufficientScope {
+                scope: decision.required_scopes.join(" "),
+                challenge: None,
+            });
+        }
         Action::Deny => {
             // Refused here: the slot (if the decision took one) is not spent.
             if let Some(slot) = permit.slot.take() {
@@ -270,7 +311,7 @@ fn enforce(ctx: &Context, id: &Value, tool: &str, arguments: &Value) -> Verdict 
             }
             Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
         }
-    }
+    })
 }
 
 /// The decision's audit record, metric and log line; whether the record was written.
@@ -283,6 +324,7 @@ fn record(
     named_by_policy: bool,
 ) -> bool {
     let shared = ctx.shared();
+    let identity = ctx.caller.identity.as_deref();
     let rule = rule_label(decision);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     let recorded = !shared.audit.enabled()
@@ -290,6 +332,9 @@ fn record(
             call_id: &permit.call_id,
             server: &ctx.server.name,
             client: ctx.caller.client.as_deref(),
+            user: identity.map(|id| &*id.user),
+            client_id: identity.and_then(|id| id.client_id.as_deref()),
+            jti: identity.and_then(|id| id.jti.as_deref()),
             session: ctx.session.as_ref().map(|s| &*s.id),
             tool: &permit.tool,
             decision: decision_name(decision),

@@ -114,10 +114,24 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
         tool,
         arguments,
         client: ctx.caller.client.clone(),
+        user: ctx
+            .caller
+            .identity
+            .as_ref()
+            .map(|id| (id.user.clone(), id.client_id.clone())),
+        identity: crate::store::approvals::Identity {
+            claims: ctx.caller.identity.as_ref().map(|id| id.claims.clone()),
+            scopes: ctx
+                .caller
+                .identity
+                .as_ref()
+                .map(|id| id.scopes.clone())
+                .unwrap_or_default(),
+        },
         session: session.map(|s| s.id.clone()),
-        // Client key, else session, else peer.
-        principal: if ctx.caller.client.is_some() {
-            ctx.client_key.clone()
+        // The client's key (or the token's user), else the session, else the peer.
+        principal: if ctx.caller.client.is_some() || ctx.caller.identity.is_some() {
+            ctx.user_key.clone()
         } else {
             ctx.session_key.clone()
         },
@@ -152,7 +166,7 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
             let forwarded = without_own_input(&message);
             let payload = Payload::One(forwarded.as_ref().unwrap_or(message.as_value()));
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
-                Ok(reply) => relay::answer(&ctx, &message, false, reply),
+                Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
                 Err(err) => Err(err),
             };
             match answer {

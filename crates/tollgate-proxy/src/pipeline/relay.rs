@@ -11,7 +11,7 @@ use serde_json::Value;
 use tollgate_mcp::{ErrorCode, Message, error_response};
 use tollgate_policy::Policy;
 
-use super::context::{Answer, Context};
+use super::context::{Answer, Caller, Context};
 use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
@@ -20,7 +20,7 @@ use crate::store::sessions::Session;
 use crate::upstream::{Body, Event, EventStream, Failure, Json, Reply};
 
 /// Turns the upstream's reply to `message` into the client's answer.
-pub fn answer(
+pub async fn answer(
     ctx: &Context,
     message: &Message,
     initialize: bool,
@@ -37,7 +37,7 @@ pub fn answer(
             body,
             ctx.server.clone(),
             ctx.server.policy.load_full(),
-            ctx.caller.client.clone(),
+            ctx.caller.clone(),
         );
     }
     if let Some(id) = message.id() {
@@ -53,9 +53,9 @@ pub fn answer(
         let opened = match &answer.body {
             Body::Json(json) => {
                 let value = json.clone().into_value().ok();
-                session::open(ctx, message.as_value(), reply.session, value.as_ref())?
+                session::open(ctx, message.as_value(), reply.session, value.as_ref()).await?
             }
-            _ => session::open(ctx, message.as_value(), reply.session, None)?,
+            _ => session::open(ctx, message.as_value(), reply.session, None).await?,
         };
         if let Body::Events(_) = &answer.body
             && let Body::Events(events) = std::mem::replace(&mut answer.body, Body::Empty)
@@ -127,21 +127,16 @@ fn note_version(events: EventStream, session: Arc<Session>) -> EventStream {
         .boxed()
 }
 
-/// Hides the tools the policy denies `client` outright, in a JSON body or in every
+/// Hides the tools the policy denies `caller` outright, in a JSON body or in every
 /// event of a stream, and learns the listed tools' `x-mcp-header` annotations.
-pub fn filter(
-    body: Body,
-    server: Arc<Server>,
-    policy: Arc<Policy>,
-    client: Option<Arc<str>>,
-) -> Body {
+pub fn filter(body: Body, server: Arc<Server>, policy: Arc<Policy>, caller: Caller) -> Body {
     match body {
-        Body::Json(json) => Body::Json(filter_json(json, &server, &policy, client.as_deref())),
+        Body::Json(json) => Body::Json(filter_json(json, &server, &policy, &caller)),
         Body::Events(events) => Body::Events(
             events
                 .map(move |event| {
                     event.map(|mut event| {
-                        event.data = filter_json(event.data, &server, &policy, client.as_deref());
+                        event.data = filter_json(event.data, &server, &policy, &caller);
                         event
                     })
                 })
@@ -151,18 +146,18 @@ pub fn filter(
     }
 }
 
-fn filter_json(json: Json, server: &Server, policy: &Policy, client: Option<&str>) -> Json {
+fn filter_json(json: Json, server: &Server, policy: &Policy, caller: &Caller) -> Json {
     let params = &server.params;
     match json {
         Json::Value(mut value) => {
-            filter_tools(&mut value, &server.name, params, policy, client);
+            filter_tools(&mut value, &server.name, params, policy, caller);
             Json::Value(value)
         }
         Json::Text(text) => {
             // Only an answer that lists tools is parsed.
             if memchr_tools(&text)
                 && let Ok(mut value) = serde_json::from_slice::<Value>(&text)
-                && filter_tools(&mut value, &server.name, params, policy, client)
+                && filter_tools(&mut value, &server.name, params, policy, caller)
             {
                 return Json::Value(value);
             }
@@ -184,11 +179,11 @@ pub fn filter_tools(
     server: &str,
     params: &ToolParams,
     policy: &Policy,
-    client: Option<&str>,
+    caller: &Caller,
 ) -> bool {
     if let Value::Array(items) = message {
         return items.iter_mut().fold(false, |changed, item| {
-            filter_tools(item, server, params, policy, client) | changed
+            filter_tools(item, server, params, policy, caller) | changed
         });
     }
     let Some(tools) = message
@@ -202,7 +197,8 @@ pub fn filter_tools(
         let Some(name) = tool.get("name").and_then(Value::as_str) else {
             return true;
         };
-        if policy.hides_tool(name, client) {
+        let claims = caller.identity.as_ref().map(|id| &id.claims);
+        if policy.hides_tool(name, caller.client.as_deref(), claims) {
             return false;
         }
         let schema = tool.get("inputSchema").unwrap_or(&Value::Null);
@@ -244,7 +240,8 @@ mod tests {
             {"name": "bad", "inputSchema": {"type": "object", "properties": {
                 "n": {"type": "number", "x-mcp-header": "N"}}}}
         ]}});
-        assert!(filter_tools(&mut answer, "s", &params, &policy, None));
+        let anyone = Caller::anonymous(std::net::IpAddr::from([127, 0, 0, 1]));
+        assert!(filter_tools(&mut answer, "s", &params, &policy, &anyone));
         let names: Vec<_> = answer["result"]["tools"]
             .as_array()
             .unwrap()

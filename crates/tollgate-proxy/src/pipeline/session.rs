@@ -15,7 +15,7 @@ use crate::upstream::{Payload, Request};
 
 /// The session a message belongs to: none in the stateless era or for
 /// `initialize`, else the one its header names.
-pub fn resolve(
+pub async fn resolve(
     shared: &Shared,
     server: &Server,
     caller: &Caller,
@@ -26,14 +26,16 @@ pub fn resolve(
         // The stateless era has no sessions: a stray session header is ignored.
         Era::Stateless => Ok(None),
         Era::Handshake if decoded.initialize => Ok(None),
-        Era::Handshake => find(shared, server, caller, meta.session.as_deref())?
+        Era::Handshake => find(shared, server, caller, meta.session.as_deref())
+            .await?
             .map(Some)
             .ok_or(ProxyError::MissingSession),
     }
 }
 
-/// The session named by `id`, checked against server and client.
-pub fn find(
+/// The session named by `id`, checked against server and client, and (with a
+/// shared backend) that this replica can serve it.
+pub async fn find(
     shared: &Shared,
     server: &Server,
     caller: &Caller,
@@ -42,10 +44,33 @@ pub fn find(
     let Some(id) = id else {
         return Ok(None);
     };
-    let session = shared.sessions.get(id).ok_or(ProxyError::UnknownSession)?;
+    let session = match shared.sessions.get(id).await {
+        Ok(found) => found.ok_or(ProxyError::UnknownSession)?,
+        Err(error) => {
+            let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
+            shared.metrics.state_unavailable(&server.name, refuse);
+            tracing::warn!(error = %error, "a session could not be looked up in the shared state");
+            // Unreadable is unknown with `allow`: nothing is let through unchecked.
+            return Err(if refuse {
+                ProxyError::StateUnavailable(error)
+            } else {
+                ProxyError::UnknownSession
+            });
+        }
+    };
     // A session is only valid for the server and client that opened it.
-    if session.server != server.name || session.client != caller.client {
+    if session.server != server.name || session.client != caller.principal() {
         return Err(ProxyError::UnknownSession);
+    }
+    if let (Some(remote), Some(owner)) = (&shared.remote, &session.replica)
+        && session.pinned
+        && owner != remote.replica()
+    {
+        return Err(ProxyError::OtherReplica {
+            replica: owner.to_string(),
+            here: remote.replica().to_string(),
+            server: server.name.to_string(),
+        });
     }
     Ok(Some(session))
 }
@@ -99,8 +124,9 @@ fn replayable(initialize: &Value) -> Value {
     serde_json::json!({"jsonrpc": "2.0", "method": "initialize", "params": params})
 }
 
-/// Opens the session an `initialize` asked for, once the upstream accepted it.
-pub fn open(
+/// Opens the session an `initialize` asked for, once the upstream accepted it (and,
+/// with a shared backend, writes it there, so any replica can serve it).
+pub async fn open(
     ctx: &Context,
     initialize: &Value,
     upstream_id: Option<String>,
@@ -118,13 +144,28 @@ pub fn open(
         .sessions
         .open(crate::store::sessions::NewSession {
             server: ctx.server.name.clone(),
-            client: ctx.caller.client.clone(),
+            client: ctx.caller.principal(),
             upstream_id,
             initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
-            quota_key: ctx.client_key.as_str().into(),
+            quota_key: ctx.user_key.as_str().into(),
+            pinned: ctx.server.pinned,
         })?;
+    let shared = ctx.shared();
+    if let Err(error) = shared.sessions.share(&session).await {
+        let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
+        shared.metrics.state_unavailable(&ctx.server.name, refuse);
+        if refuse {
+            tracing::warn!(error = %error, "initialize refused: its session could not be written to the shared state (state.on_failure: refuse)");
+            shared.sessions.remove(&session.id);
+            if let Some(upstream_id) = session.upstream_id() {
+                let _ = ctx.server.upstream.end(&upstream_id).await;
+            }
+            return Err(ProxyError::StateUnavailable(error));
+        }
+        tracing::warn!(error = %error, "session kept on this replica only: the shared state cannot be reached (state.on_failure: allow)");
+    }
     tracing::info!(session = %session.id, "session opened");
     Ok(session)
 }

@@ -19,12 +19,15 @@
 //! page's live stream and for the requests waiting on it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
+
+use super::remote::Remote;
 
 /// How many settled approvals are kept for `GET /approvals`.
 const SETTLED_KEPT: usize = 500;
@@ -47,7 +50,7 @@ pub const MAX_GRANTS: usize = 10_000;
 pub const PREVIEW_BYTES: usize = 2048;
 
 /// Where an approval stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Waiting for a human.
@@ -61,7 +64,7 @@ pub enum Status {
 }
 
 /// One approval, as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Approval {
     /// Random id.
     pub id: String,
@@ -75,12 +78,18 @@ pub struct Approval {
     /// [`PREVIEW_BYTES`] bytes of JSON) when they were larger.
     pub arguments: Value,
     /// Set when `arguments` is a preview: the size of the whole arguments as JSON text.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub arguments_truncated_from: Option<usize>,
     /// `sha256:<hex>` of the arguments as canonical JSON: what a retry must match.
     pub arguments_digest: String,
     /// The authenticated client, if any.
     pub client: Option<String>,
+    /// Who asked: the OAuth token's user (`sub`), when the caller sent a token.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user: Option<String>,
+    /// The OAuth token's client (`azp` / `client_id`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_id: Option<String>,
     /// The session, if any.
     pub session: Option<String>,
     /// Who may retry the call: `client:<name>`, else `session:<id>`, else `peer:<address>`.
@@ -98,22 +107,22 @@ pub struct Approval {
     /// How many seconds after the decision an approved call may be retried.
     pub valid_for_secs: u64,
     /// Who decided.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub decided_by: Option<String>,
     /// The approver's reason.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub decision_reason: Option<String>,
     /// When it was decided (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub decided_at: Option<String>,
     /// Until when an approved call may be retried (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub valid_until: Option<String>,
     /// When the approved call was forwarded (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub redeemed_at: Option<String>,
     /// The grant given with the approval, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grant_id: Option<String>,
 }
 
@@ -152,6 +161,10 @@ pub struct Request {
     pub arguments_digest: String,
     /// Client.
     pub client: Option<String>,
+    /// The OAuth token's user.
+    pub user: Option<String>,
+    /// The OAuth token's client.
+    pub client_id: Option<String>,
     /// Session.
     pub session: Option<String>,
     /// Who may retry: see [`Approval::principal`].
@@ -170,6 +183,17 @@ pub struct Request {
     pub timeout: Duration,
     /// How long after approval the call may be retried.
     pub valid_for: Duration,
+    /// The caller's token claims and scopes, for deciding the call again (never shown).
+    pub identity: Identity,
+}
+
+/// What the policy may need of the caller to decide a held call again.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The OAuth token's claims.
+    pub claims: Option<serde_json::Map<String, Value>>,
+    /// Its scopes.
+    pub scopes: Vec<String>,
 }
 
 /// Opening an approval failed.
@@ -197,10 +221,13 @@ pub enum DecideError {
     /// Already settled (or past its deadline); carries the current state.
     #[error("approval `{}` is already {:?}", .0.id, .0.status)]
     Settled(Box<Approval>),
+    /// Held by another replica, which could not be reached or did not answer.
+    #[error("approval `{0}` is held by another replica, which did not confirm the decision: {1}")]
+    Unconfirmed(String, String),
 }
 
 /// Who a grant is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// The client (its key; the peer's address for a client without one).
@@ -239,7 +266,7 @@ pub struct Grant {
 }
 
 /// What an approver grants with an approval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantRequest {
     /// Client or session.
     pub scope: Scope,
@@ -251,6 +278,7 @@ pub struct GrantRequest {
 
 struct Entry {
     approval: Approval,
+    identity: Identity,
     /// Size of the arguments as JSON, counted against [`MAX_LIVE_BYTES`].
     bytes: usize,
     /// When it is over: the deadline, or once approved `valid_until`.
@@ -285,6 +313,31 @@ struct Table {
 pub struct Approvals {
     table: Mutex<Table>,
     changes: broadcast::Sender<Approval>,
+    /// With a shared backend: the other replicas' approvals, as they last published them.
+    mirror: Option<Mirror>,
+}
+
+/// Other replicas' approvals (`state.backend: redis`). An approval stays with the
+/// replica it was opened on (its retries must reach it); every change is published,
+/// so each replica lists them all, and a decision made elsewhere is sent to the
+/// holder, which settles it (once).
+struct Mirror {
+    remote: Arc<Remote>,
+    others: Arc<Mutex<HashMap<String, Approval>>>,
+}
+
+/// Most approvals of other replicas kept in the mirror.
+const MIRRORED: usize = 2 * SETTLED_KEPT + 10_000;
+
+/// A decision made on another replica, for the replica holding the approval.
+#[derive(Serialize, Deserialize)]
+struct RemoteDecision {
+    id: String,
+    approved: bool,
+    by: String,
+    reason: Option<String>,
+    #[serde(default)]
+    grant: Option<GrantRequest>,
 }
 
 impl Default for Approvals {
@@ -309,6 +362,163 @@ impl Approvals {
         Approvals {
             table: Mutex::new(Table::default()),
             changes,
+            mirror: None,
+        }
+    }
+
+    /// A store whose approvals every replica on `remote` lists and can decide.
+    pub fn shared(remote: Arc<Remote>) -> Arc<Approvals> {
+        let (changes, _) = broadcast::channel(1024);
+        let others = Arc::new(Mutex::new(HashMap::new()));
+        let store = Arc::new(Approvals {
+            table: Mutex::new(Table::default()),
+            changes,
+            mirror: Some(Mirror {
+                remote: remote.clone(),
+                others: others.clone(),
+            }),
+        });
+        let (weak, broadcast) = (Arc::downgrade(&store), store.changes.clone());
+        remote.follow(
+            remote.key(&["approvals", "changed"]),
+            move |body| {
+                let Ok(approval) = serde_json::from_str::<Approval>(body) else {
+                    return;
+                };
+                let mut others = others.lock();
+                if others.len() >= MIRRORED {
+                    others.retain(|_, a| a.status == Status::Pending);
+                    if others.len() >= MIRRORED {
+                        return;
+                    }
+                }
+                // Changes are published by tasks of their own, so they may arrive out
+                // of order: a decided approval never goes back to pending.
+                if approval.status == Status::Pending
+                    && others
+                        .get(&approval.id)
+                        .is_some_and(|known| known.status != Status::Pending)
+                {
+                    return;
+                }
+                others.insert(approval.id.clone(), approval.clone());
+                drop(others);
+                let _ = broadcast.send(approval);
+            },
+            || {},
+        );
+        remote.follow(
+            remote.key(&["approvals", "decide"]),
+            move |body| {
+                let (Some(store), Ok(decision)) =
+                    (weak.upgrade(), serde_json::from_str::<RemoteDecision>(body))
+                else {
+                    return;
+                };
+                // Only the replica holding the approval settles it; the rest ignore it.
+                if store.holds(&decision.id) {
+                    let _ = store.decide(
+                        &decision.id,
+                        decision.approved,
+                        &decision.by,
+                        decision.reason,
+                        decision.grant,
+                    );
+                }
+            },
+            || {},
+        );
+        store
+    }
+
+    /// Whether this replica holds (or held) the approval.
+    fn holds(&self, id: &str) -> bool {
+        let table = self.table.lock();
+        table.live.contains_key(id) || table.settled.iter().any(|a| a.id == id)
+    }
+
+    /// Tells the admin stream and the waiting requests, and with a shared backend
+    /// the other replicas.
+    fn changed(&self, approval: Approval) {
+        if let Some(mirror) = &self.mirror
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Ok(body) = serde_json::to_string(&approval)
+        {
+            let remote = mirror.remote.clone();
+            runtime.spawn(async move {
+                let channel = remote.key(&["approvals", "changed"]);
+                if let Err(err) = remote.publish(&channel, &body).await {
+                    tracing::warn!(error = %err, "an approval's change could not be shared with the other replicas");
+                }
+            });
+        }
+        let _ = self.changes.send(approval);
+    }
+
+    /// Approves or denies an approval held by this replica or, with a shared
+    /// backend, by another one: the holder settles it (exactly once, whoever asks
+    /// first), and the answer is what it published, awaited for at most 3 s. A
+    /// grant given on another replica is that replica's (its calls' retries reach it).
+    pub async fn decide_anywhere(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: Option<String>,
+        grant: Option<GrantRequest>,
+    ) -> Result<(Approval, Option<Grant>), DecideError> {
+        let Some(mirror) = &self.mirror else {
+            return self.decide(id, approved, by, reason, grant);
+        };
+        if self.holds(id) {
+            return self.decide(id, approved, by, reason, grant);
+        }
+        let known = mirror.others.lock().get(id).cloned();
+        let Some(known) = known else {
+            return Err(DecideError::NotFound(id.to_owned()));
+        };
+        if known.status != Status::Pending {
+            return Err(DecideError::Settled(Box::new(known)));
+        }
+        let mut changes = self.changes.subscribe();
+        let body = serde_json::to_string(&RemoteDecision {
+            id: id.to_owned(),
+            approved,
+            by: by.to_owned(),
+            reason,
+            grant,
+        })
+        .unwrap_or_default();
+        let unconfirmed = |why: String| DecideError::Unconfirmed(id.to_owned(), why);
+        mirror
+            .remote
+            .publish(&mirror.remote.key(&["approvals", "decide"]), &body)
+            .await
+            .map_err(|e| unconfirmed(e.to_string()))?;
+        let wanted = if approved {
+            Status::Approved
+        } else {
+            Status::Denied
+        };
+        let settled = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match changes.recv().await {
+                    Ok(change) if change.id == id && change.status != Status::Pending => {
+                        return Some(change);
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
+        if settled.status == wanted && settled.decided_by.as_deref() == Some(by) {
+            Ok((settled, None))
+        } else {
+            Err(DecideError::Settled(Box::new(settled)))
         }
     }
 
@@ -353,6 +563,8 @@ impl Approvals {
                     arguments_truncated_from: None,
                     arguments_digest: request.arguments_digest,
                     client: request.client,
+                    user: request.user,
+                    client_id: request.client_id,
                     session: request.session,
                     principal: request.principal,
                     call_id: request.call_id,
@@ -379,6 +591,7 @@ impl Approvals {
                     id.clone(),
                     Entry {
                         approval: approval.clone(),
+                        identity: request.identity,
                         bytes,
                         due: deadline,
                         key,
@@ -389,7 +602,7 @@ impl Approvals {
                         valid_until: None,
                     },
                 );
-                let _ = self.changes.send(approval);
+                self.changed(approval);
                 Ok((id, Standing::Pending(deadline), true))
             }
         };
@@ -477,7 +690,7 @@ impl Approvals {
         drop(table);
         self.announce(changed);
         if let Ok((approval, _)) = &result {
-            let _ = self.changes.send(approval.clone());
+            self.changed(approval.clone());
         }
         result
     }
@@ -501,8 +714,7 @@ impl Approvals {
                 reason: approval.decision_reason.clone(),
             };
             push_settled(&mut table, approval.clone());
-            let _ = self.changes.send(approval);
-            Ok(verdict)
+            Ok((verdict, approval))
         } else {
             Err(match table.live.get(id) {
                 Some(entry) => Some(standing(entry)),
@@ -515,7 +727,10 @@ impl Approvals {
         };
         drop(table);
         self.announce(changed);
-        result
+        result.map(|(verdict, approval)| {
+            self.changed(approval);
+            verdict
+        })
     }
 
     /// Marks a one-use token used until `until`; `false` when it already was.
@@ -542,6 +757,9 @@ impl Approvals {
             .collect();
         drop(table);
         self.announce(changed);
+        if let Some(mirror) = &self.mirror {
+            all.extend(mirror.others.lock().values().cloned());
+        }
         all.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -558,6 +776,20 @@ impl Approvals {
             .get(id)
             .map(|e| e.approval.clone())
             .or_else(|| table.settled.iter().find(|a| a.id == id).cloned())
+            .or_else(|| {
+                drop(table);
+                self.mirror
+                    .as_ref()
+                    .and_then(|m| m.others.lock().get(id).cloned())
+            })
+    }
+
+    /// A pending approval held here, with what the policy needs of its caller to
+    /// decide it again.
+    pub fn held_call(&self, id: &str) -> Option<(Approval, Identity)> {
+        let table = self.table.lock();
+        let entry = table.live.get(id)?;
+        Some((entry.approval.clone(), entry.identity.clone()))
     }
 
     /// Number of pending approvals.
@@ -641,7 +873,7 @@ impl Approvals {
     /// Broadcasts approvals a sweep settled.
     fn announce(&self, changed: Vec<Approval>) {
         for approval in changed {
-            let _ = self.changes.send(approval);
+            self.changed(approval);
         }
     }
 }
@@ -801,6 +1033,8 @@ mod tests {
             arguments: json!({"a": 1}),
             arguments_digest: "sha256:aa".into(),
             client: None,
+            user: None,
+            client_id: None,
             session: Some("abc".into()),
             principal: "session:abc".into(),
             client_key: "peer:127.0.0.1".into(),
@@ -810,6 +1044,7 @@ mod tests {
             reason: "needs a human".into(),
             timeout,
             valid_for: Duration::from_secs(600),
+            identity: Identity::default(),
         }
     }
 
