@@ -32,10 +32,7 @@ pub async fn forward(
     payload: Payload<'_>,
     permits: Vec<Permit>,
 ) -> Result<Reply, ProxyError> {
-    let id = match payload {
-        Payload::One(message) => message.get("id"),
-        Payload::Batch(_) => None,
-    };
+    let id = payload.message().and_then(|message| message.get("id"));
     let mut permits = permits;
     let started = Instant::now();
     for permit in &mut permits {

@@ -1,5 +1,5 @@
 //! Stage 3, decide: a `tools/call` evaluated against the policy and its rate
-//! limits, its decision recorded (audit log, metrics, log line) before anything is
+//! limits, its decision recorded (audit log, metrics, a DEBUG line) before anything is
 //! forwarded, and answered as docs/errors.md describes when it is refused.
 //!
 //! A call that may go on gets a [`Permit`]: the only way to the upstream, owning
@@ -308,7 +308,9 @@ fn record(
         decision_name(decision),
         &rule,
     );
-    tracing::info!(
+    // The audit log is the record of decisions; a line per call at INFO would cost
+    // as much as the rest of the call's logging put together.
+    tracing::debug!(
         tool = %permit.tool,
         decision = decision_name(decision),
         rule = %rule,

@@ -64,7 +64,7 @@ async fn settle(ctx: Context, message: Message, held: Held, outcome: Option<Outc
         // The client went away: dropping the permit gives its slot back.
         None => return,
         Some(Outcome::Decided(verdict)) if verdict.approved => {
-            let payload = Payload::One(message.as_value());
+            let payload = Payload::of(&message);
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
                 Ok(reply) => relay::answer(&ctx, &message, false, reply),
                 Err(err) => Err(err),
