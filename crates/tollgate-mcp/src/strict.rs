@@ -12,6 +12,7 @@
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 /// A parsed body.
@@ -102,13 +103,17 @@ impl<'de> Visitor<'de> for Strict<'_> {
             let value = map.next_value_seed(Strict {
                 exact: &mut *self.exact,
             })?;
-            if object.contains_key(&key) {
-                let quoted: String = key.chars().take(QUOTED_KEY).collect();
-                return Err(de::Error::custom(format_args!(
-                    "duplicate object key {quoted:?}: each key may appear once per object"
-                )));
+            match object.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                Entry::Occupied(taken) => {
+                    let quoted: String = taken.key().chars().take(QUOTED_KEY).collect();
+                    return Err(de::Error::custom(format_args!(
+                        "duplicate object key {quoted:?}: each key may appear once per object"
+                    )));
+                }
             }
-            object.insert(key, value);
         }
         Ok(Value::Object(object))
     }
