@@ -121,7 +121,12 @@ fn answered(body: Body, permits: Vec<Permit>) -> Body {
     }
     match body {
         Body::Json(json) => {
-            let answers = answers_in(&json).unwrap_or_default();
+            let answers = match (&json, &permits[..]) {
+                // A lone call's answer, whatever id it carries: the common case is read
+                // without parsing.
+                (Json::Text(text), [_]) if plainly_ok(text) => vec![(Value::Null, Outcome::Ok)],
+                _ => answers_in(&json).unwrap_or_default(),
+            };
             // A lone answer is the lone call's, whatever id it carries (a parse error's is null).
             let lone = match (&answers[..], &permits[..]) {
                 ([(_, outcome)], [_]) => Some(*outcome),
@@ -166,7 +171,6 @@ fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
     match json {
         Json::Value(Value::Array(items)) => Some(items.iter().filter_map(answer_of).collect()),
         Json::Value(value) => Some(answer_of(value).into_iter().collect()),
-        Json::Text(text) if plainly_ok(text) => Some(vec![(Value::Null, Outcome::Ok)]),
         Json::Text(text) => {
             // Only the few fields that tell the outcome are read; results are skipped.
             let batch = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
@@ -264,6 +268,15 @@ impl Waiting {
 
     fn note(&mut self, message: &Json) {
         if self.0.is_empty() {
+            return;
+        }
+        // A lone call's answer in its stream, told without parsing: a plain result that
+        // is not a message of the server's own (those have a `method`).
+        if let (Json::Text(text), [_]) = (message, &self.0[..])
+            && plainly_ok(text)
+            && memchr::memmem::find(text, b"\"method\"").is_none()
+        {
+            self.finish_all(Outcome::Ok);
             return;
         }
         let Some(answers) = answers_in(message) else {
@@ -468,7 +481,8 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"isError"}]}}"#,
         ] {
             assert!(plainly_ok(ok.as_bytes()), "{ok}");
-            assert_eq!(outcome(ok), [(Value::Null, Outcome::Ok)], "{ok}");
+            // The full parse agrees.
+            assert_eq!(outcome(ok), [(json!(1), Outcome::Ok)], "{ok}");
         }
         for (text, expected) in [
             (
