@@ -279,8 +279,12 @@ pub async fn run_workload(
 
 /// Opens `n` handshake-era sessions and leaves them idle.
 pub async fn open_sessions(target: &Target, n: usize) -> anyhow::Result<()> {
-    for _ in 0..n {
-        open(target, Era::Handshake).await?;
+    for opened in 0..n {
+        let headers = open(target, Era::Handshake).await?;
+        anyhow::ensure!(
+            headers.iter().any(|(name, _)| *name == "mcp-session-id"),
+            "only {opened} of {n} sessions opened (limits.max_sessions, limits.sessions_per_client?)"
+        );
     }
     Ok(())
 }

@@ -183,7 +183,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000}}\n{extra}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
+                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000, sessions_per_client: 50000}}\n{extra}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
                 policy.display()
             ),
         )?;
