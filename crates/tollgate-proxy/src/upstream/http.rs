@@ -345,6 +345,37 @@ mod tests {
         assert_eq!(upstream.post[header::AUTHORIZATION], "Bearer t");
     }
 
+    #[tokio::test]
+    async fn an_https_upstream_is_reached_over_tls() {
+        // A plain-text server behind an https URL: the TLS handshake fails, which is
+        // a failure to connect (nothing was sent), not a request sent in the clear.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 5];
+            socket.read_exact(&mut hello).await.unwrap();
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            hello
+        });
+        let url = reqwest::Url::parse(&format!("https://127.0.0.1:{port}/mcp")).unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(5), 1 << 20).unwrap();
+        let failure = upstream
+            .exchange(
+                Method::POST,
+                upstream.post.clone(),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::Unreachable(_)), "{failure}");
+        // The first bytes on the wire were a TLS handshake record, not an HTTP request.
+        assert_eq!(server.await.unwrap()[0], 0x16);
+    }
+
     #[test]
     fn the_servers_own_headers_win_over_forwarded_ones() {
         let url = reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap();
