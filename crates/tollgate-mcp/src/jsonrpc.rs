@@ -73,6 +73,8 @@ pub enum Kind {
 pub struct Message {
     value: Value,
     kind: Kind,
+    /// A `tools/call` request (told once: every stage asks).
+    tools_call: bool,
     raw: Option<Bytes>,
 }
 
@@ -246,9 +248,12 @@ impl Message {
                 "`params` must be an object or an array",
             ));
         }
+        let tools_call = kind == Kind::Request
+            && map.get("method").and_then(Value::as_str) == Some("tools/call");
         Ok(Message {
             value,
             kind,
+            tools_call,
             raw: None,
         })
     }
@@ -280,7 +285,7 @@ impl Message {
 
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
-        if self.kind != Kind::Request || self.method() != Some("tools/call") {
+        if !self.tools_call {
             return None;
         }
         let params = self.params()?;
