@@ -2,32 +2,65 @@
 speed is measured by scripts/bench and recorded in docs/benchmarks.md)."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, TOLLGATE
 
+BENCH = Path(os.environ.get("TOLLGATE_BENCH_BIN", ROOT / "target" / "debug" / "tollgate-bench"))
 
-def test_the_compare_harness_runs_end_to_end_without_errors():
-    bench = Path(os.environ.get("TOLLGATE_BENCH_BIN", ROOT / "target" / "debug" / "tollgate-bench"))
+
+def compare(*args: str) -> str:
     out = subprocess.run(
-        [str(bench), "--tollgate", TOLLGATE, "compare", "--secs", "0.2", "--concurrency", "1"],
-        capture_output=True, text=True, timeout=120,
+        [str(BENCH), "--tollgate", TOLLGATE, "compare", "--secs", "0.2", "--concurrency", "1", *args],
+        capture_output=True, text=True, timeout=240,
     )
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| json") or line.startswith("| sse")]
-    assert len(rows) == 4, out.stdout
-    assert all(line.rstrip(" |").endswith("| 0") for line in rows), out.stdout
-    assert "1 ms upstream" in out.stdout
+    return out.stdout
+
+
+def grid_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("| json") or line.startswith("| sse")]
+
+
+@pytest.mark.parametrize("load", ["builtin", "wrk"])
+def test_the_compare_grid_runs_end_to_end_without_errors(load):
+    if load == "wrk" and not shutil.which("wrk"):
+        pytest.fail("wrk is not installed (tests/run installs it: apt-get install wrk)")
+    stdout = compare("--quick", "--load", load)
+    rows = grid_rows(stdout)
+    assert len(rows) == 4, stdout
+    # nginx measured beside Tollgate, and no call failed anywhere.
+    assert all(line.split("|")[5].strip() not in ("-", "0") for line in rows), stdout
+    assert all(line.rstrip(" |").endswith("| 0") for line in rows), stdout
+    assert ("wrk -t1" in stdout) == (load == "wrk")
+    assert "### Targets (1 run(s)" in stdout
+    assert "| p99, JSON, stateless, c=1 (µs) | ≤ 1000 µs |" in stdout
+
+
+def test_the_extra_cells_and_targets_are_measured():
+    stdout = compare("--load", "builtin", "--idle-sessions", "300")
+    for cell in ["audit log file", "1,000 rules", "1 MiB argument", "tools/list of 1,004 tools",
+                 "300 idle sessions", "1 ms upstream"]:
+        assert cell in stdout, stdout
+    targets = stdout.split("### Targets", 1)[1]
+    # The extras' targets have figures (those of the c=64 grid need --concurrency 64).
+    for name in ["with an audit log file", "1,000 rules vs 50", "tools/list of 1,004 tools",
+                 "RSS bytes per session", "1 ms upstream"]:
+        (line,) = [l for l in targets.splitlines() if name in l]
+        assert "not measured" not in line, line
+        assert line.rstrip(" |").endswith(("pass", "miss", "-")), line
 
 
 def test_the_redis_backend_costs_one_round_trip_per_rate_limited_call():
     """`tollgate-bench state`: memory against redis on the same calls (every one has a
     rate limit), in both eras; the Redis round trips per call are counted by Tollgate
     itself (tollgate_state_round_trips_total), not timed."""
-    bench = Path(os.environ.get("TOLLGATE_BENCH_BIN", ROOT / "target" / "debug" / "tollgate-bench"))
     out = subprocess.run(
-        [str(bench), "--tollgate", TOLLGATE, "state", "--secs", "0.5", "--concurrency", "1,4"],
+        [str(BENCH), "--tollgate", TOLLGATE, "state", "--secs", "0.5", "--concurrency", "1,4"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr

@@ -107,3 +107,59 @@ def test_invalid_utf8_is_a_parse_error(recorder, procs, tmp_path):
     r = httpx.post(tg.url, content=body, headers=headers(name="echo"), timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == -32700
     assert recorder.tool_calls() == []
+
+
+META_TEXT = ('"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", '
+             '"io.modelcontextprotocol/clientCapabilities": {}}')
+
+
+def raw_call(arguments: str, name: str = "echo") -> bytes:
+    return ('{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "%s", '
+            '"arguments": %s, %s}}' % (name, arguments, META_TEXT)).encode()
+
+
+@pytest.mark.parametrize("arguments", [
+    '{"path": "/tmp/ok", "path": "/etc/shadow"}',
+    '{"options": {"mode": "read", "mode": "write"}}',
+    '{"items": [{"id": 1}, {"id": 2, "id": 3}]}',
+    '{"path": "/tmp/ok", "pa\\u0074h": "/etc/shadow"}',  # the same key once decoded
+])
+def test_duplicate_keys_nested_in_arguments_are_refused_and_never_forwarded(arguments, recorder, procs, tmp_path):
+    """SPEC §6: the strict parse refuses a duplicate key at any depth, so the bytes
+    forwarded can never mean one thing to the policy and another to the upstream."""
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    r = httpx.post(tg.url, content=raw_call(arguments), headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == -32700
+    assert "duplicate object key" in r.json()["error"]["message"]
+    assert recorder.tool_calls() == []
+
+
+@pytest.mark.parametrize("text", ["\\ud800", "\\udfff", "x\\ud83dy", "\\ude00\\ud83d"])
+def test_lone_surrogates_are_refused_and_never_forwarded(text, recorder, procs, tmp_path):
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    r = httpx.post(tg.url, content=raw_call('{"text": "%s"}' % text), headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == -32700
+    # Nor in the tool name, where the policy reads it.
+    r = httpx.post(tg.url, content=raw_call("{}", name="echo%s" % text), headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32700, r.text
+    assert recorder.tool_calls() == []
+
+
+def test_an_unchanged_message_is_forwarded_as_its_own_bytes(recorder, procs, tmp_path):
+    """What the strict parse accepted goes upstream byte for byte: escapes, spacing
+    and key order as the client wrote them."""
+    tg = start_tollgate(procs, tmp_path, recorder.url, POLICY)
+    body = raw_call('{ "text" : "caf\\u00e9 \\ud83d\\ude00",\n  "n": [1, -2, 18446744073709551615], "z": {"b": null, "a": true} }')
+    r = httpx.post(tg.url, content=body, headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 200, r.text
+    (forwarded,) = recorder.tool_calls()
+    assert forwarded["raw"] == body
+    # A fraction is forwarded as the number the policy evaluated (re-serialised): a
+    # parser with more precision than an f64 would read the text as another number.
+    body = raw_call('{"x": 0.1000000000000000000000001}')
+    r = httpx.post(tg.url, content=body, headers=headers(name="echo"), timeout=10)
+    assert r.status_code == 200, r.text
+    forwarded = recorder.tool_calls()[-1]
+    assert forwarded["raw"] != body and b'"x":0.1' in forwarded["raw"], forwarded["raw"]

@@ -65,6 +65,32 @@ impl Target {
     }
 }
 
+/// One measurement, whichever load generator made it.
+#[derive(Debug, Clone, Default)]
+pub struct Cell {
+    /// Calls per second.
+    pub rps: f64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: f64,
+    /// Calls answered in the window.
+    pub calls: usize,
+    /// Failed calls.
+    pub errors: usize,
+}
+
+/// What each call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// `describe_fhir_export_job` with two small arguments.
+    Call,
+    /// The same with one more argument of this many bytes.
+    BigCall(usize),
+    /// `tools/list`.
+    ToolsList,
+}
+
 /// Latencies and counts of one run.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -72,8 +98,6 @@ pub struct Stats {
     pub calls: usize,
     /// Failed calls.
     pub errors: usize,
-    /// Calls made before the window (connection set-up), for CPU accounting.
-    pub warmup_calls: usize,
     /// Sorted latencies, microseconds.
     latencies_us: Vec<u32>,
     elapsed: Duration,
@@ -89,6 +113,17 @@ impl Stats {
     pub fn percentile(&self, p: f64) -> f64 {
         percentile(&self.latencies_us, p)
     }
+
+    /// The figures a comparison reads.
+    pub fn cell(&self) -> Cell {
+        Cell {
+            rps: self.rps(),
+            p50_us: self.percentile(50.0),
+            p99_us: self.percentile(99.0),
+            calls: self.calls,
+            errors: self.errors,
+        }
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -102,9 +137,18 @@ pub fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 const DATASTORE: &str = "0123456789abcdef0123456789abcdef";
 
-fn call_body(id: u64, era: Era) -> Value {
-    let mut body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-        "params": {"name": "describe_fhir_export_job", "arguments": {"datastore_id": DATASTORE, "job_id": "job-1"}}});
+/// The JSON-RPC request of a workload.
+pub fn body(workload: Workload, id: u64, era: Era) -> Value {
+    let mut body = match workload {
+        Workload::ToolsList => {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {}})
+        }
+        _ => json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "describe_fhir_export_job", "arguments": {"datastore_id": DATASTORE, "job_id": "job-1"}}}),
+    };
+    if let Workload::BigCall(size) = workload {
+        body["params"]["arguments"]["blob"] = json!("x".repeat(size));
+    }
     if era == Era::Stateless {
         body["params"]["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {}});
@@ -114,7 +158,20 @@ fn call_body(id: u64, era: Era) -> Value {
 
 /// One worker's session: the headers every call carries.
 pub async fn open(target: &Target, era: Era) -> anyhow::Result<Vec<(&'static str, String)>> {
+    open_for(target, era, Workload::Call).await
+}
+
+/// [`open`] for a workload (the stateless era's routing headers name its method).
+pub async fn open_for(
+    target: &Target,
+    era: Era,
+    workload: Workload,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
     match era {
+        Era::Stateless if workload == Workload::ToolsList => Ok(vec![
+            ("mcp-protocol-version", "2026-07-28".into()),
+            ("mcp-method", "tools/list".into()),
+        ]),
         Era::Stateless => Ok(vec![
             ("mcp-protocol-version", "2026-07-28".into()),
             ("mcp-method", "tools/call".into()),
@@ -178,10 +235,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Runs `concurrency` workers for `duration`.
-pub async fn run(
+/// Runs `concurrency` workers doing `workload` for `duration`.
+pub async fn run_workload(
     target: &Target,
     era: Era,
+    workload: Workload,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Stats> {
@@ -190,12 +248,12 @@ pub async fn run(
     for w in 0..concurrency {
         let target = target.clone();
         workers.push(tokio::spawn(async move {
-            let headers = open(&target, era).await?;
+            let headers = open_for(&target, era, workload).await?;
             let deadline = Instant::now() + duration;
             let (mut latencies, mut errors, mut id) = (Vec::new(), 0usize, (w as u64) << 32);
             while Instant::now() < deadline {
                 id += 1;
-                let body = call_body(id, era);
+                let body = body(workload, id, era);
                 let started = Instant::now();
                 if one_call(&target, &headers, &body).await {
                     latencies
@@ -221,8 +279,12 @@ pub async fn run(
 
 /// Opens `n` handshake-era sessions and leaves them idle.
 pub async fn open_sessions(target: &Target, n: usize) -> anyhow::Result<()> {
-    for _ in 0..n {
-        open(target, Era::Handshake).await?;
+    for opened in 0..n {
+        let headers = open(target, Era::Handshake).await?;
+        anyhow::ensure!(
+            headers.iter().any(|(name, _)| *name == "mcp-session-id"),
+            "only {opened} of {n} sessions opened (limits.max_sessions, limits.sessions_per_client?)"
+        );
     }
     Ok(())
 }
@@ -244,13 +306,13 @@ mod tests {
 
     #[test]
     fn stateless_calls_carry_the_meta_envelope() {
-        let body = call_body(1, Era::Stateless);
+        let body = body(Workload::Call, 1, Era::Stateless);
         assert_eq!(
             body["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"],
             "2026-07-28"
         );
         assert!(
-            call_body(1, Era::Handshake)["params"]
+            super::body(Workload::Call, 1, Era::Handshake)["params"]
                 .get("_meta")
                 .is_none()
         );

@@ -1,19 +1,24 @@
 //! `tollgate-bench`: measures what Tollgate costs, as ratios against a baseline
 //! measured in the same run.
 //!
-//! * `compare`: closed-loop MCP `tools/call` load against the demo upstream directly,
-//!   through nginx (a plain reverse proxy: the cost of any extra HTTP hop), and through
-//!   Tollgate with a 50-rule policy and an argument schema; JSON and SSE answers,
-//!   handshake and stateless eras, concurrency 1/16/64, plus an upstream that takes 1 ms.
+//! * `compare`: MCP `tools/call` load (wrk, or the built-in closed loop) against the demo
+//!   upstream directly, through nginx (a plain reverse proxy: the cost of any extra HTTP
+//!   hop), and through Tollgate with a 50-rule policy and an argument schema; JSON and
+//!   SSE answers, handshake and stateless eras, concurrency 1/16/64; then an audit log,
+//!   1,000 rules, 1 MiB arguments, a `tools/list` of 1,000 tools, 10,000 idle sessions and
+//!   an upstream that takes 1 ms; CPU per call of each process from `/proc`; every
+//!   target of issue 15 as a ratio with pass/miss, as markdown.
 //! * `memory`: Tollgate's RSS with 0, 1,000 and 10,000 idle handshake-era sessions.
 //! * `state`: the same rate-limited calls with `state.backend: memory` and `redis`
 //!   (a redis-server of its own): added latency, CPU and Redis commands per call.
 //!
 //! Every process it starts is killed when it exits; every wait is bounded.
 
+mod compare;
 mod load;
 mod procs;
 mod soak;
+mod wrk;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use load::{Era, Stats, Target};
+use load::{Era, Stats, Target, Workload};
 use procs::{Child, Lab};
 
 #[derive(Debug, Parser)]
@@ -44,9 +49,18 @@ enum Command {
         /// Concurrency levels.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         concurrency: Vec<usize>,
-        /// Print JSON lines instead of tables.
+        /// How many times to measure everything (the targets show the median and range).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// The load generator.
+        #[arg(long, value_enum, default_value = "wrk")]
+        load: compare::Loader,
+        /// Only the grid: no audit, 1,000-rule, large-body, tools/list, idle-session or slow-upstream cells.
         #[arg(long)]
-        json: bool,
+        quick: bool,
+        /// Idle sessions opened for the memory and crowding cells.
+        #[arg(long, default_value_t = 10_000)]
+        idle_sessions: usize,
     },
     /// RSS per idle session, and with 1,000 calls waiting for approval.
     Memory,
@@ -84,8 +98,21 @@ fn main() -> anyhow::Result<()> {
             Command::Compare {
                 secs,
                 concurrency,
-                json,
-            } => compare(&tollgate, Duration::from_secs_f64(secs), &concurrency, json).await,
+                runs,
+                load,
+                quick,
+                idle_sessions,
+            } => {
+                let options = compare::Options {
+                    secs: Duration::from_secs_f64(secs),
+                    levels: concurrency,
+                    runs: runs.max(1),
+                    loader: load,
+                    quick,
+                    idle_sessions,
+                };
+                compare::run(&tollgate, &options).await
+            }
             Command::Memory => memory(&tollgate).await,
             Command::State { secs, concurrency } => {
                 state(&tollgate, Duration::from_secs_f64(secs), &concurrency).await
@@ -95,148 +122,14 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-struct Row {
-    response: &'static str,
-    era: Era,
-    concurrency: usize,
-    direct: Stats,
-    nginx: Option<Stats>,
-    tollgate: Stats,
-    tollgate_cpu_us: f64,
-    upstream_cpu_us: f64,
-}
-
-async fn measure(
+/// `concurrency` workers making small `tools/call`s for `secs`.
+async fn run(
     target: &Target,
     era: Era,
     concurrency: usize,
     secs: Duration,
 ) -> anyhow::Result<Stats> {
-    // A short warm-up fills connection pools and caches.
-    load::run(target, era, concurrency, Duration::from_millis(300)).await?;
-    load::run(target, era, concurrency, secs).await
-}
-
-async fn compare(
-    tollgate: &std::path::Path,
-    secs: Duration,
-    levels: &[usize],
-    json: bool,
-) -> anyhow::Result<()> {
-    let mut lab = Lab::new()?;
-    let mut rows = Vec::new();
-    for (response, sse) in [("json", false), ("sse", true)] {
-        let upstream = lab.demo_upstream(tollgate, sse, 0).await?;
-        let proxy = lab.tollgate(tollgate, &upstream.url).await?;
-        let nginx = lab.nginx(&upstream.url).await.ok();
-        if nginx.is_none() {
-            eprintln!(
-                "nginx is not installed: the nginx column is skipped (apt-get install nginx)"
-            );
-        }
-        for era in [Era::Handshake, Era::Stateless] {
-            for &concurrency in levels {
-                let direct = measure(&Target::new(&upstream.url), era, concurrency, secs).await?;
-                let nginx_stats = match &nginx {
-                    Some(n) => Some(measure(&Target::new(&n.url), era, concurrency, secs).await?),
-                    None => None,
-                };
-                let (tg_cpu0, up_cpu0) = (proxy.cpu_time()?, upstream.cpu_time()?);
-                let through = measure(&Target::new(&proxy.url), era, concurrency, secs).await?;
-                let calls = (through.calls + through.warmup_calls).max(1) as f64;
-                let tollgate_cpu_us = (proxy.cpu_time()? - tg_cpu0).as_secs_f64() * 1e6 / calls;
-                let upstream_cpu_us = (upstream.cpu_time()? - up_cpu0).as_secs_f64() * 1e6 / calls;
-                let row = Row {
-                    response,
-                    era,
-                    concurrency,
-                    direct,
-                    nginx: nginx_stats,
-                    tollgate: through,
-                    tollgate_cpu_us,
-                    upstream_cpu_us,
-                };
-                if json {
-                    println!("{}", row_json(&row));
-                } else {
-                    eprintln!("measured {response} {era:?} c={concurrency}");
-                }
-                rows.push(row);
-            }
-        }
-        lab.stop_all();
-    }
-    // An upstream that takes 1 ms per call: Tollgate's share of a realistic call.
-    let slow = lab.demo_upstream(tollgate, false, 1).await?;
-    let proxy = lab.tollgate(tollgate, &slow.url).await?;
-    let slow_direct = measure(&Target::new(&slow.url), Era::Stateless, 64, secs).await?;
-    let slow_proxied = measure(&Target::new(&proxy.url), Era::Stateless, 64, secs).await?;
-    lab.stop_all();
-
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"slow_upstream_1ms": {"direct_rps": slow_direct.rps(), "tollgate_rps": slow_proxied.rps(),
-            "ratio": slow_proxied.rps() / slow_direct.rps()}})
-        );
-        return Ok(());
-    }
-    println!(
-        "| answer | era | conc | direct rps | nginx rps | tollgate rps | tollgate/direct | tollgate/nginx | added p50 µs (nginx) | added p99 µs (nginx) | tollgate CPU µs/call | upstream CPU µs/call | errors |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let nginx_rps = r
-            .nginx
-            .as_ref()
-            .map_or("-".to_owned(), |n| format!("{:.0}", n.rps()));
-        let vs_nginx = r.nginx.as_ref().map_or("-".to_owned(), |n| {
-            format!("{:.2}", r.tollgate.rps() / n.rps())
-        });
-        let added = |p: f64| {
-            let tg = r.tollgate.percentile(p) - r.direct.percentile(p);
-            let ng = r.nginx.as_ref().map_or("-".to_owned(), |n| {
-                format!("{:.0}", n.percentile(p) - r.direct.percentile(p))
-            });
-            format!("{tg:.0} ({ng})")
-        };
-        println!(
-            "| {} | {:?} | {} | {:.0} | {} | {:.0} | {:.2} | {} | {} | {} | {:.1} | {:.1} | {} |",
-            r.response,
-            r.era,
-            r.concurrency,
-            r.direct.rps(),
-            nginx_rps,
-            r.tollgate.rps(),
-            r.tollgate.rps() / r.direct.rps(),
-            vs_nginx,
-            added(50.0),
-            added(99.0),
-            r.tollgate_cpu_us,
-            r.upstream_cpu_us,
-            r.tollgate.errors + r.direct.errors,
-        );
-    }
-    println!();
-    println!(
-        "1 ms upstream, stateless, c=64: direct {:.0} rps, tollgate {:.0} rps, ratio {:.3}",
-        slow_direct.rps(),
-        slow_proxied.rps(),
-        slow_proxied.rps() / slow_direct.rps()
-    );
-    Ok(())
-}
-
-fn row_json(r: &Row) -> serde_json::Value {
-    let stats = |s: &Stats| {
-        serde_json::json!({"rps": s.rps(), "p50_us": s.percentile(50.0), "p90_us": s.percentile(90.0),
-        "p99_us": s.percentile(99.0), "max_us": s.percentile(100.0), "errors": s.errors, "calls": s.calls})
-    };
-    serde_json::json!({
-        "answer": r.response, "era": format!("{:?}", r.era), "concurrency": r.concurrency,
-        "direct": stats(&r.direct), "nginx": r.nginx.as_ref().map(stats), "tollgate": stats(&r.tollgate),
-        "tollgate_cpu_us_per_call": r.tollgate_cpu_us, "upstream_cpu_us_per_call": r.upstream_cpu_us,
-    })
+    load::run_workload(target, era, Workload::Call, concurrency, secs).await
 }
 
 /// Round trips Tollgate made to Redis for requests, from its `/metrics`.
@@ -275,16 +168,18 @@ async fn state(tollgate: &std::path::Path, secs: Duration, levels: &[usize]) -> 
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for era in [Era::Handshake, Era::Stateless] {
         for &concurrency in levels {
+            let target = Target::new(&memory.url);
+            // Each backend is warmed up apart, so that only the measured calls count.
+            run(&target, era, concurrency, Duration::from_millis(300)).await?;
             let cpu0 = memory.cpu_time()?;
-            let local = measure(&Target::new(&memory.url), era, concurrency, secs).await?;
-            let local_calls = (local.calls + local.warmup_calls).max(1) as f64;
+            let local = run(&target, era, concurrency, secs).await?;
+            let local_calls = (local.calls + local.errors).max(1) as f64;
             let local_cpu = (memory.cpu_time()? - cpu0).as_secs_f64() * 1e6 / local_calls;
             let target = Target::new(&redis.url);
-            // Warmed up apart, so that only the measured calls' round trips are counted.
-            load::run(&target, era, concurrency, Duration::from_millis(300)).await?;
+            run(&target, era, concurrency, Duration::from_millis(300)).await?;
             let (cpu0, trips0) = (redis.cpu_time()?, round_trips(&admin).await?);
-            let shared = load::run(&target, era, concurrency, secs).await?;
-            let calls = (shared.calls + shared.warmup_calls + shared.errors).max(1) as f64;
+            let shared = run(&target, era, concurrency, secs).await?;
+            let calls = (shared.calls + shared.errors).max(1) as f64;
             let trips = (round_trips(&admin).await? - trips0) as f64;
             let shared_cpu = (redis.cpu_time()? - cpu0).as_secs_f64() * 1e6 / calls;
             println!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 /// A started process and the URL it serves.
+#[derive(Debug, Clone)]
 pub struct Child {
     /// Its MCP endpoint.
     pub url: String,
@@ -129,6 +130,17 @@ impl Lab {
         sse: bool,
         latency_ms: u64,
     ) -> anyhow::Result<Child> {
+        self.demo_upstream_with(tollgate, sse, latency_ms, 0).await
+    }
+
+    /// [`Lab::demo_upstream`] listing `extra_tools` more tools in `tools/list`.
+    pub async fn demo_upstream_with(
+        &mut self,
+        tollgate: &Path,
+        sse: bool,
+        latency_ms: u64,
+        extra_tools: usize,
+    ) -> anyhow::Result<Child> {
         let mut cmd = Command::new(tollgate);
         cmd.args([
             "demo-upstream",
@@ -140,7 +152,15 @@ impl Lab {
         if sse {
             cmd.arg("--sse");
         }
+        if extra_tools > 0 {
+            cmd.args(["--extra-tools", &extra_tools.to_string()]);
+        }
         self.start(cmd, "Demo MCP server listening on ")
+    }
+
+    /// The lab's own directory (scripts, bodies, audit logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Tollgate in front of `upstream` with the 50-rule policy.
@@ -164,14 +184,15 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000}}\n{extra}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
+                "listen: 127.0.0.1:0\nlimits: {{requests_per_second: 0, max_sessions: 50000, sessions_per_client: 50000}}\n{extra}\nservers:\n  bench:\n    url: {upstream}\n    policy: {}\n",
                 policy.display()
             ),
         )?;
         let mut cmd = Command::new(tollgate);
+        // Default settings, as users run it: INFO logs (to /dev/null here).
         cmd.args(["serve", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn");
+            .env_remove("RUST_LOG");
         // Tollgate's worker threads (tokio reads this); the bench's own runtime is not affected.
         if let Ok(threads) = std::env::var("TOLLGATE_BENCH_PROXY_THREADS") {
             cmd.env("TOKIO_WORKER_THREADS", threads);
@@ -233,7 +254,7 @@ impl Lab {
             &conf,
             format!(
                 // One process that serves (no master): killing it leaves no orphaned worker.
-                "master_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  upstream up {{ server {target}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+                "master_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_max_body_size 16m;\n  client_body_buffer_size 2m;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  upstream up {{ server {target}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
                 p = prefix.display()
             ),
         )?;
@@ -268,8 +289,13 @@ impl Lab {
 /// 49 rules that do not match, then the called tool with an argument schema: a
 /// first-match policy's worst case.
 pub fn fifty_rule_policy() -> String {
+    rule_policy(50)
+}
+
+/// [`fifty_rule_policy`] with `rules` rules in all.
+pub fn rule_policy(rules: usize) -> String {
     let mut text = String::from("version: 1\ndefault: deny\nrules:\n");
-    for i in 0..49 {
+    for i in 0..rules.saturating_sub(1) {
         let (tool, action) = match i % 3 {
             0 => (format!("admin_tool_{i}"), "deny"),
             1 => (format!("report_{i}_*"), "allow"),
@@ -294,5 +320,6 @@ mod tests {
         let text = super::fifty_rule_policy();
         assert_eq!(text.matches("  - tool:").count(), 50);
         assert!(text.contains("pattern"));
+        assert_eq!(super::rule_policy(1000).matches("  - tool:").count(), 1000);
     }
 }

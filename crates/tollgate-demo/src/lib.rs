@@ -28,6 +28,9 @@ pub struct DemoOptions {
     pub sse: bool,
     /// Added to every tool call.
     pub latency: Duration,
+    /// More tools (`filler_tool_<i>`) listed after the demo's own, for benchmarks of
+    /// large `tools/list` answers.
+    pub extra_tools: usize,
 }
 
 /// The server's state: its options and how many tool calls it has run.
@@ -155,7 +158,19 @@ async fn answer(
             "cacheScope": "public",
         }),
         "ping" => json!({}),
-        "tools/list" => json!({ "tools": tools(), "ttlMs": 0, "cacheScope": "public" }),
+        "tools/list" => {
+            let mut tools = tools();
+            if let Value::Array(list) = &mut tools {
+                list.extend((0..demo.options.extra_tools).map(|i| {
+                    json!({
+                        "name": format!("filler_tool_{i}"),
+                        "description": "A tool that does nothing, listed for benchmarks.",
+                        "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}},
+                    })
+                }));
+            }
+            json!({ "tools": tools, "ttlMs": 0, "cacheScope": "public" })
+        }
         "tools/call" => match call_tool(demo, &params).await {
             Ok(result) => result,
             Err(message) => {

@@ -1,5 +1,6 @@
 //! JSON-RPC 2.0 messages over `serde_json::Value`.
 
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 /// JSON-RPC and MCP error codes Tollgate answers with.
@@ -66,11 +67,21 @@ pub enum Kind {
     Response,
 }
 
-/// One JSON-RPC message, validated once and kept as its JSON value.
-#[derive(Debug, Clone, PartialEq)]
+/// One JSON-RPC message, validated once and kept as its JSON value (and, when it
+/// arrived alone and every parser reads it as Tollgate did, as its original bytes).
+#[derive(Debug, Clone)]
 pub struct Message {
     value: Value,
     kind: Kind,
+    /// A `tools/call` request (told once: every stage asks).
+    tools_call: bool,
+    raw: Option<Bytes>,
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Message) -> bool {
+        self.kind == other.kind && self.value == other.value
+    }
 }
 
 /// A body: one message, or a JSON-RPC batch (MCP 2025-03-26).
@@ -83,9 +94,25 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    /// Parses and validates a body.
+    /// Parses and validates a body (strictly: a duplicate object key at any depth,
+    /// invalid UTF-8 or a lone surrogate is a parse error).
     pub fn parse(body: &[u8]) -> Result<Incoming, FramingError> {
-        match serde_json::from_slice::<Value>(body)? {
+        Incoming::from_value(crate::strict::parse(body)?.value)
+    }
+
+    /// [`Incoming::parse`], keeping a lone message's bytes ([`Message::raw`]) when
+    /// they mean exactly what its value does, so they can be forwarded as they came.
+    pub fn parse_bytes(body: Bytes) -> Result<Incoming, FramingError> {
+        let parsed = crate::strict::parse(&body)?;
+        let mut incoming = Incoming::from_value(parsed.value)?;
+        if let (Incoming::Single(message), true) = (&mut incoming, parsed.exact) {
+            message.raw = Some(body);
+        }
+        Ok(incoming)
+    }
+
+    fn from_value(value: Value) -> Result<Incoming, FramingError> {
+        match value {
             Value::Array(items) if items.is_empty() => Err(FramingError::Invalid(
                 "an empty batch is not a JSON-RPC message",
             )),
@@ -221,7 +248,14 @@ impl Message {
                 "`params` must be an object or an array",
             ));
         }
-        Ok(Message { value, kind })
+        let tools_call = kind == Kind::Request
+            && map.get("method").and_then(Value::as_str) == Some("tools/call");
+        Ok(Message {
+            value,
+            kind,
+            tools_call,
+            raw: None,
+        })
     }
 
     /// Request, notification or response.
@@ -251,7 +285,7 @@ impl Message {
 
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
-        if self.kind != Kind::Request || self.method() != Some("tools/call") {
+        if !self.tools_call {
             return None;
         }
         let params = self.params()?;
@@ -280,6 +314,13 @@ impl Message {
     /// The JSON value, consumed.
     pub fn into_value(self) -> Value {
         self.value
+    }
+
+    /// The bytes the message arrived as, when they mean exactly what its value does:
+    /// parsed strictly ([`Incoming::parse_bytes`]), alone (not in a batch), and with
+    /// integers only (a fraction is re-serialised as the `f64` the policy saw).
+    pub fn raw(&self) -> Option<&Bytes> {
+        self.raw.as_ref()
     }
 
     /// Serialises the message as it was evaluated.
@@ -435,6 +476,51 @@ mod tests {
         let msg = single(body);
         let again: Value = serde_json::from_slice(&msg.to_bytes()).unwrap();
         assert_eq!(again, serde_json::from_str::<Value>(body).unwrap());
+    }
+
+    #[test]
+    fn keeps_a_lone_messages_bytes_only_when_they_mean_what_its_value_does() {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"n":7}}}"#;
+        let Incoming::Single(message) =
+            Incoming::parse_bytes(Bytes::from_static(body.as_bytes())).unwrap()
+        else {
+            panic!("expected a single message")
+        };
+        assert_eq!(message.raw().map(|b| &b[..]), Some(body.as_bytes()));
+        // A fraction is re-serialised as the f64 the policy saw, not forwarded as written.
+        let fraction = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"n":0.10000000000000000001}}}"#;
+        let Incoming::Single(message) =
+            Incoming::parse_bytes(Bytes::from_static(fraction.as_bytes())).unwrap()
+        else {
+            panic!("expected a single message")
+        };
+        assert!(message.raw().is_none());
+        // Batch members are re-serialised (refused members are taken out).
+        let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#;
+        let Incoming::Batch(items) =
+            Incoming::parse_bytes(Bytes::from_static(batch.as_bytes())).unwrap()
+        else {
+            panic!("expected a batch")
+        };
+        assert!(items[0].raw().is_none());
+        // `parse` keeps no bytes.
+        let Incoming::Single(message) = Incoming::parse(body.as_bytes()).unwrap() else {
+            panic!("expected a single message")
+        };
+        assert!(message.raw().is_none());
+    }
+
+    #[test]
+    fn refuses_duplicate_keys_anywhere_in_a_message() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a":{"p":1,"p":2}}}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"k":1,"k":1}}]"#,
+        ] {
+            let err = Incoming::parse_bytes(Bytes::from_static(body.as_bytes())).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::ParseError, "{body}");
+            assert!(err.to_string().contains("duplicate object key"), "{err}");
+        }
     }
 
     #[test]

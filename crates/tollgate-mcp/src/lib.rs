@@ -19,6 +19,7 @@ mod jsonrpc;
 mod lines;
 mod param;
 mod sse;
+mod strict;
 
 pub use era::{
     Era, HeaderMismatch, PROTOCOL_VERSION_META, RoutingHeaders, STATELESS_PROTOCOL_VERSION,

@@ -83,7 +83,7 @@ impl Core {
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
             decide::Verdict::Forward(permit) => permit,
         };
-        let payload = crate::upstream::Payload::One(message.as_value());
+        let payload = crate::upstream::Payload::of(&message);
         let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
         relay::answer(&ctx, &message, decoded.initialize, reply).await
     }

@@ -112,7 +112,8 @@ pub struct Shared {
     pub(crate) max_body: usize,
     /// `limits:`, for what reads them late (the listeners, body reads).
     pub(crate) limits: crate::config::Limits,
-    /// The HTTP client (connection pool) for upstreams and webhooks.
+    /// The HTTP client for legacy SSE upstreams and webhooks (a Streamable HTTP
+    /// upstream has its own pool).
     pub(crate) http: reqwest::Client,
     /// Every process started for stdio upstreams.
     pub(crate) children: Arc<stdio::Children>,
@@ -203,13 +204,8 @@ fn build_server(
             UpstreamConfig::Http { url } => {
                 let parsed = parse_url(url)?;
                 let network = address_of(&parsed);
-                let upstream = HttpUpstream::new(
-                    kit.http.clone(),
-                    parsed,
-                    headers,
-                    config.timeout,
-                    kit.max_message,
-                );
+                let upstream = HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
+                    .map_err(|e| BuildError::BadUrl(name.into(), url.clone(), e.to_string()))?;
                 (Box::new(upstream), url.clone(), "url", network)
             }
             UpstreamConfig::Sse { url } => {

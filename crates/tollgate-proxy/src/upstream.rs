@@ -36,19 +36,47 @@ pub struct Owner {
 /// What is sent: one message or a JSON-RPC batch, as evaluated.
 #[derive(Debug, Clone, Copy)]
 pub enum Payload<'a> {
-    /// One message.
+    /// One message, serialised to send.
     One(&'a Value),
+    /// One client message with the bytes it arrived as, which mean exactly what the
+    /// value does (the strict parse, [`tollgate_mcp::Message::raw`]): sent as they are.
+    Verbatim(&'a Value, &'a Bytes),
     /// A batch (2025-03-26).
     Batch(&'a [Value]),
 }
 
-impl Payload<'_> {
+impl<'a> Payload<'a> {
+    /// A client's message as evaluated: its own bytes when it has them.
+    pub fn of(message: &'a tollgate_mcp::Message) -> Payload<'a> {
+        match message.raw() {
+            Some(raw) => Payload::Verbatim(message.as_value(), raw),
+            None => Payload::One(message.as_value()),
+        }
+    }
+
+    /// The one message, if it is not a batch.
+    pub fn message(&self) -> Option<&'a Value> {
+        match *self {
+            Payload::One(message) | Payload::Verbatim(message, _) => Some(message),
+            Payload::Batch(_) => None,
+        }
+    }
+
+    /// The payload as a value, for a transport that rewrites what it sends (ids).
+    pub fn parsed(self) -> Payload<'a> {
+        match self {
+            Payload::Verbatim(message, _) => Payload::One(message),
+            other => other,
+        }
+    }
+
     /// The payload as JSON text.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub fn to_bytes(&self) -> Bytes {
         // Serialising a `Value` cannot fail: every key is a string.
         match self {
-            Payload::One(message) => serde_json::to_vec(message).unwrap_or_default(),
-            Payload::Batch(messages) => serde_json::to_vec(messages).unwrap_or_default(),
+            Payload::One(message) => serde_json::to_vec(message).unwrap_or_default().into(),
+            Payload::Verbatim(_, raw) => Bytes::clone(raw),
+            Payload::Batch(messages) => serde_json::to_vec(messages).unwrap_or_default().into(),
         }
     }
 }
@@ -285,10 +313,10 @@ pub trait Upstream: Send + Sync {
     }
 }
 
-/// A reqwest error's root cause: its top-level message is generic.
-pub(crate) fn describe(err: &reqwest::Error) -> String {
+/// An HTTP client error's root cause: its top-level message is generic.
+pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(cause) = source {
         text = cause.to_string();
         source = cause.source();

@@ -219,6 +219,9 @@ pub struct DemoUpstreamArgs {
     /// Milliseconds added to every tool call.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// More tools listed after the demo's own (`filler_tool_<i>`), for benchmarks.
+    #[arg(long, default_value_t = 0)]
+    pub extra_tools: usize,
 }
 
 /// Runs `tollgate demo-upstream`: the demo MCP server alone, without a proxy.
@@ -237,6 +240,7 @@ pub fn run_upstream(args: DemoUpstreamArgs) -> ExitCode {
             let demo = Demo::new(DemoOptions {
                 sse: args.sse,
                 latency: std::time::Duration::from_millis(args.latency_ms),
+                extra_tools: args.extra_tools,
             });
             println!("Demo MCP server listening on http://{addr}/mcp");
             axum::serve(listener, tollgate_demo::router(demo))

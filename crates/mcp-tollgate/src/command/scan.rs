@@ -95,8 +95,7 @@ impl Target {
         };
         let (upstream, location) = match (&args.upstream, args.transport) {
             (Some(url), UpstreamTransport::Http) => {
-                let upstream =
-                    HttpUpstream::new(http.clone(), parse(url)?, headers, TIMEOUT, MAX_MESSAGE);
+                let upstream = HttpUpstream::new(&parse(url)?, headers, TIMEOUT, MAX_MESSAGE)?;
                 (Box::new(upstream) as Box<dyn Upstream>, url.clone())
             }
             (Some(url), UpstreamTransport::Sse) => {

@@ -93,15 +93,24 @@ fn escaping_fields()
         |writer: &mut tracing_subscriber::fmt::format::Writer<'_>,
          field: &tracing::field::Field,
          value: &dyn std::fmt::Debug| {
-            let raw = format!("{value:?}");
-            let text = escape_log_text(&raw);
-            match field.name() {
-                "message" => writer.write_str(&text),
-                name => write!(writer, "{}={text}", name.trim_start_matches("r#")),
+            if field.name() != "message" {
+                write!(writer, "{}=", field.name().trim_start_matches("r#"))?;
             }
+            // Escaped as it is written: no string is built per field (every span
+            // and event of every call passes here).
+            std::fmt::Write::write_fmt(&mut Escaping(writer), format_args!("{value:?}"))
         },
     )
     .delimited(" ")
+}
+
+/// Writes through [`escape_log_text`].
+struct Escaping<'a, W: std::fmt::Write>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.write_str(&escape_log_text(text))
+    }
 }
 
 /// Escapes what must not reach a text log raw: control characters (`\n` `\r` `\t`

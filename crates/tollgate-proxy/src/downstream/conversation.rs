@@ -55,7 +55,7 @@ impl Conversation {
     /// Handles one body from the client: a message, a batch, or something that is
     /// not JSON-RPC (answered with the error).
     pub async fn receive(self: &Arc<Self>, body: Bytes) {
-        match Incoming::parse(&body) {
+        match Incoming::parse_bytes(body) {
             Ok(incoming) => self.handle(incoming).await,
             Err(err) => {
                 let _ = self.out.send(ProxyError::Framing(err).to_json()).await;

@@ -132,7 +132,7 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
             Method::POST => {
                 let meta = meta_of(request.headers());
                 let body = read_body(doors.shared(), request).await?;
-                let incoming = Incoming::parse(&body)?;
+                let incoming = Incoming::parse_bytes(body)?;
                 core.handle(&server, &caller, Inbound { incoming, meta })
                     .await
             }

@@ -32,10 +32,7 @@ pub async fn forward(
     payload: Payload<'_>,
     permits: Vec<Permit>,
 ) -> Result<Reply, ProxyError> {
-    let id = match payload {
-        Payload::One(message) => message.get("id"),
-        Payload::Batch(_) => None,
-    };
+    let id = payload.message().and_then(|message| message.get("id"));
     let mut permits = permits;
     let started = Instant::now();
     for permit in &mut permits {
@@ -124,7 +121,12 @@ fn answered(body: Body, permits: Vec<Permit>) -> Body {
     }
     match body {
         Body::Json(json) => {
-            let answers = answers_in(&json).unwrap_or_default();
+            let answers = match (&json, &permits[..]) {
+                // A lone call's answer, whatever id it carries: the common case is read
+                // without parsing.
+                (Json::Text(text), [_]) if plainly_ok(text) => vec![(Value::Null, Outcome::Ok)],
+                _ => answers_in(&json).unwrap_or_default(),
+            };
             // A lone answer is the lone call's, whatever id it carries (a parse error's is null).
             let lone = match (&answers[..], &permits[..]) {
                 ([(_, outcome)], [_]) => Some(*outcome),
@@ -169,16 +171,6 @@ fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
     match json {
         Json::Value(Value::Array(items)) => Some(items.iter().filter_map(answer_of).collect()),
         Json::Value(value) => Some(answer_of(value).into_iter().collect()),
-        // The common case, read without parsing: one answer with a result, no error
-        // anywhere in it and no `isError`, is a lone call's `ok`.
-        Json::Text(text)
-            if text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-                && memchr::memmem::find(text, b"\"result\"").is_some()
-                && memchr::memmem::find(text, b"\"error\"").is_none()
-                && memchr::memmem::find(text, b"\"isError\"").is_none() =>
-        {
-            Some(vec![(Value::Null, Outcome::Ok)])
-        }
         Json::Text(text) => {
             // Only the few fields that tell the outcome are read; results are skipped.
             let batch = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
@@ -190,6 +182,31 @@ fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
             Some(heads.into_iter().filter_map(Head::answer).collect())
         }
     }
+}
+
+/// The common case, told without parsing: one answer with a result, no `"error"`
+/// anywhere in it, and every `"isError"` key set to `false`, is a lone call's `ok`.
+/// Inside a JSON string a quote is escaped, so `"isError"` followed by `:` is a key
+/// (or a key that merely ends so, which only sends the answer to the full parse).
+fn plainly_ok(text: &[u8]) -> bool {
+    use memchr::memmem;
+    let skip = |rest: &[u8]| -> usize {
+        rest.iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(rest.len())
+    };
+    text.get(skip(text)) == Some(&b'{')
+        && memmem::find(text, b"\"result\"").is_some()
+        && memmem::find(text, b"\"error\"").is_none()
+        && memmem::find_iter(text, b"\"isError\"").all(|at| {
+            let rest = &text[at + b"\"isError\"".len()..];
+            let rest = &rest[skip(rest)..];
+            match rest.split_first() {
+                Some((b':', value)) => value[skip(value)..].starts_with(b"false"),
+                // A string value `"isError"`, not a key.
+                _ => true,
+            }
+        })
 }
 
 fn answer_of(message: &Value) -> Option<(Value, Outcome)> {
@@ -251,6 +268,15 @@ impl Waiting {
 
     fn note(&mut self, message: &Json) {
         if self.0.is_empty() {
+            return;
+        }
+        // A lone call's answer in its stream, told without parsing: a plain result that
+        // is not a message of the server's own (those have a `method`).
+        if let (Json::Text(text), [_]) = (message, &self.0[..])
+            && plainly_ok(text)
+            && memchr::memmem::find(text, b"\"method\"").is_none()
+        {
+            self.finish_all(Outcome::Ok);
             return;
         }
         let Some(answers) = answers_in(message) else {
@@ -435,4 +461,50 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
         ),
     };
     ProxyError::Upstream { id, message }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn outcome(text: &str) -> Vec<(Value, Outcome)> {
+        answers_in(&Json::Text(Bytes::from(text.to_owned()))).unwrap()
+    }
+
+    #[test]
+    fn a_plain_result_is_ok_without_parsing_and_anything_else_is_parsed() {
+        for ok in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#,
+            r#" {"jsonrpc":"2.0","id":1,"result":{"isError" : false,"x":{"isError":false}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"isError"}]}}"#,
+        ] {
+            assert!(plainly_ok(ok.as_bytes()), "{ok}");
+            // The full parse agrees.
+            assert_eq!(outcome(ok), [(json!(1), Outcome::Ok)], "{ok}");
+        }
+        for (text, expected) in [
+            (
+                r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#,
+                Outcome::ToolError,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"result":{"a":{"isError":false},"isError": true}}"#,
+                Outcome::ToolError,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"no"}}"#,
+                Outcome::RpcError(-32602),
+            ),
+            // A key that only ends in `isError` sends the answer to the full parse.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"result":{"x\"isError":true}}"#,
+                Outcome::Ok,
+            ),
+        ] {
+            assert!(!plainly_ok(text.as_bytes()), "{text}");
+            assert_eq!(outcome(text), [(json!(1), expected)], "{text}");
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! Stage 3, decide: a `tools/call` evaluated against the policy and its rate
-//! limits, its decision recorded (audit log, metrics, log line) before anything is
+//! limits, its decision recorded (audit log, metrics, a DEBUG line) before anything is
 //! forwarded, and answered as docs/errors.md describes when it is refused.
 //!
 //! A call that may go on gets a [`Permit`]: the only way to the upstream, owning
@@ -180,12 +180,12 @@ fn decision_name(decision: &Decision) -> &'static str {
 
 /// Evaluates a message: anything but a `tools/call` goes on as it is.
 pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyError> {
-    if message.is_malformed_tool_call() {
-        return Err(ProxyError::MalformedToolCall {
-            id: message.id().cloned(),
-        });
-    }
     let Some(call) = message.tool_call() else {
+        if message.is_malformed_tool_call() {
+            return Err(ProxyError::MalformedToolCall {
+                id: message.id().cloned(),
+            });
+        }
         return Ok(Verdict::Forward(None));
     };
     tracing::Span::current().record("tool", call.name);
@@ -353,7 +353,9 @@ fn record(
         decision_name(decision),
         &rule,
     );
-    tracing::info!(
+    // The audit log is the record of decisions; a line per call at INFO would cost
+    // as much as the rest of the call's logging put together.
+    tracing::debug!(
         tool = %permit.tool,
         decision = decision_name(decision),
         rule = %rule,
@@ -369,7 +371,23 @@ pub fn rule_label(decision: &Decision) -> String {
     decision
         .rule
         .as_ref()
-        .map_or_else(|| "default".to_owned(), ToString::to_string)
+        .map_or_else(|| "default".to_owned(), label_of)
+}
+
+/// `rules[<index>] (<tool>)`, as `RuleRef`'s `Display`, without the formatting
+/// machinery: every call builds one.
+fn label_of(rule: &tollgate_policy::RuleRef) -> String {
+    let mut label = String::with_capacity(rule.tool.len() + 16);
+    label.push_str("rules[");
+    let digits = rule.index.checked_ilog10().unwrap_or(0) + 1;
+    for place in (0..digits).rev() {
+        let digit = rule.index / 10usize.pow(place) % 10;
+        label.push(char::from(b'0' + digit as u8));
+    }
+    label.push_str("] (");
+    label.push_str(&rule.tool);
+    label.push(')');
+    label
 }
 
 /// Turns a held call's decision into a refusal (approval denied, expired, or not
@@ -406,6 +424,22 @@ pub fn refusal(decision: &Decision, id: &Value, era: Era, deny_as: DenyAs) -> Va
                 result["resultType"] = json!("complete");
             }
             result_response(id, result)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_policy::RuleRef;
+
+    #[test]
+    fn rule_labels_read_as_the_policy_prints_them() {
+        for index in [0, 7, 9, 10, 49, 100, 999, 1000, 123_456] {
+            let rule = RuleRef {
+                index,
+                tool: "describe_*".into(),
+            };
+            assert_eq!(super::label_of(&rule), rule.to_string());
         }
     }
 }

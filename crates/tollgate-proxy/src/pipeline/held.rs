@@ -163,8 +163,13 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
         // The client went away: dropping the permit gives its slot back.
         Ending::Gone => return,
         Ending::Forward => {
+            // Tollgate's own MRTR state and answers are taken out; otherwise the
+            // client's own bytes go on.
             let forwarded = without_own_input(&message);
-            let payload = Payload::One(forwarded.as_ref().unwrap_or(message.as_value()));
+            let payload = match &forwarded {
+                Some(forwarded) => Payload::One(forwarded),
+                None => Payload::of(&message),
+            };
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
                 Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
                 Err(err) => Err(err),

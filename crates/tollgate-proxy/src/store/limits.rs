@@ -22,11 +22,28 @@ pub fn peer_key(peer: IpAddr) -> String {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);
             format!("{}/64", std::net::Ipv6Addr::from(prefix))
         }
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or_else(String::new, |v4| v4.to_string()),
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or_else(String::new, dotted),
+        IpAddr::V4(v4) => dotted(v4),
     }
+}
+
+/// `a.b.c.d`, written digit by digit: every request builds a peer's key, and the
+/// formatting machinery costs several times this.
+fn dotted(v4: std::net::Ipv4Addr) -> String {
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
 }
 
 /// One server's rolling windows, kept across policy reloads: in this process, or
@@ -192,6 +209,11 @@ impl ClientRate {
         )
     }
 
+    /// Whether requests are limited at all (`limits.requests_per_second` above 0).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Takes one request from `key`'s bucket, or says how long to wait.
     pub fn check(&self, key: &str) -> Result<(), Duration> {
         let Some(rate) = &self.0 else {
@@ -226,6 +248,15 @@ mod tests {
         assert_eq!(key("::1"), "::/64");
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
         assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        for octets in [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [10, 100, 99, 9],
+            [127, 0, 0, 1],
+        ] {
+            let v4 = std::net::Ipv4Addr::from(octets);
+            assert_eq!(peer_key(v4.into()), v4.to_string());
+        }
     }
 
     #[test]

@@ -194,7 +194,9 @@ impl Bridge {
     }
 
     async fn post(&self, request: Request<'_>) -> Result<Reply, Failure> {
-        let channel = match (request.session, request.payload) {
+        // The channel renumbers requests, so it sends values, never the client's bytes.
+        let payload = request.payload.parsed();
+        let channel = match (request.session, payload) {
             (Some(id), _) => match self.session(id) {
                 Some(channel) => channel,
                 None => return Ok(not_found()),
@@ -209,7 +211,7 @@ impl Bridge {
                 Err(refusal) => return Ok(refusal),
             },
         };
-        match request.payload {
+        match payload {
             Payload::Batch(batch) => self.batch(&channel, batch, request.owner).await,
             Payload::One(message) if is_request(message) => {
                 let exchange = channel
@@ -218,10 +220,12 @@ impl Bridge {
                     .map_err(|closed| self.unsent(&closed))?;
                 self.answer(exchange).await
             }
-            Payload::One(message) => match channel.send(message.clone(), request.owner).await {
-                Ok(()) => Ok(Reply::new(StatusCode::ACCEPTED, Body::Empty)),
-                Err(_) => Ok(not_found()),
-            },
+            Payload::One(message) | Payload::Verbatim(message, _) => {
+                match channel.send(message.clone(), request.owner).await {
+                    Ok(()) => Ok(Reply::new(StatusCode::ACCEPTED, Body::Empty)),
+                    Err(_) => Ok(not_found()),
+                }
+            }
         }
     }
 

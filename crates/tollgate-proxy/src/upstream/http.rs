@@ -1,75 +1,150 @@
 //! Streamable HTTP upstreams: one POST per message (or batch), a GET for the
 //! session's server-to-client stream, a DELETE to end a session.
+//!
+//! Each upstream has its own hyper connection pool, its URI parsed once and the
+//! headers every request carries (`Accept`, `Content-Type`, the server's own
+//! `headers:`) built once: per call only the client's forwarded headers and the
+//! session id are added.
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{Body, Failure, Json, Reply, Request, Upstream, describe};
 
 /// Session id header of the handshake era.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
 
+const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// An upstream that speaks Streamable HTTP.
 pub struct HttpUpstream {
-    client: reqwest::Client,
-    url: reqwest::Url,
-    /// The server's own `headers:` (credentials), sent with every request.
-    headers: HeaderMap,
+    pool: Pool,
+    uri: Uri,
+    /// The server's own `headers:` (credentials), which win over a client's.
+    own: HeaderMap,
+    /// What a POST carries: `Accept`, `Content-Type` and `own`.
+    post: HeaderMap,
+    /// What a GET carries: `Accept: text/event-stream` and `own`.
+    get: HeaderMap,
+    /// What a DELETE carries: `Accept` and `own`.
+    delete: HeaderMap,
     timeout: Duration,
     max_message: usize,
 }
 
+/// Why an upstream URL cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("`{url}` cannot be used as an upstream URL: {why}")]
+pub struct BadUrl {
+    url: String,
+    why: String,
+}
+
 impl HttpUpstream {
-    /// An upstream at `url`, reached with `client` (the shared pool).
+    /// An upstream at `url` (http or https) with its own connection pool; `headers`
+    /// go with every request. A user name and password in the URL become a basic
+    /// `Authorization` header unless `headers` has one.
     pub fn new(
-        client: reqwest::Client,
-        url: reqwest::Url,
+        url: &reqwest::Url,
         headers: HeaderMap,
         timeout: Duration,
         max_message: usize,
-    ) -> HttpUpstream {
-        HttpUpstream {
-            client,
-            url,
-            headers,
+    ) -> Result<HttpUpstream, BadUrl> {
+        let bad = |why: String| BadUrl {
+            url: url.to_string(),
+            why,
+        };
+        let mut bare = url.clone();
+        let mut own = headers;
+        if !bare.username().is_empty() && !own.contains_key(header::AUTHORIZATION) {
+            use base64::Engine as _;
+            let pair = format!("{}:{}", bare.username(), bare.password().unwrap_or(""));
+            let pair = percent_decoded(&pair);
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            let mut value =
+                HeaderValue::from_str(&format!("Basic {basic}")).map_err(|e| bad(e.to_string()))?;
+            value.set_sensitive(true);
+            own.insert(header::AUTHORIZATION, value);
+        }
+        // The credentials travel in the header, never in the request line.
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        bare.set_fragment(None);
+        let uri = Uri::try_from(bare.as_str()).map_err(|e| bad(e.to_string()))?;
+        let with = |pairs: &[(HeaderName, &'static str)]| {
+            let mut map = HeaderMap::with_capacity(pairs.len() + own.len() + 4);
+            for (name, value) in pairs {
+                map.insert(name.clone(), HeaderValue::from_static(value));
+            }
+            for (name, value) in &own {
+                map.append(name.clone(), value.clone());
+            }
+            map
+        };
+        const BOTH: &str = "application/json, text/event-stream";
+        let post = with(&[
+            (header::ACCEPT, BOTH),
+            (header::CONTENT_TYPE, "application/json"),
+        ]);
+        let get = with(&[(header::ACCEPT, "text/event-stream")]);
+        let delete = with(&[(header::ACCEPT, BOTH)]);
+        Ok(HttpUpstream {
+            pool: pool(),
+            uri,
+            own,
+            post,
+            get,
+            delete,
             timeout,
             max_message,
-        }
+        })
     }
 
-    fn request(
+    /// The request's headers: the prebuilt ones, then the client's forwarded
+    /// headers (unless the server's own name them) and the session id.
+    fn headers(
         &self,
-        method: reqwest::Method,
+        base: &HeaderMap,
         session: Option<&str>,
         forwarded: &[(HeaderName, HeaderValue)],
-    ) -> reqwest::RequestBuilder {
-        let accept = if method == reqwest::Method::GET {
-            "text/event-stream"
-        } else {
-            "application/json, text/event-stream"
-        };
-        let mut request = self
-            .client
-            .request(method, self.url.clone())
-            .header(header::ACCEPT, accept);
+    ) -> HeaderMap {
+        let mut headers = base.clone();
         for (name, value) in forwarded {
-            request = request.header(name, value);
+            if !self.own.contains_key(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
-        if let Some(session) = session {
-            request = request.header(SESSION_HEADER, session);
+        if let Some(session) = session.and_then(|s| HeaderValue::from_str(s).ok()) {
+            headers.insert(SESSION_HEADER, session);
         }
-        request.headers(self.headers.clone())
+        headers
     }
 
     /// Sends within the timeout; a failure to connect means nothing was sent.
-    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Reply, Failure> {
-        let sent = match tokio::time::timeout(self.timeout, request.send()).await {
+    async fn exchange(
+        &self,
+        method: Method,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Reply, Failure> {
+        let mut request = hyper::Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = headers;
+        let sent = match tokio::time::timeout(self.timeout, self.pool.request(request)).await {
             Err(_) => return Err(Failure::Timeout(self.timeout)),
-            Ok(Err(err)) if err.is_timeout() => return Err(Failure::Timeout(self.timeout)),
             Ok(Err(err)) if err.is_connect() => return Err(Failure::Unreachable(describe(&err))),
             Ok(Err(err)) => return Err(Failure::Broken(describe(&err))),
             Ok(Ok(response)) => response,
@@ -78,21 +153,61 @@ impl HttpUpstream {
     }
 }
 
+/// One upstream's connection pool: keep-alive connections, no Nagle delay.
+fn pool() -> Pool {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(https)
+}
+
+/// `%xx` in a URL's user name or password, decoded (RFC 3986 §3.2.1).
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[at], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                at += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    out
+}
+
 impl Upstream for HttpUpstream {
     fn send<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Reply, Failure>> {
         Box::pin(async move {
-            let mut builder = self
-                .request(reqwest::Method::POST, request.session, request.headers)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(request.payload.to_bytes());
-            let has_version = request
-                .headers
-                .iter()
-                .any(|(name, _)| name == "mcp-protocol-version");
-            if let (false, Some(version)) = (has_version, request.protocol_version) {
-                builder = builder.header("mcp-protocol-version", version);
+            let mut headers = self.headers(&self.post, request.session, request.headers);
+            if let (false, Some(version)) = (
+                headers.contains_key(PROTOCOL_VERSION),
+                request.protocol_version,
+            ) && let Ok(version) = HeaderValue::from_str(version)
+            {
+                headers.insert(PROTOCOL_VERSION, version);
             }
-            self.exchange(builder).await
+            self.exchange(Method::POST, headers, request.payload.to_bytes())
+                .await
         })
     }
 
@@ -101,61 +216,57 @@ impl Upstream for HttpUpstream {
         session: Option<&'a str>,
         headers: &'a [(HeaderName, HeaderValue)],
     ) -> BoxFuture<'a, Result<Reply, Failure>> {
-        Box::pin(self.exchange(self.request(reqwest::Method::GET, session, headers)))
+        let headers = self.headers(&self.get, session, headers);
+        Box::pin(self.exchange(Method::GET, headers, Bytes::new()))
     }
 
     fn end<'a>(&'a self, session: &'a str) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
-            let reply = self
-                .exchange(self.request(reqwest::Method::DELETE, Some(session), &[]))
-                .await?;
+            let headers = self.headers(&self.delete, Some(session), &[]);
+            let reply = self.exchange(Method::DELETE, headers, Bytes::new()).await?;
             tracing::debug!(status = %reply.status, "upstream session ended");
             Ok(())
         })
     }
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
+fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"))
+        .is_some_and(|v| v.trim_start().starts_with(prefix))
 }
 
 /// The answer of an upstream response: a stream of events, or the body read whole
 /// (within `timeout`, at most `max` bytes).
 async fn reply(
-    response: reqwest::Response,
+    response: hyper::Response<Incoming>,
     timeout: Duration,
     max: usize,
 ) -> Result<Reply, Failure> {
-    let status =
-        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let headers = response.headers().clone();
+    let (parts, incoming) = response.into_parts();
+    let headers = parts.headers;
     let session = headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = if is_event_stream(&headers) {
-        let bytes = response
-            .bytes_stream()
+    let body = if content_type_is(&headers, "text/event-stream") {
+        let bytes = incoming
+            .into_data_stream()
             .map_err(|err| Failure::Broken(format!("its event stream failed: {}", describe(&err))));
         Body::Sse(bytes.boxed())
     } else {
-        let bytes = match tokio::time::timeout(timeout, read_whole(response, max)).await {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let bytes = match tokio::time::timeout(timeout, read_whole(incoming, declared, max)).await {
             Ok(bytes) => bytes?,
             Err(_) => return Err(Failure::Timeout(timeout)),
         };
         if bytes.is_empty() {
             Body::Empty
-        } else if is_json(&headers) {
+        } else if content_type_is(&headers, "application/json") {
             Body::Json(Json::Text(bytes))
         } else {
             Body::Other {
@@ -165,29 +276,130 @@ async fn reply(
         }
     };
     Ok(Reply {
-        status,
+        status: parts.status,
         session,
         retry_after: headers.get(header::RETRY_AFTER).cloned(),
         body,
     })
 }
 
-/// Reads a body of at most `max` bytes.
-async fn read_whole(response: reqwest::Response, max: usize) -> Result<Bytes, Failure> {
-    let declared = response
-        .content_length()
-        .and_then(|n| usize::try_from(n).ok());
+/// Reads a body of at most `max` bytes; a body in one piece is not copied.
+async fn read_whole(
+    mut incoming: Incoming,
+    declared: Option<usize>,
+    max: usize,
+) -> Result<Bytes, Failure> {
     if declared.is_some_and(|n| n > max) {
         return Err(Failure::TooLarge(max));
     }
-    let mut stream = response.bytes_stream().map_err(|e| describe(&e));
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|why| Failure::Broken(format!("its answer broke off: {why}")))?;
-        if body.len() + chunk.len() > max {
+    let broke =
+        |err: hyper::Error| Failure::Broken(format!("its answer broke off: {}", describe(&err)));
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    while let Some(frame) = incoming.frame().await {
+        let Ok(chunk) = frame.map_err(broke)?.into_data() else {
+            continue; // trailers
+        };
+        let so_far = first.as_ref().map_or(0, Bytes::len) + more.as_ref().map_or(0, BytesMut::len);
+        if so_far + chunk.len() > max {
             return Err(Failure::TooLarge(max));
         }
-        body.extend_from_slice(&chunk);
+        match (&first, &mut more) {
+            (None, _) => first = Some(chunk),
+            (Some(head), None) => {
+                let mut body =
+                    BytesMut::with_capacity(declared.unwrap_or(0).max(head.len() + chunk.len()));
+                body.extend_from_slice(head);
+                body.extend_from_slice(&chunk);
+                more = Some(body);
+            }
+            (Some(_), Some(body)) => body.extend_from_slice(&chunk),
+        }
     }
-    Ok(body.freeze())
+    Ok(match (first, more) {
+        (_, Some(body)) => body.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_url_become_a_basic_header() {
+        let url = reqwest::Url::parse("http://al%40ice:s3cret@127.0.0.1:9/mcp?x=1#frag").unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(1), 1).unwrap();
+        assert_eq!(upstream.uri.to_string(), "http://127.0.0.1:9/mcp?x=1");
+        // base64("al@ice:s3cret")
+        assert_eq!(
+            upstream.post[header::AUTHORIZATION],
+            "Basic YWxAaWNlOnMzY3JldA=="
+        );
+        let mut own = HeaderMap::new();
+        own.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let upstream = HttpUpstream::new(&url, own, Duration::from_secs(1), 1).unwrap();
+        assert_eq!(upstream.post[header::AUTHORIZATION], "Bearer t");
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_is_reached_over_tls() {
+        // A plain-text server behind an https URL: the TLS handshake fails, which is
+        // a failure to connect (nothing was sent), not a request sent in the clear.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 5];
+            socket.read_exact(&mut hello).await.unwrap();
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            hello
+        });
+        let url = reqwest::Url::parse(&format!("https://127.0.0.1:{port}/mcp")).unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(5), 1 << 20).unwrap();
+        let failure = upstream
+            .exchange(
+                Method::POST,
+                upstream.post.clone(),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::Unreachable(_)), "{failure}");
+        // The first bytes on the wire were a TLS handshake record, not an HTTP request.
+        assert_eq!(server.await.unwrap()[0], 0x16);
+    }
+
+    #[test]
+    fn the_servers_own_headers_win_over_forwarded_ones() {
+        let url = reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap();
+        let mut own = HeaderMap::new();
+        own.insert("x-team", HeaderValue::from_static("ours"));
+        let upstream = HttpUpstream::new(&url, own, Duration::from_secs(1), 1).unwrap();
+        let forwarded = [
+            (
+                HeaderName::from_static("x-team"),
+                HeaderValue::from_static("theirs"),
+            ),
+            (
+                HeaderName::from_static("mcp-method"),
+                HeaderValue::from_static("tools/call"),
+            ),
+        ];
+        let headers = upstream.headers(&upstream.post, Some("s-1"), &forwarded);
+        assert_eq!(
+            headers.get_all("x-team").iter().collect::<Vec<_>>(),
+            ["ours"]
+        );
+        assert_eq!(headers["mcp-method"], "tools/call");
+        assert_eq!(headers[SESSION_HEADER], "s-1");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(upstream.get[header::ACCEPT], "text/event-stream");
+    }
 }
