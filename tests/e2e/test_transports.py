@@ -417,7 +417,9 @@ def test_legacy_sse_endpoint_messages_and_cleanup(procs, tmp_path):
             # An unknown session id is not found either.
             assert http.post(f"{base}/servers/x/messages?session_id={'0' * 32}", json=call).status_code == 404
         # The stream is closed: its session goes with it.
-        wait_until(lambda: http.post(f"{base}{endpoint}", json=call).status_code == 404, 10,
+        # Probed with a ping: a tools/call accepted before the close is seen would count.
+        ping = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+        wait_until(lambda: http.post(f"{base}{endpoint}", json=ping).status_code == 404, 10,
                    "the legacy SSE session still accepts messages after its stream closed")
     assert upstream.tools_called() == ["echo"]
 
