@@ -546,3 +546,26 @@ def test_a_request_state_key_is_shared_through_redis(procs, tmp_path, redis):
     Cluster(procs, tmp_path, redis, upstream.url, HELD, n=2)
     key = redis.cli("GET", "e2e:approvals:state-key")
     assert len(key) == 64, key
+
+
+@pytest.mark.parametrize("on_failure", ["refuse", "allow"])
+def test_redis_down_refuses_a_held_call_and_never_forwards_an_approved_one(procs, tmp_path, redis, on_failure):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD, state_extra=f"  on_failure: {on_failure}\n")
+    a, b, c = cluster.replicas
+    first = stateless_call(a["url"], "echo", {"text": "down"}, ALICE)
+    approve_on(b, first["result"]["_meta"]["dev.tollgate/decision"]["approval_id"])
+    redis.kill()
+    # Approved, but the retry on C cannot redeem it once: refused, saying why, whatever on_failure says.
+    for replica in (c, a):
+        answer = stateless_call(replica["url"], "echo", {"text": "down"}, ALICE)
+        text = json.dumps(answer)
+        assert not passed(answer), answer
+        assert "needs an approval, kept in the shared state" in text and "Redis at redis://127.0.0.1" in text, text
+    assert upstream.tools_called() == []
+    redis.start()
+    time.sleep(3)
+    # Redis came back empty: the call is held afresh, not let through.
+    again = stateless_call(c["url"], "echo", {"text": "down"}, ALICE)
+    assert again["result"]["_meta"]["dev.tollgate/decision"]["kind"] == "approval_pending", again
+    assert upstream.tools_called() == []
