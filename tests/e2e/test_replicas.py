@@ -534,11 +534,23 @@ async def test_a_grant_made_on_b_lets_the_clients_calls_through_on_c_within_its_
         async with sdk_client(c["url"], BOB, "legacy") as bob:
             assert (await bob.call_tool("echo", {"text": "g1"})).meta["dev.tollgate/decision"]["kind"] \
                 == "approval_pending"
+        (listed,) = httpx.get(f"{a['admin']}/approvals/grants", headers=ADMIN_AUTH, timeout=10).json()
+        assert listed["uses"] == 3 and listed["granted_by"], listed
         wait_until(lambda: httpx.get(f"{c['admin']}/approvals/grants", headers=ADMIN_AUTH, timeout=10).json() == [],
                    15, "the grant to end")
         late = await on_c.call_tool("echo", {"text": "late"})
         assert late.meta["dev.tollgate/decision"]["kind"] == "approval_pending"
-    assert upstream.tools_called() == ["echo"] * 3
+        # A grant given through B for C's approval, revoked through A: ended on every replica at once.
+        late_id = late.meta["dev.tollgate/decision"]["approval_id"]
+        grant = approve_on(b, late_id, {"grant": {"scope": "client", "for": "10m", "any_arguments": True}})["grant"]
+        assert (await on_c.call_tool("echo", {"text": "late"})).is_error is False  # the approval itself
+        assert (await on_a.call_tool("echo", {"text": "via grant"})).is_error is False  # the grant, on A
+        revoked = httpx.delete(f"{a['admin']}/approvals/grants/{grant['id']}", headers=ADMIN_AUTH, timeout=10)
+        assert revoked.status_code == 200, revoked.text
+        for client in (on_a, on_c):
+            held = await client.call_tool("echo", {"text": "after revoke"})
+            assert held.meta["dev.tollgate/decision"]["kind"] == "approval_pending", held
+    assert upstream.tools_called() == ["echo"] * 5
 
 
 def test_a_request_state_key_is_shared_through_redis(procs, tmp_path, redis):

@@ -833,19 +833,35 @@ impl Approvals {
                 continue;
             }
             if found.is_none() && grant.matches(server, tool, client_key, session_key, digest) {
-                grant.uses += 1;
                 found = Some(grant);
             }
         }
         if !over.is_empty() {
             let _ = remote
                 .run(
-                    redis::cmd("HDEL")
+                    redis::pipe()
+                        .cmd("HDEL")
                         .arg(remote.key(&["approvals", "grants"]))
-                        .arg(over)
-                        .query_async::<i64>(&mut conn),
+                        .arg(&over)
+                        .ignore()
+                        .cmd("HDEL")
+                        .arg(remote.key(&["approvals", "grant-uses"]))
+                        .arg(&over)
+                        .ignore()
+                        .query_async::<()>(&mut conn),
                 )
                 .await;
+        }
+        if let Some(grant) = &mut found {
+            grant.uses = remote
+                .run(
+                    redis::cmd("HINCRBY")
+                        .arg(remote.key(&["approvals", "grant-uses"]))
+                        .arg(&grant.id)
+                        .arg(1)
+                        .query_async::<u64>(&mut conn),
+                )
+                .await?;
         }
         Ok(found)
     }
@@ -859,16 +875,19 @@ impl Approvals {
         let mut all = Vec::new();
         let remote = &mirror.remote;
         let mut conn = remote.connection();
-        let texts: Vec<String> = remote
+        let (texts, uses): (Vec<String>, HashMap<String, u64>) = remote
             .run(
-                redis::cmd("HVALS")
+                redis::pipe()
+                    .cmd("HVALS")
                     .arg(remote.key(&["approvals", "grants"]))
+                    .cmd("HGETALL")
+                    .arg(remote.key(&["approvals", "grant-uses"]))
                     .query_async(&mut conn),
             )
             .await
             .unwrap_or_else(|_| {
                 all = self.grants();
-                Vec::new()
+                (Vec::new(), HashMap::new())
             });
         let now = SystemTime::now();
         for text in texts.into_iter().take(MAX_GRANTS) {
@@ -876,6 +895,7 @@ impl Approvals {
                 continue;
             };
             grant.until = parse_time(Some(&grant.expires_at)).unwrap_or(now);
+            grant.uses = uses.get(&grant.id).copied().unwrap_or(0);
             if grant.until > now && !all.iter().any(|g| g.id == grant.id) {
                 all.push(grant);
             }
@@ -898,10 +918,16 @@ impl Approvals {
             .await?;
         remote
             .run(
-                redis::cmd("HDEL")
+                redis::pipe()
+                    .cmd("HDEL")
                     .arg(&name)
                     .arg(id)
-                    .query_async::<i64>(&mut conn),
+                    .ignore()
+                    .cmd("HDEL")
+                    .arg(remote.key(&["approvals", "grant-uses"]))
+                    .arg(id)
+                    .ignore()
+                    .query_async::<()>(&mut conn),
             )
             .await?;
         Ok(local.or_else(|| text.and_then(|t| serde_json::from_str(&t).ok())))
@@ -974,7 +1000,29 @@ impl Approvals {
         .flatten()
         .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
         if settled.status == wanted && settled.decided_by.as_deref() == Some(by) {
-            Ok((settled, None))
+            // The holder wrote the grant before it published the decision.
+            let grant = match &settled.grant_id {
+                Some(grant_id) => {
+                    let remote = &mirror.remote;
+                    let mut conn = remote.connection();
+                    let text: Option<String> = remote
+                        .run(
+                            redis::cmd("HGET")
+                                .arg(remote.key(&["approvals", "grants"]))
+                                .arg(grant_id)
+                                .query_async(&mut conn),
+                        )
+                        .await
+                        .map_err(|e| unconfirmed(e.to_string()))?;
+                    text.and_then(|t| serde_json::from_str::<Grant>(&t).ok())
+                        .map(|mut g| {
+                            g.until = parse_time(Some(&g.expires_at)).unwrap_or(g.until);
+                            g
+                        })
+                }
+                None => None,
+            };
+            Ok((settled, grant))
         } else {
             Err(DecideError::Settled(Box::new(settled)))
         }
@@ -1506,6 +1554,80 @@ mod tests {
 
     fn open(store: &Approvals, request: Request) -> String {
         store.open(request).unwrap().0
+    }
+
+    #[test]
+    fn a_record_read_from_redis_stands_where_its_status_and_times_say() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_secs(60)));
+        let pending = store.get(&id).unwrap();
+        let now = SystemTime::now();
+        assert!(matches!(
+            standing_of("pending", &pending, now),
+            Standing::Pending(_)
+        ));
+        // Past its deadline, whatever the record says: expired.
+        let later = now + Duration::from_secs(120);
+        assert_eq!(
+            standing_of("pending", &pending, later),
+            Standing::Over(Status::Expired)
+        );
+        let (approved, _) = store.decide(&id, true, "alice", None, None).unwrap();
+        match standing_of("approved", &approved, now) {
+            Standing::Decided(v) => assert!(v.approved && v.by == "alice"),
+            other => panic!("{other:?}"),
+        }
+        // Past valid_for: over.
+        let after = now + Duration::from_secs(601);
+        assert_eq!(
+            standing_of("approved", &approved, after),
+            Standing::Over(Status::Expired)
+        );
+        assert_eq!(
+            standing_of("redeemed", &approved, now),
+            Standing::Over(Status::Approved)
+        );
+    }
+
+    #[test]
+    fn a_grant_read_back_from_json_keeps_its_scope_and_matches_the_same_calls() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_secs(60)));
+        let window = GrantRequest {
+            scope: Scope::Client,
+            window: Duration::from_secs(60),
+            any_arguments: false,
+        };
+        let (_, grant) = store
+            .decide(&id, true, "alice", None, Some(window))
+            .unwrap();
+        let grant = grant.unwrap();
+        let back: Grant = serde_json::from_str(&serde_json::to_string(&grant).unwrap()).unwrap();
+        assert_eq!(
+            (back.id.as_str(), back.principal.as_str()),
+            (grant.id.as_str(), "peer:127.0.0.1")
+        );
+        assert!(back.matches(
+            "s",
+            "start_fhir_export_job",
+            "peer:127.0.0.1",
+            "x",
+            "sha256:aa"
+        ));
+        assert!(!back.matches(
+            "s",
+            "start_fhir_export_job",
+            "peer:127.0.0.1",
+            "x",
+            "sha256:bb"
+        ));
+        assert!(!back.matches(
+            "s",
+            "start_fhir_export_job",
+            "client:other",
+            "x",
+            "sha256:aa"
+        ));
     }
 
     #[tokio::test]
