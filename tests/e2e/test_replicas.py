@@ -1,8 +1,9 @@
 """Several replicas behind a load balancer (issue 17): three `tollgate serve`
 processes share one Redis (`state.backend: redis`), nginx round-robins between
 them, and they behave as one: rate limits count across all of them, a session
-opened through one continues through the others, and Redis going away refuses
-what needs it (never lets it through unlimited) until Redis is back.
+opened through one continues through the others, approvals (tickets, stateless-era
+`requestState`s, grants) opened on one are redeemed once on any other, and Redis
+going away refuses what needs it (never lets it through unlimited) until Redis is back.
 
 redis-server and nginx are Debian's (tests/run installs them); each test starts its
 own on free loopback ports.

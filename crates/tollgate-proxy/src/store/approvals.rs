@@ -16,7 +16,11 @@
 //! [`Approvals::wait`], [`Approvals::list`], [`Approvals::subscribe`], and for grants
 //! [`Approvals::grant`], [`Approvals::use_grant`], [`Approvals::revoke`],
 //! [`Approvals::grants`]. Every change to an approval is broadcast for the admin
-//! page's live stream and for the requests waiting on it.
+//! page's live stream and for the requests waiting on it. Held calls use the
+//! `*_anywhere` forms ([`Approvals::find_anywhere`], [`Approvals::standing_anywhere`],
+//! [`Approvals::redeem_anywhere`], [`Approvals::use_grant_anywhere`], ...), which
+//! in memory are the plain ones and with `state.backend: redis` also see (and
+//! atomically use) what the other replicas opened.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -935,8 +939,8 @@ impl Approvals {
 
     /// Approves or denies an approval held by this replica or, with a shared
     /// backend, by another one: the holder settles it (exactly once, whoever asks
-    /// first), and the answer is what it published, awaited for at most 3 s. A
-    /// grant given on another replica is that replica's (its calls' retries reach it).
+    /// first), and the answer is what it published, awaited for at most 3 s, with
+    /// the grant it gave (read from Redis, where every replica finds it).
     pub async fn decide_anywhere(
         &self,
         id: &str,
