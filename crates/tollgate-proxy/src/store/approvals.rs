@@ -586,16 +586,22 @@ impl Approvals {
         if let Some(mirror) = &self.mirror
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            // A call released by an approval redeems it in Redis: it is woken once the
+            // record is written. Anything else is told at once (a denial at shutdown too).
+            let later = approval.status == Status::Approved && approval.redeemed_at.is_none();
             let shared = self.shared_write(mirror, approval.clone(), grant);
-            let local = self.changes.clone();
+            let local = later.then(|| (self.changes.clone(), approval.clone()));
             runtime.spawn(async move {
                 if let Err(err) = shared.await {
                     tracing::warn!(error = %err, "an approval's change could not be shared with the other replicas");
                 }
-                // Woken once the record is written: a released call redeems it in Redis.
-                let _ = local.send(approval);
+                if let Some((changes, approval)) = local {
+                    let _ = changes.send(approval);
+                }
             });
-            return;
+            if later {
+                return;
+            }
         }
         let _ = self.changes.send(approval);
     }
