@@ -1,8 +1,9 @@
 """Several replicas behind a load balancer (issue 17): three `tollgate serve`
 processes share one Redis (`state.backend: redis`), nginx round-robins between
 them, and they behave as one: rate limits count across all of them, a session
-opened through one continues through the others, and Redis going away refuses
-what needs it (never lets it through unlimited) until Redis is back.
+opened through one continues through the others, approvals (tickets, stateless-era
+`requestState`s, grants) opened on one are redeemed once on any other, and Redis
+going away refuses what needs it (never lets it through unlimited) until Redis is back.
 
 redis-server and nginx are Debian's (tests/run installs them); each test starts its
 own on free loopback ports.
@@ -417,3 +418,167 @@ def test_a_call_held_on_a_is_listed_everywhere_and_approved_through_b(procs, tmp
     assert not passed(held["deny me"])
     assert "not today" in json.dumps(held["deny me"])
     assert upstream.tools_called() == ["echo"]
+
+
+# ---- approvals shared in Redis: retries, requestStates and grants on any replica -----------
+
+HELD = ("version: 1\nrules:\n  - tool: echo\n    action: require_approval\n"
+        "    approval: {timeout: 60, wait: 1}\n")
+
+
+def sdk_client(url: str, key: str, mode: str):
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})),
+                  mode=mode)
+
+
+def approve_on(replica, approval_id: str, body: dict | None = None) -> dict:
+    r = httpx.post(f"{replica['admin']}/approvals/{approval_id}/approve", headers=ADMIN_AUTH, json=body or {},
+                   timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.anyio
+async def test_a_ticket_held_on_a_approved_on_b_is_redeemed_once_on_c(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD)
+    a, b, c = cluster.replicas
+    async with sdk_client(a["url"], ALICE, "legacy") as on_a, sdk_client(c["url"], ALICE, "legacy") as on_c:
+        first = await on_a.call_tool("echo", {"text": "ship it"})
+        ticket = first.meta["dev.tollgate/decision"]
+        assert first.is_error is True and ticket["kind"] == "approval_pending", first
+        # Still pending: a retry on C joins the same approval (no second entry).
+        joined = await on_c.call_tool("echo", {"text": "ship it"})
+        assert joined.meta["dev.tollgate/decision"]["approval_id"] == ticket["approval_id"]
+        assert approve_on(b, ticket["approval_id"])["status"] == "approved"
+        assert upstream.tools_called() == []
+        # The retry lands on C: forwarded, once.
+        retry = await on_c.call_tool("echo", {"text": "ship it"})
+        assert retry.is_error is False and "ship it" in retry.content[0].text, retry
+        assert upstream.tools_called() == ["echo"]
+        # A second retry, on C or back on A, is held again (a new approval).
+        for client in (on_c, on_a):
+            again = await client.call_tool("echo", {"text": "ship it"})
+            meta = again.meta["dev.tollgate/decision"]
+            assert meta["kind"] == "approval_pending" and meta["approval_id"] != ticket["approval_id"], again
+        # Another client's identical call is not let through by it either.
+        async with sdk_client(c["url"], BOB, "legacy") as bob:
+            other = await bob.call_tool("echo", {"text": "ship it"})
+            assert other.meta["dev.tollgate/decision"]["kind"] == "approval_pending"
+    assert upstream.tools_called() == ["echo"]
+
+
+def test_concurrent_retries_on_every_replica_redeem_an_approval_exactly_once(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD)
+    a, b, c = cluster.replicas
+    first = stateless_call(a["url"], "echo", {"text": "once"}, ALICE)
+    approval_id = first["result"]["_meta"]["dev.tollgate/decision"]["approval_id"]
+    approve_on(b, approval_id)
+    # None of them on A, the replica that opened it: B and C race for it in Redis.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: stateless_call((b, c)[i % 2]["url"], "echo", {"text": "once"},
+                                                         ALICE, id_=i + 2), range(8)))
+    assert sum(passed(x) for x in answers) == 1, answers
+    assert upstream.tools_called() == ["echo"]
+
+
+@pytest.mark.anyio
+async def test_a_request_state_sealed_on_a_is_redeemed_once_on_c(procs, tmp_path, redis):
+    from mcp import types
+
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD)
+    a, b, c = cluster.replicas
+    async with sdk_client(a["url"], ALICE, "auto") as on_a, sdk_client(c["url"], ALICE, "auto") as on_c:
+        first = await on_a.session.call_tool("echo", {"text": "mrtr"}, allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult) and first.request_state, first
+        approval_id = first.meta["dev.tollgate/decision"]["approval_id"]
+        # Pending, retried on C: the state (sealed on A) opens there, and C waits on it.
+        again = await on_c.session.call_tool("echo", {"text": "mrtr"}, request_state=first.request_state,
+                                             allow_input_required=True)
+        assert isinstance(again, types.InputRequiredResult), again
+        assert again.meta["dev.tollgate/decision"]["approval_id"] == approval_id
+        approve_on(b, approval_id)
+        done = await on_c.session.call_tool("echo", {"text": "mrtr"}, request_state=first.request_state,
+                                            allow_input_required=True)
+        assert isinstance(done, types.CallToolResult) and done.is_error is False, done
+        assert upstream.tools_called() == ["echo"]
+        # Replayed, on A or on C: refused, never forwarded again.
+        for client in (on_a, on_c):
+            replay = await client.session.call_tool("echo", {"text": "mrtr"}, request_state=first.request_state,
+                                                    allow_input_required=True)
+            assert isinstance(replay, types.CallToolResult) and replay.is_error is True, replay
+            assert replay.meta["dev.tollgate/decision"]["kind"] == "approval_denied"
+    assert upstream.tools_called() == ["echo"]
+
+
+@pytest.mark.anyio
+async def test_a_grant_made_on_b_lets_the_clients_calls_through_on_c_within_its_window(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD)
+    a, b, c = cluster.replicas
+    async with sdk_client(a["url"], ALICE, "legacy") as on_a, sdk_client(c["url"], ALICE, "legacy") as on_c:
+        first = await on_a.call_tool("echo", {"text": "g0"})
+        approval_id = first.meta["dev.tollgate/decision"]["approval_id"]
+        decided = approve_on(b, approval_id, {"grant": {"scope": "client", "for": "5s", "any_arguments": True}})
+        assert decided["status"] == "approved"
+        listed = httpx.get(f"{c['admin']}/approvals/grants", headers=ADMIN_AUTH, timeout=10).json()
+        assert [g["principal"] for g in listed] == ["client:alice"], listed
+        for i in range(1, 4):
+            result = await on_c.call_tool("echo", {"text": f"g{i}"})
+            assert result.is_error is False, result
+        async with sdk_client(c["url"], BOB, "legacy") as bob:
+            assert (await bob.call_tool("echo", {"text": "g1"})).meta["dev.tollgate/decision"]["kind"] \
+                == "approval_pending"
+        (listed,) = httpx.get(f"{a['admin']}/approvals/grants", headers=ADMIN_AUTH, timeout=10).json()
+        assert listed["uses"] == 3 and listed["granted_by"], listed
+        wait_until(lambda: httpx.get(f"{c['admin']}/approvals/grants", headers=ADMIN_AUTH, timeout=10).json() == [],
+                   15, "the grant to end")
+        late = await on_c.call_tool("echo", {"text": "late"})
+        assert late.meta["dev.tollgate/decision"]["kind"] == "approval_pending"
+        # A grant given through B for C's approval, revoked through A: ended on every replica at once.
+        late_id = late.meta["dev.tollgate/decision"]["approval_id"]
+        grant = approve_on(b, late_id, {"grant": {"scope": "client", "for": "10m", "any_arguments": True}})["grant"]
+        assert (await on_c.call_tool("echo", {"text": "late"})).is_error is False  # the approval itself
+        assert (await on_a.call_tool("echo", {"text": "via grant"})).is_error is False  # the grant, on A
+        revoked = httpx.delete(f"{a['admin']}/approvals/grants/{grant['id']}", headers=ADMIN_AUTH, timeout=10)
+        assert revoked.status_code == 200, revoked.text
+        for client in (on_a, on_c):
+            held = await client.call_tool("echo", {"text": "after revoke"})
+            assert held.meta["dev.tollgate/decision"]["kind"] == "approval_pending", held
+    assert upstream.tools_called() == ["echo"] * 5
+
+
+def test_a_request_state_key_is_shared_through_redis(procs, tmp_path, redis):
+    upstream = start_upstream(procs, tmp_path)
+    Cluster(procs, tmp_path, redis, upstream.url, HELD, n=2)
+    key = redis.cli("GET", "e2e:approvals:state-key")
+    assert len(key) == 64, key
+
+
+@pytest.mark.parametrize("on_failure", ["refuse", "allow"])
+def test_redis_down_refuses_a_held_call_and_never_forwards_an_approved_one(procs, tmp_path, redis, on_failure):
+    upstream = start_upstream(procs, tmp_path)
+    cluster = Cluster(procs, tmp_path, redis, upstream.url, HELD, state_extra=f"  on_failure: {on_failure}\n")
+    a, b, c = cluster.replicas
+    first = stateless_call(a["url"], "echo", {"text": "down"}, ALICE)
+    approve_on(b, first["result"]["_meta"]["dev.tollgate/decision"]["approval_id"])
+    redis.kill()
+    # Approved, but the retry on C cannot redeem it once: refused, saying why, whatever on_failure says.
+    for replica in (c, a):
+        answer = stateless_call(replica["url"], "echo", {"text": "down"}, ALICE)
+        text = json.dumps(answer)
+        assert not passed(answer), answer
+        assert "needs an approval, kept in the shared state" in text and "Redis at redis://127.0.0.1" in text, text
+    assert upstream.tools_called() == []
+    redis.start()
+    time.sleep(3)
+    # Redis came back empty: the call is held afresh, not let through.
+    again = stateless_call(c["url"], "echo", {"text": "down"}, ALICE)
+    assert again["result"]["_meta"]["dev.tollgate/decision"]["kind"] == "approval_pending", again
+    assert upstream.tools_called() == []

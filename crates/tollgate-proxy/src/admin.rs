@@ -371,7 +371,7 @@ async fn decide(
 }
 
 async fn grants(State(admin): State<Admin>) -> impl IntoResponse {
-    Json(admin.app.approvals.grants())
+    Json(admin.app.approvals.grants_anywhere().await)
 }
 
 async fn revoke(
@@ -379,9 +379,14 @@ async fn revoke(
     Extension(identity): Extension<Identity>,
     Path(id): Path<String>,
 ) -> Response {
-    match crate::approvals::decide::revoke(&admin.app, &id, identity.name()) {
-        Some(grant) => Json(grant).into_response(),
-        None => (
+    match crate::approvals::decide::revoke(&admin.app, &id, identity.name()).await {
+        Ok(Some(grant)) => Json(grant).into_response(),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("grant `{id}` could not be revoked: {err}; retry when Redis is back")})),
+        )
+            .into_response(),
+        Ok(None) => (
             StatusCode::NOT_FOUND,
             Json(json!({"error": format!("no active grant with id `{id}`")})),
         )

@@ -50,9 +50,20 @@ impl AppState {
             .approvals
             .as_ref()
             .and_then(|a| a.state_key.as_deref());
-        let state_key = match secret {
-            Some(secret) => StateKey::from_secret(secret),
-            None => StateKey::generate(),
+        let state_key = match (secret, &shared.remote) {
+            (Some(secret), _) => StateKey::from_secret(secret),
+            // Replicas share one key, so that a state sealed on one opens on another.
+            (None, Some(remote)) => {
+                let secret = remote
+                    .shared_secret("approvals:state-key", &crate::store::random_hex(32))
+                    .map_err(|e| {
+                        BuildError::SharedStateKey(format!(
+                            "the key for requestState is shared by the replicas in Redis, and {e}; start Redis first, or set approvals.state_key"
+                        ))
+                    })?;
+                StateKey::from_secret(&secret)
+            }
+            (None, None) => StateKey::generate(),
         }
         .map_err(|e| BuildError::StateKey(e.to_string()))?;
         let doors = Arc::new(Doors::new(Core::new(shared.clone(), state_key), config)?);

@@ -121,9 +121,15 @@ fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Opt
     (decision.action == Action::Deny).then_some(decision.reason)
 }
 
-/// Ends grant `id` at once, as `by`.
-pub fn revoke(shared: &Shared, id: &str, by: &str) -> Option<Grant> {
-    let grant = shared.approvals.revoke(id)?;
+/// Ends grant `id` at once, as `by` (given on any replica, with a shared backend).
+pub async fn revoke(
+    shared: &Shared,
+    id: &str,
+    by: &str,
+) -> Result<Option<Grant>, crate::store::remote::Unavailable> {
+    let Some(grant) = shared.approvals.revoke_anywhere(id).await? else {
+        return Ok(None);
+    };
     shared.audit.write(&Record::GrantRevoked {
         grant_id: &grant.id,
         server: &grant.server,
@@ -131,5 +137,5 @@ pub fn revoke(shared: &Shared, id: &str, by: &str) -> Option<Grant> {
         revoked_by: by,
     });
     tracing::info!(grant = %id, by, "grant revoked");
-    Some(grant)
+    Ok(Some(grant))
 }

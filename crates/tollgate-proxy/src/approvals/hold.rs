@@ -20,7 +20,7 @@ use super::elicit::{Elicitations, Question};
 use super::state::{Claims, Expected, Kind, StateError, StateKey, unix_after, unix_of};
 use crate::audit::Record;
 use crate::state::Shared;
-use crate::store::approvals::{Identity, Request, Standing, Status, Verdict};
+use crate::store::approvals::{Binding, Identity, Request, Standing, Status, Verdict};
 use crate::upstream::{Event, Failure};
 
 /// Where a held call's messages go while it waits.
@@ -155,42 +155,58 @@ pub async fn hold(
     // The approval the state names, else this call's own; an approved one is used
     // before any grant; else a grant; else the approval (a new one if none).
     let found = match claims {
-        Some(claims) if claims.kind == Kind::Queue => match shared.approvals.standing(&claims.id) {
-            Some(standing) => Some((claims.id, standing)),
-            None => {
-                return Ending::Refuse(
-                    DenyKind::ApprovalTimeout,
-                    format!(
-                        "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
-                        claims.id
-                    ),
-                );
+        Some(claims) if claims.kind == Kind::Queue => {
+            match shared.approvals.standing_anywhere(&claims.id).await {
+                Ok(Some(standing)) => Some((claims.id, standing)),
+                Ok(None) => {
+                    return Ending::Refuse(
+                        DenyKind::ApprovalTimeout,
+                        format!(
+                            "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
+                            claims.id
+                        ),
+                    );
+                }
+                Err(err) => return unreachable(hold, &err),
             }
-        },
+        }
         // A question's state on a rule that now uses the queue: ask anew.
-        _ => shared
+        _ => match shared
             .approvals
-            .find(&hold.server, &hold.principal, &hold.tool, &hold.digest),
+            .find_anywhere(&hold.server, &hold.principal, &hold.tool, &hold.digest)
+            .await
+        {
+            Ok(found) => found,
+            Err(err) => return unreachable(hold, &err),
+        },
     };
     let approved = matches!(&found, Some((_, Standing::Decided(v))) if v.approved);
-    if !approved
-        && let Some(grant) = shared.approvals.use_grant(
-            &hold.server,
-            &hold.tool,
-            &hold.client_key,
-            &hold.session_key,
-            &hold.digest,
-        )
-    {
-        tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
-        shared.audit.write(&Record::GrantUsed {
-            call_id: &hold.call_id,
-            grant_id: &grant.id,
-            server: &hold.server,
-            tool: &hold.tool,
-            granted_by: &grant.granted_by,
-        });
-        return Ending::Forward;
+    if !approved {
+        let grant = shared
+            .approvals
+            .use_grant_anywhere(
+                &hold.server,
+                &hold.tool,
+                &hold.client_key,
+                &hold.session_key,
+                &hold.digest,
+            )
+            .await;
+        match grant {
+            Ok(Some(grant)) => {
+                tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
+                shared.audit.write(&Record::GrantUsed {
+                    call_id: &hold.call_id,
+                    grant_id: &grant.id,
+                    server: &hold.server,
+                    tool: &hold.tool,
+                    granted_by: &grant.granted_by,
+                });
+                return Ending::Forward;
+            }
+            Ok(None) => {}
+            Err(err) => return unreachable(hold, &err),
+        }
     }
     let (id, standing) = match found {
         Some(found) => found,
@@ -199,14 +215,14 @@ pub async fn hold(
             Err(why) => return Ending::Refuse(DenyKind::ApprovalDenied, why),
         },
     };
-    if let Some(ending) = settle(shared, hold, &id, standing) {
+    if let Some(ending) = settle(shared, hold, &id, standing).await {
         return ending;
     }
     let standing = match wait(shared, hold, &id, sink).await {
         Some(standing) => standing,
         None => return Ending::Gone,
     };
-    if let Some(ending) = settle(shared, hold, &id, standing) {
+    if let Some(ending) = settle(shared, hold, &id, standing).await {
         return ending;
     }
     pending(shared, key, hold, &id)
@@ -254,32 +270,36 @@ fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String>
     Ok((id, standing))
 }
 
+/// A call that needs the shared approvals while Redis cannot be reached: refused
+/// (whatever `state.on_failure` says, an approval is never assumed).
+fn unreachable(hold: &Hold, err: &crate::store::remote::Unavailable) -> Ending {
+    tracing::warn!(tool = %hold.tool, error = %err, "held call refused: its approval is kept in the shared state, which cannot be reached");
+    Ending::Refuse(
+        DenyKind::ApprovalDenied,
+        format!(
+            "tools/call `{}` was not forwarded: it needs an approval, kept in the shared state, and {err}; retry when the operator has Redis back",
+            hold.tool
+        ),
+    )
+}
+
 /// What a decided (or over) approval means for this call; `None` while pending.
-fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<Ending> {
-    let verdict = match standing {
-        Standing::Pending(_) => return None,
-        Standing::Decided(verdict) => verdict,
-        Standing::Over(Status::Expired) => {
-            record_verdict(shared, hold, id, "expired", None);
-            return Some(Ending::Refuse(
-                DenyKind::ApprovalTimeout,
-                "no one approved the call in time".to_owned(),
-            ));
-        }
-        Standing::Over(_) => {
-            return Some(Ending::Refuse(
-                DenyKind::ApprovalDenied,
-                format!(
-                    "approval {id} was already used by another request for this call; call the tool again (without requestState) to ask anew"
-                ),
-            ));
-        }
+async fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<Ending> {
+    let verdict = match over(shared, hold, id, standing)? {
+        Ok(verdict) => verdict,
+        Err(ending) => return Some(ending),
     };
     if !verdict.approved {
         return Some(refused(&verdict));
     }
-    match shared.approvals.redeem(id) {
-        Ok(verdict) => {
+    let binding = Binding {
+        principal: &hold.principal,
+        server: &hold.server,
+        tool: &hold.tool,
+        digest: &hold.digest,
+    };
+    match shared.approvals.redeem_anywhere(id, binding).await {
+        Ok(Ok(verdict)) => {
             tracing::info!(approval = %id, tool = %hold.tool, "approval redeemed");
             shared.audit.write(&Record::ApprovalRedeemed {
                 call_id: &hold.call_id,
@@ -291,14 +311,48 @@ fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<
             Some(Ending::Forward)
         }
         // Another retry used it in the meantime, or it just expired.
-        Err(Some(standing)) if !matches!(standing, Standing::Decided(_)) => {
-            settle(shared, hold, id, standing)
+        Ok(Err(Some(standing))) if !matches!(standing, Standing::Decided(_)) => {
+            match over(shared, hold, id, standing) {
+                Some(Err(ending)) => Some(ending),
+                _ => Some(unusable(id)),
+            }
         }
-        Err(_) => Some(Ending::Refuse(
-            DenyKind::ApprovalDenied,
-            format!("approval {id} could not be used; call the tool again to ask anew"),
-        )),
+        Ok(Err(_)) => Some(unusable(id)),
+        Err(err) => Some(unreachable(hold, &err)),
     }
+}
+
+fn unusable(id: &str) -> Ending {
+    Ending::Refuse(
+        DenyKind::ApprovalDenied,
+        format!("approval {id} could not be used; call the tool again to ask anew"),
+    )
+}
+
+/// A decided approval's verdict, or the refusal an over one means; `None` while pending.
+fn over(
+    shared: &Shared,
+    hold: &Hold,
+    id: &str,
+    standing: Standing,
+) -> Option<Result<Verdict, Ending>> {
+    Some(match standing {
+        Standing::Pending(_) => return None,
+        Standing::Decided(verdict) => Ok(verdict),
+        Standing::Over(Status::Expired) => {
+            record_verdict(shared, hold, id, "expired", None);
+            Err(Ending::Refuse(
+                DenyKind::ApprovalTimeout,
+                "no one approved the call in time".to_owned(),
+            ))
+        }
+        Standing::Over(_) => Err(Ending::Refuse(
+            DenyKind::ApprovalDenied,
+            format!(
+                "approval {id} was already used by another request for this call; call the tool again (without requestState) to ask anew"
+            ),
+        )),
+    })
 }
 
 /// The refusal a denial becomes.

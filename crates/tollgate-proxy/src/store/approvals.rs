@@ -16,7 +16,11 @@
 //! [`Approvals::wait`], [`Approvals::list`], [`Approvals::subscribe`], and for grants
 //! [`Approvals::grant`], [`Approvals::use_grant`], [`Approvals::revoke`],
 //! [`Approvals::grants`]. Every change to an approval is broadcast for the admin
-//! page's live stream and for the requests waiting on it.
+//! page's live stream and for the requests waiting on it. Held calls use the
+//! `*_anywhere` forms ([`Approvals::find_anywhere`], [`Approvals::standing_anywhere`],
+//! [`Approvals::redeem_anywhere`], [`Approvals::use_grant_anywhere`], ...), which
+//! in memory are the plain ones and with `state.backend: redis` also see (and
+//! atomically use) what the other replicas opened.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use super::remote::Remote;
+use redis::Script;
+
+use super::remote::{Remote, Unavailable};
 
 /// How many settled approvals are kept for `GET /approvals`.
 const SETTLED_KEPT: usize = 500;
@@ -237,7 +243,7 @@ pub enum Scope {
 }
 
 /// A window in which one tool's calls by one client or session pass without asking.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Grant {
     /// Random id.
     pub id: String,
@@ -261,8 +267,33 @@ pub struct Grant {
     pub expires_at: String,
     /// How many calls it let through.
     pub uses: u64,
-    #[serde(skip)]
+    #[serde(skip, default = "epoch")]
     until: SystemTime,
+}
+
+fn epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH
+}
+
+impl Grant {
+    /// Whether it lets this call through.
+    fn matches(
+        &self,
+        server: &str,
+        tool: &str,
+        client_key: &str,
+        session_key: &str,
+        digest: &str,
+    ) -> bool {
+        self.server == server
+            && self.tool == tool
+            && self.principal
+                == match self.scope {
+                    Scope::Client => client_key,
+                    Scope::Session => session_key,
+                }
+            && self.arguments_digest.as_deref().is_none_or(|d| d == digest)
+    }
 }
 
 /// What an approver grants with an approval.
@@ -317,13 +348,109 @@ pub struct Approvals {
     mirror: Option<Mirror>,
 }
 
-/// Other replicas' approvals (`state.backend: redis`). An approval stays with the
-/// replica it was opened on (its retries must reach it); every change is published,
-/// so each replica lists them all, and a decision made elsewhere is sent to the
-/// holder, which settles it (once).
+/// The shared side of approvals (`state.backend: redis`). An approval is opened,
+/// waited on and decided by the replica holding the client's request; every change
+/// is written to Redis (a hash per approval: where it stands and what it binds)
+/// and published, so each replica lists them all, a decision made elsewhere is
+/// sent to the holder (which wakes its waiting request at once), and a retry, a
+/// `requestState` or a grant is honoured by whichever replica it reaches: the
+/// approval is redeemed there by one Lua check-and-consume, exactly once.
 struct Mirror {
     remote: Arc<Remote>,
     others: Arc<Mutex<HashMap<String, Approval>>>,
+    save: Arc<Script>,
+    redeem: Arc<Script>,
+}
+
+/// Writes an approval's record, never going back (pending < decided < expired <
+/// redeemed: changes are written by tasks of their own, and may arrive out of
+/// order), and keeps the call's key (for a retry's lookup) while it answers retries.
+/// KEYS: record, key; ARGV: status, rank, principal, server, tool, digest,
+/// valid_until_ms, json, expire_at_ms, id, key_until_ms.
+const SAVE: &str = r"
+local old = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
+if old > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'principal', ARGV[3],
+  'server', ARGV[4], 'tool', ARGV[5], 'digest', ARGV[6], 'valid_until_ms', ARGV[7], 'json', ARGV[8])
+redis.call('PEXPIREAT', KEYS[1], ARGV[9])
+if tonumber(ARGV[2]) <= 1 then
+  redis.call('SET', KEYS[2], ARGV[10], 'PXAT', ARGV[11])
+elseif redis.call('GET', KEYS[2]) == ARGV[10] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+";
+
+/// Uses an approved approval once, when the call presenting it is the one approved
+/// (principal, server, tool, arguments digest) and it is within `valid_for` of the
+/// decision (Redis's clock). KEYS: record, key; ARGV: principal, server, tool,
+/// digest, id. Returns `{outcome, json}`: `ok`, or why not (`missing`, its status,
+/// `other_call`, `expired`).
+const REDEEM: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'status', 'principal', 'server', 'tool', 'digest', 'valid_until_ms', 'json')
+if not f[1] then return {'missing', ''} end
+if f[1] ~= 'approved' then return {f[1], f[7]} end
+if f[2] ~= ARGV[1] or f[3] ~= ARGV[2] or f[4] ~= ARGV[3] or f[5] ~= ARGV[4] then
+  return {'other_call', ''}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(f[6]) then return {'expired', f[7]} end
+redis.call('HSET', KEYS[1], 'status', 'redeemed', 'rank', 3)
+if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
+return {'ok', f[7]}
+";
+
+/// How long a settled approval's record stays in Redis, for the answer to a late retry.
+const RECORD_KEPT: Duration = Duration::from_secs(3600);
+
+/// What a retry presents: the call the approval must have been opened for.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    /// Who retries.
+    pub principal: &'a str,
+    /// The server.
+    pub server: &'a str,
+    /// The tool.
+    pub tool: &'a str,
+    /// The arguments digest.
+    pub digest: &'a str,
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn parse_time(text: Option<&str>) -> Option<SystemTime> {
+    humantime::parse_rfc3339(text?).ok()
+}
+
+/// The name (in Redis) of a call's key: a digest, so it is short and safe.
+fn key_name(remote: &Remote, key: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    remote.key(&["approvals", "key", &hex])
+}
+
+/// Where an approval read from Redis stands now.
+fn standing_of(status: &str, approval: &Approval, now: SystemTime) -> Standing {
+    let deadline = parse_time(Some(&approval.deadline)).unwrap_or(now);
+    match status {
+        "pending" if deadline > now => Standing::Pending(deadline),
+        "approved" | "denied"
+            if parse_time(approval.valid_until.as_deref()).unwrap_or(deadline) > now =>
+        {
+            Standing::Decided(Verdict {
+                approved: status == "approved",
+                by: approval.decided_by.clone().unwrap_or_default(),
+                reason: approval.decision_reason.clone(),
+            })
+        }
+        "redeemed" => Standing::Over(Status::Approved),
+        _ => Standing::Over(Status::Expired),
+    }
 }
 
 /// Most approvals of other replicas kept in the mirror.
@@ -376,15 +503,25 @@ impl Approvals {
             mirror: Some(Mirror {
                 remote: remote.clone(),
                 others: others.clone(),
+                save: Arc::new(Script::new(SAVE)),
+                redeem: Arc::new(Script::new(REDEEM)),
             }),
         });
         let (weak, broadcast) = (Arc::downgrade(&store), store.changes.clone());
+        let holder = weak.clone();
         remote.follow(
             remote.key(&["approvals", "changed"]),
             move |body| {
                 let Ok(approval) = serde_json::from_str::<Approval>(body) else {
                     return;
                 };
+                // Redeemed on another replica: this one, if it holds it, settles it.
+                if approval.redeemed_at.is_some()
+                    && let Some(store) = holder.upgrade()
+                    && store.settle_redeemed(&approval.id)
+                {
+                    return;
+                }
                 let mut others = others.lock();
                 if others.len() >= MIRRORED {
                     others.retain(|_, a| a.status == Status::Pending);
@@ -440,25 +577,376 @@ impl Approvals {
     /// Tells the admin stream and the waiting requests, and with a shared backend
     /// the other replicas.
     fn changed(&self, approval: Approval) {
+        self.changed_with(approval, None);
+    }
+
+    /// [`Approvals::changed`], with the grant the change gave: both are written to
+    /// Redis before the change is published, so that a replica told of it finds them.
+    fn changed_with(&self, approval: Approval, grant: Option<Grant>) {
         if let Some(mirror) = &self.mirror
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            && let Ok(body) = serde_json::to_string(&approval)
         {
-            let remote = mirror.remote.clone();
+            // A call released by an approval redeems it in Redis: it is woken once the
+            // record is written. Anything else is told at once (a denial at shutdown too).
+            let later = approval.status == Status::Approved && approval.redeemed_at.is_none();
+            let shared = self.shared_write(mirror, approval.clone(), grant);
+            let local = later.then(|| (self.changes.clone(), approval.clone()));
             runtime.spawn(async move {
-                let channel = remote.key(&["approvals", "changed"]);
-                if let Err(err) = remote.publish(&channel, &body).await {
+                if let Err(err) = shared.await {
                     tracing::warn!(error = %err, "an approval's change could not be shared with the other replicas");
                 }
+                if let Some((changes, approval)) = local {
+                    let _ = changes.send(approval);
+                }
             });
+            if later {
+                return;
+            }
         }
         let _ = self.changes.send(approval);
     }
 
+    /// Writes an approval (and a grant) to Redis, then publishes the change.
+    fn shared_write(
+        &self,
+        mirror: &Mirror,
+        approval: Approval,
+        grant: Option<Grant>,
+    ) -> impl Future<Output = Result<(), Unavailable>> + Send + 'static {
+        let (remote, save) = (mirror.remote.clone(), mirror.save.clone());
+        let key = key_of(
+            &approval.server,
+            &approval.principal,
+            &approval.tool,
+            &approval.arguments_digest,
+        );
+        async move {
+            let (status, rank) = match approval.status {
+                _ if approval.redeemed_at.is_some() => ("redeemed", 3),
+                Status::Pending => ("pending", 0),
+                Status::Approved => ("approved", 1),
+                Status::Denied => ("denied", 1),
+                Status::Expired => ("expired", 2),
+            };
+            let deadline = parse_time(Some(&approval.deadline)).unwrap_or_else(SystemTime::now);
+            let valid_until = parse_time(approval.valid_until.as_deref());
+            let answers_until = valid_until.unwrap_or(deadline).max(deadline);
+            let body = serde_json::to_string(&approval).unwrap_or_default();
+            let mut conn = remote.connection();
+            if let Some(grant) = grant {
+                let text = serde_json::to_string(&grant).unwrap_or_default();
+                remote
+                    .run(
+                        redis::cmd("HSET")
+                            .arg(remote.key(&["approvals", "grants"]))
+                            .arg(&grant.id)
+                            .arg(text)
+                            .query_async::<i64>(&mut conn),
+                    )
+                    .await?;
+            }
+            remote
+                .run(
+                    save.key(remote.key(&["approvals", "id", &approval.id]))
+                        .key(key_name(&remote, &key))
+                        .arg(status)
+                        .arg(rank)
+                        .arg(&approval.principal)
+                        .arg(&approval.server)
+                        .arg(&approval.tool)
+                        .arg(&approval.arguments_digest)
+                        .arg(valid_until.map_or(0, millis))
+                        .arg(&body)
+                        .arg(millis(answers_until + RECORD_KEPT))
+                        .arg(&approval.id)
+                        .arg(millis(answers_until).max(millis(SystemTime::now()) + 1))
+                        .invoke_async::<i64>(&mut conn),
+                )
+                .await?;
+            remote
+                .publish(&remote.key(&["approvals", "changed"]), &body)
+                .await
+        }
+    }
+
+    /// Settles an approval held here that another replica redeemed; whether it was held.
+    fn settle_redeemed(&self, id: &str) -> bool {
+        let mut table = self.table.lock();
+        let Some(entry) = remove_live(&mut table, id) else {
+            return false;
+        };
+        let mut approval = entry.approval;
+        approval.redeemed_at = Some(rfc3339(SystemTime::now()));
+        push_settled(&mut table, approval.clone());
+        drop(table);
+        let _ = self.changes.send(approval);
+        true
+    }
+
+    /// [`Approvals::find`], and with a shared backend the approval of this call
+    /// any replica opened.
+    pub async fn find_anywhere(
+        &self,
+        server: &str,
+        principal: &str,
+        tool: &str,
+        digest: &str,
+    ) -> Result<Option<(String, Standing)>, Unavailable> {
+        let found = self.find(server, principal, tool, digest);
+        let Some(mirror) = &self.mirror else {
+            return Ok(found);
+        };
+        if found.is_some() {
+            return Ok(found);
+        }
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let name = key_name(remote, &key_of(server, principal, tool, digest));
+        let id: Option<String> = remote
+            .run(redis::cmd("GET").arg(name).query_async(&mut conn))
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self
+            .standing_anywhere(&id)
+            .await?
+            .map(|standing| (id, standing)))
+    }
+
+    /// [`Approvals::standing`], and with a shared backend that of an approval
+    /// another replica holds.
+    pub async fn standing_anywhere(&self, id: &str) -> Result<Option<Standing>, Unavailable> {
+        let found = self.standing(id);
+        let (Some(mirror), None) = (&self.mirror, &found) else {
+            return Ok(found);
+        };
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let (status, body): (Option<String>, Option<String>) = remote
+            .run(
+                redis::cmd("HMGET")
+                    .arg(remote.key(&["approvals", "id", id]))
+                    .arg("status")
+                    .arg("json")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(status.zip(body).and_then(|(status, body)| {
+            let approval = serde_json::from_str::<Approval>(&body).ok()?;
+            let standing = standing_of(&status, &approval, SystemTime::now());
+            let mut others = mirror.others.lock();
+            if others.len() < MIRRORED {
+                others.entry(approval.id.clone()).or_insert(approval);
+            }
+            Some(standing)
+        }))
+    }
+
+    /// [`Approvals::redeem`] of the call `binding`; with a shared backend, by one
+    /// check-and-consume in Redis, so that it is used once whichever replica the
+    /// retries reach.
+    pub async fn redeem_anywhere(
+        &self,
+        id: &str,
+        binding: Binding<'_>,
+    ) -> Result<Result<Verdict, Option<Standing>>, Unavailable> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(self.redeem(id));
+        };
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let key = key_of(
+            binding.server,
+            binding.principal,
+            binding.tool,
+            binding.digest,
+        );
+        let (outcome, body): (String, String) = remote
+            .run(
+                mirror
+                    .redeem
+                    .key(remote.key(&["approvals", "id", id]))
+                    .key(key_name(remote, &key))
+                    .arg(binding.principal)
+                    .arg(binding.server)
+                    .arg(binding.tool)
+                    .arg(binding.digest)
+                    .arg(id)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let approval = serde_json::from_str::<Approval>(&body).ok();
+        if outcome != "ok" {
+            // Used or over in Redis: so it is here.
+            if matches!(outcome.as_str(), "redeemed" | "expired") {
+                self.settle_redeemed(id);
+            }
+            return Ok(Err(match (outcome.as_str(), approval) {
+                ("missing" | "other_call", _) => None,
+                ("redeemed", _) => Some(Standing::Over(Status::Approved)),
+                (status, Some(approval)) => Some(standing_of(status, &approval, SystemTime::now())),
+                (_, None) => None,
+            }));
+        }
+        if let Ok(verdict) = self.redeem(id) {
+            return Ok(Ok(verdict));
+        }
+        // Held by another replica: tell it (and the pages) that it was used.
+        let Some(mut approval) = approval else {
+            return Ok(Err(None));
+        };
+        approval.redeemed_at = Some(rfc3339(SystemTime::now()));
+        let verdict = Verdict {
+            approved: true,
+            by: approval.decided_by.clone().unwrap_or_default(),
+            reason: approval.decision_reason.clone(),
+        };
+        mirror
+            .others
+            .lock()
+            .insert(approval.id.clone(), approval.clone());
+        self.changed(approval);
+        Ok(Ok(verdict))
+    }
+
+    /// [`Approvals::use_grant`], and with a shared backend a grant given on any replica.
+    pub async fn use_grant_anywhere(
+        &self,
+        server: &str,
+        tool: &str,
+        client_key: &str,
+        session_key: &str,
+        digest: &str,
+    ) -> Result<Option<Grant>, Unavailable> {
+        // With a shared backend Redis is where grants are (and are revoked).
+        let Some(mirror) = &self.mirror else {
+            return Ok(self.use_grant(server, tool, client_key, session_key, digest));
+        };
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let all: Vec<String> = remote
+            .run(
+                redis::cmd("HVALS")
+                    .arg(remote.key(&["approvals", "grants"]))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let now = SystemTime::now();
+        let mut over = Vec::new();
+        let mut found = None;
+        for text in all {
+            let Ok(mut grant) = serde_json::from_str::<Grant>(&text) else {
+                continue;
+            };
+            grant.until = parse_time(Some(&grant.expires_at)).unwrap_or(now);
+            if grant.until <= now {
+                over.push(grant.id);
+                continue;
+            }
+            if found.is_none() && grant.matches(server, tool, client_key, session_key, digest) {
+                found = Some(grant);
+            }
+        }
+        if !over.is_empty() {
+            let _ = remote
+                .run(
+                    redis::pipe()
+                        .cmd("HDEL")
+                        .arg(remote.key(&["approvals", "grants"]))
+                        .arg(&over)
+                        .ignore()
+                        .cmd("HDEL")
+                        .arg(remote.key(&["approvals", "grant-uses"]))
+                        .arg(&over)
+                        .ignore()
+                        .query_async::<()>(&mut conn),
+                )
+                .await;
+        }
+        if let Some(grant) = &mut found {
+            grant.uses = remote
+                .run(
+                    redis::cmd("HINCRBY")
+                        .arg(remote.key(&["approvals", "grant-uses"]))
+                        .arg(&grant.id)
+                        .arg(1)
+                        .query_async::<u64>(&mut conn),
+                )
+                .await?;
+        }
+        Ok(found)
+    }
+
+    /// [`Approvals::grants`], and with a shared backend every replica's (this
+    /// replica's alone while Redis cannot be reached).
+    pub async fn grants_anywhere(&self) -> Vec<Grant> {
+        let Some(mirror) = &self.mirror else {
+            return self.grants();
+        };
+        let mut all = Vec::new();
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let (texts, uses): (Vec<String>, HashMap<String, u64>) = remote
+            .run(
+                redis::pipe()
+                    .cmd("HVALS")
+                    .arg(remote.key(&["approvals", "grants"]))
+                    .cmd("HGETALL")
+                    .arg(remote.key(&["approvals", "grant-uses"]))
+                    .query_async(&mut conn),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                all = self.grants();
+                (Vec::new(), HashMap::new())
+            });
+        let now = SystemTime::now();
+        for text in texts.into_iter().take(MAX_GRANTS) {
+            let Ok(mut grant) = serde_json::from_str::<Grant>(&text) else {
+                continue;
+            };
+            grant.until = parse_time(Some(&grant.expires_at)).unwrap_or(now);
+            grant.uses = uses.get(&grant.id).copied().unwrap_or(0);
+            if grant.until > now && !all.iter().any(|g| g.id == grant.id) {
+                all.push(grant);
+            }
+        }
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        all
+    }
+
+    /// [`Approvals::revoke`], and with a shared backend a grant given on any replica.
+    pub async fn revoke_anywhere(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
+        let local = self.revoke(id);
+        let Some(mirror) = &self.mirror else {
+            return Ok(local);
+        };
+        let remote = &mirror.remote;
+        let mut conn = remote.connection();
+        let name = remote.key(&["approvals", "grants"]);
+        let text: Option<String> = remote
+            .run(redis::cmd("HGET").arg(&name).arg(id).query_async(&mut conn))
+            .await?;
+        remote
+            .run(
+                redis::pipe()
+                    .cmd("HDEL")
+                    .arg(&name)
+                    .arg(id)
+                    .ignore()
+                    .cmd("HDEL")
+                    .arg(remote.key(&["approvals", "grant-uses"]))
+                    .arg(id)
+                    .ignore()
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        Ok(local.or_else(|| text.and_then(|t| serde_json::from_str(&t).ok())))
+    }
+
     /// Approves or denies an approval held by this replica or, with a shared
     /// backend, by another one: the holder settles it (exactly once, whoever asks
-    /// first), and the answer is what it published, awaited for at most 3 s. A
-    /// grant given on another replica is that replica's (its calls' retries reach it).
+    /// first), and the answer is what it published, awaited for at most 3 s, with
+    /// the grant it gave (read from Redis, where every replica finds it).
     pub async fn decide_anywhere(
         &self,
         id: &str,
@@ -471,7 +959,13 @@ impl Approvals {
             return self.decide(id, approved, by, reason, grant);
         };
         if self.holds(id) {
-            return self.decide(id, approved, by, reason, grant);
+            let decided = self.decide(id, approved, by, reason, grant)?;
+            // Written before the approver is answered, so that a retry reaching
+            // another replica right after finds the decision.
+            self.shared_write(mirror, decided.0.clone(), decided.1.clone())
+                .await
+                .map_err(|e| DecideError::Unconfirmed(id.to_owned(), e.to_string()))?;
+            return Ok(decided);
         }
         let known = mirror.others.lock().get(id).cloned();
         let Some(known) = known else {
@@ -516,7 +1010,29 @@ impl Approvals {
         .flatten()
         .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
         if settled.status == wanted && settled.decided_by.as_deref() == Some(by) {
-            Ok((settled, None))
+            // The holder wrote the grant before it published the decision.
+            let grant = match &settled.grant_id {
+                Some(grant_id) => {
+                    let remote = &mirror.remote;
+                    let mut conn = remote.connection();
+                    let text: Option<String> = remote
+                        .run(
+                            redis::cmd("HGET")
+                                .arg(remote.key(&["approvals", "grants"]))
+                                .arg(grant_id)
+                                .query_async(&mut conn),
+                        )
+                        .await
+                        .map_err(|e| unconfirmed(e.to_string()))?;
+                    text.and_then(|t| serde_json::from_str::<Grant>(&t).ok())
+                        .map(|mut g| {
+                            g.until = parse_time(Some(&g.expires_at)).unwrap_or(g.until);
+                            g
+                        })
+                }
+                None => None,
+            };
+            Ok((settled, grant))
         } else {
             Err(DecideError::Settled(Box::new(settled)))
         }
@@ -654,7 +1170,11 @@ impl Approvals {
         let mut changes = self.changes.subscribe();
         let until = tokio::time::Instant::now() + max;
         loop {
-            let now = self.standing(id)?;
+            let now = match self.standing_anywhere(id).await {
+                Ok(now) => now?,
+                // Redis away: what this replica knows.
+                Err(_) => self.standing(id)?,
+            };
             let Standing::Pending(deadline) = now else {
                 return Some(now);
             };
@@ -664,7 +1184,7 @@ impl Approvals {
             let stop = until.min(tokio::time::Instant::now() + left);
             loop {
                 match tokio::time::timeout_at(stop, changes.recv()).await {
-                    Err(_) => return self.standing(id),
+                    Err(_) => return self.standing_anywhere(id).await.ok().flatten(),
                     Ok(Ok(change)) if change.id != id => continue,
                     // Its change, or changes missed: look again.
                     Ok(_) => break,
@@ -689,8 +1209,8 @@ impl Approvals {
         let result = decide_in(&mut table, id, approved, by, reason, grant, now);
         drop(table);
         self.announce(changed);
-        if let Ok((approval, _)) = &result {
-            self.changed(approval.clone());
+        if let Ok((approval, grant)) = &result {
+            self.changed_with(approval.clone(), grant.clone());
         }
         result
     }
@@ -839,16 +1359,10 @@ impl Approvals {
         let now = SystemTime::now();
         let mut table = self.table.lock();
         table.grants.retain(|g| g.until > now);
-        let grant = table.grants.iter_mut().find(|g| {
-            g.server == server
-                && g.tool == tool
-                && g.principal
-                    == match g.scope {
-                        Scope::Client => client_key,
-                        Scope::Session => session_key,
-                    }
-                && g.arguments_digest.as_deref().is_none_or(|d| d == digest)
-        })?;
+        let grant = table
+            .grants
+            .iter_mut()
+            .find(|g| g.matches(server, tool, client_key, session_key, digest))?;
         grant.uses += 1;
         Some(grant.clone())
     }
@@ -1050,6 +1564,80 @@ mod tests {
 
     fn open(store: &Approvals, request: Request) -> String {
         store.open(request).unwrap().0
+    }
+
+    #[test]
+    fn a_record_read_from_redis_stands_where_its_status_and_times_say() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_secs(60)));
+        let pending = store.get(&id).unwrap();
+        let now = SystemTime::now();
+        assert!(matches!(
+            standing_of("pending", &pending, now),
+            Standing::Pending(_)
+        ));
+        // Past its deadline, whatever the record says: expired.
+        let later = now + Duration::from_secs(120);
+        assert_eq!(
+            standing_of("pending", &pending, later),
+            Standing::Over(Status::Expired)
+        );
+        let (approved, _) = store.decide(&id, true, "alice", None, None).unwrap();
+        match standing_of("approved", &approved, now) {
+            Standing::Decided(v) => assert!(v.approved && v.by == "alice"),
+            other => panic!("{other:?}"),
+        }
+        // Past valid_for: over.
+        let after = now + Duration::from_secs(601);
+        assert_eq!(
+            standing_of("approved", &approved, after),
+            Standing::Over(Status::Expired)
+        );
+        assert_eq!(
+            standing_of("redeemed", &approved, now),
+            Standing::Over(Status::Approved)
+        );
+    }
+
+    #[test]
+    fn a_grant_read_back_from_json_keeps_its_scope_and_matches_the_same_calls() {
+        let store = Approvals::new();
+        let id = open(&store, request(Duration::from_secs(60)));
+        let window = GrantRequest {
+            scope: Scope::Client,
+            window: Duration::from_secs(60),
+            any_arguments: false,
+        };
+        let (_, grant) = store
+            .decide(&id, true, "alice", None, Some(window))
+            .unwrap();
+        let grant = grant.unwrap();
+        let back: Grant = serde_json::from_str(&serde_json::to_string(&grant).unwrap()).unwrap();
+        assert_eq!(
+            (back.id.as_str(), back.principal.as_str()),
+            (grant.id.as_str(), "peer:127.0.0.1")
+        );
+        assert!(back.matches(
+            "s",
+            "start_fhir_export_job",
+            "peer:127.0.0.1",
+            "x",
+            "sha256:aa"
+        ));
+        assert!(!back.matches(
+            "s",
+            "start_fhir_export_job",
+            "peer:127.0.0.1",
+            "x",
+            "sha256:bb"
+        ));
+        assert!(!back.matches(
+            "s",
+            "start_fhir_export_job",
+            "client:other",
+            "x",
+            "sha256:aa"
+        ));
     }
 
     #[tokio::test]

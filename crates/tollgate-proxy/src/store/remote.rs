@@ -241,6 +241,39 @@ impl Remote {
         .map(drop)
     }
 
+    /// The secret every replica shares under `name` (a key of this deployment):
+    /// `fresh`, when this replica is the first to ask (`SET NX`), else the one
+    /// stored. Blocking (at start, within `state.timeout`).
+    pub fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, Unavailable> {
+        let unavailable = |e: redis::RedisError| Unavailable {
+            url: self.shown.clone(),
+            reason: e.to_string(),
+        };
+        let mut conn = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .map_err(unavailable)?;
+        conn.set_read_timeout(Some(self.timeout))
+            .map_err(unavailable)?;
+        conn.set_write_timeout(Some(self.timeout))
+            .map_err(unavailable)?;
+        let key = self.key(&[name]);
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(fresh)
+            .arg("NX")
+            .query::<Option<String>>(&mut conn)
+            .map_err(unavailable)?;
+        redis::cmd("GET")
+            .arg(&key)
+            .query::<Option<String>>(&mut conn)
+            .map_err(unavailable)?
+            .ok_or_else(|| Unavailable {
+                url: self.shown.clone(),
+                reason: format!("`{key}` vanished as it was set"),
+            })
+    }
+
     /// Asks Redis for a `PONG`, for `/readyz`.
     pub async fn ping(&self) -> Result<(), Unavailable> {
         let mut conn = self.connection();
