@@ -554,11 +554,33 @@ async def test_a_grant_made_on_b_lets_the_clients_calls_through_on_c_within_its_
     assert upstream.tools_called() == ["echo"] * 5
 
 
-def test_a_request_state_key_is_shared_through_redis(procs, tmp_path, redis):
+def test_replicas_start_while_redis_is_down_and_share_one_request_state_key_once_it_is_up(procs, tmp_path, redis):
+    """Without approvals.state_key the replicas' key lives in Redis, read when a held call
+    first needs it: a replica starts (not ready) while Redis is down, and once Redis is up
+    a requestState sealed on A opens on B."""
     upstream = start_upstream(procs, tmp_path)
-    Cluster(procs, tmp_path, redis, upstream.url, HELD, n=2)
-    key = redis.cli("GET", "e2e:approvals:state-key")
-    assert len(key) == 64, key
+    redis.kill()
+    a, b = Cluster(procs, tmp_path, redis, upstream.url, HELD, n=2).replicas
+    assert httpx.get(f"{a['admin']}/readyz", timeout=10).status_code == 503
+    down = stateless_call(a["url"], "echo", {"text": "key"}, ALICE)
+    assert "kept in the shared state" in json.dumps(down) and not passed(down), down
+    redis.start()
+    wait_until(lambda: httpx.get(f"{a['admin']}/readyz", timeout=10).status_code == 200, 15, "A to be ready")
+    first = stateless_call(a["url"], "echo", {"text": "key"}, ALICE)
+    state = first["result"]["requestState"]
+    assert len(redis.cli("GET", "e2e:approvals:state-key")) == 64
+    retry = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+             "params": {"name": "echo", "arguments": {"text": "key"}, "requestState": state,
+                        "_meta": dict(STATELESS_META)}}
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+               "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "echo",
+               "authorization": f"Bearer {ALICE}"}
+    answer = httpx.post(b["url"], json=retry, headers=headers, timeout=30)
+    text = answer.text
+    # Still pending on B under the same approval: B opened A's state with the shared key.
+    assert first["result"]["_meta"]["dev.tollgate/decision"]["approval_id"] in text, text
+    assert "input_required" in text, text
+    assert upstream.tools_called() == []
 
 
 @pytest.mark.parametrize("on_failure", ["refuse", "allow"])

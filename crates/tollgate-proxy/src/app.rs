@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::approvals::state::StateKey;
+use crate::approvals::state::{Keys, StateKey};
 use crate::config::Config;
 use crate::downstream::Doors;
 use crate::downstream::conversation::Conversation;
@@ -51,21 +51,18 @@ impl AppState {
             .as_ref()
             .and_then(|a| a.state_key.as_deref());
         let state_key = match (secret, &shared.remote) {
-            (Some(secret), _) => StateKey::from_secret(secret),
+            (Some(secret), _) => Keys::Ready(
+                StateKey::from_secret(secret).map_err(|e| BuildError::StateKey(e.to_string()))?,
+            ),
             // Replicas share one key, so that a state sealed on one opens on another.
-            (None, Some(remote)) => {
-                let secret = remote
-                    .shared_secret("approvals:state-key", &crate::store::random_hex(32))
-                    .map_err(|e| {
-                        BuildError::SharedStateKey(format!(
-                            "the key for requestState is shared by the replicas in Redis, and {e}; start Redis first, or set approvals.state_key"
-                        ))
-                    })?;
-                StateKey::from_secret(&secret)
+            (None, Some(remote)) => Keys::Shared {
+                remote: remote.clone(),
+                key: tokio::sync::OnceCell::new(),
+            },
+            (None, None) => {
+                Keys::Ready(StateKey::generate().map_err(|e| BuildError::StateKey(e.to_string()))?)
             }
-            (None, None) => StateKey::generate(),
-        }
-        .map_err(|e| BuildError::StateKey(e.to_string()))?;
+        };
         let doors = Arc::new(Doors::new(Core::new(shared.clone(), state_key), config)?);
         let approvers = config
             .admin

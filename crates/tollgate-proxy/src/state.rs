@@ -163,9 +163,6 @@ pub enum BuildError {
     /// The `requestState` key could not be made.
     #[error("approvals.state_key: cannot be used as a key: {0}")]
     StateKey(String),
-    /// The `requestState` key the replicas share could not be read from Redis.
-    #[error("{0}")]
-    SharedStateKey(String),
     /// The shared state's connection could not be prepared.
     #[error("{0}")]
     State(String),

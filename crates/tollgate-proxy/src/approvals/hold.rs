@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tollgate_policy::{Approval, ApprovalVia, DenyKind};
 
 use super::elicit::{Elicitations, Question};
-use super::state::{Claims, Expected, Kind, StateError, StateKey, unix_after, unix_of};
+use super::state::{Claims, Expected, Keys, Kind, StateError, StateKey, unix_after, unix_of};
 use crate::audit::Record;
 use crate::state::Shared;
 use crate::store::approvals::{Binding, Identity, Request, Standing, Status, Verdict};
@@ -126,10 +126,14 @@ pub struct Pending {
 pub async fn hold(
     shared: &Arc<Shared>,
     elicitations: &Arc<Elicitations>,
-    key: &StateKey,
+    keys: &Keys,
     hold: &Hold,
     sink: &Sink,
 ) -> Ending {
+    let key = match keys.get().await {
+        Ok(key) => key,
+        Err(err) => return unreachable(hold, &err),
+    };
     let expected = Expected {
         principal: &hold.principal,
         server: &hold.server,

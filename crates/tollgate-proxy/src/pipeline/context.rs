@@ -10,7 +10,7 @@ use serde_json::Value;
 use tollgate_mcp::{Era, Incoming};
 
 use crate::approvals::elicit::Elicitations;
-use crate::approvals::state::StateKey;
+use crate::approvals::state::Keys;
 use crate::state::{Server, Shared};
 use crate::store::limits::peer_key;
 use crate::store::sessions::Session;
@@ -165,7 +165,7 @@ pub struct Core {
     shared: Arc<Shared>,
     pub(super) elicitations: Arc<Elicitations>,
     /// Seals and checks the `requestState` of stateless-era retries.
-    pub(super) state_key: Arc<StateKey>,
+    pub(super) state_key: Arc<Keys>,
     /// Calls being held, so that the client's `notifications/cancelled` withdraws one.
     pub(super) holding: Arc<Holding>,
 }
@@ -289,7 +289,7 @@ impl Context {
 
 impl Core {
     /// The core over `shared`, sealing `requestState`s with `state_key`.
-    pub fn new(shared: Arc<Shared>, state_key: StateKey) -> Core {
+    pub fn new(shared: Arc<Shared>, state_key: Keys) -> Core {
         Core {
             shared,
             elicitations: Arc::new(Elicitations::default()),

@@ -242,36 +242,28 @@ impl Remote {
     }
 
     /// The secret every replica shares under `name` (a key of this deployment):
-    /// `fresh`, when this replica is the first to ask (`SET NX`), else the one
-    /// stored. Blocking (at start, within `state.timeout`).
-    pub fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, Unavailable> {
-        let unavailable = |e: redis::RedisError| Unavailable {
-            url: self.shown.clone(),
-            reason: e.to_string(),
-        };
-        let mut conn = self
-            .client
-            .get_connection_with_timeout(self.timeout)
-            .map_err(unavailable)?;
-        conn.set_read_timeout(Some(self.timeout))
-            .map_err(unavailable)?;
-        conn.set_write_timeout(Some(self.timeout))
-            .map_err(unavailable)?;
+    /// `fresh`, when this replica is the first to ask (`SET NX`), else the one stored.
+    pub async fn shared_secret(&self, name: &str, fresh: &str) -> Result<String, Unavailable> {
         let key = self.key(&[name]);
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(fresh)
-            .arg("NX")
-            .query::<Option<String>>(&mut conn)
-            .map_err(unavailable)?;
-        redis::cmd("GET")
-            .arg(&key)
-            .query::<Option<String>>(&mut conn)
-            .map_err(unavailable)?
-            .ok_or_else(|| Unavailable {
-                url: self.shown.clone(),
-                reason: format!("`{key}` vanished as it was set"),
+        let mut conn = self.connection();
+        let stored = self
+            .exec(async move {
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(fresh)
+                    .arg("NX")
+                    .ignore()
+                    .cmd("GET")
+                    .arg(&key)
+                    .query_async::<(Option<String>,)>(&mut conn)
+                    .await
             })
+            .await?;
+        stored.0.ok_or_else(|| Unavailable {
+            url: self.shown.clone(),
+            reason: format!("the shared secret `{name}` vanished as it was set"),
+        })
     }
 
     /// Asks Redis for a `PONG`, for `/readyz`.
