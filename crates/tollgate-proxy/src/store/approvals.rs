@@ -1151,14 +1151,7 @@ impl Approvals {
     pub fn standing(&self, id: &str) -> Option<Standing> {
         let mut table = self.table.lock();
         let changed = sweep(&mut table, SystemTime::now());
-        let found = match table.live.get(id) {
-            Some(entry) => Some(standing(entry)),
-            None => table
-                .settled
-                .iter()
-                .find(|a| a.id == id)
-                .map(|a| Standing::Over(a.status)),
-        };
+        let found = standing_in(&table, id);
         drop(table);
         self.announce(changed);
         found
@@ -1236,14 +1229,7 @@ impl Approvals {
             push_settled(&mut table, approval.clone());
             Ok((verdict, approval))
         } else {
-            Err(match table.live.get(id) {
-                Some(entry) => Some(standing(entry)),
-                None => table
-                    .settled
-                    .iter()
-                    .find(|a| a.id == id)
-                    .map(|a| Standing::Over(a.status)),
-            })
+            Err(standing_in(&table, id))
         };
         drop(table);
         self.announce(changed);
@@ -1460,6 +1446,18 @@ fn decide_in(
         table.grants.push(grant.clone());
     }
     Ok((approval, granted))
+}
+
+/// Where approval `id` stands in `table`: live, settled, or never seen (`None`).
+fn standing_in(table: &Table, id: &str) -> Option<Standing> {
+    match table.live.get(id) {
+        Some(entry) => Some(standing(entry)),
+        None => table
+            .settled
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| Standing::Over(a.status)),
+    }
 }
 
 fn standing(entry: &Entry) -> Standing {

@@ -645,7 +645,8 @@ mod shared_tests {
         assert_eq!(sessions.held.lock().get("client:a").copied(), Some(1));
     }
 
-    fn of_key(key: &str) -> NewSession {
+    /// A new session with quota key `key` and nothing else.
+    pub(super) fn of_key(key: &str) -> NewSession {
         NewSession {
             server: "s".into(),
             client: None,
@@ -664,18 +665,7 @@ mod quota_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
-    fn of(key: &str) -> NewSession {
-        NewSession {
-            server: "s".into(),
-            client: None,
-            upstream_id: None,
-            initialize: None,
-            elicitation: false,
-            protocol_version: None,
-            quota_key: key.into(),
-            pinned: false,
-        }
-    }
+    use super::shared_tests::of_key as of;
 
     #[test]
     fn one_client_cannot_take_every_session() {
