@@ -29,7 +29,7 @@ pub enum Era {
 
 /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, when present.
 pub fn meta_protocol_version(message: &Message) -> Option<&str> {
-    message.meta()?.get(PROTOCOL_VERSION_META)?.as_str()
+    message.meta_protocol_version()
 }
 
 /// Whether a protocol version belongs to the stateless era.

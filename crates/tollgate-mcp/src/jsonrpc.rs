@@ -73,9 +73,32 @@ pub enum Kind {
 pub struct Message {
     value: Value,
     kind: Kind,
-    /// A `tools/call` request (told once: every stage asks).
-    tools_call: bool,
+    /// What every stage asks, told once when the message is read, so that no stage
+    /// walks (and hashes its way through) the value again.
+    told: Told,
     raw: Option<Bytes>,
+}
+
+/// The parts of a message the stages read on every call.
+#[derive(Debug, Clone, Default)]
+struct Told {
+    /// `method`: an MCP method by its static name, or another one (read from the value).
+    method: Method,
+    /// A `tools/call` request's `params.name`, when it is a string.
+    tool_name: Option<Box<str>>,
+    /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, when it is a string.
+    protocol_version: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum Method {
+    /// No `method` (a response).
+    #[default]
+    None,
+    /// One of [`MCP_METHODS`].
+    Known(&'static str),
+    /// Any other string.
+    Other,
 }
 
 impl PartialEq for Message {
@@ -214,10 +237,23 @@ impl Message {
                 "a JSON-RPC message must be a JSON object",
             ));
         };
-        if map.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        // One pass over the members (a strict parse has no duplicate keys).
+        let (mut jsonrpc, mut method, mut id, mut params, mut answer) =
+            (None, None, None, None, false);
+        for (key, member) in map {
+            match key.as_str() {
+                "jsonrpc" => jsonrpc = Some(member),
+                "method" => method = Some(member),
+                "id" => id = Some(member),
+                "params" => params = Some(member),
+                "result" | "error" => answer = true,
+                _ => {}
+            }
+        }
+        if jsonrpc.and_then(Value::as_str) != Some("2.0") {
             return Err(FramingError::Invalid(r#"`jsonrpc` must be "2.0""#));
         }
-        if let Some(Value::String(method)) = map.get("method")
+        if let Some(Value::String(method)) = method
             && is_lookalike_method(method)
         {
             return Err(FramingError::Invalid(
@@ -225,35 +261,54 @@ impl Message {
             ));
         }
         let id_ok = |id: &Value| matches!(id, Value::String(_) | Value::Number(_));
-        let kind = match (map.get("method"), map.get("id")) {
+        let kind = match (method, id) {
             (Some(Value::String(_)), None) => Kind::Notification,
             (Some(Value::String(_)), Some(id)) if id_ok(id) => Kind::Request,
             (Some(Value::String(_)), Some(_)) => {
                 return Err(FramingError::Invalid("`id` must be a string or a number"));
             }
             (Some(_), _) => return Err(FramingError::Invalid("`method` must be a string")),
-            (None, Some(_)) if map.contains_key("result") || map.contains_key("error") => {
-                Kind::Response
-            }
+            (None, Some(_)) if answer => Kind::Response,
             (None, _) => {
                 return Err(FramingError::Invalid(
                     "a message needs `method` (request, notification) or `result`/`error` (response)",
                 ));
             }
         };
-        if let Some(params) = map.get("params")
+        if let Some(params) = params
             && !(params.is_object() || params.is_array())
         {
             return Err(FramingError::Invalid(
                 "`params` must be an object or an array",
             ));
         }
-        let tools_call = kind == Kind::Request
-            && map.get("method").and_then(Value::as_str) == Some("tools/call");
+        let method = match method.and_then(Value::as_str) {
+            None => Method::None,
+            Some(name) => MCP_METHODS
+                .iter()
+                .find(|known| **known == name)
+                .map_or(Method::Other, |known| Method::Known(known)),
+        };
+        let params = params.and_then(Value::as_object);
+        let tools_call = kind == Kind::Request && matches!(method, Method::Known("tools/call"));
+        let told = Told {
+            method,
+            tool_name: params
+                .filter(|_| tools_call)
+                .and_then(|p| p.get("name")?.as_str())
+                .map(Into::into),
+            protocol_version: params
+                .and_then(|p| {
+                    p.get("_meta")?
+                        .get(crate::era::PROTOCOL_VERSION_META)?
+                        .as_str()
+                })
+                .map(Into::into),
+        };
         Ok(Message {
             value,
             kind,
-            tools_call,
+            told,
             raw: None,
         })
     }
@@ -265,7 +320,16 @@ impl Message {
 
     /// `method`, for requests and notifications.
     pub fn method(&self) -> Option<&str> {
-        self.value.get("method").and_then(Value::as_str)
+        match self.told.method {
+            Method::None => None,
+            Method::Known(name) => Some(name),
+            Method::Other => self.value.get("method").and_then(Value::as_str),
+        }
+    }
+
+    /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, when it is a string.
+    pub fn meta_protocol_version(&self) -> Option<&str> {
+        self.told.protocol_version.as_deref()
     }
 
     /// `id`, for requests and responses.
@@ -285,13 +349,10 @@ impl Message {
 
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
-        if !self.tools_call {
-            return None;
-        }
-        let params = self.params()?;
+        let name = self.told.tool_name.as_deref()?;
         Some(ToolCallRef {
-            name: params.get("name")?.as_str()?,
-            arguments: params.get("arguments").unwrap_or(&NULL),
+            name,
+            arguments: self.params()?.get("arguments").unwrap_or(&NULL),
         })
     }
 

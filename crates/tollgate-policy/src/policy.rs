@@ -85,6 +85,28 @@ pub struct RuleRef {
     pub tool: String,
 }
 
+impl RuleRef {
+    /// `rules[<index>] (<tool>)`, as `Display` has it, written without the
+    /// formatting machinery: every call's decision, audit record and metric names one.
+    pub fn label(&self) -> String {
+        let mut label = String::with_capacity(self.tool.len() + 16);
+        self.write_label(&mut label);
+        label
+    }
+
+    fn write_label(&self, out: &mut String) {
+        out.push_str("rules[");
+        let digits = self.index.checked_ilog10().unwrap_or(0) + 1;
+        for place in (0..digits).rev() {
+            let digit = self.index / 10usize.pow(place) % 10;
+            out.push(char::from(b'0' + digit as u8));
+        }
+        out.push_str("] (");
+        out.push_str(&self.tool);
+        out.push(')');
+    }
+}
+
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "rules[{}] ({})", self.index, self.tool)
@@ -456,23 +478,25 @@ impl Policy {
             decision.approval = (self.default == Action::RequireApproval).then(Approval::default);
             return decision;
         };
-        decision.rule = Some(RuleRef {
+        let rule_ref = RuleRef {
             index,
             tool: rule.tool.clone(),
-        });
+        };
         decision.action = rule.action;
         decision.reason = rule.reason.clone().unwrap_or_else(|| match rule.action {
-            Action::Allow => format!(
-                "`{}` is allowed by {}",
-                call.tool,
-                RuleRef {
-                    index,
-                    tool: rule.tool.clone()
-                }
-            ),
+            // The common case, once per allowed call: built without `format!`.
+            Action::Allow => {
+                let mut reason = String::with_capacity(call.tool.len() + rule.tool.len() + 32);
+                reason.push('`');
+                reason.push_str(call.tool);
+                reason.push_str("` is allowed by ");
+                rule_ref.write_label(&mut reason);
+                reason
+            }
             Action::Deny => format!("`{}` is denied by the policy", call.tool),
             Action::RequireApproval => format!("`{}` needs a human's approval", call.tool),
         });
+        decision.rule = Some(rule_ref);
         if rule.action == Action::Deny {
             decision.kind = Some(DenyKind::Deny);
             return decision;
@@ -501,7 +525,10 @@ impl Policy {
             } else {
                 call.arguments
             };
-            if let Some(error) = schema.iter_errors(arguments).next() {
+            // `is_valid` builds no errors: the error is looked for only when there is one.
+            if !schema.is_valid(arguments)
+                && let Some(error) = schema.iter_errors(arguments).next()
+            {
                 let path = error.instance_path().to_string();
                 let shown = if path.is_empty() {
                     "/".to_owned()
@@ -823,4 +850,20 @@ pub fn over_limit(decision: &mut Decision, limit: &RateLimit, wait: Duration) {
         limit.window.as_secs()
     );
     decision.retry_after = Some(wait);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuleRef;
+
+    #[test]
+    fn rule_labels_read_as_display_prints_them() {
+        for index in [0, 7, 9, 10, 49, 100, 999, 1000, 123_456] {
+            let rule = RuleRef {
+                index,
+                tool: "describe_*".into(),
+            };
+            assert_eq!(rule.label(), rule.to_string());
+        }
+    }
 }

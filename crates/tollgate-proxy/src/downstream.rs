@@ -214,15 +214,13 @@ impl Doors {
         peer: IpAddr,
         path: &str,
     ) -> Result<Caller, ProxyError> {
-        let mut caller = Caller::anonymous(peer);
         let presented = bearer(headers);
         if let Some(name) = presented.and_then(|p| self.key_client(p)) {
-            caller.client = Some(name);
-            return Ok(caller);
+            return Ok(Caller::new(Some(name), peer, None));
         }
         let Some(oauth) = &self.oauth else {
             if self.clients.is_empty() {
-                return Ok(caller);
+                return Ok(Caller::anonymous(peer));
             }
             return Err(ProxyError::Unauthorized);
         };
@@ -234,8 +232,7 @@ impl Doors {
                 if let Some(scope) = oauth.missing_required(&identity) {
                     return Err(oauth.insufficient(path, &scope));
                 }
-                caller.identity = Some(Arc::new(identity));
-                Ok(caller)
+                Ok(Caller::new(None, peer, Some(Arc::new(identity))))
             }
             Err(Ok(refusal)) => {
                 tracing::info!(
@@ -279,7 +276,7 @@ impl Doors {
             return Ok(());
         }
         self.client_rate
-            .check(&caller.user_key())
+            .check(caller.user_key())
             .map_err(ProxyError::TooManyRequests)
     }
 

@@ -86,22 +86,82 @@ pub fn init_logging(format: LogFormat) {
 
 /// The text format's field formatter: `message` first as it is, then `name=value`,
 /// each with control, bidi and invisible characters escaped ([`escape_log_text`]).
-fn escaping_fields()
--> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
-    use tracing_subscriber::field::MakeExt as _;
-    tracing_subscriber::fmt::format::debug_fn(
-        |writer: &mut tracing_subscriber::fmt::format::Writer<'_>,
-         field: &tracing::field::Field,
-         value: &dyn std::fmt::Debug| {
-            if field.name() != "message" {
-                write!(writer, "{}=", field.name().trim_start_matches("r#"))?;
+fn escaping_fields() -> EscapingFields {
+    EscapingFields
+}
+
+/// See [`escaping_fields`]. Every span and event of every call passes here, so values
+/// are escaped as they are written (no string per field), and a plain string is
+/// written between its quotes without the `Debug` machinery.
+struct EscapingFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapingFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    fn field(
+        &mut self,
+        field: &tracing::field::Field,
+        value: impl FnOnce(&mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result,
+    ) {
+        if self.result.is_err() {
+            return;
+        }
+        let writer = &mut self.writer;
+        self.result = (|| {
+            if !std::mem::take(&mut self.first) {
+                writer.write_char(' ')?;
             }
-            // Escaped as it is written: no string is built per field (every span
-            // and event of every call passes here).
-            std::fmt::Write::write_fmt(&mut Escaping(writer), format_args!("{value:?}"))
-        },
-    )
-    .delimited(" ")
+            if field.name() != "message" {
+                writer.write_str(field.name().trim_start_matches("r#"))?;
+                writer.write_char('=')?;
+            }
+            value(writer)
+        })();
+    }
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        // What `Debug` would print, without it, when nothing needs escaping.
+        if value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.field(field, |w| {
+                w.write_char('"')?;
+                w.write_str(value)?;
+                w.write_char('"')
+            });
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.field(field, |w| {
+            std::fmt::Write::write_fmt(&mut Escaping(w), format_args!("{value:?}"))
+        });
+    }
 }
 
 /// Writes through [`escape_log_text`].
@@ -648,7 +708,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("call", tool = %evil);
             let _entered = span.enter();
-            tracing::info!(reason = %evil, debug = ?evil, plain = evil, "decided {evil}");
+            tracing::info!(reason = %evil, debug = ?evil, plain = evil, quoted = "a \"b\"", simple = "a b", "decided {evil}");
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -659,5 +719,7 @@ mod tests {
         );
         assert!(text.contains("call{tool=t\\n2026"), "{text}");
         assert!(text.contains("reason=t\\n2026"), "{text}");
+        // Strings read as `Debug` prints them, whether or not they needed escaping.
+        assert!(text.contains(r#" quoted="a \"b\"" simple="a b""#), "{text}");
     }
 }

@@ -116,7 +116,7 @@ async fn open_stream(
     if doors.legacy.len() >= capacity {
         return Err(ProxyError::SessionsFull(SessionsFull::Total(capacity)));
     }
-    let key = caller.client_key();
+    let key = caller.client_key().to_string();
     let per_client = sessions.per_client();
     if doors.legacy.held_by(&key) >= per_client {
         tracing::warn!(client = %key, "legacy SSE stream refused: limits.sessions_per_client");

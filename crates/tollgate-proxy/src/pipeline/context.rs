@@ -16,7 +16,8 @@ use crate::store::limits::peer_key;
 use crate::store::sessions::Session;
 use crate::upstream::{Body, Json, Owner};
 
-/// Who sends, as the front door established it.
+/// Who sends, as the front door established it. Built once per request
+/// ([`Caller::new`]), with the keys its limits and quotas count under.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The client whose `clients:` key was presented, if any.
@@ -25,6 +26,8 @@ pub struct Caller {
     pub peer: IpAddr,
     /// Whom a valid OAuth access token names, if one was presented.
     pub identity: Option<Arc<Identity>>,
+    client_key: Arc<str>,
+    user_key: Arc<str>,
 }
 
 /// What a validated OAuth access token says about its bearer.
@@ -43,36 +46,59 @@ pub struct Identity {
 }
 
 impl Caller {
+    /// A caller: an API key's client, or a token's bearer, or neither.
+    pub fn new(client: Option<Arc<str>>, peer: IpAddr, identity: Option<Arc<Identity>>) -> Caller {
+        let key = |kind: &str, name: &str| -> Arc<str> {
+            let mut key = String::with_capacity(kind.len() + name.len());
+            key.push_str(kind);
+            key.push_str(name);
+            key.into()
+        };
+        // `per: client` limits: the API key's client, the token's OAuth client
+        // (else its user), else the address (an IPv6 peer's /64). `per: user`
+        // limits, per-client quotas and shared upstream traffic: the token's user,
+        // else the API key's client, else the address.
+        let (client_key, user_key) = match (&client, &identity) {
+            (Some(client), _) => {
+                let both = key("client:", client);
+                (both.clone(), both)
+            }
+            (None, Some(id)) => {
+                let user = key("user:", &id.user);
+                match &id.client_id {
+                    Some(client_id) => (key("oauth-client:", client_id), user),
+                    None => (user.clone(), user),
+                }
+            }
+            (None, None) => {
+                let both = key("peer:", &peer_key(peer));
+                (both.clone(), both)
+            }
+        };
+        Caller {
+            client,
+            peer,
+            identity,
+            client_key,
+            user_key,
+        }
+    }
+
     /// A caller with no credentials but its address.
     pub fn anonymous(peer: IpAddr) -> Caller {
-        Caller {
-            client: None,
-            peer,
-            identity: None,
-        }
+        Caller::new(None, peer, None)
     }
 
     /// Key of `per: client` limits: the API key's client, the token's OAuth
     /// client (else its user), else the address (an IPv6 peer's /64).
-    pub fn client_key(&self) -> String {
-        match (&self.client, &self.identity) {
-            (Some(client), _) => format!("client:{client}"),
-            (None, Some(id)) => match &id.client_id {
-                Some(client_id) => format!("oauth-client:{client_id}"),
-                None => format!("user:{}", id.user),
-            },
-            (None, None) => format!("peer:{}", peer_key(self.peer)),
-        }
+    pub fn client_key(&self) -> &Arc<str> {
+        &self.client_key
     }
 
     /// Key of `per: user` limits, of per-client quotas, and owner of shared
     /// upstream traffic: the token's user, else the API key's client, else the address.
-    pub fn user_key(&self) -> String {
-        match (&self.client, &self.identity) {
-            (Some(client), _) => format!("client:{client}"),
-            (None, Some(id)) => format!("user:{}", id.user),
-            (None, None) => format!("peer:{}", peer_key(self.peer)),
-        }
+    pub fn user_key(&self) -> &Arc<str> {
+        &self.user_key
     }
 
     /// Who owns what this caller opens (sessions, streams): the API key's client,
@@ -242,11 +268,11 @@ pub struct Context {
     /// Its owner on a shared upstream.
     pub owner: Owner,
     /// Key of `per: client` limits.
-    pub client_key: String,
+    pub client_key: Arc<str>,
     /// Key of `per: user` limits and of per-client quotas.
-    pub user_key: String,
+    pub user_key: Arc<str>,
     /// Key of `per: session` limits.
-    pub session_key: String,
+    pub session_key: Arc<str>,
 }
 
 impl Context {
@@ -258,10 +284,10 @@ impl Context {
         era: Era,
         forwarded: Vec<(HeaderName, HeaderValue)>,
     ) -> Context {
-        let client_key = caller.client_key();
-        let user_key = caller.user_key();
+        let client_key = caller.client_key.clone();
+        let user_key = caller.user_key.clone();
         let session_key = match &session {
-            Some(session) => format!("session:{}", session.id),
+            Some(session) => session.key.clone(),
             None => user_key.clone(),
         };
         Context {
@@ -269,7 +295,7 @@ impl Context {
             server: server.clone(),
             caller: caller.clone(),
             owner: Owner {
-                client: user_key.as_str().into(),
+                client: user_key.clone(),
                 session: session.as_ref().map(|s| s.id.clone()),
             },
             session,

@@ -371,23 +371,7 @@ pub fn rule_label(decision: &Decision) -> String {
     decision
         .rule
         .as_ref()
-        .map_or_else(|| "default".to_owned(), label_of)
-}
-
-/// `rules[<index>] (<tool>)`, as `RuleRef`'s `Display`, without the formatting
-/// machinery: every call builds one.
-fn label_of(rule: &tollgate_policy::RuleRef) -> String {
-    let mut label = String::with_capacity(rule.tool.len() + 16);
-    label.push_str("rules[");
-    let digits = rule.index.checked_ilog10().unwrap_or(0) + 1;
-    for place in (0..digits).rev() {
-        let digit = rule.index / 10usize.pow(place) % 10;
-        label.push(char::from(b'0' + digit as u8));
-    }
-    label.push_str("] (");
-    label.push_str(&rule.tool);
-    label.push(')');
-    label
+        .map_or_else(|| "default".to_owned(), tollgate_policy::RuleRef::label)
 }
 
 /// Turns a held call's decision into a refusal (approval denied, expired, or not
@@ -424,22 +408,6 @@ pub fn refusal(decision: &Decision, id: &Value, era: Era, deny_as: DenyAs) -> Va
                 result["resultType"] = json!("complete");
             }
             result_response(id, result)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tollgate_policy::RuleRef;
-
-    #[test]
-    fn rule_labels_read_as_the_policy_prints_them() {
-        for index in [0, 7, 9, 10, 49, 100, 999, 1000, 123_456] {
-            let rule = RuleRef {
-                index,
-                tool: "describe_*".into(),
-            };
-            assert_eq!(super::label_of(&rule), rule.to_string());
         }
     }
 }

@@ -131,12 +131,12 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
         session: session.map(|s| s.id.clone()),
         // The client's key (or the token's user), else the session, else the peer.
         principal: if ctx.caller.client.is_some() || ctx.caller.identity.is_some() {
-            ctx.user_key.clone()
+            ctx.user_key.to_string()
         } else {
-            ctx.session_key.clone()
+            ctx.session_key.to_string()
         },
-        client_key: ctx.client_key.clone(),
-        session_key: ctx.session_key.clone(),
+        client_key: ctx.client_key.to_string(),
+        session_key: ctx.session_key.to_string(),
         rule: rule_label(&held.decision),
         reason: held.decision.reason.clone(),
         wait: approval.wait.unwrap_or(ctx.shared().approval_wait),

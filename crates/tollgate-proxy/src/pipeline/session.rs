@@ -149,7 +149,7 @@ pub async fn open(
             initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
-            quota_key: ctx.user_key.as_str().into(),
+            quota_key: ctx.user_key.clone(),
             pinned: ctx.server.pinned,
         })?;
     let shared = ctx.shared();

@@ -16,6 +16,8 @@ use super::remote::{Remote, Unavailable};
 pub struct Session {
     /// The id Tollgate issued (`Mcp-Session-Id`).
     pub id: Arc<str>,
+    /// `session:<id>`, the key of its `per: session` limits (built once, not per call).
+    pub key: Arc<str>,
     /// The server it belongs to.
     pub server: Arc<str>,
     /// The authenticated client that opened it.
@@ -90,6 +92,14 @@ pub struct NewSession {
 /// A fresh unguessable id: 128 random bits in hex.
 pub fn random_id() -> String {
     super::random_hex(16)
+}
+
+/// The key of a session's `per: session` limits.
+fn session_key(id: &str) -> Arc<str> {
+    let mut key = String::with_capacity(8 + id.len());
+    key.push_str("session:");
+    key.push_str(id);
+    key.into()
 }
 
 impl Session {
@@ -295,8 +305,10 @@ impl Sessions {
 
     /// Opens a session with a fresh random id (128 bits).
     pub fn open(&self, new: NewSession) -> Result<Arc<Session>, SessionsFull> {
+        let id = random_id();
         let session = Arc::new(Session {
-            id: random_id().into(),
+            key: session_key(&id),
+            id: id.into(),
             server: new.server,
             client: new.client,
             initialize: new.initialize,
@@ -411,6 +423,7 @@ impl Sessions {
             return Ok(None);
         };
         let session = Arc::new(Session {
+            key: session_key(id),
             id: id.into(),
             server: record.server.into(),
             client: record.client.map(Into::into),
