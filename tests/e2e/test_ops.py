@@ -145,6 +145,26 @@ async def test_the_file_watcher_waits_for_a_file_written_in_pieces(procs, tmp_pa
     assert "reload refused" not in proc.log.read_text()
 
 
+async def test_an_audit_log_beside_the_policy_does_not_wake_the_file_watcher(procs, tmp_path):
+    """The docs put `audit.jsonl` beside the policy. Appending a record is not a change
+    to a policy file: it once woke the watcher on every record and, under load,
+    re-read every policy every 2 s."""
+    upstream = start_upstream(procs, tmp_path, "stateless")
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy(1, True),
+                        env={"RUST_LOG": "info,tollgate_proxy::reload=trace"})
+    async with Client(tg.url, mode="auto") as client:
+        for i in range(20):
+            assert (await client.call_tool("echo", {"text": str(i)})).is_error is False
+    await anyio.sleep(0.6)  # longer than the watcher's quiet period (150 ms)
+    assert len([r for r in tg.audit() if r["event"] == "decision"]) == 20
+    assert "policy files changed" not in tg.proc.log.read_text()
+    # A change to the policy itself is still seen.
+    replace_file(policy_file(tg), policy(2, False))
+    with anyio.fail_after(10):
+        while "policy files changed" not in tg.proc.log.read_text():
+            await anyio.sleep(0.1)
+
+
 async def test_the_file_watcher_reloads_on_an_atomic_symlink_swap(procs, tmp_path):
     """Kubernetes mounts ConfigMaps as `..data -> ..<timestamp>` symlinks swapped atomically."""
     upstream = start_upstream(procs, tmp_path, "stateless")

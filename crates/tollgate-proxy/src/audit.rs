@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -204,17 +205,22 @@ pub fn uuid_v7() -> String {
     bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
     bytes[6] = 0x70 | (bytes[6] & 0x0f);
     bytes[8] = 0x80 | (bytes[8] & 0x3f);
-    // Written digit by digit: one per call, so no formatting machinery.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(36);
     for (i, byte) in bytes.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             out.push('-');
         }
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        push_hex(&mut out, *byte);
     }
     out
+}
+
+/// Two lowercase hex digits, written without the formatting machinery: ids and
+/// digests are built on every call.
+fn push_hex(out: &mut String, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(char::from(HEX[usize::from(byte >> 4)]));
+    out.push(char::from(HEX[usize::from(byte & 0x0f)]));
 }
 
 /// This process's run id, on every record it writes.
@@ -225,15 +231,55 @@ fn run_id() -> &'static str {
 
 /// Where audit records go.
 pub struct Audit {
-    sink: Option<Mutex<Sink>>,
+    sink: Option<Arc<Mutex<Sink>>>,
     include_arguments: bool,
-    failures: AtomicU64,
+    failures: Arc<AtomicU64>,
     on_failure: OnAuditFailure,
 }
 
-enum Sink {
+/// The audit log and the records that may wait for the next write ([`Audit::write_soon`]).
+struct Sink {
+    out: Out,
+    pending: Vec<u8>,
+}
+
+enum Out {
     File(File),
     Stdout,
+}
+
+/// How long a record written with [`Audit::write_soon`] waits at most for another
+/// record to share its `write`.
+const SOON: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How many bytes of such records wait at most.
+const MAX_PENDING: usize = 64 * 1024;
+
+impl Sink {
+    /// Writes what is pending and then `line`, in one `write`.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let result = if self.pending.is_empty() {
+            self.out.write_all(line)
+        } else {
+            self.pending.extend_from_slice(line);
+            let result = self.out.write_all(&self.pending);
+            self.pending.clear();
+            result
+        };
+        if self.pending.capacity() > MAX_PENDING {
+            self.pending = Vec::new();
+        }
+        result
+    }
+}
+
+impl Out {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::File(file) => file.write_all(bytes),
+            Out::Stdout => std::io::stdout().lock().write_all(bytes),
+        }
+    }
 }
 
 /// The audit log could not be opened.
@@ -250,15 +296,15 @@ impl Audit {
         Audit {
             sink: None,
             include_arguments: false,
-            failures: AtomicU64::new(0),
+            failures: Arc::default(),
             on_failure: OnAuditFailure::default(),
         }
     }
 
     /// Appends to `path` (`-` is stdout).
     pub fn open(path: &str, include_arguments: bool) -> Result<Audit, AuditOpenError> {
-        let sink = if path == "-" {
-            Sink::Stdout
+        let out = if path == "-" {
+            Out::Stdout
         } else {
             let file = OpenOptions::new()
                 .create(true)
@@ -268,12 +314,16 @@ impl Audit {
                     path: path.to_owned(),
                     source,
                 })?;
-            Sink::File(file)
+            Out::File(file)
+        };
+        let sink = Sink {
+            out,
+            pending: Vec::new(),
         };
         Ok(Audit {
-            sink: Some(Mutex::new(sink)),
+            sink: Some(Arc::new(Mutex::new(sink))),
             include_arguments,
-            failures: AtomicU64::new(0),
+            failures: Arc::default(),
             on_failure: OnAuditFailure::default(),
         })
     }
@@ -305,50 +355,106 @@ impl Audit {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Writes one record as a line, with `time` and `run` added. The line is handed to the
-    /// kernel in one `write` before this returns, so a decision is on record
-    /// before its call is forwarded. Returns whether it was written (`true` when
-    /// there is no audit log).
+    /// Writes one record as a line, with `time` and `run` added. The line (after any
+    /// records waiting from [`Audit::write_soon`]) is handed to the kernel in one
+    /// `write` before this returns, so a decision is on record before its call is
+    /// forwarded. Returns whether it was written (`true` when there is no audit log).
     pub fn write(&self, record: &Record<'_>) -> bool {
         let Some(sink) = &self.sink else { return true };
+        let Some(line) = self.line(record) else {
+            return false;
+        };
+        let result = sink.lock().write(&line);
+        self.written(result)
+    }
+
+    /// Writes a record that need not be on record before anything else happens (a
+    /// call's outcome): it goes out with the next record's `write`, or within 50 ms,
+    /// so that a call costs one `write` and not two. [`Audit::flush`] writes it too.
+    pub fn write_soon(&self, record: &Record<'_>) {
+        let Some(sink) = &self.sink else { return };
+        let Some(line) = self.line(record) else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        let mut locked = sink.lock();
+        let first = locked.pending.is_empty();
+        if runtime.is_err() || locked.pending.len() + line.len() > MAX_PENDING {
+            let result = locked.write(&line);
+            drop(locked);
+            self.written(result);
+            return;
+        }
+        locked.pending.extend_from_slice(&line);
+        drop(locked);
+        if let (true, Ok(runtime)) = (first, runtime) {
+            // One timer for everything that waits: whoever writes first takes it all.
+            let (sink, failures) = (sink.clone(), self.failures.clone());
+            runtime.spawn(async move {
+                tokio::time::sleep(SOON).await;
+                let result = sink.lock().write(&[]);
+                record_failure(&failures, result);
+            });
+        }
+    }
+
+    fn line(&self, record: &Record<'_>) -> Option<Vec<u8>> {
         let line = Line {
             record,
             time: now_rfc3339(),
             run: run_id(),
         };
-        let mut line = match serde_json::to_vec(&line) {
-            Ok(line) => line,
+        match serde_json::to_vec(&line) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                Some(line)
+            }
             Err(err) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, "audit record could not be serialised");
-                return false;
-            }
-        };
-        line.push(b'\n');
-        let result = match &mut *sink.lock() {
-            Sink::File(file) => file.write_all(&line),
-            Sink::Stdout => std::io::stdout().lock().write_all(&line),
-        };
-        match result {
-            Ok(()) => true,
-            Err(err) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %err, "audit log write failed");
-                false
+                None
             }
         }
     }
 
-    /// Flushes buffered data to disk.
+    fn written(&self, result: std::io::Result<()>) -> bool {
+        record_failure(&self.failures, result)
+    }
+
+    /// Writes what waits and flushes it to disk.
     pub fn flush(&self) {
         if let Some(sink) = &self.sink {
-            let flushed = match &mut *sink.lock() {
-                Sink::File(file) => file.sync_data(),
-                Sink::Stdout => std::io::stdout().flush(),
+            let mut sink = sink.lock();
+            let result = sink.write(&[]);
+            record_failure(&self.failures, result);
+            let flushed = match &mut sink.out {
+                Out::File(file) => file.sync_data(),
+                Out::Stdout => std::io::stdout().flush(),
             };
             if let Err(err) = flushed {
                 tracing::warn!(error = %err, "the audit log could not be flushed");
             }
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        if let Some(sink) = &self.sink {
+            let result = sink.lock().write(&[]);
+            record_failure(&self.failures, result);
+        }
+    }
+}
+
+/// Counts and logs a failed write; whether the write succeeded.
+fn record_failure(failures: &AtomicU64, result: std::io::Result<()>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(err) => {
+            failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %err, "audit log write failed");
+            false
         }
     }
 }
@@ -368,7 +474,7 @@ fn hex_digest(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for byte in hash {
-        out.push_str(&format!("{byte:02x}"));
+        push_hex(&mut out, byte);
     }
     out
 }
@@ -511,6 +617,65 @@ mod tests {
             .on_failure(OnAuditFailure::Continue);
         assert!(!lenient.refuses_unrecorded());
         assert!(Audit::disabled().write(&record));
+    }
+
+    #[tokio::test]
+    async fn an_outcome_goes_out_with_the_next_record_or_within_50_ms() {
+        let dir = std::env::temp_dir().join(format!("tollgate-audit-soon-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let audit = Audit::open(path.to_str().unwrap(), false).unwrap();
+        let outcome = |call_id| Record::Outcome {
+            call_id,
+            server: "s",
+            tool: "t",
+            upstream_latency_ms: 1.0,
+            outcome: "ok",
+            code: None,
+        };
+        let events = || -> Vec<String> {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    format!(
+                        "{}:{}",
+                        v["event"].as_str().unwrap(),
+                        v["call_id"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        audit.write_soon(&outcome("a"));
+        assert!(events().is_empty(), "an outcome waits for company");
+        // The next record that must be on record now takes it along, before itself.
+        assert!(audit.write(&Record::ApprovalPending {
+            call_id: "b",
+            approval_id: "x",
+            server: "s",
+            tool: "t",
+            expires_at: "2026-01-01T00:00:00Z",
+        }));
+        assert_eq!(events(), ["outcome:a", "approval_pending:b"]);
+        // Alone, it goes out within 50 ms.
+        audit.write_soon(&outcome("c"));
+        tokio::time::sleep(SOON * 4).await;
+        assert_eq!(events().len(), 3);
+        // And `flush` writes what waits.
+        audit.write_soon(&outcome("d"));
+        audit.flush();
+        assert_eq!(events().last().unwrap(), "outcome:d");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn digests_are_known_sha256() {
+        assert_eq!(
+            text_digest(""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 
 use crate::state::{LoadedPolicy, Server, Shared};
@@ -90,13 +89,13 @@ pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
 
 /// Keeps the file watcher alive; dropping it stops watching.
 pub struct PolicyWatcher {
-    _watcher: notify::RecommendedWatcher,
+    _source: Source,
 }
 
 /// Watches the directories of every policy file. Directories, not files:
 /// editors and Kubernetes ConfigMap mounts replace files (atomic rename,
 /// `..data` symlink swap), which a watch on the old file would miss.
-pub fn watch(app: &Arc<Shared>) -> notify::Result<PolicyWatcher> {
+pub fn watch(app: &Arc<Shared>) -> std::io::Result<PolicyWatcher> {
     let dirs: BTreeSet<PathBuf> = app
         .servers
         .values()
@@ -114,16 +113,15 @@ pub fn watch(app: &Arc<Shared>) -> notify::Result<PolicyWatcher> {
             }
         })
         .collect();
+    // The names a change to a policy can arrive under: the file's own (written,
+    // or renamed over), or a ConfigMap mount's `..data` and `..<timestamp>`.
+    let names: BTreeSet<std::ffi::OsString> = app
+        .servers
+        .values()
+        .filter_map(|s| Some(s.policy_info.lock().path.as_ref()?.file_name()?.to_owned()))
+        .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            // The receiver lives as long as the watcher task; gone means shutting down.
-            let _ = tx.send(());
-        }
-    })?;
-    for dir in &dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    }
+    let source = changes(&dirs, names, tx)?;
     let app = app.clone();
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
@@ -150,5 +148,92 @@ pub fn watch(app: &Arc<Shared>) -> notify::Result<PolicyWatcher> {
             tracing::debug!(?reports, "policy files changed");
         }
     });
-    Ok(PolicyWatcher { _watcher: watcher })
+    Ok(PolicyWatcher { _source: source })
+}
+
+/// What tells of changes in the policy directories; dropping it stops them.
+#[cfg(target_os = "linux")]
+struct Source(tokio::task::JoinHandle<()>);
+
+#[cfg(target_os = "linux")]
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// inotify, for what happens to a policy file when it changes (written and closed,
+/// created, renamed, deleted, its attributes), and not for every write to an open
+/// file: an audit log beside the policy (`audit.path: audit.jsonl`, as the docs show)
+/// would otherwise wake the watcher on every record, twice per call.
+#[cfg(target_os = "linux")]
+fn changes(
+    dirs: &BTreeSet<PathBuf>,
+    names: BTreeSet<std::ffi::OsString>,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> std::io::Result<Source> {
+    use futures::StreamExt as _;
+    use inotify::{Inotify, WatchMask};
+    let inotify = Inotify::init()?;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    for dir in dirs {
+        inotify.watches().add(dir, mask)?;
+    }
+    let mut events = inotify.into_event_stream([0u8; 4096])?;
+    Ok(Source(tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    tracing::warn!(error = %err, "policy files are no longer watched; reload with SIGHUP or POST /reload");
+                    return;
+                }
+            };
+            tracing::trace!(?event, "policy directory changed");
+            // Other files in the directory (logs, the upstream's own) are not policies.
+            // An event without a name is the directory's own, or the queue overflowed.
+            let policy = event.name.as_ref().is_none_or(|name| {
+                names.contains(name.as_os_str()) || name.as_encoded_bytes().starts_with(b"..")
+            });
+            if !policy {
+                continue;
+            }
+            // The receiver lives as long as the watcher task; gone means shutting down.
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    })))
+}
+
+/// Elsewhere, the platform's watcher through `notify`.
+#[cfg(not(target_os = "linux"))]
+struct Source(notify::RecommendedWatcher);
+
+#[cfg(not(target_os = "linux"))]
+fn changes(
+    dirs: &BTreeSet<PathBuf>,
+    _names: BTreeSet<std::ffi::OsString>,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> std::io::Result<Source> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            // The receiver lives as long as the watcher task; gone means shutting down.
+            let _ = tx.send(());
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    for dir in dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(Source(watcher))
 }

@@ -147,7 +147,7 @@ impl Permit {
         }
         // A sent call keeps its slot, whatever happened after.
         self.slot = None;
-        self.shared.audit.write(&Record::Outcome {
+        self.shared.audit.write_soon(&Record::Outcome {
             call_id: &self.call_id,
             server: &self.server.name,
             tool: &self.tool,
