@@ -8,7 +8,6 @@
 //! the policy.
 
 use base64::Engine as _;
-use serde_json::{Map, Value};
 
 use crate::jsonrpc::{Kind, Message};
 
@@ -118,16 +117,11 @@ pub fn mirrored_headers(message: &Message) -> Vec<(&'static str, String)> {
         ("mcp-method", encode_header_value(method)),
     ];
     if requires_name(method)
-        && let Some(name) = body_name(message.params())
+        && let Some(name) = message.routing_name()
     {
         headers.push(("mcp-name", encode_header_value(name)));
     }
     headers
-}
-
-fn body_name(params: Option<&Map<String, Value>>) -> Option<&str> {
-    let params = params?;
-    params.get("name").or_else(|| params.get("uri"))?.as_str()
 }
 
 fn requires_name(method: &str) -> bool {
@@ -169,7 +163,7 @@ impl RoutingHeaders<'_> {
             }
         }
         if let Some(header) = &name {
-            let body = body_name(message.params()).unwrap_or("");
+            let body = message.routing_name().unwrap_or("");
             if header != body {
                 return Err(HeaderMismatch(format!(
                     "Mcp-Name header value '{header}' does not match body value '{body}'"

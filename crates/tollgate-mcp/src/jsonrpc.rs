@@ -67,16 +67,42 @@ pub enum Kind {
     Response,
 }
 
-/// One JSON-RPC message, validated once and kept as its JSON value (and, when it
-/// arrived alone and every parser reads it as Tollgate did, as its original bytes).
+/// One JSON-RPC message, validated once and kept as its JSON value, or (when it
+/// arrived alone) as its bytes and the parts every stage reads; the rest of its
+/// value is parsed from those bytes only when a stage asks for it.
 #[derive(Debug, Clone)]
 pub struct Message {
-    value: Value,
+    body: Body,
     kind: Kind,
     /// What every stage asks, told once when the message is read, so that no stage
     /// walks (and hashes its way through) the value again.
     told: Told,
-    raw: Option<Bytes>,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// The whole value.
+    Value(Value),
+    /// A lone message as it arrived ([`Incoming::parse_bytes`]).
+    Bytes(Box<Arrived>),
+}
+
+#[derive(Debug, Clone)]
+struct Arrived {
+    bytes: Bytes,
+    /// `id`, `params.arguments` and `params._meta.progressToken`.
+    parts: Parts,
+    /// Whether `bytes` mean exactly what the value does (integers only).
+    exact: bool,
+    /// The whole value, parsed when first asked for.
+    value: std::sync::OnceLock<Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Parts {
+    id: Option<Value>,
+    arguments: Option<Value>,
+    progress_token: Option<Value>,
 }
 
 /// The parts of a message the stages read on every call.
@@ -86,6 +112,8 @@ struct Told {
     method: Method,
     /// A `tools/call` request's `params.name`, when it is a string.
     tool_name: Option<Box<str>>,
+    /// `params.name`, else `params.uri`, when it is a string (the `Mcp-Name` header's).
+    routing_name: Option<Box<str>>,
     /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, when it is a string.
     protocol_version: Option<Box<str>>,
 }
@@ -103,7 +131,79 @@ enum Method {
 
 impl PartialEq for Message {
     fn eq(&self, other: &Message) -> bool {
-        self.kind == other.kind && self.value == other.value
+        self.kind == other.kind && self.as_value() == other.as_value()
+    }
+}
+
+/// A message's members, as both ways of reading it find them.
+struct Members<'a> {
+    jsonrpc: Option<&'a Value>,
+    method: Option<&'a Value>,
+    id: Option<&'a Value>,
+    /// Whether `params` is there, and whether it is an object or an array.
+    params: Option<bool>,
+    name: Option<&'a Value>,
+    uri: Option<&'a Value>,
+    protocol_version: Option<&'a Value>,
+    /// Whether it has `result` or `error`.
+    answer: bool,
+}
+
+impl Members<'_> {
+    /// Validates a JSON-RPC 2.0 request, notification or response, and tells what
+    /// the stages read.
+    fn tell(&self) -> Result<(Kind, Told), FramingError> {
+        if self.jsonrpc.and_then(Value::as_str) != Some("2.0") {
+            return Err(FramingError::Invalid(r#"`jsonrpc` must be "2.0""#));
+        }
+        if let Some(Value::String(method)) = self.method
+            && is_lookalike_method(method)
+        {
+            return Err(FramingError::Invalid(
+                "`method` differs from an MCP method only by case, whitespace or control characters",
+            ));
+        }
+        let id_ok = |id: &Value| matches!(id, Value::String(_) | Value::Number(_));
+        let kind = match (self.method, self.id) {
+            (Some(Value::String(_)), None) => Kind::Notification,
+            (Some(Value::String(_)), Some(id)) if id_ok(id) => Kind::Request,
+            (Some(Value::String(_)), Some(_)) => {
+                return Err(FramingError::Invalid("`id` must be a string or a number"));
+            }
+            (Some(_), _) => return Err(FramingError::Invalid("`method` must be a string")),
+            (None, Some(_)) if self.answer => Kind::Response,
+            (None, _) => {
+                return Err(FramingError::Invalid(
+                    "a message needs `method` (request, notification) or `result`/`error` (response)",
+                ));
+            }
+        };
+        if self.params == Some(false) {
+            return Err(FramingError::Invalid(
+                "`params` must be an object or an array",
+            ));
+        }
+        let method = match self.method.and_then(Value::as_str) {
+            None => Method::None,
+            Some(name) => MCP_METHODS
+                .iter()
+                .find(|known| **known == name)
+                .map_or(Method::Other, |known| Method::Known(known)),
+        };
+        let tools_call = kind == Kind::Request && matches!(method, Method::Known("tools/call"));
+        let name = self.name.and_then(Value::as_str);
+        let text = |value: Option<&Value>| value.and_then(Value::as_str).map(Into::into);
+        let told = Told {
+            method,
+            tool_name: name.filter(|_| tools_call).map(Into::into),
+            // A `name` that is not a string names nothing; only without one is `uri` read.
+            routing_name: match self.name {
+                Some(name) => text(Some(name)),
+                None => text(self.uri),
+            },
+            protocol_version: text(self.protocol_version),
+        };
+        Ok((kind, told))
     }
 }
 
@@ -120,18 +220,41 @@ impl Incoming {
     /// Parses and validates a body (strictly: a duplicate object key at any depth,
     /// invalid UTF-8 or a lone surrogate is a parse error).
     pub fn parse(body: &[u8]) -> Result<Incoming, FramingError> {
-        Incoming::from_value(crate::strict::parse(body)?.value)
+        Incoming::from_value(crate::strict::parse(body)?)
     }
 
-    /// [`Incoming::parse`], keeping a lone message's bytes ([`Message::raw`]) when
-    /// they mean exactly what its value does, so they can be forwarded as they came.
+    /// [`Incoming::parse`], keeping a lone message as its bytes ([`Message::raw`]):
+    /// one pass checks all of it and builds only the parts the stages read.
     pub fn parse_bytes(body: Bytes) -> Result<Incoming, FramingError> {
-        let parsed = crate::strict::parse(&body)?;
-        let mut incoming = Incoming::from_value(parsed.value)?;
-        if let (Incoming::Single(message), true) = (&mut incoming, parsed.exact) {
-            message.raw = Some(body);
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Incoming::parse(&body);
         }
-        Ok(incoming)
+        let scanned = crate::strict::scan(&body)?;
+        let (kind, told) = Members {
+            jsonrpc: scanned.jsonrpc.as_ref(),
+            method: scanned.method.as_ref(),
+            id: scanned.id.as_ref(),
+            params: scanned.params,
+            name: scanned.name.as_ref(),
+            uri: scanned.uri.as_ref(),
+            protocol_version: scanned.protocol_version.as_ref(),
+            answer: scanned.answer,
+        }
+        .tell()?;
+        Ok(Incoming::Single(Message {
+            body: Body::Bytes(Box::new(Arrived {
+                bytes: body,
+                parts: Parts {
+                    id: scanned.id,
+                    arguments: scanned.arguments,
+                    progress_token: scanned.progress_token,
+                },
+                exact: scanned.exact,
+                value: std::sync::OnceLock::new(),
+            })),
+            kind,
+            told,
+        }))
     }
 
     fn from_value(value: Value) -> Result<Incoming, FramingError> {
@@ -238,78 +361,40 @@ impl Message {
             ));
         };
         // One pass over the members (a strict parse has no duplicate keys).
-        let (mut jsonrpc, mut method, mut id, mut params, mut answer) =
-            (None, None, None, None, false);
+        let mut members = Members {
+            jsonrpc: None,
+            method: None,
+            id: None,
+            params: None,
+            name: None,
+            uri: None,
+            protocol_version: None,
+            answer: false,
+        };
         for (key, member) in map {
             match key.as_str() {
-                "jsonrpc" => jsonrpc = Some(member),
-                "method" => method = Some(member),
-                "id" => id = Some(member),
-                "params" => params = Some(member),
-                "result" | "error" => answer = true,
+                "jsonrpc" => members.jsonrpc = Some(member),
+                "method" => members.method = Some(member),
+                "id" => members.id = Some(member),
+                "params" => {
+                    members.params = Some(member.is_object() || member.is_array());
+                    if let Some(params) = member.as_object() {
+                        members.name = params.get("name");
+                        members.uri = params.get("uri");
+                        members.protocol_version = params
+                            .get("_meta")
+                            .and_then(|meta| meta.get(crate::era::PROTOCOL_VERSION_META));
+                    }
+                }
+                "result" | "error" => members.answer = true,
                 _ => {}
             }
         }
-        if jsonrpc.and_then(Value::as_str) != Some("2.0") {
-            return Err(FramingError::Invalid(r#"`jsonrpc` must be "2.0""#));
-        }
-        if let Some(Value::String(method)) = method
-            && is_lookalike_method(method)
-        {
-            return Err(FramingError::Invalid(
-                "`method` differs from an MCP method only by case, whitespace or control characters",
-            ));
-        }
-        let id_ok = |id: &Value| matches!(id, Value::String(_) | Value::Number(_));
-        let kind = match (method, id) {
-            (Some(Value::String(_)), None) => Kind::Notification,
-            (Some(Value::String(_)), Some(id)) if id_ok(id) => Kind::Request,
-            (Some(Value::String(_)), Some(_)) => {
-                return Err(FramingError::Invalid("`id` must be a string or a number"));
-            }
-            (Some(_), _) => return Err(FramingError::Invalid("`method` must be a string")),
-            (None, Some(_)) if answer => Kind::Response,
-            (None, _) => {
-                return Err(FramingError::Invalid(
-                    "a message needs `method` (request, notification) or `result`/`error` (response)",
-                ));
-            }
-        };
-        if let Some(params) = params
-            && !(params.is_object() || params.is_array())
-        {
-            return Err(FramingError::Invalid(
-                "`params` must be an object or an array",
-            ));
-        }
-        let method = match method.and_then(Value::as_str) {
-            None => Method::None,
-            Some(name) => MCP_METHODS
-                .iter()
-                .find(|known| **known == name)
-                .map_or(Method::Other, |known| Method::Known(known)),
-        };
-        let params = params.and_then(Value::as_object);
-        let tools_call = kind == Kind::Request && matches!(method, Method::Known("tools/call"));
-        let told = Told {
-            method,
-            tool_name: params
-                .filter(|_| tools_call)
-                .and_then(|p| p.get("name")?.as_str())
-                .map(Into::into),
-            protocol_version: params
-                .and_then(|p| {
-                    p.get("_meta")?
-                        .get(crate::era::PROTOCOL_VERSION_META)?
-                        .as_str()
-                })
-                .map(Into::into),
-        };
+        let (kind, told) = members.tell()?;
         Ok(Message {
-            value,
+            body: Body::Value(value),
             kind,
             told,
-            raw: None,
         })
     }
 
@@ -323,7 +408,7 @@ impl Message {
         match self.told.method {
             Method::None => None,
             Method::Known(name) => Some(name),
-            Method::Other => self.value.get("method").and_then(Value::as_str),
+            Method::Other => self.as_value().get("method").and_then(Value::as_str),
         }
     }
 
@@ -332,14 +417,23 @@ impl Message {
         self.told.protocol_version.as_deref()
     }
 
+    /// `params.name`, else `params.uri`, when it is a string: what the `Mcp-Name`
+    /// header must say.
+    pub fn routing_name(&self) -> Option<&str> {
+        self.told.routing_name.as_deref()
+    }
+
     /// `id`, for requests and responses.
     pub fn id(&self) -> Option<&Value> {
-        self.value.get("id")
+        match &self.body {
+            Body::Value(value) => value.get("id"),
+            Body::Bytes(arrived) => arrived.parts.id.as_ref(),
+        }
     }
 
     /// `params`, when present.
     pub fn params(&self) -> Option<&Map<String, Value>> {
-        self.value.get("params").and_then(Value::as_object)
+        self.as_value().get("params").and_then(Value::as_object)
     }
 
     /// `params._meta`, when present.
@@ -350,9 +444,13 @@ impl Message {
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
         let name = self.told.tool_name.as_deref()?;
+        let arguments = match &self.body {
+            Body::Value(_) => self.params()?.get("arguments"),
+            Body::Bytes(arrived) => arrived.parts.arguments.as_ref(),
+        };
         Some(ToolCallRef {
             name,
-            arguments: self.params()?.get("arguments").unwrap_or(&NULL),
+            arguments: arguments.unwrap_or(&NULL),
         })
     }
 
@@ -364,31 +462,53 @@ impl Message {
 
     /// `params.progressToken` from `_meta`, when the client asked for progress.
     pub fn progress_token(&self) -> Option<&Value> {
-        self.meta()?.get("progressToken")
+        match &self.body {
+            Body::Value(_) => self.meta()?.get("progressToken"),
+            Body::Bytes(arrived) => arrived.parts.progress_token.as_ref(),
+        }
     }
 
     /// The JSON value.
     pub fn as_value(&self) -> &Value {
-        &self.value
+        match &self.body {
+            Body::Value(value) => value,
+            Body::Bytes(arrived) => arrived.value.get_or_init(|| whole(&arrived.bytes)),
+        }
     }
 
     /// The JSON value, consumed.
     pub fn into_value(self) -> Value {
-        self.value
+        match self.body {
+            Body::Value(value) => value,
+            Body::Bytes(arrived) => {
+                let Arrived { bytes, value, .. } = *arrived;
+                value.into_inner().unwrap_or_else(|| whole(&bytes))
+            }
+        }
     }
 
     /// The bytes the message arrived as, when they mean exactly what its value does:
     /// parsed strictly ([`Incoming::parse_bytes`]), alone (not in a batch), and with
     /// integers only (a fraction is re-serialised as the `f64` the policy saw).
     pub fn raw(&self) -> Option<&Bytes> {
-        self.raw.as_ref()
+        match &self.body {
+            Body::Bytes(arrived) if arrived.exact => Some(&arrived.bytes),
+            _ => None,
+        }
     }
 
     /// Serialises the message as it was evaluated.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serialising a `Value` cannot fail: its keys are strings.
-        serde_json::to_vec(&self.value).unwrap_or_default()
+        serde_json::to_vec(self.as_value()).unwrap_or_default()
     }
+}
+
+/// The whole value of bytes [`crate::strict::scan`] accepted. The strict parse reads
+/// the same grammar with the same checks, so it accepts them too: the `Null` is
+/// never reached.
+fn whole(bytes: &[u8]) -> Value {
+    crate::strict::parse(bytes).unwrap_or(Value::Null)
 }
 
 /// A JSON-RPC error response. `id` is `Null` when the request's id is unknown.
@@ -419,6 +539,68 @@ mod tests {
         match Incoming::parse(body.as_bytes()).unwrap() {
             Incoming::Single(m) => m,
             Incoming::Batch(_) => panic!("expected a single message"),
+        }
+    }
+
+    /// A lone message read from its bytes (one pass, the rest parsed on demand) is
+    /// the message the whole parse reads: every accessor agrees, and so does every
+    /// refusal.
+    #[test]
+    fn a_message_read_from_its_bytes_is_the_message_parsed_whole() {
+        let bodies = [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"t":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","progressToken":7}}}"#,
+            r#" {"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":1}}"#,
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"n"}}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{"uri":"file:///x"}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"prompts/get","params":{"name":5,"uri":"u"}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"vendor/thing","params":[1,2]}"#,
+            r#"{"jsonrpc":"2.0","id":5,"result":{"ok":true}}"#,
+            r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"t","arguments":{"n":1.5}}}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","method":7}"#,
+            r#"{"jsonrpc":"2.0","method":"m","params":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"p":"\ud800"}}}"#,
+        ];
+        for body in bodies {
+            let whole = Incoming::parse(body.as_bytes());
+            let scanned = Incoming::parse_bytes(Bytes::from(body));
+            let (whole, scanned) = match (whole, scanned) {
+                (Ok(Incoming::Single(w)), Ok(Incoming::Single(s))) => (w, s),
+                (Err(w), Err(s)) => {
+                    // The same refusal, in the same words.
+                    assert_eq!(w.to_string(), s.to_string(), "{body}");
+                    continue;
+                }
+                (w, s) => panic!("{body}: {w:?} against {s:?}"),
+            };
+            assert_eq!(whole, scanned, "{body}");
+            assert_eq!(whole.kind(), scanned.kind(), "{body}");
+            assert_eq!(whole.method(), scanned.method(), "{body}");
+            assert_eq!(whole.id(), scanned.id(), "{body}");
+            assert_eq!(
+                whole.tool_call().map(|c| (c.name, c.arguments.clone())),
+                scanned.tool_call().map(|c| (c.name, c.arguments.clone())),
+                "{body}"
+            );
+            assert_eq!(whole.progress_token(), scanned.progress_token(), "{body}");
+            assert_eq!(whole.routing_name(), scanned.routing_name(), "{body}");
+            assert_eq!(
+                whole.meta_protocol_version(),
+                scanned.meta_protocol_version(),
+                "{body}"
+            );
+            assert_eq!(whole.params(), scanned.params(), "{body}");
+            assert_eq!(
+                whole.is_malformed_tool_call(),
+                scanned.is_malformed_tool_call()
+            );
+            // Its own bytes go upstream unless a number was rounded.
+            assert_eq!(scanned.raw().is_some(), !body.contains("1.5"), "{body}");
+            assert!(whole.raw().is_none());
         }
     }
 

@@ -39,8 +39,9 @@ pub enum Payload<'a> {
     /// One message, serialised to send.
     One(&'a Value),
     /// One client message with the bytes it arrived as, which mean exactly what the
-    /// value does (the strict parse, [`tollgate_mcp::Message::raw`]): sent as they are.
-    Verbatim(&'a Value, &'a Bytes),
+    /// value does (the strict parse, [`tollgate_mcp::Message::raw`]): sent as they are,
+    /// and its value parsed only for a transport that rewrites it.
+    Verbatim(&'a tollgate_mcp::Message, &'a Bytes),
     /// A batch (2025-03-26).
     Batch(&'a [Value]),
 }
@@ -49,15 +50,16 @@ impl<'a> Payload<'a> {
     /// A client's message as evaluated: its own bytes when it has them.
     pub fn of(message: &'a tollgate_mcp::Message) -> Payload<'a> {
         match message.raw() {
-            Some(raw) => Payload::Verbatim(message.as_value(), raw),
+            Some(raw) => Payload::Verbatim(message, raw),
             None => Payload::One(message.as_value()),
         }
     }
 
-    /// The one message, if it is not a batch.
-    pub fn message(&self) -> Option<&'a Value> {
+    /// The one message's `id`, if it is not a batch.
+    pub fn id(&self) -> Option<&'a Value> {
         match *self {
-            Payload::One(message) | Payload::Verbatim(message, _) => Some(message),
+            Payload::One(message) => message.get("id"),
+            Payload::Verbatim(message, _) => message.id(),
             Payload::Batch(_) => None,
         }
     }
@@ -65,7 +67,7 @@ impl<'a> Payload<'a> {
     /// The payload as a value, for a transport that rewrites what it sends (ids).
     pub fn parsed(self) -> Payload<'a> {
         match self {
-            Payload::Verbatim(message, _) => Payload::One(message),
+            Payload::Verbatim(message, _) => Payload::One(message.as_value()),
             other => other,
         }
     }

@@ -32,7 +32,7 @@ pub async fn forward(
     payload: Payload<'_>,
     permits: Vec<Permit>,
 ) -> Result<Reply, ProxyError> {
-    let id = payload.message().and_then(|message| message.get("id"));
+    let id = payload.id();
     let mut permits = permits;
     let started = Instant::now();
     for permit in &mut permits {

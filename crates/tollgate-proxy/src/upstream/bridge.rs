@@ -220,12 +220,25 @@ impl Bridge {
                     .map_err(|closed| self.unsent(&closed))?;
                 self.answer(exchange).await
             }
-            Payload::One(message) | Payload::Verbatim(message, _) => {
-                match channel.send(message.clone(), request.owner).await {
-                    Ok(()) => Ok(Reply::new(StatusCode::ACCEPTED, Body::Empty)),
-                    Err(_) => Ok(not_found()),
-                }
+            Payload::One(message) => self.notify(&channel, message, request.owner).await,
+            // `parsed` left no bytes; were there any, their value is what is sent.
+            Payload::Verbatim(message, _) => {
+                self.notify(&channel, message.as_value(), request.owner)
+                    .await
             }
+        }
+    }
+
+    /// Sends a notification or a response; the channel answers nothing.
+    async fn notify(
+        &self,
+        channel: &Channel,
+        message: &Value,
+        owner: &Owner,
+    ) -> Result<Reply, Failure> {
+        match channel.send(message.clone(), owner).await {
+            Ok(()) => Ok(Reply::new(StatusCode::ACCEPTED, Body::Empty)),
+            Err(_) => Ok(not_found()),
         }
     }
 
