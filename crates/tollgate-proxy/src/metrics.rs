@@ -28,7 +28,11 @@ pub const MAX_TOOL_LABEL_BYTES: usize = 128;
 /// A label value in the text exposition format: backslash, double quote and line feed
 /// escaped (`\\`, `\"`, `\n`). Other characters are allowed in label values.
 fn label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+    // Most values need nothing escaped: copied whole, not character by character.
+    if memchr::memchr3(b'\\', b'"', b'\n', value.as_bytes()).is_none() {
+        return value.to_owned();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

@@ -181,7 +181,8 @@ pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
         c.is_control()
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
     };
-    if !text.chars().any(needs) {
+    // Printable ASCII, as most fields are, needs nothing: told without decoding.
+    if text.bytes().all(|b| (0x20..0x7f).contains(&b)) || !text.chars().any(needs) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
