@@ -136,6 +136,7 @@ impl PartialEq for Message {
 }
 
 /// A message's members, as both ways of reading it find them.
+#[derive(Default)]
 struct Members<'a> {
     jsonrpc: Option<&'a Value>,
     method: Option<&'a Value>,
@@ -361,16 +362,7 @@ impl Message {
             ));
         };
         // One pass over the members (a strict parse has no duplicate keys).
-        let mut members = Members {
-            jsonrpc: None,
-            method: None,
-            id: None,
-            params: None,
-            name: None,
-            uri: None,
-            protocol_version: None,
-            answer: false,
-        };
+        let mut members = Members::default();
         for (key, member) in map {
             match key.as_str() {
                 "jsonrpc" => members.jsonrpc = Some(member),

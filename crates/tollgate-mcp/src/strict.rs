@@ -108,7 +108,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
 /// read on every call, built; everything else checked as strictly as [`parse`]
 /// checks it (duplicate keys at any depth, UTF-8, surrogates, nesting) and not built.
 /// The rest of the value is parsed from the same bytes only if a stage asks for it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Scanned {
     /// `jsonrpc`, `method`, `id`.
     pub jsonrpc: Option<Value>,
@@ -135,17 +135,8 @@ pub(crate) struct Scanned {
 /// Scans `body`, which must be one JSON object (a lone message).
 pub(crate) fn scan(body: &[u8]) -> Result<Scanned, serde_json::Error> {
     let mut scanned = Scanned {
-        jsonrpc: None,
-        method: None,
-        id: None,
-        params: None,
-        name: None,
-        uri: None,
-        arguments: None,
-        protocol_version: None,
-        progress_token: None,
-        answer: false,
         exact: true,
+        ..Scanned::default()
     };
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     Walk {
