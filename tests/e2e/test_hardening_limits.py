@@ -512,3 +512,44 @@ def test_a_flooding_legacy_sse_upstream_does_not_grow_memory(reader, procs, tmp_
         if stalled is not None:
             stalled.close()
         session.close()
+
+
+# ---------------------------------------------------------------------------
+# Lanes: one thread and runtime per core, accepting on one port, behind one gate.
+
+def test_the_lanes_accept_on_one_port_and_share_one_connection_gate(procs, tmp_path, recorder):
+    """With four lanes (`TOKIO_WORKER_THREADS=4`) the kernel spreads connections over
+    four listeners on one port. `limits.max_connections` still counts them all: a
+    gate per lane would let four times as many in."""
+    config = write_config(tmp_path, {"up": (recorder.url, ALLOW)},
+                          extra="limits: {max_connections: 4, connections_per_peer: 100}")
+    base, proc = serve_config(procs, config, env={"TOKIO_WORKER_THREADS": "4"})
+    port = int(base.rsplit(":", 1)[1])
+    names = {Path(t, "comm").read_text().strip() for t in Path(f"/proc/{proc.proc.pid}/task").iterdir()}
+    assert {"tollgate-lane-1", "tollgate-lane-2", "tollgate-lane-3"} <= names, names
+    request = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n")
+    body = json.dumps(initialize()).encode()
+    held, served = [], 0
+    try:
+        for _ in range(16):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            held.append(s)
+            try:
+                s.sendall(request % len(body) + body)
+                answer = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError, TimeoutError, socket.timeout):
+                answer = b""
+            # A served connection stays open (keep-alive), so it holds its place.
+            served += answer.startswith(b"HTTP/1.1 200")
+        assert served == 4, f"{served} of 16 connections were served with max_connections: 4"
+    finally:
+        for s in held:
+            s.close()
+    # Closed connections give their places back to every lane.
+    def served_again() -> bool:
+        try:
+            return httpx.post(f"{base}/mcp", json=initialize(), headers=H, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(served_again, 10, "no connection was served after the others closed")

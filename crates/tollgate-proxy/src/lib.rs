@@ -46,16 +46,24 @@ pub fn router(state: AppState) -> axum::Router {
 
 use std::future::Future;
 
-use downstream::listener::ConnectionLimits;
+use downstream::listener::{ConnectionLimits, Gate};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Serves the proxy on `listener` until `shutdown` completes, then lets requests in
 /// flight finish for at most `grace` (streams that never end, like GET streams,
 /// would otherwise hold the process forever).
+///
+/// Each of `lanes` (more listeners on the same address, bound with `SO_REUSEPORT`) is
+/// served by a thread of its own on a current-thread runtime, with its own upstream
+/// connections, as nginx's workers are: a connection, its calls and their upstream
+/// exchanges stay on one thread, with no wake-ups across threads. The kernel spreads
+/// new connections over the lanes; every lane shares one connection gate
+/// (`limits.max_connections`, `limits.connections_per_peer`) and all the state.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
+    lanes: Vec<std::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -69,6 +77,66 @@ pub async fn serve(
             }
         })
     };
+    let gate = Gate::new(ConnectionLimits::new(&state.limits));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // A lane's runtime outlives its listener until the upstreams are shut down: what
+    // it started (upstream connections, child processes) is driven by it.
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(lanes.len());
+    for (index, lane) in lanes.into_iter().enumerate() {
+        let (state, gate, stop) = (state.clone(), gate.clone(), stop_rx.clone());
+        let release = release_rx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tollgate-lane-{}", index + 1))
+            .spawn(move || -> std::io::Result<()> {
+                upstream::enter_lane(index + 1);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    lane.set_nonblocking(true)?;
+                    let listener = tokio::net::TcpListener::from_std(lane)?;
+                    let served = serve_lane(&state, listener, gate, stopped(stop), grace).await;
+                    stopped(release).await;
+                    served
+                })
+            })?;
+        threads.push(thread);
+    }
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let mut result = serve_lane(&state, listener, gate, shutdown, grace).await;
+    sweeper.abort();
+    // Child processes never outlive Tollgate.
+    state.shutdown_upstreams().await;
+    // The other lanes stopped on the same signal, within the same grace.
+    let _ = release_tx.send(true);
+    for thread in threads {
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        let lane = match joined {
+            Ok(Ok(lane)) => lane,
+            Ok(Err(_)) | Err(_) => Err(std::io::Error::other(
+                "a listener lane stopped with a panic",
+            )),
+        };
+        if result.is_ok() {
+            result = lane;
+        }
+    }
+    state.audit.flush();
+    result
+}
+
+/// One lane: its listener, until `shutdown` and then for at most `grace`.
+async fn serve_lane(
+    state: &AppState,
+    listener: tokio::net::TcpListener,
+    gate: std::sync::Arc<Gate>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -80,7 +148,7 @@ pub async fn serve(
         listener,
         router(state.clone()),
         state.shared().clone(),
-        ConnectionLimits::new(&state.limits),
+        gate,
         shutdown,
     );
     let deadline = async move {
@@ -90,18 +158,18 @@ pub async fn serve(
             std::future::pending::<()>().await;
         }
     };
-    let result = tokio::select! {
+    tokio::select! {
         result = server => result,
         () = deadline => {
             tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the grace period; exiting");
             Ok(())
         }
-    };
-    sweeper.abort();
-    // Child processes never outlive Tollgate.
-    state.shutdown_upstreams().await;
-    state.audit.flush();
-    result
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Why the admin listener cannot start.
@@ -149,13 +217,13 @@ pub async fn serve_admin(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let shared = admin.app.shared().clone();
-    let limits = ConnectionLimits::new(&shared.limits);
+    let gate = Gate::new(ConnectionLimits::new(&shared.limits));
     downstream::listener::serve(
         "admin",
         listener,
         admin_router(admin),
         shared,
-        limits,
+        gate,
         shutdown,
     )
     .await

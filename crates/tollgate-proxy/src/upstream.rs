@@ -33,6 +33,34 @@ pub struct Owner {
     pub session: Option<Arc<str>>,
 }
 
+/// How many lanes (threads, each with its own runtime) serve the proxy listener;
+/// set once, before upstreams are built ([`set_lanes`]).
+static LANES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+thread_local! {
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets how many lanes there will be (`tollgate serve` does, from the cores).
+pub fn set_lanes(lanes: usize) {
+    LANES.store(lanes.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many lanes there are.
+pub fn lanes() -> usize {
+    LANES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Marks this thread as lane `index` (0 is the main thread's).
+pub fn enter_lane(index: usize) {
+    LANE.with(|lane| lane.set(index));
+}
+
+/// This thread's lane.
+pub fn lane() -> usize {
+    LANE.with(std::cell::Cell::get)
+}
+
 /// What is sent: one message or a JSON-RPC batch, as evaluated.
 #[derive(Debug, Clone, Copy)]
 pub enum Payload<'a> {

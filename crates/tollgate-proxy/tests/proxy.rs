@@ -129,6 +129,7 @@ async fn start_with_upstream(
     tokio::spawn(tollgate_proxy::serve(
         state.clone(),
         listener,
+        Vec::new(),
         std::future::pending(),
         Duration::from_secs(1),
     ));
@@ -980,6 +981,7 @@ async fn several_servers_each_with_its_own_policy() {
     tokio::spawn(tollgate_proxy::serve(
         state,
         listener,
+        Vec::new(),
         std::future::pending(),
         Duration::from_secs(1),
     ));

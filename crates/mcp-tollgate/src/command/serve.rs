@@ -494,7 +494,7 @@ pub async fn run_proxy(
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), Failure> {
     let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let (listener, lanes) = bind_lanes(config.listen, tollgate_proxy::upstream::lanes())
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))
         .map_err(Failure::io)?;
@@ -525,8 +525,14 @@ pub async fn run_proxy(
             let _ = stop_tx.send(true);
         });
     }
-    let served =
-        tollgate_proxy::serve(state, listener, stopped(stop_rx), config.shutdown_grace).await;
+    let served = tollgate_proxy::serve(
+        state,
+        listener,
+        lanes,
+        stopped(stop_rx),
+        config.shutdown_grace,
+    )
+    .await;
     if let Some(task) = admin_task {
         let _ = task.await;
     }
@@ -634,9 +640,62 @@ pub fn run(args: ServeArgs) -> ExitCode {
             },
             (None, _) => AdminMode::Configured,
         };
-        runtime()?.block_on(run_proxy(config, policies, mode, "serve", |_| {}))
+        // One lane per core (or `TOKIO_WORKER_THREADS`), each a thread with a
+        // current-thread runtime; this thread is the first.
+        tollgate_proxy::upstream::set_lanes(lane_count());
+        lane_runtime()?.block_on(run_proxy(config, policies, mode, "serve", |_| {}))
     })();
     finish(result)
+}
+
+/// How many lanes serve the proxy listener: `TOKIO_WORKER_THREADS` when set (as tokio
+/// reads it for its own workers), else one per core.
+fn lane_count() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+}
+
+/// The first lane's runtime (the others are started by `tollgate_proxy::serve`).
+fn lane_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::io(e.into()))
+}
+
+/// The proxy's listener and, with more than one lane, one more per lane on the same
+/// address (`SO_REUSEPORT`: the kernel spreads connections over them).
+async fn bind_lanes(
+    listen: SocketAddr,
+    lanes: usize,
+) -> std::io::Result<(tokio::net::TcpListener, Vec<std::net::TcpListener>)> {
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    if lanes > 1 {
+        let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)
+        };
+        let first = bind(listen)?;
+        // Port 0 picked a port: the other lanes take the same one.
+        let addr = first.local_addr()?;
+        let mut more = Vec::with_capacity(lanes - 1);
+        for _ in 1..lanes {
+            more.push(bind(addr)?.into_std()?);
+        }
+        return Ok((first, more));
+    }
+    let _ = lanes;
+    Ok((tokio::net::TcpListener::bind(listen).await?, Vec::new()))
 }
 
 /// Prints a failure and turns it into the exit code.

@@ -100,19 +100,38 @@ impl Throttle {
     }
 }
 
+/// What every lane of a listener shares: its connection limits and who holds them.
+pub struct Gate {
+    limits: ConnectionLimits,
+    open: Arc<Semaphore>,
+    peers: Arc<Peers>,
+}
+
+impl Gate {
+    /// A gate for `limits`.
+    pub fn new(limits: ConnectionLimits) -> Arc<Gate> {
+        Arc::new(Gate {
+            limits,
+            open: Arc::new(Semaphore::new(limits.max)),
+            peers: Arc::default(),
+        })
+    }
+}
+
 /// Serves `router` on `listener` (named `name` in metrics and logs) until
 /// `shutdown` completes; then connections finish their requests in flight and
-/// close. Returns once every connection is closed.
+/// close. Returns once every connection through `gate` is closed (several lanes
+/// may accept on one port, each on its own listener, behind one gate).
 pub async fn serve(
     name: &'static str,
     listener: tokio::net::TcpListener,
     router: Router,
     shared: Arc<Shared>,
-    limits: ConnectionLimits,
+    gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let open = Arc::new(Semaphore::new(limits.max));
-    let peers = Arc::new(Peers::default());
+    let limits = gate.limits;
+    let (open, peers) = (gate.open.clone(), gate.peers.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

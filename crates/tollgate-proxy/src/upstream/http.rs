@@ -30,7 +30,9 @@ type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// An upstream that speaks Streamable HTTP.
 pub struct HttpUpstream {
-    pool: Pool,
+    /// One pool per lane ([`super::lane`]): a lane's upstream connections are driven on
+    /// its own thread.
+    pools: Vec<Pool>,
     uri: Uri,
     /// The server's own `headers:` (credentials), which win over a client's.
     own: HeaderMap,
@@ -101,7 +103,7 @@ impl HttpUpstream {
         let get = with(&[(header::ACCEPT, "text/event-stream")]);
         let delete = with(&[(header::ACCEPT, BOTH)]);
         Ok(HttpUpstream {
-            pool: pool(),
+            pools: (0..super::lanes()).map(|_| pool()).collect(),
             uri,
             own,
             post,
@@ -110,6 +112,11 @@ impl HttpUpstream {
             timeout,
             max_message,
         })
+    }
+
+    /// This lane's pool.
+    fn pool(&self) -> &Pool {
+        &self.pools[super::lane() % self.pools.len().max(1)]
     }
 
     /// The request's headers: the prebuilt ones, then the client's forwarded
@@ -143,7 +150,7 @@ impl HttpUpstream {
         *request.method_mut() = method;
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = headers;
-        let sent = match tokio::time::timeout(self.timeout, self.pool.request(request)).await {
+        let sent = match tokio::time::timeout(self.timeout, self.pool().request(request)).await {
             Err(_) => return Err(Failure::Timeout(self.timeout)),
             Ok(Err(err)) if err.is_connect() => return Err(Failure::Unreachable(describe(&err))),
             Ok(Err(err)) => return Err(Failure::Broken(describe(&err))),
