@@ -375,7 +375,7 @@ impl Message {
                         members.uri = params.get("uri");
                         members.protocol_version = params
                             .get("_meta")
-                            .and_then(|meta| meta.get(crate::era::PROTOCOL_VERSION_META));
+                            .and_then(|meta| meta.get(crate::strict::PROTOCOL_VERSION_META));
                     }
                 }
                 "result" | "error" => members.answer = true,

@@ -25,6 +25,10 @@ pub(crate) fn parse(body: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(value)
 }
 
+/// The `_meta` key that carries the protocol version in the stateless era, one of
+/// the parts [`scan`] keeps.
+pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+
 /// The longest part of a duplicate key an error quotes.
 const QUOTED_KEY: usize = 64;
 
@@ -258,9 +262,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
                 (Scope::Params, "name") => Some(&mut scanned.name),
                 (Scope::Params, "uri") => Some(&mut scanned.uri),
                 (Scope::Params, "arguments") => Some(&mut scanned.arguments),
-                (Scope::Meta, crate::era::PROTOCOL_VERSION_META) => {
-                    Some(&mut scanned.protocol_version)
-                }
+                (Scope::Meta, PROTOCOL_VERSION_META) => Some(&mut scanned.protocol_version),
                 (Scope::Meta, "progressToken") => Some(&mut scanned.progress_token),
                 _ => None,
             };
@@ -488,7 +490,7 @@ mod tests {
                 ),
                 (
                     scanned.protocol_version.as_ref(),
-                    meta.and_then(|m| m.get(crate::era::PROTOCOL_VERSION_META)),
+                    meta.and_then(|m| m.get(PROTOCOL_VERSION_META)),
                 ),
                 (
                     scanned.progress_token.as_ref(),
