@@ -101,59 +101,72 @@ pub async fn run(tollgate: &Path, options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Warms up, then measures `url` with the CPU of `proxy` and `upstream` counted.
-#[allow(clippy::too_many_arguments)]
-async fn measure(
-    driver: &Driver,
-    dir: &Path,
-    url: &str,
-    proxy: Option<&Child>,
-    upstream: &Child,
-    workload: Workload,
+/// What the cells in front of one upstream are measured with.
+struct Bench<'a> {
+    driver: &'a Driver,
+    dir: &'a Path,
+    upstream: &'a Child,
     era: Era,
-    concurrency: usize,
     secs: Duration,
-) -> anyhow::Result<Measured> {
-    let target = Target::new(url);
-    // Fills connection pools and caches (and checks that calls succeed).
-    let warm = load::run_workload(
-        &target,
-        era,
-        workload,
-        concurrency.min(16),
-        Duration::from_millis(300),
-    )
-    .await?;
-    anyhow::ensure!(
-        warm.calls > 0,
-        "no call to {url} succeeded ({} errors)",
-        warm.errors
-    );
-    let cpu = |child: Option<&Child>| child.map_or(Ok(Duration::ZERO), Child::cpu_time);
-    let (proxy0, upstream0) = (cpu(proxy)?, upstream.cpu_time()?);
-    let cell = match driver {
-        Driver::Builtin => load::run_workload(&target, era, workload, concurrency, secs)
-            .await?
-            .cell(),
-        Driver::Wrk(wrk) => {
-            let headers = load::open_for(&target, era, workload).await?;
-            let body = serde_json::to_vec(&load::body(workload, 1, era))?;
-            let (wrk, dir, url) = (wrk.clone(), dir.to_owned(), url.to_owned());
-            tokio::task::spawn_blocking(move || {
-                wrk::run(&wrk, &dir, &url, &headers, &body, concurrency, secs)
-            })
-            .await??
-        }
-    };
-    let calls = cell.calls.max(1) as f64;
-    let per_call = |before: Duration, after: Duration| {
-        after.saturating_sub(before).as_secs_f64() * 1e6 / calls
-    };
-    Ok(Measured {
-        proxy_cpu: per_call(proxy0, cpu(proxy)?),
-        upstream_cpu: per_call(upstream0, upstream.cpu_time()?),
-        cell,
-    })
+}
+
+impl Bench<'_> {
+    /// Warms up, then measures `url` with the CPU of `proxy` and the upstream counted.
+    async fn measure(
+        &self,
+        url: &str,
+        proxy: Option<&Child>,
+        workload: Workload,
+        concurrency: usize,
+    ) -> anyhow::Result<Measured> {
+        let Bench {
+            driver,
+            dir,
+            upstream,
+            era,
+            secs,
+        } = *self;
+        let target = Target::new(url);
+        // Fills connection pools and caches (and checks that calls succeed).
+        let warm = load::run_workload(
+            &target,
+            era,
+            workload,
+            concurrency.min(16),
+            Duration::from_millis(300),
+        )
+        .await?;
+        anyhow::ensure!(
+            warm.calls > 0,
+            "no call to {url} succeeded ({} errors)",
+            warm.errors
+        );
+        let cpu = |child: Option<&Child>| child.map_or(Ok(Duration::ZERO), Child::cpu_time);
+        let (proxy0, upstream0) = (cpu(proxy)?, upstream.cpu_time()?);
+        let cell = match driver {
+            Driver::Builtin => load::run_workload(&target, era, workload, concurrency, secs)
+                .await?
+                .cell(),
+            Driver::Wrk(wrk) => {
+                let headers = load::open_for(&target, era, workload).await?;
+                let body = serde_json::to_vec(&load::body(workload, 1, era))?;
+                let (wrk, dir, url) = (wrk.clone(), dir.to_owned(), url.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    wrk::run(&wrk, &dir, &url, &headers, &body, concurrency, secs)
+                })
+                .await??
+            }
+        };
+        let calls = cell.calls.max(1) as f64;
+        let per_call = |before: Duration, after: Duration| {
+            after.saturating_sub(before).as_secs_f64() * 1e6 / calls
+        };
+        Ok(Measured {
+            proxy_cpu: per_call(proxy0, cpu(proxy)?),
+            upstream_cpu: per_call(upstream0, upstream.cpu_time()?),
+            cell,
+        })
+    }
 }
 
 async fn grid(
@@ -177,32 +190,27 @@ async fn grid(
         };
         for era in [Era::Handshake, Era::Stateless] {
             for &concurrency in &options.levels {
-                let cell = |url: &str, proxy: Option<&Child>| {
-                    let url = url.to_owned();
-                    let proxy = proxy.cloned();
-                    let upstream = upstream.clone();
-                    let dir = dir.clone();
-                    async move {
-                        measure(
-                            driver,
-                            &dir,
-                            &url,
-                            proxy.as_ref(),
-                            &upstream,
-                            Workload::Call,
-                            era,
-                            concurrency,
-                            options.secs,
-                        )
-                        .await
-                    }
+                let bench = Bench {
+                    driver,
+                    dir: &dir,
+                    upstream: &upstream,
+                    era,
+                    secs: options.secs,
                 };
-                let direct = cell(&upstream.url, None).await?;
+                let direct = bench
+                    .measure(&upstream.url, None, Workload::Call, concurrency)
+                    .await?;
                 let nginx_cell = match &nginx {
-                    Some(n) => Some(cell(&n.url, Some(n)).await?),
+                    Some(n) => Some(
+                        bench
+                            .measure(&n.url, Some(n), Workload::Call, concurrency)
+                            .await?,
+                    ),
                     None => None,
                 };
-                let through = cell(&proxy.url, Some(&proxy)).await?;
+                let through = bench
+                    .measure(&proxy.url, Some(&proxy), Workload::Call, concurrency)
+                    .await?;
                 eprintln!("measured {answer} {era:?} c={concurrency}");
                 rows.push(Row {
                     answer,
@@ -286,7 +294,6 @@ async fn extras(
     let dir = lab.dir().to_owned();
     let (era, secs) = (Era::Stateless, options.secs);
     let upstream = lab.demo_upstream_with(tollgate, false, 0, 1000).await?;
-    let at = |url: &str| url.to_owned();
     let proxy = lab.tollgate(tollgate, &upstream.url).await?;
     let nginx = lab.nginx(&upstream.url).await.ok();
     let audit_log = dir.join("audit.jsonl");
@@ -301,23 +308,12 @@ async fn extras(
     let thousand = lab
         .tollgate_with(tollgate, &upstream.url, &rule_policy(1000), "")
         .await?;
-    let m = |url: String, proxy: Option<Child>, workload: Workload, concurrency: usize| {
-        let upstream = upstream.clone();
-        let dir = dir.clone();
-        async move {
-            measure(
-                driver,
-                &dir,
-                &url,
-                proxy.as_ref(),
-                &upstream,
-                workload,
-                era,
-                concurrency,
-                secs,
-            )
-            .await
-        }
+    let bench = Bench {
+        driver,
+        dir: &dir,
+        upstream: &upstream,
+        era,
+        secs,
     };
     println!("Stateless-era JSON, beyond the grid:\n");
     println!("| cell | rps | p50 µs | p99 µs | proxy CPU µs/call | upstream CPU µs/call |");
@@ -329,53 +325,55 @@ async fn extras(
         );
     };
     // Each variant back to back with the plain Tollgate, at c=64.
-    let plain = m(at(&proxy.url), Some(proxy.clone()), Workload::Call, 64).await?;
+    let plain = bench
+        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
+        .await?;
     show("tollgate, 50 rules, c=64", &plain);
-    let with_audit = m(at(&audited.url), Some(audited.clone()), Workload::Call, 64).await?;
+    let with_audit = bench
+        .measure(&audited.url, Some(&audited), Workload::Call, 64)
+        .await?;
     show("tollgate with an audit log file, c=64", &with_audit);
-    let rules = m(
-        at(&thousand.url),
-        Some(thousand.clone()),
-        Workload::Call,
-        64,
-    )
-    .await?;
+    let rules = bench
+        .measure(&thousand.url, Some(&thousand), Workload::Call, 64)
+        .await?;
     show("tollgate, 1,000 rules, c=64", &rules);
     figures.insert("plain_cpu", plain.proxy_cpu);
     figures.insert("audit_cpu", with_audit.proxy_cpu);
     figures.insert("thousand_rules_cpu", rules.proxy_cpu);
     if let Some(nginx) = &nginx {
-        let n = m(at(&nginx.url), Some(nginx.clone()), Workload::Call, 64).await?;
+        let n = bench
+            .measure(&nginx.url, Some(nginx), Workload::Call, 64)
+            .await?;
         show("nginx, c=64", &n);
         figures.insert("extras_nginx_cpu", n.proxy_cpu);
     }
     // 1 MiB of arguments: CPU per MiB is the difference from a small call.
     let mib = 1 << 20;
-    let small = m(at(&proxy.url), Some(proxy.clone()), Workload::Call, 1).await?;
-    let big = m(
-        at(&proxy.url),
-        Some(proxy.clone()),
-        Workload::BigCall(mib),
-        1,
-    )
-    .await?;
+    let small = bench
+        .measure(&proxy.url, Some(&proxy), Workload::Call, 1)
+        .await?;
+    let big = bench
+        .measure(&proxy.url, Some(&proxy), Workload::BigCall(mib), 1)
+        .await?;
     show("tollgate, 1 MiB argument, c=1", &big);
     figures.insert("tollgate_us_per_mib", big.proxy_cpu - small.proxy_cpu);
     if let Some(nginx) = &nginx {
-        let small = m(at(&nginx.url), Some(nginx.clone()), Workload::Call, 1).await?;
-        let big = m(
-            at(&nginx.url),
-            Some(nginx.clone()),
-            Workload::BigCall(mib),
-            1,
-        )
-        .await?;
+        let small = bench
+            .measure(&nginx.url, Some(nginx), Workload::Call, 1)
+            .await?;
+        let big = bench
+            .measure(&nginx.url, Some(nginx), Workload::BigCall(mib), 1)
+            .await?;
         show("nginx, 1 MiB argument, c=1", &big);
         figures.insert("nginx_us_per_mib", big.proxy_cpu - small.proxy_cpu);
     }
     // tools/list of 1,004 tools, of which the policy hides all but one (default: deny).
-    let direct_list = m(at(&upstream.url), None, Workload::ToolsList, 1).await?;
-    let list = m(at(&proxy.url), Some(proxy.clone()), Workload::ToolsList, 1).await?;
+    let direct_list = bench
+        .measure(&upstream.url, None, Workload::ToolsList, 1)
+        .await?;
+    let list = bench
+        .measure(&proxy.url, Some(&proxy), Workload::ToolsList, 1)
+        .await?;
     show("direct, tools/list of 1,004 tools, c=1", &direct_list);
     show("tollgate, tools/list of 1,004 tools, c=1", &list);
     figures.insert(
@@ -392,8 +390,12 @@ async fn extras(
         .with_context(|| format!("opening {idle} idle sessions"))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let per_session = fresh.rss()?.saturating_sub(before) as f64 / idle as f64;
-    let uncrowded = m(at(&proxy.url), Some(proxy.clone()), Workload::Call, 64).await?;
-    let crowded = m(at(&fresh.url), Some(fresh.clone()), Workload::Call, 64).await?;
+    let uncrowded = bench
+        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
+        .await?;
+    let crowded = bench
+        .measure(&fresh.url, Some(&fresh), Workload::Call, 64)
+        .await?;
     show("tollgate, no idle sessions, c=64", &uncrowded);
     show(
         &format!("tollgate with {idle} idle sessions, c=64"),
@@ -406,27 +408,14 @@ async fn extras(
     // An upstream that takes 1 ms per call.
     let slow = lab.demo_upstream(tollgate, false, 1).await?;
     let proxy = lab.tollgate(tollgate, &slow.url).await?;
-    let upstream = slow.clone();
-    let m = |url: String, proxy: Option<Child>| {
-        let upstream = upstream.clone();
-        let dir = dir.clone();
-        async move {
-            measure(
-                driver,
-                &dir,
-                &url,
-                proxy.as_ref(),
-                &upstream,
-                Workload::Call,
-                era,
-                64,
-                secs,
-            )
-            .await
-        }
+    let bench = Bench {
+        upstream: &slow,
+        ..bench
     };
-    let direct = m(at(&slow.url), None).await?;
-    let through = m(at(&proxy.url), Some(proxy.clone())).await?;
+    let direct = bench.measure(&slow.url, None, Workload::Call, 64).await?;
+    let through = bench
+        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
+        .await?;
     show("direct, 1 ms upstream, c=64", &direct);
     show("tollgate, 1 ms upstream, c=64", &through);
     figures.insert("slow_ratio", through.cell.rps / direct.cell.rps.max(1e-9));
