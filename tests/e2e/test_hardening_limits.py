@@ -93,7 +93,10 @@ rules:
 
 def test_settled_approvals_keep_a_preview_of_large_arguments(procs, tmp_path, recorder):
     config = write_config(tmp_path, {"up": (recorder.url, APPROVAL_POLICY)}, extra=ADMIN)
-    base, proc = serve_config(procs, config)
+    # What is measured is what the approvals keep, not what the allocator caches:
+    # mimalloc returns freed pages only when the freeing thread next allocates, so an
+    # idle lane would hold a batch's peak (tens of MiB, differing run to run).
+    base, proc = serve_config(procs, config, env={"MIMALLOC_PURGE_DELAY": "0"})
     admin = admin_url(proc)
     url = f"{base}/mcp"
     pid = proc.proc.pid

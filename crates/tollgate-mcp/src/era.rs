@@ -16,7 +16,7 @@ pub const STATELESS_PROTOCOL_VERSION: &str = "2026-07-28";
 
 /// The `_meta` key that carries the protocol version in the stateless era (kept where the
 /// message is read, the bottom of this crate).
-pub use crate::strict::PROTOCOL_VERSION_META;
+pub use crate::strict::{CLIENT_CAPABILITIES_META, PROTOCOL_VERSION_META};
 
 /// Which generation of MCP a request belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

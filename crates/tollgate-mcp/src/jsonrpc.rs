@@ -90,7 +90,7 @@ enum Body {
 #[derive(Debug, Clone)]
 struct Arrived {
     bytes: Bytes,
-    /// `id`, `params.arguments` and `params._meta.progressToken`.
+    /// The parts read apart from the value ([`Message::part`]).
     parts: Parts,
     /// Whether `bytes` mean exactly what the value does (integers only).
     exact: bool,
@@ -102,7 +102,10 @@ struct Arrived {
 struct Parts {
     id: Option<Value>,
     arguments: Option<Value>,
+    request_state: Option<Value>,
+    input_responses: Option<Value>,
     progress_token: Option<Value>,
+    client_capabilities: Option<Value>,
 }
 
 /// The parts of a message the stages read on every call.
@@ -248,7 +251,10 @@ impl Incoming {
                 parts: Parts {
                     id: scanned.id,
                     arguments: scanned.arguments,
+                    request_state: scanned.request_state,
+                    input_responses: scanned.input_responses,
                     progress_token: scanned.progress_token,
+                    client_capabilities: scanned.client_capabilities,
                 },
                 exact: scanned.exact,
                 value: std::sync::OnceLock::new(),
@@ -415,12 +421,45 @@ impl Message {
         self.told.routing_name.as_deref()
     }
 
+    /// A part a stage reads: kept apart when the message arrived as bytes (so that
+    /// reading it never parses the whole value beside them), else looked up by `path`.
+    fn part<'m>(
+        &'m self,
+        kept: impl FnOnce(&'m Parts) -> Option<&'m Value>,
+        path: &[&str],
+    ) -> Option<&'m Value> {
+        match &self.body {
+            Body::Value(value) => path
+                .iter()
+                .try_fold(value, |value, key| value.as_object()?.get(*key)),
+            Body::Bytes(arrived) => kept(&arrived.parts),
+        }
+    }
+
     /// `id`, for requests and responses.
     pub fn id(&self) -> Option<&Value> {
-        match &self.body {
-            Body::Value(value) => value.get("id"),
-            Body::Bytes(arrived) => arrived.parts.id.as_ref(),
-        }
+        self.part(|p| p.id.as_ref(), &["id"])
+    }
+
+    /// `params.requestState` (multi round-trip requests).
+    pub fn request_state(&self) -> Option<&Value> {
+        self.part(|p| p.request_state.as_ref(), &["params", "requestState"])
+    }
+
+    /// `params.inputResponses` (multi round-trip requests).
+    pub fn input_responses(&self) -> Option<&Value> {
+        self.part(
+            |p| p.input_responses.as_ref(),
+            &["params", "inputResponses"],
+        )
+    }
+
+    /// `params._meta["io.modelcontextprotocol/clientCapabilities"]` (stateless era).
+    pub fn client_capabilities(&self) -> Option<&Value> {
+        self.part(
+            |p| p.client_capabilities.as_ref(),
+            &["params", "_meta", crate::strict::CLIENT_CAPABILITIES_META],
+        )
     }
 
     /// `params`, when present.
@@ -436,10 +475,7 @@ impl Message {
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
         let name = self.told.tool_name.as_deref()?;
-        let arguments = match &self.body {
-            Body::Value(_) => self.params()?.get("arguments"),
-            Body::Bytes(arrived) => arrived.parts.arguments.as_ref(),
-        };
+        let arguments = self.part(|p| p.arguments.as_ref(), &["params", "arguments"]);
         Some(ToolCallRef {
             name,
             arguments: arguments.unwrap_or(&NULL),
@@ -454,10 +490,10 @@ impl Message {
 
     /// `params.progressToken` from `_meta`, when the client asked for progress.
     pub fn progress_token(&self) -> Option<&Value> {
-        match &self.body {
-            Body::Value(_) => self.meta()?.get("progressToken"),
-            Body::Bytes(arrived) => arrived.parts.progress_token.as_ref(),
-        }
+        self.part(
+            |p| p.progress_token.as_ref(),
+            &["params", "_meta", "progressToken"],
+        )
     }
 
     /// The JSON value.
@@ -555,6 +591,8 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call"}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"t","requestState":"tollgate1.s","inputResponses":{"q":{"action":"accept"}},"_meta":{"io.modelcontextprotocol/clientCapabilities":{"elicitation":{"url":{}}}}}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"t","inputResponses":3,"_meta":[{"io.modelcontextprotocol/clientCapabilities":{}}]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"p":"\ud800"}}}"#,
         ];
         for body in bodies {
@@ -579,6 +617,13 @@ mod tests {
                 "{body}"
             );
             assert_eq!(whole.progress_token(), scanned.progress_token(), "{body}");
+            assert_eq!(whole.request_state(), scanned.request_state(), "{body}");
+            assert_eq!(whole.input_responses(), scanned.input_responses(), "{body}");
+            assert_eq!(
+                whole.client_capabilities(),
+                scanned.client_capabilities(),
+                "{body}"
+            );
             assert_eq!(whole.routing_name(), scanned.routing_name(), "{body}");
             assert_eq!(
                 whole.meta_protocol_version(),

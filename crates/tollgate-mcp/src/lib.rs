@@ -22,9 +22,9 @@ mod sse;
 mod strict;
 
 pub use era::{
-    Era, HeaderMismatch, PROTOCOL_VERSION_META, RoutingHeaders, STATELESS_PROTOCOL_VERSION,
-    decode_header_value, encode_header_value, era_of, is_stateless_version, meta_protocol_version,
-    mirrored_headers,
+    CLIENT_CAPABILITIES_META, Era, HeaderMismatch, PROTOCOL_VERSION_META, RoutingHeaders,
+    STATELESS_PROTOCOL_VERSION, decode_header_value, encode_header_value, era_of,
+    is_stateless_version, meta_protocol_version, mirrored_headers,
 };
 pub use jsonrpc::{
     ErrorCode, FramingError, Incoming, Kind, Message, ToolCallRef, error_response, result_response,

@@ -29,6 +29,9 @@ pub(crate) fn parse(body: &[u8]) -> Result<Value, serde_json::Error> {
 /// the parts [`scan`] keeps.
 pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
 
+/// The `_meta` key that carries a stateless request's client capabilities.
+pub const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
+
 /// The longest part of a duplicate key an error quotes.
 const QUOTED_KEY: usize = 64;
 
@@ -120,13 +123,18 @@ pub(crate) struct Scanned {
     pub id: Option<Value>,
     /// Whether `params` is there, and whether it is an object or an array.
     pub params: Option<bool>,
-    /// `params.name`, `params.uri` and `params.arguments`, when `params` is an object.
+    /// `params.name`, `params.uri`, `params.arguments`, and the multi round-trip
+    /// `params.requestState` and `params.inputResponses`, when `params` is an object.
     pub name: Option<Value>,
     pub uri: Option<Value>,
     pub arguments: Option<Value>,
-    /// `params._meta`'s protocol version and progress token, when it is an object.
+    pub request_state: Option<Value>,
+    pub input_responses: Option<Value>,
+    /// `params._meta`'s protocol version, progress token and client capabilities,
+    /// when it is an object.
     pub protocol_version: Option<Value>,
     pub progress_token: Option<Value>,
+    pub client_capabilities: Option<Value>,
     /// Whether it has `result` or `error`.
     pub answer: bool,
     /// Whether every number in it is an integer, which any parser reads exactly. A
@@ -262,8 +270,11 @@ impl<'de> Visitor<'de> for Walk<'_> {
                 (Scope::Params, "name") => Some(&mut scanned.name),
                 (Scope::Params, "uri") => Some(&mut scanned.uri),
                 (Scope::Params, "arguments") => Some(&mut scanned.arguments),
+                (Scope::Params, "requestState") => Some(&mut scanned.request_state),
+                (Scope::Params, "inputResponses") => Some(&mut scanned.input_responses),
                 (Scope::Meta, PROTOCOL_VERSION_META) => Some(&mut scanned.protocol_version),
                 (Scope::Meta, "progressToken") => Some(&mut scanned.progress_token),
+                (Scope::Meta, CLIENT_CAPABILITIES_META) => Some(&mut scanned.client_capabilities),
                 _ => None,
             };
             if let Some(slot) = kept {
@@ -432,6 +443,11 @@ mod tests {
     const BODIES: &[&str] = &[
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":[1,{"b":null}]},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","progressToken":"p","x":{}}}}"#,
         r#"{"params":{"_meta":{"progressToken":1}},"method":"m","jsonrpc":"2.0"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","requestState":"s","inputResponses":{"q":{"action":"accept"}},"_meta":{"io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}}}"#,
+        r#"{"params":{"requestState":{"deep":[1]},"inputResponses":[],"_meta":{"io.modelcontextprotocol/clientCapabilities":7}}}"#,
+        r#"{"params":{"inputResponses":{"q":1,"q":2}}}"#,
+        r#"{"params":{"_meta":{"io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientCapabilities":{}}}}"#,
+        r#"{"params":{"x":{"requestState":1},"_meta":{"y":{"progressToken":1}}}}"#,
         r#"{"jsonrpc":"2.0","id":"x","result":{"content":[]}}"#,
         r#"{"jsonrpc":"2.0","method":"resources/read","id":2,"params":{"uri":"file:///a"}}"#,
         r#"{"jsonrpc":"2.0","method":"m","params":[1,{"k":1}]}"#,
@@ -495,6 +511,18 @@ mod tests {
                 (
                     scanned.progress_token.as_ref(),
                     meta.and_then(|m| m.get("progressToken")),
+                ),
+                (
+                    scanned.request_state.as_ref(),
+                    params.and_then(|p| p.get("requestState")),
+                ),
+                (
+                    scanned.input_responses.as_ref(),
+                    params.and_then(|p| p.get("inputResponses")),
+                ),
+                (
+                    scanned.client_capabilities.as_ref(),
+                    meta.and_then(|m| m.get(CLIENT_CAPABILITIES_META)),
                 ),
             ];
             for (kept, read) in pairs {

@@ -49,7 +49,7 @@ pub struct Asking {
 }
 
 /// A call to hold.
-pub struct Hold {
+pub struct Hold<'m> {
     /// Its id in the audit log.
     pub call_id: String,
     /// The server.
@@ -57,7 +57,7 @@ pub struct Hold {
     /// The tool.
     pub tool: String,
     /// Its arguments.
-    pub arguments: Value,
+    pub arguments: &'m Value,
     /// `sha256:<hex>` of the arguments as canonical JSON.
     pub digest: String,
     /// The authenticated client.
@@ -127,7 +127,7 @@ pub async fn hold(
     shared: &Arc<Shared>,
     elicitations: &Arc<Elicitations>,
     keys: &Keys,
-    hold: &Hold,
+    hold: &Hold<'_>,
     sink: &Sink,
 ) -> Ending {
     let key = match keys.get().await {
@@ -233,7 +233,7 @@ pub async fn hold(
 }
 
 /// The live approval of this call, or a new one (then announced).
-fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String> {
+fn open(shared: &Arc<Shared>, hold: &Hold<'_>) -> Result<(String, Standing), String> {
     let opened = shared.approvals.open(Request {
         server: hold.server.to_string(),
         tool: hold.tool.clone(),
@@ -276,7 +276,7 @@ fn open(shared: &Arc<Shared>, hold: &Hold) -> Result<(String, Standing), String>
 
 /// A call that needs the shared approvals while Redis cannot be reached: refused
 /// (whatever `state.on_failure` says, an approval is never assumed).
-fn unreachable(hold: &Hold, err: &crate::store::remote::Unavailable) -> Ending {
+fn unreachable(hold: &Hold<'_>, err: &crate::store::remote::Unavailable) -> Ending {
     tracing::warn!(tool = %hold.tool, error = %err, "held call refused: its approval is kept in the shared state, which cannot be reached");
     Ending::Refuse(
         DenyKind::ApprovalDenied,
@@ -288,7 +288,7 @@ fn unreachable(hold: &Hold, err: &crate::store::remote::Unavailable) -> Ending {
 }
 
 /// What a decided (or over) approval means for this call; `None` while pending.
-async fn settle(shared: &Shared, hold: &Hold, id: &str, standing: Standing) -> Option<Ending> {
+async fn settle(shared: &Shared, hold: &Hold<'_>, id: &str, standing: Standing) -> Option<Ending> {
     let verdict = match over(shared, hold, id, standing)? {
         Ok(verdict) => verdict,
         Err(ending) => return Some(ending),
@@ -336,7 +336,7 @@ fn unusable(id: &str) -> Ending {
 /// A decided approval's verdict, or the refusal an over one means; `None` while pending.
 fn over(
     shared: &Shared,
-    hold: &Hold,
+    hold: &Hold<'_>,
     id: &str,
     standing: Standing,
 ) -> Option<Result<Verdict, Ending>> {
@@ -372,7 +372,7 @@ fn refused(verdict: &Verdict) -> Ending {
 
 /// Waits up to the hold's `wait` for a decision, telling a client that asked for
 /// progress now and then; `None` when the client went away.
-async fn wait(shared: &Arc<Shared>, hold: &Hold, id: &str, sink: &Sink) -> Option<Standing> {
+async fn wait(shared: &Arc<Shared>, hold: &Hold<'_>, id: &str, sink: &Sink) -> Option<Standing> {
     let until = tokio::time::Instant::now() + hold.wait;
     let mut progress = 0u64;
     loop {
@@ -403,7 +403,7 @@ async fn wait(shared: &Arc<Shared>, hold: &Hold, id: &str, sink: &Sink) -> Optio
 
 /// The client is told to call again: an `approval_pending` result, or in the
 /// stateless era an `InputRequiredResult` with a sealed `requestState`.
-fn pending(shared: &Shared, key: &StateKey, hold: &Hold, id: &str) -> Ending {
+fn pending(shared: &Shared, key: &StateKey, hold: &Hold<'_>, id: &str) -> Ending {
     let approval = shared.approvals.get(id);
     let expires_at = approval
         .as_ref()
@@ -451,7 +451,7 @@ fn pending(shared: &Shared, key: &StateKey, hold: &Hold, id: &str) -> Ending {
     })
 }
 
-fn claims_for(hold: &Hold, kind: Kind, id: &str, expires: u64) -> Claims {
+fn claims_for(hold: &Hold<'_>, kind: Kind, id: &str, expires: u64) -> Claims {
     Claims {
         kind,
         id: id.to_owned(),
@@ -465,7 +465,12 @@ fn claims_for(hold: &Hold, kind: Kind, id: &str, expires: u64) -> Claims {
 
 /// Stateless era, `via: elicitation`: the client's user is asked by a form in an
 /// `InputRequiredResult`; the retry carries the answer and the state, used once.
-fn ask_in_result(shared: &Shared, key: &StateKey, hold: &Hold, claims: Option<&Claims>) -> Ending {
+fn ask_in_result(
+    shared: &Shared,
+    key: &StateKey,
+    hold: &Hold<'_>,
+    claims: Option<&Claims>,
+) -> Ending {
     if let (Some(claims), Some(answer)) = (claims.filter(|c| c.kind == Kind::Elicit), &hold.answer)
     {
         let until = SystemTime::UNIX_EPOCH + Duration::from_secs(claims.expires);
@@ -503,7 +508,7 @@ fn ask_in_result(shared: &Shared, key: &StateKey, hold: &Hold, claims: Option<&C
     let question = super::elicit::form(&Question {
         server: &hold.server,
         tool: &hold.tool,
-        arguments: &hold.arguments,
+        arguments: hold.arguments,
         reason: &hold.reason,
         session: None,
         timeout: hold.approval.timeout,
@@ -525,13 +530,13 @@ fn ask_in_result(shared: &Shared, key: &StateKey, hold: &Hold, claims: Option<&C
 async fn ask_on_stream(
     shared: &Shared,
     elicitations: &Arc<Elicitations>,
-    hold: &Hold,
+    hold: &Hold<'_>,
     sink: &Sink,
 ) -> Ending {
     let (id, request, answer) = elicitations.ask(Question {
         server: &hold.server,
         tool: &hold.tool,
-        arguments: &hold.arguments,
+        arguments: hold.arguments,
         reason: &hold.reason,
         session: hold.session.clone(),
         timeout: hold.approval.timeout,
@@ -579,7 +584,7 @@ async fn ask_on_stream(
     }
 }
 
-fn record_verdict(shared: &Shared, hold: &Hold, id: &str, verdict: &str, by: Option<&Verdict>) {
+fn record_verdict(shared: &Shared, hold: &Hold<'_>, id: &str, verdict: &str, by: Option<&Verdict>) {
     shared.audit.write(&Record::Approval {
         call_id: &hold.call_id,
         approval_id: id,

@@ -79,23 +79,23 @@ pub fn withdraw(ctx: &Context, message: &Message) -> bool {
 /// Tollgate's `requestState` in a call's params, if it carries one.
 fn own_state(message: &Message) -> Option<&str> {
     message
-        .params()?
-        .get("requestState")?
+        .request_state()?
         .as_str()
         .filter(|s| s.starts_with(PREFIX))
 }
 
-fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
-    let (tool, arguments) = message.tool_call().map_or_else(Default::default, |call| {
-        (call.name.to_owned(), call.arguments.clone())
-    });
+/// What the hold needs of the call; the arguments are borrowed from the message,
+/// which a large call would otherwise keep twice while it waits.
+fn hold_of<'m>(ctx: &Context, message: &'m Message, held: &Held) -> Hold<'m> {
+    let (tool, arguments) = message
+        .tool_call()
+        .map_or(("", &Value::Null), |call| (call.name, call.arguments));
     let session = ctx.session.as_ref();
     let approval = held.decision.approval.clone().unwrap_or_default();
     let elicitation = (ctx.era == Era::Stateless)
         .then(|| {
             message
-                .meta()?
-                .get("io.modelcontextprotocol/clientCapabilities")?
+                .client_capabilities()?
                 .get("elicitation")?
                 .as_object()
         })
@@ -110,8 +110,8 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
     Hold {
         call_id: held.permit.call_id().to_owned(),
         server: ctx.server.name.clone(),
-        digest: canonical_digest(&arguments),
-        tool,
+        digest: canonical_digest(arguments),
+        tool: tool.to_owned(),
         arguments,
         client: ctx.caller.client.clone(),
         user: ctx
@@ -145,8 +145,7 @@ fn hold_of(ctx: &Context, message: &Message, held: &Held) -> Hold {
         asking,
         state: own_state(message).map(str::to_owned),
         answer: message
-            .params()
-            .and_then(|p| p.get("inputResponses"))
+            .input_responses()
             .and_then(|r| r.get(QUESTION_KEY))
             .cloned(),
     }
@@ -208,9 +207,8 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
 /// The message without Tollgate's own `requestState` and `inputResponses` entry,
 /// which are not the upstream's business; `None` when it carries neither.
 fn without_own_input(message: &Message) -> Option<Value> {
-    let params = message.params()?;
-    let own_answer = params
-        .get("inputResponses")
+    let own_answer = message
+        .input_responses()
         .and_then(Value::as_object)
         .is_some_and(|r| {
             r.contains_key(QUESTION_KEY) || r.contains_key(crate::approvals::hold::PAGE_KEY)
