@@ -10,6 +10,7 @@ pub mod bridge;
 pub mod channel;
 pub mod http;
 pub mod legacy_sse;
+mod pool;
 pub mod stdio;
 
 use std::sync::Arc;

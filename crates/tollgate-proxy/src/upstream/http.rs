@@ -1,9 +1,9 @@
 //! Streamable HTTP upstreams: one POST per message (or batch), a GET for the
 //! session's server-to-client stream, a DELETE to end a session.
 //!
-//! Each upstream has its own hyper connection pool, its URI parsed once and the
-//! headers every request carries (`Accept`, `Content-Type`, the server's own
-//! `headers:`) built once: per call only the client's forwarded headers and the
+//! Each upstream has a connection pool per lane ([`pool`]), its URI parsed once and
+//! the headers every request carries (`Host`, `Accept`, `Content-Type`, the server's
+//! own `headers:`) built once: per call only the client's forwarded headers and the
 //! session id are added.
 
 use std::time::Duration;
@@ -14,11 +14,8 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::pool::{self, Lease, Pool};
 use super::{Body, Failure, Json, Reply, Request, Upstream, describe};
 
 /// Session id header of the handshake era.
@@ -26,14 +23,15 @@ pub const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id")
 
 const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
 
-type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// An upstream that speaks Streamable HTTP.
 pub struct HttpUpstream {
     /// One pool per lane ([`super::lane`]): a lane's upstream connections are driven on
     /// its own thread.
-    pools: Vec<Pool>,
+    pools: Vec<std::sync::Arc<Pool>>,
+    /// Where connections go (scheme, host, port).
     uri: Uri,
+    /// The request target: the path and query (HTTP/1's origin form).
+    target: Uri,
     /// The server's own `headers:` (credentials), which win over a client's.
     own: HeaderMap,
     /// What a POST carries: `Accept`, `Content-Type` and `own`.
@@ -85,8 +83,13 @@ impl HttpUpstream {
         let _ = bare.set_password(None);
         bare.set_fragment(None);
         let uri = Uri::try_from(bare.as_str()).map_err(|e| bad(e.to_string()))?;
+        let target = uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+        let host = host_header(&uri).ok_or_else(|| bad("it has no host".to_owned()))?;
         let with = |pairs: &[(HeaderName, &'static str)]| {
-            let mut map = HeaderMap::with_capacity(pairs.len() + own.len() + 4);
+            let mut map = HeaderMap::with_capacity(pairs.len() + own.len() + 5);
+            map.insert(header::HOST, host.clone());
             for (name, value) in pairs {
                 map.insert(name.clone(), HeaderValue::from_static(value));
             }
@@ -103,8 +106,9 @@ impl HttpUpstream {
         let get = with(&[(header::ACCEPT, "text/event-stream")]);
         let delete = with(&[(header::ACCEPT, BOTH)]);
         Ok(HttpUpstream {
-            pools: (0..super::lanes()).map(|_| pool()).collect(),
+            pools: (0..super::lanes()).map(|_| Pool::new()).collect(),
             uri,
+            target,
             own,
             post,
             get,
@@ -115,7 +119,7 @@ impl HttpUpstream {
     }
 
     /// This lane's pool.
-    fn pool(&self) -> &Pool {
+    fn pool(&self) -> &std::sync::Arc<Pool> {
         &self.pools[super::lane() % self.pools.len().max(1)]
     }
 
@@ -148,34 +152,31 @@ impl HttpUpstream {
     ) -> Result<Reply, Failure> {
         let mut request = hyper::Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = self.target.clone();
         *request.headers_mut() = headers;
-        let sent = match tokio::time::timeout(self.timeout, self.pool().request(request)).await {
+        let sent = tokio::time::timeout(self.timeout, self.pool().send(&self.uri, request)).await;
+        let (response, lease) = match sent {
             Err(_) => return Err(Failure::Timeout(self.timeout)),
-            Ok(Err(err)) if err.is_connect() => return Err(Failure::Unreachable(describe(&err))),
-            Ok(Err(err)) => return Err(Failure::Broken(describe(&err))),
-            Ok(Ok(response)) => response,
+            Ok(Err(pool::Error::Connect(why))) => return Err(Failure::Unreachable(why)),
+            Ok(Err(pool::Error::Http(err))) => return Err(Failure::Broken(describe(&err))),
+            Ok(Ok(sent)) => sent,
         };
-        reply(sent, self.timeout, self.max_message).await
+        reply(response, lease, self.timeout, self.max_message).await
     }
 }
 
-/// One upstream's connection pool: keep-alive connections, no Nagle delay.
-fn pool() -> Pool {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(https)
+/// The `Host` header for `uri`: its host, and its port unless it is the scheme's own.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let text = match uri.port_u16() {
+        Some(port) if port != default => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&text).ok()
 }
 
 /// `%xx` in a URL's user name or password, decoded (RFC 3986 §3.2.1).
@@ -248,6 +249,7 @@ fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
 /// (within `timeout`, at most `max` bytes).
 async fn reply(
     response: hyper::Response<Incoming>,
+    mut lease: Lease,
     timeout: Duration,
     max: usize,
 ) -> Result<Reply, Failure> {
@@ -258,8 +260,8 @@ async fn reply(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let body = if content_type_is(&headers, "text/event-stream") {
-        let bytes = incoming
-            .into_data_stream()
+        let bytes = lease
+            .stream(incoming)
             .map_err(|err| Failure::Broken(format!("its event stream failed: {}", describe(&err))));
         Body::Sse(bytes.boxed())
     } else {
@@ -267,10 +269,12 @@ async fn reply(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let bytes = match tokio::time::timeout(timeout, read_whole(incoming, declared, max)).await {
+        let read = tokio::time::timeout(timeout, read_whole(incoming, declared, max));
+        let bytes = match lease.drive(read).await {
             Ok(bytes) => bytes?,
             Err(_) => return Err(Failure::Timeout(timeout)),
         };
+        lease.done();
         if bytes.is_empty() {
             Body::Empty
         } else if content_type_is(&headers, "application/json") {
@@ -381,6 +385,99 @@ mod tests {
         assert!(matches!(failure, Failure::Unreachable(_)), "{failure}");
         // The first bytes on the wire were a TLS handshake record, not an HTTP request.
         assert_eq!(server.await.unwrap()[0], 0x16);
+    }
+
+    /// A server that answers every request on a connection with `answers[i]` (the
+    /// i-th request of that connection), and tells each request's head and the
+    /// connection's number. After the last answer it closes the connection when
+    /// `close` is notified, and tells that too (head `closed`).
+    async fn scripted(
+        answers: &'static [&'static str],
+        close: std::sync::Arc<tokio::sync::Notify>,
+    ) -> (u16, tokio::sync::mpsc::UnboundedReceiver<(usize, String)>) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (heads, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for number in 0.. {
+                let (socket, _) = listener.accept().await.unwrap();
+                let heads = heads.clone();
+                let close = close.clone();
+                tokio::spawn(async move {
+                    let mut socket = tokio::io::BufReader::new(socket);
+                    for answer in answers {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if socket.read_line(&mut line).await.unwrap() == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            head.push_str(&line);
+                        }
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .map_or(0, |n| n.trim().parse().unwrap());
+                        let mut body = vec![0; length];
+                        socket.read_exact(&mut body).await.unwrap();
+                        socket.write_all(answer.as_bytes()).await.unwrap();
+                        heads.send((number, head)).unwrap();
+                    }
+                    close.notified().await;
+                    drop(socket);
+                    heads.send((number, "closed".to_owned())).unwrap();
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    const JSON: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    const SSE: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 13\r\n\r\ndata: {}\n\nx\n\n";
+
+    #[tokio::test]
+    async fn connections_are_kept_and_one_the_server_closed_is_not_used() {
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (port, mut seen) = scripted(&[JSON, SSE], close.clone()).await;
+        let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}/mcp?x=1")).unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(5), 1 << 20).unwrap();
+        let call = || {
+            upstream.exchange(
+                Method::POST,
+                upstream.post.clone(),
+                Bytes::from_static(b"{}"),
+            )
+        };
+        let reply = call().await.unwrap();
+        assert!(matches!(reply.body, Body::Json(_)));
+        let (number, head) = seen.recv().await.unwrap();
+        assert_eq!(number, 0);
+        // Origin form, and the host the URL names.
+        assert!(head.starts_with("POST /mcp?x=1 HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("host: 127.0.0.1:{port}\r\n")),
+            "{head}"
+        );
+        // The second call goes on the same connection; its streamed answer is read
+        // to the end, after which the server closes the kept connection.
+        let Body::Sse(events) = call().await.unwrap().body else {
+            panic!("an event stream")
+        };
+        let read: Vec<Bytes> = events.try_collect().await.unwrap();
+        assert_eq!(read.concat(), b"data: {}\n\nx\n\n");
+        assert_eq!(seen.recv().await.unwrap().0, 0);
+        close.notify_one();
+        assert_eq!(seen.recv().await.unwrap(), (0, "closed".to_owned()));
+        // The closed connection is noticed, not used: the third call opens another.
+        let reply = call().await.unwrap();
+        assert!(matches!(reply.body, Body::Json(_)));
+        assert_eq!(seen.recv().await.unwrap().0, 1);
     }
 
     #[test]
