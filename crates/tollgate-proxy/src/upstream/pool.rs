@@ -21,7 +21,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
-type Conn = http1::Connection<Io, Full<Bytes>>;
+/// Boxed: a connection (its buffers and state) is large, and it moves between the
+/// pool, the lease and the futures that hold it.
+type Conn = Box<http1::Connection<Io, Full<Bytes>>>;
 
 /// How long an unused connection is kept.
 const IDLE: Duration = Duration::from_secs(90);
@@ -153,7 +155,7 @@ impl Pool {
         let (sender, conn) = http1::handshake(io).await?;
         Ok(Lease {
             sender,
-            conn: Some(conn),
+            conn: Some(Box::new(conn)),
             pool: Arc::clone(self),
         })
     }
