@@ -146,7 +146,7 @@ async fn serve_lane(
     let server = downstream::listener::serve(
         "proxy",
         listener,
-        router(state.clone()),
+        downstream::http::Front::new(state.doors().clone()),
         state.shared().clone(),
         gate,
         shutdown,

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -118,18 +117,28 @@ impl Gate {
     }
 }
 
-/// Serves `router` on `listener` (named `name` in metrics and logs) until
+/// Serves `service` on `listener` (named `name` in metrics and logs) until
 /// `shutdown` completes; then connections finish their requests in flight and
 /// close. Returns once every connection through `gate` is closed (several lanes
 /// may accept on one port, each on its own listener, behind one gate).
-pub async fn serve(
+pub async fn serve<S>(
     name: &'static str,
     listener: tokio::net::TcpListener,
-    router: Router,
+    service: S,
     shared: Arc<Shared>,
     gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let limits = gate.limits;
     let (open, peers) = (gate.open.clone(), gate.peers.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -174,7 +183,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         // axum's `ConnectInfo` extractor finds the peer's address in the request.
         let service = tower::ServiceExt::map_request(
-            router.clone(),
+            service.clone(),
             move |mut request: axum::http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
