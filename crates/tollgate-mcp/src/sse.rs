@@ -114,7 +114,7 @@ impl SseDecoder {
                 chunk = rest;
             }
         }
-        while let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', chunk) {
             let (head, tail) = chunk.split_at(end);
             // tail starts with the line end.
             let crlf = tail.starts_with(b"\r\n");

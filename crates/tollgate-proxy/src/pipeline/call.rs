@@ -189,16 +189,16 @@ fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
 /// Inside a JSON string a quote is escaped, so `"isError"` followed by `:` is a key
 /// (or a key that merely ends so, which only sends the answer to the full parse).
 fn plainly_ok(text: &[u8]) -> bool {
-    use memchr::memmem;
+    let keys = &*KEYS;
     let skip = |rest: &[u8]| -> usize {
         rest.iter()
             .position(|b| !b.is_ascii_whitespace())
             .unwrap_or(rest.len())
     };
     text.get(skip(text)) == Some(&b'{')
-        && memmem::find(text, b"\"result\"").is_some()
-        && memmem::find(text, b"\"error\"").is_none()
-        && memmem::find_iter(text, b"\"isError\"").all(|at| {
+        && keys.result.find(text).is_some()
+        && keys.error.find(text).is_none()
+        && keys.is_error.find_iter(text).all(|at| {
             let rest = &text[at + b"\"isError\"".len()..];
             let rest = &rest[skip(rest)..];
             match rest.split_first() {
@@ -208,6 +208,22 @@ fn plainly_ok(text: &[u8]) -> bool {
             }
         })
 }
+
+/// The keys [`plainly_ok`] and [`Waiting::note`] look for, each searcher built once
+/// (building one costs more than a search through a small answer).
+struct Keys {
+    result: memchr::memmem::Finder<'static>,
+    error: memchr::memmem::Finder<'static>,
+    is_error: memchr::memmem::Finder<'static>,
+    method: memchr::memmem::Finder<'static>,
+}
+
+static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(|| Keys {
+    result: memchr::memmem::Finder::new(br#""result""#),
+    error: memchr::memmem::Finder::new(br#""error""#),
+    is_error: memchr::memmem::Finder::new(br#""isError""#),
+    method: memchr::memmem::Finder::new(br#""method""#),
+});
 
 fn answer_of(message: &Value) -> Option<(Value, Outcome)> {
     let answer = message.get("result").is_some() || message.get("error").is_some();
@@ -274,7 +290,7 @@ impl Waiting {
         // is not a message of the server's own (those have a `method`).
         if let (Json::Text(text), [_]) = (message, &self.0[..])
             && plainly_ok(text)
-            && memchr::memmem::find(text, b"\"method\"").is_none()
+            && KEYS.method.find(text).is_none()
         {
             self.finish_all(Outcome::Ok);
             return;
