@@ -171,8 +171,7 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         Err(err) => return err.into_response(),
     };
     let session = session_of(request.headers());
-    // One span for all of the request; its fields are written once as text, the
-    // strings as they are (no `Display` machinery).
+    // One span for all of the request: the caller's identification, the body, the core.
     let span = tracing::info_span!(
         "mcp",
         server = &*server.name,

@@ -91,7 +91,8 @@ impl Pool {
     ) -> Result<(hyper::Response<Incoming>, Lease), Error> {
         let mut request = request;
         // A kept connection the server closed meanwhile may fail before the request
-        // is written: then it goes again, once, on a new connection.
+        // is written: then it goes again on another one, and at the latest on a new
+        // connection, whose failure is the answer (the pool is bounded, so is this).
         let mut fresh = false;
         loop {
             let mut lease = match self.take() {
