@@ -419,6 +419,14 @@ async fn extras(
     show("direct, 1 ms upstream, c=64", &direct);
     show("tollgate, 1 ms upstream, c=64", &through);
     figures.insert("slow_ratio", through.cell.rps / direct.cell.rps.max(1e-9));
+    // nginx in the same cell tells what any hop costs against this upstream.
+    if let Ok(nginx) = lab.nginx(&slow.url).await {
+        let hop = bench
+            .measure(&nginx.url, Some(&nginx), Workload::Call, 64)
+            .await?;
+        show("nginx, 1 ms upstream, c=64", &hop);
+        figures.insert("slow_nginx_ratio", hop.cell.rps / direct.cell.rps.max(1e-9));
+    }
     println!();
     Ok(())
 }
@@ -559,6 +567,13 @@ const GOALS: &[Goal] = &[
         figure: |f| get(f, "slow_ratio"),
         at_most: false,
         goal: 0.95,
+        unit: "×",
+    },
+    Goal {
+        name: "1 ms upstream, c=64: nginx / direct throughput (report)",
+        figure: |f| get(f, "slow_nginx_ratio"),
+        at_most: true,
+        goal: f64::INFINITY,
         unit: "×",
     },
     Goal {
