@@ -89,7 +89,10 @@ impl HttpUpstream {
         let host = host_header(&uri).ok_or_else(|| bad("it has no host".to_owned()))?;
         let with = |pairs: &[(HeaderName, &'static str)]| {
             let mut map = HeaderMap::with_capacity(pairs.len() + own.len() + 5);
-            map.insert(header::HOST, host.clone());
+            // The server's own `Host`, if its `headers:` name one, wins (below).
+            if !own.contains_key(header::HOST) {
+                map.insert(header::HOST, host.clone());
+            }
             for (name, value) in pairs {
                 map.insert(name.clone(), HeaderValue::from_static(value));
             }
@@ -478,6 +481,34 @@ mod tests {
         let reply = call().await.unwrap();
         assert!(matches!(reply.body, Body::Json(_)));
         assert_eq!(seen.recv().await.unwrap().0, 1);
+    }
+
+    #[test]
+    fn the_host_header_is_the_urls_unless_the_server_names_its_own() {
+        let url = reqwest::Url::parse("http://127.0.0.1:9/mcp").unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(1), 1).unwrap();
+        assert_eq!(
+            upstream
+                .post
+                .get_all(header::HOST)
+                .iter()
+                .collect::<Vec<_>>(),
+            ["127.0.0.1:9"]
+        );
+        let url = reqwest::Url::parse("https://example.com:443/mcp").unwrap();
+        let upstream =
+            HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(1), 1).unwrap();
+        assert_eq!(upstream.get[header::HOST], "example.com");
+        let mut own = HeaderMap::new();
+        own.insert(header::HOST, HeaderValue::from_static("mcp.internal"));
+        let upstream = HttpUpstream::new(&url, own, Duration::from_secs(1), 1).unwrap();
+        for headers in [&upstream.post, &upstream.get, &upstream.delete] {
+            assert_eq!(
+                headers.get_all(header::HOST).iter().collect::<Vec<_>>(),
+                ["mcp.internal"]
+            );
+        }
     }
 
     #[test]
