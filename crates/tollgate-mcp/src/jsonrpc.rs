@@ -467,11 +467,6 @@ impl Message {
         self.as_value().get("params").and_then(Value::as_object)
     }
 
-    /// `params._meta`, when present.
-    pub fn meta(&self) -> Option<&Map<String, Value>> {
-        self.params()?.get("_meta").and_then(Value::as_object)
-    }
-
     /// The tool name and arguments when this is a `tools/call` request.
     pub fn tool_call(&self) -> Option<ToolCallRef<'_>> {
         let name = self.told.tool_name.as_deref()?;

@@ -39,11 +39,6 @@ pub use reload::{PolicyWatcher, ReloadReport, reload_all, watch};
 pub use state::{BuildError, LoadedPolicy, PolicyInfo, Server, Shared};
 pub use store::approvals::{Approval, Approvals, Status as ApprovalStatus};
 
-/// The proxy's router (every route of the proxy listener).
-pub fn router(state: AppState) -> axum::Router {
-    downstream::http::router(state.doors().clone())
-}
-
 use std::future::Future;
 
 use downstream::listener::{ConnectionLimits, Gate};
@@ -90,10 +85,7 @@ pub async fn serve(
             .name(format!("tollgate-lane-{}", index + 1))
             .spawn(move || -> std::io::Result<()> {
                 upstream::enter_lane(index + 1);
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
+                lane_runtime()?.block_on(async move {
                     lane.set_nonblocking(true)?;
                     let listener = tokio::net::TcpListener::from_std(lane)?;
                     let served = serve_lane(&state, listener, gate, stopped(stop), grace).await;
@@ -167,8 +159,15 @@ async fn serve_lane(
     }
 }
 
+/// A lane's runtime: current-thread, with I/O and timers ([`serve`]).
+pub fn lane_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Completes once `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 

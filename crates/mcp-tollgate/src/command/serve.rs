@@ -296,11 +296,6 @@ pub fn start_reloading(state: &AppState) -> Option<tollgate_proxy::PolicyWatcher
     watcher
 }
 
-/// Completes once `stop` turns true.
-pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
 /// How the admin listener is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminMode {
@@ -464,7 +459,7 @@ pub async fn bind_admin(
     let task = tokio::spawn(async move {
         // The record lives exactly as long as the listener.
         let _registration = registration;
-        tollgate_proxy::serve_admin(admin, admin_listener, stopped(stop)).await
+        tollgate_proxy::serve_admin(admin, admin_listener, tollgate_proxy::stopped(stop)).await
     });
     Ok(Some(AdminStarted {
         task,
@@ -529,7 +524,7 @@ pub async fn run_proxy(
         state,
         listener,
         lanes,
-        stopped(stop_rx),
+        tollgate_proxy::stopped(stop_rx),
         config.shutdown_grace,
     )
     .await;
@@ -643,7 +638,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
         // One lane per core (or `TOKIO_WORKER_THREADS`), each a thread with a
         // current-thread runtime; this thread is the first.
         tollgate_proxy::upstream::set_lanes(lane_count());
-        lane_runtime()?.block_on(run_proxy(config, policies, mode, "serve", |_| {}))
+        tollgate_proxy::lane_runtime()
+            .map_err(|e| Failure::io(e.into()))?
+            .block_on(run_proxy(config, policies, mode, "serve", |_| {}))
     })();
     finish(result)
 }
@@ -657,14 +654,6 @@ fn lane_count() -> usize {
         .filter(|n| *n > 0)
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1)
-}
-
-/// The first lane's runtime (the others are started by `tollgate_proxy::serve`).
-fn lane_runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::io(e.into()))
 }
 
 /// The proxy's listener and, with more than one lane, one more per lane on the same

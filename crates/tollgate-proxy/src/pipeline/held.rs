@@ -213,16 +213,13 @@ fn without_own_input(message: &Message) -> Option<Value> {
         .is_some_and(|r| {
             r.contains_key(QUESTION_KEY) || r.contains_key(crate::approvals::hold::PAGE_KEY)
         });
-    if own_state(message).is_none() && !own_answer {
+    let own_state = own_state(message).is_some();
+    if !own_state && !own_answer {
         return None;
     }
     let mut value = message.as_value().clone();
     let params = value.get_mut("params")?.as_object_mut()?;
-    if params
-        .get("requestState")
-        .and_then(Value::as_str)
-        .is_some_and(|s| s.starts_with(PREFIX))
-    {
+    if own_state {
         params.remove("requestState");
     }
     if let Some(Value::Object(responses)) = params.get_mut("inputResponses") {
