@@ -3,7 +3,7 @@
 //! A sliding log of call times per key, not a token bucket: `max: 10, window: 60`
 //! must never let 19 calls through in the first minute. The clock is passed in.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +26,22 @@ pub struct RateLimit {
 /// `Clone`: a slot is given back at most once.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Slot {
-    key: (Arc<str>, String),
+    key: Key,
     at: Duration,
+}
+
+/// A limit's id and the key counted under it. Shared with the slots taken, so a
+/// call on a known key allocates nothing.
+type Key = (Arc<str>, Arc<str>);
+
+/// A [`Key`] as a call has it: hashes as the key does (two strings in order).
+#[derive(Hash)]
+struct Borrowed<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<Key> for Borrowed<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *key.0 == *self.0 && *key.1 == *self.1
+    }
 }
 
 #[derive(Debug)]
@@ -39,7 +53,7 @@ struct Log {
 /// Rate-limit state for every key. Pure: time comes from the caller.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    logs: HashMap<(Arc<str>, String), Log>,
+    logs: hashbrown::HashMap<Key, Log>,
     calls_since_sweep: u32,
 }
 
@@ -63,11 +77,17 @@ impl RateLimiter {
         if self.calls_since_sweep >= SWEEP_EVERY {
             self.sweep(now);
         }
-        let map_key = (limit.id.clone(), key.to_owned());
-        let log = self.logs.entry(map_key.clone()).or_insert_with(|| Log {
-            window: limit.window,
-            times: VecDeque::new(),
-        });
+        let (map_key, log) = self
+            .logs
+            .raw_entry_mut()
+            .from_key(&Borrowed(&limit.id, key))
+            .or_insert_with(|| {
+                let log = Log {
+                    window: limit.window,
+                    times: VecDeque::new(),
+                };
+                ((limit.id.clone(), Arc::from(key)), log)
+            });
         log.window = limit.window;
         while log.times.front().is_some_and(|&t| t + limit.window <= now) {
             log.times.pop_front();
@@ -75,7 +95,7 @@ impl RateLimiter {
         if log.times.len() < limit.max as usize {
             log.times.push_back(now);
             return Ok(Slot {
-                key: map_key,
+                key: map_key.clone(),
                 at: now,
             });
         }

@@ -1,7 +1,8 @@
 //! Validation, compilation and evaluation.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -76,40 +77,37 @@ impl DenyKind {
     }
 }
 
-/// The rule that decided.
+/// The rule that decided. Made once per rule when the policy is compiled, and
+/// shared by the decisions it makes: every call's decision, audit record and metric
+/// names one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleRef {
     /// 0-based position in `rules:`.
     pub index: usize,
     /// Its `tool` pattern.
-    pub tool: String,
+    pub tool: Arc<str>,
+    label: Arc<str>,
 }
 
 impl RuleRef {
-    /// `rules[<index>] (<tool>)`, as `Display` has it, written without the
-    /// formatting machinery: every call's decision, audit record and metric names one.
-    pub fn label(&self) -> String {
-        let mut label = String::with_capacity(self.tool.len() + 16);
-        self.write_label(&mut label);
-        label
+    /// The rule at `index` of `rules:`, whose `tool` is `tool`.
+    pub fn new(index: usize, tool: &str) -> RuleRef {
+        RuleRef {
+            index,
+            tool: tool.into(),
+            label: format!("rules[{index}] ({tool})").into(),
+        }
     }
 
-    fn write_label(&self, out: &mut String) {
-        out.push_str("rules[");
-        let digits = self.index.checked_ilog10().unwrap_or(0) + 1;
-        for place in (0..digits).rev() {
-            let digit = self.index / 10usize.pow(place) % 10;
-            out.push(char::from(b'0' + digit as u8));
-        }
-        out.push_str("] (");
-        out.push_str(&self.tool);
-        out.push(')');
+    /// `rules[<index>] (<tool>)`, as `Display` has it.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rules[{}] ({})", self.index, self.tool)
+        f.write_str(&self.label)
     }
 }
 
@@ -192,6 +190,8 @@ struct Rule {
     /// 1-based line and column of its `tool:` (for warnings).
     at: (usize, usize),
     tool: String,
+    /// How decisions name it.
+    name: RuleRef,
     clients: Option<Vec<String>>,
     /// `when.claims`: each claim (by name) and the values one of which it must match.
     claims: Vec<(String, Vec<Value>)>,
@@ -210,7 +210,8 @@ pub struct Policy {
     mode: Mode,
     deny_as: DenyAs,
     rules: Vec<Rule>,
-    /// Exact tool names → indices of the rules with that name, in order.
+    /// Exact tool names → indices of the rules with that name, in order (foldhash:
+    /// a call's tool name is hashed on every call; only the policy inserts).
     exact: HashMap<String, Vec<usize>>,
     /// Glob rules, matched together; `glob_rules[i]` is the rule of glob `i`.
     globs: GlobSet,
@@ -454,9 +455,9 @@ impl Policy {
             slot: None,
             required_scopes: Vec::new(),
         };
-        let Some((index, rule)) = self
+        let Some(rule) = self
             .matching_rule(call.tool, call.client, call.claims)
-            .and_then(|i| Some((i, self.rules.get(i)?)))
+            .and_then(|i| self.rules.get(i))
         else {
             decision.reason = match self.default {
                 Action::Deny => format!(
@@ -478,19 +479,16 @@ impl Policy {
             decision.approval = (self.default == Action::RequireApproval).then(Approval::default);
             return decision;
         };
-        let rule_ref = RuleRef {
-            index,
-            tool: rule.tool.clone(),
-        };
+        let rule_ref = rule.name.clone();
         decision.action = rule.action;
         decision.reason = rule.reason.clone().unwrap_or_else(|| match rule.action {
             // The common case, once per allowed call: built without `format!`.
             Action::Allow => {
-                let mut reason = String::with_capacity(call.tool.len() + rule.tool.len() + 32);
+                let mut reason = String::with_capacity(call.tool.len() + rule_ref.label.len() + 18);
                 reason.push('`');
                 reason.push_str(call.tool);
                 reason.push_str("` is allowed by ");
-                rule_ref.write_label(&mut reason);
+                reason.push_str(&rule_ref.label);
                 reason
             }
             Action::Deny => format!("`{}` is denied by the policy", call.tool),
@@ -780,6 +778,7 @@ fn compile_rule(
     Some(Rule {
         index,
         at,
+        name: RuleRef::new(index, &doc.tool),
         tool: doc.tool,
         clients: doc.clients,
         claims,
@@ -859,10 +858,8 @@ mod tests {
     #[test]
     fn rule_labels_read_as_display_prints_them() {
         for index in [0, 7, 9, 10, 49, 100, 999, 1000, 123_456] {
-            let rule = RuleRef {
-                index,
-                tool: "describe_*".into(),
-            };
+            let rule = RuleRef::new(index, "describe_*");
+            assert_eq!(rule.label(), format!("rules[{index}] (describe_*)"));
             assert_eq!(rule.label(), rule.to_string());
         }
     }

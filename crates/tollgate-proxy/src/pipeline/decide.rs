@@ -339,7 +339,7 @@ fn record(
             tool: &permit.tool,
             decision: decision_name(decision),
             kind: decision.kind.map(|k| k.as_str()),
-            rule: &rule,
+            rule,
             reason: &decision.reason,
             mode: if audit_mode { "audit" } else { "enforce" },
             arguments_digest: digest(arguments),
@@ -351,7 +351,7 @@ fn record(
         &permit.tool,
         named_by_policy,
         decision_name(decision),
-        &rule,
+        rule,
     );
     // The audit log is the record of decisions; a line per call at INFO would cost
     // as much as the rest of the call's logging put together.
@@ -367,11 +367,11 @@ fn record(
 }
 
 /// The deciding rule as the audit log, metrics and approvals name it, or `default`.
-pub fn rule_label(decision: &Decision) -> String {
+pub fn rule_label(decision: &Decision) -> &str {
     decision
         .rule
         .as_ref()
-        .map_or_else(|| "default".to_owned(), tollgate_policy::RuleRef::label)
+        .map_or("default", tollgate_policy::RuleRef::label)
 }
 
 /// Turns a held call's decision into a refusal (approval denied, expired, or not
