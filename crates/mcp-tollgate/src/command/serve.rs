@@ -132,7 +132,8 @@ impl EscapingVisitor<'_> {
                 writer.write_char(' ')?;
             }
             if field.name() != "message" {
-                writer.write_str(field.name().trim_start_matches("r#"))?;
+                let name = field.name();
+                writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
                 writer.write_char('=')?;
             }
             value(writer)
@@ -142,11 +143,10 @@ impl EscapingVisitor<'_> {
 
 impl tracing::field::Visit for EscapingVisitor<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        // What `Debug` would print, without it, when nothing needs escaping.
-        if value
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
+        // What `Debug` would print, without it, when nothing needs escaping. Every
+        // byte is looked at (no early exit), which the compiler does many at a time.
+        let plain = |b: u8| (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\');
+        if value.bytes().fold(true, |all, b| all & plain(b)) {
             self.field(field, |w| {
                 w.write_char('"')?;
                 w.write_str(value)?;
@@ -182,7 +182,8 @@ pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
     };
     // Printable ASCII, as most fields are, needs nothing: told without decoding.
-    if text.bytes().all(|b| (0x20..0x7f).contains(&b)) || !text.chars().any(needs) {
+    let printable = text.bytes().fold(true, |all, b| all & (0x20..0x7f).contains(&b));
+    if printable || !text.chars().any(needs) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
