@@ -228,11 +228,20 @@ pub struct Audit {
     on_failure: OnAuditFailure,
 }
 
-/// The audit log and the records that may wait for the next write ([`Audit::write_soon`]).
+/// The audit log and the records that may wait for the next write ([`Audit::write_soon`],
+/// [`Audit::write_together`]).
 struct Sink {
     out: Out,
     pending: Vec<u8>,
+    /// Told whether `pending` was written, for the callers of [`Audit::write_together`]
+    /// whose records are in it.
+    waiting: Option<Arc<Written>>,
+    /// `write`s made, for tests.
+    writes: u64,
 }
+
+/// Whether a group of records was written: `None` until it has been tried.
+type Written = tokio::sync::watch::Sender<Option<bool>>;
 
 enum Out {
     File(File),
@@ -250,6 +259,9 @@ impl Sink {
     /// Writes what is pending and then `line`, in one `write`.
     fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
         let result = if self.pending.is_empty() {
+            if line.is_empty() {
+                return Ok(());
+            }
             self.out.write_all(line)
         } else {
             self.pending.extend_from_slice(line);
@@ -257,8 +269,12 @@ impl Sink {
             self.pending.clear();
             result
         };
+        self.writes += 1;
         if self.pending.capacity() > MAX_PENDING {
             self.pending = Vec::new();
+        }
+        if let Some(waiting) = self.waiting.take() {
+            waiting.send_replace(Some(result.is_ok()));
         }
         result
     }
@@ -310,6 +326,8 @@ impl Audit {
         let sink = Sink {
             out,
             pending: Vec::new(),
+            waiting: None,
+            writes: 0,
         };
         Ok(Audit {
             sink: Some(Arc::new(Mutex::new(sink))),
@@ -355,7 +373,60 @@ impl Audit {
         let Some(line) = self.line(record) else {
             return false;
         };
-        let result = sink.lock().write(&line);
+        self.write_line(sink, &line)
+    }
+
+    /// Writes one record as [`Audit::write`] does, on record when this returns, but in
+    /// one `write` with the records of the other calls that are ready on this thread:
+    /// the first one's call schedules the `write`, which runs once they have all had
+    /// their turn. Under load a `write` serves many calls; alone, a call waits one
+    /// turn of its thread's scheduler. Returns whether it was written.
+    pub async fn write_together(&self, record: &Record<'_>) -> bool {
+        let Some(sink) = &self.sink else { return true };
+        let Some(line) = self.line(record) else {
+            return false;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.write_line(sink, &line);
+        };
+        let Some(written) = self.join(sink, &runtime, &line) else {
+            return self.write_line(sink, &line);
+        };
+        let mut told = written.subscribe();
+        // The sender lives in `written` for as long as this waits.
+        let outcome = told.wait_for(Option::is_some).await.map(|ok| *ok);
+        matches!(outcome, Ok(Some(true)))
+    }
+
+    /// Adds `line` to the records that wait for the next `write`, and schedules that
+    /// `write` if nothing has yet; `None` if `line` would make too many wait.
+    fn join(
+        &self,
+        sink: &Arc<Mutex<Sink>>,
+        runtime: &tokio::runtime::Handle,
+        line: &[u8],
+    ) -> Option<Arc<Written>> {
+        let mut locked = sink.lock();
+        if locked.pending.len() + line.len() > MAX_PENDING {
+            return None;
+        }
+        locked.pending.extend_from_slice(line);
+        if let Some(written) = &locked.waiting {
+            return Some(written.clone());
+        }
+        let written = Arc::new(Written::new(None));
+        locked.waiting = Some(written.clone());
+        let (sink, failures) = (sink.clone(), self.failures.clone());
+        // Spawned behind the tasks already ready: they add their records first.
+        runtime.spawn(async move {
+            let result = sink.lock().write(&[]);
+            record_failure(&failures, result);
+        });
+        Some(written)
+    }
+
+    fn write_line(&self, sink: &Mutex<Sink>, line: &[u8]) -> bool {
+        let result = sink.lock().write(line);
         self.written(result)
     }
 
@@ -618,6 +689,63 @@ mod tests {
             .on_failure(OnAuditFailure::Continue);
         assert!(!lenient.refuses_unrecorded());
         assert!(Audit::disabled().write(&record));
+    }
+
+    #[tokio::test]
+    async fn decisions_ready_together_share_one_write_and_are_on_record_when_it_returns() {
+        let dir = std::env::temp_dir().join(format!("tollgate-audit-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let audit = Arc::new(Audit::open(path.to_str().unwrap(), false).unwrap());
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        fn outcome(call_id: &str) -> Record<'_> {
+            Record::Outcome {
+                call_id,
+                server: "s",
+                tool: "t",
+                upstream_latency_ms: 1.0,
+                outcome: "ok",
+                code: None,
+            }
+        }
+        // Twenty calls ready at once (one thread): each returns with its record written.
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let (audit, path) = (audit.clone(), path.clone());
+                tokio::spawn(async move {
+                    let call_id = format!("call-{i}");
+                    assert!(audit.write_together(&outcome(&call_id)).await);
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    assert!(
+                        text.contains(&format!("\"call_id\":\"{call_id}\"")),
+                        "{text}"
+                    );
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert_eq!(lines(), 20);
+        let writes = || audit.sink.as_ref().unwrap().lock().writes;
+        assert_eq!(writes(), 1, "one write for the twenty");
+        // Alone, a record is written as soon as its turn comes.
+        assert!(audit.write_together(&outcome("alone")).await);
+        assert_eq!((lines(), writes()), (21, 2));
+        // A failed write is told to every call in it.
+        let full = Arc::new(Audit::open("/dev/full", false).unwrap());
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let full = full.clone();
+                tokio::spawn(async move { full.write_together(&outcome("x")).await })
+            })
+            .collect();
+        for call in calls {
+            assert!(!call.await.unwrap());
+        }
+        assert_eq!(full.failures(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -182,7 +182,9 @@ pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
     };
     // Printable ASCII, as most fields are, needs nothing: told without decoding.
-    let printable = text.bytes().fold(true, |all, b| all & (0x20..0x7f).contains(&b));
+    let printable = text
+        .bytes()
+        .fold(true, |all, b| all & (0x20..0x7f).contains(&b));
     if printable || !text.chars().any(needs) {
         return std::borrow::Cow::Borrowed(text);
     }

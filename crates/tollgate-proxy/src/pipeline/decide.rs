@@ -266,7 +266,8 @@ async fn enforce(
         arguments,
         audit_mode,
         policy.names_tool(tool),
-    );
+    )
+    .await;
     let goes_on = audit_mode || decision.action != Action::Deny;
     if !recorded && goes_on && shared.audit.refuses_unrecorded() {
         // `audit.on_failure: refuse`: what cannot be recorded does not happen. The
@@ -315,7 +316,7 @@ async fn enforce(
 }
 
 /// The decision's audit record, metric and log line; whether the record was written.
-fn record(
+async fn record(
     ctx: &Context,
     decision: &Decision,
     permit: &Permit,
@@ -328,24 +329,27 @@ fn record(
     let rule = rule_label(decision);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
     let recorded = !shared.audit.enabled()
-        || shared.audit.write(&Record::Decision {
-            call_id: &permit.call_id,
-            server: &ctx.server.name,
-            client: ctx.caller.client.as_deref(),
-            user: identity.map(|id| &*id.user),
-            client_id: identity.and_then(|id| id.client_id.as_deref()),
-            jti: identity.and_then(|id| id.jti.as_deref()),
-            session: ctx.session.as_ref().map(|s| &*s.id),
-            tool: &permit.tool,
-            decision: decision_name(decision),
-            kind: decision.kind.map(|k| k.as_str()),
-            rule,
-            reason: &decision.reason,
-            mode: if audit_mode { "audit" } else { "enforce" },
-            arguments_digest: digest(arguments),
-            arguments: shared.audit.includes_arguments().then_some(arguments),
-            failing_path: decision.failing_path.as_deref(),
-        });
+        || shared
+            .audit
+            .write_together(&Record::Decision {
+                call_id: &permit.call_id,
+                server: &ctx.server.name,
+                client: ctx.caller.client.as_deref(),
+                user: identity.map(|id| &*id.user),
+                client_id: identity.and_then(|id| id.client_id.as_deref()),
+                jti: identity.and_then(|id| id.jti.as_deref()),
+                session: ctx.session.as_ref().map(|s| &*s.id),
+                tool: &permit.tool,
+                decision: decision_name(decision),
+                kind: decision.kind.map(|k| k.as_str()),
+                rule,
+                reason: &decision.reason,
+                mode: if audit_mode { "audit" } else { "enforce" },
+                arguments_digest: digest(arguments),
+                arguments: shared.audit.includes_arguments().then_some(arguments),
+                failing_path: decision.failing_path.as_deref(),
+            })
+            .await;
     shared.metrics.decision(
         &ctx.server.name,
         &permit.tool,
