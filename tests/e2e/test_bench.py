@@ -1,9 +1,11 @@
 """The benchmark harness keeps working (a smoke run; numbers are not asserted:
 speed is measured by scripts/bench and recorded in docs/benchmarks.md)."""
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,35 @@ def test_the_redis_backend_costs_one_round_trip_per_rate_limited_call():
         # One script per call on the hot path; opening a session and refreshing its
         # expiry are the rest.
         assert 0.99 <= trips <= 1.05, out.stdout
+
+
+def syscalls(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "callgrind"), TOLLGATE, "--calls", "300", "--syscalls", *args],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["failed"] == 0, figures
+    return figures
+
+
+def test_a_call_costs_the_system_calls_of_two_exchanges_and_no_more():
+    """A proxied call reads and writes each side once and waits twice, as nginx does. A
+    lane never wakes its own driver: per call that was an eventfd write and one more
+    epoll_wait, when the next request's header timeout came before the driver's planned
+    wake-up (the upstream timeout)."""
+    if not shutil.which("strace"):
+        pytest.fail("strace is not installed (tests/run installs it: apt-get install strace)")
+    for args in [(), ("--sse", "--era", "handshake")]:
+        figures = syscalls(*args)
+        by_name = figures["by_name"]
+        # None per call (a stray one in the run, from a background task, may be).
+        assert by_name.get("write", 0) < 0.05, figures
+        assert by_name["recvfrom"] == by_name["writev"] == 2.0, figures
+        # The lanes' one-second tick may add a wait or two over the run.
+        assert by_name["epoll_wait"] <= 2.05, figures
+    # With an audit log, about one write per call: the decision, with the outcomes of
+    # earlier calls (no timer per outcome, no wake-up for it).
+    figures = syscalls("--audit")
+    assert figures["by_name"]["write"] <= 1.1, figures

@@ -236,6 +236,8 @@ struct Sink {
     /// Told whether `pending` was written, for the callers of [`Audit::write_together`]
     /// whose records are in it.
     waiting: Option<Arc<Written>>,
+    /// Whether a task will write what waits within [`SOON`].
+    timer_armed: bool,
     /// `write`s made, for tests.
     writes: u64,
 }
@@ -327,6 +329,7 @@ impl Audit {
             out,
             pending: Vec::new(),
             waiting: None,
+            timer_armed: false,
             writes: 0,
         };
         Ok(Audit {
@@ -440,7 +443,6 @@ impl Audit {
         };
         let runtime = tokio::runtime::Handle::try_current();
         let mut locked = sink.lock();
-        let first = locked.pending.is_empty();
         if runtime.is_err() || locked.pending.len() + line.len() > MAX_PENDING {
             let result = locked.write(&line);
             drop(locked);
@@ -448,13 +450,19 @@ impl Audit {
             return;
         }
         locked.pending.extend_from_slice(&line);
+        let arm = !std::mem::replace(&mut locked.timer_armed, true);
         drop(locked);
-        if let (true, Ok(runtime)) = (first, runtime) {
-            // One timer for everything that waits: whoever writes first takes it all.
+        if let (true, Ok(runtime)) = (arm, runtime) {
+            // One timer at a time for everything that waits (whoever writes first
+            // takes it all): under load a timer per outcome would cost a task, and a
+            // wake-up of the lane's driver, per call.
             let (sink, failures) = (sink.clone(), self.failures.clone());
             runtime.spawn(async move {
                 tokio::time::sleep(SOON).await;
-                let result = sink.lock().write(&[]);
+                let mut locked = sink.lock();
+                locked.timer_armed = false;
+                let result = locked.write(&[]);
+                drop(locked);
                 record_failure(&failures, result);
             });
         }

@@ -152,10 +152,26 @@ async fn serve_lane(
     };
     tokio::select! {
         result = server => result,
+        () = tick() => Ok(()),
         () = deadline => {
             tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the grace period; exiting");
             Ok(())
         }
+    }
+}
+
+/// Never ends: ticks once a second. tokio wakes its own I/O driver (an `eventfd`
+/// write, then one more `epoll_wait`) whenever a timer is set to fire before the
+/// driver's planned wake-up, and without this every call would: while a call waits
+/// for its upstream, the upstream timeout is the lane's earliest timer, and the next
+/// request's header timeout, set once the answer is written, comes before it. With
+/// a tick the planned wake-up is never more than a second away, sooner than any
+/// per-call timer, so setting those wakes nothing.
+async fn tick() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
