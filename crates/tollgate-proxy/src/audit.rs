@@ -234,8 +234,8 @@ struct Sink {
     out: Out,
     pending: Vec<u8>,
     /// Told whether `pending` was written, for the callers of [`Audit::write_together`]
-    /// whose records are in it.
-    waiting: Option<Arc<Written>>,
+    /// whose records are in it, with the thread (lane) whose task will write it.
+    waiting: Option<(std::thread::ThreadId, Arc<Written>)>,
     /// Whether a task will write what waits within [`SOON`].
     timer_armed: bool,
     /// `write`s made, for tests.
@@ -275,7 +275,7 @@ impl Sink {
         if self.pending.capacity() > MAX_PENDING {
             self.pending = Vec::new();
         }
-        if let Some(waiting) = self.waiting.take() {
+        if let Some((_, waiting)) = self.waiting.take() {
             waiting.send_replace(Some(result.is_ok()));
         }
         result
@@ -402,23 +402,30 @@ impl Audit {
     }
 
     /// Adds `line` to the records that wait for the next `write`, and schedules that
-    /// `write` if nothing has yet; `None` if `line` would make too many wait.
+    /// `write` if nothing has yet; `None` if `line` must be written now: it would make
+    /// too many wait, or the `write` is scheduled on another lane, whose turn this
+    /// lane does not wait for (writing now takes that lane's records too).
     fn join(
         &self,
         sink: &Arc<Mutex<Sink>>,
         runtime: &tokio::runtime::Handle,
         line: &[u8],
     ) -> Option<Arc<Written>> {
+        let here = std::thread::current().id();
         let mut locked = sink.lock();
-        if locked.pending.len() + line.len() > MAX_PENDING {
-            return None;
+        match &locked.waiting {
+            _ if locked.pending.len() + line.len() > MAX_PENDING => return None,
+            Some((there, _)) if *there != here => return None,
+            Some((_, written)) => {
+                let written = written.clone();
+                locked.pending.extend_from_slice(line);
+                return Some(written);
+            }
+            None => {}
         }
         locked.pending.extend_from_slice(line);
-        if let Some(written) = &locked.waiting {
-            return Some(written.clone());
-        }
         let written = Arc::new(Written::new(None));
-        locked.waiting = Some(written.clone());
+        locked.waiting = Some((here, written.clone()));
         let (sink, failures) = (sink.clone(), self.failures.clone());
         // Spawned behind the tasks already ready: they add their records first.
         runtime.spawn(async move {
@@ -614,6 +621,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     #[test]
     fn the_canonical_digest_ignores_key_order_and_nothing_else() {
@@ -699,24 +707,31 @@ mod tests {
         assert!(Audit::disabled().write(&record));
     }
 
-    #[tokio::test]
-    async fn decisions_ready_together_share_one_write_and_are_on_record_when_it_returns() {
-        let dir = std::env::temp_dir().join(format!("tollgate-audit-group-{}", std::process::id()));
+    /// An empty audit log file in a directory of its own (removed by the test).
+    fn scratch(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
+    fn outcome(call_id: &str) -> Record<'_> {
+        Record::Outcome {
+            call_id,
+            server: "s",
+            tool: "t",
+            upstream_latency_ms: 1.0,
+            outcome: "ok",
+            code: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn decisions_ready_together_share_one_write_and_are_on_record_when_it_returns() {
+        let (dir, path) = scratch("audit-group");
         let audit = Arc::new(Audit::open(path.to_str().unwrap(), false).unwrap());
         let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
-        fn outcome(call_id: &str) -> Record<'_> {
-            Record::Outcome {
-                call_id,
-                server: "s",
-                tool: "t",
-                upstream_latency_ms: 1.0,
-                outcome: "ok",
-                code: None,
-            }
-        }
         // Twenty calls ready at once (one thread): each returns with its record written.
         let calls: Vec<_> = (0..20)
             .map(|i| {
@@ -756,21 +771,53 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[test]
+    fn a_lane_does_not_wait_for_a_write_scheduled_on_another() {
+        let (dir, path) = scratch("audit-lanes");
+        let audit = Arc::new(Audit::open(path.to_str().unwrap(), false).unwrap());
+        let lane = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (joined_tx, joined) = std::sync::mpsc::channel();
+        let (written_tx, written) = std::sync::mpsc::channel();
+        let busy = {
+            let audit = audit.clone();
+            std::thread::spawn(move || {
+                lane().block_on(async move {
+                    let record = outcome("a");
+                    let mut call = std::pin::pin!(audit.write_together(&record));
+                    // Its record waits; the write is scheduled on this lane, which is
+                    // now busy (blocked) until the other lane has written.
+                    assert!(futures::poll!(call.as_mut()).is_pending());
+                    joined_tx.send(()).unwrap();
+                    written.recv_timeout(Duration::from_secs(10)).unwrap();
+                    assert!(call.await, "written by the other lane");
+                });
+            })
+        };
+        joined.recv_timeout(Duration::from_secs(10)).unwrap();
+        let other = lane().block_on(async {
+            let record = outcome("b");
+            tokio::time::timeout(Duration::from_secs(5), audit.write_together(&record)).await
+        });
+        assert_eq!(other, Ok(true), "the other lane wrote at once");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"call_id\":\"a\"") && text.contains("\"call_id\":\"b\""),
+            "{text}"
+        );
+        written_tx.send(()).unwrap();
+        busy.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test]
     async fn an_outcome_goes_out_with_the_next_record_or_within_50_ms() {
-        let dir = std::env::temp_dir().join(format!("tollgate-audit-soon-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("audit.jsonl");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = scratch("audit-soon");
         let audit = Audit::open(path.to_str().unwrap(), false).unwrap();
-        let outcome = |call_id| Record::Outcome {
-            call_id,
-            server: "s",
-            tool: "t",
-            upstream_latency_ms: 1.0,
-            outcome: "ok",
-            code: None,
-        };
         let events = || -> Vec<String> {
             std::fs::read_to_string(&path)
                 .unwrap()
