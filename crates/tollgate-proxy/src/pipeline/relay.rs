@@ -233,10 +233,12 @@ fn filter_text(
     }
     // The kept tools' own text between what came before the first tool and after the
     // last (the `[` and `]` and everything else of the answer).
-    let at =
-        |raw: &serde_json::value::RawValue| raw.get().as_ptr() as usize - text.as_ptr() as usize;
+    // (Borrowed from `text`, so each starts inside it.)
+    let at = |raw: &serde_json::value::RawValue| {
+        (raw.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize)
+    };
     let (first, last) = (tools.first()?, tools.last()?);
-    let (start, end) = (at(first), at(last) + last.get().len());
+    let (start, end) = (at(first)?, at(last)? + last.get().len());
     let mut out = Vec::with_capacity(text.len());
     out.extend_from_slice(text.get(..start)?);
     for (i, tool) in kept.iter().enumerate() {
