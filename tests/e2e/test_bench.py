@@ -103,12 +103,12 @@ def test_a_call_costs_the_system_calls_of_two_exchanges_and_no_more():
         by_name = figures["by_name"]
         # None per call (a stray one in the run, from a background task, may be).
         assert by_name.get("write", 0) < 0.05, figures
-        # Two each; on a busy machine a few answers arrive in two segments and take
-        # a second read (and a wait) now and then, never once per call.
-        assert 2.0 <= by_name["recvfrom"] <= 2.1, figures
-        assert 2.0 <= by_name["writev"] <= 2.1, figures
+        # Two each. (The script sends a request's head and body in one `send`, as wrk
+        # does: sent apart, a busy machine woke Tollgate between them now and then.)
+        assert 2.0 <= by_name["recvfrom"] <= 2.05, figures
+        assert by_name["writev"] == 2.0, figures
         # The lanes' one-second tick adds a wait or two over the run.
-        assert by_name["epoll_wait"] <= 2.15, figures
+        assert by_name["epoll_wait"] <= 2.05, figures
     # With an audit log, about one write per call: the decision, with the outcomes of
     # earlier calls (no timer per outcome, no wake-up for it).
     figures = syscalls("--audit")
