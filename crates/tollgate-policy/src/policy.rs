@@ -185,13 +185,11 @@ impl Decision {
 
 #[derive(Debug)]
 struct Rule {
-    /// Position in the file's `rules:` (compiled rules skip none, but errors need it).
-    index: usize,
+    /// Its position in the file's `rules:` (compiled rules skip none, but errors need
+    /// it) and `tool` pattern, as decisions name them.
+    name: RuleRef,
     /// 1-based line and column of its `tool:` (for warnings).
     at: (usize, usize),
-    tool: String,
-    /// How decisions name it.
-    name: RuleRef,
     clients: Option<Vec<String>>,
     /// `when.claims`: each claim (by name) and the values one of which it must match.
     claims: Vec<(String, Vec<Value>)>,
@@ -289,8 +287,8 @@ impl Policy {
         let mut globs = GlobSetBuilder::new();
         let mut glob_rules = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            if is_glob(&rule.tool) {
-                match GlobBuilder::new(&rule.tool)
+            if is_glob(&rule.name.tool) {
+                match GlobBuilder::new(&rule.name.tool)
                     .literal_separator(false)
                     .build()
                 {
@@ -299,21 +297,24 @@ impl Policy {
                         glob_rules.push(index);
                     }
                     Err(err) => {
-                        let span = spans.as_ref().and_then(|s| s.get(rule.index).copied());
+                        let span = spans.as_ref().and_then(|s| s.get(rule.name.index).copied());
                         check.at(
                             span,
                             "tool",
                             format!(
                                 "rules[{}].tool: `{}` is not a valid glob: {}",
-                                rule.index,
-                                rule.tool,
+                                rule.name.index,
+                                rule.name.tool,
                                 err.kind()
                             ),
                         );
                     }
                 }
             } else {
-                exact.entry(rule.tool.clone()).or_default().push(index);
+                exact
+                    .entry(rule.name.tool.to_string())
+                    .or_default()
+                    .push(index);
             }
         }
         let globs = match globs.build() {
@@ -607,7 +608,7 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
     let shapes: Vec<crate::shadow::Shape<'_>> = rules
         .iter()
         .map(|rule| crate::shadow::Shape {
-            tool: &rule.tool,
+            tool: &rule.name.tool,
             clients: rule.clients.as_deref(),
             conditional: !rule.claims.is_empty(),
         })
@@ -619,7 +620,7 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
             let arguments = if by.arguments.is_some() {
                 format!(
                     " (a call failing rules[{}]'s `arguments` is denied there, not passed on)",
-                    by.index
+                    by.name.index
                 )
             } else {
                 String::new()
@@ -630,7 +631,7 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
                 column: later.at.1,
                 message: format!(
                     "rules[{}] (`{}`) can never decide: rules[{}] (`{}`) at {origin}:{}:{} comes first and matches every call it matches{arguments}; remove it or move it above",
-                    later.index, later.tool, by.index, by.tool, by.at.0, by.at.1
+                    later.name.index, later.name.tool, by.name.index, by.name.tool, by.at.0, by.at.1
                 ),
             })
         })
@@ -776,10 +777,8 @@ fn compile_rule(
         .and_then(|s| yaml::find_key(check.source, s, "tool").or(Some((s.start + 1, 1))))
         .unwrap_or((1, 1));
     Some(Rule {
-        index,
-        at,
         name: RuleRef::new(index, &doc.tool),
-        tool: doc.tool,
+        at,
         clients: doc.clients,
         claims,
         scopes,
