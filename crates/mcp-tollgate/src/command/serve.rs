@@ -143,10 +143,10 @@ impl EscapingVisitor<'_> {
 
 impl tracing::field::Visit for EscapingVisitor<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        // What `Debug` would print, without it, when nothing needs escaping. Every
-        // byte is looked at (no early exit), which the compiler does many at a time.
-        let plain = |b: u8| (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\');
-        if value.bytes().fold(true, |all, b| all & plain(b)) {
+        // What `Debug` would print, without it, when nothing needs escaping.
+        if every_byte(value, |b| {
+            (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+        }) {
             self.field(field, |w| {
                 w.write_char('"')?;
                 w.write_str(value)?;
@@ -173,6 +173,12 @@ impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
     }
 }
 
+/// Whether every byte of `text` is `plain`. Each is looked at (no early exit), which
+/// the compiler does many at a time: log fields are short and almost always plain.
+fn every_byte(text: &str, plain: impl Fn(u8) -> bool) -> bool {
+    text.bytes().fold(true, |all, b| all & plain(b))
+}
+
 /// Escapes what must not reach a text log raw: control characters (`\n` `\r` `\t`
 /// as such, others as `\x1b`, `\u{85}`), and bidi and invisible characters that
 /// reorder or hide text (`\u{202e}`). Everything else is kept.
@@ -182,10 +188,7 @@ pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
     };
     // Printable ASCII, as most fields are, needs nothing: told without decoding.
-    let printable = text
-        .bytes()
-        .fold(true, |all, b| all & (0x20..0x7f).contains(&b));
-    if printable || !text.chars().any(needs) {
+    if every_byte(text, |b| (0x20..0x7f).contains(&b)) || !text.chars().any(needs) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
