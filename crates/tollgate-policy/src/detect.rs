@@ -142,7 +142,7 @@ impl Detector {
 
     /// A custom detector; the error says what is wrong with the pattern.
     pub(crate) fn custom(name: &str, pattern: &str) -> Result<Detector, String> {
-        let hir = regex_syntax::parse(pattern).map_err(|err| one_line(&err.to_string()))?;
+        let hir = regex_syntax::parse(pattern).map_err(|err| syntax_error(pattern, &err))?;
         if hir.properties().minimum_len() == Some(0) {
             return Err("it can match empty text; a detector must match at least one character (use `+` rather than `*`)".to_owned());
         }
@@ -203,6 +203,20 @@ fn next_char(hay: &str, at: usize) -> usize {
     hay.get(at..)
         .and_then(|rest| rest.chars().next())
         .map_or(hay.len() + 1, |c| at + c.len_utf8())
+}
+
+/// What is wrong with a pattern, and where (its caret picture needs several lines).
+fn syntax_error(pattern: &str, err: &regex_syntax::Error) -> String {
+    let (kind, offset) = match err {
+        regex_syntax::Error::Parse(e) => (e.kind().to_string(), e.span().start.offset),
+        regex_syntax::Error::Translate(e) => (e.kind().to_string(), e.span().start.offset),
+        other => return one_line(&other.to_string()),
+    };
+    let at = pattern
+        .get(..offset)
+        .map_or(0, |before| before.chars().count())
+        + 1;
+    format!("{kind} (at character {at} of `{}`)", pattern.escape_debug())
 }
 
 /// A regex error's message on one line (its multi-line form points with `^`).

@@ -198,12 +198,13 @@ impl Results {
     }
 }
 
-impl ResultRules<'_> {
+impl<'p> ResultRules<'p> {
     /// The applying entries, in file order, for `tollgate explain`.
-    pub fn entries(&self) -> impl Iterator<Item = &ResultEntryInfo> {
+    pub fn entries(&self) -> impl Iterator<Item = &'p ResultEntryInfo> + '_ {
+        let results: &'p Results = self.results;
         self.applying
             .iter()
-            .filter_map(|&index| self.results.entries.get(index))
+            .filter_map(move |&index| results.entries.get(index))
             .map(|entry| &entry.info)
     }
 
