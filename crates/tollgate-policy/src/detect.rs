@@ -32,12 +32,15 @@ const BUILT_INS: &[(&str, &str, Check)] = &[
         Check::None,
     ),
     (
-        // A PEM block, whole: up to its END line, else (cut off) as far as its body goes.
+        // A PEM block, whole: its body (base64, blank lines, `Proc-Type:`/`DEK-Info:`
+        // headers, `\n` escapes) and its END line; cut off, as far as the body goes. The
+        // body cannot run into `-----`, so a search never reads past a block's end looking
+        // for an END line (which would make many BEGIN lines without one quadratic).
         "private_key",
         concat!(
             "-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
-            "(?:(?s:.*?)-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
-            r"|[A-Za-z0-9+/=\s:,\\-]*)"
+            r"(?:[A-Za-z0-9+/=\s:,\\.]|-[A-Za-z0-9])*",
+            "(?:-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----)?"
         ),
         Check::None,
     ),
@@ -473,6 +476,9 @@ mod tests {
         // Cut off: the body as far as it goes.
         let cut = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg+kqhkiG9w0=\n";
         assert_eq!(found("private_key", &format!("{cut}\"}}")), [cut]);
+        // Encrypted (legacy OpenSSL headers).
+        let encrypted = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----";
+        assert_eq!(found("private_key", encrypted), [encrypted]);
         // As JSON-escaped text inside a string.
         let escaped = r"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----";
         assert_eq!(found("private_key", escaped), [escaped]);
