@@ -418,9 +418,15 @@ impl Shared {
             http,
             children,
             epoch: Instant::now(),
-            approvals: match &remote {
-                Some(remote) => Approvals::shared(remote.clone()),
-                None => Arc::new(Approvals::new()),
+            approvals: {
+                let approvals = match &remote {
+                    Some(remote) => Approvals::shared(remote.clone()),
+                    None => Arc::new(Approvals::new()),
+                };
+                if let Some(bytes) = config.approvals.as_ref().and_then(|a| a.bytes_per_client) {
+                    approvals.set_bytes_per_principal(bytes);
+                }
+                approvals
             },
             tasks: match &remote {
                 Some(remote) => Tasks::shared(remote.clone()),
