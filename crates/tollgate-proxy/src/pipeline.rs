@@ -12,6 +12,9 @@
 //! 6. [`relay`]: the upstream's answer on its way back (`tools/list` filtered);
 //! 7. [`batch`]: the same, message by message, for a JSON-RPC batch.
 //!
+//! [`tasks`] binds MCP tasks to their caller: before `decide` a `tasks/*` request
+//! for another caller's task is answered, after `relay` a created task is recorded.
+//!
 //! Front doors authenticate and decode once, then call [`Core::handle`]; nothing
 //! here knows which door a message came through or which transport an upstream uses.
 
@@ -23,6 +26,7 @@ pub mod held;
 pub mod inbound;
 pub mod relay;
 pub mod session;
+pub mod tasks;
 
 use std::sync::Arc;
 
@@ -78,6 +82,9 @@ impl Core {
         if held::withdraw(&ctx, &message) {
             return Ok(Answer::accepted());
         }
+        if let Some(answer) = tasks::check(&ctx, &message).await? {
+            return Ok(answer);
+        }
         let permit = match decide::decide(&ctx, &message).await? {
             decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
@@ -85,7 +92,8 @@ impl Core {
         };
         let payload = crate::upstream::Payload::of(&message);
         let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
-        relay::answer(&ctx, &message, decoded.initialize, reply).await
+        let answer = relay::answer(&ctx, &message, decoded.initialize, reply).await?;
+        tasks::relayed(&ctx, &message, answer).await
     }
 
     /// Opens a handshake-era session's server-to-client stream.
@@ -108,7 +116,7 @@ impl Core {
             Era::Handshake,
             forwarded,
         );
-        call::listen(&ctx).await
+        Ok(tasks::streamed(&ctx, call::listen(&ctx).await?))
     }
 
     /// Ends a handshake-era session, here and upstream.

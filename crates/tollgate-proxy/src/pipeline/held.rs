@@ -13,7 +13,7 @@ use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 
 use super::context::{Answer, Context};
 use super::decide::{Held, deny, refusal, rule_label};
-use super::{call, relay};
+use super::{call, relay, tasks};
 use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
 use crate::approvals::state::PREFIX;
 use crate::audit::canonical_digest;
@@ -170,7 +170,10 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
                 None => Payload::of(&message),
             };
             let answer = match call::forward(&ctx, payload, vec![permit]).await {
-                Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
+                Ok(reply) => match relay::answer(&ctx, &message, false, reply).await {
+                    Ok(answer) => tasks::relayed(&ctx, &message, answer).await,
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err),
             };
             match answer {
