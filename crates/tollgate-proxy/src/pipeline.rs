@@ -9,8 +9,11 @@
 //! 4. [`held`]: a held call waits for a human (in `approvals`), then goes on;
 //! 5. [`call`]: the one routine that forwards and accounts for every call, single,
 //!    batched or approved;
-//! 6. [`relay`]: the upstream's answer on its way back (`tools/list` filtered);
-//! 7. [`batch`]: the same, message by message, for a JSON-RPC batch.
+//! 6. [`respond`]: the response stages every message of the answer passes (the
+//!    upstream's `dev.tollgate/*` markers removed, `tools/list` filtered, results
+//!    checked against the policy's `results` rules, each call's outcome recorded);
+//! 7. [`relay`]: the answer on its way back to the client;
+//! 8. [`batch`]: the same, message by message, for a JSON-RPC batch.
 //!
 //! Front doors authenticate and decode once, then call [`Core::handle`]; nothing
 //! here knows which door a message came through or which transport an upstream uses.
@@ -22,6 +25,7 @@ pub mod decide;
 pub mod held;
 pub mod inbound;
 pub mod relay;
+pub mod respond;
 pub mod session;
 
 use std::sync::Arc;
@@ -84,7 +88,8 @@ impl Core {
             decide::Verdict::Forward(permit) => permit,
         };
         let payload = crate::upstream::Payload::of(&message);
-        let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
+        let chain = respond::Chain::for_message(&ctx, &message, permit);
+        let reply = call::forward(&ctx, payload, chain).await?;
         relay::answer(&ctx, &message, decoded.initialize, reply).await
     }
 

@@ -83,17 +83,6 @@ impl Outcome {
         }
     }
 
-    /// What an upstream's answer to a call says: a result, a failed tool, an error.
-    pub fn of_answer(answer: &Value) -> Outcome {
-        if let Some(error) = answer.get("error") {
-            return Outcome::RpcError(error.get("code").and_then(Value::as_i64).unwrap_or(0));
-        }
-        match answer.pointer("/result/isError") {
-            Some(Value::Bool(true)) => Outcome::ToolError,
-            _ => Outcome::Ok,
-        }
-    }
-
     /// Whether the call left Tollgate, so that its slot stays spent.
     fn reached_upstream(self) -> bool {
         !matches!(self, Outcome::Unreachable | Outcome::AtCapacity)
