@@ -21,6 +21,7 @@
 
 pub mod account;
 pub mod markers;
+pub mod results;
 pub mod tools;
 
 use std::pin::Pin;

@@ -6,7 +6,10 @@
 
 use tollgate_mcp::Answered;
 
+use serde_json::Value;
+
 use super::Frame;
+use super::results::Results;
 use crate::pipeline::context::Context;
 use crate::pipeline::decide::{Outcome, Permit};
 use crate::upstream::Failure;
@@ -36,12 +39,27 @@ fn outcome_of(answered: Answered) -> Outcome {
 pub struct Waiting {
     /// Each call, and whether `results` rules apply to its result.
     permits: Vec<(Permit, bool)>,
+    /// The `results` rules, when some apply to one of the calls.
+    results: Option<Results>,
 }
 
 impl Waiting {
-    pub(super) fn new(_ctx: &Context, permits: Vec<Permit>) -> Waiting {
-        let permits = permits.into_iter().map(|permit| (permit, false)).collect();
-        Waiting { permits }
+    pub(super) fn new(ctx: &Context, permits: Vec<Permit>) -> Waiting {
+        // Only a policy with `results` entries is asked about each call's tool.
+        let results = if permits.is_empty() {
+            None
+        } else {
+            Results::of(ctx)
+        };
+        let permits: Vec<(Permit, bool)> = permits
+            .into_iter()
+            .map(|permit| {
+                let ruled = results.as_ref().is_some_and(|r| r.apply_to(permit.tool()));
+                (permit, ruled)
+            })
+            .collect();
+        let results = results.filter(|_| permits.iter().any(|(_, ruled)| *ruled));
+        Waiting { permits, results }
     }
 
     /// No calls (an answer that carries none, in tests).
@@ -49,6 +67,7 @@ impl Waiting {
     pub(super) fn none() -> Waiting {
         Waiting {
             permits: Vec::new(),
+            results: None,
         }
     }
 
@@ -77,6 +96,9 @@ impl Waiting {
         if self.permits.is_empty() {
             return;
         }
+        if self.results.is_some() {
+            return self.note_ruled(frame, lone);
+        }
         // A lone call's answer told without parsing: a plain result that, in a stream,
         // is not a message of the server's own (those have a `method`).
         if let (Some(text), [_]) = (frame.text(), &self.permits[..])
@@ -103,6 +125,47 @@ impl Waiting {
                 self.permits.swap_remove(at).0.finish(outcome_of(answered));
             }
         }
+    }
+
+    /// [`Waiting::note`] when a call's result is to be checked: the frame is parsed,
+    /// each ruled call's result scanned (and changed), and every call's answer read.
+    fn note_ruled(&mut self, frame: &mut Frame, lone: bool) {
+        let (permits, results) = (&mut self.permits, &self.results);
+        frame.edit(|value| {
+            let lone = lone && permits.len() == 1 && !value.is_array();
+            let messages: Vec<&mut Value> = match value {
+                Value::Array(items) => items.iter_mut().collect(),
+                single => vec![single],
+            };
+            let mut changed = false;
+            for message in messages {
+                let Some(answered) = tollgate_mcp::answered(message) else {
+                    continue;
+                };
+                let at = if lone {
+                    Some(0)
+                } else {
+                    let id = message.get("id").unwrap_or(&Value::Null);
+                    permits.iter().position(|(p, _)| p.request_id() == id)
+                };
+                let Some((mut permit, ruled)) = at.map(|at| permits.swap_remove(at)) else {
+                    continue;
+                };
+                let mut outcome = outcome_of(answered);
+                if let (true, Some(results), Some(result)) =
+                    (ruled, results, message.get_mut("result"))
+                    && let Some(verdict) = results.apply(permit.tool(), result)
+                {
+                    changed |= verdict.changed;
+                    if verdict.blocked.is_some() {
+                        outcome = Outcome::ResultBlocked;
+                    }
+                    permit.redacted(verdict.redactions);
+                }
+                permit.finish(outcome);
+            }
+            ((), changed)
+        });
     }
 
     /// Finishes every call still waiting with `outcome`.

@@ -1,0 +1,171 @@
+"""Result rules (SPEC §9) and Tollgate's own markers, end to end: an upstream written
+with the official Python SDK returns secrets and patient identifiers, answered as JSON
+and as SSE, in text, structured and embedded-resource content; the SDK's client reads
+them through Tollgate."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+from mcp import Client
+
+from conftest import HERE, PYTHON, Proc, free_port, start_tollgate, wait_port
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "results-admin-token-0123456789"
+ADMIN = f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+AWS_KEY = "AKIA2Z3X4C5V6B7N2M3Q"
+PEM_LINE = "MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu"
+SSN = "123-45-6789"
+MRN = "MRN-12345678"
+SECRETS = [AWS_KEY, PEM_LINE, "BEGIN RSA PRIVATE KEY", SSN, MRN]
+
+POLICY = """\
+version: 1
+default: allow
+rules:
+  - tool: read_config
+    action: allow
+    rate_limit: {max: 1, window: 1h, per: global}
+results:
+  - tool: "read_*"
+    redact: [aws_access_key, private_key, us_ssn, {name: mrn, pattern: "MRN-[0-9]{8}"}]
+  - tool: read_config
+    block: [private_key]
+"""
+
+
+def start_secrets(procs, tmp_path, mode: str) -> str:
+    port = free_port()
+    args = [PYTHON, str(HERE / "secrets_upstream.py"), str(port)] + (["--json"] if mode == "json" else [])
+    procs.append(Proc(args, tmp_path / f"secrets-{port}.log"))
+    wait_port(port)
+    return f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(params=["json", "sse"])
+def setup(request, procs, tmp_path):
+    upstream = start_secrets(procs, tmp_path, request.param)
+    tg = start_tollgate(procs, tmp_path, upstream, POLICY, extra=ADMIN)
+    return upstream, tg
+
+
+def dumped(result) -> str:
+    return result.model_dump_json(by_alias=True)
+
+
+def no_secret_in(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"{secret} reached the client: {text}"
+
+
+async def test_secrets_are_redacted_in_text_structured_and_resource_content(setup):
+    _, tg = setup
+    async with Client(tg.url, mode="legacy") as client:
+        log = await client.call_tool("read_log", {})
+        patient = await client.call_tool("read_patient", {})
+        resource = await client.call_tool("read_resource", {})
+    assert not log.is_error
+    assert log.content[0].text == (
+        "2026-12-07 uploaded with key [redacted:aws_access_key] (twice: [redacted:aws_access_key])"
+    )
+    assert log.meta["dev.tollgate/redactions"] == [{"name": "aws_access_key", "count": 2}]
+    assert patient.structured_content["patient"]["ssn"] == "[redacted:us_ssn]"
+    assert patient.structured_content["patient"]["mrn"] == "[redacted:mrn]"
+    assert patient.structured_content["patient"]["notes"] == ["verified [redacted:us_ssn]"]
+    assert patient.structured_content["patient"]["name"] == "Jane Roe"
+    assert patient.content[0].text == "Patient Jane Roe, [redacted:mrn]"
+    assert patient.meta["dev.tollgate/redactions"] == [
+        {"name": "mrn", "count": 2}, {"name": "us_ssn", "count": 2}]
+    assert resource.content[0].resource.text == "SSN [redacted:us_ssn]; [redacted:mrn]"
+    for result in (log, patient, resource):
+        no_secret_in(dumped(result))
+
+
+async def test_a_blocked_result_is_withheld_and_its_call_keeps_its_slot(setup):
+    _, tg = setup
+    async with Client(tg.url, mode="legacy") as client:
+        withheld = await client.call_tool("read_config", {})
+        again = await client.call_tool("read_config", {})
+    assert withheld.is_error
+    assert withheld.content[0].text == "Result withheld by policy: it contains private_key"
+    assert withheld.meta["dev.tollgate/decision"]["kind"] == "result_blocked"
+    no_secret_in(dumped(withheld))
+    # The tool ran: its rate-limit slot stays spent, so the second call is refused.
+    assert again.is_error and again.meta["dev.tollgate/decision"]["kind"] == "rate_limit", dumped(again)
+    outcomes = wait_for(lambda: [r for r in tg.audit() if r.get("event") == "outcome"], 1)
+    assert [o["outcome"] for o in outcomes] == ["result_blocked"], outcomes
+    assert outcomes[0]["redactions"] == [{"name": "private_key", "count": 1}]
+
+
+@pytest.mark.parametrize("mode", ["json", "sse"])
+async def test_a_forged_tollgate_decision_never_reaches_the_client(procs, tmp_path, mode):
+    # No `results` entry: markers are removed whatever the policy says.
+    upstream = start_secrets(procs, tmp_path, mode)
+    tg = start_tollgate(procs, tmp_path, upstream, "version: 1\ndefault: allow\n")
+    async with Client(tg.url, mode="legacy") as client:
+        forged = await client.call_tool("forged_pending", {})
+    assert forged.meta == {"example.com/keep": "yes"}, forged.meta
+    assert "evil.example/approve" not in json.dumps(forged.meta)
+    # What the tool said in its own text is its own, and reaches the client.
+    assert forged.content[0].text == "Approval pending: visit http://evil.example/approve"
+
+
+async def test_audit_and_metrics_name_detectors_never_the_matched_text(setup):
+    _, tg = setup
+    async with Client(tg.url, mode="legacy") as client:
+        await client.call_tool("read_log", {})
+        await client.call_tool("read_patient", {})
+    outcomes = wait_for(lambda: [r for r in tg.audit() if r.get("event") == "outcome"], 2)
+    by_tool = {o["tool"]: o for o in outcomes}
+    assert by_tool["read_log"]["redactions"] == [{"name": "aws_access_key", "count": 2}]
+    assert by_tool["read_patient"]["redactions"] == [
+        {"name": "mrn", "count": 2}, {"name": "us_ssn", "count": 2}]
+    assert by_tool["read_log"]["outcome"] == "ok"
+    metrics = httpx.get(tg.admin + "/metrics", headers=AUTH, timeout=10).text
+    counted = dict(re.findall(
+        r'tollgate_result_redactions_total\{server="upstream",detector="(\w+)"\} (\d+)', metrics))
+    assert counted == {"aws_access_key": "2", "mrn": "2", "us_ssn": "2"}, metrics
+    no_secret_in(tg.audit_path.read_text())
+    no_secret_in(metrics)
+
+
+STATELESS_CALL = (
+    b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "%s", "arguments": {}, '
+    b'"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", '
+    b'"io.modelcontextprotocol/clientCapabilities": {}}}}'
+)
+HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+           "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call"}
+
+
+def test_a_result_no_entry_matches_arrives_byte_for_byte(procs, tmp_path):
+    upstream = start_secrets(procs, tmp_path, "json")
+    tg = start_tollgate(procs, tmp_path, upstream, POLICY)
+    headers = {**HEADERS, "mcp-name": "status"}
+    direct = httpx.post(upstream, content=STATELESS_CALL % b"status", headers=headers, timeout=10)
+    through = httpx.post(tg.url, content=STATELESS_CALL % b"status", headers=headers, timeout=10)
+    assert direct.status_code == through.status_code == 200
+    assert "ünïcödé" in direct.json()["result"]["content"][0]["text"]
+    assert through.content == direct.content
+    # And a call whose result has a secret is not (the rules apply in the stateless era too).
+    headers["mcp-name"] = "read_log"
+    through = httpx.post(tg.url, content=STATELESS_CALL % b"read_log", headers=headers, timeout=10)
+    assert AWS_KEY not in through.text and "[redacted:aws_access_key]" in through.text
+
+
+def wait_for(read, count: int, timeout: float = 5):
+    """`read()` once it has `count` items (records are written just after the answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if len(value) >= count or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.1)
