@@ -169,3 +169,31 @@ def wait_for(read, count: int, timeout: float = 5):
         if len(value) >= count or time.monotonic() >= deadline:
             return value
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("era", ["handshake", "stateless"])
+def test_a_tasks_result_is_checked_with_the_rules_of_its_tool(procs, tmp_path, era):
+    """A task-augmented call's result comes later, through `tasks/result`: asking for a
+    task must not bypass the rules of the tool that created it."""
+    from conftest import serve_config, write_config
+    from test_tasks import Client as TaskClient, start_http
+
+    key = "alice-key-0123456789abcdef"
+    block, _ = start_http(procs, tmp_path)
+    policy = "version: 1\ndefault: allow\nresults:\n  - tool: payroll_report\n    redact: [us_ssn]\n"
+    extra = f"clients:\n  - {{name: alice, key: {key}}}\nlimits: {{requests_per_second: 0}}\n"
+    config = write_config(tmp_path, {"tasks": (block, policy)}, extra=extra)
+    base, _ = serve_config(procs, config)
+    alice = TaskClient(f"{base}/servers/tasks/mcp", key, era)
+    created = alice.request("tools/call", {"name": "payroll_report", "arguments": {"ssn": SSN},
+                                           "task": {"ttl": 60000}})
+    task = created["result"]["task"]["taskId"]
+    result = alice.request("tasks/result", {"taskId": task})["result"]
+    assert SSN not in json.dumps(result), result
+    assert result["content"][0]["text"] == 'payroll_report: {"ssn": "[redacted:us_ssn]"}'
+    assert result["_meta"]["dev.tollgate/redactions"] == [{"name": "us_ssn", "count": 1}]
+    # The upstream's own _meta stays; a tool no entry names is left alone.
+    assert result["_meta"]["io.modelcontextprotocol/related-task"] == {"taskId": task}
+    other = alice.request("tools/call", {"name": "weather", "arguments": {"note": SSN}, "task": {"ttl": 60000}})
+    plain = alice.request("tasks/result", {"taskId": other["result"]["task"]["taskId"]})["result"]
+    assert SSN in plain["content"][0]["text"]

@@ -22,6 +22,7 @@ use crate::store::limits::CallLimits;
 use crate::store::params::ToolParams;
 use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
+use crate::store::tasks::Tasks;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
 /// One upstream MCP server and the policy that guards it.
@@ -121,6 +122,8 @@ pub struct Shared {
     epoch: Instant,
     /// Calls waiting for a human.
     pub(crate) approvals: Arc<Approvals>,
+    /// The MCP tasks relayed: who owns each, which tool created it.
+    pub(crate) tasks: Tasks,
     /// Prometheus metrics.
     pub(crate) metrics: Metrics,
     /// Base URL of the admin listener once bound; approvals need it.
@@ -419,6 +422,10 @@ impl Shared {
                 Some(remote) => Approvals::shared(remote.clone()),
                 None => Arc::new(Approvals::new()),
             },
+            tasks: match &remote {
+                Some(remote) => Tasks::shared(remote.clone()),
+                None => Tasks::new(),
+            },
             metrics: Metrics::new(),
             admin_url: std::sync::OnceLock::new(),
             webhook,
@@ -458,6 +465,7 @@ impl Shared {
     /// Drops state for idle sessions and empty rate-limit windows; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
+        self.tasks.sweep();
         let now = self.now();
         for server in self.servers.values() {
             server.upstream.sweep(self.sessions.idle());

@@ -12,7 +12,7 @@ use tollgate_policy::DenyKind;
 use super::context::{Answer, Caller, Context, Core, Meta};
 use super::decide::{Permit, Verdict, decide, deny, refusal};
 use super::respond::Chain;
-use super::{call, session};
+use super::{call, session, tasks};
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::upstream::{Body, Payload};
@@ -109,8 +109,22 @@ async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
     let mut forward = Vec::new();
     let mut permits = Vec::new();
     for message in messages {
+        if let Some(answer) = tasks::in_batch(&message) {
+            refused.push(answer);
+            continue;
+        }
         match decide(ctx, &message).await {
-            Err(err) => refused.push(err.to_json()),
+            Err(err) => {
+                // The member's own id, so the client knows which call was refused
+                // (a step-up refusal is an error without one).
+                let mut answer = err.to_json();
+                if let (Some(id), Some(slot)) = (message.id(), answer.get_mut("id"))
+                    && slot.is_null()
+                {
+                    *slot = id.clone();
+                }
+                refused.push(answer);
+            }
             Ok(Verdict::Refuse(answer)) => refused.push(answer),
             Ok(Verdict::Hold(held)) => {
                 let mut held = *held;

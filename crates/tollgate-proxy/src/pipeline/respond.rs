@@ -6,7 +6,9 @@
 //!    Tollgate's alone;
 //! 2. [`tools`]: a `tools/list` answer loses the tools the policy hides, and teaches
 //!    the listed tools' `Mcp-Param-*` headers;
-//! 3. [`account`]: each call's answer is checked against the call's `results` rules
+//! 3. [`results`] for a task's result: the answer to `tasks/result` (or a completed
+//!    `tasks/get`) is checked against the `results` rules of the task's tool;
+//! 4. [`account`]: each call's answer is checked against the call's `results` rules
 //!    (redacted or withheld, [`results`]) and finishes the call's permit with its
 //!    outcome.
 //!
@@ -129,6 +131,8 @@ impl Frame {
 pub struct Chain {
     /// The `tools/list` filter, for an answer that may list tools.
     tools: Option<tools::Filter>,
+    /// The rules of a task's tool, for an answer carrying the task's result.
+    task: Option<results::TaskResult>,
     /// The calls waiting for their answer.
     waiting: account::Waiting,
 }
@@ -139,6 +143,7 @@ impl Chain {
     pub fn new(ctx: &Context, permits: Vec<Permit>) -> Chain {
         Chain {
             tools: None,
+            task: None,
             waiting: account::Waiting::new(ctx, permits),
         }
     }
@@ -156,6 +161,13 @@ impl Chain {
         chain
     }
 
+    /// Also checks the result a task of `tool` carries (`tasks/result`, a completed
+    /// `tasks/get`) against the `results` rules of that tool, as its call's would be.
+    pub fn task_result(mut self, ctx: &Context, tool: Option<String>) -> Chain {
+        self.task = tool.and_then(|tool| results::TaskResult::of(ctx, tool));
+        self
+    }
+
     /// Also filters listed tools (a `tools/list` answer, or any answer of a batch).
     pub fn listing_tools(mut self, ctx: &Context) -> Chain {
         self.tools = Some(tools::Filter::new(ctx));
@@ -168,6 +180,9 @@ impl Chain {
         markers::strip(frame);
         if let Some(tools) = &self.tools {
             tools.filter(frame);
+        }
+        if let Some(task) = &self.task {
+            task.check(frame);
         }
         self.waiting.note(frame, lone);
     }
@@ -256,7 +271,7 @@ impl Chain {
     /// Whether a stage reads every event (a call's answer, a tool list), not only
     /// those whose bytes may hold a marker.
     fn looks_at_events(&self) -> bool {
-        self.tools.is_some() || !self.waiting.is_empty()
+        self.tools.is_some() || self.task.is_some() || !self.waiting.is_empty()
     }
 }
 
@@ -354,6 +369,7 @@ mod tests {
     fn bare() -> Chain {
         Chain {
             tools: None,
+            task: None,
             waiting: account::Waiting::none(),
         }
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tollgate_policy::{Policy, ResultRules, ResultVerdict};
 
+use super::Frame;
 use crate::pipeline::context::{Caller, Context};
 use crate::state::Shared;
 
@@ -57,5 +58,40 @@ impl Results {
             tracing::info!(server = %self.server, tool, detector = %detector, "tool result withheld by policy");
         }
         Some(verdict)
+    }
+}
+
+/// The rules of a task's tool, for the answer that carries the task's result.
+pub struct TaskResult {
+    results: Results,
+    tool: String,
+}
+
+impl TaskResult {
+    /// The rules, when an entry applies to calls of `tool`.
+    pub(super) fn of(ctx: &Context, tool: String) -> Option<TaskResult> {
+        let results = Results::of(ctx)?;
+        results
+            .apply_to(&tool)
+            .then_some(TaskResult { results, tool })
+    }
+
+    /// Checks the tool result an answer carries: a `tasks/result` answer's result is
+    /// the tool's; a `tasks/get` answer carries it under `result` once the task is done.
+    pub(super) fn check(&self, frame: &mut Frame) {
+        frame.edit(|message| {
+            let Some(result) = message.get_mut("result").filter(|r| r.is_object()) else {
+                return ((), false);
+            };
+            let carried = if result.get("result").is_some_and(Value::is_object) {
+                result.get_mut("result")
+            } else {
+                Some(result)
+            };
+            let changed = carried
+                .and_then(|result| self.results.apply(&self.tool, result))
+                .is_some_and(|verdict| verdict.changed);
+            ((), changed)
+        });
     }
 }
