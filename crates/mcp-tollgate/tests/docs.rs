@@ -418,6 +418,10 @@ fn the_audit_reference_names_every_field_written() {
         "the decision table of docs/audit.md"
     );
     let text: BTreeSet<String> = backticked(&doc).into_iter().collect();
+    let redactions = [tollgate_policy::Redaction {
+        name: "us_ssn".into(),
+        count: 1,
+    }];
     let others = [
         Record::Outcome {
             call_id: "0190b8a0-0000-7000-8000-000000000001",
@@ -426,6 +430,7 @@ fn the_audit_reference_names_every_field_written() {
             upstream_latency_ms: 1.0,
             outcome: "rpc_error",
             code: Some(-32603),
+            redactions: &redactions,
         },
         Record::ApprovalRequested {
             call_id: "0190b8a0-0000-7000-8000-000000000001",
