@@ -352,6 +352,61 @@ fn config_files_are_validated_with_their_policies() {
 }
 
 #[test]
+fn validate_refuses_what_serve_refuses() {
+    let dir = Dir::new("same-checks");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
+    let cases = [
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0', token: '${TOLLGATE_ADMIN_TOKEN}'}\n",
+            "admin.token is empty",
+        ),
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '0.0.0.0:0'}\n",
+            "admin.token is required",
+        ),
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0', token: replace-me-with-a-long-random-admin-token}\n",
+            "admin.token is still a placeholder",
+        ),
+        (
+            "listen: 127.0.0.1:0\nclients:\n  - {name: agent, key: replace-me-with-a-long-random-agent-key}\n",
+            "the key of `agent` is still a placeholder",
+        ),
+    ];
+    for (i, (head, expected)) in cases.iter().enumerate() {
+        let config = dir.write(&format!("t{i}.yaml"), &format!("{head}{server}"));
+        for command in ["validate", "serve"] {
+            let mut args = vec![command];
+            if command == "serve" {
+                args.push("--config");
+            }
+            args.push(&config);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(&args)
+                .env("TOLLGATE_ADMIN_TOKEN", "")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A `serve` that accepted the file would run: bounded, then ended.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(code(&out), 1, "{command} {head}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains(expected),
+                "{command}: {}",
+                stderr(&out)
+            );
+        }
+    }
+}
+
+#[test]
 fn version_names_the_commit() {
     let out = tollgate(&["--version"]);
     assert_eq!(code(&out), 0);

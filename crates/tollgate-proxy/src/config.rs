@@ -815,6 +815,7 @@ impl ConfigOf<RawServer> {
     fn check(self) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
         if let Some(admin) = &self.admin {
+            problems.extend(admin_problem(admin.listen, admin.token.as_deref()));
             check_approvers(admin, &mut problems);
         }
         if let Some(approvals) = &self.approvals {
@@ -823,6 +824,9 @@ impl ConfigOf<RawServer> {
                     "approvals.state_key: shorter than 32 characters; use a long random secret (e.g. `openssl rand -hex 32`)"
                         .to_owned(),
                 );
+            }
+            if approvals.state_key.as_deref().is_some_and(placeholder) {
+                problems.push(placeholder_problem("approvals.state_key"));
             }
             if approvals.wait.is_some_and(|w| w.is_zero()) {
                 problems.push("approvals.wait: must be more than 0 seconds".to_owned());
@@ -845,6 +849,12 @@ impl ConfigOf<RawServer> {
                     "clients: the key of `{}` is shorter than 16 characters",
                     client.name
                 ));
+            }
+            if placeholder(&client.key) {
+                problems.push(placeholder_problem(&format!(
+                    "clients: the key of `{}`",
+                    client.name
+                )));
             }
         }
         let mut servers = BTreeMap::new();
@@ -920,6 +930,45 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// Why an admin API on `listen` with `token` must not start, if it must not: an empty
+/// token (say, `${TOLLGATE_ADMIN_TOKEN}` set to "") would read as "no token" and open
+/// the API; a non-loopback address needs a token; a placeholder is no secret. The one
+/// check for `tollgate validate` (on the file) and `serve` (on the bound address).
+pub fn admin_problem(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    match token {
+        Some(token) if token.trim().is_empty() => Some(
+            "admin.token is empty (is TOLLGATE_ADMIN_TOKEN set to \"\"?): set a token, or remove admin.token for a loopback admin API without one"
+                .to_owned(),
+        ),
+        Some(token) if placeholder(token) => Some(placeholder_problem("admin.token")),
+        None if !listen.ip().is_loopback() => Some(format!(
+            "admin.listen {listen} is not a loopback address, so admin.token is required"
+        )),
+        _ => None,
+    }
+}
+
+/// Whether a secret is still the example's placeholder (`replace-me-with-…`).
+fn placeholder(secret: &str) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    [
+        "replace-me",
+        "replace_me",
+        "replaceme",
+        "change-me",
+        "change_me",
+        "changeme",
+    ]
+    .iter()
+    .any(|word| lower.contains(word))
+}
+
+fn placeholder_problem(what: &str) -> String {
+    format!(
+        "{what} is still a placeholder (`replace-me`/`change-me`): set a long random secret, e.g. `openssl rand -hex 32`"
+    )
+}
+
 /// Approvers need names and tokens of their own that nobody else holds.
 fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
     let mut names = std::collections::HashSet::new();
@@ -940,6 +989,9 @@ fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
                 "admin.approvers[{i}].token: the token of `{}` is shorter than 16 characters",
                 approver.name
             ));
+        }
+        if placeholder(&approver.token) {
+            problems.push(placeholder_problem(&format!("admin.approvers[{i}].token")));
         }
         if !tokens.insert(approver.token.as_str()) {
             problems.push(format!(
