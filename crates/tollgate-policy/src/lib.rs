@@ -38,6 +38,6 @@ pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
     Approval, Claims, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind,
-    Policy, RuleRef, ToolCall, evaluate, limit_of, over_limit,
+    Policy, Route, RuleInfo, RuleRef, ToolCall, evaluate, limit_of, over_limit,
 };
 pub use yaml::{MAX_SOURCE_BYTES, from_yaml_str};

@@ -1,4 +1,7 @@
-//! `tollgate test PATH...`: run policy test cases (docs/policy.md) kept beside the policy.
+//! `tollgate test PATH...`: run policy test cases (docs/policy.md) kept beside the policy,
+//! and with `--coverage` say what of each policy they exercised.
+
+pub mod coverage;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +22,20 @@ pub struct TestArgs {
     /// `*.test.yaml` files, or directories searched for them.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+    /// After the cases, report per policy each rule's outcomes the cases exercised
+    /// and those none did.
+    #[arg(long)]
+    pub coverage: bool,
+    /// Exit 1 when a policy's coverage is below PCT percent (implies `--coverage`).
+    #[arg(long, value_name = "PCT", value_parser = percent)]
+    pub min_coverage: Option<f64>,
+}
+
+fn percent(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(pct) if (0.0..=100.0).contains(&pct) => Ok(pct),
+        _ => Err(format!("`{text}` is not a percentage from 0 to 100")),
+    }
 }
 
 /// A test file.
@@ -121,8 +138,26 @@ fn action_name(action: Action) -> &'static str {
     }
 }
 
+/// The policy a test file tests: its `policy`, relative to the test file.
+fn policy_path(test_file: &Path, suite: &Suite) -> PathBuf {
+    test_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&suite.policy)
+}
+
 /// Parses a test file and compiles its policy.
 pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<String>> {
+    let suite = parse_suite(path, source)?;
+    let policy_path = policy_path(path, &suite);
+    let policy_source = read_file(&policy_path).map_err(|e| vec![e])?;
+    let policy = Policy::from_yaml(&policy_source, &policy_path.display().to_string())
+        .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok((suite, policy))
+}
+
+/// Parses a test file and checks its cases (not its policy).
+pub fn parse_suite(path: &Path, source: &str) -> Result<Suite, Vec<String>> {
     let suite: Suite = tollgate_policy::from_yaml_str(source, &path.display().to_string())
         .map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
@@ -161,41 +196,52 @@ pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<Stri
             ));
         }
     }
-    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
-    let policy_source = read_file(&policy_path).map_err(|e| vec![e])?;
-    let policy = Policy::from_yaml(&policy_source, &policy_path.display().to_string())
-        .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     if problems.is_empty() {
-        Ok((suite, policy))
+        Ok(suite)
     } else {
         Err(problems)
     }
 }
 
-/// Runs the cases of one suite; returns failure messages.
-pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
+impl Case {
+    /// The call this case makes; `user_key` is [`user_key`] of its claims and client.
+    pub fn call<'a>(&'a self, user_key: &'a str) -> ToolCall<'a> {
+        static NULL: Value = Value::Null;
+        ToolCall {
+            tool: &self.tool,
+            arguments: self.arguments.as_ref().unwrap_or(&NULL),
+            client: self.client.as_deref(),
+            session_key: self.session.as_deref().unwrap_or("default"),
+            client_key: self.client.as_deref().unwrap_or("default"),
+            user_key,
+            claims: self.claims.as_ref(),
+            scopes: &self.scopes,
+        }
+    }
+
+    /// When its calls are made, from the start of the test file.
+    pub fn now(&self) -> Duration {
+        Duration::from_secs_f64(self.at)
+    }
+}
+
+/// Runs the cases of one suite; returns failure messages. `observe` sees every
+/// call and its decision (before a case's grant is applied).
+pub fn run_suite(
+    suite: &Suite,
+    policy: &Policy,
+    mut observe: impl FnMut(&ToolCall<'_>, &Decision),
+) -> Vec<(String, String)> {
     let mut limiter = RateLimiter::new();
     let mut failures = Vec::new();
-    let null = Value::Null;
     for case in &suite.cases {
-        let arguments = case.arguments.as_ref().unwrap_or(&null);
-        let session = case.session.as_deref().unwrap_or("default");
-        let client_key = case.client.as_deref().unwrap_or("default");
         let user_key = user_key(case.claims.as_ref(), case.client.as_deref());
-        let call = ToolCall {
-            tool: &case.tool,
-            arguments,
-            client: case.client.as_deref(),
-            session_key: session,
-            client_key,
-            user_key: &user_key,
-            claims: case.claims.as_ref(),
-            scopes: &case.scopes,
-        };
-        let now = Duration::from_secs_f64(case.at);
+        let call = case.call(&user_key);
+        let now = case.now();
         let decisions: Vec<Decision> = (0..case.repeat)
             .map(|_| {
                 let mut decision = evaluate(policy, &mut limiter, &call, now);
+                observe(&call, &decision);
                 if case.grant {
                     super::explain::apply_grant(&mut decision);
                 }
@@ -260,6 +306,9 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
     let (files, mut io_errors) = super::validate::collect(&args.paths, is_test_file);
     let (mut passed, mut failed, mut broken) = (0usize, 0usize, 0usize);
     let mut report = Vec::new();
+    let with_coverage = args.coverage || args.min_coverage.is_some();
+    // Per policy file (several test files may test one), in the order first tested.
+    let mut coverages: Vec<(PathBuf, coverage::Coverage)> = Vec::new();
     for file in &files {
         let source = match read_file(file) {
             Ok(source) => source,
@@ -279,7 +328,28 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
                 continue;
             }
         };
-        let failures = run_suite(&suite, &policy);
+        let failures = if with_coverage {
+            let policy_path = policy_path(file, &suite);
+            let key = policy_path
+                .canonicalize()
+                .unwrap_or_else(|_| policy_path.clone());
+            let at = match coverages.iter().position(|(k, _)| *k == key) {
+                Some(at) => at,
+                None => {
+                    let origin = policy_path.display().to_string();
+                    coverages.push((key, coverage::Coverage::new(&policy, &origin)));
+                    coverages.len() - 1
+                }
+            };
+            let mut cov = coverages.get_mut(at).map(|(_, c)| c);
+            run_suite(&suite, &policy, |call, decision| {
+                if let Some(cov) = cov.as_deref_mut() {
+                    cov.record(&policy, call, decision);
+                }
+            })
+        } else {
+            run_suite(&suite, &policy, |_, _| {})
+        };
         passed += suite.cases.len() - failures.len();
         failed += failures.len();
         if format == Format::Human {
@@ -299,19 +369,43 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
     for error in &io_errors {
         eprintln!("error: {error}");
     }
+    let below: Vec<&coverage::Coverage> = coverages
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| args.min_coverage.is_some_and(|min| c.percent() < min))
+        .collect();
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({"passed": passed, "failed": failed, "files": report, "io_errors": io_errors})
-        ),
-        Format::Human => println!("{passed} passed, {failed} failed, {broken} broken file(s)"),
+        Format::Json => {
+            let mut out = json!({"passed": passed, "failed": failed, "files": report, "io_errors": io_errors});
+            if with_coverage {
+                out["coverage"] = coverages.iter().map(|(_, c)| c.json()).collect();
+                out["min_coverage"] = json!(args.min_coverage);
+                out["below_min_coverage"] = below.iter().map(|c| json!(c.policy)).collect();
+            }
+            println!("{out}");
+        }
+        Format::Human => {
+            for (_, cov) in &coverages {
+                print!("{}", cov.human());
+            }
+            println!("{passed} passed, {failed} failed, {broken} broken file(s)");
+        }
+    }
+    if let Some(min) = args.min_coverage {
+        for cov in &below {
+            eprintln!(
+                "error: coverage of {} is {:.1}%, below --min-coverage {min}%: add cases for the outcomes marked MISSING",
+                cov.policy,
+                cov.shown_percent()
+            );
+        }
     }
     if !io_errors.is_empty() || files.is_empty() {
         if files.is_empty() && io_errors.is_empty() {
             eprintln!("error: no *.test.yaml files found");
         }
         ExitCode::from(2)
-    } else if failed > 0 || broken > 0 {
+    } else if failed > 0 || broken > 0 || !below.is_empty() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
