@@ -101,17 +101,17 @@ fn write_log(path: &Path, records: u64) -> anyhow::Result<u64> {
             _ => "{\"id\":\"0123456789abcdef\"}",
         };
         line.clear();
-        let _ = write!(
+        let _ = writeln!(
             line,
-            "{{\"event\":\"decision\",\"call_id\":\"0190c0de-0000-7000-8000-{i:012}\",\"server\":\"s\",\"client\":\"agent-{client}\",\"session\":\"sess-{session}\",\"tool\":\"{tool}\",\"decision\":\"allow\",\"kind\":null,\"rule\":\"rules[2] (list_*)\",\"reason\":\"`{tool}` is allowed by rules[2] (list_*)\",\"mode\":\"enforce\",\"arguments_digest\":\"sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef\",\"arguments\":{arguments},\"time\":\"{at}\",\"run\":\"0190c0de-0000-7000-8000-000000000000\"}}\n"
+            "{{\"event\":\"decision\",\"call_id\":\"0190c0de-0000-7000-8000-{i:012}\",\"server\":\"s\",\"client\":\"agent-{client}\",\"session\":\"sess-{session}\",\"tool\":\"{tool}\",\"decision\":\"allow\",\"kind\":null,\"rule\":\"rules[2] (list_*)\",\"reason\":\"`{tool}` is allowed by rules[2] (list_*)\",\"mode\":\"enforce\",\"arguments_digest\":\"sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef\",\"arguments\":{arguments},\"time\":\"{at}\",\"run\":\"0190c0de-0000-7000-8000-000000000000\"}}"
         );
         out.write_all(line.as_bytes())?;
         lines += 1;
         if i % 2 == 0 {
             line.clear();
-            let _ = write!(
+            let _ = writeln!(
                 line,
-                "{{\"event\":\"outcome\",\"call_id\":\"0190c0de-0000-7000-8000-{i:012}\",\"server\":\"s\",\"tool\":\"{tool}\",\"upstream_latency_ms\":1.2,\"outcome\":\"ok\",\"time\":\"{at}\",\"run\":\"0190c0de-0000-7000-8000-000000000000\"}}\n"
+                "{{\"event\":\"outcome\",\"call_id\":\"0190c0de-0000-7000-8000-{i:012}\",\"server\":\"s\",\"tool\":\"{tool}\",\"upstream_latency_ms\":1.2,\"outcome\":\"ok\",\"time\":\"{at}\",\"run\":\"0190c0de-0000-7000-8000-000000000000\"}}"
             );
             out.write_all(line.as_bytes())?;
             lines += 1;
