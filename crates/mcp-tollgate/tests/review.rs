@@ -345,6 +345,21 @@ fn diff_replays_an_audit_log_in_its_times_and_counts_calls_it_cannot_decide() {
     assert!(report.contains("audit.arguments: true"), "{report}");
     let out = tollgate(&["diff", &old, &new, "--audit", &audit, "--fail-on-change"]);
     assert_eq!(code(&out), 1, "{}", text(&out));
+    // Another server's records are not this policy's calls.
+    let out = tollgate(&[
+        "diff",
+        &old,
+        &new,
+        "--audit",
+        &audit,
+        "--server",
+        "other",
+        "--fail-on-change",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(json(&out)["calls"], 0);
 }
 
 #[test]
