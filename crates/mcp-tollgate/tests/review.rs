@@ -414,3 +414,45 @@ fn diff_reads_the_old_policy_from_a_git_revision() {
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(text(&out).contains("git show"), "{}", text(&out));
 }
+
+#[test]
+fn coverage_counts_what_results_entries_did_to_the_cases_results() {
+    let dir = Dir::new("results");
+    dir.write(
+        "p.yaml",
+        "version: 1
+default: allow
+results:
+  - tool: read_record
+    redact: [us_ssn]
+    block: [private_key]
+  - tool: export
+    block: [us_ssn]
+",
+    );
+    let tests = dir.write(
+        "p.test.yaml",
+        "policy: p.yaml
+cases:
+  - name: an SSN in a record is redacted
+    tool: read_record
+    expect: allow
+    result: {content: [{type: text, text: 'ssn 123-45-6789'}]}
+  - name: an export without a result scans nothing
+    tool: export
+    expect: allow
+",
+    );
+    let out = tollgate(&["test", "--coverage", "--format", "json", &tests]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let items = &json(&out)["coverage"][0]["items"];
+    assert_eq!(items[0]["item"], "result");
+    assert_eq!(items[0]["label"], "results[0] (read_record)");
+    assert_eq!(
+        items[0]["at"],
+        format!("{}:4", dir.0.join("p.yaml").display())
+    );
+    assert_eq!(items[0]["exercised"], serde_json::json!(["redact"]));
+    assert_eq!(items[0]["missing"], serde_json::json!(["block"]));
+    assert_eq!(items[1]["missing"], serde_json::json!(["block"]));
+}

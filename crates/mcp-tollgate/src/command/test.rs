@@ -103,6 +103,10 @@ pub struct Case {
     /// that would be held passes without asking.
     #[serde(default)]
     pub grant: bool,
+    /// What the upstream answers (a `tools/call` result), for the policy's `results`
+    /// entries to scan when the call is let through.
+    #[serde(default)]
+    pub result: Option<Value>,
 }
 
 /// The key of `per: user` limits, as the proxy forms it: the token's `sub`, else
@@ -225,12 +229,33 @@ impl Case {
     }
 }
 
+/// What a suite's run shows an observer (`tollgate test --coverage`).
+pub enum Seen<'a> {
+    /// A call's decision, before a case's grant is applied.
+    Decision(&'a Decision),
+    /// What the `results` entries did to the result of a call let through.
+    Result(&'a tollgate_policy::ResultVerdict),
+}
+
+/// What the policy's `results` entries do to `result`, the answer to `call`: the
+/// result as the client would get it, and the verdict; `None` when no entry applies.
+pub fn scan_result(
+    policy: &Policy,
+    call: &ToolCall<'_>,
+    result: &Value,
+) -> Option<(Value, tollgate_policy::ResultVerdict)> {
+    let rules = policy.result_rules(call.tool, call.client, call.claims)?;
+    let mut scanned = result.clone();
+    let verdict = rules.apply(&mut scanned);
+    Some((scanned, verdict))
+}
+
 /// Runs the cases of one suite; returns failure messages. `observe` sees every
-/// call and its decision (before a case's grant is applied).
+/// call's decision and what became of its result.
 pub fn run_suite(
     suite: &Suite,
     policy: &Policy,
-    mut observe: impl FnMut(&ToolCall<'_>, &Decision),
+    mut observe: impl FnMut(&ToolCall<'_>, Seen<'_>),
 ) -> Vec<(String, String)> {
     let mut limiter = RateLimiter::new();
     let mut failures = Vec::new();
@@ -241,13 +266,19 @@ pub fn run_suite(
         let decisions: Vec<Decision> = (0..case.repeat)
             .map(|_| {
                 let mut decision = evaluate(policy, &mut limiter, &call, now);
-                observe(&call, &decision);
+                observe(&call, Seen::Decision(&decision));
                 if case.grant {
                     super::explain::apply_grant(&mut decision);
                 }
                 decision
             })
             .collect();
+        if let (Some(result), Some(last)) = (&case.result, decisions.last())
+            && last.action != Action::Deny
+            && let Some((_, verdict)) = scan_result(policy, &call, result)
+        {
+            observe(&call, Seen::Result(&verdict));
+        }
         let describe = |d: &Decision| {
             let rule = d
                 .rule
@@ -342,9 +373,12 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
                 }
             };
             let mut cov = coverages.get_mut(at).map(|(_, c)| c);
-            run_suite(&suite, &policy, |call, decision| {
+            run_suite(&suite, &policy, |call, seen| {
                 if let Some(cov) = cov.as_deref_mut() {
-                    cov.record(&policy, call, decision);
+                    match seen {
+                        Seen::Decision(decision) => cov.record(&policy, call, decision),
+                        Seen::Result(verdict) => cov.record_result(&policy, call, verdict),
+                    }
                 }
             })
         } else {

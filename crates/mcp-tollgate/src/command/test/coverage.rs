@@ -1,12 +1,13 @@
 //! `tollgate test --coverage`: which outcomes of each rule (and of the default) the
 //! cases exercised, and which none did.
 //!
-//! An item is a rule or the default (and, once result rules exist, a `results`
-//! entry: a third [`Item`]). Each item has the outcomes it can produce: a rule its
+//! An item is a rule, the default or a `results` entry. Each item has the outcomes it
+//! can produce: a rule its
 //! action (allow, hold or deny), an argument-schema failure if it has `arguments`, a
 //! rate-limit refusal if it has `rate_limit`, a claims mismatch if it has `when`
 //! (a call it would take, kept out by the caller's claims) and a scope refusal if
-//! it has `scopes`; the default its action. A rule that can never decide (an earlier
+//! it has `scopes`; the default its action; a `results` entry a redaction if it
+//! redacts and a withheld result if it blocks. A rule that can never decide (an earlier
 //! rule matches every call it matches; `tollgate validate` warns) is listed as
 //! unreachable and its outcomes are not counted: no case can exercise them, and
 //! `validate --strict` is the check that fails on it. So is the default after a
@@ -22,6 +23,8 @@ pub enum Item {
     Rule(usize),
     /// The policy's `default`.
     Default,
+    /// `results[i]`.
+    Result(usize),
 }
 
 /// One thing an item can do to a call.
@@ -41,10 +44,14 @@ pub enum Outcome {
     Claims,
     /// Refused: the caller's token lacks the rule's scopes.
     Scopes,
+    /// A result had something a `results` entry redacts.
+    Redact,
+    /// A result was withheld: it had something a `results` entry blocks on.
+    Block,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 9] = [
         Outcome::Allow,
         Outcome::Hold,
         Outcome::Deny,
@@ -52,6 +59,8 @@ impl Outcome {
         Outcome::RateLimit,
         Outcome::Claims,
         Outcome::Scopes,
+        Outcome::Redact,
+        Outcome::Block,
     ];
 
     /// The name the report uses.
@@ -64,10 +73,12 @@ impl Outcome {
             Outcome::RateLimit => "rate_limit",
             Outcome::Claims => "claims",
             Outcome::Scopes => "scopes",
+            Outcome::Redact => "redact",
+            Outcome::Block => "block",
         }
     }
 
-    fn bit(self) -> u8 {
+    fn bit(self) -> u16 {
         1 << (self as u8)
     }
 
@@ -92,7 +103,7 @@ impl Outcome {
 
 /// A set of outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Outcomes(u8);
+struct Outcomes(u16);
 
 impl Outcomes {
     fn insert(&mut self, outcome: Outcome) {
@@ -164,6 +175,23 @@ impl Coverage {
                 }
             })
             .collect();
+        for entry in policy.result_entries() {
+            let mut possible = Outcomes::default();
+            if !entry.redact.is_empty() {
+                possible.insert(Outcome::Redact);
+            }
+            if !entry.block.is_empty() {
+                possible.insert(Outcome::Block);
+            }
+            entries.push(Entry {
+                item: Item::Result(entry.index),
+                label: entry.label.clone(),
+                at: Some(format!("{origin}:{}", entry.line)),
+                possible,
+                exercised: Outcomes::default(),
+                unreachable_by: None,
+            });
+        }
         let default = Outcome::of_action(policy.default_action());
         let mut possible = Outcomes::default();
         possible.insert(default);
@@ -202,6 +230,43 @@ impl Coverage {
         {
             if let Some(entry) = self.entry(Item::Rule(index)) {
                 entry.exercised.insert(Outcome::Claims);
+            }
+        }
+    }
+
+    /// Counts what the `results` entries applying to `call` did to its result
+    /// (`verdict`, from [`tollgate_policy::ResultRules::apply`]): a redaction for each
+    /// entry that redacts a detector found, a withheld result for the entry that
+    /// blocks on the detector that withheld it.
+    pub fn record_result(
+        &mut self,
+        policy: &Policy,
+        call: &ToolCall<'_>,
+        verdict: &tollgate_policy::ResultVerdict,
+    ) {
+        let Some(rules) = policy.result_rules(call.tool, call.client, call.claims) else {
+            return;
+        };
+        let mut hits = Vec::new();
+        for entry in rules.entries() {
+            if verdict
+                .redactions
+                .iter()
+                .any(|found| entry.redact.contains(&found.name))
+            {
+                hits.push((entry.index, Outcome::Redact));
+            }
+            if verdict
+                .blocked
+                .as_ref()
+                .is_some_and(|name| entry.block.contains(name))
+            {
+                hits.push((entry.index, Outcome::Block));
+            }
+        }
+        for (index, outcome) in hits {
+            if let Some(entry) = self.entry(Item::Result(index)) {
+                entry.exercised.insert(outcome);
             }
         }
     }
@@ -292,6 +357,7 @@ impl Coverage {
                 let (kind, index) = match e.item {
                     Item::Rule(i) => ("rule", Some(i)),
                     Item::Default => ("default", None),
+                    Item::Result(i) => ("result", Some(i)),
                 };
                 json!({
                     "item": kind,
