@@ -456,3 +456,72 @@ cases:
     assert_eq!(items[0]["missing"], serde_json::json!(["block"]));
     assert_eq!(items[1]["missing"], serde_json::json!(["block"]));
 }
+
+#[test]
+fn diff_says_which_calls_depend_on_a_tokens_claims_or_scopes_the_log_does_not_keep() {
+    let dir = Dir::new("identity");
+    let old = dir.write("old.yaml", "version: 1\ndefault: allow\n");
+    let new = dir.write(
+        "new.yaml",
+        "version: 1
+default: deny
+rules:
+  - tool: deploy
+    action: allow
+    when: {claims: {groups: ops}}
+  - tool: report
+    action: allow
+    scopes: [reports:read]
+",
+    );
+    let line = |tool: &str, user: Option<&str>| {
+        let user = user
+            .map(|u| format!("\"user\":\"{u}\","))
+            .unwrap_or_default();
+        format!(
+            "{{\"event\":\"decision\",\"server\":\"s\",\"client\":null,{user}\"session\":null,\"tool\":\"{tool}\",\"time\":\"2026-01-01T00:00:00.000Z\"}}\n"
+        )
+    };
+    let log = [
+        line("deploy", Some("alice")),
+        line("report", Some("alice")),
+        // Without a token there are no claims and no scopes: both are known, and refused.
+        line("deploy", None),
+        line("report", None),
+    ]
+    .concat();
+    let audit = dir.write("audit.jsonl", &log);
+    let out = tollgate(&["diff", &old, &new, "--audit", &audit, "--format", "json"]);
+    let report = json(&out);
+    assert_eq!(report["undetermined"], 2, "{report}");
+    let needs: Vec<(String, String)> = report["undetermined_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["needs"].as_str().unwrap().to_owned(),
+                u["rule"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        needs.contains(&("claims".to_owned(), "rules[0] (deploy)".to_owned())),
+        "{report}"
+    );
+    assert!(
+        needs.contains(&("scopes".to_owned(), "rules[1] (report)".to_owned())),
+        "{report}"
+    );
+    assert_eq!(report["changed"], 2, "{report}");
+    let kinds: Vec<&str> = report["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["new"]["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"deny") && kinds.contains(&"insufficient_scope"),
+        "{report}"
+    );
+}
