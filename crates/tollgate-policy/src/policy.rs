@@ -48,7 +48,7 @@ impl Default for Approval {
 }
 
 /// Why a call was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyKind {
     /// A rule (or the default) denies it.
     Deny,
@@ -202,6 +202,39 @@ struct Rule {
     arguments: Option<jsonschema::Validator>,
 }
 
+/// How a call finds its rule ([`Policy::route`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// The index of the rule that decides; `None`: the default.
+    pub rule: Option<usize>,
+    /// The rules with `when: {claims}` passed over because the claims do not match.
+    pub claims_skipped: Vec<usize>,
+}
+
+/// A rule as review tools see it ([`Policy::rules`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleInfo<'p> {
+    /// Its index and `tool` pattern, as decisions name it.
+    pub rule: &'p RuleRef,
+    /// 1-based line of its `tool:` in the policy file.
+    pub line: usize,
+    /// 1-based column of its `tool:`.
+    pub column: usize,
+    /// What it decides.
+    pub action: Action,
+    /// Whether it has an `arguments` schema (a call can fail it).
+    pub arguments: bool,
+    /// Whether it has a `rate_limit` (a call can be over it).
+    pub rate_limit: bool,
+    /// Whether it has `when: {claims}` (a caller's claims can keep it out).
+    pub claims: bool,
+    /// Whether it needs `scopes` (a caller's token can lack them).
+    pub scopes: bool,
+    /// The earlier rule that decides every call this one matches, so this one never
+    /// decides (`tollgate validate` warns about it).
+    pub shadowed_by: Option<&'p RuleRef>,
+}
+
 /// A validated, compiled policy. Immutable; share it in an `Arc`.
 #[derive(Debug)]
 pub struct Policy {
@@ -217,6 +250,8 @@ pub struct Policy {
     glob_rules: Vec<usize>,
     /// Valid but suspicious: rules that can never decide.
     warnings: Vec<PolicyWarning>,
+    /// `(rule, the earlier rule that decides every call it matches)`, as warned.
+    shadowed: Vec<(usize, usize)>,
     /// `results:`, when there are entries.
     results: Option<Results>,
 }
@@ -344,7 +379,8 @@ impl Policy {
                 errors: check.errors,
             });
         }
-        let warnings = shadow_warnings(&rules, origin);
+        let shadowed = shadowed_rules(&rules);
+        let warnings = shadow_warnings(&rules, &shadowed, origin);
         Ok(Policy {
             default: doc.default,
             mode: doc.mode,
@@ -354,6 +390,7 @@ impl Policy {
             globs,
             glob_rules,
             warnings,
+            shadowed,
             results,
         })
     }
@@ -414,6 +451,83 @@ impl Policy {
     /// Whether there are no rules.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The `default` decision (no rule matches).
+    pub fn default_action(&self) -> Action {
+        self.default
+    }
+
+    /// The rule that decides every call no earlier rule takes (`tool: "*"` for every
+    /// client, without `when`), so the default never decides; `None` when it can.
+    pub fn default_shadowed_by(&self) -> Option<&RuleRef> {
+        self.rules
+            .iter()
+            .find(|rule| {
+                rule.clients.is_none()
+                    && rule.claims.is_empty()
+                    && !rule.name.tool.is_empty()
+                    && rule.name.tool.chars().all(|c| c == '*')
+            })
+            .map(|rule| &rule.name)
+    }
+
+    /// Each rule as the review tools see it (`tollgate test --coverage`, `tollgate
+    /// diff`): where it is, what it can decide, and whether it can decide at all.
+    pub fn rules(&self) -> impl Iterator<Item = RuleInfo<'_>> {
+        (0..self.rules.len()).filter_map(|index| self.rule(index))
+    }
+
+    /// `rules[index]` as the review tools see it.
+    pub fn rule(&self, index: usize) -> Option<RuleInfo<'_>> {
+        let rule = self.rules.get(index)?;
+        Some(RuleInfo {
+            rule: &rule.name,
+            line: rule.at.0,
+            column: rule.at.1,
+            action: rule.action,
+            arguments: rule.arguments.is_some(),
+            rate_limit: rule.rate_limit.is_some(),
+            claims: !rule.claims.is_empty(),
+            scopes: !rule.scopes.is_empty(),
+            shadowed_by: self
+                .shadowed
+                .iter()
+                .find(|(later, _)| *later == index)
+                .and_then(|(_, by)| self.rules.get(*by))
+                .map(|by| &by.name),
+        })
+    }
+
+    /// How a call of `tool` by `client` with `claims` finds its rule: the rule that
+    /// decides it (`None`: the default) and the rules with `when: {claims}` it reaches
+    /// and passes over on the way because the claims do not match. For review tools,
+    /// not the proxy ([`evaluate`] decides; this says which rules the caller's claims
+    /// kept out, and which rule a decision depends on before it is made).
+    pub fn route(&self, tool: &str, client: Option<&str>, claims: Option<&Claims>) -> Route {
+        let mut candidates: Vec<usize> = self.exact.get(tool).cloned().unwrap_or_default();
+        candidates.extend(
+            self.globs
+                .matches(tool)
+                .into_iter()
+                .filter_map(|g| self.glob_rules.get(g).copied()),
+        );
+        candidates.sort_unstable();
+        let mut route = Route::default();
+        for index in candidates {
+            let Some(rule) = self.rules.get(index) else {
+                continue;
+            };
+            if !client_matches(rule.clients.as_deref(), client) {
+                continue;
+            }
+            if claims_match(&rule.claims, claims) {
+                route.rule = Some(index);
+                break;
+            }
+            route.claims_skipped.push(index);
+        }
+        route
     }
 
     /// The first rule matching `tool` for `client` with `claims`.
@@ -643,7 +757,7 @@ fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
     }
 }
 
-fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
+fn shadowed_rules(rules: &[Rule]) -> Vec<(usize, usize)> {
     let shapes: Vec<crate::shadow::Shape<'_>> = rules
         .iter()
         .map(|rule| crate::shadow::Shape {
@@ -653,8 +767,16 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
         })
         .collect();
     crate::shadow::shadowed(&shapes)
-        .into_iter()
-        .filter_map(|(later, by)| {
+}
+
+fn shadow_warnings(
+    rules: &[Rule],
+    shadowed: &[(usize, usize)],
+    origin: &str,
+) -> Vec<PolicyWarning> {
+    shadowed
+        .iter()
+        .filter_map(|&(later, by)| {
             let (later, by) = (rules.get(later)?, rules.get(by)?);
             let arguments = if by.arguments.is_some() {
                 format!(
