@@ -1,6 +1,6 @@
 //! Detectors: what result rules look for in the text a tool returns.
 //!
-//! Every detector of a policy is compiled into one [`RegexSet`], so a string is read once
+//! Every detector of a policy is compiled into one multi-pattern automaton, so a string is read once
 //! to learn which detectors occur in it (the common answer: none); only those detectors
 //! then look for their matches. The `regex` crate runs in time linear in the text (no
 //! backtracking), whatever the pattern. Some detectors confirm a candidate with a check a
@@ -10,7 +10,8 @@
 //! longest, then the detector listed first: the output is the same whatever the order
 //! the detectors were written in, and each detector looks again after a winner's end.
 
-use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder};
+use regex_automata::{Input, MatchKind, PatternSet, meta};
 
 /// An ASCII word boundary: lets the lazy DFA run on any text (a Unicode `\b` makes it
 /// give up at the first non-ASCII byte).
@@ -32,12 +33,15 @@ const BUILT_INS: &[(&str, &str, Check)] = &[
         Check::None,
     ),
     (
-        // A PEM block, whole: up to its END line, else (cut off) as far as its body goes.
+        // A PEM block, whole: its body (base64, blank lines, `Proc-Type:`/`DEK-Info:`
+        // headers, `\n` escapes) and its END line; cut off, as far as the body goes. The
+        // body cannot run into `-----`, so a search never reads past a block's end looking
+        // for an END line (which would make many BEGIN lines without one quadratic).
         "private_key",
         concat!(
             "-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
-            "(?:(?s:.*?)-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
-            r"|[A-Za-z0-9+/=\s:,\\-]*)"
+            r"(?:[A-Za-z0-9+/=\s:,\\.]|-[A-Za-z0-9])*",
+            "(?:-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----)?"
         ),
         Check::None,
     ),
@@ -142,7 +146,7 @@ impl Detector {
 
     /// A custom detector; the error says what is wrong with the pattern.
     pub(crate) fn custom(name: &str, pattern: &str) -> Result<Detector, String> {
-        let hir = regex_syntax::parse(pattern).map_err(|err| one_line(&err.to_string()))?;
+        let hir = regex_syntax::parse(pattern).map_err(|err| syntax_error(pattern, &err))?;
         if hir.properties().minimum_len() == Some(0) {
             return Err("it can match empty text; a detector must match at least one character (use `+` rather than `*`)".to_owned());
         }
@@ -203,6 +207,20 @@ fn next_char(hay: &str, at: usize) -> usize {
     hay.get(at..)
         .and_then(|rest| rest.chars().next())
         .map_or(hay.len() + 1, |c| at + c.len_utf8())
+}
+
+/// What is wrong with a pattern, and where (its caret picture needs several lines).
+fn syntax_error(pattern: &str, err: &regex_syntax::Error) -> String {
+    let (kind, offset) = match err {
+        regex_syntax::Error::Parse(e) => (e.kind().to_string(), e.span().start.offset),
+        regex_syntax::Error::Translate(e) => (e.kind().to_string(), e.span().start.offset),
+        other => return one_line(&other.to_string()),
+    };
+    let at = pattern
+        .get(..offset)
+        .map_or(0, |before| before.chars().count())
+        + 1;
+    format!("{kind} (at character {at} of `{}`)", pattern.escape_debug())
 }
 
 /// A regex error's message on one line (its multi-line form points with `^`).
@@ -307,7 +325,8 @@ fn email(text: &str) -> bool {
 /// Every detector of a policy, compiled together.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    set: RegexSet,
+    /// All the patterns, reporting every one that matches (`MatchKind::All`).
+    set: meta::Regex,
     detectors: Vec<Detector>,
 }
 
@@ -323,9 +342,14 @@ impl Scanner {
     /// All of `detectors` in one set. The patterns compiled alone already, so together
     /// they fail only when the set is too big; the error says so.
     pub(crate) fn new(detectors: Vec<Detector>) -> Result<Scanner, String> {
-        let set = RegexSetBuilder::new(detectors.iter().map(Detector::pattern))
-            .size_limit(CUSTOM_SIZE_LIMIT * 16)
-            .build()
+        let patterns: Vec<&str> = detectors.iter().map(Detector::pattern).collect();
+        let set = meta::Builder::new()
+            .configure(
+                meta::Config::new()
+                    .match_kind(MatchKind::All)
+                    .nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 16)),
+            )
+            .build_many(&patterns)
             .map_err(|err| one_line(&err.to_string()))?;
         Ok(Scanner { set, detectors })
     }
@@ -335,10 +359,16 @@ impl Scanner {
         &self.detectors
     }
 
+    /// A set to pass to [`candidates`](Self::candidates), reused for every string.
+    pub(crate) fn pattern_set(&self) -> PatternSet {
+        PatternSet::new(self.set.pattern_len())
+    }
+
     /// Which detectors' patterns occur in `hay`, in one pass (unconfirmed: a candidate
-    /// card number may fail its check).
-    pub(crate) fn candidates(&self, hay: &str) -> regex::SetMatches {
-        self.set.matches(hay)
+    /// card number may fail its check), into `found` (cleared first).
+    pub(crate) fn candidates(&self, hay: &str, found: &mut PatternSet) {
+        found.clear();
+        self.set.which_overlapping_matches(&Input::new(hay), found);
     }
 
     /// The confirmed matches of the detectors `wanted` in `hay`, in order, none
@@ -459,6 +489,9 @@ mod tests {
         // Cut off: the body as far as it goes.
         let cut = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg+kqhkiG9w0=\n";
         assert_eq!(found("private_key", &format!("{cut}\"}}")), [cut]);
+        // Encrypted (legacy OpenSSL headers).
+        let encrypted = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----";
+        assert_eq!(found("private_key", encrypted), [encrypted]);
         // As JSON-escaped text inside a string.
         let escaped = r"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----";
         assert_eq!(found("private_key", escaped), [escaped]);

@@ -182,9 +182,16 @@ pub struct RuleDoc {
 pub enum DetectorDoc {
     /// A built-in detector: `aws_access_key`, `private_key`, `jwt`, `github_token`,
     /// `slack_token`, `us_ssn`, `credit_card`, `email`.
-    BuiltIn(String),
+    BuiltIn(#[schemars(schema_with = "built_in_detector_schema")] String),
     /// A detector of one's own.
     Custom(CustomDetectorDoc),
+}
+
+/// The built-in detectors' names, as the detectors themselves list them.
+fn built_in_detector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = crate::detect::built_in_names().collect();
+    schemars::Schema::try_from(serde_json::json!({"type": "string", "enum": names}))
+        .unwrap_or_default()
 }
 
 /// `{name, pattern}`: a detector of one's own.
