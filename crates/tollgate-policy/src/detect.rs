@@ -1,6 +1,6 @@
 //! Detectors: what result rules look for in the text a tool returns.
 //!
-//! Every detector of a policy is compiled into one [`RegexSet`], so a string is read once
+//! Every detector of a policy is compiled into one multi-pattern automaton, so a string is read once
 //! to learn which detectors occur in it (the common answer: none); only those detectors
 //! then look for their matches. The `regex` crate runs in time linear in the text (no
 //! backtracking), whatever the pattern. Some detectors confirm a candidate with a check a
@@ -10,7 +10,8 @@
 //! longest, then the detector listed first: the output is the same whatever the order
 //! the detectors were written in, and each detector looks again after a winner's end.
 
-use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder};
+use regex_automata::{Input, MatchKind, PatternSet, meta};
 
 /// An ASCII word boundary: lets the lazy DFA run on any text (a Unicode `\b` makes it
 /// give up at the first non-ASCII byte).
@@ -324,7 +325,8 @@ fn email(text: &str) -> bool {
 /// Every detector of a policy, compiled together.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    set: RegexSet,
+    /// All the patterns, reporting every one that matches (`MatchKind::All`).
+    set: meta::Regex,
     detectors: Vec<Detector>,
 }
 
@@ -340,9 +342,14 @@ impl Scanner {
     /// All of `detectors` in one set. The patterns compiled alone already, so together
     /// they fail only when the set is too big; the error says so.
     pub(crate) fn new(detectors: Vec<Detector>) -> Result<Scanner, String> {
-        let set = RegexSetBuilder::new(detectors.iter().map(Detector::pattern))
-            .size_limit(CUSTOM_SIZE_LIMIT * 16)
-            .build()
+        let patterns: Vec<&str> = detectors.iter().map(Detector::pattern).collect();
+        let set = meta::Builder::new()
+            .configure(
+                meta::Config::new()
+                    .match_kind(MatchKind::All)
+                    .nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 16)),
+            )
+            .build_many(&patterns)
             .map_err(|err| one_line(&err.to_string()))?;
         Ok(Scanner { set, detectors })
     }
@@ -352,10 +359,16 @@ impl Scanner {
         &self.detectors
     }
 
+    /// A set to pass to [`candidates`](Self::candidates), reused for every string.
+    pub(crate) fn pattern_set(&self) -> PatternSet {
+        PatternSet::new(self.set.pattern_len())
+    }
+
     /// Which detectors' patterns occur in `hay`, in one pass (unconfirmed: a candidate
-    /// card number may fail its check).
-    pub(crate) fn candidates(&self, hay: &str) -> regex::SetMatches {
-        self.set.matches(hay)
+    /// card number may fail its check), into `found` (cleared first).
+    pub(crate) fn candidates(&self, hay: &str, found: &mut PatternSet) {
+        found.clear();
+        self.set.which_overlapping_matches(&Input::new(hay), found);
     }
 
     /// The confirmed matches of the detectors `wanted` in `hay`, in order, none

@@ -142,6 +142,7 @@ struct Tally {
     matches: Vec<Found>,
     enforce: Vec<usize>,
     audit: Vec<usize>,
+    candidates: regex_automata::PatternSet,
 }
 
 impl Results {
@@ -223,6 +224,7 @@ impl<'p> ResultRules<'p> {
             matches: Vec::new(),
             enforce: Vec::new(),
             audit: Vec::new(),
+            candidates: self.results.scanner.pattern_set(),
         };
         let Some(object) = result.as_object_mut() else {
             return ResultVerdict::default();
@@ -326,13 +328,13 @@ impl<'p> ResultRules<'p> {
     /// One round of [`scan`](Self::scan); true when it redacted something.
     fn scan_once(&self, text: &mut String, tally: &mut Tally, first: bool) -> bool {
         let scanner = &self.results.scanner;
-        let candidates = scanner.candidates(text);
-        if !candidates.matched_any() {
+        scanner.candidates(text, &mut tally.candidates);
+        if tally.candidates.is_empty() {
             return false;
         }
         tally.enforce.clear();
         tally.audit.clear();
-        for detector in candidates.iter() {
+        for detector in tally.candidates.iter().map(|id| id.as_usize()) {
             match self.effects.get(detector).map(|(effect, _)| *effect) {
                 Some(effect) if effect.enforced() => tally.enforce.push(detector),
                 // What audit mode finds is counted in the text as it came.
