@@ -129,6 +129,9 @@ pub(crate) struct Detector {
     pub name: String,
     regex: Regex,
     check: Check,
+    /// Whether a match can take in a marker's `[` or `]`, or needs a `\B`: then a marker
+    /// may uncover a match of it anywhere along, not only next to a word.
+    pub crosses_markers: bool,
 }
 
 impl Detector {
@@ -141,6 +144,7 @@ impl Detector {
             name: (*name).to_owned(),
             regex,
             check: *check,
+            crosses_markers: false,
         })
     }
 
@@ -158,6 +162,7 @@ impl Detector {
             name: name.to_owned(),
             regex,
             check: Check::None,
+            crosses_markers: crosses_markers(&hir),
         })
     }
 
@@ -207,6 +212,36 @@ fn next_char(hay: &str, at: usize) -> usize {
     hay.get(at..)
         .and_then(|rest| rest.chars().next())
         .map_or(hay.len() + 1, |c| at + c.len_utf8())
+}
+
+/// Whether a pattern can match `[` or `]`, or uses `\B` (see [`Detector::crosses_markers`]).
+fn crosses_markers(hir: &regex_syntax::hir::Hir) -> bool {
+    use regex_syntax::hir::{Class, HirKind, Look};
+    let bracket = |c: char| c == '[' || c == ']';
+    match hir.kind() {
+        HirKind::Empty => false,
+        HirKind::Literal(literal) => literal.0.iter().any(|b| *b == b'[' || *b == b']'),
+        HirKind::Class(Class::Unicode(class)) => class
+            .ranges()
+            .iter()
+            .any(|r| ('['..=']').any(|c| bracket(c) && (r.start()..=r.end()).contains(&c))),
+        HirKind::Class(Class::Bytes(class)) => class.ranges().iter().any(|r| {
+            [b'[', b']']
+                .iter()
+                .any(|b| (r.start()..=r.end()).contains(b))
+        }),
+        HirKind::Look(look) => matches!(look, Look::WordAsciiNegate | Look::WordUnicodeNegate),
+        HirKind::Repetition(repetition) => crosses_markers(&repetition.sub),
+        HirKind::Capture(capture) => crosses_markers(&capture.sub),
+        HirKind::Concat(subs) | HirKind::Alternation(subs) => subs.iter().any(crosses_markers),
+    }
+}
+
+/// Whether the character next to a redacted match could, once a marker stands there,
+/// complete a match that was not one: a word character (a `\b` appears), `-` (an SSN
+/// was part of a longer dashed number) or anything not ASCII (a Unicode word).
+pub(crate) fn may_uncover(neighbor: Option<char>) -> bool {
+    neighbor.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii())
 }
 
 /// What is wrong with a pattern, and where (its caret picture needs several lines).
@@ -647,6 +682,18 @@ mod tests {
         // Backreferences and look-around (which need backtracking) do not compile.
         assert!(Detector::custom("x", r"(a)\1").is_err());
         assert!(Detector::custom("x", r"a(?=b)").is_err());
+        // Which may match across a marker's edge.
+        for (pattern, crosses) in [
+            ("MRN-[0-9]{8}", false),
+            (r"\][0-9]+", true),
+            ("[^ ]+x", true),
+            (r"x\B", true),
+            (r"(?-u:\b)[a-z]+", false),
+            ("[\\[-\\]]x", true),
+        ] {
+            let detector = Detector::custom("x", pattern).unwrap();
+            assert_eq!(detector.crosses_markers, crosses, "{pattern}");
+        }
     }
 
     #[test]
