@@ -131,6 +131,8 @@ pub struct ResultRules<'p> {
     applying: Vec<usize>,
     /// Per detector: what it does, and the entry that says so.
     effects: Vec<(Effect, usize)>,
+    /// Whether an enforced detector may match across a marker's edge.
+    crossing: bool,
 }
 
 /// Per-detector counts of one `apply`, and scratch space reused for every string.
@@ -185,11 +187,16 @@ impl Results {
                 }
             }
         }
+        let crossing = effects
+            .iter()
+            .zip(self.scanner.detectors())
+            .any(|((effect, _), detector)| effect.enforced() && detector.crosses_markers);
         Some(ResultRules {
             results: self,
             tool: tool.into(),
             applying,
             effects,
+            crossing,
         })
     }
 
@@ -325,7 +332,9 @@ impl<'p> ResultRules<'p> {
         }
     }
 
-    /// One round of [`scan`](Self::scan); true when it redacted something.
+    /// One round of [`scan`](Self::scan); true when it redacted something a marker may
+    /// have uncovered a match next to (most redactions stand between spaces or quotes,
+    /// where none can be: see [`detect::may_uncover`]).
     fn scan_once(&self, text: &mut String, tally: &mut Tally, first: bool) -> bool {
         let scanner = &self.results.scanner;
         scanner.candidates(text, &mut tally.candidates);
@@ -359,6 +368,7 @@ impl<'p> ResultRules<'p> {
         tally.matches.clear();
         scanner.find(text, &tally.enforce, &mut tally.matches);
         let mut redacted: Option<String> = None;
+        let mut again = false;
         let mut copied = 0;
         for found in &tally.matches {
             let d = found.detector;
@@ -379,6 +389,14 @@ impl<'p> ResultRules<'p> {
                     out.push_str(&detector.name);
                     out.push(']');
                     copied = found.end;
+                    again = again
+                        || self.crossing
+                        || detect::may_uncover(
+                            text.get(..found.start).and_then(|t| t.chars().next_back()),
+                        )
+                        || detect::may_uncover(
+                            text.get(found.end..).and_then(|t| t.chars().next()),
+                        );
                     if let Some(n) = tally.redacted.get_mut(d) {
                         *n += 1;
                     }
@@ -390,7 +408,7 @@ impl<'p> ResultRules<'p> {
             Some(mut out) => {
                 out.push_str(text.get(copied..).unwrap_or_default());
                 *text = out;
-                true
+                again
             }
             None => false,
         }
