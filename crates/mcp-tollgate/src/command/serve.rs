@@ -497,17 +497,23 @@ pub async fn run_proxy(
     let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
     let (listener, lanes) = bind_lanes(config.listen, tollgate_proxy::upstream::lanes())
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))
-        .map_err(Failure::io)?;
+        .map_err(|err| {
+            cannot_listen(
+                config.listen,
+                "--listen, or `listen:` in the configuration",
+                err,
+            )
+        })?;
     let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
 
     // One signal stops both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = bind_admin(&config, &state, stop_rx.clone(), mode, command).await?;
-    print_listening(addr, &config);
-    if let Some(admin) = &admin {
-        println!("{}", admin.announcement());
-    }
+    print_listening(
+        addr,
+        &config,
+        admin.as_ref().map(AdminStarted::announcement).as_deref(),
+    );
     on_bound(Bound {
         listen: addr,
         admin: admin.as_ref().map(|a| a.addr),
@@ -540,9 +546,34 @@ pub async fn run_proxy(
     served.map_err(|e| Failure::io(anyhow::anyhow!("server failed: {e}")))
 }
 
-fn print_listening(addr: SocketAddr, config: &Config) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
+/// Why the MCP listener cannot start; an address in use says how to pick another.
+pub fn cannot_listen(listen: SocketAddr, flag: &str, err: std::io::Error) -> Failure {
+    let hint = if err.kind() == std::io::ErrorKind::AddrInUse {
+        format!(" (another program listens there: choose another address with {flag})")
+    } else {
+        String::new()
+    };
+    Failure::io(anyhow::anyhow!("cannot listen on {listen}: {err}{hint}"))
+}
+
+/// The start-up banner: the URLs, then the admin listener's line. On stdout, unless the
+/// audit log is written there (`audit.path: "-"`, the container default), whose readers
+/// expect one JSON record a line and nothing else: then on stderr, with the logs.
+fn print_listening(addr: SocketAddr, config: &Config, admin: Option<&str>) {
+    let audit_on_stdout = config.audit.as_ref().is_some_and(|audit| audit.path == "-");
+    if audit_on_stdout {
+        write_banner(&mut std::io::stderr().lock(), addr, config, admin);
+    } else {
+        write_banner(&mut std::io::stdout().lock(), addr, config, admin);
+    }
+}
+
+fn write_banner(
+    out: &mut impl std::io::Write,
+    addr: SocketAddr,
+    config: &Config,
+    admin: Option<&str>,
+) {
     if config.servers.len() == 1 {
         let _ = writeln!(out, "Tollgate listening on http://{addr}/mcp");
     } else {
@@ -553,6 +584,9 @@ fn print_listening(addr: SocketAddr, config: &Config) {
             out,
             "  server {name}: http://{addr}/servers/{name}/mcp (legacy HTTP+SSE: http://{addr}/servers/{name}/sse)"
         );
+    }
+    if let Some(admin) = admin {
+        let _ = writeln!(out, "{admin}");
     }
     let _ = out.flush();
 }

@@ -1,0 +1,119 @@
+"""For the people who run it (issue 30): what a container log, a busy port, a restarted
+demo and an approver at the terminal meet."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+
+from conftest import TOLLGATE, Proc, free_port, start_tollgate, start_upstream
+
+pytestmark = pytest.mark.anyio
+
+ALLOW_ECHO = "version: 1\ndefault: deny\nrules:\n  - tool: echo\n    action: allow\n"
+
+
+async def test_with_the_audit_log_on_stdout_the_banner_goes_to_stderr(procs, tmp_path):
+    """`audit.path: "-"` (the Kubernetes default): stdout carries records and nothing else."""
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "p.yaml").write_text(ALLOW_ECHO)
+    config = tmp_path / "t.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\naudit: {{path: '-'}}\nadmin: {{listen: '127.0.0.1:0', token: banner-token-0123456789}}\n"
+                      f"servers:\n  s:\n    url: {upstream.url}\n    policy: p.yaml\n")
+    log = tmp_path / "serve.log"
+    proc = Proc([TOLLGATE, "serve", "--config", str(config)], log)
+    procs.append(proc)
+    with anyio.fail_after(20):
+        while "Tollgate admin on" not in log.read_text():
+            await anyio.sleep(0.05)
+    url = next(line.split()[-1] for line in log.read_text().splitlines() if line.startswith("Tollgate listening on"))
+    async with Client(url, mode="auto") as client:
+        assert (await client.call_tool("echo", {"text": "hi"})).is_error is False
+    with anyio.fail_after(10):
+        while not any('"tool":"echo"' in line.replace(" ", "") for line in proc.lines):
+            await anyio.sleep(0.05)
+    proc.stop()
+    assert proc.lines, "no audit record on stdout"
+    for line in proc.lines:
+        json.loads(line)  # every stdout line is a record
+
+
+def test_an_address_in_use_suggests_listen(tmp_path):
+    (tmp_path / "p.yaml").write_text(ALLOW_ECHO)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        run = subprocess.run([TOLLGATE, "serve", "--upstream", "http://127.0.0.1:9/mcp", "--policy", str(tmp_path / "p.yaml"),
+                              "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--listen" in run.stderr, run.stderr
+
+
+def test_the_demos_claude_desktop_entry_survives_a_restart(procs, tmp_path):
+    upstream_port = free_port()
+    entries = []
+    for run in range(2):
+        proc = Proc([TOLLGATE, "demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                     "--upstream-listen", f"127.0.0.1:{upstream_port}"], tmp_path / f"demo{run}.log", cwd=tmp_path)
+        procs.append(proc)
+        entries.append(proc.wait_line(r'^(\{"mcpServers": ?\{"healthlake": ?\{"command".*)$').group(1))
+        proc.stop()
+    assert entries[0] == entries[1]
+    assert f"127.0.0.1:{upstream_port}" in entries[0]
+
+
+APPROVAL_POLICY = """
+version: 1
+default: deny
+rules:
+  - tool: echo
+    action: require_approval
+    reason: A human looks first.
+    approval: { timeout: 60 }
+"""
+TOKEN = "approvals-token-0123456789"
+
+
+async def test_approvals_of_anonymous_callers_are_told_apart_and_leave_with_their_session(procs, tmp_path):
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, APPROVAL_POLICY,
+                        extra=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+
+    def pending() -> list[dict]:
+        return [a for a in httpx.get(tg.admin + "/approvals", headers=auth, timeout=10).json() if a["status"] == "pending"]
+
+    async with Client(tg.url, mode="legacy") as first, Client(tg.url, mode="legacy") as second:
+        for client in (first, second):
+            with anyio.move_on_after(1.0):
+                await client.call_tool("echo", {"text": "same"})
+        with anyio.fail_after(15):
+            while len(waiting := pending()) < 2:
+                await anyio.sleep(0.05)
+        listed = subprocess.run([TOLLGATE, "approvals", "list", "--admin", tg.admin], capture_output=True, text=True,
+                                env={"TOLLGATE_ADMIN_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"}, timeout=30)
+        assert listed.returncode == 0, listed.stderr
+        for approval in waiting:
+            assert approval["principal"].startswith("session:")
+            row = next(line for line in listed.stdout.splitlines() if line.startswith(approval["id"]))
+            assert approval["principal"] in row, (row, approval)
+    # Both sessions are closed (the SDK ends them with DELETE): nobody can retry those calls.
+    with anyio.fail_after(15):
+        while pending():
+            await anyio.sleep(0.05)
+    settled = httpx.get(tg.admin + "/approvals", headers=auth, timeout=10).json()
+    assert {a["status"] for a in settled} == {"denied"}
+    assert all("session that asked was closed" in a["decision_reason"] for a in settled)
+    assert upstream.calls() == []
+
+
