@@ -117,3 +117,44 @@ async def test_approvals_of_anonymous_callers_are_told_apart_and_leave_with_thei
     assert upstream.calls() == []
 
 
+def test_tollgate_stdio_handles_messages_in_order_of_arrival(procs, tmp_path):
+    """initialize, initialized, tools/list and tools/call written back to back, 200 times
+    (a process each): every answer is a result, and the notification is never answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "p.yaml").write_text(ALLOW_ECHO)
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "burst", "version": "1"}}
+    burst = "".join(json.dumps(m) + "\n" for m in [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}},
+    ])
+
+    def one(i: int) -> list[dict]:
+        proc = subprocess.Popen([TOLLGATE, "stdio", "--policy", str(tmp_path / "p.yaml"), "--upstream", upstream.url],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        timer = threading.Timer(30, proc.kill)  # bounds the reads below
+        timer.start()
+        try:
+            proc.stdin.write(burst)
+            proc.stdin.flush()
+            answers = []
+            while len(answers) < 3:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                answers.append(json.loads(line))
+            return answers
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.wait(timeout=10)
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(one, range(200)))
+    bad = [run for run in runs if sorted(a.get("id") for a in run) != [1, 2, 3] or any("error" in a for a in run)]
+    assert bad == [], f"{len(bad)} of 200 bursts went wrong, e.g. {bad[0]}"
+
+

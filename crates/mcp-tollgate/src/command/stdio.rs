@@ -177,12 +177,13 @@ async fn serve_stdio(
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    let conversation = conversation.clone();
-                    let body = Bytes::from(line);
                     // At most MAX_IN_FLIGHT messages handled at once: stdin waits beyond that.
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    // Admitted here, in order of arrival (after the handshake they
+                    // follow), then handled concurrently.
+                    let admitted = conversation.admit(Bytes::from(line)).await;
                     in_flight.spawn(async move {
-                        conversation.receive(body).await;
+                        admitted.run().await;
                         drop(permit);
                     });
                 }
