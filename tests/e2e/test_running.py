@@ -117,6 +117,26 @@ async def test_approvals_of_anonymous_callers_are_told_apart_and_leave_with_thei
     assert upstream.calls() == []
 
 
+def test_a_client_at_full_speed_stays_within_the_default_request_rate(procs, tmp_path):
+    """Default `limits`: 600 requests from one address as fast as 16 connections send them
+    (a desktop client's start-up burst, a test suite) all pass the bucket; beyond it a
+    client gets 429 with Retry-After (test_limits.py). The calls are denied by the policy,
+    so Tollgate answers each itself, as fast as it can."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_http import headers, tool_call
+
+    upstream = start_upstream(procs, tmp_path)
+    tg = start_tollgate(procs, tmp_path, upstream.url, ALLOW_ECHO)
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16)) as http:
+        def call(i: int) -> int:
+            return http.post(tg.url, json=tool_call("denied", {}, i), headers=headers(name="denied")).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(call, range(600)))
+    assert codes.count(200) == 600, {c: codes.count(c) for c in set(codes)}
+
+
 def test_tollgate_stdio_handles_messages_in_order_of_arrival(procs, tmp_path):
     """initialize, initialized, tools/list and tools/call written back to back, 200 times
     (a process each): every answer is a result, and the notification is never answered."""

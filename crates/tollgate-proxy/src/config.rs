@@ -341,6 +341,11 @@ pub struct Limits {
     /// Requests per second per client (token bucket); 0 turns it off.
     #[serde(default = "default_rps")]
     pub requests_per_second: u32,
+    /// How many requests a client may send at once before the per-second rate
+    /// applies: the bucket's size (default 4 × `requests_per_second`). Generous by
+    /// default, so that a client's start-up burst or a test suite at full speed passes.
+    #[serde(default)]
+    pub burst: Option<u32>,
     /// Most concurrent handshake-era sessions.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -376,11 +381,20 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
+impl Limits {
+    /// The per-client bucket's size: `burst`, else 4 × `requests_per_second`.
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.requests_per_second.saturating_mul(4))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body: default_max_body(),
             requests_per_second: default_rps(),
+            burst: None,
             max_sessions: default_max_sessions(),
             session_idle: default_session_idle(),
             sessions_per_client: default_sessions_per_client(),
@@ -505,7 +519,7 @@ fn default_max_body() -> usize {
     4 * 1024 * 1024
 }
 fn default_rps() -> u32 {
-    50
+    200
 }
 fn default_max_sessions() -> usize {
     10_000
