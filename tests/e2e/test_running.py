@@ -178,3 +178,37 @@ def test_tollgate_stdio_handles_messages_in_order_of_arrival(procs, tmp_path):
     assert bad == [], f"{len(bad)} of 200 bursts went wrong, e.g. {bad[0]}"
 
 
+async def test_the_readmes_healthlake_line_runs_as_printed(procs, tmp_path):
+    """README's `tollgate serve ... -- uvx --with 'mcp<2' awslabs.healthlake-mcp-server@latest`,
+    as printed (plus where to listen). `uvx` is a stand-in that checks it was asked for exactly
+    that and runs the server already installed in tests/.venv-healthlake (no network); the
+    server itself needs AWS_REGION, which only `--env` gives it."""
+    import shlex
+
+    from conftest import ROOT
+    from test_healthlake import HEALTHLAKE_PYTHON
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if l.startswith("tollgate serve --policy") and "healthlake-mcp-server" in l)
+    args = shlex.split(line)
+    split = args.index("--")
+    server = Path(HEALTHLAKE_PYTHON).parent / "awslabs.healthlake-mcp-server"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uvx").write_text(
+        "#!/bin/sh\n"
+        f'[ "$*" = {shlex.quote(" ".join(args[split + 2:]))} ] || {{ echo "uvx stand-in: unexpected $*" >&2; exit 2; }}\n'
+        f"exec {shlex.quote(str(server))}\n")
+    (bin_dir / "uvx").chmod(0o755)
+    port = free_port()
+    command = [TOLLGATE, *args[1:split], "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", *args[split:]]
+    proc = Proc(command, tmp_path / "serve.log", cwd=ROOT,
+                env={"PATH": f"{bin_dir}:/usr/bin:/bin", "AWS_DEFAULT_REGION": ""})
+    procs.append(proc)
+    url = proc.wait_line(r"Tollgate listening on (http://\S+/mcp)").group(1)
+
+    async with Client(url, mode="legacy") as client:
+        names = [t.name for t in (await client.list_tools()).tools]
+    assert "start_fhir_export_job" in names, names
+
+

@@ -23,6 +23,9 @@ pub struct ServeArgs {
     /// A stdio MCP server to start and forward to (with `--policy`).
     #[arg(last = true, value_name = "CMD", requires = "policy")]
     pub command: Vec<String>,
+    /// The stdio server's environment (with `-- CMD ARGS`).
+    #[command(flatten)]
+    pub child_env: super::ChildEnv,
     /// Where to listen (overrides the configuration's `listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -242,8 +245,8 @@ pub enum CommandLineUpstream<'a> {
         /// Whether it speaks the legacy HTTP+SSE transport.
         sse: bool,
     },
-    /// `-- CMD ARGS`: a stdio server to start.
-    Command(&'a [String]),
+    /// `-- CMD ARGS`: a stdio server to start, with `--env` and `--inherit-env`.
+    Command(&'a [String], &'a super::ChildEnv),
 }
 
 /// A one-server configuration (server `upstream`) from the command line, checked
@@ -260,8 +263,18 @@ pub fn single_server_config(
         CommandLineUpstream::Url { url, sse: true } => {
             format!("    url: {}\n    transport: sse\n", quote(url))
         }
-        CommandLineUpstream::Command(argv) => {
-            format!("    command: {}\n", serde_json::Value::from(argv.to_vec()))
+        CommandLineUpstream::Command(argv, env) => {
+            let vars: serde_json::Map<String, serde_json::Value> = env
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.as_str().into()))
+                .collect();
+            format!(
+                "    command: {}\n    env: {}\n    inherit_env: {}\n",
+                serde_json::Value::from(argv.to_vec()),
+                serde_json::Value::Object(vars),
+                serde_json::Value::from(env.inherit_env.clone())
+            )
         }
     };
     let yaml = format!(
@@ -638,8 +651,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
                 let upstream = match (&args.upstream, args.command.as_slice()) {
+                    (Some(_), []) if !args.child_env.is_empty() => {
+                        return Err(usage(
+                            "--env and --inherit-env are for a stdio server (-- CMD ARGS); an --upstream URL has its own environment",
+                        ));
+                    }
                     (Some(url), []) => CommandLineUpstream::Url { url, sse: false },
-                    (None, command) if !command.is_empty() => CommandLineUpstream::Command(command),
+                    (None, command) if !command.is_empty() => {
+                        CommandLineUpstream::Command(command, &args.child_env)
+                    }
                     _ => {
                         return Err(usage(
                             "with --policy, give either --upstream URL or -- CMD ARGS (not both)",
