@@ -212,3 +212,27 @@ async def test_the_readmes_healthlake_line_runs_as_printed(procs, tmp_path):
     assert "start_fhir_export_job" in names, names
 
 
+def test_readiness_asks_each_upstream_for_real(procs, tmp_path):
+    """An upstream at a wrong path (a bare 404) and a stdio command that does not exist are
+    not ready, each saying why, in /readyz and /status; a real server is."""
+    from conftest import serve_config, write_config
+
+    upstream = start_upstream(procs, tmp_path)
+    token = "ready-token-0123456789"
+    config = write_config(tmp_path, {
+        "good": (upstream.url, ALLOW_ECHO),
+        "wrong": (upstream.url.removesuffix("/mcp") + "/wrong", ALLOW_ECHO),
+        "missing": ("    command: [surely-no-such-mcp-server]\n", ALLOW_ECHO),
+    }, extra=f"admin: {{listen: '127.0.0.1:0', token: {token}}}")
+    _, proc = serve_config(procs, config)
+    admin = proc.wait_line(r"Tollgate admin on (http://\S+)/").group(1)
+    auth = {"authorization": f"Bearer {token}"}
+    ready = httpx.get(admin + "/readyz", headers=auth, timeout=30)
+    assert ready.status_code == 503, ready.text
+    upstreams = ready.json()["upstreams"]
+    assert upstreams["good"]["ready"] is True, upstreams
+    assert upstreams["wrong"]["ready"] is False and "HTTP 404" in upstreams["wrong"]["error"], upstreams
+    assert upstreams["missing"]["ready"] is False and "surely-no-such-mcp-server" in upstreams["missing"]["error"]
+    status = {s["name"]: s for s in httpx.get(admin + "/status", headers=auth, timeout=10).json()["servers"]}
+    assert status["wrong"]["health"]["ready"] is False and status["good"]["health"]["ready"] is True, status
+    assert "upstream not ready" in proc.log.read_text()

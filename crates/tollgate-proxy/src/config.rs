@@ -60,6 +60,9 @@ pub struct ConfigOf<S> {
     /// Where state shared by several replicas lives (default: in this process).
     #[serde(default)]
     pub state: StateConfig,
+    /// How often each upstream is probed for readiness (`/readyz`, `/status`; default 10s).
+    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    pub health_interval: Duration,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -542,6 +545,9 @@ fn default_header_read_timeout() -> Duration {
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_grace() -> Duration {
     Duration::from_secs(20)
 }
@@ -841,6 +847,9 @@ impl ConfigOf<RawServer> {
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
         }
+        if self.health_interval.is_zero() {
+            problems.push("health_interval: must be more than 0 seconds".to_owned());
+        }
         check_state(&self.state, &mut problems);
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
@@ -884,6 +893,7 @@ impl ConfigOf<RawServer> {
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
             state: self.state,
+            health_interval: self.health_interval,
             servers,
         })
     }

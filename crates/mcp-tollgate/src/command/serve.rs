@@ -534,6 +534,7 @@ pub async fn run_proxy(
     });
     let admin_task = admin.map(|a| a.task);
     let _watcher = start_reloading(&state);
+    let health = tokio::spawn(state.clone().watch_health());
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -553,6 +554,7 @@ pub async fn run_proxy(
         config.shutdown_grace,
     )
     .await;
+    health.abort();
     if let Some(task) = admin_task {
         let _ = task.await;
     }
