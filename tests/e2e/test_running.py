@@ -236,3 +236,34 @@ def test_readiness_asks_each_upstream_for_real(procs, tmp_path):
     status = {s["name"]: s for s in httpx.get(admin + "/status", headers=auth, timeout=10).json()["servers"]}
     assert status["wrong"]["health"]["ready"] is False and status["good"]["health"]["ready"] is True, status
     assert "upstream not ready" in proc.log.read_text()
+
+
+async def test_an_authenticated_clients_approval_is_redeemed_from_its_next_session(procs, tmp_path):
+    """Re-running a script after approving: the new session of the same client gets the call
+    through, and the pending message said so."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    key = "script-key-0123456789"
+    upstream = start_upstream(procs, tmp_path)
+    policy = APPROVAL_POLICY.replace("approval: { timeout: 60 }", "approval: { timeout: 60, wait: 1 }")
+    tg = start_tollgate(procs, tmp_path, upstream.url, policy,
+                        extra=f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\nclients: [{{name: script, key: {key}}}]")
+
+    def script():
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})
+        return Client(streamable_http_client(tg.url, http_client=http), mode="legacy")
+
+    async with script() as client:
+        first = await client.call_tool("echo", {"text": "run"})
+    assert first.is_error is True
+    text = first.content[0].text
+    assert "as client `script` (from any of its sessions)" in text, text
+    approval_id = first.meta["dev.tollgate/decision"]["approval_id"]
+    approved = httpx.post(f"{tg.admin}/approvals/{approval_id}/approve", json={},
+                          headers={"authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert approved.status_code == 200, approved.text
+    async with script() as client:  # the script run again: a new session
+        again = await client.call_tool("echo", {"text": "run"})
+    assert again.is_error is False, again
+    assert upstream.tools_called() == ["echo"]
