@@ -263,6 +263,10 @@ pub struct ApprovalsConfig {
     /// random key is made at start.
     #[serde(default)]
     pub state_key: Option<String>,
+    /// The most bytes of arguments one client's calls waiting for approval may hold
+    /// together (default 8 MiB, an eighth of the 64 MiB all clients share).
+    #[serde(default, deserialize_with = "de_optional_size")]
+    pub bytes_per_client: Option<usize>,
 }
 
 /// Default of `approvals.wait`.
@@ -644,6 +648,10 @@ fn de_optional_duration<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
+}
+
+fn de_optional_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

@@ -72,7 +72,13 @@ pub async fn serve(
             }
         })
     };
-    let gate = Gate::new(ConnectionLimits::new(&state.limits));
+    let limits = ConnectionLimits::new(&state.limits);
+    tracing::debug!(
+        max_connections = limits.max,
+        connections_per_peer = limits.per_peer,
+        "connection limits (connections_per_peer is at most half of max_connections)"
+    );
+    let gate = Gate::new(limits);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // A lane's runtime outlives its listener until the upstreams are shut down: what
     // it started (upstream connections, child processes) is driven by it.

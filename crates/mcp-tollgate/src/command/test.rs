@@ -88,6 +88,16 @@ pub struct Case {
     /// that would be held passes without asking.
     #[serde(default)]
     pub grant: bool,
+    /// The tool's result (a CallToolResult: `content`, `structuredContent`), for the
+    /// policy's `results:` entries.
+    #[serde(default)]
+    pub result: Option<Value>,
+    /// The detectors expected to redact `result`, by name (`[]`: none).
+    #[serde(default)]
+    pub expect_redacted: Option<Vec<String>>,
+    /// Whether `result` is expected to be withheld.
+    #[serde(default)]
+    pub expect_blocked: Option<bool>,
 }
 
 /// The key of `per: user` limits, as the proxy forms it: the token's `sub`, else
@@ -129,9 +139,17 @@ pub fn load_suite(path: &Path, source: &str) -> Result<(Suite, Policy), Vec<Stri
         .map_err(|e| vec![e.to_string()])?;
     let mut problems = Vec::new();
     for (i, case) in suite.cases.iter().enumerate() {
-        if case.expect.is_none() && case.expect_last.is_none() {
+        let expects_result = case.expect_redacted.is_some() || case.expect_blocked.is_some();
+        if case.expect.is_none() && case.expect_last.is_none() && !expects_result {
             problems.push(format!(
-                "{}: cases[{i}] `{}`: needs `expect` or `expect_last`",
+                "{}: cases[{i}] `{}`: needs `expect`, `expect_last`, `expect_redacted` or `expect_blocked`",
+                path.display(),
+                case.name
+            ));
+        }
+        if expects_result != case.result.is_some() {
+            problems.push(format!(
+                "{}: cases[{i}] `{}`: `result` and `expect_redacted` / `expect_blocked` go together",
                 path.display(),
                 case.name
             ));
@@ -289,11 +307,63 @@ pub fn run_suite(suite: &Suite, policy: &Policy) -> Vec<(String, String)> {
                 failure = Some(format!("expected kind {kind}, got {}", describe(last)));
             }
         }
+        if failure.is_none() {
+            failure = check_result(policy, case);
+        }
         if let Some(message) = failure {
             failures.push((case.name.clone(), message));
         }
     }
     failures
+}
+
+/// A case's result expectations against the policy's `results:` entries: which
+/// detectors redacted its `result` (as the client would see them in
+/// `_meta["dev.tollgate/redactions"]`) and whether it was withheld. `None` when they hold.
+fn check_result(policy: &Policy, case: &Case) -> Option<String> {
+    let mut result = case.result.clone()?;
+    let verdict = policy
+        .result_rules(&case.tool, case.client.as_deref(), case.claims.as_ref())
+        .map(|rules| rules.apply(&mut result))
+        .unwrap_or_default();
+    let redacted: Vec<&str> = result["_meta"][tollgate_policy::REDACTIONS_META]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    let found: Vec<&str> = verdict.redactions.iter().map(|r| r.name.as_str()).collect();
+    if let Some(expected) = &case.expect_redacted {
+        let mut expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        if expected != redacted {
+            return Some(format!(
+                "expected the result redacted by [{}], got [{}] (found: [{}]{})",
+                expected.join(", "),
+                redacted.join(", "),
+                found.join(", "),
+                verdict
+                    .blocked
+                    .as_ref()
+                    .map(|b| format!("; withheld for {b}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(expected) = case.expect_blocked
+        && expected != verdict.blocked.is_some()
+    {
+        return Some(match &verdict.blocked {
+            Some(blocker) => format!("expected the result not withheld, but it contains {blocker}"),
+            None => format!(
+                "expected the result withheld, but no `block` detector applying to `{}` found anything (found: [{}])",
+                case.tool,
+                found.join(", ")
+            ),
+        });
+    }
+    None
 }
 
 fn is_test_file(path: &Path) -> bool {
