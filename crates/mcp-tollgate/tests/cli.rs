@@ -718,7 +718,7 @@ fn test_cases_expect_redactions_and_blocks() {
         text.contains("a key withholds: expected the result withheld, but no `block` detector applying to `anything` found anything"),
         "{text}"
     );
-    // `result` and its expectations go together.
+    // Expectations need the `result` they check.
     let broken = dir.write(
         "b.test.yaml",
         "policy: p.yaml\ncases:\n  - {name: no result, tool: x, expect_redacted: [mrn]}\n",
@@ -726,7 +726,7 @@ fn test_cases_expect_redactions_and_blocks() {
     let out = tollgate(&["test", &broken]);
     assert_eq!(code(&out), 1);
     assert!(
-        stderr(&out).contains("`result` and `expect_redacted` / `expect_blocked` go together"),
+        stderr(&out).contains("`expect_redacted` / `expect_blocked` need the `result` they check"),
         "{}",
         stderr(&out)
     );
