@@ -16,6 +16,7 @@ mod audit;
 mod config;
 mod downstream;
 mod error;
+pub mod lock;
 mod metrics;
 mod pipeline;
 mod reload;

@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "upstream",
     "error",
     "store",
+    "lock",
     "audit",
     "metrics",
     "config",
