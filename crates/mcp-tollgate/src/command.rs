@@ -5,6 +5,8 @@ pub mod demo;
 pub mod explain;
 pub mod health;
 pub mod instances;
+pub mod listing;
+pub mod lock;
 pub mod scan;
 pub mod serve;
 pub mod stdio;
