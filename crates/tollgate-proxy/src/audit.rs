@@ -171,6 +171,20 @@ pub enum Record<'a> {
         /// Who granted it.
         granted_by: &'a str,
     },
+    /// A tool's definition, as the upstream advertised it, differs from the tool lock
+    /// (or the lock does not name the tool); written once per server, tool and digest.
+    ToolChanged {
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// The locked digest; `None` when the lock does not name the tool.
+        locked: Option<&'a str>,
+        /// The digest of the definition the upstream advertised.
+        seen: &'a str,
+        /// `refuse` (hidden, calls refused) or `warn` (let through).
+        on_tool_change: &'a str,
+    },
     /// A grant was ended before its time.
     GrantRevoked {
         /// The grant's id.

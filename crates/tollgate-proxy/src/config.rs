@@ -804,13 +804,9 @@ impl Config {
         config_dir.join(&server.policy)
     }
 
-    /// Tool lock of `server`, if it has one, resolved as its policy is.
-    pub fn tools_lock_path(&self, config_dir: &Path, server: &ServerConfig) -> Option<PathBuf> {
-        server.tools_lock.as_ref().map(|lock| config_dir.join(lock))
-    }
-
     /// Makes the other relative paths of the file (`audit.path`, `servers.<n>.cwd`)
-    /// relative to `config_dir`, the configuration file's directory, as `policy:` is:
+    /// relative to `config_dir`, the configuration file's directory, as `policy:` is
+    /// (and `servers.<n>.tools_lock`):
     /// the directory Tollgate is started from (`/`, for a desktop client) never matters.
     pub fn resolve_paths(&mut self, config_dir: &Path) {
         if let Some(audit) = &mut self.audit
@@ -820,6 +816,11 @@ impl Config {
             audit.path = config_dir.join(&audit.path).to_string_lossy().into_owned();
         }
         for server in self.servers.values_mut() {
+            if let Some(lock) = &mut server.tools_lock
+                && lock.is_relative()
+            {
+                *lock = config_dir.join(&*lock);
+            }
             if let UpstreamConfig::Stdio { cwd: Some(cwd), .. } = &mut server.upstream
                 && cwd.is_relative()
             {

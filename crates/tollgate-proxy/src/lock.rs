@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -295,6 +296,221 @@ pub fn unified_diff(name: &str, locked: Option<&Value>, seen: Option<&Value>) ->
             .header(&format!("locked/{name}"), &format!("live/{name}"))
     );
     out
+}
+
+/// A tool definition that differs from the lock, or that the lock does not name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The tool.
+    pub tool: String,
+    /// The locked digest; `None` when the lock does not name the tool.
+    pub locked: Option<String>,
+    /// The digest of the definition the upstream advertised.
+    pub seen: String,
+}
+
+/// Upstream sessions whose tools are remembered at most; past it all are forgotten
+/// (and listed again when needed).
+const MAX_LISTINGS: usize = 4096;
+
+/// Changes remembered as already recorded at most; past it, all are forgotten.
+const MAX_RECORDED: usize = 4096;
+
+/// One server's lock at run time, and what its upstream advertised: per upstream
+/// session (`""` for calls outside one), each tool's digest as last listed.
+pub struct ToolWatch {
+    lock: arc_swap::ArcSwap<ToolLock>,
+    /// Where the lock was read from (for reloads and messages).
+    pub path: PathBuf,
+    /// What a changed or unknown tool meets.
+    pub on_change: crate::config::OnToolChange,
+    /// `sha256:` of the lock file's text, and the last reload's error.
+    pub info: parking_lot::Mutex<LockInfo>,
+    learned: parking_lot::Mutex<std::collections::HashMap<String, Listing>>,
+    latest: parking_lot::Mutex<BTreeMap<String, Value>>,
+    recorded: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Held while Tollgate lists the tools itself, so that concurrent callers share one listing.
+    pub listing: tokio::sync::Mutex<()>,
+}
+
+/// Provenance of a lock in force, for reloads and `/tools`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LockInfo {
+    /// `sha256:<hex>` of the file's text.
+    pub hash: String,
+    /// The last reload's error; the previous lock stays in force.
+    pub last_error: Option<String>,
+}
+
+/// The tools one upstream session advertised.
+#[derive(Default)]
+struct Listing {
+    digests: std::collections::HashMap<String, String>,
+    /// Whether every page was read, so that a tool not in `digests` is not listed.
+    complete: bool,
+}
+
+/// What Tollgate knows of a tool's current definition in one upstream session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Listed with this digest.
+    Digest(String),
+    /// A full listing did not have it.
+    NotListed,
+    /// Not learned: the tools must be listed first.
+    Unknown,
+}
+
+impl ToolWatch {
+    /// The watch of `lock`, read from `path` (whose text has `hash`).
+    pub fn new(
+        lock: ToolLock,
+        path: PathBuf,
+        hash: String,
+        on_change: crate::config::OnToolChange,
+    ) -> ToolWatch {
+        ToolWatch {
+            lock: arc_swap::ArcSwap::from_pointee(lock),
+            path,
+            on_change,
+            info: parking_lot::Mutex::new(LockInfo {
+                hash,
+                last_error: None,
+            }),
+            learned: parking_lot::Mutex::default(),
+            latest: parking_lot::Mutex::default(),
+            recorded: parking_lot::Mutex::default(),
+            listing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The lock in force.
+    pub fn lock(&self) -> Arc<ToolLock> {
+        self.lock.load_full()
+    }
+
+    /// Puts a reloaded lock in force; what was learned stays (it is compared anew).
+    pub fn replace(&self, lock: ToolLock, hash: String) {
+        self.lock.store(Arc::new(lock));
+        *self.info.lock() = LockInfo {
+            hash,
+            last_error: None,
+        };
+    }
+
+    /// What is known of `tool`'s current definition in the upstream session `key`.
+    pub fn seen(&self, key: &str, tool: &str) -> Seen {
+        let learned = self.learned.lock();
+        let Some(listing) = learned.get(key) else {
+            return Seen::Unknown;
+        };
+        match listing.digests.get(tool) {
+            Some(digest) => Seen::Digest(digest.clone()),
+            None if listing.complete => Seen::NotListed,
+            None => Seen::Unknown,
+        }
+    }
+
+    /// Learns the tools of one `tools/list` answer in the upstream session `key`
+    /// (every page of it when `complete`), and says for each tool whether it is kept
+    /// (as locked, or `on_tool_change: warn`). Returns the changes not seen before,
+    /// to be recorded once.
+    pub fn learn(&self, key: &str, tools: &[Value], complete: bool) -> (Vec<bool>, Vec<Change>) {
+        let lock = self.lock();
+        let mut keep = Vec::with_capacity(tools.len());
+        let mut changes = Vec::new();
+        let mut digests = Vec::with_capacity(tools.len());
+        for tool in tools {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                // A tool without a name cannot be called; it is not Tollgate's to judge.
+                keep.push(true);
+                continue;
+            };
+            let digest = tool_digest(tool);
+            let status = lock.status(name, &digest);
+            keep.push(status == Status::Unchanged || self.warns());
+            if let Some(change) = self.change(name, status) {
+                changes.push(change);
+            }
+            self.latest.lock().insert(name.to_owned(), definition(tool));
+            digests.push((name.to_owned(), digest));
+        }
+        let mut learned = self.learned.lock();
+        if learned.len() >= MAX_LISTINGS && !learned.contains_key(key) {
+            learned.clear();
+        }
+        let listing = learned.entry(key.to_owned()).or_default();
+        if complete {
+            *listing = Listing::default();
+            listing.complete = true;
+        }
+        listing.digests.extend(digests);
+        (keep, changes)
+    }
+
+    /// Forgets what the upstream session `key` listed (its tools changed).
+    pub fn forget(&self, key: &str) {
+        self.learned.lock().remove(key);
+    }
+
+    /// Whether calls to changed tools go on.
+    pub fn warns(&self) -> bool {
+        self.on_change == crate::config::OnToolChange::Warn
+    }
+
+    /// The change `status` describes, the first time it is seen.
+    pub fn change(&self, tool: &str, status: Status) -> Option<Change> {
+        let (locked, seen) = match status {
+            Status::Unchanged => return None,
+            Status::Changed { locked, seen } => (Some(locked), seen),
+            Status::Unknown { seen } => (None, seen),
+        };
+        let mut recorded = self.recorded.lock();
+        if recorded.len() >= MAX_RECORDED {
+            recorded.clear();
+        }
+        recorded
+            .insert((tool.to_owned(), seen.clone()))
+            .then(|| Change {
+                tool: tool.to_owned(),
+                locked,
+                seen,
+            })
+    }
+
+    /// Each tool locked or last advertised, with its status and the diff of a
+    /// changed one, by name: what `GET /tools` shows.
+    pub fn report(&self) -> Vec<Value> {
+        let lock = self.lock();
+        let latest = self.latest.lock().clone();
+        let names: std::collections::BTreeSet<&String> =
+            lock.tools().keys().chain(latest.keys()).collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let locked = lock.tools().get(name);
+                let seen = latest.get(name);
+                let seen_digest = seen.map(tool_digest);
+                let status = match (locked, &seen_digest) {
+                    (_, None) => "not_listed",
+                    (Some(l), Some(d)) if &l.digest == d => "unchanged",
+                    (Some(_), Some(_)) => "changed",
+                    (None, Some(_)) => "unknown",
+                };
+                let mut entry = serde_json::json!({
+                    "name": name,
+                    "status": status,
+                    "locked": locked.map(|l| &l.digest),
+                    "seen": seen_digest,
+                });
+                if matches!(status, "changed" | "unknown") {
+                    entry["diff"] =
+                        Value::from(unified_diff(name, locked.map(|l| &l.definition), seen));
+                }
+                entry
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

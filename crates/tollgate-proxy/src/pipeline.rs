@@ -23,6 +23,7 @@ pub mod held;
 pub mod inbound;
 pub mod relay;
 pub mod session;
+pub mod tools;
 
 use std::sync::Arc;
 

@@ -114,7 +114,7 @@ fn jobs(args: &LockArgs) -> anyhow::Result<Vec<Job>> {
         if args.server.as_ref().is_some_and(|only| only != name) {
             continue;
         }
-        let Some(lock) = config.tools_lock_path(dir, server) else {
+        let Some(lock) = server.tools_lock.clone() else {
             if args.server.is_some() {
                 anyhow::bail!(
                     "{}: server `{name}` has no `tools_lock:`; add one (e.g. `tools_lock: policies/{name}.tools.lock`) to say where its lock is kept",

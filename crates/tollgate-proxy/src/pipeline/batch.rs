@@ -10,7 +10,7 @@ use tollgate_policy::DenyKind;
 
 use super::context::{Answer, Caller, Context, Core, Meta};
 use super::decide::{Permit, Verdict, decide, deny, refusal};
-use super::{call, relay, session};
+use super::{call, relay, session, tools};
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::upstream::{Body, Payload};
@@ -79,7 +79,8 @@ pub async fn handle(
     }
     let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
     let policy = server.policy.load_full();
-    let body = relay::filter(reply.body, server.clone(), policy, caller.clone());
+    let screen = tools::Screen::of(&ctx);
+    let body = relay::filter(reply.body, server.clone(), policy, caller.clone(), screen);
     if refused.is_empty() {
         return Ok(Answer {
             status: reply.status,

@@ -13,7 +13,7 @@ use tollgate_mcp::{ErrorCode, Message, error_response};
 use tollgate_policy::Policy;
 
 use super::context::{Answer, Caller, Context};
-use super::session;
+use super::{session, tools};
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::store::params::ToolParams;
@@ -39,6 +39,7 @@ pub async fn answer(
             ctx.server.clone(),
             ctx.server.policy.load_full(),
             ctx.caller.clone(),
+            tools::Screen::of(ctx),
         );
     }
     if let Some(id) = message.id() {
@@ -130,14 +131,26 @@ fn note_version(events: EventStream, session: Arc<Session>) -> EventStream {
 
 /// Hides the tools the policy denies `caller` outright, in a JSON body or in every
 /// event of a stream, and learns the listed tools' `x-mcp-header` annotations.
-pub fn filter(body: Body, server: Arc<Server>, policy: Arc<Policy>, caller: Caller) -> Body {
+/// On a server with a tool lock, `screen` first learns the tools and loses those
+/// that differ from it.
+pub fn filter(
+    body: Body,
+    server: Arc<Server>,
+    policy: Arc<Policy>,
+    caller: Caller,
+    screen: Option<tools::Screen>,
+) -> Body {
+    let screened = move |json: Json| match &screen {
+        Some(screen) => screen.apply(json),
+        None => json,
+    };
     match body {
-        Body::Json(json) => Body::Json(filter_json(json, &server, &policy, &caller)),
+        Body::Json(json) => Body::Json(filter_json(screened(json), &server, &policy, &caller)),
         Body::Events(events) => Body::Events(
             events
                 .map(move |event| {
                     event.map(|mut event| {
-                        event.data = filter_json(event.data, &server, &policy, &caller);
+                        event.data = filter_json(screened(event.data), &server, &policy, &caller);
                         event
                     })
                 })
