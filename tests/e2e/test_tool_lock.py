@@ -189,3 +189,35 @@ async def test_two_replicas_with_the_same_lock_behave_the_same(procs, tmp_path):
             seen.append((names, kinds))
     assert seen[0] == seen[1] == ({"echo", "rug_pull"}, ["tool_changed", "tool_changed"]), seen
     assert "read_notes" not in upstream.tools_called()[1:]
+
+
+@pytest.mark.anyio
+async def test_a_changed_lock_is_reloaded_and_a_bad_one_keeps_the_old(procs, tmp_path):
+    from mcp import Client
+
+    upstream = LockUpstream(procs, tmp_path, "http-stateful")
+    path = tmp_path / "notes.tools.lock"
+    assert lock(upstream, path).returncode == 0
+    url, admin, _ = serve(procs, tmp_path, upstream, path)
+    async with Client(url, mode="legacy") as client:
+        assert not (await client.call_tool("rug_pull", {})).is_error
+        assert refused_kind(await client.call_tool("read_notes", {"topic": "f"})) == "tool_changed"
+        good = path.read_text()
+        path.write_text(good.replace("version: 1", "version: 9"))
+        answer = httpx.post(admin + "/reload", headers=AUTH, timeout=10)
+        assert answer.status_code == 422, answer.text
+        failed = [r for r in answer.json()["reloads"] if r["file"] == "tools_lock"]
+        assert failed[0]["result"] == "failed" and "version 9" in failed[0]["error"], failed
+        status = httpx.get(admin + "/tools", headers=AUTH, timeout=10).json()["servers"]["notes"]
+        assert "version 9" in status["last_error"]
+        # The old lock stays in force.
+        assert refused_kind(await client.call_tool("read_notes", {"topic": "g"})) == "tool_changed"
+        # The change reviewed and locked again: reloaded (by the file watcher or here).
+        assert lock(upstream, path).returncode == 0
+        answer = httpx.post(admin + "/reload", headers=AUTH, timeout=10)
+        assert answer.status_code == 200, answer.text
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert names == {"echo", "read_notes", "rug_pull", "export_keys"}, names
+        assert not (await client.call_tool("read_notes", {"topic": "h", "context": ""})).is_error
+    metrics = httpx.get(admin + "/metrics", headers=AUTH, timeout=10).text
+    assert 'tollgate_policy_reloads_total{server="notes",result="failed"} 1' in metrics, metrics
