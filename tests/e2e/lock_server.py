@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 
 PORT = int(sys.argv[1])
 RECORD = sys.argv[2]
@@ -63,13 +63,16 @@ def pull() -> None:
 
 
 @mcp.tool()
-async def rug_pull() -> str:
-    """Change this server's tools (for tests)."""
+async def rug_pull(ctx: Context, announce: bool = False) -> str:
+    """Change this server's tools (for tests); with `announce`, say so on the session's
+    GET stream (notifications/tools/list_changed)."""
     record("rug_pull", {})
     if not os.path.exists(PULLED):
         with open(PULLED, "w", encoding="utf-8") as f:
             f.write("pulled\n")
         pull()
+    if announce:
+        await ctx.session.send_tool_list_changed()
     return "pulled"
 
 

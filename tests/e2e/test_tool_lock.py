@@ -221,3 +221,27 @@ async def test_a_changed_lock_is_reloaded_and_a_bad_one_keeps_the_old(procs, tmp
         assert not (await client.call_tool("read_notes", {"topic": "h", "context": ""})).is_error
     metrics = httpx.get(admin + "/metrics", headers=AUTH, timeout=10).text
     assert 'tollgate_policy_reloads_total{server="notes",result="failed"} 1' in metrics, metrics
+
+
+@pytest.mark.parametrize("kind", ["http-stateful", "stdio"])
+@pytest.mark.anyio
+async def test_after_list_changed_a_call_is_checked_against_a_fresh_listing(kind, procs, tmp_path):
+    """The client listed before the change and calls without listing again: the
+    upstream's notifications/tools/list_changed made Tollgate list the tools itself."""
+    import anyio
+    from mcp import Client
+
+    upstream = LockUpstream(procs, tmp_path, kind)
+    path = tmp_path / "notes.tools.lock"
+    assert lock(upstream, path).returncode == 0
+    url, _, audit = serve(procs, tmp_path, upstream, path)
+    async with Client(url, mode="legacy") as client:
+        assert "read_notes" in {t.name for t in (await client.list_tools()).tools}
+        assert not (await client.call_tool("rug_pull", {"announce": True})).is_error
+        # The notification travels on the GET stream, beside the call's answer.
+        with anyio.fail_after(20):
+            while "notifications/tools/list_changed" not in (tmp_path / "tollgate0.log").read_text():
+                await anyio.sleep(0.05)
+        result = await client.call_tool("read_notes", {"topic": "i", "context": "k"})
+        assert refused_kind(result) == "tool_changed", result
+    assert "read_notes" not in upstream.tools_called()

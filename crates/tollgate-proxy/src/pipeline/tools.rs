@@ -278,3 +278,71 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
     }
     Err(format!("more than {MAX_PAGES} pages of tools"))
 }
+
+/// The upstream's notification that its tools changed, as it appears in a message.
+const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
+
+/// A server-to-client stream (a handshake-era session's GET stream) that makes
+/// Tollgate forget what the session's upstream listed when the upstream says its
+/// tools changed, so that the next call lists them again. Read as bytes: a false
+/// alarm only costs a listing.
+pub fn on_list_changed(ctx: &Context, body: Body) -> Body {
+    let Some(server) = ctx.server.tools.is_some().then(|| ctx.server.clone()) else {
+        return body;
+    };
+    let key = session_key(ctx);
+    let forget = move || {
+        if let Some(watch) = &server.tools {
+            tracing::info!(server = %server.name, "the upstream said its tools changed (notifications/tools/list_changed); they are listed again before the next call");
+            watch.forget(&key);
+        }
+    };
+    match body {
+        Body::Events(events) => Body::Events(
+            events
+                .map(move |event| {
+                    if let Ok(event) = &event
+                        && match &event.data {
+                            Json::Text(text) => memchr::memmem::find(text, LIST_CHANGED).is_some(),
+                            Json::Value(value) => {
+                                value.get("method").and_then(Value::as_str)
+                                    == std::str::from_utf8(LIST_CHANGED).ok()
+                            }
+                        }
+                    {
+                        forget();
+                    }
+                    event
+                })
+                .boxed(),
+        ),
+        Body::Sse(bytes) => {
+            // The end of the previous chunk, for a name cut in two.
+            let mut tail: Vec<u8> = Vec::new();
+            Body::Sse(
+                bytes
+                    .map(move |chunk| {
+                        if let Ok(chunk) = &chunk {
+                            let reach = LIST_CHANGED.len() - 1;
+                            tail.extend_from_slice(&chunk[..chunk.len().min(reach)]);
+                            if memchr::memmem::find(chunk, LIST_CHANGED).is_some()
+                                || memchr::memmem::find(&tail, LIST_CHANGED).is_some()
+                            {
+                                forget();
+                            }
+                            if chunk.len() >= reach {
+                                tail.clear();
+                                tail.extend_from_slice(&chunk[chunk.len() - reach..]);
+                            } else {
+                                let cut = tail.len().saturating_sub(reach);
+                                tail.drain(..cut);
+                            }
+                        }
+                        chunk
+                    })
+                    .boxed(),
+            )
+        }
+        other => other,
+    }
+}
