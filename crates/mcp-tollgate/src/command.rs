@@ -2,6 +2,7 @@
 
 pub mod approvals;
 pub mod demo;
+pub mod diff;
 pub mod explain;
 pub mod health;
 pub mod instances;

@@ -186,6 +186,19 @@ fn the_kubernetes_manifests_run_a_valid_configuration_on_two_replicas_sharing_re
             env.insert(name, "tollgate-0".to_owned());
         }
     }
+    // The Secret ships placeholders, which Tollgate refuses until they are replaced.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(&config_file)
+        .env_clear()
+        .envs(&env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "the Secret's placeholders pass");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still a placeholder"));
+    for value in env.values_mut() {
+        *value = value.replace("replace-me-with-", "");
+    }
     validate(&config_file, &env);
 
     let config: Value =

@@ -260,6 +260,10 @@ pub struct ApprovalsConfig {
     /// random key is made at start.
     #[serde(default)]
     pub state_key: Option<String>,
+    /// The most bytes of arguments one client's calls waiting for approval may hold
+    /// together (default 8 MiB, an eighth of the 64 MiB all clients share).
+    #[serde(default, deserialize_with = "de_optional_size")]
+    pub bytes_per_client: Option<usize>,
 }
 
 /// Default of `approvals.wait`.
@@ -648,6 +652,10 @@ fn de_optional_duration<'de, D: serde::Deserializer<'de>>(
     de_duration(d).map(Some)
 }
 
+fn de_optional_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_size(d).map(Some)
+}
+
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match d.deserialize_any(NumberOrTextVisitor("a size"))? {
         NumberOrText::Number(n) if n > 0 => usize::try_from(n).map_err(serde::de::Error::custom),
@@ -835,6 +843,7 @@ impl ConfigOf<RawServer> {
     fn check(self) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
         if let Some(admin) = &self.admin {
+            problems.extend(admin_problem(admin.listen, admin.token.as_deref()));
             check_approvers(admin, &mut problems);
         }
         if let Some(approvals) = &self.approvals {
@@ -843,6 +852,9 @@ impl ConfigOf<RawServer> {
                     "approvals.state_key: shorter than 32 characters; use a long random secret (e.g. `openssl rand -hex 32`)"
                         .to_owned(),
                 );
+            }
+            if approvals.state_key.as_deref().is_some_and(placeholder) {
+                problems.push(placeholder_problem("approvals.state_key"));
             }
             if approvals.wait.is_some_and(|w| w.is_zero()) {
                 problems.push("approvals.wait: must be more than 0 seconds".to_owned());
@@ -865,6 +877,12 @@ impl ConfigOf<RawServer> {
                     "clients: the key of `{}` is shorter than 16 characters",
                     client.name
                 ));
+            }
+            if placeholder(&client.key) {
+                problems.push(placeholder_problem(&format!(
+                    "clients: the key of `{}`",
+                    client.name
+                )));
             }
         }
         let mut servers = BTreeMap::new();
@@ -940,6 +958,45 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// Why an admin API on `listen` with `token` must not start, if it must not: an empty
+/// token (say, `${TOLLGATE_ADMIN_TOKEN}` set to "") would read as "no token" and open
+/// the API; a non-loopback address needs a token; a placeholder is no secret. The one
+/// check for `tollgate validate` (on the file) and `serve` (on the bound address).
+pub fn admin_problem(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    match token {
+        Some(token) if token.trim().is_empty() => Some(
+            "admin.token is empty (is TOLLGATE_ADMIN_TOKEN set to \"\"?): set a token, or remove admin.token for a loopback admin API without one"
+                .to_owned(),
+        ),
+        Some(token) if placeholder(token) => Some(placeholder_problem("admin.token")),
+        None if !listen.ip().is_loopback() => Some(format!(
+            "admin.listen {listen} is not a loopback address, so admin.token is required"
+        )),
+        _ => None,
+    }
+}
+
+/// Whether a secret is still the example's placeholder (`replace-me-with-…`).
+fn placeholder(secret: &str) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    [
+        "replace-me",
+        "replace_me",
+        "replaceme",
+        "change-me",
+        "change_me",
+        "changeme",
+    ]
+    .iter()
+    .any(|word| lower.contains(word))
+}
+
+fn placeholder_problem(what: &str) -> String {
+    format!(
+        "{what} is still a placeholder (`replace-me`/`change-me`): set a long random secret, e.g. `openssl rand -hex 32`"
+    )
+}
+
 /// Approvers need names and tokens of their own that nobody else holds.
 fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
     let mut names = std::collections::HashSet::new();
@@ -960,6 +1017,9 @@ fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
                 "admin.approvers[{i}].token: the token of `{}` is shorter than 16 characters",
                 approver.name
             ));
+        }
+        if placeholder(&approver.token) {
+            problems.push(placeholder_problem(&format!("admin.approvers[{i}].token")));
         }
         if !tokens.insert(approver.token.as_str()) {
             problems.push(format!(

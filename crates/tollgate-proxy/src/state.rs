@@ -22,6 +22,7 @@ use crate::store::limits::CallLimits;
 use crate::store::params::ToolParams;
 use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
+use crate::store::tasks::Tasks;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
 /// One upstream MCP server and the policy that guards it.
@@ -123,6 +124,8 @@ pub struct Shared {
     epoch: Instant,
     /// Calls waiting for a human.
     pub(crate) approvals: Arc<Approvals>,
+    /// The MCP tasks relayed: who owns each, which tool created it.
+    pub(crate) tasks: Tasks,
     /// Prometheus metrics.
     pub(crate) metrics: Metrics,
     /// Base URL of the admin listener once bound; approvals need it.
@@ -440,9 +443,19 @@ impl Shared {
             http,
             children,
             epoch: Instant::now(),
-            approvals: match &remote {
-                Some(remote) => Approvals::shared(remote.clone()),
-                None => Arc::new(Approvals::new()),
+            approvals: {
+                let approvals = match &remote {
+                    Some(remote) => Approvals::shared(remote.clone()),
+                    None => Arc::new(Approvals::new()),
+                };
+                if let Some(bytes) = config.approvals.as_ref().and_then(|a| a.bytes_per_client) {
+                    approvals.set_bytes_per_principal(bytes);
+                }
+                approvals
+            },
+            tasks: match &remote {
+                Some(remote) => Tasks::shared(remote.clone()),
+                None => Tasks::new(),
             },
             metrics: Metrics::new(),
             admin_url: std::sync::OnceLock::new(),
@@ -483,6 +496,7 @@ impl Shared {
     /// Drops state for idle sessions and empty rate-limit windows; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
+        self.tasks.sweep();
         let now = self.now();
         for server in self.servers.values() {
             server.upstream.sweep(self.sessions.idle());

@@ -143,8 +143,10 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
             })
         })
         .collect();
+    let connections = crate::downstream::listener::ConnectionLimits::new(&app.limits);
     Json(json!({
         "version": &*admin.version,
+        "connections": {"max": connections.max, "per_peer": connections.per_peer},
         "servers": servers,
         "sessions": app.sessions.len(),
         "approvals_pending": app.approvals.pending(),

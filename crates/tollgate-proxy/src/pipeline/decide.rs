@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
-use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, ToolCall};
+use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Redaction, ToolCall};
 
 use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
@@ -64,6 +64,8 @@ pub enum Outcome {
     SessionLost,
     /// Sent, and the client went away before the answer came.
     ClientGone,
+    /// The upstream answered, and the policy's `results` rules withheld the result.
+    ResultBlocked,
 }
 
 impl Outcome {
@@ -80,17 +82,7 @@ impl Outcome {
             Outcome::Broken => "upstream_broken",
             Outcome::SessionLost => "upstream_session_lost",
             Outcome::ClientGone => "client_gone",
-        }
-    }
-
-    /// What an upstream's answer to a call says: a result, a failed tool, an error.
-    pub fn of_answer(answer: &Value) -> Outcome {
-        if let Some(error) = answer.get("error") {
-            return Outcome::RpcError(error.get("code").and_then(Value::as_i64).unwrap_or(0));
-        }
-        match answer.pointer("/result/isError") {
-            Some(Value::Bool(true)) => Outcome::ToolError,
-            _ => Outcome::Ok,
+            Outcome::ResultBlocked => "result_blocked",
         }
     }
 
@@ -110,12 +102,24 @@ pub struct Permit {
     slot: Option<Taken>,
     started: Option<Instant>,
     latency: Option<Duration>,
+    redactions: Vec<Redaction>,
 }
 
 impl Permit {
     /// The call's id in the audit log (a UUIDv7).
     pub fn call_id(&self) -> &str {
         &self.call_id
+    }
+
+    /// The tool called.
+    pub fn tool(&self) -> &str {
+        &self.tool
+    }
+
+    /// Notes what the policy's `results` rules found in the call's result, for its
+    /// outcome record.
+    pub fn redacted(&mut self, redactions: Vec<Redaction>) {
+        self.redactions = redactions;
     }
 
     /// The JSON-RPC id of the call, which its answer carries.
@@ -157,6 +161,7 @@ impl Permit {
                 Outcome::RpcError(code) => Some(code),
                 _ => None,
             },
+            redactions: &self.redactions,
         });
     }
 }
@@ -214,6 +219,7 @@ async fn refuse_changed(
         slot: None,
         started: None,
         latency: None,
+        redactions: Vec::new(),
     };
     let named = policy.names_tool(&decision.tool);
     record(ctx, &decision, &permit, arguments, false, named).await;
@@ -273,6 +279,7 @@ async fn enforce(
         slot: taken,
         started: None,
         latency: None,
+        redactions: Vec::new(),
     };
 
     // Without an admin listener no human can decide, so refuse at once instead of

@@ -13,7 +13,8 @@ use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 
 use super::context::{Answer, Context};
 use super::decide::{Held, deny, refusal, rule_label};
-use super::{call, relay};
+use super::respond::Chain;
+use super::{call, relay, tasks};
 use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
 use crate::approvals::state::PREFIX;
 use crate::audit::canonical_digest;
@@ -169,8 +170,12 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
                 Some(forwarded) => Payload::One(forwarded),
                 None => Payload::of(&message),
             };
-            let answer = match call::forward(&ctx, payload, vec![permit]).await {
-                Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
+            let chain = Chain::for_message(&ctx, &message, Some(permit));
+            let answer = match call::forward(&ctx, payload, chain).await {
+                Ok(reply) => match relay::answer(&ctx, &message, false, reply).await {
+                    Ok(answer) => tasks::relayed(&ctx, &message, answer).await,
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err),
             };
             match answer {

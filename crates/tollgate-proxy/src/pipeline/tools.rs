@@ -47,46 +47,31 @@ impl Screen {
         })
     }
 
-    /// Learns the tools of a `tools/list` answer (or of each answer of a batch) and
-    /// removes those that differ from the lock (unless `on_tool_change: warn`).
-    pub fn apply(&self, json: Json) -> Json {
+    /// Learns the tools of a parsed `tools/list` answer (or of each answer of a batch)
+    /// and removes those that differ from the lock (unless `on_tool_change: warn`).
+    /// Returns whether anything was removed. The `tools/list` response stage
+    /// (`respond::tools`) parses the answer and calls this first.
+    pub fn screen(&self, message: &mut Value) -> bool {
         let Some(watch) = &self.server.tools else {
-            return json;
+            return false;
         };
-        if let Json::Text(text) = &json
-            && memchr::memmem::find(text, b"\"tools\"").is_none()
-        {
-            return json;
-        }
-        let mut value = match json {
-            Json::Value(value) => value,
-            Json::Text(text) => match serde_json::from_slice(&text) {
-                Ok(value) => value,
-                // Not JSON: it lists nothing to learn, and the client cannot read it either.
-                Err(_) => return Json::Text(text),
-            },
-        };
-        self.screen(watch, &mut value);
-        Json::Value(value)
-    }
-
-    fn screen(&self, watch: &ToolWatch, message: &mut Value) {
         if let Value::Array(items) = message {
-            for item in items {
-                self.screen(watch, item);
-            }
-            return;
+            return items
+                .iter_mut()
+                .fold(false, |changed, item| self.screen(item) | changed);
         }
         let Some(tools) = message
             .pointer_mut("/result/tools")
             .and_then(Value::as_array_mut)
         else {
-            return;
+            return false;
         };
         let (keep, changes) = watch.learn(&self.key, tools, false);
         record(&self.shared, &self.server, watch, &changes);
+        let before = tools.len();
         let mut keep = keep.into_iter();
         tools.retain(|_| keep.next().unwrap_or(true));
+        tools.len() != before
     }
 }
 
