@@ -219,7 +219,7 @@ def test_abandoned_held_calls_keep_only_a_preview_of_their_arguments(procs, tmp_
         for t in threads:
             t.join(timeout=60)
         opened += n
-        wait_until(lambda: len(httpx.get(f"{admin}/approvals", headers=auth, timeout=10).json()) == opened,
+        wait_until(lambda: len(httpx.get(f"{admin}/approvals", headers=auth, timeout=60).json()) == opened,
                    30, f"{opened} approvals opened")
         # Tollgate notices each client is gone within a keep-alive interval.
         wait_until(lambda: "tollgate_streams_active 0" in httpx.get(f"{admin}/metrics", headers=auth, timeout=10).text,
@@ -232,7 +232,7 @@ def test_abandoned_held_calls_keep_only_a_preview_of_their_arguments(procs, tmp_
         batch(first, 15)
     time.sleep(0.5)
     grown = rss_mib(pid) - before
-    approvals = httpx.get(f"{admin}/approvals", headers=auth, timeout=10).json()
+    approvals = httpx.get(f"{admin}/approvals", headers=auth, timeout=60).json()
     pending = [a for a in approvals if a["status"] == "pending"]
     # Every one is still pending for its retry (none refused for a full store) ...
     assert len(pending) == 34, [a["status"] for a in approvals]

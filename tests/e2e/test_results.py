@@ -46,7 +46,7 @@ def start_secrets(procs, tmp_path, mode: str) -> str:
     port = free_port()
     args = [PYTHON, str(HERE / "secrets_upstream.py"), str(port)] + (["--json"] if mode == "json" else [])
     procs.append(Proc(args, tmp_path / f"secrets-{port}.log"))
-    wait_port(port)
+    wait_port(port, timeout=90)  # a loaded machine starts Python slowly
     return f"http://127.0.0.1:{port}/mcp"
 
 
@@ -263,3 +263,29 @@ def test_each_call_of_a_batch_is_checked_with_its_own_rules(procs, tmp_path):
         assert redacted == {"read_log": [{"name": "aws_access_key", "count": 1}], "status": None}, outcomes
     finally:
         upstream.server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["json", "sse"])
+async def test_an_approved_calls_result_is_checked_as_any_other(procs, tmp_path, mode):
+    import anyio
+
+    upstream = start_secrets(procs, tmp_path, mode)
+    policy = ("version: 1\ndefault: allow\nrules:\n  - tool: read_log\n    action: require_approval\n"
+              "results:\n  - tool: read_log\n    redact: [aws_access_key]\n")
+    tg = start_tollgate(procs, tmp_path, upstream, policy, extra=ADMIN)
+    result = None
+    async with Client(tg.url, mode="legacy") as client:
+        async with anyio.create_task_group() as tasks:
+            async def call():
+                nonlocal result
+                result = await client.call_tool("read_log", {})
+            tasks.start_soon(call)
+            with anyio.fail_after(30):
+                while not (pending := [a for a in httpx.get(tg.admin + "/approvals", headers=AUTH, timeout=10).json()
+                                       if a["status"] == "pending"]):
+                    await anyio.sleep(0.1)
+            r = httpx.post(tg.admin + f"/approvals/{pending[0]['id']}/approve", json={}, headers=AUTH, timeout=10)
+            assert r.status_code == 200, r.text
+    assert result is not None and not result.is_error, result
+    assert "[redacted:aws_access_key]" in result.content[0].text
+    no_secret_in(dumped(result))

@@ -61,3 +61,20 @@ def test_fuzzing_is_skipped_saying_why_only_when_the_toolchain_cannot_fuzz(tmp_p
     assert run.returncode == 0, (run.returncode, run.stdout, run.stderr)
     assert "SKIPPED: this toolchain cannot build fuzz targets" in run.stdout
     assert 'failed to find tool "c++"' in run.stdout
+
+
+KUBERNETES = "1.33.0"  # the oldest version the manifests promise to run on
+
+
+def test_the_kubernetes_manifests_follow_the_kubernetes_schemas():
+    """deploy/kubernetes, strictly (no unknown field), against one pinned Kubernetes version."""
+    import sys
+
+    validate = Path(sys.executable).parent / "kubernetes-validate"
+    manifests = sorted(p for p in (ROOT / "deploy" / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml")
+    run = subprocess.run([str(validate), "-k", KUBERNETES, "--strict", "--quiet", *map(str, manifests)],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr
+    kinds = subprocess.run([str(validate), "-k", KUBERNETES, *map(str, manifests)], capture_output=True, text=True,
+                           timeout=120).stdout
+    assert "networkpolicy/tollgate-redis" in kinds, kinds

@@ -192,7 +192,7 @@ fn test_prints_each_failing_case_with_the_deciding_rule() {
     dir.write("p.yaml", "version: 1\ndefault: deny\nrules:\n  - tool: read_*\n    action: allow\n    rate_limit: {max: 2, window: 1m}\n");
     let file = dir.write(
         "p.test.yaml",
-        "policy: p.yaml\ncases:\n  - {name: reads pass, tool: read_x, expect: allow}\n  - {name: wrong on purpose, tool: write_x, expect: allow}\n  - {name: third read limited, tool: read_x, repeat: 2, expect: allow, expect_last: deny, kind: rate_limit}\n  - {name: a minute later fine, tool: read_x, at: 60, expect: allow}\n  - {name: other session fresh, tool: read_x, session: b, expect: allow}\n",
+        "policy: p.yaml\ncases:\n  - {name: reads pass, tool: read_x, session: a, expect: allow}\n  - {name: wrong on purpose, tool: write_x, expect: allow}\n  - {name: third read limited, tool: read_x, session: a, repeat: 2, expect: allow, expect_last: deny, kind: rate_limit}\n  - {name: a minute later fine, tool: read_x, session: a, at: 60, expect: allow}\n  - {name: other session fresh, tool: read_x, session: b, expect: allow}\n  - {name: a case naming no session starts afresh, tool: read_x, repeat: 2, expect: allow}\n  - {name: and so does the next, tool: read_x, repeat: 2, expect: allow}\n  - {name: a client shares with its own cases, tool: read_x, client: c, repeat: 2, expect: allow}\n  - {name: the same client later, tool: read_x, client: c, expect: deny, kind: rate_limit}\n",
     );
     let out = tollgate(&["test", &file]);
     assert_eq!(code(&out), 1);
@@ -205,7 +205,7 @@ fn test_prints_each_failing_case_with_the_deciding_rule() {
         "{text}"
     );
     assert!(!text.contains("third read limited"), "{text}");
-    assert!(text.contains("4 passed, 1 failed"), "{text}");
+    assert!(text.contains("8 passed, 1 failed"), "{text}");
     let out = tollgate(&["--format", "json", "test", &file]);
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(report["failed"], 1);

@@ -241,6 +241,30 @@ fn the_kubernetes_manifests_run_a_valid_configuration_on_two_replicas_sharing_re
         redis_service["spec"]["selector"],
         redis["spec"]["template"]["metadata"]["labels"]
     );
+    // Redis wants a password, which Tollgate's URL carries, and only Tollgate reaches it.
+    assert!(url.password().is_some(), "state.url has no password");
+    let redis_args = get(redis, "spec.template.spec.containers.0")["args"].clone();
+    assert!(
+        redis_args
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--requirepass"),
+        "the shipped Redis has no password"
+    );
+    let policy = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "NetworkPolicy"
+                && d["spec"]["podSelector"]["matchLabels"]
+                    == redis["spec"]["template"]["metadata"]["labels"]
+        })
+        .expect("a NetworkPolicy guards the Redis pods");
+    assert_eq!(
+        get(policy, "spec.ingress.0.from.0.podSelector.matchLabels"),
+        &deployment["spec"]["template"]["metadata"]["labels"],
+        "the NetworkPolicy lets Tollgate's pods in, and only them"
+    );
     for deployment in [deployment, redis] {
         let container = get(deployment, "spec.template.spec.containers.0");
         for what in ["cpu", "memory"] {

@@ -1,6 +1,6 @@
 //! Detectors: what result rules look for in the text a tool returns.
 //!
-//! Every detector of a policy is compiled into one [`RegexSet`], so a string is read once
+//! Every detector of a policy is compiled into one multi-pattern automaton, so a string is read once
 //! to learn which detectors occur in it (the common answer: none); only those detectors
 //! then look for their matches. The `regex` crate runs in time linear in the text (no
 //! backtracking), whatever the pattern. Some detectors confirm a candidate with a check a
@@ -10,7 +10,8 @@
 //! longest, then the detector listed first: the output is the same whatever the order
 //! the detectors were written in, and each detector looks again after a winner's end.
 
-use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder};
+use regex_automata::{Input, MatchKind, PatternSet, meta};
 
 /// An ASCII word boundary: lets the lazy DFA run on any text (a Unicode `\b` makes it
 /// give up at the first non-ASCII byte).
@@ -128,6 +129,9 @@ pub(crate) struct Detector {
     pub name: String,
     regex: Regex,
     check: Check,
+    /// Whether a match can take in a marker's `[` or `]`, or needs a `\B`: then a marker
+    /// may uncover a match of it anywhere along, not only next to a word.
+    pub crosses_markers: bool,
 }
 
 impl Detector {
@@ -140,6 +144,7 @@ impl Detector {
             name: (*name).to_owned(),
             regex,
             check: *check,
+            crosses_markers: false,
         })
     }
 
@@ -157,6 +162,7 @@ impl Detector {
             name: name.to_owned(),
             regex,
             check: Check::None,
+            crosses_markers: crosses_markers(&hir),
         })
     }
 
@@ -175,29 +181,40 @@ impl Detector {
         // Each round starts past the previous candidate, so this ends.
         while from <= hay.len() {
             let m = self.regex.find_at(hay, from)?;
-            if self.confirms(hay, m.start(), m.end()) {
-                return Some((m.start(), m.end()));
+            if let Some(end) = self.confirm(hay, m.start(), m.end()) {
+                return Some((m.start(), end));
             }
-            from = if m.end() > m.start() {
-                m.end()
-            } else {
+            from = match self.check {
+                // A refused card or SSN candidate may overlap a good one starting inside
+                // it; they are short (at most 37 and 11 bytes), so looking again from the
+                // next character stays linear.
+                Check::Card | Check::Ssn => next_char(hay, m.start()),
+                // Every address overlapping a refused one has its domain.
+                Check::None | Check::Email if m.end() > m.start() => m.end(),
                 // Custom patterns never match empty text; stay safe if one did.
-                next_char(hay, m.end())
+                Check::None | Check::Email => next_char(hay, m.end()),
             };
         }
         None
     }
 
-    fn confirms(&self, hay: &str, start: usize, end: usize) -> bool {
-        let Some(text) = hay.get(start..end) else {
-            return false;
-        };
-        match self.check {
+    /// The end of the confirmed match the candidate `[start, end)` holds, if any: the
+    /// candidate itself, or (a card number followed by more digits, `4111 1111 1111 1111
+    /// 2024`) its longest prefix ending before a separator that is a card number.
+    fn confirm(&self, hay: &str, start: usize, end: usize) -> Option<usize> {
+        let text = hay.get(start..end)?;
+        let confirmed = match self.check {
             Check::None => true,
-            Check::Card => card(text),
             Check::Ssn => ssn(text) && !dash_number_around(hay, start, end),
             Check::Email => email(text),
-        }
+            Check::Card => {
+                return std::iter::once(text.len())
+                    .chain(text.rmatch_indices([' ', '-']).map(|(at, _)| at))
+                    .find(|&len| text.get(..len).is_some_and(card))
+                    .map(|len| start + len);
+            }
+        };
+        confirmed.then_some(end)
     }
 }
 
@@ -206,6 +223,36 @@ fn next_char(hay: &str, at: usize) -> usize {
     hay.get(at..)
         .and_then(|rest| rest.chars().next())
         .map_or(hay.len() + 1, |c| at + c.len_utf8())
+}
+
+/// Whether a pattern can match `[` or `]`, or uses `\B` (see [`Detector::crosses_markers`]).
+fn crosses_markers(hir: &regex_syntax::hir::Hir) -> bool {
+    use regex_syntax::hir::{Class, HirKind, Look};
+    let bracket = |c: char| c == '[' || c == ']';
+    match hir.kind() {
+        HirKind::Empty => false,
+        HirKind::Literal(literal) => literal.0.iter().any(|b| *b == b'[' || *b == b']'),
+        HirKind::Class(Class::Unicode(class)) => class
+            .ranges()
+            .iter()
+            .any(|r| ('['..=']').any(|c| bracket(c) && (r.start()..=r.end()).contains(&c))),
+        HirKind::Class(Class::Bytes(class)) => class.ranges().iter().any(|r| {
+            [b'[', b']']
+                .iter()
+                .any(|b| (r.start()..=r.end()).contains(b))
+        }),
+        HirKind::Look(look) => matches!(look, Look::WordAsciiNegate | Look::WordUnicodeNegate),
+        HirKind::Repetition(repetition) => crosses_markers(&repetition.sub),
+        HirKind::Capture(capture) => crosses_markers(&capture.sub),
+        HirKind::Concat(subs) | HirKind::Alternation(subs) => subs.iter().any(crosses_markers),
+    }
+}
+
+/// Whether the character next to a redacted match could, once a marker stands there,
+/// complete a match that was not one: a word character (a `\b` appears), `-` (an SSN
+/// was part of a longer dashed number) or anything not ASCII (a Unicode word).
+pub(crate) fn may_uncover(neighbor: Option<char>) -> bool {
+    neighbor.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii())
 }
 
 /// What is wrong with a pattern, and where (its caret picture needs several lines).
@@ -324,8 +371,12 @@ fn email(text: &str) -> bool {
 /// Every detector of a policy, compiled together.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    set: RegexSet,
+    /// All the patterns, reporting every one that matches (`MatchKind::All`).
+    set: meta::Regex,
     detectors: Vec<Detector>,
+    /// The fewest bytes any detector matches: a shorter string (most values of a
+    /// structured result: `female`, `3`, a date) needs no look.
+    shortest: usize,
 }
 
 /// One match: `[start, end)` of the text, by detector `detector`.
@@ -340,11 +391,30 @@ impl Scanner {
     /// All of `detectors` in one set. The patterns compiled alone already, so together
     /// they fail only when the set is too big; the error says so.
     pub(crate) fn new(detectors: Vec<Detector>) -> Result<Scanner, String> {
-        let set = RegexSetBuilder::new(detectors.iter().map(Detector::pattern))
-            .size_limit(CUSTOM_SIZE_LIMIT * 16)
-            .build()
+        let patterns: Vec<&str> = detectors.iter().map(Detector::pattern).collect();
+        let set = meta::Builder::new()
+            .configure(
+                meta::Config::new()
+                    .match_kind(MatchKind::All)
+                    .nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 16)),
+            )
+            .build_many(&patterns)
             .map_err(|err| one_line(&err.to_string()))?;
-        Ok(Scanner { set, detectors })
+        let shortest = patterns
+            .iter()
+            .map(|p| {
+                regex_syntax::parse(p)
+                    .ok()
+                    .and_then(|hir| hir.properties().minimum_len())
+                    .unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0);
+        Ok(Scanner {
+            set,
+            detectors,
+            shortest,
+        })
     }
 
     /// The detectors, by index.
@@ -352,10 +422,18 @@ impl Scanner {
         &self.detectors
     }
 
+    /// A set to pass to [`candidates`](Self::candidates), reused for every string.
+    pub(crate) fn pattern_set(&self) -> PatternSet {
+        PatternSet::new(self.set.pattern_len())
+    }
+
     /// Which detectors' patterns occur in `hay`, in one pass (unconfirmed: a candidate
-    /// card number may fail its check).
-    pub(crate) fn candidates(&self, hay: &str) -> regex::SetMatches {
-        self.set.matches(hay)
+    /// card number may fail its check), into `found` (cleared first).
+    pub(crate) fn candidates(&self, hay: &str, found: &mut PatternSet) {
+        found.clear();
+        if hay.len() >= self.shortest {
+            self.set.which_overlapping_matches(&Input::new(hay), found);
+        }
     }
 
     /// The confirmed matches of the detectors `wanted` in `hay`, in order, none
@@ -430,6 +508,17 @@ mod tests {
         let mut out = Vec::new();
         scanner.find(hay, &[0], &mut out);
         out.iter().map(|f| hay[f.start..f.end].to_owned()).collect()
+    }
+
+    #[test]
+    fn strings_shorter_than_any_match_are_not_read() {
+        let scanner = scanner(&["email", "us_ssn"]);
+        assert_eq!(scanner.shortest, 6);
+        let mut found = scanner.pattern_set();
+        scanner.candidates("a@b.co", &mut found);
+        assert!(found.contains(regex_automata::PatternID::must(0)));
+        scanner.candidates("a@b.c", &mut found);
+        assert!(found.is_empty());
     }
 
     #[test]
@@ -596,11 +685,27 @@ mod tests {
             "41111111111111119",
             // Mixed separators, part of a longer number, a timestamp.
             "4111 1111-1111 1111",
+            "41111111111111112",
             "41111111111111110000",
             "1733550000000",
         ] {
             assert!(found("credit_card", no).is_empty(), "{no}");
         }
+    }
+
+    #[test]
+    fn a_card_number_is_found_inside_a_longer_candidate() {
+        assert_eq!(
+            found("credit_card", "4111 1111 1111 1111 2024"),
+            ["4111 1111 1111 1111"]
+        );
+        // After a refused candidate that overlaps it (`123-45-6789 4111 1111 1111 111`).
+        let both = scanner(&["us_ssn", "credit_card"]);
+        let hay = "123-45-6789 4111 1111 1111 1111 ";
+        let mut out = Vec::new();
+        both.find(hay, &[0, 1], &mut out);
+        let texts: Vec<&str> = out.iter().map(|f| &hay[f.start..f.end]).collect();
+        assert_eq!(texts, ["123-45-6789", "4111 1111 1111 1111"]);
     }
 
     #[test]
@@ -634,6 +739,18 @@ mod tests {
         // Backreferences and look-around (which need backtracking) do not compile.
         assert!(Detector::custom("x", r"(a)\1").is_err());
         assert!(Detector::custom("x", r"a(?=b)").is_err());
+        // Which may match across a marker's edge.
+        for (pattern, crosses) in [
+            ("MRN-[0-9]{8}", false),
+            (r"\][0-9]+", true),
+            ("[^ ]+x", true),
+            (r"x\B", true),
+            (r"(?-u:\b)[a-z]+", false),
+            ("[\\[-\\]]x", true),
+        ] {
+            let detector = Detector::custom("x", pattern).unwrap();
+            assert_eq!(detector.crosses_markers, crosses, "{pattern}");
+        }
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub struct ResultRules<'p> {
     applying: Vec<usize>,
     /// Per detector: what it does, and the entry that says so.
     effects: Vec<(Effect, usize)>,
+    /// Whether an enforced detector may match across a marker's edge.
+    crossing: bool,
 }
 
 /// Per-detector counts of one `apply`, and scratch space reused for every string.
@@ -142,6 +144,7 @@ struct Tally {
     matches: Vec<Found>,
     enforce: Vec<usize>,
     audit: Vec<usize>,
+    candidates: regex_automata::PatternSet,
 }
 
 impl Results {
@@ -184,11 +187,16 @@ impl Results {
                 }
             }
         }
+        let crossing = effects
+            .iter()
+            .zip(self.scanner.detectors())
+            .any(|((effect, _), detector)| effect.enforced() && detector.crosses_markers);
         Some(ResultRules {
             results: self,
             tool: tool.into(),
             applying,
             effects,
+            crossing,
         })
     }
 
@@ -223,6 +231,7 @@ impl<'p> ResultRules<'p> {
             matches: Vec::new(),
             enforce: Vec::new(),
             audit: Vec::new(),
+            candidates: self.results.scanner.pattern_set(),
         };
         let Some(object) = result.as_object_mut() else {
             return ResultVerdict::default();
@@ -323,16 +332,18 @@ impl<'p> ResultRules<'p> {
         }
     }
 
-    /// One round of [`scan`](Self::scan); true when it redacted something.
+    /// One round of [`scan`](Self::scan); true when it redacted something a marker may
+    /// have uncovered a match next to (most redactions stand between spaces or quotes,
+    /// where none can be: see [`detect::may_uncover`]).
     fn scan_once(&self, text: &mut String, tally: &mut Tally, first: bool) -> bool {
         let scanner = &self.results.scanner;
-        let candidates = scanner.candidates(text);
-        if !candidates.matched_any() {
+        scanner.candidates(text, &mut tally.candidates);
+        if tally.candidates.is_empty() {
             return false;
         }
         tally.enforce.clear();
         tally.audit.clear();
-        for detector in candidates.iter() {
+        for detector in tally.candidates.iter().map(|id| id.as_usize()) {
             match self.effects.get(detector).map(|(effect, _)| *effect) {
                 Some(effect) if effect.enforced() => tally.enforce.push(detector),
                 // What audit mode finds is counted in the text as it came.
@@ -357,6 +368,7 @@ impl<'p> ResultRules<'p> {
         tally.matches.clear();
         scanner.find(text, &tally.enforce, &mut tally.matches);
         let mut redacted: Option<String> = None;
+        let mut again = false;
         let mut copied = 0;
         for found in &tally.matches {
             let d = found.detector;
@@ -377,6 +389,14 @@ impl<'p> ResultRules<'p> {
                     out.push_str(&detector.name);
                     out.push(']');
                     copied = found.end;
+                    again = again
+                        || self.crossing
+                        || detect::may_uncover(
+                            text.get(..found.start).and_then(|t| t.chars().next_back()),
+                        )
+                        || detect::may_uncover(
+                            text.get(found.end..).and_then(|t| t.chars().next()),
+                        );
                     if let Some(n) = tally.redacted.get_mut(d) {
                         *n += 1;
                     }
@@ -388,7 +408,7 @@ impl<'p> ResultRules<'p> {
             Some(mut out) => {
                 out.push_str(text.get(copied..).unwrap_or_default());
                 *text = out;
-                true
+                again
             }
             None => false,
         }

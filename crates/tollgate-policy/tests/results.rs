@@ -437,6 +437,14 @@ results:
     redact: [aws_access_key, private_key, jwt, github_token, slack_token, us_ssn, credit_card, email, {name: mrn, pattern: "MRN-[0-9]{8}"}]
 "#;
 
+/// With a custom detector that can match across a marker's edge.
+const CROSSING: &str = r#"
+version: 1
+results:
+  - tool: "*"
+    redact: [aws_access_key, us_ssn, email, {name: tail, pattern: "\\][a-z]{2}[0-9]"}]
+"#;
+
 /// Text that is mostly secrets, their pieces, and the characters around them.
 fn secretish() -> impl Strategy<Value = String> {
     let pieces = prop::sample::select(vec![
@@ -479,6 +487,7 @@ fn redact_text(policy: &Policy, text: &str) -> (String, ResultVerdict) {
 }
 
 static ALL_POLICY: std::sync::LazyLock<Policy> = std::sync::LazyLock::new(|| load(ALL));
+static CROSSING_POLICY: std::sync::LazyLock<Policy> = std::sync::LazyLock::new(|| load(CROSSING));
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
@@ -490,6 +499,15 @@ proptest! {
         let (twice, verdict) = redact_text(policy, &once);
         prop_assert_eq!(&twice, &once);
         // Nothing any detector finds survives (the second pass found nothing).
+        prop_assert_eq!(verdict, ResultVerdict::default());
+    }
+
+    #[test]
+    fn redaction_is_idempotent_with_a_pattern_crossing_markers(text in secretish()) {
+        let policy = &*CROSSING_POLICY;
+        let (once, _) = redact_text(policy, &text);
+        let (twice, verdict) = redact_text(policy, &once);
+        prop_assert_eq!(&twice, &once);
         prop_assert_eq!(verdict, ResultVerdict::default());
     }
 
@@ -513,4 +531,19 @@ proptest! {
         }
         prop_assert_eq!(inner.as_str().unwrap(), flat.as_str());
     }
+}
+
+#[test]
+fn a_pattern_that_can_take_in_a_marker_is_looked_for_again() {
+    // `]:1` is there only once the address is a marker: found in the same pass.
+    let policy = load(
+        "version: 1\nresults:\n  - tool: t\n    redact: [email, {name: port, pattern: '\\]:[0-9]'}]\n",
+    );
+    let (once, verdict) = redact_text(&policy, "a@b.co:1 and c@d.co, done");
+    assert_eq!(
+        once,
+        "[redacted:email[redacted:port] and [redacted:email], done"
+    );
+    assert_eq!(verdict.redactions, redactions(&[("email", 2), ("port", 1)]));
+    assert_eq!(redact_text(&policy, &once).0, once);
 }

@@ -60,6 +60,9 @@ pub struct ConfigOf<S> {
     /// Where state shared by several replicas lives (default: in this process).
     #[serde(default)]
     pub state: StateConfig,
+    /// How often each upstream is probed for readiness (`/readyz`, `/status`; default 10s).
+    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    pub health_interval: Duration,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -345,6 +348,11 @@ pub struct Limits {
     /// Requests per second per client (token bucket); 0 turns it off.
     #[serde(default = "default_rps")]
     pub requests_per_second: u32,
+    /// How many requests a client may send at once before the per-second rate
+    /// applies: the bucket's size (default 4 × `requests_per_second`). Generous by
+    /// default, so that a client's start-up burst or a test suite at full speed passes.
+    #[serde(default)]
+    pub burst: Option<u32>,
     /// Most concurrent handshake-era sessions.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -380,11 +388,20 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
+impl Limits {
+    /// The per-client bucket's size: `burst`, else 4 × `requests_per_second`.
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.requests_per_second.saturating_mul(4))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body: default_max_body(),
             requests_per_second: default_rps(),
+            burst: None,
             max_sessions: default_max_sessions(),
             session_idle: default_session_idle(),
             sessions_per_client: default_sessions_per_client(),
@@ -531,7 +548,7 @@ fn default_max_body() -> usize {
     4 * 1024 * 1024
 }
 fn default_rps() -> u32 {
-    50
+    200
 }
 fn default_max_sessions() -> usize {
     10_000
@@ -553,6 +570,9 @@ fn default_header_read_timeout() -> Duration {
 }
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(20)
@@ -863,6 +883,9 @@ impl ConfigOf<RawServer> {
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
         }
+        if self.health_interval.is_zero() {
+            problems.push("health_interval: must be more than 0 seconds".to_owned());
+        }
         check_state(&self.state, &mut problems);
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
@@ -906,6 +929,7 @@ impl ConfigOf<RawServer> {
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
             state: self.state,
+            health_interval: self.health_interval,
             servers,
         })
     }

@@ -186,7 +186,7 @@ impl Doors {
                     key: c.key.as_bytes().to_vec(),
                 })
                 .collect(),
-            client_rate: ClientRate::new(config.limits.requests_per_second),
+            client_rate: ClientRate::new(config.limits.requests_per_second, config.limits.burst()),
             guard: Guard::new(config),
             legacy: legacy_sse::Streams::default(),
         })

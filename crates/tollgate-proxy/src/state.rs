@@ -37,6 +37,8 @@ pub struct Server {
     pub location_key: String,
     /// Host and port to try for readiness, for network upstreams.
     pub network_address: Option<(String, u16)>,
+    /// Its readiness probe and last outcome.
+    pub health: crate::upstream::probe::Health,
     /// Per upstream request.
     pub timeout: Duration,
     /// The policy in force; swapped whole on reload, read once per request.
@@ -52,6 +54,15 @@ pub struct Server {
     /// Whether its upstream sessions live in this process (a stdio process, a legacy
     /// SSE connection), so that another replica cannot serve them.
     pub pinned: bool,
+}
+
+impl Server {
+    /// Probes its upstream for readiness now (at most 5 s, or its timeout if shorter).
+    pub async fn probe(&self) -> crate::upstream::probe::Checked {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        let span = tracing::info_span!("readiness", server = %self.name);
+        tracing::Instrument::instrument(self.health.check(&*self.upstream, timeout), span).await
+    }
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -142,6 +153,8 @@ pub struct Shared {
     pub(crate) remote: Option<Arc<Remote>>,
     /// `state.on_failure`.
     pub(crate) state_on_failure: crate::config::OnStateFailure,
+    /// How often each upstream is probed for readiness.
+    pub(crate) health_interval: Duration,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -279,9 +292,23 @@ fn build_server(
         }
         None => None,
     };
+    let probe = match &config.upstream {
+        UpstreamConfig::Stdio {
+            command, env, cwd, ..
+        } => crate::upstream::probe::Probe::Command {
+            program: command.first().cloned().unwrap_or_default(),
+            path: env
+                .get("PATH")
+                .cloned()
+                .or_else(|| std::env::var("PATH").ok()),
+            cwd: cwd.clone(),
+        },
+        _ => crate::upstream::probe::Probe::Exchange,
+    };
     Ok(Server {
         tools,
         name: name.into(),
+        health: crate::upstream::probe::Health::new(probe),
         upstream,
         location,
         location_key: format!("servers.{name}.{location_key}"),
@@ -469,6 +496,7 @@ impl Shared {
                 .unwrap_or(crate::config::DEFAULT_APPROVAL_WAIT),
             remote,
             state_on_failure: config.state.on_failure,
+            health_interval: config.health_interval,
         })
     }
 

@@ -37,6 +37,9 @@ pub struct UpstreamArgs {
     /// A stdio MCP server to start: `-- CMD ARGS`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+    /// The stdio server's environment (with `-- CMD ARGS`).
+    #[command(flatten)]
+    pub child_env: super::ChildEnv,
 }
 
 impl UpstreamArgs {
@@ -52,8 +55,8 @@ impl UpstreamArgs {
             (Some(url), UpstreamTransport::Sse) => Some(Source::Sse(url.clone(), headers)),
             (None, _) if !self.command.is_empty() => Some(Source::Stdio {
                 argv: self.command.clone(),
-                env: Default::default(),
-                inherit_env: Vec::new(),
+                env: self.child_env.env.iter().cloned().collect(),
+                inherit_env: self.child_env.inherit_env.clone(),
                 cwd: None,
             }),
             (None, _) => None,

@@ -44,7 +44,9 @@ fn percent(text: &str) -> Result<f64, String> {
 pub struct Suite {
     /// The policy under test, relative to the test file.
     pub policy: PathBuf,
-    /// The cases, run in order against one rate-limit state.
+    /// The cases, run in order. Each is independent of the others (a rate-limit state
+    /// of its own) unless they name the same `session`, `client` or claims' `sub`:
+    /// cases joined that way share one state ([`shared_states`]).
     pub cases: Vec<Case>,
 }
 
@@ -264,22 +266,70 @@ pub fn scan_result(
     Some((scanned, verdict))
 }
 
+/// Which rate-limit state each case uses: cases that name the same session, client or
+/// user (the claims' `sub`), directly or through one another, share one; a case that
+/// names none has one of its own. Returns each case's state index and the count.
+pub fn shared_states(cases: &[Case]) -> (Vec<usize>, usize) {
+    // Union-find over the cases, joined by every name they share.
+    let mut parent: Vec<usize> = (0..cases.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut first_named: std::collections::HashMap<(u8, &str), usize> =
+        std::collections::HashMap::new();
+    for (i, case) in cases.iter().enumerate() {
+        let sub = case
+            .claims
+            .as_ref()
+            .and_then(|c| c.get("sub"))
+            .and_then(Value::as_str);
+        let names = [
+            (0, case.session.as_deref()),
+            (1, case.client.as_deref()),
+            (2, sub),
+        ];
+        for (kind, name) in names.into_iter().filter_map(|(k, n)| Some((k, n?))) {
+            let other = *first_named.entry((kind, name)).or_insert(i);
+            let (a, b) = (root(&mut parent, i), root(&mut parent, other));
+            parent[a] = b;
+        }
+    }
+    let mut index: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let states = (0..cases.len())
+        .map(|i| {
+            let r = root(&mut parent, i);
+            let next = index.len();
+            *index.entry(r).or_insert(next)
+        })
+        .collect();
+    (states, index.len())
+}
+
 /// Runs the cases of one suite; returns failure messages. `observe` sees every
-/// call's decision and what became of its result.
+/// call's decision and what became of its result. Cases share rate-limit state only as
+/// [`shared_states`] says.
 pub fn run_suite(
     suite: &Suite,
     policy: &Policy,
     mut observe: impl FnMut(&ToolCall<'_>, Seen<'_>),
 ) -> Vec<(String, String)> {
-    let mut limiter = RateLimiter::new();
+    let (state_of, states) = shared_states(&suite.cases);
+    let mut limiters: Vec<RateLimiter> = (0..states).map(|_| RateLimiter::new()).collect();
     let mut failures = Vec::new();
-    for case in &suite.cases {
+    for (case, &state) in suite.cases.iter().zip(&state_of) {
+        let Some(limiter) = limiters.get_mut(state) else {
+            continue;
+        };
         let user_key = user_key(case.claims.as_ref(), case.client.as_deref());
         let call = case.call(&user_key);
         let now = case.now();
         let decisions: Vec<Decision> = (0..case.repeat)
             .map(|_| {
-                let mut decision = evaluate(policy, &mut limiter, &call, now);
+                let mut decision = evaluate(policy, limiter, &call, now);
                 observe(&call, Seen::Decision(&decision));
                 if case.grant {
                     super::explain::apply_grant(&mut decision);

@@ -226,9 +226,10 @@ async fn post_message(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
-    let conversation = stream.conversation.clone();
+    // Admitted before the 202, in the order the POSTs came, then handled concurrently.
+    let admitted = stream.conversation.admit_incoming(incoming).await;
     tokio::spawn(async move {
-        conversation.handle(incoming).await;
+        admitted.run().await;
         drop(permit);
     });
     Ok((StatusCode::ACCEPTED, "Accepted").into_response())

@@ -249,27 +249,30 @@ async fn enforce(
         claims: identity.map(|id| &id.claims),
         scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
+    let mut unchecked = None;
     let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
         Ok(decided) => decided,
-        Err(Unchecked { decision, error }) => {
+        Err(Unchecked {
+            mut decision,
+            error,
+        }) => {
             let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
             shared.metrics.state_unavailable(&server.name, refuse);
             if refuse {
                 tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
-                return Ok(Verdict::Refuse(error_response(
-                    Some(id),
-                    ErrorCode::InternalError,
-                    &format!(
-                        "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
-                    ),
-                    None,
-                )));
+                // Refused as any other call is: with its audit record.
+                decision.action = Action::Deny;
+                decision.reason = format!(
+                    "its rate limit could not be checked because {error} (state.on_failure: refuse)"
+                );
+                unchecked = Some(error);
+            } else {
+                tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
             }
-            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
             (decision, None)
         }
     };
-    let audit_mode = policy.mode() == Mode::Audit;
+    let audit_mode = policy.mode() == Mode::Audit && unchecked.is_none();
     let mut permit = Permit {
         shared: shared.clone(),
         server: server.clone(),
@@ -302,6 +305,16 @@ async fn enforce(
         policy.names_tool(tool),
     )
     .await;
+    if let Some(error) = unchecked {
+        return Ok(Verdict::Refuse(error_response(
+            Some(id),
+            ErrorCode::InternalError,
+            &format!(
+                "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
+            ),
+            None,
+        )));
+    }
     let goes_on = audit_mode || decision.action != Action::Deny;
     if !recorded && goes_on && shared.audit.refuses_unrecorded() {
         // `audit.on_failure: refuse`: what cannot be recorded does not happen. The

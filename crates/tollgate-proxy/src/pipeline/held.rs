@@ -269,8 +269,19 @@ fn to_call_again(
         Some(url) => format!(" at {url}"),
         None => String::new(),
     };
+    // What the retry must match besides tool and arguments: who may redeem it.
+    let who = match (&ctx.caller.client, &ctx.caller.identity) {
+        (Some(client), _) => format!("as client `{client}` (from any of its sessions)"),
+        (None, Some(identity)) => {
+            format!("as user `{}` (from any of their sessions)", identity.user)
+        }
+        (None, None) if ctx.session_key.starts_with("session:") => {
+            "in this same session (an anonymous caller is known only by its session)".to_owned()
+        }
+        (None, None) => "from this same address".to_owned(),
+    };
     let text = format!(
-        "Approval pending (id {}): a person must approve this call{at}; call the tool again with the same arguments once it is approved (the approval expires at {expires_at})",
+        "Approval pending (id {}): a person must approve this call{at}; once it is approved, call the same tool again with the same arguments {who} (the approval expires at {expires_at})",
         pending.approval_id
     );
     result_response(

@@ -1400,6 +1400,33 @@ impl Approvals {
         }
     }
 
+    /// Withdraws what a closed session was waiting for: its pending approvals that only
+    /// it could retry (an anonymous caller's, `principal` `session:<id>`) are denied, so
+    /// they leave the approvals page rather than wait for a retry that cannot come.
+    pub fn session_closed(&self, session: &str) {
+        let principal = format!("session:{session}");
+        let ids: Vec<String> = {
+            let table = self.table.lock();
+            table
+                .live
+                .iter()
+                .filter(|(_, e)| {
+                    e.approval.status == Status::Pending && e.approval.principal == principal
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in ids {
+            let _ = self.decide(
+                &id,
+                false,
+                "tollgate",
+                Some("the session that asked was closed, so nobody can retry the call".to_owned()),
+                None,
+            );
+        }
+    }
+
     /// A grant that lets this call through, its use counted; `None` when none does.
     pub fn use_grant(
         &self,

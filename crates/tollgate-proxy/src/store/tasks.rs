@@ -101,14 +101,17 @@ struct Local {
     by_owner: HashMap<String, VecDeque<(Key, Instant)>>,
 }
 
-/// Records a task (KEYS[1]) and adds it to its owner's sorted set (KEYS[2], scored by
-/// expiry), dropping the owner's expired entries and, past ARGV[3], its oldest tasks.
+/// Records a task (KEYS[1]) unless it is recorded already, and adds it to its owner's
+/// sorted set (KEYS[2], scored by expiry), dropping the owner's expired entries and,
+/// past ARGV[3], its oldest tasks.
 /// ARGV: the record, its ttl in ms, the owner's bound. Redis's own clock is used.
 const RECORD: &str = r"
 local ttl = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'NX') then
+  return 0
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
 local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
@@ -153,7 +156,8 @@ impl Tasks {
     }
 
     /// Records that `task_id` of `server` was created by `record.owner` calling
-    /// `record.tool`, for `ttl` (see [`Tasks::ttl`]).
+    /// `record.tool`, for `ttl` (see [`Tasks::ttl`]). A task recorded already keeps its
+    /// first owner: an upstream that hands out an id twice cannot move a task.
     pub async fn record(
         &self,
         server: &Arc<str>,
@@ -197,6 +201,13 @@ impl Tasks {
             return Ok(());
         }
         let key: Key = (server.clone(), task_id.to_owned());
+        if local
+            .records
+            .get(&key)
+            .is_some_and(|(_, until)| *until > now)
+        {
+            return Ok(());
+        }
         let bucket = record.owner.bucket();
         local.records.insert(key.clone(), (record, expires));
         let Local { records, by_owner } = &mut *local;
@@ -350,6 +361,13 @@ mod tests {
         assert!(!found.owned_by(&owner("bob", None)));
         assert!(tasks.owner_of(&t, "T").await.unwrap().is_none());
         assert!(tasks.owner_of(&s, "U").await.unwrap().is_none());
+        // The same id again (a buggy or hostile upstream) does not move the task.
+        tasks
+            .record(&s, "T", record("bob", None), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let found = tasks.owner_of(&s, "T").await.unwrap().unwrap();
+        assert!(found.owned_by(&owner("alice", None)) && !found.owned_by(&owner("bob", None)));
         // A task created in a session belongs to that session.
         tasks
             .record(&s, "S", record("alice", Some("1")), Duration::from_secs(60))
