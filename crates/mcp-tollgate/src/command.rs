@@ -6,6 +6,8 @@ pub mod diff;
 pub mod explain;
 pub mod health;
 pub mod instances;
+pub mod listing;
+pub mod lock;
 pub mod scan;
 pub mod serve;
 pub mod stdio;

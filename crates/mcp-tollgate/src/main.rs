@@ -60,6 +60,8 @@ enum Command {
     Schema,
     /// List an upstream's tools and print a starter policy.
     Scan(command::scan::ScanArgs),
+    /// Pin an upstream's tool definitions in a lock file (or check them against it).
+    Lock(command::lock::LockArgs),
     /// Exit 0 when a Tollgate admin listener (or an MCP endpoint) is healthy.
     Health(command::health::HealthArgs),
 }
@@ -116,5 +118,6 @@ fn main() -> ExitCode {
         Command::Schema => command::schema(),
         Command::Health(args) => command::health::run(args),
         Command::Scan(args) => command::scan::run(args),
+        Command::Lock(args) => command::lock::run(args),
     }
 }

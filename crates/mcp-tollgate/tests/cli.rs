@@ -660,6 +660,133 @@ fn test_and_explain_take_the_callers_claims_and_scopes() {
     );
 }
 
+/// `tollgate demo-upstream` on a free port, ended on drop.
+struct DemoUpstream {
+    child: std::process::Child,
+    url: String,
+}
+
+impl DemoUpstream {
+    fn start(extra_tools: &str) -> DemoUpstream {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["demo-upstream", "--listen", "127.0.0.1:0"])
+            .args(["--extra-tools", extra_tools])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+        assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        DemoUpstream { child, url }
+    }
+}
+
+impl Drop for DemoUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn lock_writes_the_same_bytes_twice_and_check_tells_a_difference() {
+    let dir = Dir::new("lock");
+    let demo = DemoUpstream::start("0");
+    let (a, b) = (dir.path().join("a.lock"), dir.path().join("b.lock"));
+    for path in [&a, &b] {
+        let out = tollgate(&[
+            "lock",
+            "--upstream",
+            &demo.url,
+            "--output",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let text = std::fs::read_to_string(&a).unwrap();
+    assert_eq!(text, std::fs::read_to_string(&b).unwrap());
+    assert!(text.contains("\nversion: 1\n"), "{text}");
+    assert!(
+        text.contains("- name: list_fhir_datastores\n  digest: sha256:"),
+        "{text}"
+    );
+    let check = tollgate(&[
+        "lock",
+        "--upstream",
+        &demo.url,
+        "--output",
+        a.to_str().unwrap(),
+        "--check",
+    ]);
+    assert_eq!(code(&check), 0, "{}", stderr(&check));
+    assert_eq!(
+        std::fs::read_to_string(&a).unwrap(),
+        text,
+        "--check writes nothing"
+    );
+    // Another upstream with one more tool: a difference, named, and exit 1.
+    let more = DemoUpstream::start("1");
+    let check = tollgate(&[
+        "lock",
+        "--upstream",
+        &more.url,
+        "--output",
+        a.to_str().unwrap(),
+        "--check",
+    ]);
+    assert_eq!(code(&check), 1, "{}", stderr(&check));
+    assert!(
+        stdout(&check).contains(
+            "tool `filler_tool_0` added\n--- locked/filler_tool_0\n+++ live/filler_tool_0\n"
+        ),
+        "{}",
+        stdout(&check)
+    );
+    // `scan --lock` writes the same lock beside the starter policy.
+    let c = dir.path().join("c.lock");
+    let scan = tollgate(&[
+        "scan",
+        "--upstream",
+        &demo.url,
+        "--lock",
+        c.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&scan), 0, "{}", stderr(&scan));
+    assert!(stdout(&scan).contains("default: deny"));
+    assert_eq!(std::fs::read_to_string(&c).unwrap(), text);
+    // From a configuration: the server's `tools_lock:` is written, relative to the file.
+    let policy = dir.write("p.yaml", "version: 1\ndefault: deny\n");
+    let config = dir.write(
+        "tollgate.yaml",
+        &format!("servers:\n  demo:\n    url: {}\n    policy: {policy}\n    tools_lock: demo.tools.lock\n", demo.url),
+    );
+    let out = tollgate(&["lock", "--config", &config]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let locked = std::fs::read_to_string(dir.path().join("demo.tools.lock")).unwrap();
+    assert!(locked.contains("\nserver: demo\n"), "{locked}");
+    let out = tollgate(&["lock", "--config", &config, "--server", "nope"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("no server `nope`"),
+        "{}",
+        stderr(&out)
+    );
+    // A bad lock is an error naming the file.
+    let bad = dir.write("bad.lock", "version: 7\nserver: x\ntools: []\n");
+    let out = tollgate(&["lock", "--upstream", &demo.url, "--output", &bad, "--check"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("bad.lock: not a valid tool lock: version 7"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 // Issue 25: result rules in `validate`, `test` and `explain`.
 const RESULTS_POLICY: &str = "version: 1\ndefault: allow\nresults:\n  - tool: '*'\n    block: [private_key]\n  - tool: read_*\n    redact: [us_ssn, {name: mrn, pattern: 'MRN-[0-9]{8}'}]\n";
 

@@ -62,6 +62,8 @@ pub enum DenyKind {
     ApprovalTimeout,
     /// The rule needs OAuth scopes the caller's token does not carry.
     InsufficientScope,
+    /// The tool's definition differs from the tool lock, or the lock does not name it.
+    ToolChanged,
 }
 
 impl DenyKind {
@@ -74,6 +76,7 @@ impl DenyKind {
             DenyKind::ApprovalDenied => "approval_denied",
             DenyKind::ApprovalTimeout => "approval_timeout",
             DenyKind::InsufficientScope => "insufficient_scope",
+            DenyKind::ToolChanged => "tool_changed",
         }
     }
 }

@@ -175,6 +175,20 @@ pub enum Record<'a> {
         /// Who granted it.
         granted_by: &'a str,
     },
+    /// A tool's definition, as the upstream advertised it, differs from the tool lock
+    /// (or the lock does not name the tool); written once per server, tool and digest.
+    ToolChanged {
+        /// The server.
+        server: &'a str,
+        /// The tool.
+        tool: &'a str,
+        /// The locked digest; `None` when the lock does not name the tool.
+        locked: Option<&'a str>,
+        /// The digest of the definition the upstream advertised.
+        seen: &'a str,
+        /// `refuse` (hidden, calls refused) or `warn` (let through).
+        on_tool_change: &'a str,
+    },
     /// A grant was ended before its time.
     GrantRevoked {
         /// The grant's id.
@@ -560,7 +574,8 @@ pub fn text_digest(text: &str) -> String {
     hex_digest(text.as_bytes())
 }
 
-fn hex_digest(bytes: &[u8]) -> String {
+/// `sha256:<hex>` of bytes.
+pub fn hex_digest(bytes: &[u8]) -> String {
     let hash = Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
@@ -576,48 +591,24 @@ pub fn digest(arguments: &Value) -> String {
     hex_digest(&serde_json::to_vec(arguments).unwrap_or_default())
 }
 
-/// `sha256:<hex>` of the arguments as canonical JSON (keys sorted at every level, no
-/// spaces; a missing `arguments` is `{}`), so the same call sent with its keys in
-/// another order has the same digest. What a retry must match to redeem an approval.
+/// `value` as RFC 8785 (JCS) canonical JSON: keys sorted (by UTF-16 code units) at
+/// every level, no spaces, numbers and strings in one spelling. What every digest of
+/// JSON that must not depend on how it was written is taken over.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    // A `Value` holds only finite numbers and string keys, which JCS always writes.
+    serde_jcs::to_vec(value).unwrap_or_default()
+}
+
+/// `sha256:<hex>` of the arguments as canonical JSON ([`canonical_json`]; a missing
+/// `arguments` is `{}`), so the same call sent with its keys in another order has the
+/// same digest. What a retry must match to redeem an approval. For arguments of
+/// strings, integers, booleans and nulls it is the digest Tollgate took before it
+/// used RFC 8785 (keys sorted, no spaces), so tickets issued then still match.
 pub fn canonical_digest(arguments: &Value) -> String {
-    fn write(value: &Value, out: &mut Vec<u8>) {
-        match value {
-            Value::Object(map) => {
-                let mut entries: Vec<_> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                out.push(b'{');
-                for (i, (key, value)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    // Writing a string to a Vec cannot fail.
-                    let _ = serde_json::to_writer(&mut *out, key);
-                    out.push(b':');
-                    write(value, out);
-                }
-                out.push(b'}');
-            }
-            Value::Array(items) => {
-                out.push(b'[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    write(item, out);
-                }
-                out.push(b']');
-            }
-            scalar => {
-                let _ = serde_json::to_writer(&mut *out, scalar);
-            }
-        }
-    }
-    let mut out = Vec::new();
     match arguments {
-        Value::Null => out.extend_from_slice(b"{}"),
-        value => write(value, &mut out),
+        Value::Null => hex_digest(b"{}"),
+        value => hex_digest(&canonical_json(value)),
     }
-    hex_digest(&out)
 }
 
 #[cfg(test)]
@@ -637,6 +628,22 @@ mod tests {
         assert_eq!(
             canonical_digest(&json!({"a": 1})),
             text_digest(r#"{"a":1}"#)
+        );
+        // RFC 8785: numbers in their shortest form, keys by UTF-16 code units.
+        assert_eq!(
+            canonical_digest(&json!({"n": 1.0, "m": 1e21, "s": "\u{7f}\n"})),
+            text_digest("{\"m\":1e+21,\"n\":1,\"s\":\"\u{7f}\\n\"}")
+        );
+        assert_eq!(
+            canonical_json(&json!({"\u{ff61}": 1, "\u{1f600}": 2})),
+            "{\"\u{1f600}\":2,\"\u{ff61}\":1}".as_bytes()
+        );
+        // Tickets issued before RFC 8785 (keys sorted, no spaces) still match.
+        assert_eq!(
+            canonical_digest(
+                &json!({"path": "/tmp/x", "n": [1, -2, null, true], "é": {"z": "\"q\""}})
+            ),
+            text_digest(r#"{"n":[1,-2,null,true],"path":"/tmp/x","é":{"z":"\"q\""}}"#)
         );
         for other in [
             json!({"a": 2}),

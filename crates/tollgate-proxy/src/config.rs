@@ -438,6 +438,22 @@ pub struct ServerConfig {
     pub policy: PathBuf,
     /// Per upstream request.
     pub timeout: Duration,
+    /// The tool lock (SPEC §10), relative to the configuration file.
+    pub tools_lock: Option<PathBuf>,
+    /// What a tool that differs from the lock meets.
+    pub on_tool_change: OnToolChange,
+}
+
+/// `servers.<n>.on_tool_change`: what a tool whose definition differs from the lock
+/// (or that the lock does not name) meets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnToolChange {
+    /// Hidden from `tools/list`, its calls refused (the default).
+    #[default]
+    Refuse,
+    /// Recorded, counted and logged; its calls go on.
+    Warn,
 }
 
 /// Where and how an upstream is reached.
@@ -517,6 +533,12 @@ pub struct RawServer {
     /// Per upstream request (default 30s).
     #[serde(default = "default_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
+    /// The tool lock written by `tollgate lock`, relative to the configuration file.
+    #[serde(default)]
+    pub tools_lock: Option<PathBuf>,
+    /// `refuse` (default) or `warn`.
+    #[serde(default)]
+    pub on_tool_change: OnToolChange,
 }
 
 fn default_listen() -> SocketAddr {
@@ -811,7 +833,8 @@ impl Config {
     }
 
     /// Makes the other relative paths of the file (`audit.path`, `servers.<n>.cwd`)
-    /// relative to `config_dir`, the configuration file's directory, as `policy:` is:
+    /// relative to `config_dir`, the configuration file's directory, as `policy:` is
+    /// (and `servers.<n>.tools_lock`):
     /// the directory Tollgate is started from (`/`, for a desktop client) never matters.
     pub fn resolve_paths(&mut self, config_dir: &Path) {
         if let Some(audit) = &mut self.audit
@@ -821,6 +844,11 @@ impl Config {
             audit.path = config_dir.join(&audit.path).to_string_lossy().into_owned();
         }
         for server in self.servers.values_mut() {
+            if let Some(lock) = &mut server.tools_lock
+                && lock.is_relative()
+            {
+                *lock = config_dir.join(&*lock);
+            }
             if let UpstreamConfig::Stdio { cwd: Some(cwd), .. } = &mut server.upstream
                 && cwd.is_relative()
             {
@@ -1132,6 +1160,8 @@ impl RawServer {
             headers: self.headers,
             policy: self.policy,
             timeout: self.timeout,
+            tools_lock: self.tools_lock,
+            on_tool_change: self.on_tool_change,
         })
     }
 }

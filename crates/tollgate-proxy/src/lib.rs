@@ -16,6 +16,7 @@ mod audit;
 mod config;
 mod downstream;
 mod error;
+pub mod lock;
 mod metrics;
 mod pipeline;
 mod reload;
@@ -28,8 +29,8 @@ pub use app::AppState;
 pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
     AdminConfig, AuditConfig, AuthConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits,
-    OAuthConfig, OnAuditFailure, RawServer, ServerConfig, Transport, UpstreamConfig, expand_env,
-    parse_duration, parse_size,
+    OAuthConfig, OnAuditFailure, OnToolChange, RawServer, ServerConfig, Transport, UpstreamConfig,
+    expand_env, parse_duration, parse_size,
 };
 pub use downstream::conversation::Conversation;
 pub use error::ProxyError;

@@ -187,6 +187,7 @@ pub struct Metrics {
     upstream_processes: Family<ServerLabels, Gauge>,
     tools_seen: Mutex<HashSet<String>>,
     audit_refusals: Family<ServerLabels, Counter>,
+    tool_changes: Family<ServerLabels, Counter>,
     state_unavailable: Family<UpstreamErrorLabels, Counter>,
     state_round_trips: Mutex<Counter>,
     connections: ConnectionMetrics,
@@ -279,6 +280,12 @@ impl Metrics {
             "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
             audit_refusals.clone(),
         );
+        let tool_changes = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "tool_changes",
+            "Tool definitions the upstream advertised that differ from the tool lock (or that it does not name), each counted once",
+            tool_changes.clone(),
+        );
         let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
         registry.register(
             "state_unavailable",
@@ -294,6 +301,7 @@ impl Metrics {
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
             audit_refusals,
+            tool_changes,
             state_unavailable,
             state_round_trips: Mutex::new(state_round_trips),
             connections,
@@ -405,6 +413,15 @@ impl Metrics {
                 server: server.to_owned(),
             })
             .set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a tool definition that differs from the lock.
+    pub fn tool_change(&self, server: &str) {
+        self.tool_changes
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a call refused because its decision could not be recorded.

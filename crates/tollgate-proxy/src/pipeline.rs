@@ -31,6 +31,7 @@ pub mod relay;
 pub mod respond;
 pub mod session;
 pub mod tasks;
+pub mod tools;
 
 use std::sync::Arc;
 

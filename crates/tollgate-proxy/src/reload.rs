@@ -1,5 +1,5 @@
 //! Policy hot reload: on a file change, SIGHUP or `POST /reload`, each policy
-//! file is read, validated and compiled off the request path, then swapped in
+//! file (and tool lock) is read, validated and compiled off the request path, then swapped in
 //! atomically. Calls in flight keep the snapshot they started with. A file that
 //! fails validation is refused: the old policy stays, and the error is logged,
 //! counted and shown by `/status`.
@@ -23,6 +23,8 @@ const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
 pub struct ReloadReport {
     /// The server.
     pub server: String,
+    /// `policy`, or `tools_lock` (its tool lock).
+    pub file: &'static str,
     /// `unchanged`, `reloaded` or `failed`.
     pub result: &'static str,
     /// The error, when it failed.
@@ -39,6 +41,7 @@ fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
     let report = |result, error| {
         Some(ReloadReport {
             server: server.name.to_string(),
+            file: "policy",
             result,
             error,
         })
@@ -82,11 +85,75 @@ fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
     }
 }
 
-/// Re-reads every server's policy file.
+/// Re-reads a server's tool lock, as its policy: a file that cannot be read or is
+/// not a valid lock leaves the lock in force (logged, counted and shown once).
+fn reload_lock(app: &Shared, server: &Server) -> Option<ReloadReport> {
+    let watch = server.tools.as_ref()?;
+    let mut info = watch.info.lock();
+    let report = |result, error| {
+        Some(ReloadReport {
+            server: server.name.to_string(),
+            file: "tools_lock",
+            result,
+            error,
+        })
+    };
+    let path = &watch.path;
+    let loaded = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the tool lock: {e}", path.display()))
+        .and_then(|text| {
+            let hash = crate::audit::text_digest(&text);
+            if hash == info.hash {
+                return Ok(None);
+            }
+            crate::lock::ToolLock::parse(&text, &path.display().to_string())
+                .map(|lock| Some((lock, hash)))
+                .map_err(|e| e.to_string())
+        });
+    match loaded {
+        Ok(None) => {
+            // Back to the text in force: an earlier failure no longer stands.
+            info.last_error = None;
+            report("unchanged", None)
+        }
+        Ok(Some((lock, hash))) => {
+            drop(info);
+            watch.replace(lock, hash);
+            app.metrics.reload(&server.name, true);
+            tracing::info!(server = %server.name, path = %path.display(), "tool lock reloaded");
+            report("reloaded", None)
+        }
+        // The same broken file is one failure.
+        Err(error) if info.last_error.as_ref() == Some(&error) => report("failed", Some(error)),
+        Err(error) => {
+            info.last_error = Some(error.clone());
+            drop(info);
+            app.metrics.reload(&server.name, false);
+            tracing::error!(server = %server.name, %error, "tool lock reload refused; the previous lock stays in force");
+            report("failed", Some(error))
+        }
+    }
+}
+
+/// Re-reads every server's policy file and tool lock.
 pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
     app.servers
         .values()
-        .filter_map(|server| reload_server(app, server))
+        .flat_map(|server| [reload_server(app, server), reload_lock(app, server)])
+        .flatten()
+        .collect()
+}
+
+/// Every file a reload reads: the policies and the tool locks.
+fn watched_files(app: &Shared) -> Vec<PathBuf> {
+    app.servers
+        .values()
+        .flat_map(|s| {
+            let policy = s.policy_info.lock().path.clone();
+            let lock = s.tools.as_ref().map(|w| w.path.clone());
+            [policy, lock]
+        })
+        .flatten()
         .collect()
 }
 
@@ -99,10 +166,9 @@ pub struct PolicyWatcher {
 /// editors and Kubernetes ConfigMap mounts replace files (atomic rename,
 /// `..data` symlink swap), which a watch on the old file would miss.
 pub fn watch(app: &Arc<Shared>) -> std::io::Result<PolicyWatcher> {
-    let dirs: BTreeSet<PathBuf> = app
-        .servers
-        .values()
-        .filter_map(|s| s.policy_info.lock().path.clone())
+    let files = watched_files(app);
+    let dirs: BTreeSet<PathBuf> = files
+        .iter()
         .map(|p| {
             p.parent()
                 .map(ToOwned::to_owned)
@@ -118,10 +184,9 @@ pub fn watch(app: &Arc<Shared>) -> std::io::Result<PolicyWatcher> {
         .collect();
     // The names a change to a policy can arrive under: the file's own (written,
     // or renamed over), or a ConfigMap mount's `..data` and `..<timestamp>`.
-    let names: BTreeSet<std::ffi::OsString> = app
-        .servers
-        .values()
-        .filter_map(|s| Some(s.policy_info.lock().path.as_ref()?.file_name()?.to_owned()))
+    let names: BTreeSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_owned()))
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let source = changes(&dirs, names, tx)?;

@@ -49,6 +49,8 @@ pub struct Server {
     pub policy_info: Mutex<PolicyInfo>,
     /// The `Mcp-Param-*` headers its tools declare, learned from `tools/list`.
     pub params: ToolParams,
+    /// Its tool lock and what the upstream advertised, when it has `tools_lock:`.
+    pub tools: Option<crate::lock::ToolWatch>,
     /// Whether its upstream sessions live in this process (a stdio process, a legacy
     /// SSE connection), so that another replica cannot serve them.
     pub pinned: bool,
@@ -185,6 +187,9 @@ pub enum BuildError {
     /// The OAuth resource server could not be set up.
     #[error("{0}")]
     Auth(String),
+    /// A tool lock cannot be used.
+    #[error("server `{0}`: {1}")]
+    Lock(String, String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -268,6 +273,25 @@ fn build_server(
                 (Box::new(upstream), location, "command", None)
             }
         };
+    let tools = match &config.tools_lock {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                BuildError::Lock(
+                    name.into(),
+                    format!("{}: cannot read the tool lock: {e}", path.display()),
+                )
+            })?;
+            let lock = crate::lock::ToolLock::parse(&text, &path.display().to_string())
+                .map_err(|e| BuildError::Lock(name.into(), e.to_string()))?;
+            Some(crate::lock::ToolWatch::new(
+                lock,
+                path.clone(),
+                crate::audit::text_digest(&text),
+                config.on_tool_change,
+            ))
+        }
+        None => None,
+    };
     let probe = match &config.upstream {
         UpstreamConfig::Stdio {
             command, env, cwd, ..
@@ -282,6 +306,7 @@ fn build_server(
         _ => crate::upstream::probe::Probe::Exchange,
     };
     Ok(Server {
+        tools,
         name: name.into(),
         health: crate::upstream::probe::Health::new(probe),
         upstream,

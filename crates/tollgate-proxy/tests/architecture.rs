@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "upstream",
     "error",
     "store",
+    "lock",
     "audit",
     "metrics",
     "config",
@@ -26,7 +27,8 @@ const LAYERS: &[&str] = &[
 
 /// The core's stages, in order; each may use only the ones after it.
 const STAGES: &[&str] = &[
-    "batch", "held", "tasks", "call", "relay", "respond", "session", "decide", "inbound", "context",
+    "batch", "held", "tasks", "call", "relay", "respond", "session", "decide", "tools", "inbound",
+    "context",
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

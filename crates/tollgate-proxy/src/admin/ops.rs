@@ -1,5 +1,5 @@
-//! Operations endpoints on the admin listener: `/metrics`, `/readyz`, `/status`
-//! and `POST /reload`. (`/healthz` and `/readyz` need no token; `admin` routes them.)
+//! Operations endpoints on the admin listener: `/metrics`, `/readyz`, `/status`,
+//! `/tools` and `POST /reload`. (`/healthz` and `/readyz` need no token; `admin` routes them.)
 
 use axum::Json;
 use axum::Router;
@@ -16,7 +16,33 @@ pub fn routes() -> Router<Admin> {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/tools", get(tools))
         .route("/reload", post(reload))
+}
+
+/// `GET /tools`: each server with a tool lock, its tools with their lock status
+/// (`unchanged`, `changed`, `unknown`, `not_listed`) and the diff of each that differs.
+async fn tools(State(admin): State<Admin>) -> Json<Value> {
+    let servers: serde_json::Map<String, Value> = admin
+        .app
+        .servers
+        .values()
+        .filter_map(|server| {
+            let watch = server.tools.as_ref()?;
+            let info = watch.info.lock().clone();
+            Some((
+                server.name.to_string(),
+                json!({
+                    "lock": watch.path.display().to_string(),
+                    "lock_hash": info.hash,
+                    "last_error": info.last_error,
+                    "on_tool_change": if watch.warns() { "warn" } else { "refuse" },
+                    "tools": watch.report(),
+                }),
+            ))
+        })
+        .collect();
+    Json(json!({ "servers": servers }))
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {

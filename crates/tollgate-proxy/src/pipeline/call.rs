@@ -145,8 +145,9 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
         ctx.shared().sessions.remove(&session.id);
         return Err(ProxyError::UnknownSession);
     }
+    let body = super::tools::on_list_changed(ctx, reply.body);
     // The slot is held for as long as the stream lives.
-    let body = match reply.body {
+    let body = match body {
         Body::Events(events) => Body::Events(
             events
                 .map(move |event| {

@@ -195,7 +195,35 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
+    if let Some(changed) = super::tools::check(ctx, message.as_value(), call.name).await {
+        return Ok(refuse_changed(ctx, &id, changed, call.arguments).await);
+    }
     enforce(ctx, &id, call.name, call.arguments).await
+}
+
+/// A call to a tool whose definition differs from the tool lock: recorded as any
+/// decision, and refused.
+async fn refuse_changed(
+    ctx: &Context,
+    id: &Value,
+    decision: Decision,
+    arguments: &Value,
+) -> Verdict {
+    let policy = ctx.server.policy.load_full();
+    let permit = Permit {
+        shared: ctx.shared().clone(),
+        server: ctx.server.clone(),
+        call_id: uuid_v7(),
+        request_id: id.clone(),
+        tool: decision.tool.clone(),
+        slot: None,
+        started: None,
+        latency: None,
+        redactions: Vec::new(),
+    };
+    let named = policy.names_tool(&decision.tool);
+    record(ctx, &decision, &permit, arguments, false, named).await;
+    Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
 }
 
 /// Evaluates one `tools/call`, writes the decision to the audit log, and says what

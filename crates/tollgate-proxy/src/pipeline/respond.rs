@@ -4,7 +4,8 @@
 //! 1. [`markers`]: `dev.tollgate/*` keys an upstream put in a `_meta` (or among the
 //!    `inputRequests` of an input-required result) are removed: Tollgate's markers are
 //!    Tollgate's alone;
-//! 2. [`tools`]: a `tools/list` answer loses the tools the policy hides, and teaches
+//! 2. [`tools`]: a `tools/list` answer loses the tools the policy hides (and, on a
+//!    server with a tool lock, those that differ from the lock), and teaches
 //!    the listed tools' `Mcp-Param-*` headers;
 //! 3. [`results`] for a task's result: the answer to `tasks/result` (or a completed
 //!    `tasks/get`) is checked against the `results` rules of the task's tool;

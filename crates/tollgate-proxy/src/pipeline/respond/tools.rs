@@ -1,7 +1,9 @@
 //! The `tools/list` response stage: the tools the policy hides from the caller (it
 //! denies them outright) and tools whose `x-mcp-header` annotations are invalid are
 //! removed from the list; the others' annotations are learnt (`store::params`), so
-//! that `inbound` can check the `Mcp-Param-*` headers of their calls.
+//! that `inbound` can check the `Mcp-Param-*` headers of their calls. On a server
+//! with a tool lock, the parsed answer first passes the lock's [`Screen`], which
+//! learns the listed tools' definitions and loses those that differ from the lock.
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use tollgate_policy::Policy;
 
 use super::Frame;
 use crate::pipeline::context::{Caller, Context};
+use crate::pipeline::tools::Screen;
 use crate::state::Server;
 use crate::store::params::ToolParams;
 
@@ -19,6 +22,8 @@ pub struct Filter {
     server: Arc<Server>,
     policy: Arc<Policy>,
     caller: Caller,
+    /// The tool lock's screen, on a server with a lock.
+    screen: Option<Screen>,
 }
 
 impl Filter {
@@ -27,6 +32,7 @@ impl Filter {
             server: ctx.server.clone(),
             policy: ctx.server.policy.load_full(),
             caller: ctx.caller.clone(),
+            screen: Screen::of(ctx),
         }
     }
 
@@ -39,17 +45,22 @@ impl Filter {
             if !memchr_tools(text) {
                 return;
             }
-            match filter_text(text, &server.name, params, policy, caller) {
-                Some(Some(filtered)) => return frame.set_text(filtered),
-                Some(None) => return,
-                None => {}
+            // The lock's screen reads whole tools: then the answer is parsed once, below.
+            if self.screen.is_none() {
+                match filter_text(text, &server.name, params, policy, caller) {
+                    Some(Some(filtered)) => return frame.set_text(filtered),
+                    Some(None) => return,
+                    None => {}
+                }
             }
         }
         frame.edit(|value| {
-            (
-                (),
-                filter_tools(value, &server.name, params, policy, caller),
-            )
+            let screened = self
+                .screen
+                .as_ref()
+                .is_some_and(|screen| screen.screen(value));
+            let filtered = filter_tools(value, &server.name, params, policy, caller);
+            ((), screened | filtered)
         });
     }
 }
