@@ -60,6 +60,9 @@ pub struct ConfigOf<S> {
     /// Where state shared by several replicas lives (default: in this process).
     #[serde(default)]
     pub state: StateConfig,
+    /// `telemetry:`: OpenTelemetry traces and audit logs over OTLP (off without it).
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -231,6 +234,48 @@ pub struct AuditConfig {
     /// What a call whose decision cannot be written becomes (default `refuse`).
     #[serde(default)]
     pub on_failure: OnAuditFailure,
+}
+
+/// `telemetry:` (docs/observability.md). Every value may be left to the standard
+/// `OTEL_*` variables, which a value given here overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where OTLP goes.
+    #[serde(default)]
+    pub otlp: OtlpConfig,
+    /// `service.name` (else `OTEL_SERVICE_NAME`, else `tollgate`).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Which traces are kept.
+    #[serde(default)]
+    pub traces: TracesConfig,
+    /// Also export every audit record as an OTLP log record.
+    #[serde(default)]
+    pub audit_logs: bool,
+}
+
+/// `telemetry.otlp:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The OTLP/HTTP base URL (`/v1/traces` and `/v1/logs` go under it); else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Headers sent with every export (added to `OTEL_EXPORTER_OTLP_HEADERS`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// `telemetry.traces:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The share of new traces kept, 0 to 1 (parent-based: a caller's sampled trace
+    /// is always kept); else `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else 1.
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
 }
 
 /// `audit.on_failure`: what happens to a call whose decision record cannot be written.
@@ -824,6 +869,16 @@ impl ConfigOf<RawServer> {
             problems.push("servers: at least one server is needed".to_owned());
         }
         check_state(&self.state, &mut problems);
+        if let Some(ratio) = self
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.traces.sample_ratio)
+            .filter(|r| !(0.0..=1.0).contains(r))
+        {
+            problems.push(format!(
+                "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
+            ));
+        }
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
         }
@@ -860,6 +915,7 @@ impl ConfigOf<RawServer> {
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
             state: self.state,
+            telemetry: self.telemetry,
             servers,
         })
     }

@@ -169,6 +169,9 @@ pub enum BuildError {
     /// The OAuth resource server could not be set up.
     #[error("{0}")]
     Auth(String),
+    /// Telemetry could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -379,6 +382,12 @@ impl Shared {
             Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
         };
+        let metrics = Metrics::new();
+        if let Some(telemetry) = &config.telemetry {
+            crate::telemetry::install(telemetry, metrics.telemetry_dropped(), &|name| {
+                std::env::var(name).ok()
+            })?;
+        }
         let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
             Some(url) => Some(reqwest::Url::parse(url).map_err(|e| {
                 BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string())
@@ -419,7 +428,7 @@ impl Shared {
                 Some(remote) => Approvals::shared(remote.clone()),
                 None => Arc::new(Approvals::new()),
             },
-            metrics: Metrics::new(),
+            metrics,
             admin_url: std::sync::OnceLock::new(),
             webhook,
             webhook_failures: AtomicU64::new(0),

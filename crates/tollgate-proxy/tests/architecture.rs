@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "error",
     "store",
     "audit",
+    "telemetry",
     "metrics",
     "config",
 ];

@@ -27,6 +27,8 @@ pub struct Conversation {
     session: Mutex<Option<String>>,
     listening: AtomicBool,
     out: mpsc::Sender<Value>,
+    /// Over a pipe (`tollgate stdio`) rather than TCP (legacy HTTP+SSE).
+    pipe: bool,
 }
 
 impl Conversation {
@@ -44,7 +46,14 @@ impl Conversation {
             session: Mutex::new(None),
             listening: AtomicBool::new(false),
             out,
+            pipe: false,
         }
+    }
+
+    /// The same conversation over a pipe (`tollgate stdio`).
+    pub fn over_pipe(mut self) -> Conversation {
+        self.pipe = true;
+        self
     }
 
     /// The server this conversation is with.
@@ -81,6 +90,7 @@ impl Conversation {
             incoming,
             meta: Meta {
                 session: session.clone(),
+                pipe: self.pipe,
                 ..Meta::default()
             },
         };
