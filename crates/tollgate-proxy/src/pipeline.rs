@@ -111,6 +111,12 @@ impl Core {
             decoded.era,
             decoded.forwarded,
         );
+        if telemetry::enabled()
+            && let Some(version) = ctx.session.as_ref().and_then(|s| s.protocol_version())
+        {
+            // A binding without headers: the version the session negotiated.
+            telemetry::protocol_version(&version);
+        }
         if held::withdraw(&ctx, &message) {
             return Ok(Answer::accepted());
         }

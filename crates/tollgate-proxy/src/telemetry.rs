@@ -653,6 +653,14 @@ pub fn in_current<F: Future>(work: F) -> impl Future<Output = F::Output> {
     }
 }
 
+/// The protocol version a message's session negotiated, on the current span.
+pub fn protocol_version(version: &str) {
+    Context::map_current(|cx| {
+        cx.span()
+            .set_attribute(KeyValue::new("mcp.protocol.version", bounded(version)));
+    });
+}
+
 fn failed(cx: &Context, kind: &str) {
     let span = cx.span();
     span.set_attribute(KeyValue::new("error.type", kind.to_owned()));
