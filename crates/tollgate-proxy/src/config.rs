@@ -1193,6 +1193,37 @@ servers:
     }
 
     #[test]
+    fn telemetry_is_off_by_default_and_takes_the_spec_example() {
+        let server = "servers:\n  a:\n    url: http://127.0.0.1:1/mcp\n    policy: p.yaml\n";
+        assert!(
+            Config::from_yaml(server, "t.yaml", &env)
+                .unwrap()
+                .telemetry
+                .is_none()
+        );
+        let with = |t: &str| Config::from_yaml(&format!("{t}{server}"), "t.yaml", &env);
+        let config = with("telemetry:\n  otlp:\n    endpoint: http://127.0.0.1:4318\n    headers:\n      authorization: Bearer ${TOKEN}\n  service_name: gw\n  traces: {sample_ratio: 0.25}\n  audit_logs: true\n").unwrap();
+        let telemetry = config.telemetry.unwrap();
+        assert_eq!(
+            telemetry.otlp.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(
+            telemetry.otlp.headers["authorization"],
+            format!("Bearer {}", env("TOKEN").unwrap())
+        );
+        assert_eq!(telemetry.service_name.as_deref(), Some("gw"));
+        assert_eq!(telemetry.traces.sample_ratio, Some(0.25));
+        assert!(telemetry.audit_logs);
+        let err = with("telemetry: {traces: {sample_ratio: 2}}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("telemetry.traces.sample_ratio: 2 is not between 0 and 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_redis_url_is_shown_without_its_password() {
         assert_eq!(
             redacted_url("redis://user:hunter2@10.0.0.1:6379/0"),
