@@ -695,6 +695,10 @@ pub fn decision(started: SystemTime, decided: &Decided<'_>) {
         return;
     };
     Context::map_current(|cx| {
+        // A call outside a message's span (one of a batch) is not traced.
+        if !cx.has_active_span() {
+            return;
+        }
         let mut attributes = vec![
             KeyValue::new("tollgate.decision", decided.decision.to_owned()),
             KeyValue::new("tollgate.rule", bounded(decided.rule)),
@@ -728,6 +732,9 @@ pub fn approval_wait<F: Future>(wait: F) -> impl Future<Output = F::Output> {
         return Either::Right(wait);
     };
     let cx = Context::current();
+    if !cx.has_active_span() {
+        return Either::Right(wait);
+    }
     let span = telemetry
         .tracer
         .span_builder("tollgate.approval_wait")
