@@ -17,7 +17,7 @@ fuzz_target!(|body: &[u8]| {
 });
 
 fn touch(message: &tollgate_mcp::Message) {
-    let _ = (message.kind(), message.method(), message.id(), message.meta());
+    let _ = (message.kind(), message.method(), message.id(), message.meta_protocol_version(), message.routing_name());
     let _ = message.tool_call();
     let _ = message.to_bytes();
 }

@@ -466,7 +466,10 @@ class RecordingUpstream:
                     msg = json.loads(raw)
                 except ValueError:
                     msg = None
-                outer.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": msg, "raw": raw})
+                # Tollgate's readiness probe (an `initialize` every health_interval) is not a request under test.
+                probe = isinstance(msg, dict) and ((msg.get("params") or {}).get("clientInfo") or {}).get("name") == "tollgate-readiness"
+                if not probe:
+                    outer.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": msg, "raw": raw})
                 if not isinstance(msg, dict) or "id" not in msg:
                     return self._reply(202, None)
                 method = msg.get("method")

@@ -84,7 +84,7 @@ async def test_a_ticket_then_the_retry_is_forwarded_exactly_once(procs, tmp_path
         assert meta["url"].startswith(tg.admin + "/") and approval_id in meta["url"]
         assert meta["expires_at"]
         text = first.content[0].text
-        assert text.startswith(f"Approval pending (id {approval_id})") and "call the tool again with the same arguments" in text
+        assert text.startswith(f"Approval pending (id {approval_id})") and "call the same tool again with the same arguments" in text
         assert upstream.calls() == []
 
         # A retry while pending joins the same approval: one entry on the page.

@@ -528,15 +528,20 @@ def test_the_lanes_accept_on_one_port_and_share_one_connection_gate(procs, tmp_p
                           extra="limits: {max_connections: 4, connections_per_peer: 100}")
     base, proc = serve_config(procs, config, env={"TOKIO_WORKER_THREADS": "4"})
     port = int(base.rsplit(":", 1)[1])
-    names = {Path(t, "comm").read_text().strip() for t in Path(f"/proc/{proc.proc.pid}/task").iterdir()}
-    assert {"tollgate-lane-1", "tollgate-lane-2", "tollgate-lane-3"} <= names, names
+    lanes = {"tollgate-lane-1", "tollgate-lane-2", "tollgate-lane-3"}
+    wait_until(lambda: lanes <= {Path(t, "comm").read_text().strip()
+                                 for t in Path(f"/proc/{proc.proc.pid}/task").iterdir()}, 10, "four lanes")
     request = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n")
     body = json.dumps(initialize()).encode()
     held, served = [], 0
     try:
-        for _ in range(16):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # From eight addresses: one address may hold at most half of max_connections.
+        for i in range(16):
+            s = socket.socket()
+            s.settimeout(5)
+            s.bind((f"127.0.0.{1 + i % 8}", 0))
+            s.connect(("127.0.0.1", port))
             held.append(s)
             try:
                 s.sendall(request % len(body) + body)

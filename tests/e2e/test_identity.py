@@ -520,7 +520,7 @@ async def test_the_legacy_sse_transport_takes_tokens_too(setup):
     no_token_reached_upstream(gate, storage.tokens.access_token)
 
 
-@pytest.mark.parametrize("setup", ["limits: {requests_per_second: 5}"], indirect=True)
+@pytest.mark.parametrize("setup", ["limits: {requests_per_second: 5, burst: 5}"], indirect=True)
 async def test_bad_tokens_cost_their_sender_requests(setup):
     idp, gate, _ = setup
     answers = [raw_call(gate, "not-a-token").status_code for _ in range(30)]

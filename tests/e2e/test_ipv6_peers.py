@@ -68,7 +68,7 @@ def test_anonymous_ipv6_peers_share_a_request_rate_per_64(namespace, procs, tmp_
     config = tmp_path / "v6.yaml"
     config.write_text(
         f"listen: '[{HOST}]:{port}'\n"
-        "limits: {requests_per_second: 1}\n"
+        "limits: {requests_per_second: 1, burst: 1}\n"
         f"servers:\n  s:\n    url: 'http://[{HOST}]:9/mcp'\n    policy: p.yaml\n"
     )
     proxy = Proc(["ip", "netns", "exec", namespace, TOLLGATE, "serve", "--config", str(config)],

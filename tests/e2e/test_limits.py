@@ -82,11 +82,14 @@ def test_a_chunked_body_over_max_body_is_413(procs, tmp_path):
 
 def test_requests_per_second_per_client(procs, tmp_path):
     upstream = start_upstream(procs, tmp_path)
-    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY, extra="limits: {requests_per_second: 2}")
-    codes = [httpx.post(tg.url, json=tool_call("echo", {"text": str(i)}, i), headers=headers(name="echo"),
-                        timeout=10).status_code for i in range(12)]
+    tg = start_tollgate(procs, tmp_path, upstream.url, POLICY, extra="limits: {requests_per_second: 2, burst: 2}")
+    answers = [httpx.post(tg.url, json=tool_call("echo", {"text": str(i)}, i), headers=headers(name="echo"),
+                          timeout=10) for i in range(12)]
+    codes = [a.status_code for a in answers]
     assert 429 in codes, codes
     assert codes.count(200) < 12
+    refused = next(a for a in answers if a.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1, refused.headers
     assert len(upstream.calls()) == codes.count(200)
 
 

@@ -118,6 +118,13 @@ async def test_reload_under_load_drops_nothing_and_each_call_sees_the_policy_in_
     metrics = httpx.get(tg.admin + "/metrics", headers=AUTH, timeout=10).text
     assert 'tollgate_policy_reloads_total{server="upstream",result="failed"} 1' in metrics
 
+    # Fixed back to the policy in force: nothing to swap, but the failure is over.
+    replace_file(path, policy(20, True))
+    r = httpx.post(tg.admin + "/reload", headers=AUTH, timeout=10)
+    assert r.status_code == 200 and r.json()["reloads"][0]["result"] == "unchanged", r.text
+    status = httpx.get(tg.admin + "/status", headers=AUTH, timeout=10).json()
+    assert status["servers"][0]["policy"].get("last_error") is None, status
+
 
 async def test_the_file_watcher_waits_for_a_file_written_in_pieces(procs, tmp_path):
     """`cat > policy.yaml` or a slow copy leaves the file half-written for a while:

@@ -303,6 +303,13 @@ def metric(admin: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def echo_records(tmp_path: Path) -> list[dict]:
+    """The audit records of `echo` calls, on every replica."""
+    return [record for path in sorted(tmp_path.glob("audit-*.jsonl"))
+            for record in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+            if record.get("tool") == "echo"]
+
+
 def test_redis_down_refuses_with_a_clear_error_and_recovers_without_a_restart(procs, tmp_path, redis):
     upstream = start_upstream(procs, tmp_path)
     cluster = Cluster(procs, tmp_path, redis, upstream.url,
@@ -326,14 +333,16 @@ def test_redis_down_refuses_with_a_clear_error_and_recovers_without_a_restart(pr
     session.url = cluster.replicas[0]["url"]
     assert passed(session.call("list_fhir_datastores", {}))
     before = len(upstream.tools_called())
+    echoes_before = len(echo_records(tmp_path))
     answers = [stateless_call(cluster.url, "echo", {"text": f"down {i}"}, ALICE, i) for i in range(6)]
     for answer in answers:
         assert answer["error"]["code"] == -32603, answer
         message = answer["error"]["message"]
         assert "rate limit could not be checked" in message and "Redis at redis://127.0.0.1" in message, message
         assert "state.on_failure: refuse" in message
-    # None went through unlimited.
+    # None went through unlimited, and each refusal is in the audit log.
     assert len(upstream.tools_called()) == before
+    wait_until(lambda: len(echo_records(tmp_path)) >= echoes_before + 6, 10, "the refused calls to be audited")
     # A call that needs no shared state still flows.
     assert passed(stateless_call(cluster.url, "list_fhir_datastores", {}, ALICE))
     ready = httpx.get(f"{admin}/readyz", headers=auth, timeout=10)
@@ -362,6 +371,10 @@ def test_on_failure_allow_lets_calls_through_without_their_limit_counted(procs, 
     redis.kill()
     assert passed(stateless_call(cluster.url, "echo", {"text": "allowed"}, ALICE))
     assert metric(cluster.replicas[0]["admin"], 'tollgate_state_unavailable_total{server="up",kind="allowed"}') == 1
+    # It serves calls, so it stays ready (saying Redis is down): a Service keeps its pods.
+    ready = httpx.get(f"{cluster.replicas[0]['admin']}/readyz", headers=ADMIN_AUTH, timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["state"]["ready"] is False and ready.json()["state"]["error"], ready.json()
 
 
 ADMIN_AUTH = {"authorization": "Bearer admin-token-0123456789"}

@@ -2,6 +2,7 @@
 
 pub mod approvals;
 pub mod demo;
+pub mod diff;
 pub mod explain;
 pub mod health;
 pub mod instances;
@@ -12,6 +13,34 @@ pub mod test;
 pub mod validate;
 
 use std::process::ExitCode;
+
+/// `--env` and `--inherit-env`: the environment of a stdio server started from the
+/// command line (`-- CMD ARGS`), which otherwise gets only a few of Tollgate's variables
+/// (`PATH`, `HOME`, locale...; docs/configuration.md, `env`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ChildEnv {
+    /// A variable for the stdio server: `--env AWS_REGION=us-east-1` (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = name_value)]
+    pub env: Vec<(String, String)>,
+    /// A variable of Tollgate's own environment passed on to the stdio server, e.g.
+    /// `--inherit-env AWS_PROFILE` (repeatable).
+    #[arg(long = "inherit-env", value_name = "NAME")]
+    pub inherit_env: Vec<String>,
+}
+
+impl ChildEnv {
+    /// Whether any was given (they apply to `-- CMD ARGS` only).
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.inherit_env.is_empty()
+    }
+}
+
+fn name_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
+}
 
 /// `--format`, on the subcommands whose output it changes.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]

@@ -50,6 +50,8 @@ enum Command {
     Validate(command::validate::ValidateArgs),
     /// Run policy test cases (`*.test.yaml`).
     Test(command::test::TestArgs),
+    /// Show the calls (from test cases and audit logs) whose decision a policy change changes.
+    Diff(command::diff::DiffArgs),
     /// Say which rule decides a call, and why.
     Explain(command::explain::ExplainArgs),
     /// Approve or deny held calls through the admin API.
@@ -101,6 +103,10 @@ fn main() -> ExitCode {
         Command::Test(args) => {
             let format = args.output.or(cli.format);
             command::test::run(args, format)
+        }
+        Command::Diff(args) => {
+            let format = args.output.or(cli.format);
+            command::diff::run(args, format)
         }
         Command::Explain(args) => {
             let format = args.output.or(cli.format);

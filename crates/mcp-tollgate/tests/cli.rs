@@ -192,7 +192,7 @@ fn test_prints_each_failing_case_with_the_deciding_rule() {
     dir.write("p.yaml", "version: 1\ndefault: deny\nrules:\n  - tool: read_*\n    action: allow\n    rate_limit: {max: 2, window: 1m}\n");
     let file = dir.write(
         "p.test.yaml",
-        "policy: p.yaml\ncases:\n  - {name: reads pass, tool: read_x, expect: allow}\n  - {name: wrong on purpose, tool: write_x, expect: allow}\n  - {name: third read limited, tool: read_x, repeat: 2, expect: allow, expect_last: deny, kind: rate_limit}\n  - {name: a minute later fine, tool: read_x, at: 60, expect: allow}\n  - {name: other session fresh, tool: read_x, session: b, expect: allow}\n",
+        "policy: p.yaml\ncases:\n  - {name: reads pass, tool: read_x, session: a, expect: allow}\n  - {name: wrong on purpose, tool: write_x, expect: allow}\n  - {name: third read limited, tool: read_x, session: a, repeat: 2, expect: allow, expect_last: deny, kind: rate_limit}\n  - {name: a minute later fine, tool: read_x, session: a, at: 60, expect: allow}\n  - {name: other session fresh, tool: read_x, session: b, expect: allow}\n  - {name: a case naming no session starts afresh, tool: read_x, repeat: 2, expect: allow}\n  - {name: and so does the next, tool: read_x, repeat: 2, expect: allow}\n  - {name: a client shares with its own cases, tool: read_x, client: c, repeat: 2, expect: allow}\n  - {name: the same client later, tool: read_x, client: c, expect: deny, kind: rate_limit}\n",
     );
     let out = tollgate(&["test", &file]);
     assert_eq!(code(&out), 1);
@@ -205,7 +205,7 @@ fn test_prints_each_failing_case_with_the_deciding_rule() {
         "{text}"
     );
     assert!(!text.contains("third read limited"), "{text}");
-    assert!(text.contains("4 passed, 1 failed"), "{text}");
+    assert!(text.contains("8 passed, 1 failed"), "{text}");
     let out = tollgate(&["--format", "json", "test", &file]);
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(report["failed"], 1);
@@ -349,6 +349,61 @@ fn config_files_are_validated_with_their_policies() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn validate_refuses_what_serve_refuses() {
+    let dir = Dir::new("same-checks");
+    dir.write("p.yaml", "version: 1\nrules: []\n");
+    let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
+    let cases = [
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0', token: '${TOLLGATE_ADMIN_TOKEN}'}\n",
+            "admin.token is empty",
+        ),
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '0.0.0.0:0'}\n",
+            "admin.token is required",
+        ),
+        (
+            "listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0', token: replace-me-with-a-long-random-admin-token}\n",
+            "admin.token is still a placeholder",
+        ),
+        (
+            "listen: 127.0.0.1:0\nclients:\n  - {name: agent, key: replace-me-with-a-long-random-agent-key}\n",
+            "the key of `agent` is still a placeholder",
+        ),
+    ];
+    for (i, (head, expected)) in cases.iter().enumerate() {
+        let config = dir.write(&format!("t{i}.yaml"), &format!("{head}{server}"));
+        for command in ["validate", "serve"] {
+            let mut args = vec![command];
+            if command == "serve" {
+                args.push("--config");
+            }
+            args.push(&config);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(&args)
+                .env("TOLLGATE_ADMIN_TOKEN", "")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A `serve` that accepted the file would run: bounded, then ended.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(code(&out), 1, "{command} {head}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains(expected),
+                "{command}: {}",
+                stderr(&out)
+            );
+        }
+    }
 }
 
 #[test]
@@ -602,5 +657,118 @@ fn test_and_explain_take_the_callers_claims_and_scopes() {
         stderr(&out).contains("--claims is not a JSON object"),
         "{}",
         stderr(&out)
+    );
+}
+
+// Issue 25: result rules in `validate`, `test` and `explain`.
+const RESULTS_POLICY: &str = "version: 1\ndefault: allow\nresults:\n  - tool: '*'\n    block: [private_key]\n  - tool: read_*\n    redact: [us_ssn, {name: mrn, pattern: 'MRN-[0-9]{8}'}]\n";
+
+#[test]
+fn validate_refuses_unknown_detectors_and_bad_patterns_with_their_lines() {
+    let dir = Dir::new("results-validate");
+    let file = dir.write(
+        "p.yaml",
+        "version: 1\nresults:\n  - tool: '*'\n    redact: [aws_access_key, aws_secret]\n  - tool: read_*\n    redact:\n      - name: mrn\n        pattern: 'MRN-[0-9'\n",
+    );
+    let out = tollgate(&["validate", &file]);
+    assert_eq!(code(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{file}:4:30: results[0].redact: `aws_secret` is not a detector: use one of aws_access_key, private_key,")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{file}:7:15: results[1].redact: the pattern of `mrn` is not valid: unclosed character class (at character 5 of `MRN-[0-9`)")),
+        "{err}"
+    );
+    let good = dir.write("q.yaml", RESULTS_POLICY);
+    let out = tollgate(&["validate", &good]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn test_cases_expect_redactions_and_blocks() {
+    let dir = Dir::new("results-test");
+    dir.write("p.yaml", RESULTS_POLICY);
+    let cases = "policy: p.yaml\ncases:\n  - name: ssn and mrn redacted\n    tool: read_chart\n    result:\n      content: [{type: text, text: 'SSN 123-45-6789'}]\n      structuredContent: {id: MRN-12345678}\n    expect_redacted: [us_ssn, mrn]\n  - name: a key withholds\n    tool: anything\n    result: {content: [{type: resource, resource: {uri: 'x:k', text: \"-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----\"}}]}\n    expect_blocked: true\n  - name: other tools keep the ssn\n    tool: list_x\n    result: {content: [{type: text, text: 'SSN 123-45-6789'}]}\n    expect_redacted: []\n    expect_blocked: false\n";
+    let file = dir.write("p.test.yaml", cases);
+    let out = tollgate(&["test", &file]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("3 passed, 0 failed"),
+        "{}",
+        stdout(&out)
+    );
+    // Without the detector the case expecting it fails, saying what was found instead.
+    dir.write("p.yaml", &RESULTS_POLICY.replace("us_ssn, ", ""));
+    let out = tollgate(&["test", &file]);
+    assert_eq!(code(&out), 1);
+    let text = stdout(&out);
+    assert!(
+        text.contains("ssn and mrn redacted: expected the result redacted by [mrn, us_ssn], got [mrn] (found: [mrn])"),
+        "{text}"
+    );
+    // Without the block entry, the withheld case fails.
+    dir.write(
+        "p.yaml",
+        &RESULTS_POLICY.replace("block: [private_key]", "redact: [email]"),
+    );
+    let text = stdout(&tollgate(&["test", &file]));
+    assert!(
+        text.contains("a key withholds: expected the result withheld, but no `block` detector applying to `anything` found anything"),
+        "{text}"
+    );
+    // `result` and its expectations go together.
+    let broken = dir.write(
+        "b.test.yaml",
+        "policy: p.yaml\ncases:\n  - {name: no result, tool: x, expect_redacted: [mrn]}\n",
+    );
+    let out = tollgate(&["test", &broken]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("`result` and `expect_redacted` / `expect_blocked` go together"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn explain_lists_the_results_entries_that_apply() {
+    let dir = Dir::new("results-explain");
+    let policy = dir.write("p.yaml", RESULTS_POLICY);
+    let out = tollgate(&["explain", "--policy", &policy, "--tool", "read_chart"]);
+    assert_eq!(code(&out), 0);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "results:  results[0] (*) at {policy}:4:5: withholds a result with private_key"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "          results[1] (read_*) at {policy}:6:5: redacts us_ssn, mrn"
+        )),
+        "{text}"
+    );
+    let out = tollgate(&[
+        "--format", "json", "explain", "--policy", &policy, "--tool", "list_x",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(
+        json["results"],
+        serde_json::json!([{"entry": "results[0] (*)", "at": format!("{policy}:4:5"),
+            "redact": [], "block": ["private_key"], "mode": "enforce"}])
+    );
+    let none = dir.write(
+        "n.yaml",
+        "version: 1\nresults:\n  - tool: read_*\n    redact: [email]\n",
+    );
+    let text = stdout(&tollgate(&[
+        "explain", "--policy", &none, "--tool", "list_x",
+    ]));
+    assert!(
+        text.contains("results:  no `results` entry applies"),
+        "{text}"
     );
 }

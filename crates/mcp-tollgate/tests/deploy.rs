@@ -186,6 +186,19 @@ fn the_kubernetes_manifests_run_a_valid_configuration_on_two_replicas_sharing_re
             env.insert(name, "tollgate-0".to_owned());
         }
     }
+    // The Secret ships placeholders, which Tollgate refuses until they are replaced.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(&config_file)
+        .env_clear()
+        .envs(&env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "the Secret's placeholders pass");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still a placeholder"));
+    for value in env.values_mut() {
+        *value = value.replace("replace-me-with-", "");
+    }
     validate(&config_file, &env);
 
     let config: Value =
@@ -227,6 +240,30 @@ fn the_kubernetes_manifests_run_a_valid_configuration_on_two_replicas_sharing_re
     assert_eq!(
         redis_service["spec"]["selector"],
         redis["spec"]["template"]["metadata"]["labels"]
+    );
+    // Redis wants a password, which Tollgate's URL carries, and only Tollgate reaches it.
+    assert!(url.password().is_some(), "state.url has no password");
+    let redis_args = get(redis, "spec.template.spec.containers.0")["args"].clone();
+    assert!(
+        redis_args
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--requirepass"),
+        "the shipped Redis has no password"
+    );
+    let policy = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "NetworkPolicy"
+                && d["spec"]["podSelector"]["matchLabels"]
+                    == redis["spec"]["template"]["metadata"]["labels"]
+        })
+        .expect("a NetworkPolicy guards the Redis pods");
+    assert_eq!(
+        get(policy, "spec.ingress.0.from.0.podSelector.matchLabels"),
+        &deployment["spec"]["template"]["metadata"]["labels"],
+        "the NetworkPolicy lets Tollgate's pods in, and only them"
     );
     for deployment in [deployment, redis] {
         let container = get(deployment, "spec.template.spec.containers.0");

@@ -194,6 +194,13 @@ fn the_policy_reference_covers_the_schema() {
     let defs = &schema["$defs"];
     let mut expected = keys(&schema);
     expected.extend(keys(&defs["RuleDoc"]));
+    expected.extend(keys(&defs["ResultDoc"]));
+    // The table of built-in detectors names each one.
+    for variant in defs["DetectorDoc"]["anyOf"].as_array().unwrap() {
+        for name in variant["enum"].as_array().into_iter().flatten() {
+            expected.insert(name.as_str().unwrap().to_owned());
+        }
+    }
     assert_eq!(documented, expected, "the key tables of docs/policy.md");
     // Nested keys and every enum value are named in the text.
     let words: BTreeSet<String> = backticked(&doc)
@@ -423,6 +430,10 @@ fn the_audit_reference_names_every_field_written() {
         "the decision table of docs/audit.md"
     );
     let text: BTreeSet<String> = backticked(&doc).into_iter().collect();
+    let redactions = [tollgate_policy::Redaction {
+        name: "us_ssn".into(),
+        count: 1,
+    }];
     let others = [
         Record::Outcome {
             call_id: "0190b8a0-0000-7000-8000-000000000001",
@@ -431,6 +442,7 @@ fn the_audit_reference_names_every_field_written() {
             upstream_latency_ms: 1.0,
             outcome: "rpc_error",
             code: Some(-32603),
+            redactions: &redactions,
         },
         Record::ApprovalRequested {
             call_id: "0190b8a0-0000-7000-8000-000000000001",

@@ -9,6 +9,7 @@
 //!   an upstream that takes 1 ms; CPU per call of each process from `/proc`; every
 //!   target of issue 15 as a ratio with pass/miss, as markdown.
 //! * `memory`: Tollgate's RSS with 0, 1,000 and 10,000 idle handshake-era sessions.
+//! * `diff`: `tollgate diff` over a generated audit log of 100,000 decision records.
 //! * `state`: the same rate-limited calls with `state.backend: memory` and `redis`
 //!   (a redis-server of its own): added latency, CPU and Redis commands per call.
 //!
@@ -17,6 +18,7 @@
 mod compare;
 mod load;
 mod procs;
+mod review;
 mod soak;
 mod wrk;
 
@@ -74,6 +76,15 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         concurrency: Vec<usize>,
     },
+    /// `tollgate diff` over a generated audit log: its time, best of `runs`.
+    Diff {
+        /// Decision records in the log.
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// How many times to run it.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Mixed allowed, denied and rate-limited calls with sessions opening and closing.
     Soak {
         /// How long.
@@ -93,8 +104,12 @@ fn main() -> anyhow::Result<()> {
             cli.tollgate.display()
         )
     })?;
+    if let Command::Diff { records, runs } = cli.command {
+        return review::run(&tollgate, records, runs);
+    }
     runtime.block_on(async {
         match cli.command {
+            Command::Diff { .. } => Ok(()),
             Command::Compare {
                 secs,
                 concurrency,

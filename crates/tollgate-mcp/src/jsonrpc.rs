@@ -314,6 +314,7 @@ const MCP_METHODS: &[&str] = &[
     "tasks/result",
     "tasks/list",
     "tasks/cancel",
+    "tasks/update",
     "notifications/initialized",
     "notifications/cancelled",
     "notifications/progress",

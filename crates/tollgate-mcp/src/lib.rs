@@ -14,6 +14,7 @@
 //! # Ok::<(), tollgate_mcp::FramingError>(())
 //! ```
 
+mod answer;
 mod era;
 mod jsonrpc;
 mod lines;
@@ -21,6 +22,7 @@ mod param;
 mod sse;
 mod strict;
 
+pub use answer::{Answered, answered, answers_in, answers_of, names_method, plainly_ok};
 pub use era::{
     CLIENT_CAPABILITIES_META, Era, HeaderMismatch, PROTOCOL_VERSION_META, RoutingHeaders,
     STATELESS_PROTOCOL_VERSION, decode_header_value, encode_header_value, era_of,
@@ -35,6 +37,6 @@ pub use param::{
     mirrored_param_headers, param_headers,
 };
 pub use sse::{
-    DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseError, SseEvent, encode_event, events,
+    DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseError, SseEvent, encode, encode_event, events,
     events_with_limit,
 };

@@ -95,6 +95,18 @@ impl SseDecoder {
     /// Decodes one chunk, appending every event it completes to `out`. After an error
     /// every later call returns the same kind of error and decodes nothing.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
+        self.feed_framed(chunk, out).map(|_| ())
+    }
+
+    /// [`SseDecoder::feed`], also telling where in `chunk` the last blank line ended
+    /// (`None` when none ended in it): the bytes before it, with those held from
+    /// earlier chunks, are whole events that a relay may pass on (or re-encode) as a
+    /// block, while the rest belongs to an event not yet finished.
+    pub fn feed_framed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<SseEvent>,
+    ) -> Result<Option<usize>, SseError> {
         if self.failed {
             return Err(SseError::Transport("the SSE stream already failed".into()));
         }
@@ -107,7 +119,13 @@ impl SseDecoder {
         result
     }
 
-    fn feed_inner(&mut self, mut chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
+    fn feed_inner(
+        &mut self,
+        whole: &[u8],
+        out: &mut Vec<SseEvent>,
+    ) -> Result<Option<usize>, SseError> {
+        let mut chunk = whole;
+        let mut boundary = None;
         if self.after_cr && !chunk.is_empty() {
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -126,6 +144,9 @@ impl SseDecoder {
             if self.line.is_empty() {
                 self.check_line(head.len())?;
                 self.process_line(head, out)?;
+                if head.is_empty() {
+                    boundary = Some(whole.len() - chunk.len());
+                }
             } else {
                 self.check_line(self.line.len() + head.len())?;
                 let mut line = std::mem::take(&mut self.line);
@@ -140,7 +161,7 @@ impl SseDecoder {
         }
         self.check_line(self.line.len() + chunk.len())?;
         self.line.extend_from_slice(chunk);
-        Ok(())
+        Ok(boundary)
     }
 
     fn check_line(&self, len: usize) -> Result<(), SseError> {
@@ -302,26 +323,40 @@ where
 
 /// Encodes one event. Multi-line data becomes several `data:` lines, as SSE requires.
 pub fn encode_event(event: &SseEvent) -> Bytes {
-    let mut out = String::with_capacity(event.data.len() + 32);
-    if !event.id.is_empty() {
-        out.push_str("id: ");
-        out.push_str(&event.id);
-        out.push('\n');
+    encode(
+        &event.event,
+        Some(&event.id),
+        event.retry,
+        event.data.as_bytes(),
+    )
+}
+
+/// Encodes one event of type `event` (`message` when empty): the one SSE encoder of
+/// every front door and relay. An id SSE cannot carry (empty, or with NUL, CR or LF)
+/// is left out, as a client would ignore it; data becomes one `data:` line per line,
+/// a raw CR (in JSON only whitespace between tokens, but an SSE line end) a space.
+pub fn encode(event: &str, id: Option<&str>, retry: Option<u64>, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    if let Some(id) = id.filter(|id| !id.is_empty() && !id.contains(['\0', '\r', '\n'])) {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'\n');
     }
-    if !event.event.is_empty() {
-        out.push_str("event: ");
-        out.push_str(&event.event);
-        out.push('\n');
+    let event = if event.is_empty() { "message" } else { event };
+    if !event.contains(['\r', '\n']) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(event.as_bytes());
+        out.push(b'\n');
     }
-    if let Some(retry) = event.retry {
-        out.push_str(&format!("retry: {retry}\n"));
+    if let Some(retry) = retry {
+        out.extend_from_slice(format!("retry: {retry}\n").as_bytes());
     }
-    for line in event.data.split('\n') {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push('\n');
+    for line in data.split(|b| *b == b'\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend(line.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
+        out.push(b'\n');
     }
-    out.push('\n');
+    out.push(b'\n');
     Bytes::from(out)
 }
 
@@ -442,6 +477,36 @@ mod tests {
         // Multi-byte characters split across chunks are fine.
         let (got, err) = decode(&[b"data: \xc3", b"\xa9\n\n"], 1024);
         assert_eq!((data_of(&got), err), (vec!["é"], None));
+    }
+
+    #[test]
+    fn feed_framed_tells_where_the_last_whole_event_ends() {
+        let mut decoder = SseDecoder::new(1024);
+        let mut out = Vec::new();
+        // No blank line yet; then one inside the chunk; CRLF; a lone CR at the end.
+        assert_eq!(decoder.feed_framed(b"data: a\n", &mut out), Ok(None));
+        assert_eq!(decoder.feed_framed(b"\ndata: b", &mut out), Ok(Some(1)));
+        assert_eq!(data_of(&out), ["a"]);
+        assert_eq!(
+            decoder.feed_framed(b"\r\n\r\n: c\n\ndata: d\r\r", &mut out),
+            Ok(Some(18))
+        );
+        assert_eq!(data_of(&out), ["a", "b", "d"]);
+        // The LF after that CR ends no line, so no event.
+        assert_eq!(decoder.feed_framed(b"\n", &mut out), Ok(None));
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn the_encoder_leaves_out_what_sse_cannot_carry() {
+        assert_eq!(
+            &encode("", Some("a\nb"), None, b"{\"a\":\r1}\n")[..],
+            b"event: message\ndata: {\"a\": 1}\ndata: \n\n"
+        );
+        assert_eq!(
+            &encode("message", Some(""), Some(5), b"x")[..],
+            b"event: message\nretry: 5\ndata: x\n\n"
+        );
     }
 
     #[test]

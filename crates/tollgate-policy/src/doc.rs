@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What a rule (or the default) does with a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Forward the call.
@@ -176,10 +176,92 @@ pub struct RuleDoc {
     pub scopes: Option<Vec<String>>,
 }
 
-/// A policy file. `R` is the rule type: [`RuleDoc`], or a raw value while loading.
+/// A detector of a result rule: a built-in's name, or a pattern of one's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum DetectorDoc {
+    /// A built-in detector: `aws_access_key`, `private_key`, `jwt`, `github_token`,
+    /// `slack_token`, `us_ssn`, `credit_card`, `email`.
+    BuiltIn(#[schemars(schema_with = "built_in_detector_schema")] String),
+    /// A detector of one's own.
+    Custom(CustomDetectorDoc),
+}
+
+/// The built-in detectors' names, as the detectors themselves list them.
+fn built_in_detector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = crate::detect::built_in_names().collect();
+    schemars::Schema::try_from(serde_json::json!({"type": "string", "enum": names}))
+        .unwrap_or_default()
+}
+
+/// `{name, pattern}`: a detector of one's own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDetectorDoc {
+    /// Shown in the `[redacted:<name>]` marker, the audit log and metrics: letters,
+    /// digits and `_`, not a built-in's name.
+    pub name: String,
+    /// A regular expression in the `regex` crate's syntax (linear time: no
+    /// backreferences, no look-around), matching at least one character.
+    pub pattern: String,
+}
+
+// By hand: an untagged enum's error says only that nothing matched.
+impl<'de> Deserialize<'de> for DetectorDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DetectorDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a detector: a built-in's name (like `aws_access_key`) or `{name, pattern}`",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<DetectorDoc, E> {
+                Ok(DetectorDoc::BuiltIn(name.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DetectorDoc, A::Error> {
+                CustomDetectorDoc::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(DetectorDoc::Custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// One entry of `results:`. Every entry whose `tool` (and `clients`, `when`) match a
+/// call applies to its result.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyDoc<R> {
+pub struct ResultDoc {
+    /// Exact tool name, or a glob: `*`, `?`, `[abc]`.
+    pub tool: String,
+    /// Only for these authenticated clients.
+    #[serde(default)]
+    pub clients: Option<Vec<String>>,
+    /// Only for callers whose token's claims match.
+    #[serde(default)]
+    pub when: Option<WhenDoc>,
+    /// Detectors whose matches are replaced by `[redacted:<name>]`.
+    #[serde(default)]
+    pub redact: Vec<DetectorDoc>,
+    /// Detectors whose match withholds the whole result.
+    #[serde(default)]
+    pub block: Vec<DetectorDoc>,
+    /// `audit`: record what the entry finds without changing the result (the policy's
+    /// own `mode: audit` does so for every entry).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+}
+
+/// A policy file. `R` is the rule type: [`RuleDoc`], or a raw value while loading; `S`
+/// the type of a `results:` entry: [`ResultDoc`], or a raw value.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDoc<R, S = R> {
     /// Always 1.
     pub version: u32,
     /// The decision when no rule matches.
@@ -194,6 +276,9 @@ pub struct PolicyDoc<R> {
     /// Ordered rules; the first match decides.
     #[serde(default)]
     pub rules: Vec<R>,
+    /// What to redact or withhold in tools' results; every matching entry applies.
+    #[serde(default)]
+    pub results: Vec<S>,
 }
 
 fn default_action() -> Action {
@@ -236,11 +321,12 @@ pub fn parse_window(duration: &Duration) -> Result<std::time::Duration, String> 
 const SCHEMA_DESCRIPTION: &str = "A Tollgate policy: which MCP tool calls an agent may make. \
 Rules are tried in order and the first whose `tool` (and `clients`, `when`) match decides: allow, deny, or \
 require_approval (a human decides). A rule may also rate-limit calls and check their arguments \
-against a JSON Schema. `default` decides calls no rule matches. Check a file with `tollgate validate`.";
+against a JSON Schema. `default` decides calls no rule matches. `results` entries redact or withhold \
+secrets and personal data in what tools return. Check a file with `tollgate validate`.";
 
 /// The JSON Schema of a policy file, for editors.
 pub fn policy_schema() -> serde_json::Value {
-    let schema = schemars::schema_for!(PolicyDoc<RuleDoc>);
+    let schema = schemars::schema_for!(PolicyDoc<RuleDoc, ResultDoc>);
     let mut value = serde_json::to_value(schema).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         map.insert("title".into(), "Tollgate policy".into());

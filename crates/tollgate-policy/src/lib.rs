@@ -23,21 +23,29 @@
 //! # Ok::<(), tollgate_policy::PolicyErrors>(())
 //! ```
 
+mod detect;
 mod doc;
 mod error;
 mod limiter;
 mod policy;
+mod results;
 mod shadow;
 mod yaml;
 
+pub use detect::built_in_names as built_in_detectors;
 pub use doc::{
-    Action, ApprovalDoc, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Duration as DurationDoc,
-    Mode, Per, PolicyDoc, RateLimitDoc, RuleDoc, WhenDoc, parse_window, policy_schema,
+    Action, ApprovalDoc, ApprovalVia, ClaimValue, ClaimValues, CustomDetectorDoc, DenyAs,
+    DetectorDoc, Duration as DurationDoc, Mode, Per, PolicyDoc, RateLimitDoc, ResultDoc, RuleDoc,
+    WhenDoc, parse_window, policy_schema,
 };
 pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
     Approval, Claims, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind,
-    Policy, RuleRef, ToolCall, evaluate, limit_of, over_limit,
+    Policy, Route, RuleInfo, RuleRef, ToolCall, evaluate, limit_of, over_limit,
+};
+pub use results::{
+    DECISION_META, REDACTIONS_META, RESULT_BLOCKED, Redaction, ResultEntryInfo, ResultRules,
+    ResultVerdict,
 };
 pub use yaml::{MAX_SOURCE_BYTES, from_yaml_str};

@@ -9,11 +9,12 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{Value, json};
 
 use crate::doc::{
-    Action, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Mode, Per, PolicyDoc, RuleDoc,
+    Action, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Mode, Per, PolicyDoc, RuleDoc, WhenDoc,
     parse_window,
 };
 use crate::error::{PolicyError, PolicyErrors, PolicyWarning};
 use crate::limiter::{RateLimit, RateLimiter, Slot};
+use crate::results::{ResultEntryInfo, ResultRules, Results};
 use crate::yaml;
 
 /// Default time a human has to approve.
@@ -47,7 +48,7 @@ impl Default for Approval {
 }
 
 /// Why a call was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyKind {
     /// A rule (or the default) denies it.
     Deny,
@@ -201,6 +202,39 @@ struct Rule {
     arguments: Option<jsonschema::Validator>,
 }
 
+/// How a call finds its rule ([`Policy::route`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    /// The index of the rule that decides; `None`: the default.
+    pub rule: Option<usize>,
+    /// The rules with `when: {claims}` passed over because the claims do not match.
+    pub claims_skipped: Vec<usize>,
+}
+
+/// A rule as review tools see it ([`Policy::rules`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleInfo<'p> {
+    /// Its index and `tool` pattern, as decisions name it.
+    pub rule: &'p RuleRef,
+    /// 1-based line of its `tool:` in the policy file.
+    pub line: usize,
+    /// 1-based column of its `tool:`.
+    pub column: usize,
+    /// What it decides.
+    pub action: Action,
+    /// Whether it has an `arguments` schema (a call can fail it).
+    pub arguments: bool,
+    /// Whether it has a `rate_limit` (a call can be over it).
+    pub rate_limit: bool,
+    /// Whether it has `when: {claims}` (a caller's claims can keep it out).
+    pub claims: bool,
+    /// Whether it needs `scopes` (a caller's token can lack them).
+    pub scopes: bool,
+    /// The earlier rule that decides every call this one matches, so this one never
+    /// decides (`tollgate validate` warns about it).
+    pub shadowed_by: Option<&'p RuleRef>,
+}
+
 /// A validated, compiled policy. Immutable; share it in an `Arc`.
 #[derive(Debug)]
 pub struct Policy {
@@ -216,23 +250,33 @@ pub struct Policy {
     glob_rules: Vec<usize>,
     /// Valid but suspicious: rules that can never decide.
     warnings: Vec<PolicyWarning>,
+    /// `(rule, the earlier rule that decides every call it matches)`, as warned.
+    shadowed: Vec<(usize, usize)>,
+    /// `results:`, when there are entries.
+    results: Option<Results>,
 }
 
-fn is_glob(pattern: &str) -> bool {
+pub(crate) fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '[', '{'])
 }
 
-struct Checker<'a> {
-    source: &'a str,
-    origin: &'a str,
-    errors: Vec<PolicyError>,
+/// Collects the errors of one file, each located.
+pub(crate) struct Checker<'a> {
+    pub(crate) source: &'a str,
+    pub(crate) origin: &'a str,
+    pub(crate) errors: Vec<PolicyError>,
 }
 
 impl Checker<'_> {
-    fn at(&mut self, span: Option<yaml::Span>, key: &str, message: String) {
-        let (line, column) = span
-            .and_then(|s| yaml::find_key(self.source, s, key).or(Some((s.start + 1, 1))))
-            .unwrap_or((1, 1));
+    /// An error at `key:` of the item `span` (at the item when the key is not found).
+    pub(crate) fn at(&mut self, span: Option<yaml::Span>, key: &str, message: String) {
+        let at = span.and_then(|s| yaml::find_key(self.source, s, key).or(Some((s.start + 1, 1))));
+        self.error_at(at, message);
+    }
+
+    /// An error at 1-based (line, column), or at the file's start.
+    pub(crate) fn error_at(&mut self, at: Option<(usize, usize)>, message: String) {
+        let (line, column) = at.unwrap_or((1, 1));
         self.errors.push(PolicyError {
             origin: self.origin.to_owned(),
             line,
@@ -317,6 +361,7 @@ impl Policy {
                     .push(index);
             }
         }
+        let results = crate::results::compile(&mut check, doc.results, doc.mode);
         let globs = match globs.build() {
             Ok(set) => set,
             Err(err) => {
@@ -334,7 +379,8 @@ impl Policy {
                 errors: check.errors,
             });
         }
-        let warnings = shadow_warnings(&rules, origin);
+        let shadowed = shadowed_rules(&rules);
+        let warnings = shadow_warnings(&rules, &shadowed, origin);
         Ok(Policy {
             default: doc.default,
             mode: doc.mode,
@@ -344,7 +390,31 @@ impl Policy {
             globs,
             glob_rules,
             warnings,
+            shadowed,
+            results,
         })
+    }
+
+    /// Whether the policy has `results:` entries (when not, no result needs a look).
+    pub fn has_result_rules(&self) -> bool {
+        self.results.is_some()
+    }
+
+    /// The `results:` entries that apply to a call of `tool` by `client` with `claims`
+    /// (tool name or glob, `clients`, `when`), or `None` when none does: then the
+    /// answer's bytes can be relayed untouched.
+    pub fn result_rules(
+        &self,
+        tool: &str,
+        client: Option<&str>,
+        claims: Option<&Claims>,
+    ) -> Option<ResultRules<'_>> {
+        self.results.as_ref()?.rules_for(tool, client, claims)
+    }
+
+    /// Every `results:` entry, in file order.
+    pub fn result_entries(&self) -> impl Iterator<Item = &ResultEntryInfo> {
+        self.results.iter().flat_map(|results| results.entries())
     }
 
     /// Valid but almost certainly unintended: each rule that can never decide because
@@ -383,6 +453,83 @@ impl Policy {
         self.rules.is_empty()
     }
 
+    /// The `default` decision (no rule matches).
+    pub fn default_action(&self) -> Action {
+        self.default
+    }
+
+    /// The rule that decides every call no earlier rule takes (`tool: "*"` for every
+    /// client, without `when`), so the default never decides; `None` when it can.
+    pub fn default_shadowed_by(&self) -> Option<&RuleRef> {
+        self.rules
+            .iter()
+            .find(|rule| {
+                rule.clients.is_none()
+                    && rule.claims.is_empty()
+                    && !rule.name.tool.is_empty()
+                    && rule.name.tool.chars().all(|c| c == '*')
+            })
+            .map(|rule| &rule.name)
+    }
+
+    /// Each rule as the review tools see it (`tollgate test --coverage`, `tollgate
+    /// diff`): where it is, what it can decide, and whether it can decide at all.
+    pub fn rules(&self) -> impl Iterator<Item = RuleInfo<'_>> {
+        (0..self.rules.len()).filter_map(|index| self.rule(index))
+    }
+
+    /// `rules[index]` as the review tools see it.
+    pub fn rule(&self, index: usize) -> Option<RuleInfo<'_>> {
+        let rule = self.rules.get(index)?;
+        Some(RuleInfo {
+            rule: &rule.name,
+            line: rule.at.0,
+            column: rule.at.1,
+            action: rule.action,
+            arguments: rule.arguments.is_some(),
+            rate_limit: rule.rate_limit.is_some(),
+            claims: !rule.claims.is_empty(),
+            scopes: !rule.scopes.is_empty(),
+            shadowed_by: self
+                .shadowed
+                .iter()
+                .find(|(later, _)| *later == index)
+                .and_then(|(_, by)| self.rules.get(*by))
+                .map(|by| &by.name),
+        })
+    }
+
+    /// How a call of `tool` by `client` with `claims` finds its rule: the rule that
+    /// decides it (`None`: the default) and the rules with `when: {claims}` it reaches
+    /// and passes over on the way because the claims do not match. For review tools,
+    /// not the proxy ([`evaluate`] decides; this says which rules the caller's claims
+    /// kept out, and which rule a decision depends on before it is made).
+    pub fn route(&self, tool: &str, client: Option<&str>, claims: Option<&Claims>) -> Route {
+        let mut candidates: Vec<usize> = self.exact.get(tool).cloned().unwrap_or_default();
+        candidates.extend(
+            self.globs
+                .matches(tool)
+                .into_iter()
+                .filter_map(|g| self.glob_rules.get(g).copied()),
+        );
+        candidates.sort_unstable();
+        let mut route = Route::default();
+        for index in candidates {
+            let Some(rule) = self.rules.get(index) else {
+                continue;
+            };
+            if !client_matches(rule.clients.as_deref(), client) {
+                continue;
+            }
+            if claims_match(&rule.claims, claims) {
+                route.rule = Some(index);
+                break;
+            }
+            route.claims_skipped.push(index);
+        }
+        route
+    }
+
     /// The first rule matching `tool` for `client` with `claims`.
     fn matching_rule(
         &self,
@@ -392,13 +539,8 @@ impl Policy {
     ) -> Option<usize> {
         let applies = |&index: &usize| {
             self.rules.get(index).is_some_and(|rule| {
-                let client_ok = match &rule.clients {
-                    None => true,
-                    Some(clients) => {
-                        client.is_some_and(|c| clients.iter().any(|allowed| allowed == c))
-                    }
-                };
-                client_ok && claims_match(&rule.claims, claims)
+                client_matches(rule.clients.as_deref(), client)
+                    && claims_match(&rule.claims, claims)
             })
         };
         let exact = self
@@ -555,8 +697,16 @@ impl Policy {
     }
 }
 
+/// Whether `client` is one of `clients` (no list: anyone is).
+pub(crate) fn client_matches(clients: Option<&[String]>, client: Option<&str>) -> bool {
+    match clients {
+        None => true,
+        Some(clients) => client.is_some_and(|c| clients.iter().any(|allowed| allowed == c)),
+    }
+}
+
 /// Whether `claims` satisfy every condition (no conditions: anyone does).
-fn claims_match(conditions: &[(String, Vec<Value>)], claims: Option<&Claims>) -> bool {
+pub(crate) fn claims_match(conditions: &[(String, Vec<Value>)], claims: Option<&Claims>) -> bool {
     if conditions.is_empty() {
         return true;
     }
@@ -590,10 +740,12 @@ fn claim<'c>(claims: &'c Claims, name: &str) -> Option<&'c Value> {
 /// The top level of a policy whose top level has errors (already reported): the
 /// rules, if they are a list, so they are checked too; defaults for the rest.
 fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
-    let rules = match raw.get("rules") {
-        Some(yaml::RawValue::Sequence(rules)) => rules.clone(),
+    let list = |key: &str| match raw.get(key) {
+        Some(yaml::RawValue::Sequence(items)) => items.clone(),
         _ => Vec::new(),
     };
+    let rules = list("rules");
+    let results = list("results");
     PolicyDoc {
         // A bad `version` was reported with the rest; do not report it twice.
         version: 1,
@@ -601,10 +753,11 @@ fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
         mode: Mode::default(),
         deny_as: DenyAs::default(),
         rules,
+        results,
     }
 }
 
-fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
+fn shadowed_rules(rules: &[Rule]) -> Vec<(usize, usize)> {
     let shapes: Vec<crate::shadow::Shape<'_>> = rules
         .iter()
         .map(|rule| crate::shadow::Shape {
@@ -614,8 +767,16 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
         })
         .collect();
     crate::shadow::shadowed(&shapes)
-        .into_iter()
-        .filter_map(|(later, by)| {
+}
+
+fn shadow_warnings(
+    rules: &[Rule],
+    shadowed: &[(usize, usize)],
+    origin: &str,
+) -> Vec<PolicyWarning> {
+    shadowed
+        .iter()
+        .filter_map(|&(later, by)| {
             let (later, by) = (rules.get(later)?, rules.get(by)?);
             let arguments = if by.arguments.is_some() {
                 format!(
@@ -638,6 +799,44 @@ fn shadow_warnings(rules: &[Rule], origin: &str) -> Vec<PolicyWarning> {
         .collect()
 }
 
+/// `when.claims` of a rule or a `results` entry (`label`: `rules[0]`): each claim (by
+/// name) and the values one of which it must match.
+pub(crate) fn compile_claims(
+    check: &mut Checker<'_>,
+    span: Option<yaml::Span>,
+    label: &str,
+    when: Option<&WhenDoc>,
+) -> Vec<(String, Vec<Value>)> {
+    let mut claims = Vec::new();
+    for (name, values) in when.iter().flat_map(|w| &w.claims) {
+        let values = match values {
+            ClaimValues::One(one) => vec![one],
+            ClaimValues::Any(any) => any.iter().collect(),
+        };
+        if name.is_empty() || values.is_empty() {
+            check.at(span, "when", format!("{label}.when.claims: `{name}` needs a claim name and at least one value; remove it to match everyone"));
+            continue;
+        }
+        let values = values
+            .into_iter()
+            .map(|v| match v {
+                ClaimValue::Text(t) => Value::from(t.as_str()),
+                ClaimValue::Integer(n) => Value::from(*n),
+                ClaimValue::Bool(b) => Value::from(*b),
+            })
+            .collect();
+        claims.push((name.clone(), values));
+    }
+    if when.is_some_and(|w| w.claims.is_empty()) {
+        check.at(
+            span,
+            "when",
+            format!("{label}.when: names no condition; add `claims:` or remove it"),
+        );
+    }
+    claims
+}
+
 fn compile_rule(
     check: &mut Checker<'_>,
     span: Option<yaml::Span>,
@@ -651,33 +850,7 @@ fn compile_rule(
     if matches!(&doc.clients, Some(c) if c.is_empty()) {
         check.at(span, "clients", format!("rules[{index}].clients: an empty list matches no one; remove it to match every client"));
     }
-    let mut claims = Vec::new();
-    for (name, values) in doc.when.iter().flat_map(|w| &w.claims) {
-        let values = match values {
-            ClaimValues::One(one) => vec![one],
-            ClaimValues::Any(any) => any.iter().collect(),
-        };
-        if name.is_empty() || values.is_empty() {
-            check.at(span, "when", format!("rules[{index}].when.claims: `{name}` needs a claim name and at least one value; remove it to match everyone"));
-            continue;
-        }
-        let values = values
-            .into_iter()
-            .map(|v| match v {
-                ClaimValue::Text(t) => Value::from(t.as_str()),
-                ClaimValue::Integer(n) => Value::from(*n),
-                ClaimValue::Bool(b) => Value::from(*b),
-            })
-            .collect();
-        claims.push((name.clone(), values));
-    }
-    if matches!(&doc.when, Some(w) if w.claims.is_empty()) {
-        check.at(
-            span,
-            "when",
-            format!("rules[{index}].when: names no condition; add `claims:` or remove it"),
-        );
-    }
+    let claims = compile_claims(check, span, &format!("rules[{index}]"), doc.when.as_ref());
     let scopes = doc.scopes.clone().unwrap_or_default();
     if matches!(&doc.scopes, Some(s) if s.is_empty())
         || scopes

@@ -91,12 +91,19 @@ fn indent(line: &str) -> usize {
 /// Finds the items of a block-style top-level `rules:` list. `None` when the list
 /// is written another way (flow style), in which case rules are located less precisely.
 pub(crate) fn rule_spans(source: &str) -> Option<Vec<Span>> {
+    list_spans(source, "rules")
+}
+
+/// Finds the items of the block-style top-level list `key:` (`rules`, `results`).
+pub(crate) fn list_spans(source: &str, key: &str) -> Option<Vec<Span>> {
     let lines: Vec<&str> = source.lines().collect();
     let key = lines.iter().position(|l| {
-        l.strip_prefix("rules:").is_some_and(|rest| {
-            let rest = rest.trim();
-            rest.is_empty() || rest.starts_with('#')
-        })
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| {
+                let rest = rest.trim();
+                rest.is_empty() || rest.starts_with('#')
+            })
     })?;
     let mut spans: Vec<Span> = Vec::new();
     let mut item_indent = None;
@@ -174,6 +181,27 @@ pub(crate) fn from_value<T: DeserializeOwned>(value: serde_yaml::Value) -> Resul
 
 /// A raw, not yet typed, YAML value.
 pub(crate) type RawValue = serde_yaml::Value;
+
+/// Where `text` first appears in the given lines as a whole word (a detector's name), as
+/// 1-based (line, column).
+pub(crate) fn find_word(source: &str, span: Span, text: &str) -> Option<(usize, usize)> {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if text.is_empty() {
+        return None;
+    }
+    source
+        .lines()
+        .enumerate()
+        .skip(span.start)
+        .take(span.end - span.start)
+        .find_map(|(n, line)| {
+            line.match_indices(text).find_map(|(col, _)| {
+                let before = line[..col].chars().last();
+                let after = line[col + text.len()..].chars().next();
+                (!word(before) && !word(after)).then_some((n + 1, col + 1))
+            })
+        })
+}
 
 /// Where `key:` first appears in the given lines, as 1-based (line, column).
 pub(crate) fn find_key(source: &str, span: Span, key: &str) -> Option<(usize, usize)> {

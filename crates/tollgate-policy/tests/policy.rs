@@ -638,3 +638,37 @@ fn per_user_limits_follow_the_user() {
         Action::Allow
     );
 }
+
+#[test]
+fn route_names_the_deciding_rule_and_the_claims_rules_passed_over() {
+    let policy = load(
+        "version: 1\ndefault: deny\nrules:\n  - tool: deploy\n    action: allow\n    when: {claims: {groups: ops}}\n  - tool: deploy\n    action: allow\n    clients: [ci]\n  - tool: \"d*\"\n    action: require_approval\n    when: {claims: {groups: dev}}\n  - tool: \"*\"\n    action: deny\n",
+    );
+    let dev: tollgate_policy::Claims = serde_json::from_value(json!({"groups": ["dev"]})).unwrap();
+    let route = policy.route("deploy", None, Some(&dev));
+    assert_eq!(route.rule, Some(2));
+    assert_eq!(route.claims_skipped, vec![0]);
+    // The same rule as evaluate, for every caller.
+    let args = json!({});
+    for (client, claims) in [(None, None), (Some("ci"), None), (None, Some(&dev))] {
+        let mut c = call("deploy", &args);
+        c.client = client;
+        c.claims = claims;
+        let decided = policy.evaluate(&c).rule.map(|r| r.index);
+        assert_eq!(policy.route("deploy", client, claims).rule, decided);
+    }
+    assert_eq!(
+        policy.route("deploy", None, None).claims_skipped,
+        vec![0, 2]
+    );
+    assert_eq!(policy.route("other", None, None).rule, Some(3));
+    // `*` for everyone leaves nothing to the default; the rules say where they are.
+    assert_eq!(policy.default_shadowed_by().map(|r| r.index), Some(3));
+    let rule = policy.rule(0).unwrap();
+    assert_eq!((rule.line, rule.claims, rule.shadowed_by), (4, true, None));
+    assert!(
+        load("version: 1\nrules:\n  - {tool: a, action: allow}\n")
+            .default_shadowed_by()
+            .is_none()
+    );
+}

@@ -106,6 +106,17 @@ impl AppState {
         Arc::new(Conversation::new(self.doors.clone(), server.clone(), caller, out).over_pipe())
     }
 
+    /// Probes every upstream for readiness now and then every `health_interval`, for
+    /// `/readyz` and `/status`; runs until dropped.
+    pub async fn watch_health(self) {
+        let mut every = tokio::time::interval(self.shared.health_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            futures::future::join_all(self.shared.servers.values().map(|s| s.probe())).await;
+        }
+    }
+
     /// Drops state for idle sessions and clients; run periodically.
     pub fn sweep(&self) {
         self.shared.sweep();

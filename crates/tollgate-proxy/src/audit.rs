@@ -80,6 +80,10 @@ pub enum Record<'a> {
         /// The JSON-RPC error's `code`, with `rpc_error`.
         #[serde(skip_serializing_if = "Option::is_none")]
         code: Option<i64>,
+        /// What the policy's `results` rules found in the result, by detector and count
+        /// (never the matched text).
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        redactions: &'a [tollgate_policy::Redaction],
     },
     /// A call was held for a human.
     ApprovalRequested {
@@ -674,6 +678,7 @@ mod tests {
             upstream_latency_ms: 1.0,
             outcome,
             code,
+            redactions: &[],
         };
         audit.write(&outcome("a", "ok", None));
         audit.write(&outcome("b", "rpc_error", Some(-32602)));
@@ -713,6 +718,7 @@ mod tests {
             upstream_latency_ms: 1.0,
             outcome: "forwarded",
             code: None,
+            redactions: &[],
         };
         assert!(!audit.write(&record));
         assert_eq!(audit.failures(), 1);
@@ -741,6 +747,7 @@ mod tests {
             upstream_latency_ms: 1.0,
             outcome: "ok",
             code: None,
+            redactions: &[],
         }
     }
 

@@ -63,6 +63,9 @@ pub struct ConfigOf<S> {
     /// `telemetry:`: OpenTelemetry traces and audit logs over OTLP (off without it).
     #[serde(default)]
     pub telemetry: Option<TelemetryConfig>,
+    /// How often each upstream is probed for readiness (`/readyz`, `/status`; default 10s).
+    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    pub health_interval: Duration,
     /// The upstream MCP servers, by name.
     pub servers: BTreeMap<String, S>,
 }
@@ -305,6 +308,10 @@ pub struct ApprovalsConfig {
     /// random key is made at start.
     #[serde(default)]
     pub state_key: Option<String>,
+    /// The most bytes of arguments one client's calls waiting for approval may hold
+    /// together (default 8 MiB, an eighth of the 64 MiB all clients share).
+    #[serde(default, deserialize_with = "de_optional_size")]
+    pub bytes_per_client: Option<usize>,
 }
 
 /// Default of `approvals.wait`.
@@ -386,6 +393,11 @@ pub struct Limits {
     /// Requests per second per client (token bucket); 0 turns it off.
     #[serde(default = "default_rps")]
     pub requests_per_second: u32,
+    /// How many requests a client may send at once before the per-second rate
+    /// applies: the bucket's size (default 4 × `requests_per_second`). Generous by
+    /// default, so that a client's start-up burst or a test suite at full speed passes.
+    #[serde(default)]
+    pub burst: Option<u32>,
     /// Most concurrent handshake-era sessions.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
@@ -421,11 +433,20 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
+impl Limits {
+    /// The per-client bucket's size: `burst`, else 4 × `requests_per_second`.
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.requests_per_second.saturating_mul(4))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body: default_max_body(),
             requests_per_second: default_rps(),
+            burst: None,
             max_sessions: default_max_sessions(),
             session_idle: default_session_idle(),
             sessions_per_client: default_sessions_per_client(),
@@ -550,7 +571,7 @@ fn default_max_body() -> usize {
     4 * 1024 * 1024
 }
 fn default_rps() -> u32 {
-    50
+    200
 }
 fn default_max_sessions() -> usize {
     10_000
@@ -572,6 +593,9 @@ fn default_header_read_timeout() -> Duration {
 }
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(20)
@@ -669,6 +693,10 @@ fn de_optional_duration<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
+}
+
+fn de_optional_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -852,6 +880,7 @@ impl ConfigOf<RawServer> {
     fn check(self) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
         if let Some(admin) = &self.admin {
+            problems.extend(admin_problem(admin.listen, admin.token.as_deref()));
             check_approvers(admin, &mut problems);
         }
         if let Some(approvals) = &self.approvals {
@@ -861,12 +890,18 @@ impl ConfigOf<RawServer> {
                         .to_owned(),
                 );
             }
+            if approvals.state_key.as_deref().is_some_and(placeholder) {
+                problems.push(placeholder_problem("approvals.state_key"));
+            }
             if approvals.wait.is_some_and(|w| w.is_zero()) {
                 problems.push("approvals.wait: must be more than 0 seconds".to_owned());
             }
         }
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
+        }
+        if self.health_interval.is_zero() {
+            problems.push("health_interval: must be more than 0 seconds".to_owned());
         }
         check_state(&self.state, &mut problems);
         if let Some(ratio) = self
@@ -893,6 +928,12 @@ impl ConfigOf<RawServer> {
                     client.name
                 ));
             }
+            if placeholder(&client.key) {
+                problems.push(placeholder_problem(&format!(
+                    "clients: the key of `{}`",
+                    client.name
+                )));
+            }
         }
         let mut servers = BTreeMap::new();
         for (name, raw) in self.servers {
@@ -916,6 +957,7 @@ impl ConfigOf<RawServer> {
             shutdown_grace: self.shutdown_grace,
             state: self.state,
             telemetry: self.telemetry,
+            health_interval: self.health_interval,
             servers,
         })
     }
@@ -968,6 +1010,45 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// Why an admin API on `listen` with `token` must not start, if it must not: an empty
+/// token (say, `${TOLLGATE_ADMIN_TOKEN}` set to "") would read as "no token" and open
+/// the API; a non-loopback address needs a token; a placeholder is no secret. The one
+/// check for `tollgate validate` (on the file) and `serve` (on the bound address).
+pub fn admin_problem(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    match token {
+        Some(token) if token.trim().is_empty() => Some(
+            "admin.token is empty (is TOLLGATE_ADMIN_TOKEN set to \"\"?): set a token, or remove admin.token for a loopback admin API without one"
+                .to_owned(),
+        ),
+        Some(token) if placeholder(token) => Some(placeholder_problem("admin.token")),
+        None if !listen.ip().is_loopback() => Some(format!(
+            "admin.listen {listen} is not a loopback address, so admin.token is required"
+        )),
+        _ => None,
+    }
+}
+
+/// Whether a secret is still the example's placeholder (`replace-me-with-…`).
+fn placeholder(secret: &str) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    [
+        "replace-me",
+        "replace_me",
+        "replaceme",
+        "change-me",
+        "change_me",
+        "changeme",
+    ]
+    .iter()
+    .any(|word| lower.contains(word))
+}
+
+fn placeholder_problem(what: &str) -> String {
+    format!(
+        "{what} is still a placeholder (`replace-me`/`change-me`): set a long random secret, e.g. `openssl rand -hex 32`"
+    )
+}
+
 /// Approvers need names and tokens of their own that nobody else holds.
 fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
     let mut names = std::collections::HashSet::new();
@@ -988,6 +1069,9 @@ fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
                 "admin.approvers[{i}].token: the token of `{}` is shorter than 16 characters",
                 approver.name
             ));
+        }
+        if placeholder(&approver.token) {
+            problems.push(placeholder_problem(&format!("admin.approvers[{i}].token")));
         }
         if !tokens.insert(approver.token.as_str()) {
             problems.push(format!(

@@ -66,6 +66,9 @@ impl Guard {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
+        if !host.is_empty() && !is_authority(host) {
+            return Err(ProxyError::BadHost(host.to_owned()));
+        }
         if loopback_listener {
             let name = host_name(host);
             if !is_loopback(name)
@@ -104,6 +107,41 @@ fn is_loopback(name: &str) -> bool {
     name.eq_ignore_ascii_case("localhost")
         || matches!(name, "[::1]" | "::1")
         || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a `Host` is `host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP
+/// literal in brackets, an IPv4 address, or a name of letters, digits, `-`, `.` and
+/// `_`; the port digits only. `[::1]evil.example`, `a b`, `x@y` are not.
+fn is_authority(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((literal, after)) => {
+                if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                match after {
+                    "" => return true,
+                    _ => match after.strip_prefix(':') {
+                        Some(port) => ("", port),
+                        None => return false,
+                    },
+                }
+            }
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (name, port),
+            None => (host, "1"),
+        },
+    };
+    let port_ok = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    let name_ok = host.starts_with('[')
+        || (!name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    port_ok && name_ok
 }
 
 /// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
@@ -148,7 +186,7 @@ impl Doors {
                     key: c.key.as_bytes().to_vec(),
                 })
                 .collect(),
-            client_rate: ClientRate::new(config.limits.requests_per_second),
+            client_rate: ClientRate::new(config.limits.requests_per_second, config.limits.burst()),
             guard: Guard::new(config),
             legacy: legacy_sse::Streams::default(),
         })
@@ -433,7 +471,38 @@ pub fn counted<S: Stream + Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use super::host_name;
+    use super::{host_name, is_authority};
+
+    #[test]
+    fn a_host_is_an_ip_literal_or_a_name_with_an_optional_port() {
+        for good in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:80",
+            "a-b.example_x",
+            "h:65535",
+        ] {
+            assert!(is_authority(good), "{good}");
+        }
+        for bad in [
+            "[::1]evil.example",
+            "[::1",
+            "[nope]:1",
+            "a b",
+            "x@y",
+            "h:",
+            "h:8a",
+            ":80",
+            "h:123456",
+            "a/b",
+            "h\\x",
+            "é.example",
+        ] {
+            assert!(!is_authority(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn splits_host_names_from_ports() {

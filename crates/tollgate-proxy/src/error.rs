@@ -15,6 +15,11 @@ pub enum ProxyError {
         "host `{0}` is not allowed on this listener (DNS rebinding protection); add it to allowed_hosts"
     )]
     MisdirectedHost(String),
+    /// `Host` is not a host (an IP literal or a name, RFC 3986) with an optional port.
+    #[error(
+        "the Host header {0:?} is not a host name or IP address with an optional port; send the authority of the URL"
+    )]
+    BadHost(String),
     /// `Origin` is not in `allowed_origins`.
     #[error("origin `{0}` is not allowed; add it to allowed_origins")]
     ForbiddenOrigin(String),
@@ -154,6 +159,7 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             ProxyError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::BadHost(_) => StatusCode::BAD_REQUEST,
             ProxyError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized
             | ProxyError::TokenRequired { .. }

@@ -73,7 +73,13 @@ pub async fn serve(
             }
         })
     };
-    let gate = Gate::new(ConnectionLimits::new(&state.limits));
+    let limits = ConnectionLimits::new(&state.limits);
+    tracing::debug!(
+        max_connections = limits.max,
+        connections_per_peer = limits.per_peer,
+        "connection limits (connections_per_peer is at most half of max_connections)"
+    );
+    let gate = Gate::new(limits);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // A lane's runtime outlives its listener until the upstreams are shut down: what
     // it started (upstream connections, child processes) is driven by it.
@@ -188,19 +194,11 @@ pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Why the admin listener cannot start.
+/// Why the admin listener cannot start ([`config::admin_problem`], the check
+/// `tollgate validate` makes too).
 #[derive(Debug, thiserror::Error)]
-pub enum AdminStartError {
-    /// A non-loopback admin listener needs a token.
-    #[error("admin.listen {0} is not a loopback address, so admin.token is required")]
-    TokenRequired(SocketAddr),
-    /// `admin.token` is set but empty (say, `${TOLLGATE_ADMIN_TOKEN}` with the variable
-    /// set to ""): refused rather than read as "no token", which would open the API.
-    #[error(
-        "admin.token is empty (is TOLLGATE_ADMIN_TOKEN set to \"\"?): set a token, or remove admin.token for a loopback admin API without one"
-    )]
-    EmptyToken,
-}
+#[error("{0}")]
+pub struct AdminStartError(String);
 
 /// Checks the admin settings and records the admin URL (approvals need it).
 pub fn prepare_admin(
@@ -209,11 +207,8 @@ pub fn prepare_admin(
     token: Option<&str>,
     version: &str,
 ) -> Result<Admin, AdminStartError> {
-    if token.is_some_and(|t| t.trim().is_empty()) {
-        return Err(AdminStartError::EmptyToken);
-    }
-    if token.is_none() && !bound.ip().is_loopback() {
-        return Err(AdminStartError::TokenRequired(bound));
+    if let Some(problem) = config::admin_problem(bound, token) {
+        return Err(AdminStartError(problem));
     }
     if state.admin_url.set(format!("http://{bound}")).is_err() {
         tracing::debug!("the admin URL was already recorded");

@@ -106,6 +106,12 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedactionLabels {
+    server: String,
+    detector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     server: String,
     result: String,
@@ -171,6 +177,7 @@ pub struct Metrics {
     upstream_latency: Family<ServerLabels, Histogram, fn() -> Histogram>,
     latency_handles: Handles<Histogram, 1>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    result_redactions: Family<RedactionLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     sessions: Gauge,
     streams: Gauge,
@@ -218,6 +225,12 @@ impl Metrics {
             "upstream_errors",
             "Upstream failures by server and kind",
             upstream_errors.clone(),
+        );
+        let result_redactions = Family::<RedactionLabels, Counter>::default();
+        registry.register(
+            "result_redactions",
+            "Matches found in tool results by the policy's `results` rules, by server and detector",
+            result_redactions.clone(),
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
@@ -298,6 +311,7 @@ impl Metrics {
             upstream_latency,
             latency_handles: Handles::new(),
             upstream_errors,
+            result_redactions,
             reloads,
             sessions,
             streams,
@@ -380,6 +394,16 @@ impl Metrics {
                 kind: label(kind),
             })
             .inc();
+    }
+
+    /// Counts `count` matches of `detector` in a tool result of `server`.
+    pub fn result_redactions(&self, server: &str, detector: &str, count: u64) {
+        self.result_redactions
+            .get_or_create(&RedactionLabels {
+                server: label(server),
+                detector: label(detector),
+            })
+            .inc_by(count);
     }
 
     /// Sets a stdio upstream's live processes (read at scrape time).

@@ -9,8 +9,14 @@
 //! 4. [`held`]: a held call waits for a human (in `approvals`), then goes on;
 //! 5. [`call`]: the one routine that forwards and accounts for every call, single,
 //!    batched or approved;
-//! 6. [`relay`]: the upstream's answer on its way back (`tools/list` filtered);
-//! 7. [`batch`]: the same, message by message, for a JSON-RPC batch.
+//! 6. [`respond`]: the response stages every message of the answer passes (the
+//!    upstream's `dev.tollgate/*` markers removed, `tools/list` filtered, results
+//!    checked against the policy's `results` rules, each call's outcome recorded);
+//! 7. [`relay`]: the answer on its way back to the client;
+//! 8. [`batch`]: the same, message by message, for a JSON-RPC batch.
+//!
+//! [`tasks`] binds MCP tasks to their caller: before `decide` a `tasks/*` request
+//! for another caller's task is answered, after `relay` a created task is recorded.
 //!
 //! Front doors authenticate and decode once, then call [`Core::handle`]; nothing
 //! here knows which door a message came through or which transport an upstream uses.
@@ -22,7 +28,9 @@ pub mod decide;
 pub mod held;
 pub mod inbound;
 pub mod relay;
+pub mod respond;
 pub mod session;
+pub mod tasks;
 
 use std::sync::Arc;
 
@@ -120,14 +128,22 @@ impl Core {
         if held::withdraw(&ctx, &message) {
             return Ok(Answer::accepted());
         }
+        if let Some(answer) = tasks::check(&ctx, &message).await? {
+            return Ok(answer);
+        }
         let permit = match decide::decide(&ctx, &message).await? {
             decide::Verdict::Refuse(answer) => return Ok(Answer::message(answer)),
             decide::Verdict::Hold(held) => return Ok(held::respond(ctx, message, *held)),
             decide::Verdict::Forward(permit) => permit,
         };
         let payload = crate::upstream::Payload::of(&message);
-        let reply = call::forward(&ctx, payload, permit.into_iter().collect()).await?;
-        relay::answer(&ctx, &message, decoded.initialize, reply).await
+        // The result of a task the caller owns is checked with its tool's rules.
+        let task_tool = task_tool(&ctx, &message).await?;
+        let chain =
+            respond::Chain::for_message(&ctx, &message, permit).task_result(&ctx, task_tool);
+        let reply = call::forward(&ctx, payload, chain).await?;
+        let answer = relay::answer(&ctx, &message, decoded.initialize, reply).await?;
+        tasks::relayed(&ctx, &message, answer).await
     }
 
     /// Opens a handshake-era session's server-to-client stream.
@@ -150,7 +166,7 @@ impl Core {
             Era::Handshake,
             forwarded,
         );
-        call::listen(&ctx).await
+        Ok(tasks::streamed(&ctx, call::listen(&ctx).await?))
     }
 
     /// Ends a handshake-era session, here and upstream.
@@ -166,4 +182,14 @@ impl Core {
         session::end(self.shared(), server, &session).await;
         Ok(())
     }
+}
+
+/// The tool of the task whose result `message` asks for (`tasks/result`, or
+/// `tasks/get`, which in the 2026-07-28 extension carries a completed task's result),
+/// when the caller owns the task (`tasks::check` answered any other).
+async fn task_tool(ctx: &Context, message: &Message) -> Result<Option<String>, ProxyError> {
+    if !matches!(message.method(), Some("tasks/result" | "tasks/get")) {
+        return Ok(None);
+    }
+    Ok(tasks::owned(ctx, message).await?.map(|record| record.tool))
 }

@@ -47,6 +47,9 @@ fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
         std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()));
     let hash = source.as_deref().map(crate::audit::text_digest).ok();
     if hash.is_some() && hash.as_deref() == Some(info.hash.as_str()) {
+        // Fixed back to the policy in force: the earlier failure is over.
+        info.last_error = None;
+        info.failed_hash = None;
         return report("unchanged", None);
     }
     // The watcher, SIGHUP and POST /reload may all see the same broken file:

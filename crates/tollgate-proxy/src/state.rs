@@ -22,6 +22,7 @@ use crate::store::limits::CallLimits;
 use crate::store::params::ToolParams;
 use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
+use crate::store::tasks::Tasks;
 use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
 /// One upstream MCP server and the policy that guards it.
@@ -36,6 +37,8 @@ pub struct Server {
     pub location_key: String,
     /// Host and port to try for readiness, for network upstreams.
     pub network_address: Option<(String, u16)>,
+    /// Its readiness probe and last outcome.
+    pub health: crate::upstream::probe::Health,
     /// Per upstream request.
     pub timeout: Duration,
     /// The policy in force; swapped whole on reload, read once per request.
@@ -49,6 +52,15 @@ pub struct Server {
     /// Whether its upstream sessions live in this process (a stdio process, a legacy
     /// SSE connection), so that another replica cannot serve them.
     pub pinned: bool,
+}
+
+impl Server {
+    /// Probes its upstream for readiness now (at most 5 s, or its timeout if shorter).
+    pub async fn probe(&self) -> crate::upstream::probe::Checked {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        let span = tracing::info_span!("readiness", server = %self.name);
+        tracing::Instrument::instrument(self.health.check(&*self.upstream, timeout), span).await
+    }
 }
 
 /// Provenance of a server's policy, for `/status` and reloads.
@@ -121,6 +133,8 @@ pub struct Shared {
     epoch: Instant,
     /// Calls waiting for a human.
     pub(crate) approvals: Arc<Approvals>,
+    /// The MCP tasks relayed: who owns each, which tool created it.
+    pub(crate) tasks: Tasks,
     /// Prometheus metrics.
     pub(crate) metrics: Metrics,
     /// Base URL of the admin listener once bound; approvals need it.
@@ -137,6 +151,8 @@ pub struct Shared {
     pub(crate) remote: Option<Arc<Remote>>,
     /// `state.on_failure`.
     pub(crate) state_on_failure: crate::config::OnStateFailure,
+    /// How often each upstream is probed for readiness.
+    pub(crate) health_interval: Duration,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -255,8 +271,22 @@ fn build_server(
                 (Box::new(upstream), location, "command", None)
             }
         };
+    let probe = match &config.upstream {
+        UpstreamConfig::Stdio {
+            command, env, cwd, ..
+        } => crate::upstream::probe::Probe::Command {
+            program: command.first().cloned().unwrap_or_default(),
+            path: env
+                .get("PATH")
+                .cloned()
+                .or_else(|| std::env::var("PATH").ok()),
+            cwd: cwd.clone(),
+        },
+        _ => crate::upstream::probe::Probe::Exchange,
+    };
     Ok(Server {
         name: name.into(),
+        health: crate::upstream::probe::Health::new(probe),
         upstream,
         location,
         location_key: format!("servers.{name}.{location_key}"),
@@ -424,9 +454,19 @@ impl Shared {
             http,
             children,
             epoch: Instant::now(),
-            approvals: match &remote {
-                Some(remote) => Approvals::shared(remote.clone()),
-                None => Arc::new(Approvals::new()),
+            approvals: {
+                let approvals = match &remote {
+                    Some(remote) => Approvals::shared(remote.clone()),
+                    None => Arc::new(Approvals::new()),
+                };
+                if let Some(bytes) = config.approvals.as_ref().and_then(|a| a.bytes_per_client) {
+                    approvals.set_bytes_per_principal(bytes);
+                }
+                approvals
+            },
+            tasks: match &remote {
+                Some(remote) => Tasks::shared(remote.clone()),
+                None => Tasks::new(),
             },
             metrics,
             admin_url: std::sync::OnceLock::new(),
@@ -440,6 +480,7 @@ impl Shared {
                 .unwrap_or(crate::config::DEFAULT_APPROVAL_WAIT),
             remote,
             state_on_failure: config.state.on_failure,
+            health_interval: config.health_interval,
         })
     }
 
@@ -467,6 +508,7 @@ impl Shared {
     /// Drops state for idle sessions and empty rate-limit windows; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
+        self.tasks.sweep();
         let now = self.now();
         for server in self.servers.values() {
             server.upstream.sweep(self.sessions.idle());

@@ -1,5 +1,6 @@
 //! State that outlives one request and that several replicas would share: sessions,
-//! rate-limit windows, pending approvals and the tools' learned `Mcp-Param-*` headers.
+//! rate-limit windows, pending approvals, the tools' learned `Mcp-Param-*` headers
+//! and the owners of the MCP tasks Tollgate relayed.
 //!
 //! Each store is a narrow interface (a handful of methods, private fields) over an
 //! in-memory implementation. A shared backend (Redis, for several replicas) is a
@@ -11,6 +12,7 @@ pub mod limits;
 pub mod params;
 pub mod remote;
 pub mod sessions;
+pub mod tasks;
 
 /// A fresh unguessable id: `bytes` random bytes in hex.
 pub fn random_hex(bytes: usize) -> String {

@@ -11,6 +11,7 @@ pub mod channel;
 pub mod http;
 pub mod legacy_sse;
 mod pool;
+pub mod probe;
 pub mod stdio;
 
 use std::sync::Arc;

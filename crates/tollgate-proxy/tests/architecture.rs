@@ -27,7 +27,7 @@ const LAYERS: &[&str] = &[
 
 /// The core's stages, in order; each may use only the ones after it.
 const STAGES: &[&str] = &[
-    "batch", "held", "call", "relay", "session", "decide", "inbound", "context",
+    "batch", "held", "tasks", "call", "relay", "respond", "session", "decide", "inbound", "context",
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -437,6 +437,17 @@ fn print_grants(list: &Value) {
     }
 }
 
+/// Who asked, as the table shows it: the client's name (or the token's user), else,
+/// for an anonymous caller, what tells it apart: its session or its address
+/// (`principal`, `session:<id>` or `peer:<address>`).
+fn caller(row: &Value) -> String {
+    let text = |key: &str| row.get(key).and_then(Value::as_str);
+    let named = text("client")
+        .or_else(|| text("client_id"))
+        .or_else(|| text("user"));
+    escaped(named.or_else(|| text("principal")).unwrap_or("-"))
+}
+
 fn print_table(list: &Value) {
     let rows = list.as_array().map(Vec::as_slice).unwrap_or_default();
     if rows.is_empty() {
@@ -445,7 +456,7 @@ fn print_table(list: &Value) {
     }
     println!(
         "{:<26} {:<10} {:<28} {:<14} {:<16} {:<24} ARGUMENTS",
-        "ID", "STATUS", "TOOL", "SERVER", "CLIENT", "DEADLINE"
+        "ID", "STATUS", "TOOL", "SERVER", "CALLER", "DEADLINE"
     );
     for row in rows {
         let field = |key: &str| escaped(row.get(key).and_then(Value::as_str).unwrap_or("-"));
@@ -455,7 +466,7 @@ fn print_table(list: &Value) {
             field("status"),
             field("tool"),
             field("server"),
-            field("client"),
+            caller(row),
             field("deadline"),
             preview(row.get("arguments").unwrap_or(&Value::Null))
         );

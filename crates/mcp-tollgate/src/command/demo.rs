@@ -25,6 +25,11 @@ pub struct DemoArgs {
     /// Where the admin API and the approvals page listen; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
+    /// Where the demo upstream listens. A fixed port keeps the printed `tollgate stdio`
+    /// entry (which names it) good across restarts; if it is taken, a free one is used
+    /// for this run.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub upstream_listen: SocketAddr,
     /// Use this policy instead of the built-in policies/healthlake.yaml.
     #[arg(long)]
     pub policy: Option<PathBuf>,
@@ -48,9 +53,25 @@ pub fn run(args: DemoArgs) -> ExitCode {
         };
         let runtime = runtime()?;
         runtime.block_on(async {
-            let upstream = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-                .await
-                .map_err(|e| Failure::io(e.into()))?;
+            let upstream = match tokio::net::TcpListener::bind(args.upstream_listen).await {
+                Ok(listener) => listener,
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::warn!(
+                        "--upstream-listen {} is taken, so the demo upstream uses a free port: the `tollgate stdio` entry printed below holds it for this run only",
+                        args.upstream_listen
+                    );
+                    tokio::net::TcpListener::bind(SocketAddr::new(args.upstream_listen.ip(), 0))
+                        .await
+                        .map_err(|e| Failure::io(e.into()))?
+                }
+                Err(err) => {
+                    return Err(super::serve::cannot_listen(
+                        args.upstream_listen,
+                        "--upstream-listen",
+                        err,
+                    ));
+                }
+            };
             let upstream_addr = upstream.local_addr().map_err(|e| Failure::io(e.into()))?;
             let demo = Demo::new(DemoOptions::default());
             tokio::spawn(async move {

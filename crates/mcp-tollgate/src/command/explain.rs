@@ -126,6 +126,11 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
         Action::Deny => "deny",
         Action::RequireApproval => "require_approval",
     };
+    let origin = args.policy.display().to_string();
+    let results: Vec<&tollgate_policy::ResultEntryInfo> = policy
+        .result_rules(&args.tool, args.client.as_deref(), claims.as_ref())
+        .map(|rules| rules.entries().collect())
+        .unwrap_or_default();
     let rule = decision.rule.as_ref().map_or_else(
         || "default (no rule matches)".to_owned(),
         ToString::to_string,
@@ -138,6 +143,18 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
             if let Some(approval) = &decision.approval {
                 out["approval_timeout_s"] = json!(approval.timeout.as_secs());
             }
+            out["results"] = results
+                .iter()
+                .map(|entry| {
+                    json!({
+                        "entry": entry.label,
+                        "at": format!("{origin}:{}:{}", entry.line, entry.column),
+                        "redact": entry.redact,
+                        "block": entry.block,
+                        "mode": if entry.audit { "audit" } else { "enforce" },
+                    })
+                })
+                .collect();
             println!("{out}");
         }
         Format::Human => {
@@ -157,6 +174,34 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
                     approval.timeout.as_secs(),
                     approval.via
                 );
+            }
+            for (i, entry) in results.iter().enumerate() {
+                let mut does = Vec::new();
+                if !entry.redact.is_empty() {
+                    does.push(format!("redacts {}", entry.redact.join(", ")));
+                }
+                if !entry.block.is_empty() {
+                    does.push(format!(
+                        "withholds a result with {}",
+                        entry.block.join(", ")
+                    ));
+                }
+                let audit = if entry.audit {
+                    " (audit: records only)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{}{} at {origin}:{}:{}: {}{audit}",
+                    if i == 0 { "results:  " } else { "          " },
+                    entry.label,
+                    entry.line,
+                    entry.column,
+                    does.join("; ")
+                );
+            }
+            if results.is_empty() && policy.has_result_rules() {
+                println!("results:  no `results` entry applies (the result passes untouched)");
             }
             if policy.mode() == tollgate_policy::Mode::Audit {
                 println!(

@@ -33,6 +33,9 @@ pub struct ScanArgs {
     /// A stdio MCP server to start: `tollgate scan -- CMD ARGS`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+    /// The stdio server's environment (with `-- CMD ARGS`).
+    #[command(flatten)]
+    pub child_env: super::ChildEnv,
 }
 
 /// How an `--upstream` URL is spoken.
@@ -111,8 +114,8 @@ impl Target {
                 let command = stdio::Command {
                     server: "scan".into(),
                     argv: args.command.clone(),
-                    env: Default::default(),
-                    inherit_env: Vec::new(),
+                    env: args.child_env.env.iter().cloned().collect(),
+                    inherit_env: args.child_env.inherit_env.clone(),
                     cwd: None,
                     max_line: MAX_MESSAGE,
                 };

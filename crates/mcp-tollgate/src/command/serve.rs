@@ -23,6 +23,9 @@ pub struct ServeArgs {
     /// A stdio MCP server to start and forward to (with `--policy`).
     #[arg(last = true, value_name = "CMD", requires = "policy")]
     pub command: Vec<String>,
+    /// The stdio server's environment (with `-- CMD ARGS`).
+    #[command(flatten)]
+    pub child_env: super::ChildEnv,
     /// Where to listen (overrides the configuration's `listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -242,8 +245,8 @@ pub enum CommandLineUpstream<'a> {
         /// Whether it speaks the legacy HTTP+SSE transport.
         sse: bool,
     },
-    /// `-- CMD ARGS`: a stdio server to start.
-    Command(&'a [String]),
+    /// `-- CMD ARGS`: a stdio server to start, with `--env` and `--inherit-env`.
+    Command(&'a [String], &'a super::ChildEnv),
 }
 
 /// A one-server configuration (server `upstream`) from the command line, checked
@@ -260,8 +263,18 @@ pub fn single_server_config(
         CommandLineUpstream::Url { url, sse: true } => {
             format!("    url: {}\n    transport: sse\n", quote(url))
         }
-        CommandLineUpstream::Command(argv) => {
-            format!("    command: {}\n", serde_json::Value::from(argv.to_vec()))
+        CommandLineUpstream::Command(argv, env) => {
+            let vars: serde_json::Map<String, serde_json::Value> = env
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.as_str().into()))
+                .collect();
+            format!(
+                "    command: {}\n    env: {}\n    inherit_env: {}\n",
+                serde_json::Value::from(argv.to_vec()),
+                serde_json::Value::Object(vars),
+                serde_json::Value::from(env.inherit_env.clone())
+            )
         }
     };
     let yaml = format!(
@@ -497,17 +510,23 @@ pub async fn run_proxy(
     let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
     let (listener, lanes) = bind_lanes(config.listen, tollgate_proxy::upstream::lanes())
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))
-        .map_err(Failure::io)?;
+        .map_err(|err| {
+            cannot_listen(
+                config.listen,
+                "--listen, or `listen:` in the configuration",
+                err,
+            )
+        })?;
     let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
 
     // One signal stops both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = bind_admin(&config, &state, stop_rx.clone(), mode, command).await?;
-    print_listening(addr, &config);
-    if let Some(admin) = &admin {
-        println!("{}", admin.announcement());
-    }
+    print_listening(
+        addr,
+        &config,
+        admin.as_ref().map(AdminStarted::announcement).as_deref(),
+    );
     on_bound(Bound {
         listen: addr,
         admin: admin.as_ref().map(|a| a.addr),
@@ -515,6 +534,7 @@ pub async fn run_proxy(
     });
     let admin_task = admin.map(|a| a.task);
     let _watcher = start_reloading(&state);
+    let health = tokio::spawn(state.clone().watch_health());
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -534,6 +554,7 @@ pub async fn run_proxy(
         config.shutdown_grace,
     )
     .await;
+    health.abort();
     if let Some(task) = admin_task {
         let _ = task.await;
     }
@@ -542,9 +563,34 @@ pub async fn run_proxy(
     served.map_err(|e| Failure::io(anyhow::anyhow!("server failed: {e}")))
 }
 
-fn print_listening(addr: SocketAddr, config: &Config) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
+/// Why the MCP listener cannot start; an address in use says how to pick another.
+pub fn cannot_listen(listen: SocketAddr, flag: &str, err: std::io::Error) -> Failure {
+    let hint = if err.kind() == std::io::ErrorKind::AddrInUse {
+        format!(" (another program listens there: choose another address with {flag})")
+    } else {
+        String::new()
+    };
+    Failure::io(anyhow::anyhow!("cannot listen on {listen}: {err}{hint}"))
+}
+
+/// The start-up banner: the URLs, then the admin listener's line. On stdout, unless the
+/// audit log is written there (`audit.path: "-"`, the container default), whose readers
+/// expect one JSON record a line and nothing else: then on stderr, with the logs.
+fn print_listening(addr: SocketAddr, config: &Config, admin: Option<&str>) {
+    let audit_on_stdout = config.audit.as_ref().is_some_and(|audit| audit.path == "-");
+    if audit_on_stdout {
+        write_banner(&mut std::io::stderr().lock(), addr, config, admin);
+    } else {
+        write_banner(&mut std::io::stdout().lock(), addr, config, admin);
+    }
+}
+
+fn write_banner(
+    out: &mut impl std::io::Write,
+    addr: SocketAddr,
+    config: &Config,
+    admin: Option<&str>,
+) {
     if config.servers.len() == 1 {
         let _ = writeln!(out, "Tollgate listening on http://{addr}/mcp");
     } else {
@@ -555,6 +601,9 @@ fn print_listening(addr: SocketAddr, config: &Config) {
             out,
             "  server {name}: http://{addr}/servers/{name}/mcp (legacy HTTP+SSE: http://{addr}/servers/{name}/sse)"
         );
+    }
+    if let Some(admin) = admin {
+        let _ = writeln!(out, "{admin}");
     }
     let _ = out.flush();
 }
@@ -606,8 +655,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
                 let upstream = match (&args.upstream, args.command.as_slice()) {
+                    (Some(_), []) if !args.child_env.is_empty() => {
+                        return Err(usage(
+                            "--env and --inherit-env are for a stdio server (-- CMD ARGS); an --upstream URL has its own environment",
+                        ));
+                    }
                     (Some(url), []) => CommandLineUpstream::Url { url, sse: false },
-                    (None, command) if !command.is_empty() => CommandLineUpstream::Command(command),
+                    (None, command) if !command.is_empty() => {
+                        CommandLineUpstream::Command(command, &args.child_env)
+                    }
                     _ => {
                         return Err(usage(
                             "with --policy, give either --upstream URL or -- CMD ARGS (not both)",

@@ -47,6 +47,9 @@ pub struct StdioArgs {
     /// A stdio MCP server to start and forward to (with `--policy`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+    /// The stdio server's environment (with `-- CMD ARGS`).
+    #[command(flatten)]
+    pub child_env: super::ChildEnv,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -95,11 +98,18 @@ fn load(args: &StdioArgs) -> Result<(Config, BTreeMap<String, LoadedPolicy>, Str
         .as_deref()
         .ok_or_else(|| usage("give --config FILE, or --policy FILE".into()))?;
     let upstream = match (&args.upstream, args.command.as_slice()) {
+        (Some(_), []) if !args.child_env.is_empty() => {
+            return Err(usage(
+                "--env and --inherit-env are for a stdio server (-- CMD ARGS); an --upstream URL has its own environment".into(),
+            ));
+        }
         (Some(url), []) => CommandLineUpstream::Url {
             url,
             sse: args.transport == UpstreamTransport::Sse,
         },
-        (None, command) if !command.is_empty() => CommandLineUpstream::Command(command),
+        (None, command) if !command.is_empty() => {
+            CommandLineUpstream::Command(command, &args.child_env)
+        }
         _ => {
             return Err(usage(
                 "with --policy, give either --upstream URL or -- CMD ARGS (not both)".into(),
@@ -177,12 +187,13 @@ async fn serve_stdio(
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    let conversation = conversation.clone();
-                    let body = Bytes::from(line);
                     // At most MAX_IN_FLIGHT messages handled at once: stdin waits beyond that.
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    // Admitted here, in order of arrival (after the handshake they
+                    // follow), then handled concurrently.
+                    let admitted = conversation.admit(Bytes::from(line)).await;
                     in_flight.spawn(async move {
-                        conversation.receive(body).await;
+                        admitted.run().await;
                         drop(permit);
                     });
                 }

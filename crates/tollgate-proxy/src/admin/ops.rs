@@ -1,8 +1,6 @@
 //! Operations endpoints on the admin listener: `/metrics`, `/readyz`, `/status`
 //! and `POST /reload`. (`/healthz` and `/readyz` need no token; `admin` routes them.)
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
@@ -48,26 +46,17 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// Ready when every network upstream accepts a TCP connection within 2 s, and the
-/// shared state (Redis) answers when there is one. Without
-/// the admin token only `ready` is told: upstream names and errors stay behind it.
+/// Ready when every upstream answered its last readiness probe (an `initialize`
+/// exchange, or a stdio command that exists; `upstream::probe`, every `health_interval`),
+/// and the shared state (Redis) answers when there is one. Without the admin token only
+/// `ready` is told: upstream names and errors stay behind it.
 pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     let checks = admin.app.servers.values().map(|server| async move {
-        // A stdio upstream is started on demand, so there is nothing to reach yet.
-        let Some(target) = server.network_address.clone() else {
-            return (server.name.to_string(), None);
+        let checked = match server.health.last() {
+            Some(checked) => checked,
+            None => server.probe().await,
         };
-        let result = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(target),
-        )
-        .await;
-        let error = match result {
-            Ok(Ok(_)) => None,
-            Ok(Err(err)) => Some(err.to_string()),
-            Err(_) => Some("no connection within 2s".to_owned()),
-        };
-        (server.name.to_string(), error)
+        (server.name.to_string(), checked)
     });
     let (results, state) = futures::future::join(futures::future::join_all(checks), async {
         match &admin.app.remote {
@@ -76,12 +65,15 @@ pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Re
         }
     })
     .await;
-    // With `state.backend: redis`, a replica that cannot reach Redis is not ready.
-    let state_ok = !matches!(state, Some(Some(_)));
-    let ready = state_ok && results.iter().all(|(_, e)| e.is_none());
+    // With `state.backend: redis`, a replica that cannot reach Redis is not ready, unless
+    // `state.on_failure: allow` lets calls through without it: then it serves them, and
+    // every replica going unready at once would only take the whole Service down.
+    let state_ok = !matches!(state, Some(Some(_)))
+        || admin.app.state_on_failure == crate::config::OnStateFailure::Allow;
+    let ready = state_ok && results.iter().all(|(_, checked)| checked.ready);
     let upstreams: Value = results
         .into_iter()
-        .map(|(name, error)| (name, json!({"ready": error.is_none(), "error": error})))
+        .map(|(name, checked)| (name, json!(checked)))
         .collect::<serde_json::Map<_, _>>()
         .into();
     let status = if ready {
@@ -113,12 +105,15 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
                 "upstream": &server.location,
                 "upstream_sessions": upstream_sessions,
                 "timeout_ms": server.timeout.as_millis() as u64,
+                "health": server.health.last(),
                 "policy": info,
             })
         })
         .collect();
+    let connections = crate::downstream::listener::ConnectionLimits::new(&app.limits);
     Json(json!({
         "version": &*admin.version,
+        "connections": {"max": connections.max, "per_peer": connections.per_peer},
         "servers": servers,
         "sessions": app.sessions.len(),
         "approvals_pending": app.approvals.pending(),

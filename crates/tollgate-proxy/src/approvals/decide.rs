@@ -106,6 +106,11 @@ fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Opt
     let Some(server) = shared.servers.get(&approval.server) else {
         return Some(format!("server `{}` is gone", approval.server));
     };
+    // A call whose client went away keeps only a preview of its arguments; its
+    // retry carries them again and is evaluated against the policy in full then.
+    if approval.arguments_truncated_from.is_some() && approval.status == Status::Pending {
+        return None;
+    }
     let policy = server.policy.load_full();
     let decision = policy.evaluate(&ToolCall {
         tool: &approval.tool,

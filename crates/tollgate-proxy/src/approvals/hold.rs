@@ -224,7 +224,10 @@ pub async fn hold(
     }
     let standing = match wait(shared, hold, &id, sink).await {
         Some(standing) => standing,
-        None => return Ending::Gone,
+        None => {
+            shared.approvals.abandon(&id);
+            return Ending::Gone;
+        }
     };
     if let Some(ending) = settle(shared, hold, &id, standing).await {
         return ending;

@@ -10,8 +10,8 @@ use axum::http::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::{Mutex, mpsc};
-use tollgate_mcp::{ErrorCode, Incoming, error_response};
+use tokio::sync::{Mutex, OwnedMutexGuard, mpsc};
+use tollgate_mcp::{ErrorCode, Incoming, Kind, error_response};
 
 use super::Doors;
 use crate::error::ProxyError;
@@ -24,7 +24,7 @@ pub struct Conversation {
     doors: Arc<Doors>,
     server: Arc<Server>,
     caller: Caller,
-    session: Mutex<Option<String>>,
+    session: Arc<Mutex<Option<String>>>,
     listening: AtomicBool,
     out: mpsc::Sender<Value>,
     /// Over a pipe (`tollgate stdio`) rather than TCP (legacy HTTP+SSE).
@@ -43,7 +43,7 @@ impl Conversation {
             doors,
             server,
             caller,
-            session: Mutex::new(None),
+            session: Arc::new(Mutex::new(None)),
             listening: AtomicBool::new(false),
             out,
             pipe: false,
@@ -64,50 +64,85 @@ impl Conversation {
     /// Handles one body from the client: a message, a batch, or something that is
     /// not JSON-RPC (answered with the error).
     pub async fn receive(self: &Arc<Self>, body: Bytes) {
+        self.admit(body).await.run().await;
+    }
+
+    /// Takes one body in, in order of arrival: what it needs of the conversation so
+    /// far (the session) is settled here, so a caller that admits each message before
+    /// reading the next, then runs them concurrently, has them handled as if one by
+    /// one. An `initialize` holds the session until its answer is in: the next
+    /// admission waits for the handshake.
+    pub async fn admit(self: &Arc<Self>, body: Bytes) -> Admitted {
         match Incoming::parse_bytes(body) {
-            Ok(incoming) => self.handle(incoming).await,
-            Err(err) => {
-                let _ = self.out.send(ProxyError::Framing(err).to_json()).await;
-            }
+            Ok(incoming) => self.admit_incoming(incoming).await,
+            Err(err) => Admitted {
+                conversation: self.clone(),
+                work: Work::Refuse(ProxyError::Framing(err)),
+            },
         }
     }
 
-    /// Handles one decoded message or batch.
-    pub async fn handle(self: &Arc<Self>, incoming: Incoming) {
+    /// [`Conversation::admit`] for a decoded message or batch.
+    pub async fn admit_incoming(self: &Arc<Self>, incoming: Incoming) -> Admitted {
+        let initialize =
+            matches!(&incoming, Incoming::Single(m) if m.method() == Some("initialize"));
+        let (session, handshake) = if initialize {
+            let held = self.session.clone().lock_owned().await;
+            (held.clone(), Some(held))
+        } else {
+            (self.session.lock().await.clone(), None)
+        };
+        Admitted {
+            conversation: self.clone(),
+            work: Work::Handle {
+                incoming,
+                session,
+                handshake,
+            },
+        }
+    }
+
+    async fn handle_admitted(
+        self: &Arc<Self>,
+        incoming: Incoming,
+        session: Option<String>,
+        handshake: Option<OwnedMutexGuard<Option<String>>>,
+    ) {
         let ids: Vec<Value> = match &incoming {
             Incoming::Single(message) => message.id().cloned().into_iter().collect(),
             Incoming::Batch(messages) => messages.iter().filter_map(|m| m.id().cloned()).collect(),
         };
-        let initialize =
-            matches!(&incoming, Incoming::Single(m) if m.method() == Some("initialize"));
+        // Notifications (and responses) are never answered, not even with an error.
+        let answered = match &incoming {
+            Incoming::Single(message) => message.kind() == Kind::Request,
+            Incoming::Batch(messages) => messages.iter().any(|m| m.kind() == Kind::Request),
+        };
         if let Err(err) = self.doors.check_rate(&self.caller) {
-            return self.deliver(Err(err), &ids, false).await;
+            return self.deliver(Err(err), &ids, answered).await;
         }
-        // The session lock is held from sending `initialize` until its answer is in,
-        // so nothing the client sends next can overtake the handshake.
-        let mut session = self.session.lock().await;
         let inbound = Inbound {
             incoming,
             meta: Meta {
-                session: session.clone(),
+                session,
                 pipe: self.pipe,
                 ..Meta::default()
             },
         };
-        if !initialize {
-            drop(session);
+        let Some(mut handshake) = handshake else {
             let answer = self.core_handle(inbound).await;
-            return self.deliver(answer, &ids, false).await;
-        }
+            return self.deliver(answer, &ids, answered).await;
+        };
+        // The session lock is held from sending `initialize` until its answer is in,
+        // so nothing the client sends next can overtake the handshake.
         let answer = self.core_handle(inbound).await;
         if let Ok(Answer {
             session: Some(id), ..
         }) = &answer
         {
-            *session = Some(id.to_string());
+            *handshake = Some(id.to_string());
         }
         let answers = self.messages(answer, &ids, true).await;
-        drop(session);
+        drop(handshake);
         for answer in answers {
             if self.out.send(answer).await.is_err() {
                 return;
@@ -147,7 +182,7 @@ impl Conversation {
             if let Ok(answer) = answer
                 && answer.status.is_success()
             {
-                conversation.deliver(Ok(answer), &[], false).await;
+                conversation.deliver(Ok(answer), &[], true).await;
             }
         });
     }
@@ -167,8 +202,15 @@ impl Conversation {
         }
     }
 
-    async fn deliver(&self, answer: Result<Answer, ProxyError>, ids: &[Value], collect: bool) {
-        for message in self.messages(answer, ids, collect).await {
+    /// Sends an answer on; an error is sent only when it answers a request.
+    async fn deliver(&self, answer: Result<Answer, ProxyError>, ids: &[Value], answered: bool) {
+        if let Err(err) = &answer
+            && !answered
+        {
+            tracing::warn!(error = %err, "a notification from the client was refused");
+            return;
+        }
+        for message in self.messages(answer, ids, false).await {
             if self.out.send(message).await.is_err() {
                 return;
             }
@@ -210,6 +252,41 @@ impl Conversation {
                 collected
             }
             Body::Other { bytes, .. } => failed(answer.status, &bytes, ids),
+        }
+    }
+}
+
+/// A message admitted in order ([`Conversation::admit`]), to be handled.
+pub struct Admitted {
+    conversation: Arc<Conversation>,
+    work: Work,
+}
+
+enum Work {
+    Refuse(ProxyError),
+    Handle {
+        incoming: Incoming,
+        session: Option<String>,
+        handshake: Option<OwnedMutexGuard<Option<String>>>,
+    },
+}
+
+impl Admitted {
+    /// Handles it: through the core, the answers to the client's outbox.
+    pub async fn run(self) {
+        match self.work {
+            Work::Refuse(err) => {
+                let _ = self.conversation.out.send(err.to_json()).await;
+            }
+            Work::Handle {
+                incoming,
+                session,
+                handshake,
+            } => {
+                self.conversation
+                    .handle_admitted(incoming, session, handshake)
+                    .await;
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
@@ -343,9 +343,21 @@ fn sse(
     status: StatusCode,
     frames: impl futures::Stream<Item = Bytes> + Send + 'static,
 ) -> Response {
+    sse_response(shared, status, frames, KEEP_ALIVE)
+}
+
+/// An SSE response of `frames` (encoded by [`tollgate_mcp::encode`]), counted as an
+/// open stream, with a keep-alive comment after each quiet `interval`.
+pub(super) fn sse_response(
+    shared: &Arc<Shared>,
+    status: StatusCode,
+    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
+    interval: Duration,
+) -> Response {
     let body = KeepAlive {
         inner: Box::pin(counted(shared, frames)),
-        quiet: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
+        quiet: Box::pin(tokio::time::sleep(interval)),
+        interval,
     };
     let mut response = HttpBody::from_stream(body.map(Ok::<_, Infallible>)).into_response();
     *response.status_mut() = status;
@@ -359,35 +371,17 @@ fn sse(
     response
 }
 
-/// One event in SSE framing: `event: message`, the id and retry when there are
-/// any, and the data with one `data:` line per line.
+/// One event in SSE framing ([`tollgate_mcp::encode`]).
 fn sse_frame(event: Event) -> Bytes {
     let data = event.data.into_bytes();
-    let mut frame = BytesMut::with_capacity(data.len() + 32);
-    // An id that SSE cannot carry is dropped, as a client would ignore it.
-    if let Some(id) = event.id.filter(|id| !id.contains(['\0', '\r', '\n'])) {
-        frame.extend_from_slice(b"id: ");
-        frame.extend_from_slice(id.as_bytes());
-        frame.extend_from_slice(b"\n");
-    }
-    frame.extend_from_slice(b"event: message\n");
-    if let Some(retry) = event.retry {
-        frame.extend_from_slice(format!("retry: {retry}\n").as_bytes());
-    }
-    for line in data.split(|b| *b == b'\n') {
-        frame.extend_from_slice(b"data: ");
-        // A raw CR can only be whitespace between JSON tokens, but it would end an SSE line.
-        frame.extend(line.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
-        frame.extend_from_slice(b"\n");
-    }
-    frame.extend_from_slice(b"\n");
-    frame.freeze()
+    tollgate_mcp::encode("message", event.id.as_deref(), event.retry, &data)
 }
 
 /// A stream of SSE frames with a keep-alive comment after each quiet interval.
 struct KeepAlive<S> {
     inner: std::pin::Pin<Box<S>>,
     quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    interval: Duration,
 }
 
 impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
@@ -399,13 +393,13 @@ impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
     ) -> std::task::Poll<Option<Bytes>> {
         use std::task::Poll;
         if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
-            let next = tokio::time::Instant::now() + KEEP_ALIVE;
+            let next = tokio::time::Instant::now() + self.interval;
             self.quiet.as_mut().reset(next);
             return Poll::Ready(item);
         }
         match self.quiet.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                let next = tokio::time::Instant::now() + KEEP_ALIVE;
+                let next = tokio::time::Instant::now() + self.interval;
                 self.quiet.as_mut().reset(next);
                 Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")))
             }

@@ -8,13 +8,11 @@
 //! upstream.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -24,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
 use super::conversation::Conversation;
-use super::{Doors, counted, peer_of, read_body};
+use super::{Doors, peer_of, read_body};
 use crate::error::ProxyError;
 use crate::store::sessions::{SessionsFull, random_id};
 
@@ -150,16 +148,18 @@ async fn open_stream(
         id,
     };
     let first = futures::stream::once(async move {
-        Ok::<_, Infallible>(Event::default().event("endpoint").data(endpoint))
+        tollgate_mcp::encode("endpoint", None, None, endpoint.as_bytes())
     });
     let rest = ReceiverStream::new(messages).map(move |message| {
         let _alive = &cleanup;
-        Ok(Event::default().event("message").data(message.to_string()))
+        tollgate_mcp::encode("message", None, None, message.to_string().as_bytes())
     });
-    let stream = counted(doors.shared(), first.chain(rest));
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(super::http::sse_response(
+        doors.shared(),
+        StatusCode::OK,
+        first.chain(rest),
+        Duration::from_secs(15),
+    ))
 }
 
 /// Query of the message endpoint.
@@ -226,9 +226,10 @@ async fn post_message(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
-    let conversation = stream.conversation.clone();
+    // Admitted before the 202, in the order the POSTs came, then handled concurrently.
+    let admitted = stream.conversation.admit_incoming(incoming).await;
     tokio::spawn(async move {
-        conversation.handle(incoming).await;
+        admitted.run().await;
         drop(permit);
     });
     Ok((StatusCode::ACCEPTED, "Accepted").into_response())

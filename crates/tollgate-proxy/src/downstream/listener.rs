@@ -35,11 +35,14 @@ pub struct ConnectionLimits {
 impl ConnectionLimits {
     /// The limits of `limits:`; `max_connections` defaults to 1024, or three
     /// quarters of the open-file limit when that is lower, so that the last file
-    /// descriptors stay for upstreams, logs and the clients already in.
+    /// descriptors stay for upstreams, logs and the clients already in. One address
+    /// gets at most half of them (`connections_per_peer` is clamped), so that it
+    /// cannot fill the listener on its own.
     pub fn new(limits: &Limits) -> ConnectionLimits {
+        let max = limits.max_connections.unwrap_or_else(default_max);
         ConnectionLimits {
-            max: limits.max_connections.unwrap_or_else(default_max),
-            per_peer: limits.connections_per_peer,
+            max,
+            per_peer: limits.connections_per_peer.min(max / 2).max(1),
             header_read_timeout: limits.header_read_timeout,
         }
     }

@@ -68,6 +68,8 @@ pub enum Refusal {
     Audience,
     /// A claim Tollgate needs (`exp`, `iss`, `aud`, `sub`) is missing.
     MissingClaim,
+    /// `sub` is empty: every such token would share one identity (RFC 9068 §2.2).
+    NoSubject,
 }
 
 impl Refusal {
@@ -85,6 +87,7 @@ impl Refusal {
             Refusal::Issuer => "the access token is from another issuer",
             Refusal::Audience => "the access token is not for this resource (aud)",
             Refusal::MissingClaim => "the access token lacks a required claim (exp, iss, aud, sub)",
+            Refusal::NoSubject => "the token has no subject",
         }
     }
 }
@@ -282,7 +285,7 @@ impl OAuth {
         let mut refusal = Refusal::Signature;
         for key in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
-                Ok(data) => return identity(data.claims).ok_or(Ok(Refusal::MissingClaim)),
+                Ok(data) => return identity(data.claims).map_err(Ok),
                 Err(err) => refusal = refusal_of(err.kind()),
             }
         }
@@ -313,15 +316,19 @@ fn header_alg(token: &str) -> Option<String> {
     header.get("alg")?.as_str().map(str::to_owned)
 }
 
-/// What the token's claims say of its bearer; `None` without a string `sub`.
-fn identity(claims: Map<String, Value>) -> Option<Identity> {
+/// What the token's claims say of its bearer; refused without a string `sub`, or
+/// with an empty one (all such tokens would be one user to limits and approvals).
+fn identity(claims: Map<String, Value>) -> Result<Identity, Refusal> {
     let text = |name: &str| {
         claims
             .get(name)
             .and_then(Value::as_str)
             .map(Arc::<str>::from)
     };
-    let user = text("sub")?;
+    let user = text("sub").ok_or(Refusal::MissingClaim)?;
+    if user.is_empty() {
+        return Err(Refusal::NoSubject);
+    }
     // `cid` is Okta's name for it.
     let client_id = text("azp")
         .or_else(|| text("client_id"))
@@ -338,7 +345,7 @@ fn identity(claims: Map<String, Value>) -> Option<Identity> {
             _ => {}
         }
     }
-    Some(Identity {
+    Ok(Identity {
         user,
         client_id,
         jti,
@@ -588,7 +595,11 @@ mod tests {
         let Value::Object(no_sub) = json!({"scope": "mcp"}) else {
             panic!()
         };
-        assert!(identity(no_sub).is_none());
+        assert!(matches!(identity(no_sub), Err(Refusal::MissingClaim)));
+        let Value::Object(empty_sub) = json!({"sub": ""}) else {
+            panic!()
+        };
+        assert!(matches!(identity(empty_sub), Err(Refusal::NoSubject)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Stage 7, batch: a JSON-RPC batch (2025-03-26). Each tool call in it is decided
 //! on its own; refused calls are answered here, the rest go upstream as one batch
-//! through the same [`call::forward`], which accounts for every call in it.
+//! through the same [`call::forward`], and their answers through the same response
+//! stages, which account for every call in it.
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use tollgate_policy::DenyKind;
 
 use super::context::{Answer, Caller, Context, Core, Meta};
 use super::decide::{Permit, Verdict, decide, deny, refusal};
-use super::{call, relay, session};
+use super::respond::Chain;
+use super::{call, session, tasks};
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::upstream::{Body, Payload};
@@ -77,9 +79,10 @@ pub async fn handle(
     if forward.is_empty() {
         return Ok(Answer::message(Value::Array(refused)));
     }
-    let reply = call::forward(&ctx, Payload::Batch(&forward), permits).await?;
-    let policy = server.policy.load_full();
-    let body = relay::filter(reply.body, server.clone(), policy, caller.clone());
+    // Any answer in a batch may list tools.
+    let chain = Chain::new(&ctx, permits).listing_tools(&ctx);
+    let reply = call::forward(&ctx, Payload::Batch(&forward), chain).await?;
+    let body = reply.body;
     if refused.is_empty() {
         return Ok(Answer {
             status: reply.status,
@@ -106,8 +109,22 @@ async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
     let mut forward = Vec::new();
     let mut permits = Vec::new();
     for message in messages {
+        if let Some(answer) = tasks::in_batch(&message) {
+            refused.push(answer);
+            continue;
+        }
         match decide(ctx, &message).await {
-            Err(err) => refused.push(err.to_json()),
+            Err(err) => {
+                // The member's own id, so the client knows which call was refused
+                // (a step-up refusal is an error without one).
+                let mut answer = err.to_json();
+                if let (Some(id), Some(slot)) = (message.id(), answer.get_mut("id"))
+                    && slot.is_null()
+                {
+                    *slot = id.clone();
+                }
+                refused.push(answer);
+            }
             Ok(Verdict::Refuse(answer)) => refused.push(answer),
             Ok(Verdict::Hold(held)) => {
                 let mut held = *held;

@@ -2,45 +2,37 @@
 //! accounts for it, used by single calls, batches and approved calls alike.
 //!
 //! It measures the upstream's latency, counts its failures, re-initializes a
-//! session the upstream lost (when that is safe) and finishes every call's
-//! [`Permit`] with its outcome: what the upstream answered (`ok`, `tool_error`,
-//! `rpc_error`), read from a JSON answer at once and from a stream as the call's
-//! answer passes, or why there is no answer.
+//! session the upstream lost (when that is safe) and hands the answer to the
+//! response stages ([`respond::Chain`]), which finish every call's permit with its
+//! outcome as its answer passes; or finishes them with why there is no answer.
 
-use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use bytes::Bytes;
-use futures::{Stream, StreamExt as _};
-use serde::Deserialize;
+use futures::StreamExt as _;
 use serde_json::Value;
-use tollgate_mcp::{DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseEvent};
 
 use super::context::{Answer, Context};
-use super::decide::{Outcome, Permit};
+use super::decide::Outcome;
+use super::respond::{Chain, account};
 use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::telemetry;
-use crate::upstream::{Body, Event, EventStream, Failure, Json, Payload, Reply, Request, SseBytes};
+use crate::upstream::{Body, Failure, Payload, Reply, Request};
 
-/// Sends `payload` (one message, or a batch) on the context's session and
-/// accounts for each call in it (`permits`).
+/// Sends `payload` (one message, or a batch) on the context's session; its answer
+/// passes `chain`, the response stages that know the calls in it.
 pub async fn forward(
     ctx: &Context,
     payload: Payload<'_>,
-    permits: Vec<Permit>,
+    mut chain: Chain,
 ) -> Result<Reply, ProxyError> {
     let id = payload.id();
-    let mut permits = permits;
     let started = Instant::now();
-    for permit in &mut permits {
-        permit.start(started);
-    }
+    chain.start(started);
     let traced = match telemetry::enabled() {
-        true => traced(ctx, payload, &mut permits),
+        true => traced(ctx, payload, &mut chain),
         false => None,
     };
     let payload = match traced.as_ref().and_then(|t| t.message.as_ref()) {
@@ -62,7 +54,7 @@ pub async fn forward(
         match session::recover(ctx, session, lost, id).await {
             Ok(renewed) => sent = send(ctx, payload, headers, renewed.as_deref()).await,
             Err(err) => {
-                finish(permits, Outcome::SessionLost);
+                chain.finish(Outcome::SessionLost);
                 return Err(err);
             }
         }
@@ -74,19 +66,19 @@ pub async fn forward(
             Ok(_) => {}
         }
     }
-    account(ctx, sent, permits, started, upstream_session.is_some(), id)
+    account(ctx, sent, chain, started, upstream_session.is_some(), id)
 }
 
 /// The exchange's client span (`telemetry:`) and what carries its context upstream:
 /// the message with it in `params._meta`, and the headers with `traceparent`; each
-/// call's permit keeps the span until the call's outcome.
+/// call's permit (waiting in `chain`) keeps the span until the call's outcome.
 struct Traced {
     span: telemetry::Upstream,
     message: Option<Value>,
     headers: Option<Vec<(HeaderName, HeaderValue)>>,
 }
 
-fn traced(ctx: &Context, payload: Payload<'_>, permits: &mut [Permit]) -> Option<Traced> {
+fn traced(ctx: &Context, payload: Payload<'_>, chain: &mut Chain) -> Option<Traced> {
     let message = match payload {
         Payload::One(message) => Some(message),
         Payload::Verbatim(message, _) => Some(message.as_value()),
@@ -94,11 +86,7 @@ fn traced(ctx: &Context, payload: Payload<'_>, permits: &mut [Permit]) -> Option
     };
     let pipe = ctx.server.network_address.is_none();
     let span = telemetry::upstream(&ctx.server.name, message, pipe)?;
-    for permit in permits.iter_mut() {
-        if let Some(trace) = permit.trace() {
-            trace.sent(&span);
-        }
-    }
+    chain.sent(&span);
     Some(Traced {
         message: message.and_then(|m| span.message(m)),
         headers: span.headers(&ctx.forwarded),
@@ -106,11 +94,11 @@ fn traced(ctx: &Context, payload: Payload<'_>, permits: &mut [Permit]) -> Option
     })
 }
 
-/// Measures and records an exchange, and finishes its calls' permits.
+/// Measures and records an exchange, and passes its answer to the response stages.
 fn account(
     ctx: &Context,
     sent: Result<Reply, Failure>,
-    permits: Vec<Permit>,
+    mut chain: Chain,
     started: Instant,
     had_upstream_session: bool,
     id: Option<&Value>,
@@ -125,300 +113,24 @@ fn account(
             }
             let lost = reply.status == StatusCode::NOT_FOUND && had_upstream_session;
             match reply.status {
-                _ if lost => finish(permits, Outcome::SessionLost),
-                status if status.is_success() => {
-                    reply.body = answered(reply.body, permits);
-                }
-                _ => finish(permits, Outcome::UpstreamError),
+                _ if lost => chain.finish(Outcome::SessionLost),
+                status if status.is_success() => {}
+                _ => chain.finish(Outcome::UpstreamError),
             }
             if let (true, Some(session)) = (lost, &ctx.session) {
                 // The upstream forgot its session: forget ours so the client re-initializes.
                 ctx.shared().sessions.remove(&session.id);
                 return Err(ProxyError::UnknownSession);
             }
+            reply.body = chain.body(reply.body);
             Ok(reply)
         }
         Err(failure) => {
             metrics.upstream_error(&server.name, failure.kind());
-            finish(permits, failed(&failure));
+            chain.finish(account::failed(&failure));
             tracing::warn!(error = %failure, "upstream request failed");
             Err(failure_error(server, &failure, id.cloned()))
         }
-    }
-}
-
-fn finish(permits: Vec<Permit>, outcome: Outcome) {
-    for permit in permits {
-        permit.finish(outcome);
-    }
-}
-
-fn failed(failure: &Failure) -> Outcome {
-    match failure {
-        Failure::Unreachable(_) => Outcome::Unreachable,
-        Failure::AtCapacity(_) => Outcome::AtCapacity,
-        Failure::Timeout(_) => Outcome::Timeout,
-        Failure::Broken(_) | Failure::TooLarge(_) => Outcome::Broken,
-    }
-}
-
-/// Finishes each call with what its answer in `body` says: at once for a JSON
-/// answer, as the answer passes for a stream. Only answers to calls are read.
-fn answered(body: Body, permits: Vec<Permit>) -> Body {
-    if permits.is_empty() {
-        return body;
-    }
-    match body {
-        Body::Json(json) => {
-            let answers = match (&json, &permits[..]) {
-                // A lone call's answer, whatever id it carries: the common case is read
-                // without parsing.
-                (Json::Text(text), [_]) if plainly_ok(text) => vec![(Value::Null, Outcome::Ok)],
-                _ => answers_in(&json).unwrap_or_default(),
-            };
-            // A lone answer is the lone call's, whatever id it carries (a parse error's is null).
-            let lone = match (&answers[..], &permits[..]) {
-                ([(_, outcome)], [_]) => Some(*outcome),
-                _ => None,
-            };
-            for permit in permits {
-                let outcome = lone.or_else(|| {
-                    answers
-                        .iter()
-                        .find(|(id, _)| id == permit.request_id())
-                        .map(|(_, outcome)| *outcome)
-                });
-                permit.finish(outcome.unwrap_or(Outcome::Forwarded));
-            }
-            Body::Json(json)
-        }
-        Body::Events(events) => Body::Events(
-            Accounted {
-                events,
-                waiting: Waiting::began(permits),
-            }
-            .boxed(),
-        ),
-        Body::Sse(bytes) => Body::Sse(
-            AccountedSse {
-                bytes,
-                decoder: Some(SseDecoder::new(DEFAULT_MAX_EVENT_BYTES)),
-                decoded: Vec::new(),
-                waiting: Waiting::began(permits),
-            }
-            .boxed(),
-        ),
-        other @ (Body::Empty | Body::Other { .. }) => {
-            finish(permits, Outcome::Forwarded);
-            other
-        }
-    }
-}
-
-/// The JSON-RPC answers in a message or batch, by id, with what each says.
-fn answers_in(json: &Json) -> Option<Vec<(Value, Outcome)>> {
-    match json {
-        Json::Value(Value::Array(items)) => Some(items.iter().filter_map(answer_of).collect()),
-        Json::Value(value) => Some(answer_of(value).into_iter().collect()),
-        Json::Text(text) => {
-            // Only the few fields that tell the outcome are read; results are skipped.
-            let batch = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-            let heads = if batch {
-                serde_json::from_slice::<Vec<Head>>(text).ok()?
-            } else {
-                vec![serde_json::from_slice::<Head>(text).ok()?]
-            };
-            Some(heads.into_iter().filter_map(Head::answer).collect())
-        }
-    }
-}
-
-/// The common case, told without parsing: one answer with a result, no `"error"`
-/// anywhere in it, and every `"isError"` key set to `false`, is a lone call's `ok`.
-/// Inside a JSON string a quote is escaped, so `"isError"` followed by `:` is a key
-/// (or a key that merely ends so, which only sends the answer to the full parse).
-fn plainly_ok(text: &[u8]) -> bool {
-    let keys = &*KEYS;
-    let skip = |rest: &[u8]| -> usize {
-        rest.iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(rest.len())
-    };
-    text.get(skip(text)) == Some(&b'{')
-        && keys.result.find(text).is_some()
-        && keys.error.find(text).is_none()
-        && keys.is_error.find_iter(text).all(|at| {
-            let rest = &text[at + b"\"isError\"".len()..];
-            let rest = &rest[skip(rest)..];
-            match rest.split_first() {
-                Some((b':', value)) => value[skip(value)..].starts_with(b"false"),
-                // A string value `"isError"`, not a key.
-                _ => true,
-            }
-        })
-}
-
-/// The keys [`plainly_ok`] and [`Waiting::note`] look for, each searcher built once
-/// (building one costs more than a search through a small answer).
-struct Keys {
-    result: memchr::memmem::Finder<'static>,
-    error: memchr::memmem::Finder<'static>,
-    is_error: memchr::memmem::Finder<'static>,
-    method: memchr::memmem::Finder<'static>,
-}
-
-static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(|| Keys {
-    result: memchr::memmem::Finder::new(br#""result""#),
-    error: memchr::memmem::Finder::new(br#""error""#),
-    is_error: memchr::memmem::Finder::new(br#""isError""#),
-    method: memchr::memmem::Finder::new(br#""method""#),
-});
-
-fn answer_of(message: &Value) -> Option<(Value, Outcome)> {
-    let answer = message.get("result").is_some() || message.get("error").is_some();
-    answer.then(|| {
-        let id = message.get("id").cloned().unwrap_or(Value::Null);
-        (id, Outcome::of_answer(message))
-    })
-}
-
-/// What an answer's outcome depends on, read without the rest of it.
-#[derive(Deserialize)]
-struct Head {
-    #[serde(default)]
-    id: Value,
-    #[serde(default)]
-    error: Option<ErrorHead>,
-    #[serde(default)]
-    result: Option<ResultHead>,
-}
-
-#[derive(Deserialize)]
-struct ErrorHead {
-    #[serde(default)]
-    code: Value,
-}
-
-#[derive(Deserialize)]
-struct ResultHead {
-    #[serde(default, rename = "isError")]
-    is_error: Value,
-}
-
-impl Head {
-    fn answer(self) -> Option<(Value, Outcome)> {
-        let outcome = match (self.error, self.result) {
-            (Some(error), _) => Outcome::RpcError(error.code.as_i64().unwrap_or(0)),
-            (None, Some(result)) if result.is_error == Value::Bool(true) => Outcome::ToolError,
-            (None, Some(_)) => Outcome::Ok,
-            (None, None) => return None,
-        };
-        Some((self.id, outcome))
-    }
-}
-
-/// The calls of a streamed answer still waiting for theirs. Each is finished when its
-/// answer passes; when the stream fails or ends first, or is dropped (the client went
-/// away), the calls still waiting are finished with that.
-struct Waiting(Vec<Permit>);
-
-impl Waiting {
-    /// The permits of calls whose answer has begun to stream.
-    fn began(mut permits: Vec<Permit>) -> Waiting {
-        for permit in &mut permits {
-            permit.answer_began();
-        }
-        Waiting(permits)
-    }
-
-    fn note(&mut self, message: &Json) {
-        if self.0.is_empty() {
-            return;
-        }
-        // A lone call's answer in its stream, told without parsing: a plain result that
-        // is not a message of the server's own (those have a `method`).
-        if let (Json::Text(text), [_]) = (message, &self.0[..])
-            && plainly_ok(text)
-            && KEYS.method.find(text).is_none()
-        {
-            self.finish_all(Outcome::Ok);
-            return;
-        }
-        let Some(answers) = answers_in(message) else {
-            return;
-        };
-        for (id, outcome) in answers {
-            if let Some(at) = self.0.iter().position(|p| *p.request_id() == id) {
-                self.0.swap_remove(at).finish(outcome);
-            }
-        }
-    }
-
-    fn finish_all(&mut self, outcome: Outcome) {
-        finish(std::mem::take(&mut self.0), outcome);
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.finish_all(Outcome::ClientGone);
-    }
-}
-
-/// A stream of messages, accounted as it passes.
-struct Accounted {
-    events: EventStream,
-    waiting: Waiting,
-}
-
-impl Stream for Accounted {
-    type Item = Result<Event, Failure>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let item = futures::ready!(this.events.poll_next_unpin(cx));
-        match &item {
-            Some(Ok(event)) => this.waiting.note(&event.data),
-            Some(Err(failure)) => this.waiting.finish_all(failed(failure)),
-            None => this.waiting.finish_all(Outcome::Broken),
-        }
-        Poll::Ready(item)
-    }
-}
-
-/// An SSE stream relayed as it came, accounted the same way: its bytes pass unchanged
-/// while a decoder beside them watches for the calls' answers.
-struct AccountedSse {
-    bytes: SseBytes,
-    /// `None` once the stream is past what the decoder accepts: nothing more is read.
-    decoder: Option<SseDecoder>,
-    decoded: Vec<SseEvent>,
-    waiting: Waiting,
-}
-
-impl Stream for AccountedSse {
-    type Item = Result<Bytes, Failure>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let item = futures::ready!(this.bytes.poll_next_unpin(cx));
-        match &item {
-            Some(Ok(chunk)) if !this.waiting.0.is_empty() => {
-                if let Some(decoder) = &mut this.decoder
-                    && decoder.feed(chunk, &mut this.decoded).is_err()
-                {
-                    this.decoder = None;
-                    this.waiting.finish_all(Outcome::Forwarded);
-                }
-                for event in this.decoded.drain(..) {
-                    this.waiting.note(&Json::Text(Bytes::from(event.data)));
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(failure)) => this.waiting.finish_all(failed(failure)),
-            None => this.waiting.finish_all(Outcome::Broken),
-        }
-        Poll::Ready(item)
     }
 }
 
@@ -527,50 +239,4 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
         ),
     };
     ProxyError::Upstream { id, message }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use serde_json::json;
-
-    fn outcome(text: &str) -> Vec<(Value, Outcome)> {
-        answers_in(&Json::Text(Bytes::from(text.to_owned()))).unwrap()
-    }
-
-    #[test]
-    fn a_plain_result_is_ok_without_parsing_and_anything_else_is_parsed() {
-        for ok in [
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#,
-            r#" {"jsonrpc":"2.0","id":1,"result":{"isError" : false,"x":{"isError":false}}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"isError"}]}}"#,
-        ] {
-            assert!(plainly_ok(ok.as_bytes()), "{ok}");
-            // The full parse agrees.
-            assert_eq!(outcome(ok), [(json!(1), Outcome::Ok)], "{ok}");
-        }
-        for (text, expected) in [
-            (
-                r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#,
-                Outcome::ToolError,
-            ),
-            (
-                r#"{"jsonrpc":"2.0","id":1,"result":{"a":{"isError":false},"isError": true}}"#,
-                Outcome::ToolError,
-            ),
-            (
-                r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"no"}}"#,
-                Outcome::RpcError(-32602),
-            ),
-            // A key that only ends in `isError` sends the answer to the full parse.
-            (
-                r#"{"jsonrpc":"2.0","id":1,"result":{"x\"isError":true}}"#,
-                Outcome::Ok,
-            ),
-        ] {
-            assert!(!plainly_ok(text.as_bytes()), "{text}");
-            assert_eq!(outcome(text), [(json!(1), expected)], "{text}");
-        }
-    }
 }

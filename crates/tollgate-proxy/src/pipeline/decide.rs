@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
-use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, ToolCall};
+use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Redaction, ToolCall};
 
 use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
@@ -65,6 +65,8 @@ pub enum Outcome {
     SessionLost,
     /// Sent, and the client went away before the answer came.
     ClientGone,
+    /// The upstream answered, and the policy's `results` rules withheld the result.
+    ResultBlocked,
 }
 
 impl Outcome {
@@ -81,17 +83,7 @@ impl Outcome {
             Outcome::Broken => "upstream_broken",
             Outcome::SessionLost => "upstream_session_lost",
             Outcome::ClientGone => "client_gone",
-        }
-    }
-
-    /// What an upstream's answer to a call says: a result, a failed tool, an error.
-    pub fn of_answer(answer: &Value) -> Outcome {
-        if let Some(error) = answer.get("error") {
-            return Outcome::RpcError(error.get("code").and_then(Value::as_i64).unwrap_or(0));
-        }
-        match answer.pointer("/result/isError") {
-            Some(Value::Bool(true)) => Outcome::ToolError,
-            _ => Outcome::Ok,
+            Outcome::ResultBlocked => "result_blocked",
         }
     }
 
@@ -113,12 +105,24 @@ pub struct Permit {
     latency: Option<Duration>,
     /// The call's spans, with `telemetry:`.
     trace: Option<Box<telemetry::CallTrace>>,
+    redactions: Vec<Redaction>,
 }
 
 impl Permit {
     /// The call's id in the audit log (a UUIDv7).
     pub fn call_id(&self) -> &str {
         &self.call_id
+    }
+
+    /// The tool called.
+    pub fn tool(&self) -> &str {
+        &self.tool
+    }
+
+    /// Notes what the policy's `results` rules found in the call's result, for its
+    /// outcome record.
+    pub fn redacted(&mut self, redactions: Vec<Redaction>) {
+        self.redactions = redactions;
     }
 
     /// The JSON-RPC id of the call, which its answer carries.
@@ -167,6 +171,7 @@ impl Permit {
                 Outcome::RpcError(code) => Some(code),
                 _ => None,
             },
+            redactions: &self.redactions,
         });
         if let Some(trace) = trace {
             let code = match outcome {
@@ -234,27 +239,30 @@ async fn enforce(
         claims: identity.map(|id| &id.claims),
         scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
+    let mut unchecked = None;
     let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
         Ok(decided) => decided,
-        Err(Unchecked { decision, error }) => {
+        Err(Unchecked {
+            mut decision,
+            error,
+        }) => {
             let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
             shared.metrics.state_unavailable(&server.name, refuse);
             if refuse {
                 tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
-                return Ok(Verdict::Refuse(error_response(
-                    Some(id),
-                    ErrorCode::InternalError,
-                    &format!(
-                        "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
-                    ),
-                    None,
-                )));
+                // Refused as any other call is: with its audit record.
+                decision.action = Action::Deny;
+                decision.reason = format!(
+                    "its rate limit could not be checked because {error} (state.on_failure: refuse)"
+                );
+                unchecked = Some(error);
+            } else {
+                tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
             }
-            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
             (decision, None)
         }
     };
-    let audit_mode = policy.mode() == Mode::Audit;
+    let audit_mode = policy.mode() == Mode::Audit && unchecked.is_none();
     let mut permit = Permit {
         shared: shared.clone(),
         server: server.clone(),
@@ -265,6 +273,7 @@ async fn enforce(
         started: None,
         latency: None,
         trace: telemetry::call(),
+        redactions: Vec::new(),
     };
 
     // Without an admin listener no human can decide, so refuse at once instead of
@@ -288,6 +297,16 @@ async fn enforce(
         deciding,
     )
     .await;
+    if let Some(error) = unchecked {
+        return Ok(Verdict::Refuse(error_response(
+            Some(id),
+            ErrorCode::InternalError,
+            &format!(
+                "tools/call `{tool}` was not forwarded: its rate limit could not be checked because {error} (state.on_failure: refuse); retry when the operator has Redis back"
+            ),
+            None,
+        )));
+    }
     let goes_on = audit_mode || decision.action != Action::Deny;
     if !recorded && goes_on && shared.audit.refuses_unrecorded() {
         // `audit.on_failure: refuse`: what cannot be recorded does not happen. The

@@ -13,7 +13,8 @@ use tollgate_mcp::{Era, ErrorCode, Message, error_response, result_response};
 
 use super::context::{Answer, Context};
 use super::decide::{Held, deny, refusal, rule_label};
-use super::{call, relay};
+use super::respond::Chain;
+use super::{call, relay, tasks};
 use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
 use crate::approvals::state::PREFIX;
 use crate::audit::canonical_digest;
@@ -171,8 +172,12 @@ async fn settle(ctx: Context, message: Message, held: Held, ending: Ending, sink
                 Some(forwarded) => Payload::One(forwarded),
                 None => Payload::of(&message),
             };
-            let answer = match call::forward(&ctx, payload, vec![permit]).await {
-                Ok(reply) => relay::answer(&ctx, &message, false, reply).await,
+            let chain = Chain::for_message(&ctx, &message, Some(permit));
+            let answer = match call::forward(&ctx, payload, chain).await {
+                Ok(reply) => match relay::answer(&ctx, &message, false, reply).await {
+                    Ok(answer) => tasks::relayed(&ctx, &message, answer).await,
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err),
             };
             match answer {
@@ -266,8 +271,19 @@ fn to_call_again(
         Some(url) => format!(" at {url}"),
         None => String::new(),
     };
+    // What the retry must match besides tool and arguments: who may redeem it.
+    let who = match (&ctx.caller.client, &ctx.caller.identity) {
+        (Some(client), _) => format!("as client `{client}` (from any of its sessions)"),
+        (None, Some(identity)) => {
+            format!("as user `{}` (from any of their sessions)", identity.user)
+        }
+        (None, None) if ctx.session_key.starts_with("session:") => {
+            "in this same session (an anonymous caller is known only by its session)".to_owned()
+        }
+        (None, None) => "from this same address".to_owned(),
+    };
     let text = format!(
-        "Approval pending (id {}): a person must approve this call{at}; call the tool again with the same arguments once it is approved (the approval expires at {expires_at})",
+        "Approval pending (id {}): a person must approve this call{at}; once it is approved, call the same tool again with the same arguments {who} (the approval expires at {expires_at})",
         pending.approval_id
     );
     result_response(

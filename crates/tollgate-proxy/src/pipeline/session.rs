@@ -173,6 +173,7 @@ pub async fn open(
 /// Ends a session here and upstream.
 pub async fn end(shared: &Shared, server: &Server, session: &Session) {
     shared.sessions.remove(&session.id);
+    shared.approvals.session_closed(&session.id);
     if let Some(upstream_id) = session.upstream_id()
         && let Err(failure) = server.upstream.end(&upstream_id).await
     {

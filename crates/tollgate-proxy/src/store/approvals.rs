@@ -48,6 +48,11 @@ pub const MAX_LIVE_PER_PRINCIPAL: usize = 100;
 /// The most bytes of arguments (as JSON) the live approvals keep, together.
 pub const MAX_LIVE_BYTES: usize = 64 << 20;
 
+/// The most bytes of arguments one principal's live approvals keep, by default
+/// (`approvals.bytes_per_client`): an eighth of [`MAX_LIVE_BYTES`], so that one client
+/// cannot fill the budget every client shares.
+pub const DEFAULT_BYTES_PER_PRINCIPAL: usize = MAX_LIVE_BYTES / 8;
+
 /// The most grants active at once.
 pub const MAX_GRANTS: usize = 10_000;
 
@@ -216,6 +221,11 @@ pub enum OpenError {
         "this client already has {MAX_LIVE_PER_PRINCIPAL} calls waiting for approval; wait for decisions, then retry"
     )]
     TooManyForPrincipal,
+    /// This principal's live approvals keep too many bytes of arguments.
+    #[error(
+        "this client's calls waiting for approval already hold {0} bytes of arguments (approvals.bytes_per_client); wait for decisions, then retry"
+    )]
+    TooManyBytesForPrincipal(usize),
 }
 
 /// Deciding failed.
@@ -332,6 +342,8 @@ struct Table {
     live_bytes: usize,
     /// Live approvals per principal.
     per_principal: HashMap<String, usize>,
+    /// Bytes of arguments the live approvals of each principal keep.
+    principal_bytes: HashMap<String, usize>,
     /// Live approvals by when they are over, so a sweep looks only at those due.
     due: BTreeSet<(SystemTime, String)>,
     settled: VecDeque<Approval>,
@@ -343,6 +355,8 @@ struct Table {
 /// The store.
 pub struct Approvals {
     table: Mutex<Table>,
+    /// `approvals.bytes_per_client`.
+    bytes_per_principal: std::sync::atomic::AtomicUsize,
     changes: broadcast::Sender<Approval>,
     /// With a shared backend: the other replicas' approvals, as they last published them.
     mirror: Option<Mirror>,
@@ -488,9 +502,45 @@ impl Approvals {
         let (changes, _) = broadcast::channel(1024);
         Approvals {
             table: Mutex::new(Table::default()),
+            bytes_per_principal: DEFAULT_BYTES_PER_PRINCIPAL.into(),
             changes,
             mirror: None,
         }
+    }
+
+    /// The client that held approval `id` went away: its arguments are no longer
+    /// kept whole, only a preview (as for a settled approval), and their bytes leave
+    /// the budgets. The approval stays live for the client's retry, which carries
+    /// the arguments again (and is evaluated against the policy in full).
+    pub fn abandon(&self, id: &str) {
+        let mut table = self.table.lock();
+        let Some(entry) = table.live.get_mut(id) else {
+            return;
+        };
+        if entry.approval.arguments_truncated_from.is_some() {
+            return;
+        }
+        preview(&mut entry.approval);
+        if entry.approval.arguments_truncated_from.is_none() {
+            return;
+        }
+        let kept = serde_json::to_vec(&entry.approval.arguments).map_or(0, |v| v.len());
+        let freed = entry.bytes.saturating_sub(kept);
+        entry.bytes = kept;
+        let (principal, approval) = (entry.approval.principal.clone(), entry.approval.clone());
+        table.live_bytes = table.live_bytes.saturating_sub(freed);
+        if let Some(b) = table.principal_bytes.get_mut(&principal) {
+            *b = b.saturating_sub(freed);
+        }
+        drop(table);
+        self.changed(approval);
+    }
+
+    /// Sets the most bytes of arguments one principal's live approvals keep
+    /// (`approvals.bytes_per_client`).
+    pub fn set_bytes_per_principal(&self, bytes: usize) {
+        self.bytes_per_principal
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A store whose approvals every replica on `remote` lists and can decide.
@@ -499,6 +549,7 @@ impl Approvals {
         let others = Arc::new(Mutex::new(HashMap::new()));
         let store = Arc::new(Approvals {
             table: Mutex::new(Table::default()),
+            bytes_per_principal: DEFAULT_BYTES_PER_PRINCIPAL.into(),
             changes,
             mirror: Some(Mirror {
                 remote: remote.clone(),
@@ -1055,6 +1106,9 @@ impl Approvals {
             .get(&key)
             .and_then(|id| Some((id.clone(), standing(table.live.get(id)?))));
         let bytes = serde_json::to_vec(&request.arguments).map_or(0, |v| v.len());
+        let per_principal_bytes = self
+            .bytes_per_principal
+            .load(std::sync::atomic::Ordering::Relaxed);
         let result = match found {
             Some((id, standing)) => Ok((id, standing, false)),
             None if table.live.len() >= MAX_LIVE || table.live_bytes + bytes > MAX_LIVE_BYTES => {
@@ -1066,6 +1120,15 @@ impl Approvals {
                 .is_some_and(|n| *n >= MAX_LIVE_PER_PRINCIPAL) =>
             {
                 Err(OpenError::TooManyForPrincipal)
+            }
+            None if table
+                .principal_bytes
+                .get(&request.principal)
+                .map_or(0, |b| *b)
+                + bytes
+                > per_principal_bytes =>
+            {
+                Err(OpenError::TooManyBytesForPrincipal(per_principal_bytes))
             }
             None => {
                 let id = super::random_hex(12);
@@ -1103,6 +1166,10 @@ impl Approvals {
                     .per_principal
                     .entry(approval.principal.clone())
                     .or_default() += 1;
+                *table
+                    .principal_bytes
+                    .entry(approval.principal.clone())
+                    .or_default() += bytes;
                 table.live.insert(
                     id.clone(),
                     Entry {
@@ -1333,6 +1400,33 @@ impl Approvals {
         }
     }
 
+    /// Withdraws what a closed session was waiting for: its pending approvals that only
+    /// it could retry (an anonymous caller's, `principal` `session:<id>`) are denied, so
+    /// they leave the approvals page rather than wait for a retry that cannot come.
+    pub fn session_closed(&self, session: &str) {
+        let principal = format!("session:{session}");
+        let ids: Vec<String> = {
+            let table = self.table.lock();
+            table
+                .live
+                .iter()
+                .filter(|(_, e)| {
+                    e.approval.status == Status::Pending && e.approval.principal == principal
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in ids {
+            let _ = self.decide(
+                &id,
+                false,
+                "tollgate",
+                Some("the session that asked was closed, so nobody can retry the call".to_owned()),
+                None,
+            );
+        }
+    }
+
     /// A grant that lets this call through, its use counted; `None` when none does.
     pub fn use_grant(
         &self,
@@ -1481,6 +1575,12 @@ fn remove_live(table: &mut Table, id: &str) -> Option<Entry> {
         *n -= 1;
         if *n == 0 {
             table.per_principal.remove(&entry.approval.principal);
+        }
+    }
+    if let Some(b) = table.principal_bytes.get_mut(&entry.approval.principal) {
+        *b = b.saturating_sub(entry.bytes);
+        if *b == 0 {
+            table.principal_bytes.remove(&entry.approval.principal);
         }
     }
     Some(entry)
@@ -1787,6 +1887,31 @@ mod tests {
         store.decide(&ids[0], true, "alice", None, None).unwrap();
         store.redeem(&ids[0]).unwrap();
         assert!(store.open(big(1000)).is_ok());
+        // One principal holds at most its own share of the bytes; another is not crowded out.
+        let store = Approvals::new();
+        let large = |p: usize, i: usize| {
+            let mut r = numbered(p, i);
+            r.arguments = json!("x".repeat(900 << 10));
+            r
+        };
+        let fit = DEFAULT_BYTES_PER_PRINCIPAL / (900 << 10);
+        let mut alices = Vec::new();
+        for i in 0..fit {
+            alices.push(store.open(large(0, i)).unwrap().0);
+        }
+        assert!(matches!(
+            store.open(large(0, fit)),
+            Err(OpenError::TooManyBytesForPrincipal(
+                DEFAULT_BYTES_PER_PRINCIPAL
+            ))
+        ));
+        assert!(store.open(large(1, 0)).is_ok());
+        store
+            .decide(&alices[0], false, "admin", None, None)
+            .unwrap();
+        store.redeem(&alices[0]).ok();
+        store.set_bytes_per_principal(MAX_LIVE_BYTES);
+        assert!(store.open(large(0, fit)).is_ok());
     }
 
     #[tokio::test]

@@ -201,11 +201,14 @@ impl CallLimits {
 pub struct ClientRate(Option<DefaultKeyedRateLimiter<String>>);
 
 impl ClientRate {
-    /// A bucket of `per_second` requests per key; 0 turns it off.
-    pub fn new(per_second: u32) -> ClientRate {
+    /// A bucket of `burst` requests per key, refilled at `per_second`; a rate of 0
+    /// turns it off (a burst of 0 is read as 1).
+    pub fn new(per_second: u32, burst: u32) -> ClientRate {
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         ClientRate(
-            NonZeroU32::new(per_second)
-                .map(|rps| DefaultKeyedRateLimiter::keyed(Quota::per_second(rps))),
+            NonZeroU32::new(per_second).map(|rps| {
+                DefaultKeyedRateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
+            }),
         )
     }
 
@@ -260,8 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn the_bucket_takes_a_burst_then_the_rate() {
+        let rate = ClientRate::new(1, 300);
+        assert!((0..300).all(|_| rate.check("127.0.0.1").is_ok()));
+        let wait = rate.check("127.0.0.1").unwrap_err();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            rate.check("127.0.0.2").is_ok(),
+            "another client has its own bucket"
+        );
+    }
+
+    #[test]
     fn one_64_shares_one_request_rate() {
-        let rate = ClientRate::new(2);
+        let rate = ClientRate::new(2, 2);
         let key = |text: &str| peer_key(text.parse().unwrap());
         assert!(rate.check(&key("2001:db8::1")).is_ok());
         assert!(rate.check(&key("2001:db8::2")).is_ok());
