@@ -67,6 +67,8 @@ rules:
   - tool: delete_*
     action: deny
     reason: Deleting data stores is never done by agents.
+  - tool: describe_fhir_export_job
+    action: allow
 """
 
 EXPORT = {
@@ -307,6 +309,25 @@ async def test_a_denied_call_is_traced_with_its_decision_and_never_reaches_the_u
     assert upstream.calls() == []
     logs = [l for l in rx.logs if l["trace_id"] == trace_id]
     assert [l["attributes"]["decision"] for l in logs if l["body"] == "decision"] == ["deny"]
+
+
+async def test_a_tool_error_is_the_error_type_of_the_calls_spans(quick_export, procs, tmp_path):
+    # The outcome the response chain reads from the answer (`isError: true`) ends the spans.
+    rx = receiver()
+    upstream, _, client = setup(procs, tmp_path, "http-auto")
+    name = "tools/call describe_fhir_export_job"
+    async with client:
+        with trace.get_tracer("test").start_as_current_span("agent turn") as root:
+            result = await client.call_tool("describe_fhir_export_job", {})  # arguments missing
+            trace_id = format(root.get_span_context().trace_id, "032x")
+    assert result.is_error is True
+    spans = settled(rx, trace_id, dict(service="tollgate", kind=SERVER, name=name),
+                    dict(service="tollgate", kind=CLIENT, name=name))
+    for span in (one(spans, service="tollgate", kind=SERVER, name=name),
+                 one(spans, service="tollgate", kind=CLIENT, name=name)):
+        assert span["attributes"]["tollgate.outcome"] == "tool_error"
+        assert span["attributes"]["error.type"] == "tool_error"
+        assert span["status"] == STATUS_ERROR
 
 
 @pytest.mark.parametrize("era", ["auto", "legacy"])
