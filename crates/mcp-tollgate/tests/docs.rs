@@ -110,7 +110,7 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
         .unwrap();
     let documented: BTreeSet<String> = table_keys(keys).into_iter().collect();
     let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
-    let levels: [(&str, String); 11] = [
+    let levels: [(&str, String); 14] = [
         ("", format!("zz_bogus: 1\n{server}")),
         (
             "admin.",
@@ -144,6 +144,18 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
             format!("approvals: {{zz_bogus: 1}}\n{server}"),
         ),
         ("servers.<name>.", format!("{server}    zz_bogus: 1\n")),
+        (
+            "telemetry.",
+            format!("telemetry: {{zz_bogus: 1}}\n{server}"),
+        ),
+        (
+            "telemetry.otlp.",
+            format!("telemetry: {{otlp: {{zz_bogus: 1}}}}\n{server}"),
+        ),
+        (
+            "telemetry.traces.",
+            format!("telemetry: {{traces: {{zz_bogus: 1}}}}\n{server}"),
+        ),
     ];
     let mut accepted = BTreeSet::new();
     for (prefix, config) in &levels {

@@ -103,12 +103,7 @@ impl AppState {
         out: mpsc::Sender<Value>,
     ) -> Arc<Conversation> {
         let caller = Caller::anonymous(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        Arc::new(Conversation::new(
-            self.doors.clone(),
-            server.clone(),
-            caller,
-            out,
-        ))
+        Arc::new(Conversation::new(self.doors.clone(), server.clone(), caller, out).over_pipe())
     }
 
     /// Probes every upstream for readiness now and then every `health_interval`, for

@@ -202,6 +202,20 @@ pub enum Record<'a> {
     },
 }
 
+impl Record<'_> {
+    /// The approval a record is about, if any.
+    pub fn approval_id(&self) -> Option<&str> {
+        match self {
+            Record::ApprovalRequested { approval_id, .. }
+            | Record::Approval { approval_id, .. }
+            | Record::ApprovalPending { approval_id, .. }
+            | Record::ApprovalRedeemed { approval_id, .. }
+            | Record::GrantCreated { approval_id, .. } => Some(approval_id),
+            _ => None,
+        }
+    }
+}
+
 /// A fresh UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits, so
 /// ids sort by time and never repeat across runs.
 pub fn uuid_v7() -> String {
@@ -366,12 +380,12 @@ impl Audit {
 
     /// Whether a call whose decision could not be written must be refused.
     pub fn refuses_unrecorded(&self) -> bool {
-        self.enabled() && self.on_failure == OnAuditFailure::Refuse
+        self.sink.is_some() && self.on_failure == OnAuditFailure::Refuse
     }
 
-    /// Whether records are written anywhere.
+    /// Whether records are written anywhere: the log, or OTLP (`telemetry.audit_logs`).
     pub fn enabled(&self) -> bool {
-        self.sink.is_some()
+        self.sink.is_some() || crate::telemetry::exports_audit()
     }
 
     /// Whether arguments are logged in full.
@@ -390,6 +404,7 @@ impl Audit {
     /// `write` before this returns, so a decision is on record before its call is
     /// forwarded. Returns whether it was written (`true` when there is no audit log).
     pub fn write(&self, record: &Record<'_>) -> bool {
+        crate::telemetry::audit(record, record.approval_id());
         let Some(sink) = &self.sink else { return true };
         let Some(line) = self.line(record) else {
             return false;
@@ -403,6 +418,7 @@ impl Audit {
     /// their turn. Under load a `write` serves many calls; alone, a call waits one
     /// turn of its thread's scheduler. Returns whether it was written.
     pub async fn write_together(&self, record: &Record<'_>) -> bool {
+        crate::telemetry::audit(record, record.approval_id());
         let Some(sink) = &self.sink else { return true };
         let Some(line) = self.line(record) else {
             return false;
@@ -462,6 +478,7 @@ impl Audit {
     /// call's outcome): it goes out with the next record's `write`, or within 50 ms,
     /// so that a call costs one `write` and not two. [`Audit::flush`] writes it too.
     pub fn write_soon(&self, record: &Record<'_>) {
+        crate::telemetry::audit(record, record.approval_id());
         let Some(sink) = &self.sink else { return };
         let Some(line) = self.line(record) else {
             return;

@@ -60,6 +60,9 @@ pub struct ConfigOf<S> {
     /// Where state shared by several replicas lives (default: in this process).
     #[serde(default)]
     pub state: StateConfig,
+    /// `telemetry:`: OpenTelemetry traces and audit logs over OTLP (off without it).
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// How often each upstream is probed for readiness (`/readyz`, `/status`; default 10s).
     #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
     pub health_interval: Duration,
@@ -234,6 +237,48 @@ pub struct AuditConfig {
     /// What a call whose decision cannot be written becomes (default `refuse`).
     #[serde(default)]
     pub on_failure: OnAuditFailure,
+}
+
+/// `telemetry:` (docs/observability.md). Every value may be left to the standard
+/// `OTEL_*` variables, which a value given here overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where OTLP goes.
+    #[serde(default)]
+    pub otlp: OtlpConfig,
+    /// `service.name` (else `OTEL_SERVICE_NAME`, else `tollgate`).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Which traces are kept.
+    #[serde(default)]
+    pub traces: TracesConfig,
+    /// Also export every audit record as an OTLP log record.
+    #[serde(default)]
+    pub audit_logs: bool,
+}
+
+/// `telemetry.otlp:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The OTLP/HTTP base URL (`/v1/traces` and `/v1/logs` go under it); else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Headers sent with every export (added to `OTEL_EXPORTER_OTLP_HEADERS`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// `telemetry.traces:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The share of new traces kept, 0 to 1 (parent-based: a caller's sampled trace
+    /// is always kept); else `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else 1.
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
 }
 
 /// `audit.on_failure`: what happens to a call whose decision record cannot be written.
@@ -887,6 +932,16 @@ impl ConfigOf<RawServer> {
             problems.push("health_interval: must be more than 0 seconds".to_owned());
         }
         check_state(&self.state, &mut problems);
+        if let Some(ratio) = self
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.traces.sample_ratio)
+            .filter(|r| !(0.0..=1.0).contains(r))
+        {
+            problems.push(format!(
+                "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
+            ));
+        }
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
         }
@@ -929,6 +984,7 @@ impl ConfigOf<RawServer> {
             approvals: self.approvals,
             shutdown_grace: self.shutdown_grace,
             state: self.state,
+            telemetry: self.telemetry,
             health_interval: self.health_interval,
             servers,
         })
@@ -1248,6 +1304,37 @@ servers:
             .unwrap_err()
             .to_string();
         assert!(err.contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_takes_the_spec_example() {
+        let server = "servers:\n  a:\n    url: http://127.0.0.1:1/mcp\n    policy: p.yaml\n";
+        assert!(
+            Config::from_yaml(server, "t.yaml", &env)
+                .unwrap()
+                .telemetry
+                .is_none()
+        );
+        let with = |t: &str| Config::from_yaml(&format!("{t}{server}"), "t.yaml", &env);
+        let config = with("telemetry:\n  otlp:\n    endpoint: http://127.0.0.1:4318\n    headers:\n      authorization: Bearer ${TOKEN}\n  service_name: gw\n  traces: {sample_ratio: 0.25}\n  audit_logs: true\n").unwrap();
+        let telemetry = config.telemetry.unwrap();
+        assert_eq!(
+            telemetry.otlp.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(
+            telemetry.otlp.headers["authorization"],
+            format!("Bearer {}", env("TOKEN").unwrap())
+        );
+        assert_eq!(telemetry.service_name.as_deref(), Some("gw"));
+        assert_eq!(telemetry.traces.sample_ratio, Some(0.25));
+        assert!(telemetry.audit_logs);
+        let err = with("telemetry: {traces: {sample_ratio: 2}}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("telemetry.traces.sample_ratio: 2 is not between 0 and 1"),
+            "{err}"
+        );
     }
 
     #[test]

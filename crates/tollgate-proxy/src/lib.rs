@@ -22,6 +22,7 @@ mod pipeline;
 mod reload;
 mod state;
 mod store;
+pub mod telemetry;
 pub mod upstream;
 
 pub use admin::{Admin, admin_router};

@@ -190,6 +190,7 @@ pub struct Metrics {
     tool_changes: Family<ServerLabels, Counter>,
     state_unavailable: Family<UpstreamErrorLabels, Counter>,
     state_round_trips: Mutex<Counter>,
+    telemetry_dropped: Counter,
     connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -298,12 +299,19 @@ impl Metrics {
             "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
             state_round_trips.clone(),
         );
+        let telemetry_dropped = Counter::default();
+        registry.register(
+            "telemetry_dropped",
+            "Spans and log records dropped before export: the queue was full, or the collector failed or timed out (telemetry:)",
+            telemetry_dropped.clone(),
+        );
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
             audit_refusals,
             tool_changes,
             state_unavailable,
             state_round_trips: Mutex::new(state_round_trips),
+            telemetry_dropped,
             connections,
             registry,
             decisions,
@@ -483,6 +491,11 @@ impl Metrics {
                 reason: part.to_owned(),
             })
             .inc();
+    }
+
+    /// The counter of telemetry dropped before export (`telemetry:`).
+    pub fn telemetry_dropped(&self) -> Counter {
+        self.telemetry_dropped.clone()
     }
 
     /// Counts a policy reload.

@@ -42,10 +42,46 @@ pub use context::{Answer, Caller, Context, Core, Identity, Inbound, Meta, Routin
 
 use crate::error::ProxyError;
 use crate::state::Server;
+use crate::telemetry;
+
+/// What the server span needs to know of a message's arrival.
+fn arrival<'a>(server: &'a Server, caller: &'a Caller, meta: &'a Meta) -> telemetry::Arrival<'a> {
+    telemetry::Arrival {
+        server: &server.name,
+        client: caller.shown_name(),
+        session: meta.session.as_deref(),
+        protocol_version: meta
+            .routing
+            .as_ref()
+            .and_then(|r| r.protocol_version.as_ref())
+            .and_then(|v| v.to_str().ok()),
+        pipe: meta.pipe,
+        headers: meta.trace.as_deref(),
+    }
+}
 
 impl Core {
     /// Handles one message or batch from `caller` for `server`.
     pub async fn handle(
+        &self,
+        server: &Arc<Server>,
+        caller: &Caller,
+        inbound: Inbound,
+    ) -> Result<Answer, ProxyError> {
+        // With `telemetry:`, a message is handled inside its server span.
+        if telemetry::enabled()
+            && let Incoming::Single(message) = &inbound.incoming
+            && let Some(span) = telemetry::server(message, &arrival(server, caller, &inbound.meta))
+        {
+            return telemetry::traced(span, self.dispatch(server, caller, inbound), |err| {
+                err.to_json()["error"]["code"].as_i64().unwrap_or(0)
+            })
+            .await;
+        }
+        self.dispatch(server, caller, inbound).await
+    }
+
+    async fn dispatch(
         &self,
         server: &Arc<Server>,
         caller: &Caller,
@@ -84,6 +120,12 @@ impl Core {
             decoded.era,
             decoded.forwarded,
         );
+        if telemetry::enabled()
+            && let Some(version) = ctx.session.as_ref().and_then(|s| s.protocol_version())
+        {
+            // A binding without headers: the version the session negotiated.
+            telemetry::protocol_version(&version);
+        }
         if held::withdraw(&ctx, &message) {
             return Ok(Answer::accepted());
         }

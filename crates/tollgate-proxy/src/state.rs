@@ -190,6 +190,9 @@ pub enum BuildError {
     /// A tool lock cannot be used.
     #[error("server `{0}`: {1}")]
     Lock(String, String),
+    /// Telemetry could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -434,6 +437,12 @@ impl Shared {
             Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
         };
+        let metrics = Metrics::new();
+        if let Some(telemetry) = &config.telemetry {
+            crate::telemetry::install(telemetry, metrics.telemetry_dropped(), &|name| {
+                std::env::var(name).ok()
+            })?;
+        }
         let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
             Some(url) => Some(reqwest::Url::parse(url).map_err(|e| {
                 BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string())
@@ -484,7 +493,7 @@ impl Shared {
                 Some(remote) => Tasks::shared(remote.clone()),
                 None => Tasks::new(),
             },
-            metrics: Metrics::new(),
+            metrics,
             admin_url: std::sync::OnceLock::new(),
             webhook,
             webhook_failures: AtomicU64::new(0),

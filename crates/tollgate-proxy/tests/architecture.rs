@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "store",
     "lock",
     "audit",
+    "telemetry",
     "metrics",
     "config",
 ];

@@ -558,6 +558,8 @@ pub async fn run_proxy(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+    // What is still queued goes out, within a bound (the collector may be down).
+    tollgate_proxy::telemetry::shutdown(std::time::Duration::from_secs(5)).await;
     served.map_err(|e| Failure::io(anyhow::anyhow!("server failed: {e}")))
 }
 

@@ -237,5 +237,9 @@ async fn serve_stdio(
     }
     state.shutdown_upstreams().await;
     state.audit().flush();
+    tollgate_proxy::telemetry::shutdown(TELEMETRY_FLUSH).await;
     Ok(())
 }
+
+/// How long spans and log records still queued may take to export at exit.
+const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);

@@ -27,6 +27,8 @@ pub struct Conversation {
     session: Arc<Mutex<Option<String>>>,
     listening: AtomicBool,
     out: mpsc::Sender<Value>,
+    /// Over a pipe (`tollgate stdio`) rather than TCP (legacy HTTP+SSE).
+    pipe: bool,
 }
 
 impl Conversation {
@@ -44,7 +46,14 @@ impl Conversation {
             session: Arc::new(Mutex::new(None)),
             listening: AtomicBool::new(false),
             out,
+            pipe: false,
         }
+    }
+
+    /// The same conversation over a pipe (`tollgate stdio`).
+    pub fn over_pipe(mut self) -> Conversation {
+        self.pipe = true;
+        self
     }
 
     /// The server this conversation is with.
@@ -115,6 +124,7 @@ impl Conversation {
             incoming,
             meta: Meta {
                 session,
+                pipe: self.pipe,
                 ..Meta::default()
             },
         };

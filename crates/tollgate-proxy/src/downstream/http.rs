@@ -275,6 +275,8 @@ fn meta_of(headers: &HeaderMap) -> Meta {
             .filter(|(name, _)| name.as_str().starts_with("mcp-param-"))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect(),
+        trace: crate::telemetry::headers_of(headers),
+        pipe: false,
     }
 }
 

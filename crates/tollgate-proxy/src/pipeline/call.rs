@@ -18,6 +18,7 @@ use super::respond::{Chain, account};
 use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
+use crate::telemetry;
 use crate::upstream::{Body, Failure, Payload, Reply, Request};
 
 /// Sends `payload` (one message, or a batch) on the context's session; its answer
@@ -30,23 +31,67 @@ pub async fn forward(
     let id = payload.id();
     let started = Instant::now();
     chain.start(started);
+    let traced = match telemetry::enabled() {
+        true => traced(ctx, payload, &mut chain),
+        false => None,
+    };
+    let payload = match traced.as_ref().and_then(|t| t.message.as_ref()) {
+        Some(message) => Payload::One(message),
+        None => payload,
+    };
+    let headers = match traced.as_ref().and_then(|t| t.headers.as_deref()) {
+        Some(headers) => headers,
+        None => &ctx.forwarded,
+    };
     let _in_flight = ctx.session.as_ref().map(|s| s.start_request());
     let upstream_session = ctx.session.as_ref().and_then(|s| s.upstream_id());
-    let mut sent = send(ctx, payload, upstream_session.as_deref()).await;
+    let mut sent = send(ctx, payload, headers, upstream_session.as_deref()).await;
     // The upstream forgot its session (restarted, expired): re-initialize it
     // behind the client's back when that is safe, and send the request again.
     if let (Ok(reply), Some(session), Some(lost)) = (&sent, &ctx.session, &upstream_session)
         && reply.status == StatusCode::NOT_FOUND
     {
         match session::recover(ctx, session, lost, id).await {
-            Ok(renewed) => sent = send(ctx, payload, renewed.as_deref()).await,
+            Ok(renewed) => sent = send(ctx, payload, headers, renewed.as_deref()).await,
             Err(err) => {
                 chain.finish(Outcome::SessionLost);
                 return Err(err);
             }
         }
     }
+    if let Some(traced) = &traced {
+        match &sent {
+            Err(failure) => traced.span.failed(failure.kind()),
+            Ok(reply) if reply.status.is_server_error() => traced.span.failed("status_5xx"),
+            Ok(_) => {}
+        }
+    }
     account(ctx, sent, chain, started, upstream_session.is_some(), id)
+}
+
+/// The exchange's client span (`telemetry:`) and what carries its context upstream:
+/// the message with it in `params._meta`, and the headers with `traceparent`; each
+/// call's permit (waiting in `chain`) keeps the span until the call's outcome.
+struct Traced {
+    span: telemetry::Upstream,
+    message: Option<Value>,
+    headers: Option<Vec<(HeaderName, HeaderValue)>>,
+}
+
+fn traced(ctx: &Context, payload: Payload<'_>, chain: &mut Chain) -> Option<Traced> {
+    let message = match payload {
+        Payload::One(message) => Some(message),
+        Payload::Verbatim(message, _) => Some(message.as_value()),
+        Payload::Batch(_) => None,
+    };
+    let pipe = ctx.server.network_address.is_none();
+    let span = telemetry::upstream(&ctx.server.name, message, pipe)?;
+    chain.sent(&span);
+    Some(Traced {
+        message: message.and_then(|m| span.message(m)),
+        headers: span.headers(&ctx.forwarded),
+        span,
+    })
 }
 
 /// Measures and records an exchange, and passes its answer to the response stages.
@@ -92,6 +137,7 @@ fn account(
 async fn send(
     ctx: &Context,
     payload: Payload<'_>,
+    headers: &[(HeaderName, HeaderValue)],
     upstream_session: Option<&str>,
 ) -> Result<Reply, Failure> {
     let version = ctx.session.as_ref().and_then(|s| s.protocol_version());
@@ -99,7 +145,7 @@ async fn send(
         payload,
         session: upstream_session,
         protocol_version: version.as_deref(),
-        headers: &ctx.forwarded,
+        headers,
         owner: &ctx.owner,
     };
     ctx.server.upstream.send(request).await

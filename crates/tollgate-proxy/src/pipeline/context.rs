@@ -129,6 +129,10 @@ pub struct Meta {
     pub routing: Option<Routing>,
     /// `Mcp-Param-*` headers, forwarded as they are.
     pub params: Vec<(HeaderName, HeaderValue)>,
+    /// `traceparent`/`tracestate`, kept only with `telemetry:`.
+    pub trace: Option<Box<crate::telemetry::TraceHeaders>>,
+    /// Whether the message came over a pipe (`tollgate stdio`) rather than TCP.
+    pub pipe: bool,
 }
 
 /// The routing headers of a Streamable HTTP request, as received.

@@ -18,6 +18,7 @@ use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
 use crate::store::limits::{Taken, Unchecked};
+use crate::telemetry;
 
 /// What to do with an evaluated message.
 pub enum Verdict {
@@ -102,6 +103,8 @@ pub struct Permit {
     slot: Option<Taken>,
     started: Option<Instant>,
     latency: Option<Duration>,
+    /// The call's spans, with `telemetry:`.
+    trace: Option<Box<telemetry::CallTrace>>,
     redactions: Vec<Redaction>,
 }
 
@@ -138,8 +141,15 @@ impl Permit {
         self.latency = self.started.map(|at| at.elapsed());
     }
 
+    /// The call's spans, with `telemetry:`.
+    pub fn trace(&mut self) -> Option<&mut telemetry::CallTrace> {
+        self.trace.as_deref_mut()
+    }
+
     /// Accounts for the call: the outcome record, and the slot kept or given back.
     pub fn finish(mut self, outcome: Outcome) {
+        let trace = self.trace.take();
+        let _in_trace = trace.as_ref().map(|trace| trace.enter());
         let latency = self
             .latency
             .or_else(|| self.started.map(|at| at.elapsed()))
@@ -163,6 +173,13 @@ impl Permit {
             },
             redactions: &self.redactions,
         });
+        if let Some(trace) = trace {
+            let code = match outcome {
+                Outcome::RpcError(code) => Some(code),
+                _ => None,
+            };
+            trace.finish(outcome.as_str(), code);
+        }
     }
 }
 
@@ -235,6 +252,7 @@ async fn enforce(
     tool: &str,
     arguments: &Value,
 ) -> Result<Verdict, ProxyError> {
+    let deciding = telemetry::clock();
     let shared = ctx.shared();
     let server = &ctx.server;
     let policy = server.policy.load_full();
@@ -282,6 +300,7 @@ async fn enforce(
         slot: taken,
         started: None,
         latency: None,
+        trace: telemetry::call(),
         redactions: Vec::new(),
     };
 
@@ -303,6 +322,7 @@ async fn enforce(
         arguments,
         audit_mode,
         policy.names_tool(tool),
+        deciding,
     )
     .await;
     if let Some(error) = unchecked {
@@ -370,6 +390,7 @@ async fn record(
     arguments: &Value,
     audit_mode: bool,
     named_by_policy: bool,
+    deciding: Option<std::time::SystemTime>,
 ) -> bool {
     let shared = ctx.shared();
     let identity = ctx.caller.identity.as_deref();
@@ -404,6 +425,18 @@ async fn record(
         decision_name(decision),
         rule,
     );
+    if let Some(started) = deciding {
+        telemetry::decision(
+            started,
+            &telemetry::Decided {
+                decision: decision_name(decision),
+                kind: decision.kind.map(|k| k.as_str()),
+                rule,
+                mode: if audit_mode { "audit" } else { "enforce" },
+                refused: !audit_mode && decision.action == Action::Deny,
+            },
+        );
+    }
     // The audit log is the record of decisions; a line per call at INFO would cost
     // as much as the rest of the call's logging put together.
     tracing::debug!(

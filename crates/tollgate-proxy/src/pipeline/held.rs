@@ -18,6 +18,7 @@ use super::{call, relay, tasks};
 use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
 use crate::approvals::state::PREFIX;
 use crate::audit::canonical_digest;
+use crate::telemetry;
 use crate::upstream::{Body, Event, Payload};
 
 /// Answers a held call with a stream that ends with the call's answer.
@@ -27,16 +28,17 @@ pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
         .core
         .holding
         .hold(holding_key(&ctx, message.id().unwrap_or(&Value::Null)));
-    tokio::spawn(async move {
+    // The held call stays in its trace (`telemetry:`), its wait a span of its own.
+    tokio::spawn(telemetry::in_current(async move {
         let holding = hold_of(&ctx, &message, &held);
         let ending = tokio::select! {
-            ending = hold(
+            ending = telemetry::approval_wait(hold(
                 ctx.shared(),
                 &ctx.core.elicitations,
                 &ctx.core.state_key,
                 &holding,
                 &sink,
-            ) => ending,
+            )) => ending,
             // The client cancelled the request: it no longer waits, the approval stays
             // for its retry. (A cancellation after this goes upstream like any other.)
             Ok(()) = cancelled => {
@@ -46,7 +48,7 @@ pub fn respond(ctx: Context, message: Message, held: Held) -> Answer {
         };
         drop(entry);
         settle(ctx, message, held, ending, sink).await;
-    });
+    }));
     Answer {
         status: axum::http::StatusCode::OK,
         body: Body::Events(ReceiverStream::new(events).boxed()),

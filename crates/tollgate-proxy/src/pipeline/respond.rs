@@ -37,6 +37,7 @@ use tollgate_mcp::{DEFAULT_MAX_EVENT_BYTES, SseDecoder, SseEvent};
 
 use super::context::Context;
 use super::decide::{Outcome, Permit};
+use crate::telemetry;
 use crate::upstream::{Body, Event, EventStream, Failure, Json, SseBytes};
 
 /// One message of an answer (or a batch's array of answers): its bytes as they came,
@@ -191,6 +192,12 @@ impl Chain {
     /// Marks the moment the calls are handed to the upstream.
     pub fn start(&mut self, at: std::time::Instant) {
         self.waiting.start(at);
+    }
+
+    /// The calls are sent in the exchange of `span` (`telemetry:`): each call's trace
+    /// links to it, and its outcome, read here, ends it.
+    pub fn sent(&mut self, span: &telemetry::Upstream) {
+        self.waiting.sent(span);
     }
 
     /// Finishes every call still waiting with `outcome` (no answer will come).

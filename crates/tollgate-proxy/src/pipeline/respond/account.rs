@@ -12,6 +12,7 @@ use super::Frame;
 use super::results::Results;
 use crate::pipeline::context::Context;
 use crate::pipeline::decide::{Outcome, Permit};
+use crate::telemetry;
 use crate::upstream::Failure;
 
 /// The outcome of a call whose exchange failed.
@@ -79,6 +80,14 @@ impl Waiting {
     pub(super) fn start(&mut self, at: std::time::Instant) {
         for (permit, _) in &mut self.permits {
             permit.start(at);
+        }
+    }
+
+    pub(super) fn sent(&mut self, span: &telemetry::Upstream) {
+        for (permit, _) in &mut self.permits {
+            if let Some(trace) = permit.trace() {
+                trace.sent(span);
+            }
         }
     }
 
