@@ -226,6 +226,7 @@ async fn refuse_changed(
     decision: Decision,
     arguments: &Value,
 ) -> Verdict {
+    let deciding = telemetry::clock();
     let policy = ctx.server.policy.load_full();
     let permit = Permit {
         shared: ctx.shared().clone(),
@@ -236,10 +237,11 @@ async fn refuse_changed(
         slot: None,
         started: None,
         latency: None,
+        trace: telemetry::call(),
         redactions: Vec::new(),
     };
     let named = policy.names_tool(&decision.tool);
-    record(ctx, &decision, &permit, arguments, false, named).await;
+    record(ctx, &decision, &permit, arguments, false, named, deciding).await;
     Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
 }
 
