@@ -525,6 +525,8 @@ class ForgetfulUpstream:
                 msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
                 method, sid = msg.get("method"), self.headers.get("mcp-session-id")
                 entry = {"method": method, "session": sid}
+                # Tollgate's readiness probe (an `initialize` every health_interval) is not a request under test.
+                entry["probe"] = ((msg.get("params") or {}).get("clientInfo") or {}).get("name") == "tollgate-readiness"
                 if method == "tools/call":
                     entry["arguments"] = msg["params"].get("arguments")
                 with outer.lock:
@@ -576,7 +578,7 @@ class ForgetfulUpstream:
 
     def initializes(self) -> int:
         with self.lock:
-            return sum(1 for e in self.log if e["method"] == "initialize")
+            return sum(1 for e in self.log if e["method"] == "initialize" and not e["probe"])
 
     def calls(self) -> list[tuple[str, str]]:
         """(text argument, upstream session) of every echo that was answered."""
