@@ -413,13 +413,22 @@ def test_an_oversized_tools_list_answer_is_refused_not_buffered(procs, tmp_path,
 
 FLOODING_SSE_SERVER = r'''
 """A legacy HTTP+SSE MCP server that, once initialized, floods its stream with
-notifications of 64 KiB for as long as its reader takes them."""
-import json, queue, sys, threading
+notifications of 64 KiB for as long as its reader takes them. Each GET stream is
+a session of its own (Tollgate's readiness probe opens one too), so an answer
+goes to the stream whose session asked."""
+import itertools, json, queue, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
-outbox = queue.Queue()
-flooding = threading.Event()
+sessions = {}
+ids = itertools.count(1)
 sent = [0]
+lock = threading.Lock()
+
+class Session:
+    def __init__(self):
+        self.outbox = queue.Queue()
+        self.flooding = threading.Event()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -428,43 +437,55 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        sid = str(next(ids))
+        session = sessions[sid] = Session()
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
-        self.wfile.write(b"event: endpoint\ndata: /messages?session_id=1\n\n")
+        self.wfile.write(b"event: endpoint\ndata: /messages?session_id=" + sid.encode() + b"\n\n")
         self.wfile.flush()
         note = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
                            "params": {"level": "info", "data": "x" * (64 << 10)}}).encode()
         try:
             while True:
                 try:
-                    msg = outbox.get(timeout=0.05)
+                    msg = session.outbox.get(timeout=0.05)
                     self.wfile.write(b"event: message\ndata: " + json.dumps(msg).encode() + b"\n\n")
                     self.wfile.flush()
                 except queue.Empty:
                     pass
-                while flooding.is_set() and outbox.empty():
+                while session.flooding.is_set() and session.outbox.empty():
                     self.wfile.write(b"event: message\ndata: " + note + b"\n\n")
-                    sent[0] += 1
-                    if sent[0] % 100 == 0:
+                    with lock:
+                        sent[0] += 1
+                        count = sent[0]
+                    if count % 100 == 0:
                         self.wfile.flush()
-                        print("sent", sent[0], flush=True)
+                        print("sent", count, flush=True)
         except OSError:
             return
+        finally:
+            sessions.pop(sid, None)
 
     def do_POST(self):
         msg = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        session = sessions.get(parse_qs(urlparse(self.path).query).get("session_id", [""])[0])
+        if session is None:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
         self.send_response(202)
         self.send_header("content-length", "0")
         self.end_headers()
         if msg.get("method") == "initialize":
-            outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {
+            session.outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {
                 "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"logging": {}},
                 "serverInfo": {"name": "flood", "version": "1"}}})
         elif msg.get("method") == "notifications/initialized":
-            flooding.set()
+            session.flooding.set()
         elif "id" in msg:
-            outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+            session.outbox.put({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
 
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
