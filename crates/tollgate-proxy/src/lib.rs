@@ -23,6 +23,7 @@ mod reload;
 mod state;
 mod store;
 pub mod telemetry;
+mod tls;
 pub mod upstream;
 
 pub use admin::{Admin, admin_router};
@@ -149,6 +150,7 @@ async fn serve_lane(
         downstream::http::Front::new(state.doors().clone()),
         state.shared().clone(),
         gate,
+        state.doors().entry(false),
         shutdown,
     );
     let deadline = async move {
@@ -211,7 +213,12 @@ pub fn prepare_admin(
     if let Some(problem) = config::admin_problem(bound, token) {
         return Err(AdminStartError(problem));
     }
-    if state.admin_url.set(format!("http://{bound}")).is_err() {
+    let scheme = if state.admin_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if state.admin_url.set(format!("{scheme}://{bound}")).is_err() {
         tracing::debug!("the admin URL was already recorded");
     }
     Ok(Admin {
@@ -230,12 +237,14 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let shared = admin.app.shared().clone();
     let gate = Gate::new(ConnectionLimits::new(&shared.limits));
+    let entry = admin.app.doors().entry(true);
     downstream::listener::serve(
         "admin",
         listener,
         admin_router(admin),
         shared,
         gate,
+        entry,
         shutdown,
     )
     .await

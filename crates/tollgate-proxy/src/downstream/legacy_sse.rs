@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
 use super::conversation::Conversation;
-use super::{Doors, peer_of, read_body};
+use super::{Doors, read_body};
 use crate::error::ProxyError;
 use crate::store::sessions::{SessionsFull, random_id};
 
@@ -107,7 +107,7 @@ async fn open_stream(
     let server = doors.server(name.as_deref(), request.headers())?;
     let path = super::resource_path(name.as_deref(), "sse");
     let caller = doors
-        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .identify(request.headers(), doors.client_address(&request), &path)
         .await?;
     let sessions = &doors.shared().sessions;
     let capacity = sessions.capacity();
@@ -200,7 +200,7 @@ async fn post_message(
     let server = doors.server(name.as_deref(), request.headers())?;
     let path = super::resource_path(name.as_deref(), "messages");
     let client = match doors
-        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .identify(request.headers(), doors.client_address(&request), &path)
         .await
     {
         Ok(caller) => caller.principal(),
