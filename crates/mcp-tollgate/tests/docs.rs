@@ -409,6 +409,7 @@ fn the_audit_reference_names_every_field_written() {
         call_id: "0190b8a0-0000-7000-8000-000000000001",
         server: "s",
         client: Some("c"),
+        client_address: std::net::IpAddr::from([203, 0, 113, 9]),
         user: Some("alice"),
         client_id: Some("vscode"),
         jti: Some("j"),

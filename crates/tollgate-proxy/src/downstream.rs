@@ -349,7 +349,10 @@ impl Doors {
         }
         self.client_rate
             .check(caller.user_key())
-            .map_err(ProxyError::TooManyRequests)
+            .map_err(|wait| ProxyError::TooManyRequests {
+                wait,
+                counted: counted_on(caller.user_key()),
+            })
     }
 
     /// A 403 for a token without scopes the request to `path` needs, with the
@@ -403,6 +406,11 @@ impl Doors {
     pub fn legacy_streams(&self) -> usize {
         self.legacy.len()
     }
+}
+
+/// Whom a limit counted, in words: `address 203.0.113.9`, `client ci-agent`, `user alice`.
+pub fn counted_on(key: &str) -> String {
+    tollgate_policy::counted_on(key).unwrap_or_else(|| "this client".to_owned())
 }
 
 /// The bearer credential of a request, if it sends one.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::state::{LoadedPolicy, Server, Shared};
-use crate::tls::{Certs, Reloaded};
+use crate::tls::{CertReload, Certs};
 
 /// How long the policy directories must be quiet before the watcher reloads.
 const SETTLE: Duration = Duration::from_millis(150);
@@ -143,13 +143,13 @@ fn reload_lock(app: &Shared, server: &Server) -> Option<ReloadReport> {
 fn reload_certs(app: &Shared, certs: &Certs) -> ReloadReport {
     let (outcome, error) = certs.reload();
     let result = match outcome {
-        Reloaded::Unchanged => "unchanged",
-        Reloaded::Reloaded => {
+        CertReload::Unchanged => "unchanged",
+        CertReload::Loaded => {
             app.metrics.reload(certs.listener, true);
             tracing::info!(listener = certs.listener, fingerprint = %certs.info().fingerprint, "TLS certificate reloaded; new connections get it");
             "reloaded"
         }
-        Reloaded::Failed => {
+        CertReload::Failed => {
             app.metrics.reload(certs.listener, false);
             tracing::error!(
                 listener = certs.listener,
@@ -158,7 +158,7 @@ fn reload_certs(app: &Shared, certs: &Certs) -> ReloadReport {
             );
             "failed"
         }
-        Reloaded::StillFailing => "failed",
+        CertReload::StillFailing => "failed",
     };
     ReloadReport {
         server: certs.listener.to_owned(),

@@ -21,11 +21,11 @@ use crate::config::TlsConfig;
 
 /// What a reload of a listener's certificate did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reloaded {
+pub enum CertReload {
     /// The files are those in force.
     Unchanged,
     /// The new certificate is in force.
-    Reloaded,
+    Loaded,
     /// The new files cannot be used; the old certificate stays.
     Failed,
     /// The files that failed before, unchanged: the same failure, not a new one.
@@ -124,7 +124,7 @@ impl Certs {
     /// Re-reads the files: a new certificate that loads is put in force for the next
     /// handshake; one that does not is refused once (the same files again are the
     /// same failure) and the old one stays. Returns the outcome and the error.
-    pub fn reload(&self) -> (Reloaded, Option<String>) {
+    pub fn reload(&self) -> (CertReload, Option<String>) {
         let mut info = self.info.lock();
         let loaded = read(&self.cert, &self.key);
         let hash = match &loaded {
@@ -133,8 +133,8 @@ impl Certs {
         };
         if hash == info.files_hash {
             return match &info.last_error {
-                None => (Reloaded::Unchanged, None),
-                Some(error) => (Reloaded::StillFailing, Some(error.clone())),
+                None => (CertReload::Unchanged, None),
+                Some(error) => (CertReload::StillFailing, Some(error.clone())),
             };
         }
         info.files_hash = hash;
@@ -144,11 +144,11 @@ impl Certs {
                 info.loaded_at = crate::audit::now_rfc3339();
                 info.last_error = None;
                 self.current.store(Arc::new(key));
-                (Reloaded::Reloaded, None)
+                (CertReload::Loaded, None)
             }
             Err(error) => {
                 info.last_error = Some(error.clone());
-                (Reloaded::Failed, Some(error))
+                (CertReload::Failed, Some(error))
             }
         }
     }
