@@ -110,8 +110,18 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
         .unwrap();
     let documented: BTreeSet<String> = table_keys(keys).into_iter().collect();
     let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
-    let levels: [(&str, String); 14] = [
+    let levels: [(&str, String); 16] = [
         ("", format!("zz_bogus: 1\n{server}")),
+        (
+            "listen_tls.",
+            format!("listen_tls: {{cert: c, key: k, zz_bogus: 1}}\n{server}"),
+        ),
+        (
+            "admin.listen_tls.",
+            format!(
+                "admin: {{listen: 127.0.0.1:0, listen_tls: {{cert: c, key: k, zz_bogus: 1}}}}\n{server}"
+            ),
+        ),
         (
             "admin.",
             format!("admin: {{listen: 127.0.0.1:0, zz_bogus: 1}}\n{server}"),

@@ -5,6 +5,10 @@
 //! from one address (an IPv6 peer by its /64), are open at once; beyond them a
 //! connection is closed as soon as it is accepted. Each is counted and logged.
 //! (Bodies are bounded in time where they are read, [`super::read_body`].)
+//!
+//! Before its first request a connection may have to pass its [`Entry`]: the PROXY
+//! protocol header of a trusted load balancer, then the TLS handshake, both within
+//! the same header deadline.
 
 use std::collections::HashMap;
 use std::future::Future;
