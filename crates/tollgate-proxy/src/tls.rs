@@ -212,3 +212,91 @@ fn read(cert: &Path, key: &Path) -> Result<(CertifiedKey, String), String> {
     }
     Ok((certified, hex(&hasher.finalize())))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const A_CRT: &str = include_str!("../testdata/tls/a.crt");
+    const A_KEY: &str = include_str!("../testdata/tls/a.key");
+    const B_CRT: &str = include_str!("../testdata/tls/b.crt");
+    const B_KEY: &str = include_str!("../testdata/tls/b.key");
+
+    fn dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-tls-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write(dir: &Path, cert: &str, key: &str) {
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+    }
+
+    #[test]
+    fn a_new_certificate_is_swapped_in_and_a_bad_one_refused_once() {
+        let dir = dir();
+        write(&dir, A_CRT, A_KEY);
+        let config = TlsConfig {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        let certs = Certs::load("listen", &config).unwrap();
+        let first = certs.info().fingerprint;
+        assert!(first.starts_with("sha256:") && first.len() == 71, "{first}");
+        assert_eq!(certs.reload(), (CertReload::Unchanged, None));
+
+        write(&dir, B_CRT, B_KEY);
+        assert_eq!(certs.reload(), (CertReload::Loaded, None));
+        let second = certs.info().fingerprint;
+        assert_ne!(first, second);
+        assert_eq!(fingerprint(&certs.current.load()), second);
+
+        // A's certificate with B's key: refused, B stays in force; the same files
+        // again are the same failure, not a new one.
+        write(&dir, A_CRT, B_KEY);
+        let (outcome, error) = certs.reload();
+        assert_eq!(outcome, CertReload::Failed);
+        assert!(error.unwrap().contains("do not make a usable certificate"));
+        assert_eq!(certs.reload().0, CertReload::StillFailing);
+        assert_eq!(fingerprint(&certs.current.load()), second);
+        assert!(certs.info().last_error.is_some());
+
+        std::fs::write(dir.join("tls.crt"), "not PEM\n").unwrap();
+        let (outcome, error) = certs.reload();
+        assert_eq!(outcome, CertReload::Failed);
+        assert!(error.unwrap().contains("holds no certificate"));
+
+        // Fixed: back in force, the error cleared.
+        write(&dir, A_CRT, A_KEY);
+        assert_eq!(certs.reload(), (CertReload::Loaded, None));
+        assert_eq!(certs.info().fingerprint, first);
+        assert_eq!(certs.info().last_error, None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_start_with_unusable_files_says_which_and_why() {
+        let dir = dir();
+        write(&dir, A_CRT, A_KEY);
+        let missing = TlsConfig {
+            cert: dir.join("tls.crt"),
+            key: dir.join("nope.key"),
+        };
+        let error = Certs::load("listen", &missing).err().unwrap();
+        assert!(error.contains("nope.key: cannot read the key"), "{error}");
+        std::fs::write(dir.join("tls.key"), A_CRT).unwrap();
+        let wrong = TlsConfig {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        let error = Certs::load("listen", &wrong).err().unwrap();
+        assert!(error.contains("not a PEM private key"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
