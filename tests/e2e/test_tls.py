@@ -210,3 +210,11 @@ def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path):
     out = subprocess.run([TOLLGATE, "serve", "--config", str(config)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out
     assert "missing.key: cannot read the key" in out.stderr, out.stderr
+    # `tollgate validate` refuses what `serve` refuses.
+    out = subprocess.run([TOLLGATE, "validate", str(config)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out
+    assert "listen_tls: " in out.stderr and "missing.key: cannot read the key" in out.stderr, out.stderr
+    config.write_text("listen: 127.0.0.1:0\nlisten_tls: {cert: bad.crt, key: bad.key}\n"
+                      "servers:\n  s:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n")
+    out = subprocess.run([TOLLGATE, "validate", str(config)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "bad.crt: holds no certificate" in out.stderr, out

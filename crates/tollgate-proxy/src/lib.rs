@@ -31,8 +31,8 @@ pub use app::AppState;
 pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
     AdminConfig, AuditConfig, AuthConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits,
-    OAuthConfig, OnAuditFailure, OnToolChange, RawServer, ServerConfig, Transport, UpstreamConfig,
-    expand_env, parse_duration, parse_size,
+    OAuthConfig, OnAuditFailure, OnToolChange, RawServer, ServerConfig, TlsConfig, Transport,
+    UpstreamConfig, expand_env, parse_duration, parse_size,
 };
 pub use downstream::conversation::Conversation;
 pub use error::ProxyError;
@@ -195,6 +195,12 @@ pub fn lane_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Completes once `stop` turns true (or its sender is gone).
 pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Whether a listener's certificate and key can be served, as `serve` loads them at
+/// start (`tollgate validate` makes the same check); the error names the file and why.
+pub fn check_tls(tls: &TlsConfig) -> Result<(), String> {
+    tls::Certs::load("listen", tls).map(drop)
 }
 
 /// Why the admin listener cannot start ([`config::admin_problem`], the check
