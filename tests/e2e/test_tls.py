@@ -218,3 +218,47 @@ def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path):
                       "servers:\n  s:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n")
     out = subprocess.run([TOLLGATE, "validate", str(config)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "bad.crt: holds no certificate" in out.stderr, out
+
+
+def test_a_proxy_protocol_header_comes_before_the_tls_handshake(procs, tmp_path):
+    """A TCP balancer in front of HTTPS: its PROXY header, then the client's TLS."""
+    import json
+    import struct
+    ca = Authority("Tollgate test CA")
+    chain, key, _ = ca.issue("tollgate")
+    (tmp_path / "t.crt").write_bytes(chain)
+    (tmp_path / "t.key").write_bytes(key)
+    (tmp_path / "p.yaml").write_text(POLICY)
+    audit = tmp_path / "audit.jsonl"
+    upstream = start_upstream(procs, tmp_path)
+    config = tmp_path / "tollgate.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\nlisten_tls: {cert: t.crt, key: t.key}\n"
+        "trusted_proxies: [127.0.0.1]\nproxy_protocol: true\n"
+        f"audit: {{path: '{audit}'}}\n"
+        f"servers:\n  s:\n    url: {upstream.url}\n    policy: p.yaml\n"
+    )
+    proc = Proc([TOLLGATE, "serve", "--config", str(config)], tmp_path / "tollgate.log")
+    procs.append(proc)
+    port = port_of(proc.wait_line(r"Tollgate listening on (https://127\.0\.0\.1:\d+/mcp)").group(1))
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "echo", "arguments": {"text": "pp"},
+                                  "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                                            "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+    request = (b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               b"accept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\n"
+               b"mcp-method: tools/call\r\nmcp-name: echo\r\nconnection: close\r\n"
+               + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    addresses = socket.inet_aton("198.51.100.4") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 4711, port)
+    header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        raw.sendall(header)
+        with context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(request)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"echo: pp" in answer, answer
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["client_address"] for r in records if r["event"] == "decision"] == ["198.51.100.4"]
