@@ -408,6 +408,7 @@ async fn record(
                 call_id: &permit.call_id,
                 server: &ctx.server.name,
                 client: ctx.caller.client.as_deref(),
+                client_address: ctx.caller.peer,
                 user: identity.map(|id| &*id.user),
                 client_id: identity.and_then(|id| id.client_id.as_deref()),
                 jti: identity.and_then(|id| id.jti.as_deref()),
