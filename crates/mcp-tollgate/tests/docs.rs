@@ -481,3 +481,57 @@ fn the_audit_reference_names_every_field_written() {
         }
     }
 }
+
+// ---- configuration examples -------------------------------------------------------
+
+/// The fenced ```yaml blocks of `text`.
+fn yaml_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut open: Option<String> = None;
+    for line in text.lines() {
+        match (&mut open, line.trim_start()) {
+            (None, "```yaml") => open = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                open = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn every_yaml_block_of_the_observability_guide_is_a_valid_configuration() {
+    let doc = read("docs/observability.md");
+    let blocks = yaml_blocks(&doc);
+    assert!(blocks.len() >= 3, "{blocks:?}");
+    // Every `${VAR}` is set, so only the YAML and the keys are judged.
+    let env = |_: &str| Some("s3cr3t".to_owned());
+    let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
+    let mut configs = 0;
+    for block in blocks {
+        // The OpenTelemetry Collector's file is YAML, not Tollgate's.
+        if block.starts_with("# otel-collector.yaml") {
+            serde_yaml::from_str::<serde_yaml::Value>(&block)
+                .unwrap_or_else(|e| panic!("docs/observability.md: not YAML: {e}\n{block}"));
+            continue;
+        }
+        let config = tollgate_proxy::Config::from_yaml(
+            &format!("{block}{server}"),
+            "docs/observability.md",
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let telemetry = config.telemetry.expect("a telemetry: example");
+        if let Some(headers) = telemetry.otlp.headers.get("authorization") {
+            assert_eq!(headers, "Bearer s3cr3t", "{block}");
+        }
+        configs += 1;
+    }
+    assert!(configs >= 3, "the configuration and both examples");
+}
