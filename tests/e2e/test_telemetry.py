@@ -443,3 +443,117 @@ async def test_without_telemetry_the_upstream_sees_the_clients_own_context(procs
     tool = one(spans, service="upstream", kind=SERVER, name="tools/call list_fhir_datastores")
     assert tool["parent"] == sdk_client["span_id"]
     assert not [s for s in spans if s["service"] == "tollgate"]
+
+
+class BatchUpstream:
+    """A bare 2025-03-26 server that answers JSON-RPC batches and keeps every tool call
+    it gets (with its `params._meta`)."""
+
+    def __init__(self):
+        import json
+
+        self.calls: list[dict] = []
+        outer = self
+
+        def answer(msg: dict) -> dict | None:
+            if "id" not in msg:
+                return None
+            if msg.get("method") == "initialize":
+                result = {"protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
+                          "serverInfo": {"name": "batch", "version": "1"}}
+            elif msg.get("method") == "tools/call":
+                outer.calls.append(msg["params"])
+                result = {"content": [{"type": "text", "text": "done"}], "isError": False}
+            else:
+                result = {}
+            return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                out = [a for a in map(answer, msg) if a] if isinstance(msg, list) else answer(msg)
+                body = json.dumps(out).encode() if out else b""
+                self.send_response(200 if out else 202)
+                self.send_header("mcp-session-id", "telemetry-batch-session-0123456789")
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_DELETE(self):  # noqa: N802
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_each_call_of_a_batch_is_traced_like_a_message_of_its_own(quick_export, procs, tmp_path):
+    """Issue 27: a JSON-RPC batch (2025-03-26, raw: the SDK sends none) of three calls is
+    three server spans continuing each member's `params._meta` trace context, each with
+    its decision span; each forwarded member has its own client span, whose context it
+    carries upstream in its `params._meta`; the denied one has none."""
+    import os
+
+    from conftest import RawSession
+
+    rx = receiver()
+    upstream = BatchUpstream()
+    try:
+        config = write_config(tmp_path, {"hl": (upstream.url, POLICY)}, extra=telemetry(rx.url))
+        base, _ = serve_config(procs, config)
+        session = RawSession(f"{base}/servers/hl/mcp", protocol="2025-03-26")
+        session.initialize()
+        trace_id, caller = os.urandom(16).hex(), os.urandom(8).hex()
+        meta = {"traceparent": f"00-{trace_id}-{caller}-01"}
+        calls = [("list_fhir_datastores", {}), ("delete_fhir_datastore", {"datastore_id": "x"}),
+                 ("describe_fhir_export_job", {"job_id": "j"})]
+        batch = [{"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                  "params": {"name": tool, "arguments": args, "_meta": meta}}
+                 for n, (tool, args) in enumerate(calls, start=1)]
+        r = session.http.post(session.url, json=batch, headers=session._headers())
+        answers = {a["id"]: a for a in r.json()}
+        session.close()
+    finally:
+        upstream.close()
+    assert answers[1]["result"]["isError"] is False and answers[3]["result"]["isError"] is False, answers
+    assert answers[2]["result"]["isError"] is True, answers
+    assert [c["name"] for c in upstream.calls] == ["list_fhir_datastores", "describe_fhir_export_job"]
+
+    names = [f"tools/call {tool}" for tool, _ in calls]
+    spans = settled(rx, trace_id, *[dict(service="tollgate", kind=SERVER, name=n) for n in names],
+                    *[dict(service="tollgate", kind=CLIENT, name=names[i]) for i in (0, 2)])
+    decisions = [s for s in spans if s["name"] == "tollgate.decision"]
+    assert len(decisions) == 3, decisions
+    for n, name in enumerate(names, start=1):
+        server = one(spans, service="tollgate", kind=SERVER, name=name)
+        assert server["parent"] == caller, "each member continues its own params._meta trace context"
+        a = server["attributes"]
+        assert a["mcp.method.name"] == "tools/call" and a["jsonrpc.request.id"] == str(n), a
+        assert a["mcp.session.id"] == session.session_id and a["tollgate.server"] == "hl", a
+        decision = one(decisions, parent=server["span_id"])
+        assert decision["attributes"]["tollgate.decision"] == a["tollgate.decision"]
+    denied = one(spans, service="tollgate", kind=SERVER, name=names[1])
+    assert denied["attributes"]["tollgate.decision"] == "deny"
+    assert denied["attributes"]["error.type"] == "deny" and denied["status"] == STATUS_ERROR
+    assert not [s for s in spans if s["kind"] == CLIENT and s["name"] == names[1]]
+    for i, sent in zip((0, 2), upstream.calls):
+        server = one(spans, service="tollgate", kind=SERVER, name=names[i])
+        forwarded = one(spans, service="tollgate", kind=CLIENT, name=names[i])
+        assert forwarded["parent"] == server["span_id"]
+        assert server["attributes"]["tollgate.decision"] == "allow"
+        assert server["attributes"]["tollgate.outcome"] == "ok" and "error.type" not in server["attributes"]
+        # The member went upstream carrying its own client span, not the caller's.
+        assert sent["_meta"]["traceparent"] == f"00-{trace_id}-{forwarded['span_id']}-01", sent

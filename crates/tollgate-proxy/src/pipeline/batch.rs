@@ -1,7 +1,8 @@
 //! Stage 7, batch: a JSON-RPC batch (2025-03-26). Each tool call in it is decided
 //! on its own; refused calls are answered here, the rest go upstream as one batch
 //! through the same [`call::forward`], and their answers through the same response
-//! stages, which account for every call in it.
+//! stages, which account for every call in it. With `telemetry:` each member is traced
+//! as a message of its own: its server span, its decision inside it, its upstream exchange.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use super::respond::Chain;
 use super::{call, session, tasks};
 use crate::error::ProxyError;
 use crate::state::Server;
+use crate::telemetry;
 use crate::upstream::{Body, Payload};
 
 /// Handles a batch.
@@ -71,17 +73,35 @@ pub async fn handle(
     }
     forwarded.extend(meta.params.iter().cloned());
     let ctx = Context::new(core, server, caller, session, Era::Handshake, forwarded);
+    let arrival = telemetry::enabled().then(|| super::arrival(server, caller, meta));
     let Decided {
         refused,
-        forward,
-        permits,
-    } = decide_each(&ctx, messages).await;
+        mut forward,
+        mut permits,
+        mut trace,
+    } = decide_each(&ctx, messages, arrival.as_ref()).await;
     if forward.is_empty() {
         return Ok(Answer::message(Value::Array(refused)));
     }
+    if let Some(trace) = &mut trace {
+        let pipe = server.network_address.is_none();
+        trace.send(&server.name, pipe, &mut forward, |at, span| {
+            if let Some(call) = permits.get_mut(at).and_then(Permit::trace) {
+                call.sent(span);
+            }
+        });
+    }
     // Any answer in a batch may list tools.
     let chain = Chain::new(&ctx, permits).listing_tools(&ctx);
-    let reply = call::forward(&ctx, Payload::Batch(&forward), chain).await?;
+    let reply = match call::forward(&ctx, Payload::Batch(&forward), chain).await {
+        Ok(reply) => reply,
+        Err(err) => {
+            if let Some(trace) = &trace {
+                trace.failed(err.to_json()["error"]["code"].as_i64().unwrap_or(0));
+            }
+            return Err(err);
+        }
+    };
     let body = reply.body;
     if refused.is_empty() {
         return Ok(Answer {
@@ -102,19 +122,43 @@ struct Decided {
     forward: Vec<Value>,
     /// The permits of the calls among them.
     permits: Vec<Permit>,
+    /// Each member's spans, with `telemetry:`.
+    trace: Option<telemetry::Batch>,
 }
 
-async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
+/// Decides each message; with telemetry (`arrival`), each in a server span of its own.
+async fn decide_each(
+    ctx: &Context,
+    messages: Vec<Message>,
+    arrival: Option<&telemetry::Arrival<'_>>,
+) -> Decided {
     let mut refused = Vec::new();
     let mut forward = Vec::new();
     let mut permits = Vec::new();
+    let mut trace = arrival.map(|_| telemetry::Batch::default());
     for message in messages {
-        if let Some(answer) = tasks::in_batch(&message) {
-            refused.push(answer);
-            continue;
-        }
-        match decide(ctx, &message).await {
-            Err(err) => {
+        let span = arrival.and_then(|arrival| telemetry::server(&message, arrival));
+        // Where the member went: its index among the forwarded messages and the
+        // permits; or why it was refused here when no decision span says so.
+        let mut went = None;
+        let mut refused_here = None;
+        let verdict = match (tasks::in_batch(&message), &span) {
+            (Some(answer), _) => {
+                refused_here = Some(answer["error"]["code"].to_string());
+                Err(answer)
+            }
+            // Boxed, so that the untraced batch's future does not grow.
+            (None, Some(span)) => Ok(Box::pin(telemetry::traced(
+                span.clone(),
+                decide(ctx, &message),
+                |err| err.to_json()["error"]["code"].as_i64().unwrap_or(0),
+            ))
+            .await),
+            (None, None) => Ok(decide(ctx, &message).await),
+        };
+        match verdict {
+            Err(answer) => refused.push(answer),
+            Ok(Err(err)) => {
                 // The member's own id, so the client knows which call was refused
                 // (a step-up refusal is an error without one).
                 let mut answer = err.to_json();
@@ -125,8 +169,8 @@ async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
                 }
                 refused.push(answer);
             }
-            Ok(Verdict::Refuse(answer)) => refused.push(answer),
-            Ok(Verdict::Hold(held)) => {
+            Ok(Ok(Verdict::Refuse(answer))) => refused.push(answer),
+            Ok(Ok(Verdict::Hold(held))) => {
                 let mut held = *held;
                 // A batch has one answer for all its calls, so one call cannot wait
                 // for a human while the others return. Its permit is dropped unused.
@@ -135,19 +179,25 @@ async fn decide_each(ctx: &Context, messages: Vec<Message>) -> Decided {
                     held.decision.reason
                 );
                 deny(&mut held.decision, DenyKind::ApprovalDenied, reason);
+                refused_here = Some(DenyKind::ApprovalDenied.as_str().to_owned());
                 let id = message.id().cloned().unwrap_or(Value::Null);
                 refused.push(refusal(&held.decision, &id, Era::Handshake, held.deny_as));
             }
-            Ok(Verdict::Forward(permit)) => {
+            Ok(Ok(Verdict::Forward(permit))) => {
+                went = Some((forward.len(), permit.is_some().then_some(permits.len())));
                 permits.extend(permit);
                 forward.push(message.into_value());
             }
+        }
+        if let (Some(trace), Some(span)) = (&mut trace, span) {
+            trace.member(span, went, refused_here.as_deref());
         }
     }
     Decided {
         refused,
         forward,
         permits,
+        trace,
     }
 }
 
