@@ -267,3 +267,48 @@ async def test_an_authenticated_clients_approval_is_redeemed_from_its_next_sessi
         again = await client.call_tool("echo", {"text": "run"})
     assert again.is_error is False, again
     assert upstream.tools_called() == ["echo"]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_call_to_a_broken_upstream_is_a_json_rpc_error_naming_it(procs, tmp_path, mode):
+    """A wrong path (a bare 404), a stdio command that does not exist and a refused
+    connection: the SDK client sees a JSON-RPC error naming the server, where it is (URL
+    or command) and, for an HTTP answer, its status; each is logged at WARN."""
+    from mcp import MCPError
+
+    from conftest import serve_config, write_config
+
+    upstream = start_upstream(procs, tmp_path)
+    wrong = upstream.url.removesuffix("/mcp") + "/wrong"
+    refused = f"http://127.0.0.1:{free_port()}/mcp"
+    config = write_config(tmp_path, {
+        "wrong": (wrong, ALLOW_ECHO),
+        "missing": ("    command: [surely-no-such-mcp-server, --flag]\n", ALLOW_ECHO),
+        "refused": (refused, ALLOW_ECHO),
+    })
+    base, proc = serve_config(procs, config)
+    expected = {
+        "wrong": [wrong, "HTTP 404", "servers.wrong.url"],
+        "missing": ["surely-no-such-mcp-server --flag", "could not start `surely-no-such-mcp-server`"],
+        "refused": [refused, "servers.refused.url"],
+    }
+    for server, words in expected.items():
+        try:
+            with anyio.fail_after(30):
+                async with Client(f"{base}/servers/{server}/mcp", mode=mode) as client:
+                    await client.call_tool("echo", {"text": "hi"})
+        except Exception as raised:  # noqa: BLE001 - the SDK wraps it in exception groups
+            errors = [raised]
+            while isinstance(errors[0], BaseExceptionGroup):
+                errors = list(errors[0].exceptions)
+            error = errors[0]
+        else:
+            pytest.fail(f"{server}: the call went through")
+        assert isinstance(error, MCPError), repr(error)
+        message = str(error)
+        assert f"upstream `{server}`" in message, message
+        for word in words:
+            assert word in message, (word, message)
+    warned = [line for line in proc.log.read_text().splitlines() if " WARN " in line and "readiness" not in line]
+    for server in expected:
+        assert any(f'server="{server}"' in line for line in warned), (server, warned)
