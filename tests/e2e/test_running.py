@@ -271,8 +271,8 @@ async def test_an_authenticated_clients_approval_is_redeemed_from_its_next_sessi
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_a_call_to_a_broken_upstream_is_a_json_rpc_error_naming_it(procs, tmp_path, mode):
-    """A wrong path (a bare 404), a stdio command that does not exist and a refused
-    connection: the SDK client sees a JSON-RPC error naming the server, where it is (URL
+    """A wrong path (a bare 404, over Streamable HTTP and legacy SSE), a stdio command that
+    does not exist and a refused connection: the SDK client sees a JSON-RPC error naming the server, where it is (URL
     or command) and, for an HTTP answer, its status; each is logged at WARN."""
     from mcp import MCPError
 
@@ -285,12 +285,14 @@ async def test_a_call_to_a_broken_upstream_is_a_json_rpc_error_naming_it(procs, 
         "wrong": (wrong, ALLOW_ECHO),
         "missing": ("    command: [surely-no-such-mcp-server, --flag]\n", ALLOW_ECHO),
         "refused": (refused, ALLOW_ECHO),
+        "sse-wrong": (f"    url: {wrong}\n    transport: sse\n", ALLOW_ECHO),
     })
     base, proc = serve_config(procs, config)
     expected = {
         "wrong": [wrong, "HTTP 404", "servers.wrong.url"],
         "missing": ["surely-no-such-mcp-server --flag", "could not start `surely-no-such-mcp-server`"],
         "refused": [refused, "servers.refused.url"],
+        "sse-wrong": [wrong, "404 Not Found", "servers.sse-wrong.url"],
     }
     for server, words in expected.items():
         try:
