@@ -126,8 +126,29 @@ def test_the_runtimes_target_can_start_npx_and_uvx_servers():
     for tool in ["nodejs", "npm", "python3", "uv"]:
         assert re.search(rf"\b{tool}\b", runtimes), tool
     assert "USER 65532:65532" in runtimes and "/usr/local/bin/tollgate" in runtimes
-    # The user's group exists too, with the same id (USER 65532:65532 names both).
-    assert re.search(r"groupadd --system --gid 65532 nonroot .*useradd --system --uid 65532 --gid 65532 ", runtimes)
+
+
+
+def test_the_runtimes_user_has_its_group(tmp_path):
+    """USER 65532:65532 names a group too: the runtimes stage's own groupadd/useradd, run
+    here on a minimal /etc under --prefix (the host's is not touched), make both."""
+    run = next(rest for word, rest in stages()["runtimes"] if word == "RUN")
+    steps = [step.strip() for step in run.split("&&")]
+    users = [step for step in steps if step.split()[0] in ("groupadd", "useradd")]
+    assert users, run
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (etc / "group").write_text("root:x:0:\n")
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (etc / "gshadow").write_text("root:*::\n")
+    shutil.copy("/etc/login.defs", etc / "login.defs")
+    for step in users:
+        command, *args = step.split()
+        out = subprocess.run([command, "--prefix", str(tmp_path), *args], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, (step, out.stderr)
+    assert re.search(r"^nonroot:x:65532:", (etc / "group").read_text(), re.M), (etc / "group").read_text()
+    assert re.search(r"^nonroot:x:65532:65532:", (etc / "passwd").read_text(), re.M), (etc / "passwd").read_text()
 
 
 def test_compose_has_no_default_admin_token():
