@@ -314,3 +314,32 @@ async def test_a_call_to_a_broken_upstream_is_a_json_rpc_error_naming_it(procs, 
     warned = [line for line in proc.log.read_text().splitlines() if " WARN " in line and "readiness" not in line]
     for server in expected:
         assert any(f'server="{server}"' in line for line in warned), (server, warned)
+
+
+def test_tollgate_stdio_ends_on_sigterm_while_its_stdin_stays_open(procs, tmp_path):
+    """A client (or a service manager) that stops `tollgate stdio` with SIGTERM and keeps the
+    pipe open: it ends anyway, not at the next byte on stdin."""
+    import signal
+
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "p.yaml").write_text(ALLOW_ECHO)
+    proc = subprocess.Popen([TOLLGATE, "stdio", "--policy", str(tmp_path / "p.yaml"), "--upstream", upstream.url],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    timer = threading.Timer(60, proc.kill)  # bounds the read below
+    timer.start()
+    try:
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "term", "version": "1"}}
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}) + "\n")
+        proc.stdin.flush()
+        assert "result" in json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("`tollgate stdio` still runs 20s after SIGTERM, its stdin open")
+        assert code == 0
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.stdin.close()
+        proc.wait(timeout=10)
