@@ -178,6 +178,9 @@ def test_the_compose_layout_runs_non_root_on_a_read_only_root(image, containers)
     while '"list_fhir_datastores"' not in (out := podman("logs", proxy).stdout) and time.monotonic() < deadline:
         time.sleep(0.2)
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    # A clean start on a read-only root warns about nothing.
+    warned = [line for line in podman("logs", proxy).stderr.splitlines() if " WARN " in line or " ERROR " in line]
+    assert warned == [], warned
     assert any(r.get("tool") == "list_fhir_datastores" for r in records), out
     ready = httpx.get(f"http://127.0.0.1:{ports[9090]}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
