@@ -284,3 +284,28 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
     };
     ProxyError::Upstream { id, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(body: &str) -> Body {
+        Body::Json(Json::Text(bytes::Bytes::copy_from_slice(body.as_bytes())))
+    }
+
+    #[test]
+    fn only_json_rpc_counts_as_an_answer_to_an_error_status() {
+        let answered = |body| jsonrpc_body(body).1;
+        assert!(answered(text(
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32600,"message":"x"}}"#
+        )));
+        assert!(answered(text(r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#)));
+        assert!(!answered(text(r#"{"detail":"Not Found"}"#)));
+        assert!(!answered(text("not json")));
+        assert!(!answered(Body::Empty));
+        assert!(!answered(Body::Other {
+            content_type: None,
+            bytes: bytes::Bytes::from_static(b"<html>404</html>"),
+        }));
+    }
+}
