@@ -29,6 +29,7 @@ EVERYTHING = {
     "envFrom": [{"secretRef": {"name": "mcp-tokens"}}],
     "servers": {"docs": {"url": "http://docs-mcp:8000/mcp", "policy": "policies/docs.yaml",
                          "headers": {"Authorization": "Bearer ${DOCS_TOKEN}"}}},
+    "trustedProxies": ["10.0.0.0/8"],
     "ingress": {"enabled": True, "className": "nginx", "annotations": {"a.example.com/b": "c"},
                 "tls": [{"secretName": "mcp-tls", "hosts": ["mcp.example.com"]}]},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -109,6 +110,7 @@ def test_the_rendered_configuration_validates_with_every_variable_it_uses_given(
     # Redis wants the password, and the URL Tollgate uses carries it.
     assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
     assert "redis://:${REDIS_PASSWORD}@gate-tollgate-redis:6379/0" in config
+    assert yaml.safe_load(config)["trusted_proxies"] == ["10.0.0.0/8"]
 
 
 def test_the_optional_objects_point_at_what_the_chart_runs():
