@@ -8,6 +8,7 @@ pub mod http;
 pub mod legacy_sse;
 pub mod listener;
 pub mod oauth;
+pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -21,7 +21,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
-use super::{Doors, counted, legacy_sse, peer_of, read_body, resource_path};
+use super::stream::{sse_response, unread};
+use super::{Doors, legacy_sse, peer_of, read_body, resource_path};
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
@@ -244,16 +245,6 @@ async fn end(
     Ok(answer)
 }
 
-/// A response sent without reading the request's body: the connection cannot carry
-/// another request, so the client is told to open a new one (a client retrying with a
-/// token after a 401 would otherwise send it on a connection that is being closed).
-pub fn unread(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
-
 /// `Mcp-Session-Id`; a value that is not text names no session there is.
 fn session_of(headers: &HeaderMap) -> Option<String> {
     headers
@@ -346,66 +337,10 @@ fn sse(
     sse_response(shared, status, frames, KEEP_ALIVE)
 }
 
-/// An SSE response of `frames` (encoded by [`tollgate_mcp::encode`]), counted as an
-/// open stream, with a keep-alive comment after each quiet `interval`.
-pub(super) fn sse_response(
-    shared: &Arc<Shared>,
-    status: StatusCode,
-    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
-    interval: Duration,
-) -> Response {
-    let body = KeepAlive {
-        inner: Box::pin(counted(shared, frames)),
-        quiet: Box::pin(tokio::time::sleep(interval)),
-        interval,
-    };
-    let mut response = HttpBody::from_stream(body.map(Ok::<_, Infallible>)).into_response();
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
-}
-
 /// One event in SSE framing ([`tollgate_mcp::encode`]).
 fn sse_frame(event: Event) -> Bytes {
     let data = event.data.into_bytes();
     tollgate_mcp::encode("message", event.id.as_deref(), event.retry, &data)
-}
-
-/// A stream of SSE frames with a keep-alive comment after each quiet interval.
-struct KeepAlive<S> {
-    inner: std::pin::Pin<Box<S>>,
-    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
-    interval: Duration,
-}
-
-impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
-    type Item = Bytes;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Bytes>> {
-        use std::task::Poll;
-        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
-            let next = tokio::time::Instant::now() + self.interval;
-            self.quiet.as_mut().reset(next);
-            return Poll::Ready(item);
-        }
-        match self.quiet.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let next = tokio::time::Instant::now() + self.interval;
-                self.quiet.as_mut().reset(next);
-                Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -154,7 +154,7 @@ async fn open_stream(
         let _alive = &cleanup;
         tollgate_mcp::encode("message", None, None, message.to_string().as_bytes())
     });
-    Ok(super::http::sse_response(
+    Ok(super::stream::sse_response(
         doors.shared(),
         StatusCode::OK,
         first.chain(rest),
@@ -204,7 +204,7 @@ async fn post_message(
         .await
     {
         Ok(caller) => caller.principal(),
-        Err(err) => return Ok(super::http::unread(err.into_response())),
+        Err(err) => return Ok(super::stream::unread(err.into_response())),
     };
     // Read (bounded) before answering, so the connection stays usable for the next POST.
     let body = read_body(doors.shared(), request).await?;
