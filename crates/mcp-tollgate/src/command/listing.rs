@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tollgate_proxy::upstream::http::HttpUpstream;
 use tollgate_proxy::upstream::{
-    Body, Bridge, Connector, Owner, Payload, Request, Upstream, legacy_sse, stdio,
+    Body, Bridge, Connector, Lane, Owner, Payload, Request, Upstream, legacy_sse, stdio,
 };
 use tollgate_proxy::{ServerConfig, UpstreamConfig};
 
@@ -167,6 +167,7 @@ impl Target {
             protocol_version: Some("2025-11-25"),
             headers: &[],
             owner: &owner,
+            lane: Lane::FIRST,
         };
         let reply =
             self.upstream.send(request).await.map_err(|failure| {

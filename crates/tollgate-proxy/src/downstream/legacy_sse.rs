@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
 use super::conversation::Conversation;
-use super::{Doors, peer_of, read_body};
+use super::{Doors, lane_of, peer_of, read_body};
 use crate::error::ProxyError;
 use crate::store::sessions::{SessionsFull, random_id};
 
@@ -123,12 +123,9 @@ async fn open_stream(
     let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
     let client = caller.principal();
-    let conversation = Arc::new(Conversation::new(
-        doors.clone(),
-        server.clone(),
-        caller,
-        out,
-    ));
+    let conversation = Arc::new(
+        Conversation::new(doors.clone(), server.clone(), caller, out).on_lane(lane_of(&request)),
+    );
     doors.legacy.map.lock().insert(
         id.clone(),
         Arc::new(Stream {
@@ -207,6 +204,7 @@ async fn post_message(
         Err(err) => return Ok(super::stream::unread(err.into_response())),
     };
     // Read (bounded) before answering, so the connection stays usable for the next POST.
+    let lane = lane_of(&request);
     let body = read_body(doors.shared(), request).await?;
     let stream = query
         .session_id
@@ -227,7 +225,7 @@ async fn post_message(
         .try_acquire_owned()
         .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
     // Admitted before the 202, in the order the POSTs came, then handled concurrently.
-    let admitted = stream.conversation.admit_incoming(incoming).await;
+    let admitted = stream.conversation.admit_incoming(incoming).await.on(lane);
     tokio::spawn(async move {
         admitted.run().await;
         drop(permit);

@@ -147,6 +147,7 @@ async fn send(
         protocol_version: version.as_deref(),
         headers,
         owner: &ctx.owner,
+        lane: ctx.lane,
     };
     ctx.server.upstream.send(request).await
 }
@@ -175,7 +176,7 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
     }
     let failed = |failure: Failure| failure_error(&ctx.server, &failure, None);
     let mut reply = upstream
-        .listen(upstream_session.as_deref(), &forwarded)
+        .listen(ctx.lane, upstream_session.as_deref(), &forwarded)
         .await
         .map_err(failed)?;
     if let Some(lost) = &upstream_session
@@ -183,7 +184,7 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
         && let Ok(renewed) = session::recover(ctx, session, lost, None).await
     {
         reply = upstream
-            .listen(renewed.as_deref(), &forwarded)
+            .listen(ctx.lane, renewed.as_deref(), &forwarded)
             .await
             .map_err(failed)?;
     }
