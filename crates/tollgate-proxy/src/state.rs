@@ -201,6 +201,7 @@ struct UpstreamKit<'a> {
     children: &'a Arc<stdio::Children>,
     max_message: usize,
     remote: Option<&'a Arc<Remote>>,
+    on_state_failure: crate::config::OnStateFailure,
     lanes: Lanes,
 }
 
@@ -321,7 +322,7 @@ fn build_server(
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
         limits: match kit.remote {
-            Some(remote) => CallLimits::shared(remote.clone(), name),
+            Some(remote) => CallLimits::shared(remote.clone(), name, kit.on_state_failure),
             None => CallLimits::local(),
         },
         pinned: !matches!(config.upstream, UpstreamConfig::Http { .. }),
@@ -426,6 +427,7 @@ impl Shared {
             children: &children,
             max_message,
             remote: remote.as_ref(),
+            on_state_failure: config.state.on_failure,
             lanes,
         };
         let mut servers = BTreeMap::new();
