@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "error",
     "store",
     "lock",
+    "tls",
     "audit",
     "telemetry",
     "metrics",

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
 use super::stream::{sse_response, unread};
-use super::{Doors, lane_of, legacy_sse, peer_of, read_body, resource_path};
+use super::{Doors, lane_of, legacy_sse, read_body, resource_path};
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
@@ -201,7 +201,7 @@ async fn answer(
     lane: Lane,
 ) -> Response {
     let caller = match doors
-        .caller(request.headers(), peer_of(&request).ip(), &path)
+        .caller(request.headers(), doors.client_address(&request), &path)
         .await
     {
         Ok(caller) => caller,

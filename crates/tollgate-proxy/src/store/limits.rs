@@ -134,7 +134,7 @@ impl CallLimits {
         let (taken, unchecked) = match took {
             Ok(Ok(held)) => (Some(Taken(held)), None),
             Ok(Err(wait)) => {
-                tollgate_policy::over_limit(&mut decision, limit, wait);
+                tollgate_policy::over_limit(&mut decision, limit, key, wait);
                 (None, None)
             }
             Err(error) => (None, Some(self.unchecked(&mut decision, error))),
