@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tollgate_mcp::{ErrorCode, Line, LineReader, error_response, sniff_id};
 use tollgate_proxy::{AppState, Config, LoadedPolicy};
 
-use super::scan::UpstreamTransport;
+use super::listing::UpstreamTransport;
 use super::serve::{
     CommandLineUpstream, Failure, LogFormat, finish, init_logging, load_config, load_policy,
     runtime, single_server_config, start_admin, start_reloading,

@@ -70,7 +70,15 @@ pub async fn handle(
         ));
     }
     forwarded.extend(meta.params.iter().cloned());
-    let ctx = Context::new(core, server, caller, session, Era::Handshake, forwarded);
+    let ctx = Context::new(
+        core,
+        server,
+        caller,
+        session,
+        Era::Handshake,
+        forwarded,
+        meta.lane,
+    );
     let Decided {
         refused,
         forward,

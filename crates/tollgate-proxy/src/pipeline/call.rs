@@ -161,6 +161,7 @@ async fn send(
         protocol_version: version.as_deref(),
         headers,
         owner: &ctx.owner,
+        lane: ctx.lane,
     };
     ctx.server.upstream.send(request).await
 }
@@ -189,7 +190,7 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
     }
     let failed = |failure: Failure| failure_error(&ctx.server, &failure, None);
     let mut reply = upstream
-        .listen(upstream_session.as_deref(), &forwarded)
+        .listen(ctx.lane, upstream_session.as_deref(), &forwarded)
         .await
         .map_err(failed)?;
     if let Some(lost) = &upstream_session
@@ -197,7 +198,7 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
         && let Ok(renewed) = session::recover(ctx, session, lost, None).await
     {
         reply = upstream
-            .listen(renewed.as_deref(), &forwarded)
+            .listen(ctx.lane, renewed.as_deref(), &forwarded)
             .await
             .map_err(failed)?;
     }
