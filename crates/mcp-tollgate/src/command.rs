@@ -10,10 +10,12 @@ pub mod listing;
 pub mod lock;
 pub mod scan;
 pub mod serve;
+pub mod simulate;
 pub mod stdio;
 pub mod test;
 pub mod validate;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// `--env` and `--inherit-env`: the environment of a stdio server started from the
@@ -105,6 +107,41 @@ pub fn read_file(path: &std::path::Path) -> Result<String, String> {
         ));
     }
     std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// Every file under the given paths that `accept` takes; missing paths are errors.
+pub fn collect(paths: &[PathBuf], accept: fn(&Path) -> bool) -> (Vec<PathBuf>, Vec<String>) {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            walk(path, accept, &mut files, &mut errors);
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            errors.push(format!("{}: no such file or directory", path.display()));
+        }
+    }
+    files.sort();
+    (files, errors)
+}
+
+fn walk(dir: &Path, accept: fn(&Path) -> bool, files: &mut Vec<PathBuf>, errors: &mut Vec<String>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) => {
+            errors.push(format!("{}: cannot read directory: {err}", dir.display()));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, accept, files, errors);
+        } else if accept(&path) {
+            files.push(path);
+        }
+    }
 }
 
 /// A single-threaded runtime for the client commands (`approvals`, `health`); `None`

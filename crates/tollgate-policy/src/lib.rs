@@ -27,6 +27,7 @@ mod detect;
 mod doc;
 mod error;
 mod limiter;
+mod matching;
 mod policy;
 mod results;
 mod shadow;

@@ -8,12 +8,11 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{Value, json};
 
-use crate::doc::{
-    Action, ApprovalVia, ClaimValue, ClaimValues, DenyAs, Mode, Per, PolicyDoc, RuleDoc, WhenDoc,
-    parse_window,
-};
+use crate::doc::{Action, ApprovalVia, DenyAs, Mode, Per, PolicyDoc, RuleDoc, parse_window};
 use crate::error::{PolicyError, PolicyErrors, PolicyWarning};
 use crate::limiter::{RateLimit, RateLimiter, Slot};
+pub use crate::matching::Claims;
+use crate::matching::{Checker, claims_match, client_matches, compile_claims, is_glob};
 use crate::results::{ResultEntryInfo, ResultRules, Results};
 use crate::yaml;
 
@@ -137,9 +136,6 @@ pub struct ToolCall<'a> {
     pub scopes: &'a [String],
 }
 
-/// A token's claims, as decoded JSON.
-pub type Claims = serde_json::Map<String, Value>;
-
 /// What the policy decided about one call. Not `Clone`: it may own a rate-limit slot.
 #[derive(Debug)]
 pub struct Decision {
@@ -257,36 +253,6 @@ pub struct Policy {
     shadowed: Vec<(usize, usize)>,
     /// `results:`, when there are entries.
     results: Option<Results>,
-}
-
-pub(crate) fn is_glob(pattern: &str) -> bool {
-    pattern.contains(['*', '?', '[', '{'])
-}
-
-/// Collects the errors of one file, each located.
-pub(crate) struct Checker<'a> {
-    pub(crate) source: &'a str,
-    pub(crate) origin: &'a str,
-    pub(crate) errors: Vec<PolicyError>,
-}
-
-impl Checker<'_> {
-    /// An error at `key:` of the item `span` (at the item when the key is not found).
-    pub(crate) fn at(&mut self, span: Option<yaml::Span>, key: &str, message: String) {
-        let at = span.and_then(|s| yaml::find_key(self.source, s, key).or(Some((s.start + 1, 1))));
-        self.error_at(at, message);
-    }
-
-    /// An error at 1-based (line, column), or at the file's start.
-    pub(crate) fn error_at(&mut self, at: Option<(usize, usize)>, message: String) {
-        let (line, column) = at.unwrap_or((1, 1));
-        self.errors.push(PolicyError {
-            origin: self.origin.to_owned(),
-            line,
-            column,
-            message,
-        });
-    }
 }
 
 impl Policy {
@@ -700,46 +666,6 @@ impl Policy {
     }
 }
 
-/// Whether `client` is one of `clients` (no list: anyone is).
-pub(crate) fn client_matches(clients: Option<&[String]>, client: Option<&str>) -> bool {
-    match clients {
-        None => true,
-        Some(clients) => client.is_some_and(|c| clients.iter().any(|allowed| allowed == c)),
-    }
-}
-
-/// Whether `claims` satisfy every condition (no conditions: anyone does).
-pub(crate) fn claims_match(conditions: &[(String, Vec<Value>)], claims: Option<&Claims>) -> bool {
-    if conditions.is_empty() {
-        return true;
-    }
-    let Some(claims) = claims else {
-        return false;
-    };
-    conditions
-        .iter()
-        .all(|(name, wanted)| match claim(claims, name) {
-            Some(Value::Array(items)) => items.iter().any(|item| wanted.contains(item)),
-            Some(value) => wanted.contains(value),
-            None => false,
-        })
-}
-
-/// A claim by its name, else by a dotted path into nested objects (Keycloak's
-/// `realm_access.roles`); a name is tried whole first, as namespaced claims
-/// (`https://example.com/groups`) contain dots.
-fn claim<'c>(claims: &'c Claims, name: &str) -> Option<&'c Value> {
-    if let Some(value) = claims.get(name) {
-        return Some(value);
-    }
-    let mut parts = name.split('.');
-    let mut value = claims.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_object()?.get(part)?;
-    }
-    Some(value)
-}
-
 /// The top level of a policy whose top level has errors (already reported): the
 /// rules, if they are a list, so they are checked too; defaults for the rest.
 fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
@@ -800,44 +726,6 @@ fn shadow_warnings(
             })
         })
         .collect()
-}
-
-/// `when.claims` of a rule or a `results` entry (`label`: `rules[0]`): each claim (by
-/// name) and the values one of which it must match.
-pub(crate) fn compile_claims(
-    check: &mut Checker<'_>,
-    span: Option<yaml::Span>,
-    label: &str,
-    when: Option<&WhenDoc>,
-) -> Vec<(String, Vec<Value>)> {
-    let mut claims = Vec::new();
-    for (name, values) in when.iter().flat_map(|w| &w.claims) {
-        let values = match values {
-            ClaimValues::One(one) => vec![one],
-            ClaimValues::Any(any) => any.iter().collect(),
-        };
-        if name.is_empty() || values.is_empty() {
-            check.at(span, "when", format!("{label}.when.claims: `{name}` needs a claim name and at least one value; remove it to match everyone"));
-            continue;
-        }
-        let values = values
-            .into_iter()
-            .map(|v| match v {
-                ClaimValue::Text(t) => Value::from(t.as_str()),
-                ClaimValue::Integer(n) => Value::from(*n),
-                ClaimValue::Bool(b) => Value::from(*b),
-            })
-            .collect();
-        claims.push((name.clone(), values));
-    }
-    if when.is_some_and(|w| w.claims.is_empty()) {
-        check.at(
-            span,
-            "when",
-            format!("{label}.when: names no condition; add `claims:` or remove it"),
-        );
-    }
-    claims
 }
 
 fn compile_rule(

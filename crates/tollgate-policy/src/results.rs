@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use crate::detect::{self, Detector, Found, Scanner};
 use crate::doc::{DetectorDoc, Mode, ResultDoc};
 use crate::error::PolicyError;
-use crate::policy::{Checker, Claims, claims_match, client_matches, compile_claims, is_glob};
+use crate::matching::{Checker, Claims, claims_match, client_matches, compile_claims, is_glob};
 use crate::yaml;
 
 /// `_meta` key of the redactions a result underwent: `[{name, count}]`.

@@ -13,8 +13,10 @@ use crate::approvals::state::{Keys, StateKey};
 use crate::config::Config;
 use crate::downstream::Doors;
 use crate::downstream::conversation::Conversation;
+use crate::downstream::listener::Listeners;
 use crate::pipeline::{Caller, Core};
 use crate::state::{BuildError, LoadedPolicy, Server, Shared};
+use crate::upstream::Lanes;
 
 /// Cheap-to-clone handle on the proxy.
 #[derive(Clone)]
@@ -22,6 +24,7 @@ pub struct AppState {
     shared: Arc<Shared>,
     doors: Arc<Doors>,
     approvers: Arc<[Approver]>,
+    lanes: Lanes,
 }
 
 /// A person who may decide approvals with a token of their own (`admin.approvers`).
@@ -40,12 +43,22 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// Builds the proxy from a validated configuration and each server's compiled policy.
+    /// Builds the proxy from a validated configuration and each server's compiled
+    /// policy, served by one lane.
     pub fn build(
         config: &Config,
         policies: BTreeMap<String, LoadedPolicy>,
     ) -> Result<AppState, BuildError> {
-        let shared = Arc::new(Shared::build(config, policies)?);
+        AppState::build_with(config, policies, Lanes::one())
+    }
+
+    /// [`AppState::build`], served by `lanes` (`tollgate serve` has one per core).
+    pub fn build_with(
+        config: &Config,
+        policies: BTreeMap<String, LoadedPolicy>,
+        lanes: Lanes,
+    ) -> Result<AppState, BuildError> {
+        let shared = Arc::new(Shared::build(config, policies, lanes)?);
         let secret = config
             .approvals
             .as_ref()
@@ -77,7 +90,18 @@ impl AppState {
             shared,
             doors,
             approvers,
+            lanes,
         })
+    }
+
+    /// The lanes that serve the proxy listener.
+    pub fn lanes(&self) -> Lanes {
+        self.lanes
+    }
+
+    /// The proxy listener on `addr`: one socket for each lane (`crate::serve`).
+    pub async fn bind(&self, addr: std::net::SocketAddr) -> std::io::Result<Listeners> {
+        Listeners::bind(addr, self.lanes).await
     }
 
     /// The shared state.

@@ -10,6 +10,7 @@ pub mod legacy_sse;
 pub mod listener;
 pub mod oauth;
 pub mod proxy_protocol;
+pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::error::ProxyError;
 use crate::pipeline::{Caller, Core};
 use crate::state::{BuildError, Server, Shared};
 use crate::store::limits::ClientRate;
+use crate::upstream::Lane;
 
 /// An authenticated client.
 struct Client {
@@ -447,6 +449,15 @@ pub fn peer_of(request: &Request) -> SocketAddr {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(SocketAddr::from((IpAddr::from([127, 0, 0, 1]), 0)), |c| c.0)
+}
+
+/// The lane a request came in on: the router's requests carry it ([`http::Front`]).
+pub fn lane_of(request: &Request) -> Lane {
+    request
+        .extensions()
+        .get::<Lane>()
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Reads a request body of at most `limit` bytes, within `limits.body_read_timeout`.

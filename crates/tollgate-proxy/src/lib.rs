@@ -44,27 +44,30 @@ pub use store::approvals::{Approval, Approvals, Status as ApprovalStatus};
 
 use std::future::Future;
 
+pub use downstream::listener::Listeners;
 use downstream::listener::{ConnectionLimits, Gate};
 use std::net::SocketAddr;
 use std::time::Duration;
+pub use upstream::{Lane, Lanes};
 
-/// Serves the proxy on `listener` until `shutdown` completes, then lets requests in
-/// flight finish for at most `grace` (streams that never end, like GET streams,
-/// would otherwise hold the process forever).
+/// Serves the proxy on `listeners` ([`AppState::bind`]) until `shutdown` completes,
+/// then lets requests in flight finish for at most `grace` (streams that never end,
+/// like GET streams, would otherwise hold the process forever).
 ///
-/// Each of `lanes` (more listeners on the same address, bound with `SO_REUSEPORT`) is
-/// served by a thread of its own on a current-thread runtime, with its own upstream
-/// connections, as nginx's workers are: a connection, its calls and their upstream
-/// exchanges stay on one thread, with no wake-ups across threads. The kernel spreads
-/// new connections over the lanes; every lane shares one connection gate
-/// (`limits.max_connections`, `limits.connections_per_peer`) and all the state.
+/// Each of the state's [`Lanes`] (a listener on the one address, bound with
+/// `SO_REUSEPORT`) is served by a thread of its own on a current-thread runtime, with
+/// its own upstream connections, as nginx's workers are: a connection, its calls and
+/// their upstream exchanges stay on one thread, with no wake-ups across threads. The
+/// first lane is the calling thread. The kernel spreads new connections over the
+/// lanes; every lane shares one connection gate (`limits.max_connections`,
+/// `limits.connections_per_peer`) and all the state.
 pub async fn serve(
     state: AppState,
-    listener: tokio::net::TcpListener,
-    lanes: Vec<std::net::TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    let (listener, lanes) = listeners.into_parts();
     let sweeper = {
         let state = state.clone();
         tokio::spawn(async move {
@@ -87,17 +90,17 @@ pub async fn serve(
     // it started (upstream connections, child processes) is driven by it.
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(lanes.len());
-    for (index, lane) in lanes.into_iter().enumerate() {
+    for (lane, socket) in lanes {
         let (state, gate, stop) = (state.clone(), gate.clone(), stop_rx.clone());
         let release = release_rx.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("tollgate-lane-{}", index + 1))
+            .name(format!("tollgate-lane-{}", lane.index()))
             .spawn(move || -> std::io::Result<()> {
-                upstream::enter_lane(index + 1);
                 lane_runtime()?.block_on(async move {
-                    lane.set_nonblocking(true)?;
-                    let listener = tokio::net::TcpListener::from_std(lane)?;
-                    let served = serve_lane(&state, listener, gate, stopped(stop), grace).await;
+                    socket.set_nonblocking(true)?;
+                    let listener = tokio::net::TcpListener::from_std(socket)?;
+                    let served =
+                        serve_lane(&state, lane, listener, gate, stopped(stop), grace).await;
                     stopped(release).await;
                     served
                 })
@@ -108,7 +111,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let mut result = serve_lane(&state, listener, gate, shutdown, grace).await;
+    let mut result = serve_lane(&state, Lane::FIRST, listener, gate, shutdown, grace).await;
     sweeper.abort();
     // Child processes never outlive Tollgate.
     state.shutdown_upstreams().await;
@@ -133,6 +136,7 @@ pub async fn serve(
 /// One lane: its listener, until `shutdown` and then for at most `grace`.
 async fn serve_lane(
     state: &AppState,
+    lane: Lane,
     listener: tokio::net::TcpListener,
     gate: std::sync::Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -147,7 +151,7 @@ async fn serve_lane(
     let server = downstream::listener::serve(
         "proxy",
         listener,
-        downstream::http::Front::new(state.doors().clone()),
+        downstream::http::Front::new(state.doors().clone(), lane),
         state.shared().clone(),
         gate,
         state.doors().entry(false),

@@ -43,6 +43,7 @@ pub use context::{Answer, Caller, Context, Core, Identity, Inbound, Meta, Routin
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::telemetry;
+use crate::upstream::Lane;
 
 /// What the server span needs to know of a message's arrival.
 fn arrival<'a>(server: &'a Server, caller: &'a Caller, meta: &'a Meta) -> telemetry::Arrival<'a> {
@@ -123,6 +124,7 @@ impl Core {
             session,
             decoded.era,
             decoded.forwarded,
+            meta.lane,
         );
         if telemetry::enabled()
             && let Some(version) = ctx.session.as_ref().and_then(|s| s.protocol_version())
@@ -158,6 +160,7 @@ impl Core {
         caller: &Caller,
         session_id: Option<&str>,
         forwarded: Vec<(HeaderName, HeaderValue)>,
+        lane: Lane,
     ) -> Result<Answer, ProxyError> {
         // Without a session this is a stateless-era endpoint, which has no GET stream.
         let session = session::find(self.shared(), server, caller, session_id)
@@ -170,21 +173,23 @@ impl Core {
             Some(session),
             Era::Handshake,
             forwarded,
+            lane,
         );
         Ok(tasks::streamed(&ctx, call::listen(&ctx).await?))
     }
 
-    /// Ends a handshake-era session, here and upstream.
+    /// Ends a handshake-era session, here and upstream (through `lane`).
     pub async fn end(
         &self,
         server: &Arc<Server>,
         caller: &Caller,
         session_id: Option<&str>,
+        lane: Lane,
     ) -> Result<(), ProxyError> {
         let session = session::find(self.shared(), server, caller, session_id)
             .await?
             .ok_or(ProxyError::MissingSession)?;
-        session::end(self.shared(), server, &session).await;
+        session::end(self.shared(), server, &session, lane).await;
         Ok(())
     }
 }

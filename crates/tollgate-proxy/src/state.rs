@@ -23,7 +23,7 @@ use crate::store::params::ToolParams;
 use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::sessions::Sessions;
 use crate::store::tasks::Tasks;
-use crate::upstream::{Bridge, Connector, Upstream, http::HttpUpstream, legacy_sse, stdio};
+use crate::upstream::{Bridge, Connector, Lanes, Upstream, http::HttpUpstream, legacy_sse, stdio};
 
 /// One upstream MCP server and the policy that guards it.
 pub struct Server {
@@ -208,6 +208,8 @@ struct UpstreamKit<'a> {
     children: &'a Arc<stdio::Children>,
     max_message: usize,
     remote: Option<&'a Arc<Remote>>,
+    on_state_failure: crate::config::OnStateFailure,
+    lanes: Lanes,
 }
 
 fn build_server(
@@ -236,7 +238,8 @@ fn build_server(
                 let parsed = parse_url(url)?;
                 let network = address_of(&parsed);
                 let upstream = HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
-                    .map_err(|e| BuildError::BadUrl(name.into(), url.clone(), e.to_string()))?;
+                    .map_err(|e| BuildError::BadUrl(name.into(), url.clone(), e.to_string()))?
+                    .with_lanes(kit.lanes);
                 (Box::new(upstream), url.clone(), "url", network)
             }
             UpstreamConfig::Sse { url } => {
@@ -326,7 +329,7 @@ fn build_server(
         timeout: config.timeout,
         policy: ArcSwap::from_pointee(loaded.policy),
         limits: match kit.remote {
-            Some(remote) => CallLimits::shared(remote.clone(), name),
+            Some(remote) => CallLimits::shared(remote.clone(), name, kit.on_state_failure),
             None => CallLimits::local(),
         },
         pinned: !matches!(config.upstream, UpstreamConfig::Http { .. }),
@@ -393,10 +396,12 @@ impl Shared {
         self.max_body
     }
 
-    /// Builds the state from a validated configuration and each server's compiled policy.
+    /// Builds the state from a validated configuration and each server's compiled
+    /// policy, with upstream connections for each of `lanes`.
     pub fn build(
         config: &Config,
         mut policies: BTreeMap<String, LoadedPolicy>,
+        lanes: Lanes,
     ) -> Result<Shared, BuildError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -429,6 +434,8 @@ impl Shared {
             children: &children,
             max_message,
             remote: remote.as_ref(),
+            on_state_failure: config.state.on_failure,
+            lanes,
         };
         let mut servers = BTreeMap::new();
         for (name, server) in &config.servers {

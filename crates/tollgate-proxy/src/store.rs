@@ -5,7 +5,10 @@
 //! Each store is a narrow interface (a handful of methods, private fields) over an
 //! in-memory implementation. A shared backend (Redis, for several replicas) is a
 //! second implementation of the same methods; nothing above this module reaches
-//! into a store's insides. This module imports nothing else of the proxy.
+//! into a store's insides. The rate-limit windows are split so already: `limits`
+//! is the facade (with `state.on_failure`), `limits/memory.rs` and `limits/redis.rs`
+//! the two backends, held to one behaviour by `limits/contract.rs`. This module
+//! imports nothing else of the proxy but the configuration.
 
 pub mod approvals;
 pub mod limits;
@@ -13,6 +16,8 @@ pub mod params;
 pub mod remote;
 pub mod sessions;
 pub mod tasks;
+#[cfg(test)]
+pub mod test_redis;
 
 /// A fresh unguessable id: `bytes` random bytes in hex.
 pub fn random_hex(bytes: usize) -> String {

@@ -35,32 +35,60 @@ pub struct Owner {
     pub session: Option<Arc<str>>,
 }
 
-/// How many lanes (threads, each with its own runtime) serve the proxy listener;
-/// set once, before upstreams are built ([`set_lanes`]).
-static LANES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-thread_local! {
-    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+/// The lanes that serve the proxy listener: threads, each with a current-thread
+/// runtime, its own listener on the one port and its own upstream connections
+/// (`tollgate_proxy::serve`). A value the library is built with
+/// (`AppState::build_with`), never a process global: two proxies in one process may
+/// have different lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    count: std::num::NonZeroUsize,
 }
 
-/// Sets how many lanes there will be (`tollgate serve` does, from the cores).
-pub fn set_lanes(lanes: usize) {
-    LANES.store(lanes.max(1), std::sync::atomic::Ordering::Relaxed);
+impl Lanes {
+    /// `count` lanes (at least one).
+    pub fn new(count: usize) -> Lanes {
+        Lanes {
+            count: std::num::NonZeroUsize::new(count).unwrap_or(std::num::NonZeroUsize::MIN),
+        }
+    }
+
+    /// One lane: the thread that serves.
+    pub fn one() -> Lanes {
+        Lanes::new(1)
+    }
+
+    /// How many lanes there are.
+    pub fn count(self) -> usize {
+        self.count.get()
+    }
+
+    /// Every lane, the first ([`Lane::FIRST`]) first.
+    pub fn each(self) -> impl Iterator<Item = Lane> {
+        (0..self.count()).map(Lane)
+    }
 }
 
-/// How many lanes there are.
-pub fn lanes() -> usize {
-    LANES.load(std::sync::atomic::Ordering::Relaxed)
+impl Default for Lanes {
+    fn default() -> Lanes {
+        Lanes::one()
+    }
 }
 
-/// Marks this thread as lane `index` (0 is the main thread's).
-pub fn enter_lane(index: usize) {
-    LANE.with(|lane| lane.set(index));
-}
+/// One lane of [`Lanes`], passed with each exchange so that it uses the lane's own
+/// upstream connections (which are driven on the lane's thread).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Lane(usize);
 
-/// This thread's lane.
-pub fn lane() -> usize {
-    LANE.with(std::cell::Cell::get)
+impl Lane {
+    /// The first lane: the thread that called `serve`, which also runs the admin
+    /// listener, the sweeps and the readiness probes (and the CLI's own exchanges).
+    pub const FIRST: Lane = Lane(0);
+
+    /// Its index among the lanes, from 0.
+    pub fn index(self) -> usize {
+        self.0
+    }
 }
 
 /// What is sent: one message or a JSON-RPC batch, as evaluated.
@@ -126,6 +154,8 @@ pub struct Request<'a> {
     pub headers: &'a [(HeaderName, HeaderValue)],
     /// Whose request this is.
     pub owner: &'a Owner,
+    /// The lane whose upstream connections carry it.
+    pub lane: Lane,
 }
 
 /// A JSON value as it arrived: text from the network, or a value already parsed.
@@ -319,12 +349,13 @@ pub trait Upstream: Send + Sync {
     /// when the upstream issued no session id.
     fn listen<'a>(
         &'a self,
+        lane: Lane,
         session: Option<&'a str>,
         headers: &'a [(HeaderName, HeaderValue)],
     ) -> BoxFuture<'a, Result<Reply, Failure>>;
 
     /// Ends a session upstream.
-    fn end<'a>(&'a self, session: &'a str) -> BoxFuture<'a, Result<(), Failure>>;
+    fn end<'a>(&'a self, lane: Lane, session: &'a str) -> BoxFuture<'a, Result<(), Failure>>;
 
     /// Connections or processes held open for sessions, where the upstream has any.
     fn live_sessions(&self) -> Option<usize> {

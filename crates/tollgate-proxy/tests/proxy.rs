@@ -7,13 +7,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tollgate_demo::{Demo, DemoOptions};
-use tollgate_proxy::{AppState, Config, LoadedPolicy};
+use tollgate_proxy::{AppState, Config, Lanes, LoadedPolicy};
 
 const POLICY: &str = r#"
 version: 1
@@ -83,6 +84,26 @@ async fn start_demo(options: DemoOptions) -> (String, Arc<Demo>) {
     (format!("http://{addr}/mcp"), demo)
 }
 
+/// The demo upstream, with the set of connections (peers) Tollgate opened to it.
+async fn start_counting_demo() -> (String, Arc<Demo>, Arc<Mutex<HashSet<SocketAddr>>>) {
+    use axum::extract::{ConnectInfo, Request};
+    use axum::middleware::Next;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let demo = Demo::new(DemoOptions::default());
+    let peers = Arc::new(Mutex::new(HashSet::new()));
+    let seen = peers.clone();
+    let router = tollgate_demo::router(demo.clone()).layer(axum::middleware::from_fn(
+        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next| {
+            seen.lock().unwrap().insert(peer);
+            next.run(request)
+        },
+    ));
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await });
+    (format!("http://{addr}/mcp"), demo, peers)
+}
+
 async fn start(policy: &str, extra_config: &str, with_admin: bool) -> Harness {
     let (upstream, demo) = start_demo(DemoOptions::default()).await;
     start_with_upstream(policy, extra_config, with_admin, &upstream, demo).await
@@ -94,6 +115,25 @@ async fn start_with_upstream(
     with_admin: bool,
     upstream: &str,
     demo: Arc<Demo>,
+) -> Harness {
+    start_on_lanes(
+        policy,
+        extra_config,
+        with_admin,
+        upstream,
+        demo,
+        Lanes::one(),
+    )
+    .await
+}
+
+async fn start_on_lanes(
+    policy: &str,
+    extra_config: &str,
+    with_admin: bool,
+    upstream: &str,
+    demo: Arc<Demo>,
+    lanes: Lanes,
 ) -> Harness {
     let dir = tempdir::Dir::new();
     let policy_path = dir.path().join("policy.yaml");
@@ -109,9 +149,9 @@ async fn start_with_upstream(
         "healthlake".to_owned(),
         LoadedPolicy::read(&policy_path).unwrap(),
     );
-    let state = AppState::build(&config, policies).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
+    let state = AppState::build_with(&config, policies, lanes).unwrap();
+    let listeners = state.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr: SocketAddr = listeners.local_addr().unwrap();
     let admin = if with_admin {
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
@@ -128,8 +168,7 @@ async fn start_with_upstream(
     };
     tokio::spawn(tollgate_proxy::serve(
         state.clone(),
-        listener,
-        Vec::new(),
+        listeners,
         std::future::pending(),
         Duration::from_secs(1),
     ));
@@ -976,12 +1015,11 @@ async fn several_servers_each_with_its_own_policy() {
         );
     }
     let state = AppState::build(&config, policies).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listeners = state.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listeners.local_addr().unwrap();
     tokio::spawn(tollgate_proxy::serve(
         state,
-        listener,
-        Vec::new(),
+        listeners,
         std::future::pending(),
         Duration::from_secs(1),
     ));
@@ -1079,4 +1117,44 @@ async fn a_pending_approval_points_a_url_capable_client_at_the_page() {
     assert_eq!(plain["result"]["resultType"], "input_required", "{plain}");
     assert!(plain["result"].get("inputRequests").is_none(), "{plain}");
     assert_eq!(h.demo.calls(), 0);
+}
+
+/// Several lanes serve one port, the kernel spreading connections over them: every
+/// call is decided and answered whichever lane took it, and each lane reaches the
+/// upstream over connections of its own.
+#[tokio::test]
+async fn several_lanes_serve_one_port_each_with_its_own_upstream_connections() {
+    let (upstream, demo, peers) = start_counting_demo().await;
+    let h = start_on_lanes(POLICY, "", false, &upstream, demo, Lanes::new(3)).await;
+    const CALLS: u64 = 24;
+    for id in 0..CALLS {
+        // A new connection for each call, so that the calls land on every lane.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let body = stateless(call(id, "list_fhir_datastores", json!({})));
+        let answer: Value = client
+            .post(&h.url)
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "list_fhir_datastores")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["id"], id, "{answer}");
+        assert_eq!(answer["result"]["isError"], false, "{answer}");
+    }
+    assert_eq!(h.demo.calls(), CALLS);
+    let connections = peers.lock().unwrap().len();
+    assert!(
+        connections >= 2,
+        "{CALLS} calls over new connections to 3 lanes reached the upstream over {connections} connection(s): the lanes do not have pools of their own"
+    );
 }

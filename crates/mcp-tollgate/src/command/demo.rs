@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tollgate_demo::{Demo, DemoOptions};
-use tollgate_proxy::LoadedPolicy;
+use tollgate_proxy::{Lanes, LoadedPolicy};
 
 use super::serve::{
     AdminMode, Bound, Failure, LogFormat, finish, init_logging, load_policy, run_proxy, runtime,
@@ -118,7 +118,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             let mut policies = BTreeMap::new();
             policies.insert("healthlake".to_owned(), policy);
             let stdio_policy = stdio_policy_path(args.policy.as_deref());
-            run_proxy(config, policies, mode, "demo", |bound| {
+            run_proxy(config, policies, Lanes::one(), mode, "demo", |bound| {
                 if let (Some(admin), Some(token)) = (bound.admin, &bound.admin_token) {
                     print_admin(token, &format!("http://{admin}/"));
                 }

@@ -185,7 +185,7 @@ impl Side<'_> {
         }
         let mut decision = evaluate(self.policy, &mut self.limiter, call, now);
         if grant {
-            super::explain::apply_grant(&mut decision);
+            super::simulate::apply_grant(&mut decision);
         }
         Ok(Verdict::of(&decision))
     }
@@ -445,7 +445,7 @@ fn replay_cases(
         identity: true,
     };
     for case in &suite.cases {
-        let user_key = super::test::user_key(case.claims.as_ref(), case.client.as_deref());
+        let user_key = super::simulate::user_key(case.claims.as_ref(), case.client.as_deref());
         let call = case.call(&user_key);
         let now = case.now();
         let sub = case

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tollgate_policy::{Action, Policy, RateLimiter, ToolCall, evaluate};
 
+use super::simulate::apply_grant;
 use super::{Format, read_file};
 
 /// Arguments of `tollgate explain`.
@@ -41,20 +42,6 @@ pub struct ExplainArgs {
     /// The token's scopes, space-separated (for rules with `scopes`).
     #[arg(long)]
     pub scopes: Option<String>,
-}
-
-/// What an active grant does to a decision: a call that would be held for a human
-/// passes without asking, as the proxy lets it through; every other decision stands
-/// (a grant never lets through what a rule or its argument schema denies).
-pub fn apply_grant(decision: &mut tollgate_policy::Decision) {
-    if decision.action == Action::RequireApproval {
-        decision.action = Action::Allow;
-        decision.approval = None;
-        decision.reason = format!(
-            "an active grant lets `{}` through without asking (the rule says: {})",
-            decision.tool, decision.reason
-        );
-    }
 }
 
 /// Runs `tollgate explain`.
@@ -106,7 +93,7 @@ pub fn run(args: ExplainArgs, format: Format) -> ExitCode {
         (None, None) => Vec::new(),
     };
     let client_key = args.client.clone().unwrap_or_else(|| "default".to_owned());
-    let user_key = super::test::user_key(claims.as_ref(), args.client.as_deref());
+    let user_key = super::simulate::user_key(claims.as_ref(), args.client.as_deref());
     let call = ToolCall {
         tool: &args.tool,
         arguments: &arguments,

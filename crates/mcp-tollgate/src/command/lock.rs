@@ -8,8 +8,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 use tollgate_proxy::lock::ToolLock;
 
-use super::listing::{self, Source};
-use super::scan::{TIMEOUT, UpstreamArgs};
+use super::listing::{self, Source, TIMEOUT, UpstreamArgs};
 
 /// Arguments of `tollgate lock`.
 #[derive(Debug, clap::Args)]

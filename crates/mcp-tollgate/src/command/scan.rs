@@ -5,11 +5,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use serde_json::Value;
 
-use super::listing::{self, Source};
+use super::listing::{self, TIMEOUT, UpstreamArgs};
 
 /// Arguments of `tollgate scan`.
 #[derive(Debug, clap::Args)]
@@ -21,60 +20,6 @@ pub struct ScanArgs {
     #[arg(long, value_name = "FILE")]
     pub lock: Option<PathBuf>,
 }
-
-/// An upstream named on the command line, as `scan` and `lock` take it.
-#[derive(Debug, Clone, clap::Args)]
-pub struct UpstreamArgs {
-    /// An MCP endpoint: Streamable HTTP, or legacy HTTP+SSE with `--transport sse`.
-    #[arg(long)]
-    pub upstream: Option<String>,
-    /// How `--upstream` is spoken.
-    #[arg(long, value_enum, default_value_t = UpstreamTransport::Http, requires = "upstream")]
-    pub transport: UpstreamTransport,
-    /// `Authorization` header to send, e.g. "Bearer xyz".
-    #[arg(long, env = "TOLLGATE_SCAN_AUTHORIZATION")]
-    pub authorization: Option<String>,
-    /// A stdio MCP server to start: `-- CMD ARGS`.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
-    /// The stdio server's environment (with `-- CMD ARGS`).
-    #[command(flatten)]
-    pub child_env: super::ChildEnv,
-}
-
-impl UpstreamArgs {
-    /// Where to list from; `None` when neither `--upstream` nor a command is given.
-    pub fn source(&self) -> Option<Source> {
-        let headers = self
-            .authorization
-            .iter()
-            .map(|auth| ("authorization".to_owned(), auth.clone()))
-            .collect();
-        match (&self.upstream, self.transport) {
-            (Some(url), UpstreamTransport::Http) => Some(Source::Http(url.clone(), headers)),
-            (Some(url), UpstreamTransport::Sse) => Some(Source::Sse(url.clone(), headers)),
-            (None, _) if !self.command.is_empty() => Some(Source::Stdio {
-                argv: self.command.clone(),
-                env: self.child_env.env.iter().cloned().collect(),
-                inherit_env: self.child_env.inherit_env.clone(),
-                cwd: None,
-            }),
-            (None, _) => None,
-        }
-    }
-}
-
-/// How an `--upstream` URL is spoken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UpstreamTransport {
-    /// Streamable HTTP.
-    Http,
-    /// Legacy HTTP+SSE (2024-11-05).
-    Sse,
-}
-
-/// Bound on each exchange with the upstream.
-pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `tollgate scan`.
 pub fn run(args: ScanArgs) -> ExitCode {

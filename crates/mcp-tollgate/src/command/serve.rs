@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use tollgate_proxy::{AppState, Config, LoadedPolicy};
+use tollgate_proxy::{AppState, Config, Lanes, LoadedPolicy};
 
 /// Arguments of `tollgate serve`.
 #[derive(Debug, clap::Args)]
@@ -511,26 +511,26 @@ pub struct Bound {
     pub admin_token: Option<String>,
 }
 
-/// Binds, prints the URLs, and serves until SIGINT or SIGTERM. `on_bound` gets the
-/// MCP listener's address and the admin page's URL (`http://ADDR/`), if any.
+/// Binds, prints the URLs, and serves with `lanes` until SIGINT or SIGTERM. `on_bound`
+/// gets the MCP listener's address and the admin page's URL (`http://ADDR/`), if any.
 pub async fn run_proxy(
     config: Config,
     policies: BTreeMap<String, LoadedPolicy>,
+    lanes: Lanes,
     mode: AdminMode,
     command: &str,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), Failure> {
-    let state = AppState::build(&config, policies).map_err(|e| Failure::invalid(e.into()))?;
-    let (listener, lanes) = bind_lanes(config.listen, tollgate_proxy::upstream::lanes())
-        .await
-        .map_err(|err| {
-            cannot_listen(
-                config.listen,
-                "--listen, or `listen:` in the configuration",
-                err,
-            )
-        })?;
-    let addr = listener.local_addr().map_err(|e| Failure::io(e.into()))?;
+    let state =
+        AppState::build_with(&config, policies, lanes).map_err(|e| Failure::invalid(e.into()))?;
+    let listeners = state.bind(config.listen).await.map_err(|err| {
+        cannot_listen(
+            config.listen,
+            "--listen, or `listen:` in the configuration",
+            err,
+        )
+    })?;
+    let addr = listeners.local_addr().map_err(|e| Failure::io(e.into()))?;
 
     // One signal stops both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -561,8 +561,7 @@ pub async fn run_proxy(
     }
     let served = tollgate_proxy::serve(
         state,
-        listener,
-        lanes,
+        listeners,
         tollgate_proxy::stopped(stop_rx),
         config.shutdown_grace,
     )
@@ -719,10 +718,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
         };
         // One lane per core (or `TOKIO_WORKER_THREADS`), each a thread with a
         // current-thread runtime; this thread is the first.
-        tollgate_proxy::upstream::set_lanes(lane_count());
+        let lanes = Lanes::new(lane_count());
         tollgate_proxy::lane_runtime()
             .map_err(|e| Failure::io(e.into()))?
-            .block_on(run_proxy(config, policies, mode, "serve", |_| {}))
+            .block_on(run_proxy(config, policies, lanes, mode, "serve", |_| {}))
     })();
     finish(result)
 }
@@ -736,37 +735,6 @@ fn lane_count() -> usize {
         .filter(|n| *n > 0)
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1)
-}
-
-/// The proxy's listener and, with more than one lane, one more per lane on the same
-/// address (`SO_REUSEPORT`: the kernel spreads connections over them).
-async fn bind_lanes(
-    listen: SocketAddr,
-    lanes: usize,
-) -> std::io::Result<(tokio::net::TcpListener, Vec<std::net::TcpListener>)> {
-    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
-    if lanes > 1 {
-        let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
-            let socket = match addr {
-                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-            };
-            socket.set_reuseaddr(true)?;
-            socket.set_reuseport(true)?;
-            socket.bind(addr)?;
-            socket.listen(1024)
-        };
-        let first = bind(listen)?;
-        // Port 0 picked a port: the other lanes take the same one.
-        let addr = first.local_addr()?;
-        let mut more = Vec::with_capacity(lanes - 1);
-        for _ in 1..lanes {
-            more.push(bind(addr)?.into_std()?);
-        }
-        return Ok((first, more));
-    }
-    let _ = lanes;
-    Ok((tokio::net::TcpListener::bind(listen).await?, Vec::new()))
 }
 
 /// Prints a failure and turns it into the exit code.

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tollgate_mcp::{ErrorCode, Line, LineReader, error_response, sniff_id};
 use tollgate_proxy::{AppState, Config, LoadedPolicy};
 
-use super::scan::UpstreamTransport;
+use super::listing::UpstreamTransport;
 use super::serve::{
     CommandLineUpstream, Failure, LogFormat, finish, init_logging, load_config, load_policy,
     runtime, single_server_config, start_admin, start_reloading,
@@ -60,7 +60,12 @@ pub fn run(args: StdioArgs) -> ExitCode {
     init_logging(args.log_format);
     let result = (|| {
         let (config, policies, server) = load(&args)?;
-        runtime()?.block_on(serve_stdio(config, policies, server))
+        let runtime = runtime()?;
+        let served = runtime.block_on(serve_stdio(config, policies, server));
+        // The thread reading stdin is blocked in read(2) until the client writes or
+        // closes it: after a signal, do not wait for it.
+        runtime.shutdown_background();
+        served
     })();
     finish(result)
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_policy::{Action, Decision, Policy, RateLimiter, ToolCall, evaluate};
 
+use super::simulate::user_key;
 use super::{Format, read_file};
 
 /// Arguments of `tollgate test`.
@@ -115,19 +116,6 @@ pub struct Case {
     /// Whether `result` is expected to be withheld.
     #[serde(default)]
     pub expect_blocked: Option<bool>,
-}
-
-/// The key of `per: user` limits, as the proxy forms it: the token's `sub`, else
-/// the client, else one shared key.
-pub fn user_key(claims: Option<&tollgate_policy::Claims>, client: Option<&str>) -> String {
-    match (
-        claims.and_then(|c| c.get("sub")).and_then(Value::as_str),
-        client,
-    ) {
-        (Some(sub), _) => format!("user:{sub}"),
-        (None, Some(client)) => format!("client:{client}"),
-        (None, None) => "default".to_owned(),
-    }
 }
 
 fn one() -> u32 {
@@ -334,7 +322,7 @@ pub fn run_suite(
                 let mut decision = evaluate(policy, limiter, &call, now);
                 observe(&call, Seen::Decision(&decision));
                 if case.grant {
-                    super::explain::apply_grant(&mut decision);
+                    super::simulate::apply_grant(&mut decision);
                 }
                 decision
             })
@@ -451,7 +439,7 @@ fn is_test_file(path: &Path) -> bool {
 
 /// Runs `tollgate test`.
 pub fn run(args: TestArgs, format: Format) -> ExitCode {
-    let (files, mut io_errors) = super::validate::collect(&args.paths, is_test_file);
+    let (files, mut io_errors) = super::collect(&args.paths, is_test_file);
     let (mut passed, mut failed, mut broken) = (0usize, 0usize, 0usize);
     let mut report = Vec::new();
     let with_coverage = args.coverage || args.min_coverage.is_some();

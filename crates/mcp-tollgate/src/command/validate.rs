@@ -79,41 +79,6 @@ pub fn kind_of(path: &Path, source: &str) -> Kind {
     Kind::Policy
 }
 
-/// Every YAML file under the given paths; missing paths are errors.
-pub fn collect(paths: &[PathBuf], accept: fn(&Path) -> bool) -> (Vec<PathBuf>, Vec<String>) {
-    let mut files = Vec::new();
-    let mut errors = Vec::new();
-    for path in paths {
-        if path.is_dir() {
-            walk(path, accept, &mut files, &mut errors);
-        } else if path.exists() {
-            files.push(path.clone());
-        } else {
-            errors.push(format!("{}: no such file or directory", path.display()));
-        }
-    }
-    files.sort();
-    (files, errors)
-}
-
-fn walk(dir: &Path, accept: fn(&Path) -> bool, files: &mut Vec<PathBuf>, errors: &mut Vec<String>) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) => {
-            errors.push(format!("{}: cannot read directory: {err}", dir.display()));
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            walk(&path, accept, files, errors);
-        } else if accept(&path) {
-            files.push(path);
-        }
-    }
-}
-
 /// Whether a path is a YAML file.
 pub fn is_yaml(path: &Path) -> bool {
     matches!(
@@ -182,7 +147,7 @@ fn validate_file(path: &Path, source: &str) -> (Kind, Checked) {
 
 /// Runs `tollgate validate`.
 pub fn run(args: ValidateArgs, format: Format) -> ExitCode {
-    let (files, mut io_errors) = collect(&args.paths, is_yaml);
+    let (files, mut io_errors) = super::collect(&args.paths, is_yaml);
     let mut invalid = 0;
     let mut report = Vec::new();
     for file in &files {

@@ -17,7 +17,7 @@ use super::Doors;
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta};
 use crate::state::Server;
-use crate::upstream::Body;
+use crate::upstream::{Body, Lane};
 
 /// One client on a message transport, bound to one server.
 pub struct Conversation {
@@ -29,6 +29,9 @@ pub struct Conversation {
     out: mpsc::Sender<Value>,
     /// Over a pipe (`tollgate stdio`) rather than TCP (legacy HTTP+SSE).
     pipe: bool,
+    /// The lane of the client's stream (the first, for a pipe): its session's end goes
+    /// through that lane's upstream connections.
+    lane: Lane,
 }
 
 impl Conversation {
@@ -47,7 +50,14 @@ impl Conversation {
             listening: AtomicBool::new(false),
             out,
             pipe: false,
+            lane: Lane::FIRST,
         }
+    }
+
+    /// The same conversation, its stream served on `lane`.
+    pub fn on_lane(mut self, lane: Lane) -> Conversation {
+        self.lane = lane;
+        self
     }
 
     /// The same conversation over a pipe (`tollgate stdio`).
@@ -78,6 +88,7 @@ impl Conversation {
             Err(err) => Admitted {
                 conversation: self.clone(),
                 work: Work::Refuse(ProxyError::Framing(err)),
+                lane: self.lane,
             },
         }
     }
@@ -99,6 +110,7 @@ impl Conversation {
                 session,
                 handshake,
             },
+            lane: self.lane,
         }
     }
 
@@ -107,6 +119,7 @@ impl Conversation {
         incoming: Incoming,
         session: Option<String>,
         handshake: Option<OwnedMutexGuard<Option<String>>>,
+        lane: Lane,
     ) {
         let ids: Vec<Value> = match &incoming {
             Incoming::Single(message) => message.id().cloned().into_iter().collect(),
@@ -125,6 +138,7 @@ impl Conversation {
             meta: Meta {
                 session,
                 pipe: self.pipe,
+                lane,
                 ..Meta::default()
             },
         };
@@ -148,7 +162,7 @@ impl Conversation {
                 return;
             }
         }
-        self.listen().await;
+        self.listen(lane).await;
     }
 
     async fn core_handle(&self, inbound: Inbound) -> Result<Answer, ProxyError> {
@@ -159,7 +173,7 @@ impl Conversation {
     }
 
     /// Opens the session's server-to-client stream once, after the handshake.
-    async fn listen(self: &Arc<Self>) {
+    async fn listen(self: &Arc<Self>, lane: Lane) {
         let Some(session) = self.session.lock().await.clone() else {
             return;
         };
@@ -176,6 +190,7 @@ impl Conversation {
                     &conversation.caller,
                     Some(&session),
                     no_headers,
+                    lane,
                 )
                 .await;
             // No GET stream (405) is fine: the upstream then only answers requests.
@@ -195,7 +210,7 @@ impl Conversation {
         if let Err(err) = self
             .doors
             .core()
-            .end(&self.server, &self.caller, Some(&session))
+            .end(&self.server, &self.caller, Some(&session), self.lane)
             .await
         {
             tracing::debug!(error = %err, "the session had already ended");
@@ -260,6 +275,8 @@ impl Conversation {
 pub struct Admitted {
     conversation: Arc<Conversation>,
     work: Work,
+    /// The lane it is handled on (the conversation's, unless [`Admitted::on`]).
+    lane: Lane,
 }
 
 enum Work {
@@ -272,6 +289,12 @@ enum Work {
 }
 
 impl Admitted {
+    /// The same message, handled on `lane` (the lane its POST came in on).
+    pub fn on(mut self, lane: Lane) -> Admitted {
+        self.lane = lane;
+        self
+    }
+
     /// Handles it: through the core, the answers to the client's outbox.
     pub async fn run(self) {
         match self.work {
@@ -284,7 +307,7 @@ impl Admitted {
                 handshake,
             } => {
                 self.conversation
-                    .handle_admitted(incoming, session, handshake)
+                    .handle_admitted(incoming, session, handshake, self.lane)
                     .await;
             }
         }

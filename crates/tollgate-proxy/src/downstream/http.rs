@@ -21,12 +21,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
-use super::{Doors, counted, legacy_sse, read_body, resource_path};
+use super::stream::{sse_response, unread};
+use super::{Doors, lane_of, legacy_sse, read_body, resource_path};
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
 use crate::upstream::http::SESSION_HEADER;
-use crate::upstream::{Body, Event};
+use crate::upstream::{Body, Event, Lane};
 
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
 /// vanished client is noticed, which ends a held call's wait (its approval stays).
@@ -72,18 +73,21 @@ fn refused(doors: &Doors, headers: &HeaderMap) -> Option<Response> {
 /// The proxy listener's service: a request to an MCP endpoint goes from the
 /// [`guard`] straight to its handler, the rest through the [`router`]. The router's
 /// matching, middleware and boxed futures cost each call about 6 % of its
-/// instructions (callgrind, docs/benchmarks.md).
+/// instructions (callgrind, docs/benchmarks.md). One per lane: what it serves goes
+/// through that lane's upstream connections.
 #[derive(Clone)]
 pub struct Front {
     doors: Arc<Doors>,
     router: Router,
+    lane: Lane,
 }
 
 impl Front {
-    pub fn new(doors: Arc<Doors>) -> Front {
+    pub fn new(doors: Arc<Doors>, lane: Lane) -> Front {
         Front {
             router: router(doors.clone()),
             doors,
+            lane,
         }
     }
 }
@@ -100,17 +104,19 @@ impl tower::Service<Request<hyper::body::Incoming>> for Front {
         tower::Service::<Request<hyper::body::Incoming>>::poll_ready(&mut self.router, cx)
     }
 
-    fn call(&mut self, request: Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<hyper::body::Incoming>) -> Self::Future {
         let Some(name) = mcp_endpoint(request.uri().path()) else {
+            // The router's handlers find the lane in the request ([`lane_of`]).
+            request.extensions_mut().insert(self.lane);
             return Box::pin(self.router.call(request));
         };
         let name = name.map(str::to_owned);
-        let doors = self.doors.clone();
+        let (doors, lane) = (self.doors.clone(), self.lane);
         Box::pin(async move {
             if let Some(refusal) = refused(&doors, request.headers()) {
                 return Ok(refusal);
             }
-            Ok(serve(doors, name, request.map(HttpBody::new)).await)
+            Ok(serve(doors, name, request.map(HttpBody::new), lane).await)
         })
     }
 }
@@ -154,7 +160,8 @@ async fn resource_metadata_of(
 }
 
 async fn single_server(State(doors): State<Arc<Doors>>, request: Request) -> Response {
-    serve(doors, None, request).await
+    let lane = lane_of(&request);
+    serve(doors, None, request, lane).await
 }
 
 async fn named_server(
@@ -162,10 +169,11 @@ async fn named_server(
     Path(name): Path<String>,
     request: Request,
 ) -> Response {
-    serve(doors, Some(name), request).await
+    let lane = lane_of(&request);
+    serve(doors, Some(name), request, lane).await
 }
 
-async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Response {
+async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request, lane: Lane) -> Response {
     let server = match doors.server(name.as_deref(), request.headers()) {
         Ok(server) => server,
         Err(err) => return err.into_response(),
@@ -180,7 +188,7 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request) -> Res
         tool = tracing::field::Empty,
     );
     let path = resource_path(name.as_deref(), "mcp");
-    tracing::Instrument::instrument(answer(doors, server, session, path, request), span).await
+    tracing::Instrument::instrument(answer(doors, server, session, path, request, lane), span).await
 }
 
 /// Answers a request to the MCP endpoint at `path`, within its span.
@@ -190,6 +198,7 @@ async fn answer(
     session: Option<String>,
     path: String,
     request: Request,
+    lane: Lane,
 ) -> Response {
     let caller = match doors
         .caller(request.headers(), doors.client_address(&request), &path)
@@ -208,7 +217,7 @@ async fn answer(
     let result = async {
         match *request.method() {
             Method::POST => {
-                let meta = meta_of(request.headers());
+                let meta = meta_of(request.headers(), lane);
                 let body = read_body(doors.shared(), request).await?;
                 let incoming = Incoming::parse_bytes(body)?;
                 core.handle(&server, &caller, Inbound { incoming, meta })
@@ -216,10 +225,10 @@ async fn answer(
             }
             Method::GET => {
                 let forwarded = forwarded_for_get(request.headers());
-                core.listen(&server, &caller, session.as_deref(), forwarded)
+                core.listen(&server, &caller, session.as_deref(), forwarded, lane)
                     .await
             }
-            Method::DELETE => end(&doors, &server, &caller, session.as_deref()).await,
+            Method::DELETE => end(&doors, &server, &caller, session.as_deref(), lane).await,
             _ => Err(ProxyError::MethodNotAllowed),
         }
     };
@@ -237,21 +246,12 @@ async fn end(
     server: &Arc<Server>,
     caller: &Caller,
     session: Option<&str>,
+    lane: Lane,
 ) -> Result<Answer, ProxyError> {
-    doors.core().end(server, caller, session).await?;
+    doors.core().end(server, caller, session, lane).await?;
     let mut answer = Answer::accepted();
     answer.status = StatusCode::OK;
     Ok(answer)
-}
-
-/// A response sent without reading the request's body: the connection cannot carry
-/// another request, so the client is told to open a new one (a client retrying with a
-/// token after a 401 would otherwise send it on a connection that is being closed).
-pub fn unread(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 /// `Mcp-Session-Id`; a value that is not text names no session there is.
@@ -261,7 +261,7 @@ fn session_of(headers: &HeaderMap) -> Option<String> {
         .map(|v| v.to_str().unwrap_or("").to_owned())
 }
 
-fn meta_of(headers: &HeaderMap) -> Meta {
+fn meta_of(headers: &HeaderMap, lane: Lane) -> Meta {
     Meta {
         session: session_of(headers),
         routing: Some(Routing {
@@ -277,6 +277,7 @@ fn meta_of(headers: &HeaderMap) -> Meta {
             .collect(),
         trace: crate::telemetry::headers_of(headers),
         pipe: false,
+        lane,
     }
 }
 
@@ -346,66 +347,10 @@ fn sse(
     sse_response(shared, status, frames, KEEP_ALIVE)
 }
 
-/// An SSE response of `frames` (encoded by [`tollgate_mcp::encode`]), counted as an
-/// open stream, with a keep-alive comment after each quiet `interval`.
-pub(super) fn sse_response(
-    shared: &Arc<Shared>,
-    status: StatusCode,
-    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
-    interval: Duration,
-) -> Response {
-    let body = KeepAlive {
-        inner: Box::pin(counted(shared, frames)),
-        quiet: Box::pin(tokio::time::sleep(interval)),
-        interval,
-    };
-    let mut response = HttpBody::from_stream(body.map(Ok::<_, Infallible>)).into_response();
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
-}
-
 /// One event in SSE framing ([`tollgate_mcp::encode`]).
 fn sse_frame(event: Event) -> Bytes {
     let data = event.data.into_bytes();
     tollgate_mcp::encode("message", event.id.as_deref(), event.retry, &data)
-}
-
-/// A stream of SSE frames with a keep-alive comment after each quiet interval.
-struct KeepAlive<S> {
-    inner: std::pin::Pin<Box<S>>,
-    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
-    interval: Duration,
-}
-
-impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
-    type Item = Bytes;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Bytes>> {
-        use std::task::Poll;
-        if let Poll::Ready(item) = self.inner.as_mut().poll_next(cx) {
-            let next = tokio::time::Instant::now() + self.interval;
-            self.quiet.as_mut().reset(next);
-            return Poll::Ready(item);
-        }
-        match self.quiet.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let next = tokio::time::Instant::now() + self.interval;
-                self.quiet.as_mut().reset(next);
-                Poll::Ready(Some(Bytes::from_static(b": keep-alive\n\n")))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
 use super::conversation::Conversation;
-use super::{Doors, read_body};
+use super::{Doors, lane_of, read_body};
 use crate::error::ProxyError;
 use crate::store::sessions::{SessionsFull, random_id};
 
@@ -126,12 +126,9 @@ async fn open_stream(
     let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
     let client = caller.principal();
-    let conversation = Arc::new(Conversation::new(
-        doors.clone(),
-        server.clone(),
-        caller,
-        out,
-    ));
+    let conversation = Arc::new(
+        Conversation::new(doors.clone(), server.clone(), caller, out).on_lane(lane_of(&request)),
+    );
     doors.legacy.map.lock().insert(
         id.clone(),
         Arc::new(Stream {
@@ -157,7 +154,7 @@ async fn open_stream(
         let _alive = &cleanup;
         tollgate_mcp::encode("message", None, None, message.to_string().as_bytes())
     });
-    Ok(super::http::sse_response(
+    Ok(super::stream::sse_response(
         doors.shared(),
         StatusCode::OK,
         first.chain(rest),
@@ -207,9 +204,10 @@ async fn post_message(
         .await
     {
         Ok(caller) => caller.principal(),
-        Err(err) => return Ok(super::http::unread(err.into_response())),
+        Err(err) => return Ok(super::stream::unread(err.into_response())),
     };
     // Read (bounded) before answering, so the connection stays usable for the next POST.
+    let lane = lane_of(&request);
     let body = read_body(doors.shared(), request).await?;
     let stream = query
         .session_id
@@ -234,7 +232,7 @@ async fn post_message(
                 counted: "this stream, whose messages are still in flight".to_owned(),
             })?;
     // Admitted before the 202, in the order the POSTs came, then handled concurrently.
-    let admitted = stream.conversation.admit_incoming(incoming).await;
+    let admitted = stream.conversation.admit_incoming(incoming).await.on(lane);
     tokio::spawn(async move {
         admitted.run().await;
         drop(permit);

@@ -30,6 +30,7 @@ use crate::config::Limits;
 use crate::state::Shared;
 use crate::store::limits::peer_key;
 use crate::tls::Certs;
+use crate::upstream::{Lane, Lanes};
 
 /// How connections are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -341,6 +342,58 @@ where
     let all = u32::try_from(limits.max).unwrap_or(u32::MAX);
     let _ = open.acquire_many(all).await;
     Ok(())
+}
+
+/// The proxy listener's sockets, one for each lane, all on one address (with more
+/// than one lane, `SO_REUSEPORT`: the kernel spreads connections over them).
+pub struct Listeners {
+    first: tokio::net::TcpListener,
+    more: Vec<(Lane, std::net::TcpListener)>,
+}
+
+impl Listeners {
+    /// Binds `addr` once for each of `lanes`; the first socket picks the port when
+    /// `addr` has none, and the others take the same one.
+    pub async fn bind(addr: std::net::SocketAddr, lanes: Lanes) -> std::io::Result<Listeners> {
+        #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+        if lanes.count() > 1 {
+            let bind = |addr: std::net::SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+                let socket = match addr {
+                    std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(addr)?;
+                socket.listen(1024)
+            };
+            let first = bind(addr)?;
+            let addr = first.local_addr()?;
+            let mut more = Vec::with_capacity(lanes.count() - 1);
+            for lane in lanes.each().skip(1) {
+                more.push((lane, bind(addr)?.into_std()?));
+            }
+            return Ok(Listeners { first, more });
+        }
+        // Without `SO_REUSEPORT`, one lane serves.
+        let _ = lanes;
+        Ok(Listeners {
+            first: tokio::net::TcpListener::bind(addr).await?,
+            more: Vec::new(),
+        })
+    }
+
+    /// The address they listen on.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.first.local_addr()
+    }
+
+    /// The first lane's listener, and each other lane's.
+    pub(crate) fn into_parts(
+        self,
+    ) -> (tokio::net::TcpListener, Vec<(Lane, std::net::TcpListener)>) {
+        (self.first, self.more)
+    }
 }
 
 /// Serves one connection's requests until it ends, or, once `stop` turns true, until

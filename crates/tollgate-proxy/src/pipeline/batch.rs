@@ -72,7 +72,15 @@ pub async fn handle(
         ));
     }
     forwarded.extend(meta.params.iter().cloned());
-    let ctx = Context::new(core, server, caller, session, Era::Handshake, forwarded);
+    let ctx = Context::new(
+        core,
+        server,
+        caller,
+        session,
+        Era::Handshake,
+        forwarded,
+        meta.lane,
+    );
     let arrival = telemetry::enabled().then(|| super::arrival(server, caller, meta));
     let Decided {
         refused,

@@ -14,7 +14,7 @@ use crate::approvals::state::Keys;
 use crate::state::{Server, Shared};
 use crate::store::limits::peer_key;
 use crate::store::sessions::Session;
-use crate::upstream::{Body, Json, Owner};
+use crate::upstream::{Body, Json, Lane, Owner};
 
 /// Who sends, as the front door established it. Built once per request
 /// ([`Caller::new`]), with the keys its limits and quotas count under.
@@ -133,6 +133,8 @@ pub struct Meta {
     pub trace: Option<Box<crate::telemetry::TraceHeaders>>,
     /// Whether the message came over a pipe (`tollgate stdio`) rather than TCP.
     pub pipe: bool,
+    /// The lane it came in on, whose upstream connections carry it.
+    pub lane: Lane,
 }
 
 /// The routing headers of a Streamable HTTP request, as received.
@@ -277,6 +279,8 @@ pub struct Context {
     pub user_key: Arc<str>,
     /// Key of `per: session` limits.
     pub session_key: Arc<str>,
+    /// The lane it came in on, whose upstream connections carry its exchanges.
+    pub lane: Lane,
 }
 
 impl Context {
@@ -287,6 +291,7 @@ impl Context {
         session: Option<Arc<Session>>,
         era: Era,
         forwarded: Vec<(HeaderName, HeaderValue)>,
+        lane: Lane,
     ) -> Context {
         let client_key = caller.client_key.clone();
         let user_key = caller.user_key.clone();
@@ -308,6 +313,7 @@ impl Context {
             client_key,
             user_key,
             session_key,
+            lane,
         }
     }
 

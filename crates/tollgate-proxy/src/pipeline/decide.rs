@@ -17,7 +17,7 @@ use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
-use crate::store::limits::{Taken, Unchecked};
+use crate::store::limits::{Decided, Taken, Unchecked};
 use crate::telemetry;
 
 /// What to do with an evaluated message.
@@ -272,29 +272,21 @@ async fn enforce(
         claims: identity.map(|id| &id.claims),
         scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
-    let mut unchecked = None;
-    let (mut decision, taken) = match server.limits.decide(&policy, &call, shared.now()).await {
-        Ok(decided) => decided,
-        Err(Unchecked {
-            mut decision,
-            error,
-        }) => {
-            let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
-            shared.metrics.state_unavailable(&server.name, refuse);
-            if refuse {
-                tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
-                // Refused as any other call is: with its audit record.
-                decision.action = Action::Deny;
-                decision.reason = format!(
-                    "its rate limit could not be checked because {error} (state.on_failure: refuse)"
-                );
-                unchecked = Some(error);
-            } else {
-                tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
-            }
-            (decision, None)
+    let Decided {
+        mut decision,
+        taken,
+        unchecked,
+    } = server.limits.decide(&policy, &call, shared.now()).await;
+    // A call refused for it is refused as any other call is: with its audit record.
+    let unchecked = unchecked.and_then(|Unchecked { error, refused }| {
+        shared.metrics.state_unavailable(&server.name, refused);
+        if refused {
+            tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
+        } else {
+            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
         }
-    };
+        refused.then_some(error)
+    });
     let audit_mode = policy.mode() == Mode::Audit && unchecked.is_none();
     let mut permit = Permit {
         shared: shared.clone(),

@@ -11,7 +11,7 @@ use super::inbound::Decoded;
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
 use crate::store::sessions::Session;
-use crate::upstream::{Payload, Request};
+use crate::upstream::{Lane, Payload, Request};
 
 /// The session a message belongs to: none in the stateless era or for
 /// `initialize`, else the one its header names.
@@ -160,7 +160,7 @@ pub async fn open(
             tracing::warn!(error = %error, "initialize refused: its session could not be written to the shared state (state.on_failure: refuse)");
             shared.sessions.remove(&session.id);
             if let Some(upstream_id) = session.upstream_id() {
-                let _ = ctx.server.upstream.end(&upstream_id).await;
+                let _ = ctx.server.upstream.end(ctx.lane, &upstream_id).await;
             }
             return Err(ProxyError::StateUnavailable(error));
         }
@@ -170,12 +170,12 @@ pub async fn open(
     Ok(session)
 }
 
-/// Ends a session here and upstream.
-pub async fn end(shared: &Shared, server: &Server, session: &Session) {
+/// Ends a session here and upstream (through `lane`).
+pub async fn end(shared: &Shared, server: &Server, session: &Session, lane: Lane) {
     shared.sessions.remove(&session.id);
     shared.approvals.session_closed(&session.id);
     if let Some(upstream_id) = session.upstream_id()
-        && let Err(failure) = server.upstream.end(&upstream_id).await
+        && let Err(failure) = server.upstream.end(lane, &upstream_id).await
     {
         tracing::warn!(error = %failure, "could not end the upstream session");
     }
@@ -240,6 +240,7 @@ async fn reinitialize(ctx: &Context, initialize: &Value) -> Result<Option<String
         protocol_version: None,
         headers: &[],
         owner: &ctx.owner,
+        lane: ctx.lane,
     };
     let failed =
         |failure: crate::upstream::Failure| format!("re-initializing failed: upstream {failure}");

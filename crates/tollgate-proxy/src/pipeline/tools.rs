@@ -221,6 +221,7 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
             protocol_version: version.as_deref(),
             headers: &headers,
             owner: &ctx.owner,
+            lane: ctx.lane,
         };
         let reply = ctx
             .server

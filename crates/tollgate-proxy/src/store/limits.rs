@@ -7,11 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
-use parking_lot::Mutex;
-use redis::Script;
-use tollgate_policy::{Decision, Policy, RateLimiter, Slot, ToolCall};
+use tollgate_policy::{Decision, Policy, Slot, ToolCall};
 
 use super::remote::{Remote, Unavailable};
+use crate::config::OnStateFailure;
+
+#[cfg(test)]
+mod contract;
+mod memory;
+mod redis;
 
 /// The key of an anonymous peer for per-client limits: its address, or for an
 /// IPv6 peer its /64, which one host (or one customer of a provider) usually has
@@ -46,155 +50,131 @@ fn dotted(v4: std::net::Ipv4Addr) -> String {
     text
 }
 
-/// One server's rolling windows, kept across policy reloads: in this process, or
-/// in the shared Redis (`state.backend: redis`) where every replica counts the same.
+/// One server's rolling windows, kept across policy reloads: in this process
+/// ([`memory`]) or in the shared Redis ([`redis`], `state.backend: redis`) where every
+/// replica counts the same, behind `state.on_failure` (what a call whose limit cannot
+/// be checked gets). The caller never learns which.
 pub struct CallLimits {
-    limiter: Mutex<RateLimiter>,
-    shared: Option<SharedWindows>,
+    windows: Windows,
+    on_failure: OnStateFailure,
 }
 
-struct SharedWindows {
-    remote: Arc<Remote>,
-    server: Arc<str>,
-    script: Arc<Script>,
+/// The backends, dispatched without boxing: a call costs one match.
+enum Windows {
+    Memory(memory::Windows),
+    Redis(redis::Windows),
 }
 
 /// A slot taken by one call, given back with [`CallLimits::release`]. Not `Clone`.
 #[derive(Debug)]
-pub enum Taken {
-    /// In this process's window.
-    Local(Slot),
-    /// In a shared window: the sorted set and this call's member of it.
-    Shared {
-        /// The window's key.
-        key: String,
-        /// The call's member.
-        member: String,
-    },
+pub struct Taken(Held);
+
+#[derive(Debug)]
+enum Held {
+    Memory(Slot),
+    Redis(redis::Slot),
+}
+
+/// What the windows made of a call.
+pub struct Decided {
+    /// The policy's decision, with its rate limit (refused over it, or refused when
+    /// the limit could not be checked and `state.on_failure` is `refuse`).
+    pub decision: Decision,
+    /// The slot the call holds, if its rule has a rate limit and it fit.
+    pub taken: Option<Taken>,
+    /// Why the limit could not be checked, if it could not.
+    pub unchecked: Option<Unchecked>,
 }
 
 /// A call whose rate limit could not be checked: the shared state is unreachable.
 pub struct Unchecked {
-    /// The policy's decision, before its rate limit.
-    pub decision: Decision,
-    /// Why the limit could not be checked.
+    /// Why.
     pub error: Unavailable,
+    /// Whether the call was refused for it (`state.on_failure: refuse`), else let
+    /// through without its limit (`allow`).
+    pub refused: bool,
 }
-
-/// The rolling-window log of one key in one step: drop what left the window, count
-/// what is left, add this call when it fits, and let the key expire with its window.
-/// Redis's own clock is used, so every replica reads the same time. Returns
-/// `{1, 0}` when the call fits, else `{0, ms until a slot frees}`.
-const TAKE_SLOT: &str = r"
-local window = tonumber(ARGV[1])
-local max = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < max then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
-  return {1, 0}
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, tonumber(oldest[2]) + window - now}
-";
 
 impl CallLimits {
     /// Windows in this process.
     pub fn local() -> CallLimits {
         CallLimits {
-            limiter: Mutex::new(RateLimiter::new()),
-            shared: None,
+            windows: Windows::Memory(memory::Windows::default()),
+            on_failure: OnStateFailure::default(),
         }
     }
 
-    /// Windows of `server` in the shared Redis.
-    pub fn shared(remote: Arc<Remote>, server: &str) -> CallLimits {
+    /// Windows of `server` in the shared Redis; a call whose limit cannot be checked
+    /// there is refused or let through as `on_failure` says.
+    pub fn shared(remote: Arc<Remote>, server: &str, on_failure: OnStateFailure) -> CallLimits {
         CallLimits {
-            limiter: Mutex::new(RateLimiter::new()),
-            shared: Some(SharedWindows {
-                remote,
-                server: server.into(),
-                script: Arc::new(Script::new(TAKE_SLOT)),
-            }),
+            windows: Windows::Redis(redis::Windows::new(remote, server)),
+            on_failure,
         }
     }
 
     /// Evaluates a call against `policy`, taking a slot of its rate limit if it has
     /// one. Only a call with a rate limit reaches Redis, in one round trip.
-    pub async fn decide(
-        &self,
-        policy: &Policy,
-        call: &ToolCall<'_>,
-        now: Duration,
-    ) -> Result<(Decision, Option<Taken>), Unchecked> {
-        let Some(shared) = &self.shared else {
-            let mut decision =
-                tollgate_policy::evaluate(policy, &mut self.limiter.lock(), call, now);
-            let taken = decision.slot.take().map(Taken::Local);
-            return Ok((decision, taken));
-        };
+    pub async fn decide(&self, policy: &Policy, call: &ToolCall<'_>, now: Duration) -> Decided {
         let mut decision = policy.evaluate(call);
         let Some((limit, key)) = tollgate_policy::limit_of(policy, &decision, call) else {
-            return Ok((decision, None));
+            return Decided {
+                decision,
+                taken: None,
+                unchecked: None,
+            };
         };
-        let counted = key;
-        let key = shared
-            .remote
-            .key(&["limit", &shared.server, &limit.id, key]);
-        let member = super::random_hex(12);
-        let window_ms = u64::try_from(limit.window.as_millis()).unwrap_or(u64::MAX);
-        let mut conn = shared.remote.connection();
-        let mut invocation = shared.script.prepare_invoke();
-        invocation
-            .key(&key)
-            .arg(window_ms)
-            .arg(limit.max)
-            .arg(&member);
-        let answer: Result<(u8, i64), Unavailable> =
-            shared.remote.run(invocation.invoke_async(&mut conn)).await;
-        match answer {
-            Ok((1, _)) => Ok((decision, Some(Taken::Shared { key, member }))),
-            Ok((_, wait_ms)) => {
-                let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
-                tollgate_policy::over_limit(&mut decision, limit, counted, wait);
-                Ok((decision, None))
+        let took = match &self.windows {
+            Windows::Memory(windows) => Ok(windows.take(limit, key, now).map(Held::Memory)),
+            Windows::Redis(windows) => windows
+                .take(limit, key, now)
+                .await
+                .map(|took| took.map(Held::Redis)),
+        };
+        let (taken, unchecked) = match took {
+            Ok(Ok(held)) => (Some(Taken(held)), None),
+            Ok(Err(wait)) => {
+                tollgate_policy::over_limit(&mut decision, limit, key, wait);
+                (None, None)
             }
-            Err(error) => Err(Unchecked { decision, error }),
+            Err(error) => (None, Some(self.unchecked(&mut decision, error))),
+        };
+        Decided {
+            decision,
+            taken,
+            unchecked,
         }
+    }
+
+    /// `state.on_failure` for a call whose limit could not be checked.
+    fn unchecked(&self, decision: &mut Decision, error: Unavailable) -> Unchecked {
+        let refused = self.on_failure == OnStateFailure::Refuse;
+        if refused {
+            decision.action = tollgate_policy::Action::Deny;
+            decision.reason = format!(
+                "its rate limit could not be checked because {error} (state.on_failure: refuse)"
+            );
+        }
+        Unchecked { error, refused }
     }
 
     /// Gives a slot back: the call it was taken for never left Tollgate. A shared
     /// slot is removed by a task of its own (best effort: if Redis is away, the slot
     /// leaves with its window).
     pub fn release(&self, taken: Taken) {
-        match taken {
-            Taken::Local(slot) => self.limiter.lock().release(slot),
-            Taken::Shared { key, member } => {
-                let Some(shared) = &self.shared else {
-                    return;
-                };
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                let remote = shared.remote.clone();
-                runtime.spawn(async move {
-                    let mut conn = remote.connection();
-                    let removed = remote
-                        .run(redis::cmd("ZREM").arg(&key).arg(&member).query_async::<i64>(&mut conn))
-                        .await;
-                    if let Err(err) = removed {
-                        tracing::warn!(error = %err, "a rate-limit slot could not be given back; it leaves with its window");
-                    }
-                });
-            }
+        match (&self.windows, taken.0) {
+            (Windows::Memory(windows), Held::Memory(slot)) => windows.release(slot),
+            (Windows::Redis(windows), Held::Redis(slot)) => windows.release_soon(slot),
+            // A slot of other windows (there are none: each server has one kind).
+            _ => {}
         }
     }
 
     /// Forgets windows with nothing left in them (shared ones expire by themselves).
     pub fn sweep(&self, now: Duration) {
-        self.limiter.lock().sweep(now);
+        if let Windows::Memory(windows) = &self.windows {
+            windows.sweep(now);
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use tollgate_mcp::{ErrorCode, STATELESS_PROTOCOL_VERSION, error_response, is_sta
 
 use super::channel::{Channel, Closed, Exchange};
 use super::{
-    Body, Event, Failure, Json, Owner, Payload, Reply, Request, Upstream, legacy_sse, stdio,
+    Body, Event, Failure, Json, Lane, Owner, Payload, Reply, Request, Upstream, legacy_sse, stdio,
 };
 
 /// The longest wait between restarts of an upstream that keeps failing to start.
@@ -469,6 +469,7 @@ impl Upstream for Bridge {
 
     fn listen<'a>(
         &'a self,
+        _lane: Lane,
         session: Option<&'a str>,
         _headers: &'a [(HeaderName, HeaderValue)],
     ) -> BoxFuture<'a, Result<Reply, Failure>> {
@@ -484,7 +485,7 @@ impl Upstream for Bridge {
         })
     }
 
-    fn end<'a>(&'a self, session: &'a str) -> BoxFuture<'a, Result<(), Failure>> {
+    fn end<'a>(&'a self, _lane: Lane, session: &'a str) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             if self.sessions.lock().remove(session).is_some() {
                 tracing::debug!(server = %self.server, "upstream session ended");
@@ -651,6 +652,7 @@ for line in sys.stdin:
             protocol_version: None,
             headers: &[],
             owner: &owner,
+            lane: Lane::FIRST,
         };
         match bridge.send(request).await {
             Ok(reply) => {
@@ -703,7 +705,7 @@ for line in sys.stdin:
         )
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        bridge.end(&a).await.unwrap();
+        bridge.end(Lane::FIRST, &a).await.unwrap();
         assert_eq!(bridge.session_count(), 1);
         // An idle session is ended by the sweep; a busy one would not be.
         bridge.sweep(Duration::ZERO);

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::pool::{self, Lease, Pool};
-use super::{Body, Failure, Json, Reply, Request, Upstream, describe};
+use super::{Body, Failure, Json, Lane, Reply, Request, Upstream, describe};
 
 /// Session id header of the handshake era.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -25,7 +25,7 @@ const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-versi
 
 /// An upstream that speaks Streamable HTTP.
 pub struct HttpUpstream {
-    /// One pool per lane ([`super::lane`]): a lane's upstream connections are driven on
+    /// One pool per lane ([`super::Lane`]): a lane's upstream connections are driven on
     /// its own thread.
     pools: Vec<std::sync::Arc<Pool>>,
     /// Where connections go (scheme, host, port).
@@ -109,7 +109,7 @@ impl HttpUpstream {
         let get = with(&[(header::ACCEPT, "text/event-stream")]);
         let delete = with(&[(header::ACCEPT, BOTH)]);
         Ok(HttpUpstream {
-            pools: (0..super::lanes()).map(|_| Pool::new()).collect(),
+            pools: vec![Pool::new()],
             uri,
             target,
             own,
@@ -121,9 +121,16 @@ impl HttpUpstream {
         })
     }
 
-    /// This lane's pool.
-    fn pool(&self) -> &std::sync::Arc<Pool> {
-        &self.pools[super::lane() % self.pools.len().max(1)]
+    /// The same upstream with a connection pool for each of `lanes` (one, else).
+    pub fn with_lanes(mut self, lanes: super::Lanes) -> HttpUpstream {
+        self.pools = lanes.each().map(|_| Pool::new()).collect();
+        self
+    }
+
+    /// `lane`'s pool.
+    fn pool(&self, lane: Lane) -> &std::sync::Arc<Pool> {
+        // There is always at least one pool.
+        &self.pools[lane.index() % self.pools.len()]
     }
 
     /// The request's headers: the prebuilt ones, then the client's forwarded
@@ -149,6 +156,7 @@ impl HttpUpstream {
     /// Sends within the timeout; a failure to connect means nothing was sent.
     async fn exchange(
         &self,
+        lane: Lane,
         method: Method,
         headers: HeaderMap,
         body: Bytes,
@@ -157,7 +165,8 @@ impl HttpUpstream {
         *request.method_mut() = method;
         *request.uri_mut() = self.target.clone();
         *request.headers_mut() = headers;
-        let sent = tokio::time::timeout(self.timeout, self.pool().send(&self.uri, request)).await;
+        let sent =
+            tokio::time::timeout(self.timeout, self.pool(lane).send(&self.uri, request)).await;
         let (response, lease) = match sent {
             Err(_) => return Err(Failure::Timeout(self.timeout)),
             Ok(Err(pool::Error::Connect(why))) => return Err(Failure::Unreachable(why)),
@@ -217,24 +226,32 @@ impl Upstream for HttpUpstream {
             {
                 headers.insert(PROTOCOL_VERSION, version);
             }
-            self.exchange(Method::POST, headers, request.payload.to_bytes())
-                .await
+            self.exchange(
+                request.lane,
+                Method::POST,
+                headers,
+                request.payload.to_bytes(),
+            )
+            .await
         })
     }
 
     fn listen<'a>(
         &'a self,
+        lane: Lane,
         session: Option<&'a str>,
         headers: &'a [(HeaderName, HeaderValue)],
     ) -> BoxFuture<'a, Result<Reply, Failure>> {
         let headers = self.headers(&self.get, session, headers);
-        Box::pin(self.exchange(Method::GET, headers, Bytes::new()))
+        Box::pin(self.exchange(lane, Method::GET, headers, Bytes::new()))
     }
 
-    fn end<'a>(&'a self, session: &'a str) -> BoxFuture<'a, Result<(), Failure>> {
+    fn end<'a>(&'a self, lane: Lane, session: &'a str) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let headers = self.headers(&self.delete, Some(session), &[]);
-            let reply = self.exchange(Method::DELETE, headers, Bytes::new()).await?;
+            let reply = self
+                .exchange(lane, Method::DELETE, headers, Bytes::new())
+                .await?;
             tracing::debug!(status = %reply.status, "upstream session ended");
             Ok(())
         })
@@ -378,6 +395,7 @@ mod tests {
             HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(5), 1 << 20).unwrap();
         let failure = upstream
             .exchange(
+                Lane::FIRST,
                 Method::POST,
                 upstream.post.clone(),
                 Bytes::from_static(b"{}"),
@@ -452,6 +470,7 @@ mod tests {
             HttpUpstream::new(&url, HeaderMap::new(), Duration::from_secs(5), 1 << 20).unwrap();
         let call = || {
             upstream.exchange(
+                Lane::FIRST,
                 Method::POST,
                 upstream.post.clone(),
                 Bytes::from_static(b"{}"),

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Body, Owner, Payload, Request, Upstream};
+use super::{Body, Lane, Owner, Payload, Request, Upstream};
 
 /// How an upstream is probed.
 #[derive(Debug, Clone)]
@@ -121,13 +121,14 @@ async fn exchange(upstream: &dyn Upstream) -> Result<(), String> {
             protocol_version: None,
             headers: &[],
             owner: &owner,
+            lane: Lane::FIRST,
         })
         .await
         .map_err(|failure| failure.to_string())?;
     let status = reply.status;
     let answer = first_message(reply.body).await;
     if let Some(session) = &reply.session {
-        let _ = upstream.end(session).await;
+        let _ = upstream.end(Lane::FIRST, session).await;
     }
     if !status.is_success() {
         return Err(format!("answered `initialize` with HTTP {status}"));

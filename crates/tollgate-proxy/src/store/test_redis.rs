@@ -1,0 +1,68 @@
+//! A redis-server of a test's own, on a free loopback port, stopped when dropped:
+//! what the store contract suites run their Redis backend against (the e2e tests
+//! start theirs the same way, tests/e2e/test_replicas.py).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::remote::{Remote, RemoteConfig};
+
+/// A running redis-server.
+pub struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    /// Starts one, or says why it cannot (no `redis-server` on the `PATH`): the
+    /// caller skips its Redis half with that reason.
+    pub fn start() -> Result<RedisServer, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server cannot be started ({e}); install it to run the Redis half of the store contract"))?;
+        let server = RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+        };
+        // Bounded: at most 10 s for it to accept connections.
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("redis-server did not accept connections within 10 s".to_owned())
+    }
+
+    /// A connection to it, keys under `prefix`.
+    pub fn remote(&self, prefix: &str) -> Arc<Remote> {
+        Arc::new(
+            Remote::connect(RemoteConfig {
+                url: &self.url,
+                shown: self.url.clone(),
+                prefix,
+                timeout: Duration::from_secs(2),
+                replica: "test".into(),
+            })
+            .unwrap(),
+        )
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
