@@ -95,7 +95,9 @@ impl Core {
         match inbound.incoming {
             Incoming::Single(message) => self.single(server, caller, &inbound.meta, message).await,
             Incoming::Batch(messages) => {
-                batch::handle(self, server, caller, &inbound.meta, messages).await
+                // With `telemetry:`, each member of a batch is traced on its own.
+                let arrival = telemetry::enabled().then(|| arrival(server, caller, &inbound.meta));
+                batch::handle(self, server, caller, &inbound.meta, messages, arrival).await
             }
         }
     }

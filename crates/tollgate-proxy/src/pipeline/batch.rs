@@ -19,13 +19,14 @@ use crate::state::Server;
 use crate::telemetry;
 use crate::upstream::{Body, Payload};
 
-/// Handles a batch.
+/// Handles a batch; `arrival` (with `telemetry:`) is what each member's server span needs.
 pub async fn handle(
     core: &Core,
     server: &Arc<Server>,
     caller: &Caller,
     meta: &Meta,
     messages: Vec<Message>,
+    arrival: Option<telemetry::Arrival<'_>>,
 ) -> Result<Answer, ProxyError> {
     // Routing headers describe one message; on a batch they could only mislead
     // whatever routes on them after Tollgate.
@@ -81,7 +82,6 @@ pub async fn handle(
         forwarded,
         meta.lane,
     );
-    let arrival = telemetry::enabled().then(|| super::arrival(server, caller, meta));
     let Decided {
         refused,
         mut forward,
