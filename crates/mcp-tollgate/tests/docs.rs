@@ -110,8 +110,18 @@ fn the_configuration_reference_lists_exactly_the_keys_the_binary_accepts() {
         .unwrap();
     let documented: BTreeSet<String> = table_keys(keys).into_iter().collect();
     let server = "servers:\n  a:\n    url: http://127.0.0.1:9/mcp\n    policy: p.yaml\n";
-    let levels: [(&str, String); 14] = [
+    let levels: [(&str, String); 16] = [
         ("", format!("zz_bogus: 1\n{server}")),
+        (
+            "listen_tls.",
+            format!("listen_tls: {{cert: c, key: k, zz_bogus: 1}}\n{server}"),
+        ),
+        (
+            "admin.listen_tls.",
+            format!(
+                "admin: {{listen: 127.0.0.1:0, listen_tls: {{cert: c, key: k, zz_bogus: 1}}}}\n{server}"
+            ),
+        ),
         (
             "admin.",
             format!("admin: {{listen: 127.0.0.1:0, zz_bogus: 1}}\n{server}"),
@@ -409,6 +419,7 @@ fn the_audit_reference_names_every_field_written() {
         call_id: "0190b8a0-0000-7000-8000-000000000001",
         server: "s",
         client: Some("c"),
+        client_address: std::net::IpAddr::from([203, 0, 113, 9]),
         user: Some("alice"),
         client_id: Some("vscode"),
         jti: Some("j"),

@@ -42,7 +42,7 @@ pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use limiter::{RateLimit, RateLimiter, Slot};
 pub use policy::{
     Approval, Claims, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_APPROVAL_VALID_FOR, Decision, DenyKind,
-    Policy, Route, RuleInfo, RuleRef, ToolCall, evaluate, limit_of, over_limit,
+    Policy, Route, RuleInfo, RuleRef, ToolCall, counted_on, evaluate, limit_of, over_limit,
 };
 pub use results::{
     DECISION_META, REDACTIONS_META, RESULT_BLOCKED, Redaction, ResultEntryInfo, ResultRules,

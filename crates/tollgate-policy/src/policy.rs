@@ -981,7 +981,7 @@ pub fn evaluate(
     };
     match limiter.try_acquire(limit, key, now) {
         Ok(slot) => decision.slot = Some(slot),
-        Err(wait) => over_limit(&mut decision, limit, wait),
+        Err(wait) => over_limit(&mut decision, limit, key, wait),
     }
     decision
 }
@@ -1007,8 +1007,10 @@ pub fn limit_of<'p, 'c>(
     Some((limit, key))
 }
 
-/// Turns a decision into the refusal of a call over `limit`, free again in `wait`.
-pub fn over_limit(decision: &mut Decision, limit: &RateLimit, wait: Duration) {
+/// Turns a decision into the refusal of a call over `limit`, counted under `key`,
+/// free again in `wait`. The reason says what was counted: the rule's `per`, and the
+/// key when it tells more (an address, a client's or user's name, see [`counted_on`]).
+pub fn over_limit(decision: &mut Decision, limit: &RateLimit, key: &str, wait: Duration) {
     decision.action = Action::Deny;
     decision.kind = Some(DenyKind::RateLimit);
     decision.approval = None;
@@ -1023,7 +1025,30 @@ pub fn over_limit(decision: &mut Decision, limit: &RateLimit, wait: Duration) {
         limit.max,
         limit.window.as_secs()
     );
+    if let Some(counted) = counted_on(key) {
+        decision.reason.push_str(" (counted on ");
+        decision.reason.push_str(&counted);
+        decision.reason.push(')');
+    }
     decision.retry_after = Some(wait);
+}
+
+/// What a rate-limit key names, in words: the proxy's keys are `session:<id>`,
+/// `client:<name>`, `oauth-client:<id>`, `user:<sub>` and `peer:<address>` (a caller
+/// without a session or credentials is counted by its address, an IPv6 one by its
+/// /64). A session is "this session" (its id is the caller's own secret); other keys
+/// (the global one, `tollgate test`'s names) add nothing.
+pub fn counted_on(key: &str) -> Option<String> {
+    let (kind, value) = key.split_once(':')?;
+    let what = match kind {
+        "session" => return Some("this session".to_owned()),
+        "peer" => "address",
+        "client" => "client",
+        "oauth-client" => "OAuth client",
+        "user" => "user",
+        _ => return None,
+    };
+    Some(format!("{what} {value}"))
 }
 
 #[cfg(test)]

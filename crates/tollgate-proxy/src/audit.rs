@@ -31,6 +31,9 @@ pub enum Record<'a> {
         server: &'a str,
         /// The authenticated client.
         client: Option<&'a str>,
+        /// The caller's address: the peer's, or behind `trusted_proxies` the client's
+        /// as its load balancer told it.
+        client_address: std::net::IpAddr,
         /// The OAuth token's user (`sub`).
         #[serde(skip_serializing_if = "Option::is_none")]
         user: Option<&'a str>,

@@ -30,6 +30,18 @@ pub struct ConfigOf<S> {
     /// Where the proxy listens (default 127.0.0.1:8080).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// HTTPS on the proxy listener: its certificate chain and key (PEM files, reloaded
+    /// when they change).
+    #[serde(default)]
+    pub listen_tls: Option<TlsConfig>,
+    /// Whether connections from `trusted_proxies` to the proxy listener start with a
+    /// PROXY protocol (v1 or v2) header naming the client.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The load balancers and proxies whose word on the client's address is taken
+    /// (`X-Forwarded-For`, the PROXY protocol): addresses or CIDR blocks.
+    #[serde(default, deserialize_with = "de_cidrs")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The admin listener (approvals, metrics, status).
     #[serde(default)]
     pub admin: Option<AdminConfig>,
@@ -76,6 +88,13 @@ pub struct ConfigOf<S> {
 pub struct AdminConfig {
     /// Where the admin API listens.
     pub listen: SocketAddr,
+    /// HTTPS on the admin listener (as `listen_tls`).
+    #[serde(default)]
+    pub listen_tls: Option<TlsConfig>,
+    /// Whether connections from `trusted_proxies` to the admin listener start with a
+    /// PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// Bearer token for the admin API: the operator's key, good for every route.
     #[serde(default)]
     pub token: Option<String>,
@@ -83,6 +102,36 @@ pub struct AdminConfig {
     /// decision records the name of the token's owner.
     #[serde(default)]
     pub approvers: Vec<ApproverConfig>,
+}
+
+/// `listen_tls:` (and `admin.listen_tls:`): a listener's certificate and key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's own certificate first; relative paths
+    /// are relative to the configuration file.
+    pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `trusted_proxies:`: each an address (`10.0.0.7`, `::1`) or a CIDR block (`10.0.0.0/8`).
+fn de_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|text| {
+            let text = text.trim();
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{text}` is not an address or a CIDR block, e.g. 10.0.0.7 or 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// One entry of `admin.approvers:`.
@@ -882,6 +931,14 @@ impl Config {
     /// (and `servers.<n>.tools_lock`):
     /// the directory Tollgate is started from (`/`, for a desktop client) never matters.
     pub fn resolve_paths(&mut self, config_dir: &Path) {
+        let tls = self.listen_tls.iter_mut();
+        for tls in tls.chain(self.admin.iter_mut().flat_map(|a| a.listen_tls.as_mut())) {
+            for path in [&mut tls.cert, &mut tls.key] {
+                if path.is_relative() {
+                    *path = config_dir.join(&*path);
+                }
+            }
+        }
         if let Some(audit) = &mut self.audit
             && audit.path != "-"
             && Path::new(&audit.path).is_relative()
@@ -910,6 +967,13 @@ impl ConfigOf<RawServer> {
         if let Some(admin) = &self.admin {
             problems.extend(admin_problem(admin.listen, admin.token.as_deref()));
             check_approvers(admin, &mut problems);
+        }
+        let admin_pp = self.admin.as_ref().is_some_and(|a| a.proxy_protocol);
+        if (self.proxy_protocol || admin_pp) && self.trusted_proxies.is_empty() {
+            problems.push(
+                "proxy_protocol: a PROXY protocol header is read only from trusted_proxies; list the load balancers' addresses there (e.g. trusted_proxies: [10.0.0.0/8])"
+                    .to_owned(),
+            );
         }
         if let Some(approvals) = &self.approvals {
             if approvals.state_key.as_ref().is_some_and(|k| k.len() < 32) {
@@ -974,6 +1038,9 @@ impl ConfigOf<RawServer> {
         }
         Ok(ConfigOf {
             listen: self.listen,
+            listen_tls: self.listen_tls,
+            proxy_protocol: self.proxy_protocol,
+            trusted_proxies: self.trusted_proxies,
             admin: self.admin,
             clients: self.clients,
             auth: self.auth,

@@ -4,10 +4,12 @@
 //! anything about a call.
 
 pub mod conversation;
+pub mod forwarded;
 pub mod http;
 pub mod legacy_sse;
 pub mod listener;
 pub mod oauth;
+pub mod proxy_protocol;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -166,6 +168,9 @@ pub struct Doors {
     client_rate: ClientRate,
     guard: Guard,
     legacy: legacy_sse::Streams,
+    trusted: forwarded::Trusted,
+    proxy_protocol: bool,
+    admin_proxy_protocol: bool,
 }
 
 impl Doors {
@@ -189,7 +194,36 @@ impl Doors {
             client_rate: ClientRate::new(config.limits.requests_per_second, config.limits.burst()),
             guard: Guard::new(config),
             legacy: legacy_sse::Streams::default(),
+            trusted: forwarded::Trusted::new(&config.trusted_proxies),
+            proxy_protocol: config.proxy_protocol,
+            admin_proxy_protocol: config.admin.as_ref().is_some_and(|a| a.proxy_protocol),
         })
+    }
+
+    /// How the proxy listener's connections begin (or the admin listener's).
+    pub fn entry(&self, admin: bool) -> listener::Entry {
+        let shared = self.shared();
+        listener::Entry {
+            trusted: self.trusted.clone(),
+            proxy_protocol: if admin {
+                self.admin_proxy_protocol
+            } else {
+                self.proxy_protocol
+            },
+            tls: if admin {
+                shared.admin_tls.clone()
+            } else {
+                shared.listen_tls.clone()
+            },
+        }
+    }
+
+    /// The address of the client that sent `request`: the connection's peer (or the
+    /// client its trusted proxy's PROXY header named), or, from a trusted proxy, the
+    /// client its `X-Forwarded-For` names ([`forwarded`]).
+    pub fn client_address(&self, request: &Request) -> IpAddr {
+        let peer = peer_of(request).ip();
+        self.trusted.client(peer, request.headers())
     }
 
     /// The OAuth resource server, when `auth.oauth` is configured.
@@ -315,7 +349,10 @@ impl Doors {
         }
         self.client_rate
             .check(caller.user_key())
-            .map_err(ProxyError::TooManyRequests)
+            .map_err(|wait| ProxyError::TooManyRequests {
+                wait,
+                counted: counted_on(caller.user_key()),
+            })
     }
 
     /// A 403 for a token without scopes the request to `path` needs, with the
@@ -369,6 +406,11 @@ impl Doors {
     pub fn legacy_streams(&self) -> usize {
         self.legacy.len()
     }
+}
+
+/// Whom a limit counted, in words: `address 203.0.113.9`, `client ci-agent`, `user alice`.
+pub fn counted_on(key: &str) -> String {
+    tollgate_policy::counted_on(key).unwrap_or_else(|| "this client".to_owned())
 }
 
 /// The bearer credential of a request, if it sends one.

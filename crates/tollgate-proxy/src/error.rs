@@ -58,8 +58,13 @@ pub enum ProxyError {
     #[error("access tokens cannot be checked right now ({0}); retry later")]
     AuthUnavailable(String),
     /// The per-client token bucket is empty.
-    #[error("too many requests from this client (limits.requests_per_second); retry in {}ms", .0.as_millis())]
-    TooManyRequests(Duration),
+    #[error("too many requests from {counted} (limits.requests_per_second); retry in {}ms", .wait.as_millis())]
+    TooManyRequests {
+        /// Until the next request is let in.
+        wait: Duration,
+        /// Whose requests were counted (`address 203.0.113.9`, `client ci-agent`).
+        counted: String,
+    },
     /// The body is larger than `limits.max_body`.
     #[error("request body exceeds limits.max_body ({0} bytes)")]
     BodyTooLarge(usize),
@@ -166,7 +171,7 @@ impl ProxyError {
             | ProxyError::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
             ProxyError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MalformedToolCall { id: Some(_) }
@@ -182,7 +187,7 @@ impl ProxyError {
             | ProxyError::UnknownServer
             | ProxyError::UnknownServerOf(_)
             | ProxyError::AmbiguousServer => StatusCode::NOT_FOUND,
-            ProxyError::SessionsFull(crate::store::sessions::SessionsFull::Client(_)) => {
+            ProxyError::SessionsFull(crate::store::sessions::SessionsFull::Client(..)) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::SessionsFull(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -243,7 +248,7 @@ impl IntoResponse for ProxyError {
             } => {
                 headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
             }
-            ProxyError::TooManyRequests(wait) => {
+            ProxyError::TooManyRequests { wait, .. } => {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }

@@ -23,6 +23,7 @@ mod reload;
 mod state;
 mod store;
 pub mod telemetry;
+mod tls;
 pub mod upstream;
 
 pub use admin::{Admin, admin_router};
@@ -30,8 +31,8 @@ pub use app::AppState;
 pub use audit::{Audit, AuditOpenError, Record, digest};
 pub use config::{
     AdminConfig, AuditConfig, AuthConfig, ClientConfig, Config, ConfigError, ConfigOf, Limits,
-    OAuthConfig, OnAuditFailure, OnToolChange, RawServer, ServerConfig, Transport, UpstreamConfig,
-    expand_env, parse_duration, parse_size,
+    OAuthConfig, OnAuditFailure, OnToolChange, RawServer, ServerConfig, TlsConfig, Transport,
+    UpstreamConfig, expand_env, parse_duration, parse_size,
 };
 pub use downstream::conversation::Conversation;
 pub use error::ProxyError;
@@ -149,6 +150,7 @@ async fn serve_lane(
         downstream::http::Front::new(state.doors().clone()),
         state.shared().clone(),
         gate,
+        state.doors().entry(false),
         shutdown,
     );
     let deadline = async move {
@@ -195,6 +197,12 @@ pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+/// Whether a listener's certificate and key can be served, as `serve` loads them at
+/// start (`tollgate validate` makes the same check); the error names the file and why.
+pub fn check_tls(tls: &TlsConfig) -> Result<(), String> {
+    tls::Certs::load("listen", tls).map(drop)
+}
+
 /// Why the admin listener cannot start ([`config::admin_problem`], the check
 /// `tollgate validate` makes too).
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +219,12 @@ pub fn prepare_admin(
     if let Some(problem) = config::admin_problem(bound, token) {
         return Err(AdminStartError(problem));
     }
-    if state.admin_url.set(format!("http://{bound}")).is_err() {
+    let scheme = if state.admin_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if state.admin_url.set(format!("{scheme}://{bound}")).is_err() {
         tracing::debug!("the admin URL was already recorded");
     }
     Ok(Admin {
@@ -230,12 +243,14 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let shared = admin.app.shared().clone();
     let gate = Gate::new(ConnectionLimits::new(&shared.limits));
+    let entry = admin.app.doors().entry(true);
     downstream::listener::serve(
         "admin",
         listener,
         admin_router(admin),
         shared,
         gate,
+        entry,
         shutdown,
     )
     .await

@@ -149,12 +149,12 @@ impl ConnectionMetrics {
         );
         registry.register(
             "connections_refused",
-            "Connections closed at once, by listener and limit (max_connections, connections_per_peer)",
+            "Connections closed before their first request, by listener and reason (max_connections, connections_per_peer, handshake: a bad PROXY header or TLS handshake)",
             metrics.refused.clone(),
         );
         registry.register(
             "client_timeouts",
-            "Requests whose headers or body did not arrive in time, by listener and part (header, body)",
+            "Requests whose headers or body did not arrive in time, by listener and part (header, body, handshake: a PROXY header or TLS handshake)",
             metrics.timeouts.clone(),
         );
         metrics

@@ -73,9 +73,13 @@ impl Core {
             && let Incoming::Single(message) = &inbound.incoming
             && let Some(span) = telemetry::server(message, &arrival(server, caller, &inbound.meta))
         {
-            return telemetry::traced(span, self.dispatch(server, caller, inbound), |err| {
-                err.to_json()["error"]["code"].as_i64().unwrap_or(0)
-            })
+            // Boxed: inline, the traced future would double the size of every call's
+            // future (and the copy of it hyper makes), traced or not.
+            return Box::pin(telemetry::traced(
+                span,
+                self.dispatch(server, caller, inbound),
+                |err| err.to_json()["error"]["code"].as_i64().unwrap_or(0),
+            ))
             .await;
         }
         self.dispatch(server, caller, inbound).await

@@ -2,7 +2,8 @@
 //! file (and tool lock) is read, validated and compiled off the request path, then swapped in
 //! atomically. Calls in flight keep the snapshot they started with. A file that
 //! fails validation is refused: the old policy stays, and the error is logged,
-//! counted and shown by `/status`.
+//! counted and shown by `/status`. The listeners' TLS certificates are reloaded
+//! the same way, on the same events.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::state::{LoadedPolicy, Server, Shared};
+use crate::tls::{CertReload, Certs};
 
 /// How long the policy directories must be quiet before the watcher reloads.
 const SETTLE: Duration = Duration::from_millis(150);
@@ -135,16 +137,53 @@ fn reload_lock(app: &Shared, server: &Server) -> Option<ReloadReport> {
     }
 }
 
-/// Re-reads every server's policy file and tool lock.
+/// Re-reads a listener's certificate and key, as a policy: files that cannot be
+/// used leave the certificate in force (logged, counted and shown once). The report
+/// names the listener (`listen`, `admin.listen`) where a policy's names its server.
+fn reload_certs(app: &Shared, certs: &Certs) -> ReloadReport {
+    let (outcome, error) = certs.reload();
+    let result = match outcome {
+        CertReload::Unchanged => "unchanged",
+        CertReload::Loaded => {
+            app.metrics.reload(certs.listener, true);
+            tracing::info!(listener = certs.listener, fingerprint = %certs.info().fingerprint, "TLS certificate reloaded; new connections get it");
+            "reloaded"
+        }
+        CertReload::Failed => {
+            app.metrics.reload(certs.listener, false);
+            tracing::error!(
+                listener = certs.listener,
+                error = error.as_deref().unwrap_or(""),
+                "TLS certificate reload refused; the previous certificate stays in force"
+            );
+            "failed"
+        }
+        CertReload::StillFailing => "failed",
+    };
+    ReloadReport {
+        server: certs.listener.to_owned(),
+        file: "listen_tls",
+        result,
+        error,
+    }
+}
+
+/// The listeners' certificates.
+fn certs(app: &Shared) -> impl Iterator<Item = &Certs> {
+    app.listen_tls.iter().chain(&app.admin_tls).map(|c| &**c)
+}
+
+/// Re-reads every server's policy file and tool lock, and the listeners' certificates.
 pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
     app.servers
         .values()
         .flat_map(|server| [reload_server(app, server), reload_lock(app, server)])
         .flatten()
+        .chain(certs(app).map(|c| reload_certs(app, c)))
         .collect()
 }
 
-/// Every file a reload reads: the policies and the tool locks.
+/// Every file a reload reads: the policies, the tool locks and the certificates.
 fn watched_files(app: &Shared) -> Vec<PathBuf> {
     app.servers
         .values()
@@ -154,6 +193,7 @@ fn watched_files(app: &Shared) -> Vec<PathBuf> {
             [policy, lock]
         })
         .flatten()
+        .chain(certs(app).flat_map(|c| c.files().map(ToOwned::to_owned)))
         .collect()
 }
 

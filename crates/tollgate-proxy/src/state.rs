@@ -155,6 +155,10 @@ pub struct Shared {
     pub(crate) state_on_failure: crate::config::OnStateFailure,
     /// How often each upstream is probed for readiness.
     pub(crate) health_interval: Duration,
+    /// The proxy listener's certificate (`listen_tls:`), reloaded with the policies.
+    pub(crate) listen_tls: Option<Arc<crate::tls::Certs>>,
+    /// The admin listener's (`admin.listen_tls:`).
+    pub(crate) admin_tls: Option<Arc<crate::tls::Certs>>,
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -193,6 +197,9 @@ pub enum BuildError {
     /// Telemetry could not be set up.
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// A listener's certificate cannot be used.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// What every server's upstream shares: the HTTP pool, the record of child processes.
@@ -433,6 +440,15 @@ impl Shared {
                 Arc::new(build_server(name, server, policy, &kit)?),
             );
         }
+        let certs = |listener, tls: Option<&crate::config::TlsConfig>| {
+            tls.map(|tls| crate::tls::Certs::load(listener, tls).map_err(BuildError::Tls))
+                .transpose()
+        };
+        let listen_tls = certs("listen", config.listen_tls.as_ref())?;
+        let admin_tls = certs(
+            "admin.listen",
+            config.admin.as_ref().and_then(|a| a.listen_tls.as_ref()),
+        )?;
         let audit = match &config.audit {
             Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
@@ -506,6 +522,8 @@ impl Shared {
             remote,
             state_on_failure: config.state.on_failure,
             health_interval: config.health_interval,
+            listen_tls,
+            admin_tls,
         })
     }
 

@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "error",
     "store",
     "lock",
+    "tls",
     "audit",
     "telemetry",
     "metrics",

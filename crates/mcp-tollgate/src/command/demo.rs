@@ -102,6 +102,8 @@ pub fn run(args: DemoArgs) -> ExitCode {
                         listen: args.admin_listen,
                         token: Some(token),
                         approvers: Vec::new(),
+                        listen_tls: None,
+                        proxy_protocol: false,
                     });
                     AdminMode::Configured
                 }

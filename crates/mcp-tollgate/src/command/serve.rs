@@ -341,15 +341,18 @@ pub struct AdminStarted {
     pub addr: SocketAddr,
     /// The token Tollgate generated for it, if it did.
     pub generated_token: Option<String>,
+    /// `https` with `admin.listen_tls`, else `http`.
+    pub scheme: &'static str,
 }
 
 impl AdminStarted {
     /// The line that announces it (with a generated token: printed this once).
     pub fn announcement(&self) -> String {
         match &self.generated_token {
-            None => format!("Tollgate admin on http://{}/", self.addr),
+            None => format!("Tollgate admin on {}://{}/", self.scheme, self.addr),
             Some(token) => format!(
-                "Tollgate admin on http://{}/ (token {token}, generated for this run; `{} approvals` finds it)",
+                "Tollgate admin on {}://{}/ (token {token}, generated for this run; `{} approvals` finds it)",
+                self.scheme,
                 self.addr,
                 super::own_binary()
             ),
@@ -468,9 +471,18 @@ pub async fn bind_admin(
         .map_err(|e| Failure::io(e.into()))?;
     let admin = tollgate_proxy::prepare_admin(state, addr, token.as_deref(), crate::VERSION)
         .map_err(|e| Failure::invalid(e.into()))?;
+    let scheme = if config
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.listen_tls.is_some())
+    {
+        "https"
+    } else {
+        "http"
+    };
     let registration = super::instances::register(&super::instances::Instance {
         pid: std::process::id(),
-        admin: format!("http://{addr}"),
+        admin: format!("{scheme}://{addr}"),
         token: generated_token.clone(),
         command: command.to_owned(),
         servers: config.servers.keys().cloned().collect(),
@@ -484,6 +496,7 @@ pub async fn bind_admin(
         task,
         addr,
         generated_token,
+        scheme,
     }))
 }
 
@@ -591,15 +604,20 @@ fn write_banner(
     config: &Config,
     admin: Option<&str>,
 ) {
-    if config.servers.len() == 1 {
-        let _ = writeln!(out, "Tollgate listening on http://{addr}/mcp");
+    let scheme = if config.listen_tls.is_some() {
+        "https"
     } else {
-        let _ = writeln!(out, "Tollgate listening on http://{addr}");
+        "http"
+    };
+    if config.servers.len() == 1 {
+        let _ = writeln!(out, "Tollgate listening on {scheme}://{addr}/mcp");
+    } else {
+        let _ = writeln!(out, "Tollgate listening on {scheme}://{addr}");
     }
     for name in config.servers.keys() {
         let _ = writeln!(
             out,
-            "  server {name}: http://{addr}/servers/{name}/mcp (legacy HTTP+SSE: http://{addr}/servers/{name}/sse)"
+            "  server {name}: {scheme}://{addr}/servers/{name}/mcp (legacy HTTP+SSE: {scheme}://{addr}/servers/{name}/sse)"
         );
     }
     if let Some(admin) = admin {

@@ -138,6 +138,18 @@ pub fn validate_config(path: &Path, source: &str) -> Checked {
         };
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut checked = Checked::default();
+    // The listeners' certificates, as `serve` loads them.
+    let mut config = config;
+    config.resolve_paths(dir);
+    let admin_tls = config.admin.as_ref().and_then(|a| a.listen_tls.as_ref());
+    for (key, tls) in [
+        ("listen_tls", config.listen_tls.as_ref()),
+        ("admin.listen_tls", admin_tls),
+    ] {
+        if let Some(Err(error)) = tls.map(tollgate_proxy::check_tls) {
+            checked.errors.push(format!("{key}: {error}"));
+        }
+    }
     for server in config.servers.values() {
         let policy_path = config.policy_path(dir, server);
         match read_file(&policy_path) {

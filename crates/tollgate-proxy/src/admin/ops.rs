@@ -144,6 +144,10 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
         "sessions": app.sessions.len(),
         "approvals_pending": app.approvals.pending(),
         "audit_write_failures": app.audit.failures(),
+        "tls": {
+            "listen": app.listen_tls.as_ref().map(|c| c.info()),
+            "admin.listen": app.admin_tls.as_ref().map(|c| c.info()),
+        },
     }))
 }
 

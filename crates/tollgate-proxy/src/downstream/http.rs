@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tollgate_mcp::Incoming;
 
-use super::{Doors, counted, legacy_sse, peer_of, read_body, resource_path};
+use super::{Doors, counted, legacy_sse, read_body, resource_path};
 use crate::error::ProxyError;
 use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
@@ -192,7 +192,7 @@ async fn answer(
     request: Request,
 ) -> Response {
     let caller = match doors
-        .caller(request.headers(), peer_of(&request).ip(), &path)
+        .caller(request.headers(), doors.client_address(&request), &path)
         .await
     {
         Ok(caller) => caller,

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_mcp::Incoming;
 
 use super::conversation::Conversation;
-use super::{Doors, peer_of, read_body};
+use super::{Doors, read_body};
 use crate::error::ProxyError;
 use crate::store::sessions::{SessionsFull, random_id};
 
@@ -107,7 +107,7 @@ async fn open_stream(
     let server = doors.server(name.as_deref(), request.headers())?;
     let path = super::resource_path(name.as_deref(), "sse");
     let caller = doors
-        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .identify(request.headers(), doors.client_address(&request), &path)
         .await?;
     let sessions = &doors.shared().sessions;
     let capacity = sessions.capacity();
@@ -118,7 +118,10 @@ async fn open_stream(
     let per_client = sessions.per_client();
     if doors.legacy.held_by(&key) >= per_client {
         tracing::warn!(client = %key, "legacy SSE stream refused: limits.sessions_per_client");
-        return Err(ProxyError::SessionsFull(SessionsFull::Client(per_client)));
+        return Err(ProxyError::SessionsFull(SessionsFull::Client(
+            per_client,
+            super::counted_on(&key),
+        )));
     }
     let id = random_id();
     let (out, messages) = mpsc::channel::<Value>(QUEUE);
@@ -200,7 +203,7 @@ async fn post_message(
     let server = doors.server(name.as_deref(), request.headers())?;
     let path = super::resource_path(name.as_deref(), "messages");
     let client = match doors
-        .identify(request.headers(), peer_of(&request).ip(), &path)
+        .identify(request.headers(), doors.client_address(&request), &path)
         .await
     {
         Ok(caller) => caller.principal(),
@@ -221,11 +224,15 @@ async fn post_message(
     // learns at once; everything else is answered on the stream.
     let incoming = Incoming::parse(&body)?;
     // A client that POSTs without reading its stream must not pile up work here.
-    let permit = stream
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ProxyError::TooManyRequests(Duration::from_secs(1)))?;
+    let permit =
+        stream
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::TooManyRequests {
+                wait: Duration::from_secs(1),
+                counted: "this stream, whose messages are still in flight".to_owned(),
+            })?;
     // Admitted before the 202, in the order the POSTs came, then handled concurrently.
     let admitted = stream.conversation.admit_incoming(incoming).await;
     tokio::spawn(async move {

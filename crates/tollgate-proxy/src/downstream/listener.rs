@@ -5,9 +5,14 @@
 //! from one address (an IPv6 peer by its /64), are open at once; beyond them a
 //! connection is closed as soon as it is accepted. Each is counted and logged.
 //! (Bodies are bounded in time where they are read, [`super::read_body`].)
+//!
+//! Before its first request a connection may have to pass its [`Entry`]: the PROXY
+//! protocol header of a trusted load balancer, then the TLS handshake, both within
+//! the same header deadline.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,11 +20,16 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
+
+use super::forwarded::Trusted;
+use super::proxy_protocol::{self, HeaderError, Rewind};
 
 use crate::config::Limits;
 use crate::state::Shared;
 use crate::store::limits::peer_key;
+use crate::tls::Certs;
 
 /// How connections are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -120,16 +130,81 @@ impl Gate {
     }
 }
 
+/// How a listener's connections begin: whose word on the client's address is taken
+/// (`trusted_proxies`), whether those peers start with a PROXY protocol header, and
+/// TLS.
+#[derive(Clone, Default)]
+pub struct Entry {
+    /// `trusted_proxies:`.
+    pub trusted: Trusted,
+    /// `proxy_protocol: true` on this listener.
+    pub proxy_protocol: bool,
+    /// The certificate, for HTTPS.
+    pub tls: Option<Arc<Certs>>,
+}
+
+/// A connection once its PROXY header is read and its TLS handshake made.
+enum Opened {
+    Plain(Rewind<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<Rewind<TcpStream>>>),
+}
+
+/// Why a connection was closed before its first request.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Proxy(#[from] HeaderError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+}
+
+impl Entry {
+    /// Reads the PROXY header a trusted peer sends first (with `proxy_protocol`), then
+    /// makes the TLS handshake (with `tls`). Returns the connection and its client:
+    /// the address the header names, else the peer.
+    async fn open(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        trusted: bool,
+    ) -> Result<(Opened, SocketAddr), OpenError> {
+        let (stream, client) = if trusted && self.proxy_protocol {
+            let header = proxy_protocol::read_header(&mut stream).await?;
+            let client = header
+                .client
+                .map_or(peer, |c| SocketAddr::new(c.ip().to_canonical(), c.port()));
+            (Rewind::new(header.rest, stream), client)
+        } else {
+            (Rewind::new(bytes::Bytes::new(), stream), peer)
+        };
+        let opened = match &self.tls {
+            None => Opened::Plain(stream),
+            Some(certs) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(certs.config());
+                let tls = acceptor.accept(stream).await.map_err(OpenError::Tls)?;
+                Opened::Tls(Box::new(tls))
+            }
+        };
+        Ok((opened, client))
+    }
+}
+
 /// Serves `service` on `listener` (named `name` in metrics and logs) until
 /// `shutdown` completes; then connections finish their requests in flight and
 /// close. Returns once every connection through `gate` is closed (several lanes
 /// may accept on one port, each on its own listener, behind one gate).
+///
+/// A connection from a trusted proxy carries many clients' requests: it counts
+/// towards `max_connections` only, unless its PROXY header names its one client,
+/// whose `connections_per_peer` it then counts towards. Its PROXY header and TLS
+/// handshake must be in within `header_read_timeout`, as a request's headers must.
 pub async fn serve<S>(
     name: &'static str,
     listener: tokio::net::TcpListener,
     service: S,
     shared: Arc<Shared>,
     gate: Arc<Gate>,
+    entry: Entry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
@@ -153,6 +228,7 @@ where
     let epoch = Instant::now();
     let refused_log = Arc::new(Throttle(AtomicU64::new(0)));
     let timeout_log = Arc::new(Throttle(AtomicU64::new(0)));
+    let entry = Arc::new(entry);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -169,57 +245,89 @@ where
             },
             () = &mut shutdown => break,
         };
-        let refuse = |limit: &str| {
-            shared.metrics.connection_refused(name, limit);
-            if refused_log.ready(epoch) {
-                tracing::warn!(listener = name, peer = %peer.ip(), "connection refused: limits.{limit} reached");
+        let refuse = {
+            let (shared, refused_log) = (shared.clone(), refused_log.clone());
+            move |limit: &str, client: IpAddr| {
+                shared.metrics.connection_refused(name, limit);
+                if refused_log.ready(epoch) {
+                    tracing::warn!(listener = name, peer = %client, "connection refused: limits.{limit} reached");
+                }
             }
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            refuse("max_connections");
+            refuse("max_connections", peer.ip());
             continue;
         };
-        let Some(peer_slot) = peers.take(peer_key(peer.ip()), limits.per_peer) else {
-            refuse("connections_per_peer");
-            continue;
+        let trusted = !entry.trusted.is_empty() && entry.trusted.contains(peer.ip());
+        let peer_slot = if trusted {
+            None
+        } else {
+            let Some(slot) = peers.take(peer_key(peer.ip()), limits.per_peer) else {
+                refuse("connections_per_peer", peer.ip());
+                continue;
+            };
+            Some(slot)
         };
         let _ = stream.set_nodelay(true);
-        // axum's `ConnectInfo` extractor finds the peer's address in the request.
-        let service = tower::ServiceExt::map_request(
-            service.clone(),
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            },
-        );
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            hyper_util::service::TowerToHyperService::new(service),
-        );
+        let builder = builder.clone();
+        let service = service.clone();
+        let (entry, peers) = (entry.clone(), peers.clone());
         let mut stop = stop_rx.clone();
         let shared = shared.clone();
         let timeout_log = timeout_log.clone();
         let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let _held = (permit, peer_slot);
-            shared.metrics.connection(name, 1);
-            tokio::pin!(connection);
-            let mut stopping = false;
-            let result = loop {
-                tokio::select! {
-                    result = connection.as_mut() => break result,
-                    _ = stop.changed(), if !stopping => {
-                        stopping = true;
-                        connection.as_mut().graceful_shutdown();
+            let _permit = permit;
+            let opening = entry.open(stream, peer, trusted);
+            let (opened, client) = match tokio::time::timeout(header_timeout, opening).await {
+                Ok(Ok(opened)) => opened,
+                Ok(Err(err)) => {
+                    shared.metrics.connection_refused(name, "handshake");
+                    if timeout_log.ready(epoch) {
+                        tracing::info!(listener = name, peer = %peer.ip(), error = %err, "connection closed before its first request");
                     }
+                    return;
                 }
+                Err(_) => {
+                    shared.metrics.client_timeout(name, "handshake");
+                    if timeout_log.ready(epoch) {
+                        tracing::info!(listener = name, peer = %peer.ip(), "connection closed: no PROXY header or TLS handshake within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
+                    }
+                    return;
+                }
+            };
+            // The client a trusted proxy's PROXY header names holds a slot of its own.
+            let _peer_slot = match peer_slot {
+                Some(slot) => Some(slot),
+                None if client.ip() != peer.ip() => {
+                    let Some(slot) = peers.take(peer_key(client.ip()), limits.per_peer) else {
+                        refuse("connections_per_peer", client.ip());
+                        return;
+                    };
+                    Some(slot)
+                }
+                None => None,
+            };
+            // axum's `ConnectInfo` extractor finds the client's address in the request.
+            let service = tower::ServiceExt::map_request(
+                service,
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(client));
+                    request
+                },
+            );
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            shared.metrics.connection(name, 1);
+            let result = match opened {
+                Opened::Plain(io) => run(&builder, io, service, &mut stop).await,
+                Opened::Tls(io) => run(&builder, io, service, &mut stop).await,
             };
             shared.metrics.connection(name, -1);
             match result {
                 Err(err) if err.is_timeout() => {
                     shared.metrics.client_timeout(name, "header");
                     if timeout_log.ready(epoch) {
-                        tracing::info!(listener = name, peer = %peer.ip(), "connection closed: no request headers within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
+                        tracing::info!(listener = name, peer = %client.ip(), "connection closed: no request headers within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
                     }
                 }
                 Err(err) => tracing::debug!(listener = name, error = %err, "connection ended"),
@@ -233,4 +341,33 @@ where
     let all = u32::try_from(limits.max).unwrap_or(u32::MAX);
     let _ = open.acquire_many(all).await;
     Ok(())
+}
+
+/// Serves one connection's requests until it ends, or, once `stop` turns true, until
+/// the requests in flight are answered.
+async fn run<IO, S>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    stop: &mut watch::Receiver<bool>,
+) -> hyper::Result<()>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }

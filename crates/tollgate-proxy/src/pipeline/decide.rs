@@ -212,7 +212,10 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    if let Some(changed) = super::tools::check(ctx, message.as_value(), call.name).await {
+    // Only a server with a tool lock reads the whole message (its listing copies it).
+    if ctx.server.tools.is_some()
+        && let Some(changed) = super::tools::check(ctx, message.as_value(), call.name).await
+    {
         return Ok(refuse_changed(ctx, &id, changed, call.arguments).await);
     }
     enforce(ctx, &id, call.name, call.arguments).await
@@ -405,6 +408,7 @@ async fn record(
                 call_id: &permit.call_id,
                 server: &ctx.server.name,
                 client: ctx.caller.client.as_deref(),
+                client_address: ctx.caller.peer,
                 user: identity.map(|id| &*id.user),
                 client_id: identity.and_then(|id| id.client_id.as_deref()),
                 jti: identity.and_then(|id| id.jti.as_deref()),

@@ -21,6 +21,10 @@ use crate::state::Shared;
 use crate::store::tasks::{TaskOwner, TaskRecord, Tasks};
 use crate::upstream::{Body, Event, Json};
 
+/// An answer that creates or lists tasks names a `taskId`.
+static TASK_ID: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"taskId"));
+
 /// Requests naming one task by `params.taskId`.
 const BY_ID: [&str; 4] = ["tasks/get", "tasks/result", "tasks/cancel", "tasks/update"];
 
@@ -107,12 +111,20 @@ pub async fn relayed(
     message: &Message,
     mut answer: Answer,
 ) -> Result<Answer, ProxyError> {
+    let list = message.method() == Some("tasks/list");
+    // A JSON answer that names no task has nothing to record: the common call's.
+    if let Body::Json(Json::Text(text)) = &answer.body
+        && !list
+        && TASK_ID.find(text).is_none()
+    {
+        return Ok(answer);
+    }
     let watch = Watch {
         shared: ctx.shared().clone(),
         server: ctx.server.name.clone(),
         owner: owner(ctx),
         tool: message.tool_call().map(|call| call.name.to_owned()),
-        list: message.method() == Some("tasks/list"),
+        list,
     };
     answer.body = match answer.body {
         Body::Json(json) if watch.tool.is_some() || watch.list => {
@@ -209,7 +221,7 @@ impl Watch {
     async fn message(&self, json: Json) -> Result<Json, ProxyError> {
         if let Some(tool) = &self.tool {
             if let Json::Text(text) = &json
-                && memchr::memmem::find(text, b"taskId").is_none()
+                && TASK_ID.find(text).is_none()
             {
                 return Ok(json);
             }

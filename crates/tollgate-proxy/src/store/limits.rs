@@ -139,6 +139,7 @@ impl CallLimits {
         let Some((limit, key)) = tollgate_policy::limit_of(policy, &decision, call) else {
             return Ok((decision, None));
         };
+        let counted = key;
         let key = shared
             .remote
             .key(&["limit", &shared.server, &limit.id, key]);
@@ -157,7 +158,7 @@ impl CallLimits {
             Ok((1, _)) => Ok((decision, Some(Taken::Shared { key, member }))),
             Ok((_, wait_ms)) => {
                 let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
-                tollgate_policy::over_limit(&mut decision, limit, wait);
+                tollgate_policy::over_limit(&mut decision, limit, counted, wait);
                 Ok((decision, None))
             }
             Err(error) => Err(Unchecked { decision, error }),

@@ -242,9 +242,9 @@ pub enum SessionsFull {
     Total(usize),
     /// This client holds as many sessions (or legacy streams) as it may.
     #[error(
-        "this client already holds {0} sessions (limits.sessions_per_client); end one (DELETE, or close its stream) or let one expire, then try again"
+        "{1} already holds {0} sessions (limits.sessions_per_client); end one (DELETE, or close its stream) or let one expire, then try again"
     )]
-    Client(usize),
+    Client(usize, String),
 }
 
 impl Sessions {
@@ -342,7 +342,9 @@ impl Sessions {
             self.sweep_locked(&mut map);
             held = self.held.lock();
             if held.get(&session.quota_key).copied().unwrap_or(0) >= self.per_client {
-                return Err(SessionsFull::Client(self.per_client));
+                let counted = tollgate_policy::counted_on(&session.quota_key)
+                    .unwrap_or_else(|| "this client".to_owned());
+                return Err(SessionsFull::Client(self.per_client, counted));
             }
         }
         *held.entry(session.quota_key.clone()).or_insert(0) += 1;
@@ -687,7 +689,7 @@ mod quota_tests {
         sessions.open(of("client:a")).unwrap();
         assert!(matches!(
             sessions.open(of("client:a")),
-            Err(SessionsFull::Client(2))
+            Err(SessionsFull::Client(2, _))
         ));
         sessions.open(of("client:b")).unwrap();
         sessions.remove(&a.id);
