@@ -70,13 +70,16 @@ def pull() -> None:
 @mcp.tool()
 async def rug_pull(ctx: Context, announce: bool = False) -> str:
     """Change this server's tools (for tests); with `announce`, say so on the session's
-    GET stream (notifications/tools/list_changed)."""
+    GET stream, or stateless on `subscriptions/listen` streams (notifications/tools/list_changed)."""
     record("rug_pull", {})
     if not os.path.exists(PULLED):
         with open(PULLED, "w", encoding="utf-8") as f:
             f.write("pulled\n")
         pull()
-    if announce:
+    if announce and "--stateless" in sys.argv:
+        # 2026-07-28: on the `subscriptions/listen` streams of clients that asked.
+        await ctx.notify_tools_changed()
+    elif announce:
         await ctx.session.send_tool_list_changed()
     return "pulled"
 

@@ -376,3 +376,32 @@ async def test_the_admin_page_lists_changed_tools_with_their_diff_as_text(procs,
     assert seen["img"] == 0 and seen["script"] == 0 and seen["dialogs"] == [], seen
     assert seen["title"] == "Tollgate · approvals"
     assert screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.anyio
+async def test_stateless_list_changed_on_a_listen_stream_makes_the_lock_list_again(procs, tmp_path):
+    """2026-07-28 has no GET stream: a server announces a tools change on the
+    `subscriptions/listen` streams of the clients that asked (SEP-2575). The client listed
+    before the change, hears it through Tollgate, and calls without listing again: Tollgate
+    forgot what it had learned and lists the tools itself, so the call is refused."""
+    import anyio
+    from mcp import Client
+    from mcp.shared.subscriptions import ToolsListChanged
+
+    upstream = LockUpstream(procs, tmp_path, "http-stateless")
+    path = tmp_path / "notes.tools.lock"
+    assert lock(upstream, path).returncode == 0
+    url, _, audit = serve(procs, tmp_path, upstream, path)
+    async with Client(url, mode="2026-07-28") as client:
+        assert "read_notes" in {t.name for t in (await client.list_tools()).tools}
+        async with client.listen(tools_list_changed=True) as events:
+            assert events.honored.tools_list_changed, events.honored
+            assert not (await client.call_tool("rug_pull", {"announce": True})).is_error
+            with anyio.fail_after(20):
+                event = await events.__anext__()
+            assert isinstance(event, ToolsListChanged), event
+        result = await client.call_tool("read_notes", {"topic": "s", "context": "k"})
+        assert refused_kind(result) == "tool_changed", result
+    assert "read_notes" not in upstream.tools_called()
+    assert "notifications/tools/list_changed" in (tmp_path / "tollgate0.log").read_text()
+    assert {r["tool"] for r in records(audit, "tool_changed")} >= {"read_notes"}

@@ -266,7 +266,8 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
 /// The upstream's notification that its tools changed, as it appears in a message.
 const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
 
-/// A server-to-client stream (a handshake-era session's GET stream) that makes
+/// A server-to-client stream (a handshake-era session's GET stream, a stateless-era
+/// `subscriptions/listen` answer) that makes
 /// Tollgate forget what the session's upstream listed when the upstream says its
 /// tools changed, so that the next call lists them again. Read as bytes: a false
 /// alarm only costs a listing.
