@@ -38,7 +38,8 @@ def stages() -> dict[str, list[tuple[str, str]]]:
         if word == "FROM":
             current = rest.split(" AS ")[-1].strip() if " AS " in rest else rest
             found[current] = []
-        found[current].append((word, rest))
+        if current is not None:  # an ARG before the first FROM is global
+            found[current].append((word, rest))
     return found
 
 
@@ -64,8 +65,9 @@ def test_the_build_context_leaves_out_builds_venvs_and_node_modules():
     for heavy in ["target", "crates/mcp-tollgate/target", "tests/.venv", "tests/.venv-healthlake",
                   "tests/ts/node_modules", "tests/artifacts", ".git"]:
         assert is_ignored(heavy, patterns), heavy
-    # Everything the Dockerfile copies from the context is in it.
-    for word, rest in instructions():
+    # Everything the Dockerfile copies from the context is in it (but for the `prebuilt`
+    # target's, whose context is the directory scripts/image makes: test_image.py).
+    for word, rest in [i for name, stage in stages().items() if name != "prebuilt" for i in stage]:
         if word == "COPY" and "--from" not in rest:
             *sources, _ = rest.split()
             for source in sources:
@@ -112,9 +114,10 @@ def test_the_default_image_starts_and_passes_its_healthcheck(procs, tmp_path):
     procs.append(proc)
     admin = proc.wait_line(r"Tollgate admin on http://0\.0\.0\.0:(\d+)/ \(token [0-9a-f]{32}")
     health = json.loads(final["HEALTHCHECK"].split("CMD", 1)[1])
-    assert health[:3] == ["/usr/local/bin/tollgate", "health", "--admin"]
-    url = health[3].replace(":9090", f":{admin.group(1)}")
-    out = subprocess.run([TOLLGATE, *health[1:3], url], capture_output=True, timeout=30)
+    assert health == ["/usr/local/bin/tollgate", "health"]
+    # It asks 127.0.0.1:9090, or where TOLLGATE_HEALTH_ADMIN says (test_image.py runs it).
+    out = subprocess.run([TOLLGATE, *health[1:]], capture_output=True, timeout=30,
+                         env={**os.environ, "TOLLGATE_HEALTH_ADMIN": f"http://127.0.0.1:{admin.group(1)}"})
     assert out.returncode == 0, out.stderr
 
 
@@ -123,6 +126,29 @@ def test_the_runtimes_target_can_start_npx_and_uvx_servers():
     for tool in ["nodejs", "npm", "python3", "uv"]:
         assert re.search(rf"\b{tool}\b", runtimes), tool
     assert "USER 65532:65532" in runtimes and "/usr/local/bin/tollgate" in runtimes
+
+
+
+def test_the_runtimes_user_has_its_group(tmp_path):
+    """USER 65532:65532 names a group too: the runtimes stage's own groupadd/useradd, run
+    here on a minimal /etc under --prefix (the host's is not touched), make both."""
+    run = next(rest for word, rest in stages()["runtimes"] if word == "RUN")
+    steps = [step.strip() for step in run.split("&&")]
+    users = [step for step in steps if step.split()[0] in ("groupadd", "useradd")]
+    assert users, run
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (etc / "group").write_text("root:x:0:\n")
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (etc / "gshadow").write_text("root:*::\n")
+    shutil.copy("/etc/login.defs", etc / "login.defs")
+    for step in users:
+        command, *args = step.split()
+        out = subprocess.run([command, "--prefix", str(tmp_path), *args], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, (step, out.stderr)
+    assert re.search(r"^nonroot:x:65532:", (etc / "group").read_text(), re.M), (etc / "group").read_text()
+    assert re.search(r"^nonroot:x:65532:65532:", (etc / "passwd").read_text(), re.M), (etc / "passwd").read_text()
 
 
 def test_compose_has_no_default_admin_token():

@@ -267,3 +267,79 @@ async def test_an_authenticated_clients_approval_is_redeemed_from_its_next_sessi
         again = await client.call_tool("echo", {"text": "run"})
     assert again.is_error is False, again
     assert upstream.tools_called() == ["echo"]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_call_to_a_broken_upstream_is_a_json_rpc_error_naming_it(procs, tmp_path, mode):
+    """A wrong path (a bare 404, over Streamable HTTP and legacy SSE), a stdio command that
+    does not exist and a refused connection: the SDK client sees a JSON-RPC error naming the server, where it is (URL
+    or command) and, for an HTTP answer, its status; each is logged at WARN."""
+    from mcp import MCPError
+
+    from conftest import serve_config, write_config
+
+    upstream = start_upstream(procs, tmp_path)
+    wrong = upstream.url.removesuffix("/mcp") + "/wrong"
+    refused = f"http://127.0.0.1:{free_port()}/mcp"
+    config = write_config(tmp_path, {
+        "wrong": (wrong, ALLOW_ECHO),
+        "missing": ("    command: [surely-no-such-mcp-server, --flag]\n", ALLOW_ECHO),
+        "refused": (refused, ALLOW_ECHO),
+        "sse-wrong": (f"    url: {wrong}\n    transport: sse\n", ALLOW_ECHO),
+    })
+    base, proc = serve_config(procs, config)
+    expected = {
+        "wrong": [wrong, "HTTP 404", "servers.wrong.url"],
+        "missing": ["surely-no-such-mcp-server --flag", "could not start `surely-no-such-mcp-server`"],
+        "refused": [refused, "servers.refused.url"],
+        "sse-wrong": [wrong, "404 Not Found", "servers.sse-wrong.url"],
+    }
+    for server, words in expected.items():
+        try:
+            with anyio.fail_after(30):
+                async with Client(f"{base}/servers/{server}/mcp", mode=mode) as client:
+                    await client.call_tool("echo", {"text": "hi"})
+        except Exception as raised:  # noqa: BLE001 - the SDK wraps it in exception groups
+            errors = [raised]
+            while isinstance(errors[0], BaseExceptionGroup):
+                errors = list(errors[0].exceptions)
+            error = errors[0]
+        else:
+            pytest.fail(f"{server}: the call went through")
+        assert isinstance(error, MCPError), repr(error)
+        message = str(error)
+        assert f"upstream `{server}`" in message, message
+        for word in words:
+            assert word in message, (word, message)
+    warned = [line for line in proc.log.read_text().splitlines() if " WARN " in line and "readiness" not in line]
+    for server in expected:
+        assert any(f'server="{server}"' in line for line in warned), (server, warned)
+
+
+def test_tollgate_stdio_ends_on_sigterm_while_its_stdin_stays_open(procs, tmp_path):
+    """A client (or a service manager) that stops `tollgate stdio` with SIGTERM and keeps the
+    pipe open: it ends anyway, not at the next byte on stdin."""
+    import signal
+
+    upstream = start_upstream(procs, tmp_path)
+    (tmp_path / "p.yaml").write_text(ALLOW_ECHO)
+    proc = subprocess.Popen([TOLLGATE, "stdio", "--policy", str(tmp_path / "p.yaml"), "--upstream", upstream.url],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    timer = threading.Timer(60, proc.kill)  # bounds the read below
+    timer.start()
+    try:
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "term", "version": "1"}}
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}) + "\n")
+        proc.stdin.flush()
+        assert "result" in json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("`tollgate stdio` still runs 20s after SIGTERM, its stdin open")
+        assert code == 0
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.stdin.close()
+        proc.wait(timeout=10)

@@ -394,7 +394,7 @@ impl Metrics {
         histogram.observe(seconds);
     }
 
-    /// Counts an upstream failure (`unreachable`, `timeout`, `status_5xx`, …).
+    /// Counts an upstream failure (`unreachable`, `timeout`, `status_5xx`, `status_not_ok`, …).
     pub fn upstream_error(&self, server: &str, kind: &str) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels {

@@ -7,10 +7,16 @@ use std::time::Duration;
 /// Arguments of `tollgate health`.
 #[derive(Debug, clap::Args)]
 pub struct HealthArgs {
-    /// The admin listener; `GET /healthz` must answer 200.
-    #[arg(long, default_value = "http://127.0.0.1:9090", conflicts_with = "url")]
+    /// The admin listener; `GET /healthz` must answer 200. The image's HEALTHCHECK
+    /// takes it from TOLLGATE_HEALTH_ADMIN when `admin.listen` is not on port 9090.
+    #[arg(
+        long,
+        env = "TOLLGATE_HEALTH_ADMIN",
+        default_value = "http://127.0.0.1:9090"
+    )]
     pub admin: String,
-    /// Instead, an MCP endpoint: a `ping` POST must get an HTTP answer below 500.
+    /// Instead (`--admin` is then not asked), an MCP endpoint: a `ping` POST must get
+    /// an HTTP answer below 500.
     #[arg(long)]
     pub url: Option<String>,
 }

@@ -55,6 +55,12 @@ pub fn register(instance: &Instance) -> Option<Registration> {
     let dir = runtime_dir()?;
     match write_record(&dir, instance) {
         Ok(path) => Some(Registration(path)),
+        // A read-only root (a container's, the Kubernetes manifests') is expected there:
+        // nobody runs `tollgate approvals` inside it without --admin.
+        Err(err) if err.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            tracing::info!(dir = %dir.display(), "read-only file system: this instance is not recorded; `tollgate approvals` needs --admin");
+            None
+        }
         Err(err) => {
             tracing::warn!(dir = %dir.display(), error = %err, "cannot record this instance; `tollgate approvals` will need --admin");
             None

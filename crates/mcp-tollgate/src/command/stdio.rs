@@ -60,7 +60,12 @@ pub fn run(args: StdioArgs) -> ExitCode {
     init_logging(args.log_format);
     let result = (|| {
         let (config, policies, server) = load(&args)?;
-        runtime()?.block_on(serve_stdio(config, policies, server))
+        let runtime = runtime()?;
+        let served = runtime.block_on(serve_stdio(config, policies, server));
+        // The thread reading stdin is blocked in read(2) until the client writes or
+        // closes it: after a signal, do not wait for it.
+        runtime.shutdown_background();
+        served
     })();
     finish(result)
 }

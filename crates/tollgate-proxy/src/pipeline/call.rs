@@ -19,7 +19,7 @@ use super::session;
 use crate::error::ProxyError;
 use crate::state::Server;
 use crate::telemetry;
-use crate::upstream::{Body, Failure, Payload, Reply, Request};
+use crate::upstream::{Body, Failure, Json, Payload, Reply, Request};
 
 /// Sends `payload` (one message, or a batch) on the context's session; its answer
 /// passes `chain`, the response stages that know the calls in it.
@@ -122,6 +122,20 @@ fn account(
                 ctx.shared().sessions.remove(&session.id);
                 return Err(ProxyError::UnknownSession);
             }
+            if !reply.status.is_success() {
+                // A bare error status (a wrong path's 404, a gateway's 502 page) tells the
+                // client nothing about which upstream failed: say it in JSON-RPC.
+                let (body, answered) = jsonrpc_body(reply.body);
+                if !answered {
+                    if !reply.status.is_server_error() {
+                        metrics.upstream_error(&server.name, "status_not_ok");
+                    }
+                    let error = status_error(server, reply.status, id.cloned());
+                    tracing::warn!(status = %reply.status, location = %server.location, "upstream answered without a JSON-RPC message");
+                    return Err(error);
+                }
+                reply.body = body;
+            }
             reply.body = chain.body(reply.body);
             Ok(reply)
         }
@@ -220,6 +234,35 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
     })
 }
 
+/// An error answer's body, and whether it carries JSON-RPC (a JSON object or batch
+/// with `jsonrpc`, or a stream of messages) rather than nothing or an error page.
+fn jsonrpc_body(body: Body) -> (Body, bool) {
+    match body {
+        Body::Json(json) => match json.into_value() {
+            Ok(value) => {
+                let answered = match &value {
+                    Value::Object(message) => message.contains_key("jsonrpc"),
+                    Value::Array(messages) => messages.iter().any(|m| m.get("jsonrpc").is_some()),
+                    _ => false,
+                };
+                (Body::Json(Json::Value(value)), answered)
+            }
+            Err(_) => (Body::Empty, false),
+        },
+        body @ (Body::Events(_) | Body::Sse(_)) => (body, true),
+        body @ (Body::Empty | Body::Other { .. }) => (body, false),
+    }
+}
+
+/// The client-facing error for an HTTP error status without a JSON-RPC message.
+fn status_error(server: &Server, status: StatusCode, id: Option<Value>) -> ProxyError {
+    let message = format!(
+        "upstream `{}` ({}) answered HTTP {} without a JSON-RPC message; check that {} is the server's MCP endpoint and that the server is healthy",
+        server.name, server.location, status, server.location_key
+    );
+    ProxyError::Upstream { id, message }
+}
+
 /// The client-facing error for a failed exchange, naming the server and what to check.
 pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> ProxyError {
     let message = match failure {
@@ -240,4 +283,29 @@ pub fn failure_error(server: &Server, failure: &Failure, id: Option<Value>) -> P
         ),
     };
     ProxyError::Upstream { id, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(body: &str) -> Body {
+        Body::Json(Json::Text(bytes::Bytes::copy_from_slice(body.as_bytes())))
+    }
+
+    #[test]
+    fn only_json_rpc_counts_as_an_answer_to_an_error_status() {
+        let answered = |body| jsonrpc_body(body).1;
+        assert!(answered(text(
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32600,"message":"x"}}"#
+        )));
+        assert!(answered(text(r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#)));
+        assert!(!answered(text(r#"{"detail":"Not Found"}"#)));
+        assert!(!answered(text("not json")));
+        assert!(!answered(Body::Empty));
+        assert!(!answered(Body::Other {
+            content_type: None,
+            bytes: bytes::Bytes::from_static(b"<html>404</html>"),
+        }));
+    }
 }
