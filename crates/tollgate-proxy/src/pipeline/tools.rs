@@ -13,7 +13,7 @@ use tollgate_policy::{Action, Decision, DenyKind};
 
 use super::context::Context;
 use crate::audit::Record;
-use crate::lock::{Change, Seen, Status, ToolWatch};
+use crate::lock::{Change, Status, ToolWatch};
 use crate::state::{Server, Shared};
 use crate::upstream::{Body, Json, Payload, Request};
 
@@ -106,30 +106,29 @@ fn record(shared: &Shared, server: &Server, watch: &ToolWatch, changes: &[Change
 pub async fn check(ctx: &Context, call: &Value, tool: &str) -> Option<Decision> {
     let watch = ctx.server.tools.as_ref()?;
     let key = session_key(ctx);
-    let mut seen = watch.seen(&key, tool);
-    if seen == Seen::Unknown {
-        // One listing at a time per server: those who waited find it learned.
-        let _listing = watch.listing.lock().await;
-        seen = watch.seen(&key, tool);
-        if seen == Seen::Unknown {
-            if let Err(error) = list(ctx, call, watch, &key).await {
-                tracing::warn!(server = %ctx.server.name, tool, %error, "could not list the upstream's tools to check the call against the tool lock");
-                return (!watch.warns()).then(|| refused(tool, format!(
-                    "tools/call `{tool}` was not forwarded: its definition could not be checked against the tool lock because listing the upstream's tools failed ({error}); retry later"
-                )));
+    let status = match watch.status(&key, tool) {
+        // The call path: one lookup.
+        Some(Status::Unchanged) => return None,
+        Some(status) => status,
+        None => {
+            // One listing at a time per server: those who waited find it learned.
+            let _listing = watch.listing.lock().await;
+            match watch.status(&key, tool) {
+                Some(status) => status,
+                None => {
+                    if let Err(error) = list(ctx, call, watch, &key).await {
+                        tracing::warn!(server = %ctx.server.name, tool, %error, "could not list the upstream's tools to check the call against the tool lock");
+                        return (!watch.warns()).then(|| refused(tool, format!(
+                            "tools/call `{tool}` was not forwarded: its definition could not be checked against the tool lock because listing the upstream's tools failed ({error}); retry later"
+                        )));
+                    }
+                    // A complete listing: every tool is known now.
+                    watch.status(&key, tool).unwrap_or(Status::Unknown {
+                        seen: "none".into(),
+                    })
+                }
             }
-            seen = watch.seen(&key, tool);
         }
-    }
-    let lock = watch.lock();
-    let status = match seen {
-        Seen::Digest(digest) => lock.status(tool, &digest),
-        // Not listed: the upstream will answer that it has no such tool, unless
-        // the lock does not name it either.
-        Seen::NotListed | Seen::Unknown if lock.tools().contains_key(tool) => Status::Unchanged,
-        Seen::NotListed | Seen::Unknown => Status::Unknown {
-            seen: "none".into(),
-        },
     };
     let reason = match &status {
         Status::Unchanged => return None,
@@ -268,7 +267,8 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
 /// The upstream's notification that its tools changed, as it appears in a message.
 const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
 
-/// A server-to-client stream (a handshake-era session's GET stream) that makes
+/// A server-to-client stream (a handshake-era session's GET stream, a stateless-era
+/// `subscriptions/listen` answer) that makes
 /// Tollgate forget what the session's upstream listed when the upstream says its
 /// tools changed, so that the next call lists them again. Read as bytes: a false
 /// alarm only costs a listing.
