@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tollgate_mcp::Message;
 use tollgate_policy::{Action, Decision, DenyKind};
 
 use super::context::Context;
@@ -103,7 +104,7 @@ fn record(shared: &Shared, server: &Server, watch: &ToolWatch, changes: &[Change
 /// definition differs from the lock or the lock does not name it (and
 /// `on_tool_change` is `refuse`); `None` to go on. Lists the upstream's tools first
 /// when their current definitions are not known.
-pub async fn check(ctx: &Context, call: &Value, tool: &str) -> Option<Decision> {
+pub async fn check(ctx: &Context, call: &Message, tool: &str) -> Option<Decision> {
     let watch = ctx.server.tools.as_ref()?;
     let key = session_key(ctx);
     let status = match watch.status(&key, tool) {
@@ -165,9 +166,10 @@ fn refused(tool: &str, reason: String) -> Decision {
 /// with its stateless-era `_meta` (protocol version, client info and capabilities)
 /// and its headers, but for those that name the call (`Mcp-Method`, `Mcp-Name`,
 /// `Mcp-Param-*`).
-async fn list(ctx: &Context, call: &Value, watch: &ToolWatch, key: &str) -> Result<(), String> {
+async fn list(ctx: &Context, call: &Message, watch: &ToolWatch, key: &str) -> Result<(), String> {
     let timeout = ctx.server.timeout;
-    let listed = tokio::time::timeout(timeout, all_pages(ctx, call))
+    // Only a listing reads the whole call (for its `_meta`).
+    let listed = tokio::time::timeout(timeout, all_pages(ctx, call.as_value()))
         .await
         .map_err(|_| format!("no answer within {}s", timeout.as_secs()))??;
     let (_, changes) = watch.learn(key, &listed, true);
