@@ -2,7 +2,7 @@
 //!
 //! Every detector of a policy is compiled into one multi-pattern automaton, so a string is read once
 //! to learn which detectors occur in it (the common answer: none); only those detectors
-//! then look for their matches. The `regex` crate runs in time linear in the text (no
+//! then look for their matches, together: one more read (see [`Scanner::find`]). The `regex` crate runs in time linear in the text (no
 //! backtracking), whatever the pattern. Some detectors confirm a candidate with a check a
 //! regular expression cannot make (a card number's Luhn digit, an SSN's valid area).
 //!
@@ -10,8 +10,11 @@
 //! longest, then the detector listed first: the output is the same whatever the order
 //! the detectors were written in, and each detector looks again after a winner's end.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use regex::{Regex, RegexBuilder};
-use regex_automata::{Input, MatchKind, PatternSet, meta};
+use regex_automata::{Anchored, Input, PatternID, meta};
 
 /// An ASCII word boundary: lets the lazy DFA run on any text (a Unicode `\b` makes it
 /// give up at the first non-ASCII byte).
@@ -132,6 +135,27 @@ pub(crate) struct Detector {
     /// Whether a match can take in a marker's `[` or `]`, or needs a `\B`: then a marker
     /// may uncover a match of it anywhere along, not only next to a word.
     pub crosses_markers: bool,
+    /// Whether its matches are at most [`SHORT`] bytes long: looking whether it matches
+    /// at a given place then reads at most that many bytes.
+    short: bool,
+    /// The fewest bytes a match of it has.
+    shortest: usize,
+}
+
+/// The longest match of a detector said to be short (see [`Detector::short`]).
+const SHORT: usize = 256;
+
+/// Whether every match of `pattern` is at most [`SHORT`] bytes long, and the fewest bytes
+/// a match has.
+fn lengths(pattern: &str) -> (bool, usize) {
+    let hir = regex_syntax::parse(pattern).ok();
+    let properties = hir.as_ref().map(regex_syntax::hir::Hir::properties);
+    (
+        properties
+            .and_then(|p| p.maximum_len())
+            .is_some_and(|len| len <= SHORT),
+        properties.and_then(|p| p.minimum_len()).unwrap_or(0),
+    )
 }
 
 impl Detector {
@@ -140,11 +164,14 @@ impl Detector {
         let (name, pattern, check) = BUILT_INS.iter().find(|(n, _, _)| *n == name)?;
         // The built-in patterns are constants, tested to compile.
         let regex = Regex::new(pattern).ok()?;
+        let (short, shortest) = lengths(pattern);
         Some(Detector {
             name: (*name).to_owned(),
             regex,
             check: *check,
             crosses_markers: false,
+            short,
+            shortest,
         })
     }
 
@@ -158,11 +185,14 @@ impl Detector {
             .size_limit(CUSTOM_SIZE_LIMIT)
             .build()
             .map_err(|err| one_line(&err.to_string()))?;
+        let (short, shortest) = lengths(pattern);
         Ok(Detector {
             name: name.to_owned(),
             regex,
             check: Check::None,
             crosses_markers: crosses_markers(&hir),
+            short,
+            shortest,
         })
     }
 
@@ -189,10 +219,15 @@ impl Detector {
                 // it; they are short (at most 37 and 11 bytes), so looking again from the
                 // next character stays linear.
                 Check::Card | Check::Ssn => next_char(hay, m.start()),
-                // Every address overlapping a refused one has its domain.
-                Check::None | Check::Email if m.end() > m.start() => m.end(),
+                // An address starting in a refused one's name has its domain too; one
+                // starting in the domain (`icon@2x.png@example.org`) has another `@`.
+                Check::Email => m
+                    .as_str()
+                    .find('@')
+                    .map_or_else(|| next_char(hay, m.start()), |at| m.start() + at + 1),
+                Check::None if m.end() > m.start() => m.end(),
                 // Custom patterns never match empty text; stay safe if one did.
-                Check::None | Check::Email => next_char(hay, m.end()),
+                Check::None => next_char(hay, m.end()),
             };
         }
         None
@@ -368,15 +403,52 @@ fn email(text: &str) -> bool {
     !FILE_SUFFIXES.iter().any(|s| s.eq_ignore_ascii_case(suffix))
 }
 
-/// Every detector of a policy, compiled together.
+/// Every detector of a policy, and the automata that look for several at once.
 #[derive(Debug)]
 pub(crate) struct Scanner {
-    /// All the patterns, reporting every one that matches (`MatchKind::All`).
-    set: meta::Regex,
     detectors: Vec<Detector>,
-    /// The fewest bytes any detector matches: a shorter string (most values of a
+    /// The detectors a call looks for, searched for together: one automaton per set of
+    /// detectors met so far (a policy meets few: one per combination of its entries that
+    /// apply to a call), made the first time and kept. `None`: too big together.
+    together: Mutex<Kept>,
+}
+
+/// The automata made, by set of detectors.
+type Kept = HashMap<Box<[usize]>, Option<Arc<Together>>>;
+
+/// Where a detector was last looked for from, and its next match (start, end) there.
+type Next = Option<(usize, Option<(usize, usize)>)>;
+
+/// Sets of detectors kept searched for together at most; a further set is searched for
+/// one detector at a time (the same matches, one read of the text per detector).
+const MAX_TOGETHER: usize = 64;
+
+/// Several detectors in one leftmost-first automaton: one read of the text finds the
+/// next place where any of them matches.
+#[derive(Debug)]
+struct Together {
+    regex: meta::Regex,
+    /// The detector of each pattern, by pattern id: those that are not short first,
+    /// so that where one of them matches the automaton says so (see [`Scanner::find`]).
+    order: Vec<usize>,
+}
+
+/// The detectors one call looks for (see [`Scanner::wanted`]).
+#[derive(Debug, Default)]
+pub(crate) struct Wanted {
+    /// Their indices, in order.
+    pub detectors: Vec<usize>,
+    together: Option<Arc<Together>>,
+    /// The fewest bytes any of them matches: a shorter string (most values of a
     /// structured result: `female`, `3`, a date) needs no look.
     shortest: usize,
+}
+
+impl Wanted {
+    /// Whether there is nothing to look for.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.detectors.is_empty()
+    }
 }
 
 /// One match: `[start, end)` of the text, by detector `detector`.
@@ -387,34 +459,35 @@ pub(crate) struct Found {
     pub detector: usize,
 }
 
+impl Found {
+    /// Whether this match wins over `other` at the same start: the longer, then the
+    /// detector listed first.
+    fn beats(&self, other: &Found) -> bool {
+        (std::cmp::Reverse(self.end), self.detector)
+            < (std::cmp::Reverse(other.end), other.detector)
+    }
+}
+
 impl Scanner {
-    /// All of `detectors` in one set. The patterns compiled alone already, so together
-    /// they fail only when the set is too big; the error says so.
+    /// All of `detectors`. The patterns compiled alone already, so together they fail
+    /// only when the set is too big; the error says so.
     pub(crate) fn new(detectors: Vec<Detector>) -> Result<Scanner, String> {
-        let patterns: Vec<&str> = detectors.iter().map(Detector::pattern).collect();
-        let set = meta::Builder::new()
-            .configure(
-                meta::Config::new()
-                    .match_kind(MatchKind::All)
-                    .nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 16)),
-            )
-            .build_many(&patterns)
-            .map_err(|err| one_line(&err.to_string()))?;
-        let shortest = patterns
-            .iter()
-            .map(|p| {
-                regex_syntax::parse(p)
-                    .ok()
-                    .and_then(|hir| hir.properties().minimum_len())
-                    .unwrap_or(0)
-            })
-            .min()
-            .unwrap_or(0);
-        Ok(Scanner {
-            set,
+        let scanner = Scanner {
             detectors,
-            shortest,
-        })
+            together: Mutex::default(),
+        };
+        // All of them together: the automaton of a policy with one entry, and the proof
+        // that every set of them compiles.
+        let all: Vec<usize> = (0..scanner.detectors.len()).collect();
+        if all.len() > 1 {
+            let together = Together::new(&scanner.detectors, &all)?;
+            scanner
+                .together
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(all.into(), Some(Arc::new(together)));
+        }
+        Ok(scanner)
     }
 
     /// The detectors, by index.
@@ -422,63 +495,190 @@ impl Scanner {
         &self.detectors
     }
 
-    /// A set to pass to [`candidates`](Self::candidates), reused for every string.
-    pub(crate) fn pattern_set(&self) -> PatternSet {
-        PatternSet::new(self.set.pattern_len())
-    }
-
-    /// Which detectors' patterns occur in `hay`, in one pass (unconfirmed: a candidate
-    /// card number may fail its check), into `found` (cleared first).
-    pub(crate) fn candidates(&self, hay: &str, found: &mut PatternSet) {
-        found.clear();
-        if hay.len() >= self.shortest {
-            self.set.which_overlapping_matches(&Input::new(hay), found);
+    /// The detectors `detectors` of one call, with their automaton.
+    pub(crate) fn wanted(&self, mut detectors: Vec<usize>) -> Wanted {
+        detectors.sort_unstable();
+        detectors.dedup();
+        let shortest = detectors
+            .iter()
+            .filter_map(|&d| self.detectors.get(d))
+            .map(|d| d.shortest)
+            .min()
+            .unwrap_or(0);
+        let together = if detectors.len() > 1 {
+            let mut kept = self.together.lock().unwrap_or_else(PoisonError::into_inner);
+            match kept.get(detectors.as_slice()) {
+                Some(together) => together.clone(),
+                None if kept.len() >= MAX_TOGETHER => None,
+                None => {
+                    let together = Together::new(&self.detectors, &detectors)
+                        .ok()
+                        .map(Arc::new);
+                    kept.insert(detectors.as_slice().into(), together.clone());
+                    together
+                }
+            }
+        } else {
+            None
+        };
+        Wanted {
+            detectors,
+            together,
+            shortest,
         }
     }
 
     /// The confirmed matches of the detectors `wanted` in `hay`, in order, none
     /// overlapping: leftmost wins, then longest, then the lowest index. Appended to `out`.
-    pub(crate) fn find(&self, hay: &str, wanted: &[usize], out: &mut Vec<Found>) {
+    ///
+    /// One automaton of the wanted detectors reads the text once to find the next place
+    /// where any of them matches, and the match of the first of them (in its order)
+    /// that matches there. Whether the others match at that same place (one may be
+    /// longer) is asked of each: a short detector looks there (a few bytes), one that
+    /// is not looks for its next match onwards, which stays known until passed (they are
+    /// ordered first, so this is only asked of those after the one found).
+    pub(crate) fn find(&self, hay: &str, wanted: &Wanted, out: &mut Vec<Found>) {
+        if hay.len() < wanted.shortest {
+            return;
+        }
+        let Some(together) = &wanted.together else {
+            return self.find_each(hay, &wanted.detectors, 0, out);
+        };
+        // The next match of a detector that is not short, from where it was looked for
+        // (made at the first match: most strings have none).
+        let mut next: Vec<Next> = Vec::new();
+        let mut at = 0;
+        while at <= hay.len() {
+            let input = Input::new(hay).span(at..hay.len());
+            let Some(first) = together.regex.search(&input) else {
+                return;
+            };
+            let start = first.start();
+            let mut best: Option<Found> = None;
+            let from = first.pattern().as_usize();
+            for (id, &d) in together.order.iter().enumerate().skip(from) {
+                let Some(detector) = self.detectors.get(d) else {
+                    continue;
+                };
+                let end = if id == from {
+                    Some(first.end())
+                } else if detector.short {
+                    let Ok(pattern) = PatternID::new(id) else {
+                        continue;
+                    };
+                    let here = Input::new(hay)
+                        .span(start..hay.len())
+                        .anchored(Anchored::Pattern(pattern));
+                    together.regex.search(&here).map(|m| m.end())
+                } else {
+                    if next.is_empty() {
+                        next = vec![None; together.order.len()];
+                    }
+                    let Some(slot) = next.get_mut(id) else {
+                        continue;
+                    };
+                    let known = matches!(*slot, Some((looked, found))
+                        if looked <= start && found.is_none_or(|(s, _)| s >= start));
+                    if !known {
+                        let found = detector.regex.find_at(hay, start);
+                        *slot = Some((start, found.map(|m| (m.start(), m.end()))));
+                    }
+                    match *slot {
+                        Some((_, Some((s, end)))) if s == start => Some(end),
+                        _ => None,
+                    }
+                };
+                let Some(end) = end else { continue };
+                match detector.confirm(hay, start, end) {
+                    Some(end) if end > start => {
+                        let found = Found {
+                            start,
+                            end,
+                            detector: d,
+                        };
+                        if best.is_none_or(|b| found.beats(&b)) {
+                            best = Some(found);
+                        }
+                    }
+                    // A refused address is passed over whole, with every candidate
+                    // inside it (see `find_from`): as each detector alone does.
+                    None if detector.check == Check::Email => {
+                        return self.find_each(hay, &wanted.detectors, start, out);
+                    }
+                    _ => {}
+                }
+            }
+            match best {
+                Some(found) => {
+                    out.push(found);
+                    at = found.end;
+                }
+                None => at = next_char(hay, start),
+            }
+        }
+    }
+
+    /// [`find`](Self::find) from `from`, each detector reading the text itself.
+    fn find_each(&self, hay: &str, wanted: &[usize], from: usize, out: &mut Vec<Found>) {
         // The next match of each wanted detector at or after the cursor.
         let mut next: Vec<Option<(usize, usize)>> = wanted
             .iter()
-            .map(|&d| self.detectors.get(d).and_then(|det| det.find_from(hay, 0)))
+            .map(|&d| {
+                self.detectors
+                    .get(d)
+                    .and_then(|det| det.find_from(hay, from))
+            })
             .collect();
         loop {
-            let mut best: Option<(usize, usize, usize)> = None;
+            let mut best: Option<Found> = None;
             for (slot, found) in next.iter().enumerate() {
-                let Some((start, end)) = *found else { continue };
-                let better = match best {
-                    None => true,
-                    Some((s, e, b)) => {
-                        (start, std::cmp::Reverse(end), wanted.get(slot))
-                            < (s, std::cmp::Reverse(e), wanted.get(b))
-                    }
+                let (Some((start, end)), Some(&detector)) = (*found, wanted.get(slot)) else {
+                    continue;
                 };
-                if better {
-                    best = Some((start, end, slot));
+                let found = Found {
+                    start,
+                    end,
+                    detector,
+                };
+                if best.is_none_or(|b| start < b.start || (start == b.start && found.beats(&b))) {
+                    best = Some(found);
                 }
             }
-            let Some((start, end, slot)) = best else {
+            let Some(best) = best else {
                 return;
             };
-            let Some(&detector) = wanted.get(slot) else {
-                return;
-            };
-            out.push(Found {
-                start,
-                end,
-                detector,
-            });
+            out.push(best);
             for (slot, found) in next.iter_mut().enumerate() {
-                if found.is_some_and(|(s, _)| s < end) {
+                if found.is_some_and(|(s, _)| s < best.end) {
                     *found = wanted
                         .get(slot)
                         .and_then(|&d| self.detectors.get(d))
-                        .and_then(|det| det.find_from(hay, end));
+                        .and_then(|det| det.find_from(hay, best.end));
                 }
             }
         }
+    }
+}
+
+impl Together {
+    /// The automaton of `wanted` (of `detectors`), those that are not short first.
+    fn new(detectors: &[Detector], wanted: &[usize]) -> Result<Together, String> {
+        let mut order: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&d| d < detectors.len())
+            .collect();
+        order.sort_by_key(|&d| detectors.get(d).is_some_and(|det| det.short));
+        let patterns: Vec<&str> = order
+            .iter()
+            .filter_map(|&d| detectors.get(d))
+            .map(Detector::pattern)
+            .collect();
+        let regex = meta::Builder::new()
+            .configure(meta::Config::new().nfa_size_limit(Some(CUSTOM_SIZE_LIMIT * 16)))
+            .build_many(&patterns)
+            .map_err(|err| one_line(&err.to_string()))?;
+        Ok(Together { regex, order })
     }
 }
 
@@ -506,19 +706,19 @@ mod tests {
     fn found(name: &str, hay: &str) -> Vec<String> {
         let scanner = scanner(&[name]);
         let mut out = Vec::new();
-        scanner.find(hay, &[0], &mut out);
+        scanner.find(hay, &scanner.wanted(vec![0]), &mut out);
         out.iter().map(|f| hay[f.start..f.end].to_owned()).collect()
     }
 
     #[test]
     fn strings_shorter_than_any_match_are_not_read() {
         let scanner = scanner(&["email", "us_ssn"]);
-        assert_eq!(scanner.shortest, 6);
-        let mut found = scanner.pattern_set();
-        scanner.candidates("a@b.co", &mut found);
-        assert!(found.contains(regex_automata::PatternID::must(0)));
-        scanner.candidates("a@b.c", &mut found);
-        assert!(found.is_empty());
+        let wanted = scanner.wanted(vec![0, 1]);
+        assert_eq!(wanted.shortest, 6);
+        let mut found = Vec::new();
+        scanner.find("a@b.co", &wanted, &mut found);
+        assert_eq!(found.len(), 1);
+        assert_eq!(scanner.wanted(vec![1]).shortest, 11);
     }
 
     #[test]
@@ -703,7 +903,7 @@ mod tests {
         let both = scanner(&["us_ssn", "credit_card"]);
         let hay = "123-45-6789 4111 1111 1111 1111 ";
         let mut out = Vec::new();
-        both.find(hay, &[0, 1], &mut out);
+        both.find(hay, &both.wanted(vec![0, 1]), &mut out);
         let texts: Vec<&str> = out.iter().map(|f| &hay[f.start..f.end]).collect();
         assert_eq!(texts, ["123-45-6789", "4111 1111 1111 1111"]);
     }
@@ -753,6 +953,191 @@ mod tests {
         }
     }
 
+    /// A scanner of every built-in and custom detectors of both kinds (short and not).
+    fn everything() -> Scanner {
+        let mut detectors: Vec<Detector> = built_in_names()
+            .map(|n| Detector::built_in(n).unwrap())
+            .collect();
+        detectors.push(Detector::custom("mrn", "MRN-[0-9]{8}").unwrap());
+        detectors.push(Detector::custom("contact", "contact: [^ ]+").unwrap());
+        detectors.push(Detector::custom("digits", "[0-9]{3}").unwrap());
+        Scanner::new(detectors).unwrap()
+    }
+
+    #[test]
+    fn the_found_detectors_are_searched_for_together_in_one_automaton() {
+        let scanner = everything();
+        let hay = format!(
+            "ssn 123-45-6789, mail jane@example.org, {JWT} key AKIAIOSFODNN7EXAMPLE, contact: x@y.co 4111 1111 1111 1111"
+        );
+        let all: Vec<usize> = (0..scanner.detectors().len()).collect();
+        let mut together = Vec::new();
+        scanner.find(&hay, &scanner.wanted(all.clone()), &mut together);
+        // One automaton, kept for the next string with the same detectors.
+        let kept = scanner.together.lock().unwrap();
+        let automaton = kept.get(all.as_slice()).unwrap().as_ref().unwrap();
+        assert_eq!(automaton.regex.pattern_len(), all.len());
+        // Those that are not short come first (see `Scanner::find`).
+        let short: Vec<bool> = automaton
+            .order
+            .iter()
+            .map(|&d| scanner.detectors()[d].short)
+            .collect();
+        assert!(short.is_sorted(), "{short:?}");
+        drop(kept);
+        let mut each = Vec::new();
+        scanner.find_each(&hay, &all, 0, &mut each);
+        assert_eq!(together, each);
+        let texts: Vec<&str> = together.iter().map(|f| &hay[f.start..f.end]).collect();
+        assert_eq!(
+            texts,
+            [
+                "123-45-6789",
+                "jane@example.org",
+                JWT,
+                "AKIAIOSFODNN7EXAMPLE",
+                "contact: x@y.co",
+                "4111 1111 1111 1111"
+            ]
+        );
+    }
+
+    /// Text made of pieces that make detectors meet: matches of each, of two at one
+    /// start, inside another's, cut off, refused (`4111111111111112`, `000-12-3456`).
+    fn pieces(refused_addresses: bool) -> impl proptest::strategy::Strategy<Value = String> {
+        let mut pieces = vec![
+            "123-45-6789",
+            "4111 1111 1111 1111",
+            "4111",
+            "-",
+            " ",
+            "@",
+            ".",
+            "a",
+            "Z",
+            "9",
+            "jane",
+            "example.org",
+            "MRN-12345678",
+            "contact: ",
+            "AKIAIOSFODNN7EXAMPLE",
+            "eyJhbGciOi",
+            "eyJzdWIiOi",
+            "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+            "xoxb-1-",
+            "-----BEGIN PRIVATE KEY-----",
+            "é",
+            "\"",
+            "[redacted:email]",
+            "000-12-3456",
+            "123-45-6789-1",
+            "4111111111111112",
+            "1234",
+            "eyJhbGciOi.eyJzdWIiOi.s",
+            "xoxb-1-abcdefghij",
+            "@example.org",
+        ];
+        if refused_addresses {
+            pieces.push("icon@2x.png");
+        }
+        proptest::collection::vec(proptest::sample::select(pieces), 0..24)
+            .prop_map(|parts| parts.concat())
+    }
+
+    /// Sets of detectors of [`everything`] (each makes an automaton, kept: fewer than
+    /// `MAX_TOGETHER`).
+    fn sets() -> impl proptest::strategy::Strategy<Value = Vec<usize>> {
+        proptest::sample::select(vec![
+            0b111_1111_1111u16,
+            0b1_1100_0000,
+            0b110,
+            0b1010_1001,
+            0b11_0011_0000,
+            0b1000_1100,
+            0b100_0110_0000,
+            0b110_1000_0000,
+        ])
+        .prop_map(|mask| (0..11).filter(|d| mask & (1 << d) != 0).collect())
+    }
+
+    static EVERYTHING: std::sync::LazyLock<Scanner> = std::sync::LazyLock::new(everything);
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// Searching together finds exactly what each detector finds alone, merged.
+        #[test]
+        fn together_finds_what_each_finds(hay in pieces(true), wanted in sets()) {
+            let scanner = &*EVERYTHING;
+            let (mut together, mut each) = (Vec::new(), Vec::new());
+            scanner.find(&hay, &scanner.wanted(wanted.clone()), &mut together);
+            scanner.find_each(&hay, &wanted, 0, &mut each);
+            proptest::prop_assert_eq!(together, each);
+        }
+
+        /// Every match found is one, in order, none overlapping, and none is left
+        /// between them.
+        #[test]
+        fn together_finds_every_match(hay in pieces(true), wanted in sets()) {
+            let scanner = &*EVERYTHING;
+            let mut found = Vec::new();
+            scanner.find(&hay, &scanner.wanted(wanted.clone()), &mut found);
+            let mut at = 0;
+            for f in found.iter().chain([&Found { start: hay.len() + 1, end: hay.len() + 1, detector: 0 }]) {
+                proptest::prop_assert!(f.start >= at, "{found:?}");
+                for &d in &wanted {
+                    let missed = scanner.detectors[d].find_from(&hay, at).filter(|(_, e)| *e <= f.start);
+                    proptest::prop_assert_eq!(missed, None, "{} in {:?} ({:?})", d, hay, found);
+                }
+                if f.start <= hay.len() {
+                    let own = scanner.detectors[f.detector].find_from(&hay, f.start);
+                    proptest::prop_assert_eq!(own, Some((f.start, f.end)), "{:?}", hay);
+                }
+                at = f.end;
+            }
+        }
+    }
+
+    #[test]
+    fn an_address_overlapping_a_refused_one_is_found() {
+        // `icon@2x.png` is a file name, `2x.png@example.org` an address.
+        let scanner = &*EVERYTHING;
+        let all: Vec<usize> = (0..11).collect();
+        for (hay, wanted, expected) in [
+            (
+                "icon@2x.png@example.org",
+                vec![7],
+                vec!["2x.png@example.org"],
+            ),
+            (
+                "icon@2x.png@example.org",
+                all.clone(),
+                vec!["2x.png@example.org"],
+            ),
+            (
+                "-----BEGIN PRIVATE KEY-----icon@2x.png@example.org-",
+                all.clone(),
+                vec!["-----BEGIN PRIVATE KEY-----icon", "2x.png@example.org"],
+            ),
+            (
+                "000-12-3456icon@2x.png@example.org",
+                vec![7],
+                vec!["2x.png@example.org"],
+            ),
+            (
+                "000-12-3456icon@2x.png@example.org",
+                all.clone(),
+                vec!["000", "345", "2x.png@example.org"],
+            ),
+        ] {
+            let mut out = Vec::new();
+            scanner.find(hay, &scanner.wanted(wanted), &mut out);
+            let texts: Vec<&str> = out.iter().map(|f| &hay[f.start..f.end]).collect();
+            assert_eq!(texts, expected, "{hay}");
+        }
+    }
+
     #[test]
     fn overlapping_matches_resolve_leftmost_then_longest() {
         // `jane@example.org` (email) inside a longer custom match: the longer wins.
@@ -763,7 +1148,7 @@ mod tests {
         let scanner = Scanner::new(detectors).unwrap();
         let hay = "contact: jane@example.org and bob@example.org";
         let mut out = Vec::new();
-        scanner.find(hay, &[0, 1], &mut out);
+        scanner.find(hay, &scanner.wanted(vec![0, 1]), &mut out);
         let texts: Vec<(&str, usize)> = out
             .iter()
             .map(|f| (&hay[f.start..f.end], f.detector))
@@ -780,7 +1165,7 @@ mod tests {
         .unwrap();
         for wanted in [[0, 1], [1, 0]] {
             let mut out = Vec::new();
-            scanner.find("123", &wanted, &mut out);
+            scanner.find("123", &scanner.wanted(wanted.to_vec()), &mut out);
             assert_eq!(out.len(), 1);
             assert_eq!(out[0].detector, 0);
         }

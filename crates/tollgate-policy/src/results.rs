@@ -11,7 +11,7 @@
 use globset::{GlobBuilder, GlobMatcher};
 use serde_json::{Map, Value, json};
 
-use crate::detect::{self, Detector, Found, Scanner};
+use crate::detect::{self, Detector, Found, Scanner, Wanted};
 use crate::doc::{DetectorDoc, Mode, ResultDoc};
 use crate::error::PolicyError;
 use crate::matching::{Checker, Claims, claims_match, client_matches, compile_claims, is_glob};
@@ -133,6 +133,9 @@ pub struct ResultRules<'p> {
     effects: Vec<(Effect, usize)>,
     /// Whether an enforced detector may match across a marker's edge.
     crossing: bool,
+    /// The detectors to redact or block on, and those only recorded (audit mode).
+    enforced: Wanted,
+    audited: Wanted,
 }
 
 /// Per-detector counts of one `apply`, and scratch space reused for every string.
@@ -142,9 +145,6 @@ struct Tally {
     /// The lowest-indexed enforced block detector found.
     block: Option<usize>,
     matches: Vec<Found>,
-    enforce: Vec<usize>,
-    audit: Vec<usize>,
-    candidates: regex_automata::PatternSet,
 }
 
 impl Results {
@@ -191,12 +191,26 @@ impl Results {
             .iter()
             .zip(self.scanner.detectors())
             .any(|((effect, _), detector)| effect.enforced() && detector.crosses_markers);
+        let with = |keep: fn(Effect) -> bool| -> Vec<usize> {
+            effects
+                .iter()
+                .enumerate()
+                .filter(|(_, (effect, _))| keep(*effect))
+                .map(|(d, _)| d)
+                .collect()
+        };
+        let enforced = self.scanner.wanted(with(Effect::enforced));
+        let audited = self.scanner.wanted(with(|e| {
+            matches!(e, Effect::AuditRedact | Effect::AuditBlock)
+        }));
         Some(ResultRules {
             results: self,
             tool: tool.into(),
             applying,
             effects,
             crossing,
+            enforced,
+            audited,
         })
     }
 
@@ -229,9 +243,6 @@ impl<'p> ResultRules<'p> {
             redacted: vec![0; detectors],
             block: None,
             matches: Vec::new(),
-            enforce: Vec::new(),
-            audit: Vec::new(),
-            candidates: self.results.scanner.pattern_set(),
         };
         let Some(object) = result.as_object_mut() else {
             return ResultVerdict::default();
@@ -337,36 +348,21 @@ impl<'p> ResultRules<'p> {
     /// where none can be: see [`detect::may_uncover`]).
     fn scan_once(&self, text: &mut String, tally: &mut Tally, first: bool) -> bool {
         let scanner = &self.results.scanner;
-        scanner.candidates(text, &mut tally.candidates);
-        if tally.candidates.is_empty() {
-            return false;
-        }
-        tally.enforce.clear();
-        tally.audit.clear();
-        for detector in tally.candidates.iter().map(|id| id.as_usize()) {
-            match self.effects.get(detector).map(|(effect, _)| *effect) {
-                Some(effect) if effect.enforced() => tally.enforce.push(detector),
-                // What audit mode finds is counted in the text as it came.
-                Some(Effect::AuditRedact | Effect::AuditBlock) if first => {
-                    tally.audit.push(detector);
-                }
-                _ => {}
-            }
-        }
-        if !tally.audit.is_empty() {
+        // What audit mode finds is counted in the text as it came.
+        if first && !self.audited.is_empty() {
             tally.matches.clear();
-            scanner.find(text, &tally.audit, &mut tally.matches);
+            scanner.find(text, &self.audited, &mut tally.matches);
             for found in &tally.matches {
                 if let Some(n) = tally.found.get_mut(found.detector) {
                     *n += 1;
                 }
             }
         }
-        if tally.enforce.is_empty() {
+        tally.matches.clear();
+        scanner.find(text, &self.enforced, &mut tally.matches);
+        if tally.matches.is_empty() {
             return false;
         }
-        tally.matches.clear();
-        scanner.find(text, &tally.enforce, &mut tally.matches);
         let mut redacted: Option<String> = None;
         let mut again = false;
         let mut copied = 0;

@@ -317,7 +317,9 @@ const MAX_LISTINGS: usize = 4096;
 const MAX_RECORDED: usize = 4096;
 
 /// One server's lock at run time, and what its upstream advertised: per upstream
-/// session (`""` for calls outside one), each tool's digest as last listed.
+/// session (`""` for calls outside one), each tool's digest as last listed and how it
+/// compares with the lock, worked out when it is listed (or the lock reloaded), so
+/// that a call looks its tool up once.
 pub struct ToolWatch {
     lock: arc_swap::ArcSwap<ToolLock>,
     /// Where the lock was read from (for reloads and messages).
@@ -326,7 +328,7 @@ pub struct ToolWatch {
     pub on_change: crate::config::OnToolChange,
     /// `sha256:` of the lock file's text, and the last reload's error.
     pub info: parking_lot::Mutex<LockInfo>,
-    learned: parking_lot::Mutex<std::collections::HashMap<String, Listing>>,
+    learned: parking_lot::RwLock<Learned>,
     latest: parking_lot::Mutex<BTreeMap<String, Value>>,
     recorded: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
     /// Held while Tollgate lists the tools itself, so that concurrent callers share one listing.
@@ -342,12 +344,35 @@ pub struct LockInfo {
     pub last_error: Option<String>,
 }
 
-/// The tools one upstream session advertised.
+/// What the upstream sessions listed.
 #[derive(Default)]
-struct Listing {
-    digests: std::collections::HashMap<String, String>,
-    /// Whether every page was read, so that a tool not in `digests` is not listed.
-    complete: bool,
+struct Learned {
+    /// Each listed tool, by upstream session and name.
+    tools: hashbrown::HashMap<Key, Listed>,
+    /// The sessions whose tools were listed, and whether every page was read (so
+    /// that a tool not in `tools` is not listed).
+    sessions: hashbrown::HashMap<Box<str>, bool>,
+}
+
+/// An upstream session and a tool's name.
+#[derive(Hash, PartialEq, Eq)]
+struct Key(Box<str>, Box<str>);
+
+/// [`Key`], borrowed: hashed the same way.
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *key.0 == *self.0 && *key.1 == *self.1
+    }
+}
+
+/// A tool as one upstream session listed it.
+struct Listed {
+    digest: String,
+    /// Whether it is as locked (in the lock in force).
+    unchanged: bool,
 }
 
 /// What Tollgate knows of a tool's current definition in one upstream session.
@@ -377,7 +402,7 @@ impl ToolWatch {
                 hash,
                 last_error: None,
             }),
-            learned: parking_lot::Mutex::default(),
+            learned: parking_lot::RwLock::default(),
             latest: parking_lot::Mutex::default(),
             recorded: parking_lot::Mutex::default(),
             listing: tokio::sync::Mutex::new(()),
@@ -389,25 +414,52 @@ impl ToolWatch {
         self.lock.load_full()
     }
 
-    /// Puts a reloaded lock in force; what was learned stays (it is compared anew).
+    /// Puts a reloaded lock in force; what was learned stays, compared anew.
     pub fn replace(&self, lock: ToolLock, hash: String) {
+        let mut learned = self.learned.write();
+        for (key, listed) in &mut learned.tools {
+            listed.unchanged = lock.status(&key.1, &listed.digest) == Status::Unchanged;
+        }
         self.lock.store(Arc::new(lock));
+        drop(learned);
         *self.info.lock() = LockInfo {
             hash,
             last_error: None,
         };
     }
 
+    /// How `tool`'s current definition in the upstream session `key` compares with
+    /// the lock; `None` when it is not known (the tools must be listed first). A tool
+    /// as locked costs one lookup (the call path).
+    pub fn status(&self, key: &str, tool: &str) -> Option<Status> {
+        let learned = self.learned.read();
+        if let Some(listed) = learned.tools.get(&KeyRef(key, tool)) {
+            if listed.unchanged {
+                return Some(Status::Unchanged);
+            }
+            return Some(self.lock().status(tool, &listed.digest));
+        }
+        learned.sessions.get(key).copied()?.then_some(())?;
+        // Not listed: the upstream will answer that it has no such tool, unless the
+        // lock does not name it either.
+        Some(if self.lock().tools().contains_key(tool) {
+            Status::Unchanged
+        } else {
+            Status::Unknown {
+                seen: "none".into(),
+            }
+        })
+    }
+
     /// What is known of `tool`'s current definition in the upstream session `key`.
     pub fn seen(&self, key: &str, tool: &str) -> Seen {
-        let learned = self.learned.lock();
-        let Some(listing) = learned.get(key) else {
-            return Seen::Unknown;
-        };
-        match listing.digests.get(tool) {
-            Some(digest) => Seen::Digest(digest.clone()),
-            None if listing.complete => Seen::NotListed,
-            None => Seen::Unknown,
+        let learned = self.learned.read();
+        if let Some(listed) = learned.tools.get(&KeyRef(key, tool)) {
+            return Seen::Digest(listed.digest.clone());
+        }
+        match learned.sessions.get(key) {
+            Some(true) => Seen::NotListed,
+            _ => Seen::Unknown,
         }
     }
 
@@ -419,7 +471,7 @@ impl ToolWatch {
         let lock = self.lock();
         let mut keep = Vec::with_capacity(tools.len());
         let mut changes = Vec::new();
-        let mut digests = Vec::with_capacity(tools.len());
+        let mut listed = Vec::with_capacity(tools.len());
         for tool in tools {
             let Some(name) = tool.get("name").and_then(Value::as_str) else {
                 // A tool without a name cannot be called; it is not Tollgate's to judge.
@@ -428,29 +480,37 @@ impl ToolWatch {
             };
             let digest = tool_digest(tool);
             let status = lock.status(name, &digest);
-            keep.push(status == Status::Unchanged || self.warns());
+            let unchanged = status == Status::Unchanged;
+            keep.push(unchanged || self.warns());
             if let Some(change) = self.change(name, status) {
                 changes.push(change);
             }
             self.latest.lock().insert(name.to_owned(), definition(tool));
-            digests.push((name.to_owned(), digest));
+            listed.push((name, Listed { digest, unchanged }));
         }
-        let mut learned = self.learned.lock();
-        if learned.len() >= MAX_LISTINGS && !learned.contains_key(key) {
-            learned.clear();
+        let mut learned = self.learned.write();
+        if learned.sessions.len() >= MAX_LISTINGS && !learned.sessions.contains_key(key) {
+            *learned = Learned::default();
         }
-        let listing = learned.entry(key.to_owned()).or_default();
         if complete {
-            *listing = Listing::default();
-            listing.complete = true;
+            learned.tools.retain(|k, _| *k.0 != *key);
         }
-        listing.digests.extend(digests);
+        let was_complete = learned.sessions.get(key).copied().unwrap_or(false);
+        learned
+            .sessions
+            .insert(key.into(), complete || was_complete);
+        for (name, tool) in listed {
+            learned.tools.insert(Key(key.into(), name.into()), tool);
+        }
         (keep, changes)
     }
 
     /// Forgets what the upstream session `key` listed (its tools changed).
     pub fn forget(&self, key: &str) {
-        self.learned.lock().remove(key);
+        let mut learned = self.learned.write();
+        if learned.sessions.remove(key).is_some() {
+            learned.tools.retain(|k, _| *k.0 != *key);
+        }
     }
 
     /// Whether calls to changed tools go on.

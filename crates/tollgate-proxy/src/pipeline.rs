@@ -150,7 +150,12 @@ impl Core {
         let task_tool = task_tool(&ctx, &message).await?;
         let chain =
             respond::Chain::for_message(&ctx, &message, permit).task_result(&ctx, task_tool);
-        let reply = call::forward(&ctx, payload, chain).await?;
+        let mut reply = call::forward(&ctx, payload, chain).await?;
+        if ctx.server.tools.is_some() && message.method() == Some("subscriptions/listen") {
+            // The stateless era's stream of server events (2026-07-28): a tools change
+            // announced on it makes the tool lock list the tools again before a call.
+            reply.body = tools::on_list_changed(&ctx, reply.body);
+        }
         let answer = relay::answer(&ctx, &message, decoded.initialize, reply).await?;
         tasks::relayed(&ctx, &message, answer).await
     }

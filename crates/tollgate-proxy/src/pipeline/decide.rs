@@ -212,9 +212,8 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    // Only a server with a tool lock reads the whole message (its listing copies it).
     if ctx.server.tools.is_some()
-        && let Some(changed) = super::tools::check(ctx, message.as_value(), call.name).await
+        && let Some(changed) = super::tools::check(ctx, message, call.name).await
     {
         return Ok(refuse_changed(ctx, &id, changed, call.arguments).await);
     }

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tollgate_mcp::Message;
 use tollgate_policy::{Action, Decision, DenyKind};
 
 use super::context::Context;
 use crate::audit::Record;
-use crate::lock::{Change, Seen, Status, ToolWatch};
+use crate::lock::{Change, Status, ToolWatch};
 use crate::state::{Server, Shared};
 use crate::upstream::{Body, Json, Payload, Request};
 
@@ -103,33 +104,32 @@ fn record(shared: &Shared, server: &Server, watch: &ToolWatch, changes: &[Change
 /// definition differs from the lock or the lock does not name it (and
 /// `on_tool_change` is `refuse`); `None` to go on. Lists the upstream's tools first
 /// when their current definitions are not known.
-pub async fn check(ctx: &Context, call: &Value, tool: &str) -> Option<Decision> {
+pub async fn check(ctx: &Context, call: &Message, tool: &str) -> Option<Decision> {
     let watch = ctx.server.tools.as_ref()?;
     let key = session_key(ctx);
-    let mut seen = watch.seen(&key, tool);
-    if seen == Seen::Unknown {
-        // One listing at a time per server: those who waited find it learned.
-        let _listing = watch.listing.lock().await;
-        seen = watch.seen(&key, tool);
-        if seen == Seen::Unknown {
-            if let Err(error) = list(ctx, call, watch, &key).await {
-                tracing::warn!(server = %ctx.server.name, tool, %error, "could not list the upstream's tools to check the call against the tool lock");
-                return (!watch.warns()).then(|| refused(tool, format!(
-                    "tools/call `{tool}` was not forwarded: its definition could not be checked against the tool lock because listing the upstream's tools failed ({error}); retry later"
-                )));
+    let status = match watch.status(&key, tool) {
+        // The call path: one lookup.
+        Some(Status::Unchanged) => return None,
+        Some(status) => status,
+        None => {
+            // One listing at a time per server: those who waited find it learned.
+            let _listing = watch.listing.lock().await;
+            match watch.status(&key, tool) {
+                Some(status) => status,
+                None => {
+                    if let Err(error) = list(ctx, call, watch, &key).await {
+                        tracing::warn!(server = %ctx.server.name, tool, %error, "could not list the upstream's tools to check the call against the tool lock");
+                        return (!watch.warns()).then(|| refused(tool, format!(
+                            "tools/call `{tool}` was not forwarded: its definition could not be checked against the tool lock because listing the upstream's tools failed ({error}); retry later"
+                        )));
+                    }
+                    // A complete listing: every tool is known now.
+                    watch.status(&key, tool).unwrap_or(Status::Unknown {
+                        seen: "none".into(),
+                    })
+                }
             }
-            seen = watch.seen(&key, tool);
         }
-    }
-    let lock = watch.lock();
-    let status = match seen {
-        Seen::Digest(digest) => lock.status(tool, &digest),
-        // Not listed: the upstream will answer that it has no such tool, unless
-        // the lock does not name it either.
-        Seen::NotListed | Seen::Unknown if lock.tools().contains_key(tool) => Status::Unchanged,
-        Seen::NotListed | Seen::Unknown => Status::Unknown {
-            seen: "none".into(),
-        },
     };
     let reason = match &status {
         Status::Unchanged => return None,
@@ -166,9 +166,10 @@ fn refused(tool: &str, reason: String) -> Decision {
 /// with its stateless-era `_meta` (protocol version, client info and capabilities)
 /// and its headers, but for those that name the call (`Mcp-Method`, `Mcp-Name`,
 /// `Mcp-Param-*`).
-async fn list(ctx: &Context, call: &Value, watch: &ToolWatch, key: &str) -> Result<(), String> {
+async fn list(ctx: &Context, call: &Message, watch: &ToolWatch, key: &str) -> Result<(), String> {
     let timeout = ctx.server.timeout;
-    let listed = tokio::time::timeout(timeout, all_pages(ctx, call))
+    // Only a listing reads the whole call (for its `_meta`).
+    let listed = tokio::time::timeout(timeout, all_pages(ctx, call.as_value()))
         .await
         .map_err(|_| format!("no answer within {}s", timeout.as_secs()))??;
     let (_, changes) = watch.learn(key, &listed, true);
@@ -268,7 +269,8 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
 /// The upstream's notification that its tools changed, as it appears in a message.
 const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
 
-/// A server-to-client stream (a handshake-era session's GET stream) that makes
+/// A server-to-client stream (a handshake-era session's GET stream, a stateless-era
+/// `subscriptions/listen` answer) that makes
 /// Tollgate forget what the session's upstream listed when the upstream says its
 /// tools changed, so that the next call lists them again. Read as bytes: a false
 /// alarm only costs a listing.
