@@ -109,6 +109,8 @@ def test_a_call_costs_the_system_calls_of_two_exchanges_and_no_more():
         # The lanes' one-second tick adds a wait or two over the run.
         assert by_name["epoll_wait"] <= 2.05, figures
     # With an audit log, about one write per call: the decision, with the outcomes of
-    # earlier calls (no timer per outcome, no wake-up for it).
+    # earlier calls (no timer per outcome, no wake-up for it). A write per outcome would be
+    # two; on a busy machine an outcome now and then misses the next decision's write
+    # (1.12 seen in a clean-clone CI run while a build ran beside it).
     figures = syscalls("--audit")
-    assert figures["by_name"]["write"] <= 1.1, figures
+    assert figures["by_name"]["write"] <= 1.25, figures
