@@ -561,3 +561,53 @@ def recorder():
     upstream = RecordingUpstream()
     yield upstream
     upstream.close()
+
+
+class BatchUpstream:
+    """A bare 2025-03-26 Streamable HTTP server that answers JSON-RPC batches (the SDK
+    upstreams take none). `result(method, params)` gives each request's result; it
+    answers `initialize` itself."""
+
+    def __init__(self, result, session_id: str = "batch-session-0123456789abcdef"):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        def answer(msg: dict) -> dict | None:
+            if "id" not in msg:
+                return None
+            if msg.get("method") == "initialize":
+                out = {"protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
+                       "serverInfo": {"name": "batch", "version": "1"}}
+            else:
+                out = result(msg.get("method"), msg.get("params") or {})
+            return {"jsonrpc": "2.0", "id": msg["id"], "result": out}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                out = [a for a in map(answer, msg) if a] if isinstance(msg, list) else answer(msg)
+                body = json.dumps(out).encode() if out else b""
+                self.send_response(200 if out else 202)
+                self.send_header("mcp-session-id", session_id)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_DELETE(self):  # noqa: N802
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

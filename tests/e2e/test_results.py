@@ -199,52 +199,21 @@ def test_a_tasks_result_is_checked_with_the_rules_of_its_tool(procs, tmp_path, e
     assert SSN in plain["content"][0]["text"]
 
 
-class BatchUpstream:
-    """A bare 2025-03-26 server that answers JSON-RPC batches: `read_log` returns an AWS key."""
+def batch_upstream():
+    """A batch-answering upstream whose `read_log` returns an AWS key."""
+    from conftest import BatchUpstream
 
-    def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    def result(method, params):
+        text = f"key {AWS_KEY}" if params.get("name") == "read_log" else "nothing here"
+        return {"content": [{"type": "text", "text": text}], "isError": False}
 
-        def answer(msg: dict) -> dict | None:
-            if "id" not in msg:
-                return None
-            if msg.get("method") == "initialize":
-                result = {"protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
-                          "serverInfo": {"name": "batch", "version": "1"}}
-            else:
-                name = (msg.get("params") or {}).get("name")
-                text = f"key {AWS_KEY}" if name == "read_log" else "nothing here"
-                result = {"content": [{"type": "text", "text": text}], "isError": False}
-            return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                out = [a for a in map(answer, msg) if a] if isinstance(msg, list) else answer(msg)
-                body = json.dumps(out).encode() if out else b""
-                self.send_response(200 if out else 202)
-                self.send_header("mcp-session-id", "batch-session-0123456789abcdef")
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    return BatchUpstream(result)
 
 
 def test_each_call_of_a_batch_is_checked_with_its_own_rules(procs, tmp_path):
     from conftest import RawSession
 
-    upstream = BatchUpstream()
+    upstream = batch_upstream()
     try:
         policy = "version: 1\ndefault: allow\nresults:\n  - tool: read_log\n    redact: [aws_access_key]\n"
         tg = start_tollgate(procs, tmp_path, upstream.url, policy)
@@ -262,7 +231,7 @@ def test_each_call_of_a_batch_is_checked_with_its_own_rules(procs, tmp_path):
         redacted = {o["tool"]: o.get("redactions") for o in outcomes}
         assert redacted == {"read_log": [{"name": "aws_access_key", "count": 1}], "status": None}, outcomes
     finally:
-        upstream.server.shutdown()
+        upstream.close()
 
 
 @pytest.mark.parametrize("mode", ["json", "sse"])

@@ -445,59 +445,26 @@ async def test_without_telemetry_the_upstream_sees_the_clients_own_context(procs
     assert not [s for s in spans if s["service"] == "tollgate"]
 
 
-class BatchUpstream:
-    """A bare 2025-03-26 server that answers JSON-RPC batches and keeps every tool call
-    it gets (with its `params._meta`)."""
+class TracedBatchUpstream:
+    """A batch-answering upstream that keeps every tool call it gets (with its
+    `params._meta`)."""
 
     def __init__(self):
-        import json
+        from conftest import BatchUpstream
 
         self.calls: list[dict] = []
-        outer = self
 
-        def answer(msg: dict) -> dict | None:
-            if "id" not in msg:
-                return None
-            if msg.get("method") == "initialize":
-                result = {"protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
-                          "serverInfo": {"name": "batch", "version": "1"}}
-            elif msg.get("method") == "tools/call":
-                outer.calls.append(msg["params"])
-                result = {"content": [{"type": "text", "text": "done"}], "isError": False}
-            else:
-                result = {}
-            return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+        def result(method, params):
+            if method != "tools/call":
+                return {}
+            self.calls.append(params)
+            return {"content": [{"type": "text", "text": "done"}], "isError": False}
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                out = [a for a in map(answer, msg) if a] if isinstance(msg, list) else answer(msg)
-                body = json.dumps(out).encode() if out else b""
-                self.send_response(200 if out else 202)
-                self.send_header("mcp-session-id", "telemetry-batch-session-0123456789")
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_DELETE(self):  # noqa: N802
-                self.send_response(204)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.upstream = BatchUpstream(result, "telemetry-batch-session-0123456789")
+        self.url = self.upstream.url
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.upstream.close()
 
 
 def test_each_call_of_a_batch_is_traced_like_a_message_of_its_own(quick_export, procs, tmp_path):
@@ -510,7 +477,7 @@ def test_each_call_of_a_batch_is_traced_like_a_message_of_its_own(quick_export, 
     from conftest import RawSession
 
     rx = receiver()
-    upstream = BatchUpstream()
+    upstream = TracedBatchUpstream()
     try:
         config = write_config(tmp_path, {"hl": (upstream.url, POLICY)}, extra=telemetry(rx.url))
         base, _ = serve_config(procs, config)

@@ -247,65 +247,34 @@ async def test_after_list_changed_a_call_is_checked_against_a_fresh_listing(kind
     assert "read_notes" not in upstream.tools_called()
 
 
-class BatchUpstream:
-    """A bare 2025-03-26 server that answers JSON-RPC batches, whose tools a test changes."""
+class LockBatchUpstream:
+    """A batch-answering upstream whose tools a test changes."""
 
     def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from conftest import BatchUpstream
 
         self.tools = [{"name": "echo", "description": "Echo.", "inputSchema": {"type": "object"}}]
         self.called: list[str] = []
-        outer = self
 
-        def answer(msg: dict) -> dict | None:
-            if "id" not in msg:
-                return None
-            method = msg.get("method")
-            if method == "initialize":
-                result = {"protocolVersion": "2025-03-26", "capabilities": {"tools": {}},
-                          "serverInfo": {"name": "batch", "version": "1"}}
-            elif method == "tools/list":
-                result = {"tools": outer.tools}
-            else:
-                outer.called.append((msg.get("params") or {}).get("name"))
-                result = {"content": [{"type": "text", "text": "done"}], "isError": False}
-            return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+        def result(method, params):
+            if method == "tools/list":
+                return {"tools": self.tools}
+            self.called.append(params.get("name"))
+            return {"content": [{"type": "text", "text": "done"}], "isError": False}
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                msg = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                out = [a for a in map(answer, msg) if a] if isinstance(msg, list) else answer(msg)
-                body = json.dumps(out).encode() if out else b""
-                self.send_response(200 if out else 202)
-                self.send_header("mcp-session-id", "lock-batch-session-0123456789")
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_DELETE(self):
-                self.send_response(204)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+        self.upstream = BatchUpstream(result, "lock-batch-session-0123456789")
+        self.url = self.upstream.url
         self.block = f"    url: {self.url}\n"
         self.target = ["--upstream", self.url]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.upstream.close()
 
 
 def test_a_batch_answer_listing_tools_is_screened_and_its_changed_calls_refused(procs, tmp_path):
     from conftest import RawSession
 
-    upstream = BatchUpstream()
+    upstream = LockBatchUpstream()
     try:
         path = tmp_path / "batch.tools.lock"
         written = lock(upstream, path)
@@ -331,7 +300,7 @@ def test_a_batch_answer_listing_tools_is_screened_and_its_changed_calls_refused(
         assert session.request("tools/list")["result"]["tools"] == []
         assert {r["tool"] for r in records(audit, "tool_changed")} == {"echo", "plain"}
     finally:
-        upstream.server.shutdown()
+        upstream.close()
 
 
 @pytest.mark.anyio
