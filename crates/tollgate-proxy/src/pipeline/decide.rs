@@ -212,9 +212,7 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    if ctx.server.tools.is_some()
-        && let Some(changed) = super::tools::check(ctx, message, call.name).await
-    {
+    if let Some(changed) = super::tools::check(ctx, message, call.name).await {
         return Ok(refuse_changed(ctx, &id, changed, call.arguments).await);
     }
     enforce(ctx, &id, call.name, call.arguments).await
