@@ -29,6 +29,12 @@ use crate::state::{Server, Shared};
 use crate::upstream::http::SESSION_HEADER;
 use crate::upstream::{Body, Event, Lane};
 
+// The routing headers, looked up by name: a constant spares each lookup a parse of
+// the name.
+const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
 /// vanished client is noticed, which ends a held call's wait (its approval stays).
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -223,12 +229,15 @@ async fn answer(
                 core.handle(&server, &caller, Inbound { incoming, meta })
                     .await
             }
+            // Boxed, as rare next to a POST: inline, their futures would be part of
+            // every call's (and of the copies made of it).
             Method::GET => {
                 let forwarded = forwarded_for_get(request.headers());
-                core.listen(&server, &caller, session.as_deref(), forwarded, lane)
-                    .await
+                Box::pin(core.listen(&server, &caller, session.as_deref(), forwarded, lane)).await
             }
-            Method::DELETE => end(&doors, &server, &caller, session.as_deref(), lane).await,
+            Method::DELETE => {
+                Box::pin(end(&doors, &server, &caller, session.as_deref(), lane)).await
+            }
             _ => Err(ProxyError::MethodNotAllowed),
         }
     };
@@ -265,9 +274,9 @@ fn meta_of(headers: &HeaderMap, lane: Lane) -> Meta {
     Meta {
         session: session_of(headers),
         routing: Some(Routing {
-            protocol_version: headers.get("mcp-protocol-version").cloned(),
-            method: headers.get("mcp-method").cloned(),
-            name: headers.get("mcp-name").cloned(),
+            protocol_version: headers.get(PROTOCOL_VERSION).cloned(),
+            method: headers.get(MCP_METHOD).cloned(),
+            name: headers.get(MCP_NAME).cloned(),
         }),
         // `Mcp-Param-*` mirror tool arguments for the upstream to check; forward them untouched.
         params: headers
