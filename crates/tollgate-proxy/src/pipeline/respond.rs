@@ -142,7 +142,7 @@ pub struct Chain {
 impl Chain {
     /// The stages for the answer to a request of `ctx` carrying the calls of `permits`
     /// (none, one, or a batch's).
-    pub fn new(ctx: &Context, permits: Vec<Permit>) -> Chain {
+    pub fn new(ctx: &Context, permits: impl IntoIterator<Item = Permit>) -> Chain {
         Chain {
             tools: None,
             task: None,
@@ -156,7 +156,7 @@ impl Chain {
         message: &tollgate_mcp::Message,
         permit: Option<Permit>,
     ) -> Chain {
-        let chain = Chain::new(ctx, permit.into_iter().collect());
+        let chain = Chain::new(ctx, permit);
         if message.method() == Some("tools/list") {
             return chain.listing_tools(ctx);
         }
