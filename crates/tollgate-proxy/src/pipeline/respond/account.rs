@@ -41,7 +41,7 @@ pub struct Waiting {
     /// Each call, and whether `results` rules apply to its result.
     permits: Vec<(Permit, bool)>,
     /// The `results` rules, when some apply to one of the calls.
-    results: Option<Results>,
+    results: Option<Box<Results>>,
 }
 
 impl Waiting {
@@ -60,7 +60,9 @@ impl Waiting {
                 *ruled = results.apply_to(permit.tool());
             }
         }
-        let results = results.filter(|_| permits.iter().any(|(_, ruled)| *ruled));
+        let results = results
+            .filter(|_| permits.iter().any(|(_, ruled)| *ruled))
+            .map(Box::new);
         Waiting { permits, results }
     }
 
