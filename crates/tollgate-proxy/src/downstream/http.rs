@@ -7,6 +7,7 @@
 //! handed to the core. The core's answer becomes a JSON body, an SSE stream or 202.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::Either;
 use tollgate_mcp::Incoming;
 
 use super::stream::{sse_response, unread};
@@ -116,14 +118,19 @@ impl tower::Service<Request<hyper::body::Incoming>> for Front {
             request.extensions_mut().insert(self.lane);
             return Box::pin(self.router.call(request));
         };
+        if let Some(refusal) = refused(&self.doors, request.headers()) {
+            return Box::pin(std::future::ready(Ok(refusal)));
+        }
         let name = name.map(str::to_owned);
-        let (doors, lane) = (self.doors.clone(), self.lane);
-        Box::pin(async move {
-            if let Some(refusal) = refused(&doors, request.headers()) {
-                return Ok(refusal);
-            }
-            Ok(serve(doors, name, request.map(HttpBody::new), lane).await)
-        })
+        // The handler's future itself is boxed, with no layer around it: every layer
+        // would be one more copy of it per call.
+        let served = serve(
+            self.doors.clone(),
+            name,
+            request.map(HttpBody::new),
+            self.lane,
+        );
+        Box::pin(futures::FutureExt::map(served, Ok))
     }
 }
 
@@ -179,10 +186,17 @@ async fn named_server(
     serve(doors, Some(name), request, lane).await
 }
 
-async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request, lane: Lane) -> Response {
+/// Serves a request to an MCP endpoint. Not an `async fn`: the future it returns is
+/// the answer's own, in its span, not one more layer around it.
+fn serve(
+    doors: Arc<Doors>,
+    name: Option<String>,
+    request: Request,
+    lane: Lane,
+) -> impl Future<Output = Response> {
     let server = match doors.server(name.as_deref(), request.headers()) {
         Ok(server) => server,
-        Err(err) => return err.into_response(),
+        Err(err) => return Either::Left(std::future::ready(err.into_response())),
     };
     let session = session_of(request.headers());
     // One span for all of the request: the caller's identification, the body, the core.
@@ -194,7 +208,10 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request, lane: 
         tool = tracing::field::Empty,
     );
     let path = resource_path(name.as_deref(), "mcp");
-    tracing::Instrument::instrument(answer(doors, server, session, path, request, lane), span).await
+    Either::Right(tracing::Instrument::instrument(
+        answer(doors, server, session, path, request, lane),
+        span,
+    ))
 }
 
 /// Answers a request to the MCP endpoint at `path`, within its span.
