@@ -237,28 +237,32 @@ async fn answer(
         tracing::Span::current().record("client", client);
     }
     let core = doors.core();
-    let result = async {
-        match *request.method() {
-            Method::POST => {
-                let meta = meta_of(request.headers(), lane);
-                let body = read_body(doors.shared(), request).await?;
-                let incoming = Incoming::parse_bytes(body)?;
-                core.handle(&server, &caller, Inbound { incoming, meta })
-                    .await
+    // Written out here rather than in an inner `async` block: that would be one more
+    // layer around the core's future, copied with it.
+    let result = match *request.method() {
+        Method::POST => {
+            let meta = meta_of(request.headers(), lane);
+            match read_body(doors.shared(), request).await {
+                Ok(body) => match Incoming::parse_bytes(body) {
+                    Ok(incoming) => {
+                        core.handle(&server, &caller, Inbound { incoming, meta })
+                            .await
+                    }
+                    Err(err) => Err(err.into()),
+                },
+                Err(err) => Err(err),
             }
-            // Boxed, as rare next to a POST: inline, their futures would be part of
-            // every call's (and of the copies made of it).
-            Method::GET => {
-                let forwarded = forwarded_for_get(request.headers());
-                Box::pin(core.listen(&server, &caller, session.as_deref(), forwarded, lane)).await
-            }
-            Method::DELETE => {
-                Box::pin(end(&doors, &server, &caller, session.as_deref(), lane)).await
-            }
-            _ => Err(ProxyError::MethodNotAllowed),
         }
+        // Boxed, as rare next to a POST: inline, their futures would be part of
+        // every call's (and of the copies made of it).
+        Method::GET => {
+            let forwarded = forwarded_for_get(request.headers());
+            Box::pin(core.listen(&server, &caller, session.as_deref(), forwarded, lane)).await
+        }
+        Method::DELETE => Box::pin(end(&doors, &server, &caller, session.as_deref(), lane)).await,
+        _ => Err(ProxyError::MethodNotAllowed),
     };
-    match result.await {
+    match result {
         Ok(answer) => respond(doors.shared(), answer),
         Err(err) => {
             tracing::debug!(error = %err, "answered with an error");
