@@ -65,9 +65,16 @@ pub fn plainly_ok(text: &[u8]) -> bool {
     };
     text.get(skip(text)) == Some(&b'{')
         && keys.result.find(text).is_some()
-        && keys.error.find(text).is_none()
-        && keys.is_error.find_iter(text).all(|at| {
-            let rest = &text[at + b"\"isError\"".len()..];
+        // `"error"` and `"isError"` end alike: one search finds both.
+        && keys.rror.find_iter(text).all(|at| {
+            let (before, rest) = (&text[..at], &text[at + b"rror\"".len()..]);
+            if before.ends_with(b"\"e") {
+                // `"error"`, anywhere.
+                return false;
+            }
+            if !before.ends_with(b"\"isE") {
+                return true;
+            }
             let rest = &rest[skip(rest)..];
             match rest.split_first() {
                 Some((b':', value)) => value[skip(value)..].starts_with(b"false"),
@@ -87,15 +94,14 @@ pub fn names_method(text: &[u8]) -> bool {
 /// (building one costs more than a search through a small answer).
 struct Keys {
     result: memchr::memmem::Finder<'static>,
-    error: memchr::memmem::Finder<'static>,
-    is_error: memchr::memmem::Finder<'static>,
+    /// The end of `"error"` and of `"isError"`.
+    rror: memchr::memmem::Finder<'static>,
     method: memchr::memmem::Finder<'static>,
 }
 
 static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(|| Keys {
     result: memchr::memmem::Finder::new(br#""result""#),
-    error: memchr::memmem::Finder::new(br#""error""#),
-    is_error: memchr::memmem::Finder::new(br#""isError""#),
+    rror: memchr::memmem::Finder::new(br#"rror""#),
     method: memchr::memmem::Finder::new(br#""method""#),
 });
 

@@ -33,9 +33,11 @@ pub mod session;
 pub mod tasks;
 pub mod tools;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::http::{HeaderName, HeaderValue};
+use futures::future::Either;
 use tollgate_mcp::{Era, Incoming, Message};
 
 pub use context::{Answer, Caller, Context, Core, Identity, Inbound, Meta, Routing};
@@ -63,12 +65,16 @@ fn arrival<'a>(server: &'a Server, caller: &'a Caller, meta: &'a Meta) -> teleme
 
 impl Core {
     /// Handles one message or batch from `caller` for `server`.
-    pub async fn handle(
-        &self,
-        server: &Arc<Server>,
-        caller: &Caller,
+    ///
+    /// Not an `async fn`: the future it returns is the stage's own (the untraced
+    /// single message's, the common one), not one more layer around it that every
+    /// call's future would carry and copy.
+    pub fn handle<'a>(
+        &'a self,
+        server: &'a Arc<Server>,
+        caller: &'a Caller,
         inbound: Inbound,
-    ) -> Result<Answer, ProxyError> {
+    ) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
         // With `telemetry:`, a message is handled inside its server span.
         if telemetry::enabled()
             && let Incoming::Single(message) = &inbound.incoming
@@ -76,39 +82,52 @@ impl Core {
         {
             // Boxed: inline, the traced future would double the size of every call's
             // future (and the copy of it hyper makes), traced or not.
-            return Box::pin(telemetry::traced(
+            return Either::Left(Box::pin(telemetry::traced(
                 span,
                 self.dispatch(server, caller, inbound),
                 |err| err.to_json()["error"]["code"].as_i64().unwrap_or(0),
-            ))
-            .await;
+            )));
         }
-        self.dispatch(server, caller, inbound).await
+        Either::Right(self.dispatch(server, caller, inbound))
     }
 
-    async fn dispatch(
+    /// A single message's stages, or a batch's (boxed: batches are rare, and their
+    /// future need not make every single message's larger).
+    fn dispatch<'a>(
+        &'a self,
+        server: &'a Arc<Server>,
+        caller: &'a Caller,
+        inbound: Inbound,
+    ) -> impl Future<Output = Result<Answer, ProxyError>> + 'a {
+        let Inbound { incoming, meta } = inbound;
+        match incoming {
+            Incoming::Single(message) => Either::Left(self.single(server, caller, meta, message)),
+            Incoming::Batch(messages) => {
+                Either::Right(Box::pin(self.batch(server, caller, meta, messages)))
+            }
+        }
+    }
+
+    async fn batch(
         &self,
         server: &Arc<Server>,
         caller: &Caller,
-        inbound: Inbound,
+        meta: Meta,
+        messages: Vec<Message>,
     ) -> Result<Answer, ProxyError> {
-        match inbound.incoming {
-            Incoming::Single(message) => self.single(server, caller, &inbound.meta, message).await,
-            Incoming::Batch(messages) => {
-                // With `telemetry:`, each member of a batch is traced on its own.
-                let arrival = telemetry::enabled().then(|| arrival(server, caller, &inbound.meta));
-                batch::handle(self, server, caller, &inbound.meta, messages, arrival).await
-            }
-        }
+        // With `telemetry:`, each member of a batch is traced on its own.
+        let arrival = telemetry::enabled().then(|| arrival(server, caller, &meta));
+        batch::handle(self, server, caller, &meta, messages, arrival).await
     }
 
     async fn single(
         &self,
         server: &Arc<Server>,
         caller: &Caller,
-        meta: &Meta,
+        meta: Meta,
         message: Message,
     ) -> Result<Answer, ProxyError> {
+        let meta = &meta;
         let decoded = inbound::decode(&message, meta, &server.params)?;
         if decoded.initialize {
             session::check_initialize(&message)?;

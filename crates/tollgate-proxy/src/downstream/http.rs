@@ -7,6 +7,7 @@
 //! handed to the core. The core's answer becomes a JSON body, an SSE stream or 202.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::Either;
 use tollgate_mcp::Incoming;
 
 use super::stream::{sse_response, unread};
@@ -28,6 +30,12 @@ use crate::pipeline::{Answer, Caller, Inbound, Meta, Routing};
 use crate::state::{Server, Shared};
 use crate::upstream::http::SESSION_HEADER;
 use crate::upstream::{Body, Event, Lane};
+
+// The routing headers, looked up by name: a constant spares each lookup a parse of
+// the name.
+const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
 /// vanished client is noticed, which ends a held call's wait (its approval stays).
@@ -110,14 +118,19 @@ impl tower::Service<Request<hyper::body::Incoming>> for Front {
             request.extensions_mut().insert(self.lane);
             return Box::pin(self.router.call(request));
         };
+        if let Some(refusal) = refused(&self.doors, request.headers()) {
+            return Box::pin(std::future::ready(Ok(refusal)));
+        }
         let name = name.map(str::to_owned);
-        let (doors, lane) = (self.doors.clone(), self.lane);
-        Box::pin(async move {
-            if let Some(refusal) = refused(&doors, request.headers()) {
-                return Ok(refusal);
-            }
-            Ok(serve(doors, name, request.map(HttpBody::new), lane).await)
-        })
+        // The handler's future itself is boxed, with no layer around it: every layer
+        // would be one more copy of it per call.
+        let served = serve(
+            self.doors.clone(),
+            name,
+            request.map(HttpBody::new),
+            self.lane,
+        );
+        Box::pin(futures::FutureExt::map(served, Ok))
     }
 }
 
@@ -173,10 +186,17 @@ async fn named_server(
     serve(doors, Some(name), request, lane).await
 }
 
-async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request, lane: Lane) -> Response {
+/// Serves a request to an MCP endpoint. Not an `async fn`: the future it returns is
+/// the answer's own, in its span, not one more layer around it.
+fn serve(
+    doors: Arc<Doors>,
+    name: Option<String>,
+    request: Request,
+    lane: Lane,
+) -> impl Future<Output = Response> {
     let server = match doors.server(name.as_deref(), request.headers()) {
         Ok(server) => server,
-        Err(err) => return err.into_response(),
+        Err(err) => return Either::Left(std::future::ready(err.into_response())),
     };
     let session = session_of(request.headers());
     // One span for all of the request: the caller's identification, the body, the core.
@@ -188,7 +208,10 @@ async fn serve(doors: Arc<Doors>, name: Option<String>, request: Request, lane: 
         tool = tracing::field::Empty,
     );
     let path = resource_path(name.as_deref(), "mcp");
-    tracing::Instrument::instrument(answer(doors, server, session, path, request, lane), span).await
+    Either::Right(tracing::Instrument::instrument(
+        answer(doors, server, session, path, request, lane),
+        span,
+    ))
 }
 
 /// Answers a request to the MCP endpoint at `path`, within its span.
@@ -214,25 +237,32 @@ async fn answer(
         tracing::Span::current().record("client", client);
     }
     let core = doors.core();
-    let result = async {
-        match *request.method() {
-            Method::POST => {
-                let meta = meta_of(request.headers(), lane);
-                let body = read_body(doors.shared(), request).await?;
-                let incoming = Incoming::parse_bytes(body)?;
-                core.handle(&server, &caller, Inbound { incoming, meta })
-                    .await
+    // Written out here rather than in an inner `async` block: that would be one more
+    // layer around the core's future, copied with it.
+    let result = match *request.method() {
+        Method::POST => {
+            let meta = meta_of(request.headers(), lane);
+            match read_body(doors.shared(), request).await {
+                Ok(body) => match Incoming::parse_bytes(body) {
+                    Ok(incoming) => {
+                        core.handle(&server, &caller, Inbound { incoming, meta })
+                            .await
+                    }
+                    Err(err) => Err(err.into()),
+                },
+                Err(err) => Err(err),
             }
-            Method::GET => {
-                let forwarded = forwarded_for_get(request.headers());
-                core.listen(&server, &caller, session.as_deref(), forwarded, lane)
-                    .await
-            }
-            Method::DELETE => end(&doors, &server, &caller, session.as_deref(), lane).await,
-            _ => Err(ProxyError::MethodNotAllowed),
         }
+        // Boxed, as rare next to a POST: inline, their futures would be part of
+        // every call's (and of the copies made of it).
+        Method::GET => {
+            let forwarded = forwarded_for_get(request.headers());
+            Box::pin(core.listen(&server, &caller, session.as_deref(), forwarded, lane)).await
+        }
+        Method::DELETE => Box::pin(end(&doors, &server, &caller, session.as_deref(), lane)).await,
+        _ => Err(ProxyError::MethodNotAllowed),
     };
-    match result.await {
+    match result {
         Ok(answer) => respond(doors.shared(), answer),
         Err(err) => {
             tracing::debug!(error = %err, "answered with an error");
@@ -265,9 +295,9 @@ fn meta_of(headers: &HeaderMap, lane: Lane) -> Meta {
     Meta {
         session: session_of(headers),
         routing: Some(Routing {
-            protocol_version: headers.get("mcp-protocol-version").cloned(),
-            method: headers.get("mcp-method").cloned(),
-            name: headers.get("mcp-name").cloned(),
+            protocol_version: headers.get(PROTOCOL_VERSION).cloned(),
+            method: headers.get(MCP_METHOD).cloned(),
+            name: headers.get(MCP_NAME).cloned(),
         }),
         // `Mcp-Param-*` mirror tool arguments for the upstream to check; forward them untouched.
         params: headers

@@ -57,16 +57,22 @@ pub async fn answer(
 /// A streamed answer that ends with an error message for `id` when the
 /// upstream's stream breaks before the answer; other bodies as they are.
 fn until_answered(body: Body, id: &Value, server: &Arc<str>) -> Body {
-    let (id, server) = (id.clone(), server.clone());
+    // The id and server are kept only for a stream (a JSON answer is whole).
     match body {
-        Body::Events(events) => Body::Events(ending_with(events, move |failure| {
-            Event::message(broken(&id, &server, &failure))
-        })),
-        Body::Sse(bytes) => Body::Sse(ending_with(bytes, move |failure| {
-            let error = broken(&id, &server, &failure).to_string();
-            // The stages pass on whole events only, so nothing is cut short.
-            tollgate_mcp::encode("message", None, None, error.as_bytes())
-        })),
+        Body::Events(events) => {
+            let (id, server) = (id.clone(), server.clone());
+            Body::Events(ending_with(events, move |failure| {
+                Event::message(broken(&id, &server, &failure))
+            }))
+        }
+        Body::Sse(bytes) => {
+            let (id, server) = (id.clone(), server.clone());
+            Body::Sse(ending_with(bytes, move |failure| {
+                let error = broken(&id, &server, &failure).to_string();
+                // The stages pass on whole events only, so nothing is cut short.
+                tollgate_mcp::encode("message", None, None, error.as_bytes())
+            }))
+        }
         other => other,
     }
 }

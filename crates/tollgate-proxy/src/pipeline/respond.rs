@@ -130,11 +130,13 @@ impl Frame {
 }
 
 /// The response stages for one answer: what they need to know of the request.
+/// The stages most answers do not need are boxed: the chain is moved with the call's
+/// future, and a small one is cheap to move.
 pub struct Chain {
     /// The `tools/list` filter, for an answer that may list tools.
-    tools: Option<tools::Filter>,
+    tools: Option<Box<tools::Filter>>,
     /// The rules of a task's tool, for an answer carrying the task's result.
-    task: Option<results::TaskResult>,
+    task: Option<Box<results::TaskResult>>,
     /// The calls waiting for their answer.
     waiting: account::Waiting,
 }
@@ -142,7 +144,7 @@ pub struct Chain {
 impl Chain {
     /// The stages for the answer to a request of `ctx` carrying the calls of `permits`
     /// (none, one, or a batch's).
-    pub fn new(ctx: &Context, permits: Vec<Permit>) -> Chain {
+    pub fn new(ctx: &Context, permits: impl IntoIterator<Item = Permit>) -> Chain {
         Chain {
             tools: None,
             task: None,
@@ -156,7 +158,7 @@ impl Chain {
         message: &tollgate_mcp::Message,
         permit: Option<Permit>,
     ) -> Chain {
-        let chain = Chain::new(ctx, permit.into_iter().collect());
+        let chain = Chain::new(ctx, permit);
         if message.method() == Some("tools/list") {
             return chain.listing_tools(ctx);
         }
@@ -166,13 +168,15 @@ impl Chain {
     /// Also checks the result a task of `tool` carries (`tasks/result`, a completed
     /// `tasks/get`) against the `results` rules of that tool, as its call's would be.
     pub fn task_result(mut self, ctx: &Context, tool: Option<String>) -> Chain {
-        self.task = tool.and_then(|tool| results::TaskResult::of(ctx, tool));
+        self.task = tool
+            .and_then(|tool| results::TaskResult::of(ctx, tool))
+            .map(Box::new);
         self
     }
 
     /// Also filters listed tools (a `tools/list` answer, or any answer of a batch).
     pub fn listing_tools(mut self, ctx: &Context) -> Chain {
-        self.tools = Some(tools::Filter::new(ctx));
+        self.tools = Some(Box::new(tools::Filter::new(ctx)));
         self
     }
 

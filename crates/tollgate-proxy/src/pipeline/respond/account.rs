@@ -41,25 +41,28 @@ pub struct Waiting {
     /// Each call, and whether `results` rules apply to its result.
     permits: Vec<(Permit, bool)>,
     /// The `results` rules, when some apply to one of the calls.
-    results: Option<Results>,
+    results: Option<Box<Results>>,
 }
 
 impl Waiting {
-    pub(super) fn new(ctx: &Context, permits: Vec<Permit>) -> Waiting {
+    pub(super) fn new(ctx: &Context, permits: impl IntoIterator<Item = Permit>) -> Waiting {
+        // One vector, built once: a lone call's answer allocates no more than that.
+        let mut permits: Vec<(Permit, bool)> =
+            permits.into_iter().map(|permit| (permit, false)).collect();
         // Only a policy with `results` entries is asked about each call's tool.
         let results = if permits.is_empty() {
             None
         } else {
             Results::of(ctx)
         };
-        let permits: Vec<(Permit, bool)> = permits
-            .into_iter()
-            .map(|permit| {
-                let ruled = results.as_ref().is_some_and(|r| r.apply_to(permit.tool()));
-                (permit, ruled)
-            })
-            .collect();
-        let results = results.filter(|_| permits.iter().any(|(_, ruled)| *ruled));
+        if let Some(results) = &results {
+            for (permit, ruled) in &mut permits {
+                *ruled = results.apply_to(permit.tool());
+            }
+        }
+        let results = results
+            .filter(|_| permits.iter().any(|(_, ruled)| *ruled))
+            .map(Box::new);
         Waiting { permits, results }
     }
 

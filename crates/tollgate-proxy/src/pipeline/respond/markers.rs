@@ -14,14 +14,29 @@ use super::Frame;
 /// The prefix of Tollgate's own keys.
 pub const PREFIX: &str = "dev.tollgate/";
 
-static MARK: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(PREFIX.as_bytes()));
+/// What [`suspicious`] looks for, each searcher built once: the prefix, and the two
+/// escapes that could spell it otherwise (`\u…`, `\/`).
+struct Needles {
+    prefix: memchr::memmem::Finder<'static>,
+    unicode: memchr::memmem::Finder<'static>,
+    solidus: memchr::memmem::Finder<'static>,
+}
+
+static NEEDLES: std::sync::LazyLock<Needles> = std::sync::LazyLock::new(|| Needles {
+    prefix: memchr::memmem::Finder::new(PREFIX.as_bytes()),
+    unicode: memchr::memmem::Finder::new(br"\u"),
+    solidus: memchr::memmem::Finder::new(br"\/"),
+});
 
 /// Whether JSON text may hold a key that starts with [`PREFIX`]: `false` means it
-/// certainly does not.
+/// certainly does not. Three searches for two-byte and longer needles: a result that
+/// carries JSON in a text has a `\"` at every quote, and stopping at each backslash
+/// cost twice as much.
 pub fn suspicious(text: &[u8]) -> bool {
-    MARK.find(text).is_some()
-        || memchr::memchr_iter(b'\\', text).any(|at| matches!(text.get(at + 1), Some(b'u' | b'/')))
+    let needles = &*NEEDLES;
+    needles.prefix.find(text).is_some()
+        || needles.unicode.find(text).is_some()
+        || needles.solidus.find(text).is_some()
 }
 
 /// Removes the upstream's `dev.tollgate/*` keys from a message (or each of a batch).

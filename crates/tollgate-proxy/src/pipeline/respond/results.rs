@@ -26,9 +26,10 @@ pub struct Results {
 impl Results {
     /// The rules, when the server's policy has any `results` entry.
     pub(super) fn of(ctx: &Context) -> Option<Results> {
-        let policy = ctx.server.policy.load_full();
+        // Looked at before it is held: most policies have none.
+        let policy = ctx.server.policy.load();
         policy.has_result_rules().then(|| Results {
-            policy,
+            policy: arc_swap::Guard::into_inner(policy),
             caller: ctx.caller.clone(),
             server: ctx.server.name.clone(),
             shared: ctx.shared().clone(),
