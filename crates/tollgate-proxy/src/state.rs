@@ -340,7 +340,10 @@ fn build_server(
             last_error: None,
             failed_hash: None,
         }),
-        params: ToolParams::default(),
+        params: match kit.remote {
+            Some(remote) => ToolParams::shared(remote.clone(), name),
+            None => ToolParams::default(),
+        },
     })
 }
 
@@ -492,7 +495,7 @@ impl Shared {
                             config.limits.streams_per_session,
                         );
                 match &remote {
-                    Some(remote) => sessions.with_shared(remote.clone()),
+                    Some(remote) => sessions.with_shared(remote.clone(), config.state.on_failure),
                     None => sessions,
                 }
             },
