@@ -296,12 +296,16 @@ fn build_server(
             })?;
             let lock = crate::lock::ToolLock::parse(&text, &path.display().to_string())
                 .map_err(|e| BuildError::Lock(name.into(), e.to_string()))?;
-            Some(crate::lock::ToolWatch::new(
+            let watch = crate::lock::ToolWatch::new(
                 lock,
                 path.clone(),
                 crate::audit::text_digest(&text),
                 config.on_tool_change,
-            ))
+            );
+            Some(match kit.remote {
+                Some(remote) => watch.with_shared(remote.clone(), name),
+                None => watch,
+            })
         }
         None => None,
     };
