@@ -15,6 +15,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audit::{canonical_json, hex_digest};
+use crate::store::definitions::{Definitions, Found, Listing};
+
+/// Whether `tool` with `digest` is as `lock` has it.
+fn unchanged(lock: &ToolLock, tool: &str, digest: &str) -> bool {
+    lock.tools
+        .get(tool)
+        .is_some_and(|locked| locked.digest == digest)
+}
 
 /// The only lock format so far.
 pub const VERSION: u32 = 1;
@@ -309,10 +317,6 @@ pub struct Change {
     pub seen: String,
 }
 
-/// Upstream sessions whose tools are remembered at most; past it all are forgotten
-/// (and listed again when needed).
-const MAX_LISTINGS: usize = 4096;
-
 /// Changes remembered as already recorded at most; past it, all are forgotten.
 const MAX_RECORDED: usize = 4096;
 
@@ -321,14 +325,14 @@ const MAX_RECORDED: usize = 4096;
 /// compares with the lock, worked out when it is listed (or the lock reloaded), so
 /// that a call looks its tool up once.
 pub struct ToolWatch {
-    lock: arc_swap::ArcSwap<ToolLock>,
+    lock: Arc<arc_swap::ArcSwap<ToolLock>>,
     /// Where the lock was read from (for reloads and messages).
     pub path: PathBuf,
     /// What a changed or unknown tool meets.
     pub on_change: crate::config::OnToolChange,
     /// `sha256:` of the lock file's text, and the last reload's error.
     pub info: parking_lot::Mutex<LockInfo>,
-    learned: parking_lot::RwLock<Learned>,
+    learned: Definitions,
     latest: parking_lot::Mutex<BTreeMap<String, Value>>,
     recorded: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
     /// Held while Tollgate lists the tools itself, so that concurrent callers share one listing.
@@ -342,37 +346,6 @@ pub struct LockInfo {
     pub hash: String,
     /// The last reload's error; the previous lock stays in force.
     pub last_error: Option<String>,
-}
-
-/// What the upstream sessions listed.
-#[derive(Default)]
-struct Learned {
-    /// Each listed tool, by upstream session and name.
-    tools: hashbrown::HashMap<Key, Listed>,
-    /// The sessions whose tools were listed, and whether every page was read (so
-    /// that a tool not in `tools` is not listed).
-    sessions: hashbrown::HashMap<Box<str>, bool>,
-}
-
-/// An upstream session and a tool's name.
-#[derive(Hash, PartialEq, Eq)]
-struct Key(Box<str>, Box<str>);
-
-/// [`Key`], borrowed: hashed the same way.
-#[derive(Hash)]
-struct KeyRef<'a>(&'a str, &'a str);
-
-impl hashbrown::Equivalent<Key> for KeyRef<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        *key.0 == *self.0 && *key.1 == *self.1
-    }
-}
-
-/// A tool as one upstream session listed it.
-struct Listed {
-    digest: String,
-    /// Whether it is as locked (in the lock in force).
-    unchanged: bool,
 }
 
 /// What Tollgate knows of a tool's current definition in one upstream session.
@@ -395,14 +368,14 @@ impl ToolWatch {
         on_change: crate::config::OnToolChange,
     ) -> ToolWatch {
         ToolWatch {
-            lock: arc_swap::ArcSwap::from_pointee(lock),
+            lock: Arc::new(arc_swap::ArcSwap::from_pointee(lock)),
             path,
             on_change,
             info: parking_lot::Mutex::new(LockInfo {
                 hash,
                 last_error: None,
             }),
-            learned: parking_lot::RwLock::default(),
+            learned: Definitions::default(),
             latest: parking_lot::Mutex::default(),
             recorded: parking_lot::Mutex::default(),
             listing: tokio::sync::Mutex::new(()),
@@ -414,14 +387,24 @@ impl ToolWatch {
         self.lock.load_full()
     }
 
+    /// The same watch with what it learns shared by the replicas through the shared
+    /// Redis, as server `server`: a tool list learned on one is known to the others,
+    /// each judging it against its own lock in force.
+    pub fn with_shared(mut self, remote: Arc<crate::store::remote::Remote>, server: &str) -> Self {
+        let lock = self.lock.clone();
+        let judge: crate::store::definitions::Judge =
+            Arc::new(move |tool, digest| unchanged(&lock.load(), tool, digest));
+        self.learned = Definitions::shared(remote, server, judge);
+        self
+    }
+
     /// Puts a reloaded lock in force; what was learned stays, compared anew.
     pub fn replace(&self, lock: ToolLock, hash: String) {
-        let mut learned = self.learned.write();
-        for (key, listed) in &mut learned.tools {
-            listed.unchanged = lock.status(&key.1, &listed.digest) == Status::Unchanged;
-        }
-        self.lock.store(Arc::new(lock));
-        drop(learned);
+        let lock = Arc::new(lock);
+        self.learned.restamp(
+            |tool, digest| unchanged(&lock, tool, digest),
+            || self.lock.store(lock.clone()),
+        );
         *self.info.lock() = LockInfo {
             hash,
             last_error: None,
@@ -432,35 +415,31 @@ impl ToolWatch {
     /// the lock; `None` when it is not known (the tools must be listed first). A tool
     /// as locked costs one lookup (the call path).
     pub fn status(&self, key: &str, tool: &str) -> Option<Status> {
-        let learned = self.learned.read();
-        if let Some(listed) = learned.tools.get(&KeyRef(key, tool)) {
-            if listed.unchanged {
-                return Some(Status::Unchanged);
-            }
-            return Some(self.lock().status(tool, &listed.digest));
-        }
-        learned.sessions.get(key).copied()?.then_some(())?;
-        // Not listed: the upstream will answer that it has no such tool, unless the
-        // lock does not name it either.
-        Some(if self.lock().tools().contains_key(tool) {
-            Status::Unchanged
-        } else {
-            Status::Unknown {
-                seen: "none".into(),
-            }
+        self.learned.find(key, tool, |found| match found {
+            Found::Listed {
+                unchanged: true, ..
+            } => Some(Status::Unchanged),
+            Found::Listed { digest, .. } => Some(self.lock().status(tool, digest)),
+            // Not listed: the upstream will answer that it has no such tool, unless
+            // the lock does not name it either.
+            Found::NotListed => Some(if self.lock().tools().contains_key(tool) {
+                Status::Unchanged
+            } else {
+                Status::Unknown {
+                    seen: "none".into(),
+                }
+            }),
+            Found::Unknown => None,
         })
     }
 
     /// What is known of `tool`'s current definition in the upstream session `key`.
     pub fn seen(&self, key: &str, tool: &str) -> Seen {
-        let learned = self.learned.read();
-        if let Some(listed) = learned.tools.get(&KeyRef(key, tool)) {
-            return Seen::Digest(listed.digest.clone());
-        }
-        match learned.sessions.get(key) {
-            Some(true) => Seen::NotListed,
-            _ => Seen::Unknown,
-        }
+        self.learned.find(key, tool, |found| match found {
+            Found::Listed { digest, .. } => Seen::Digest(digest.to_owned()),
+            Found::NotListed => Seen::NotListed,
+            Found::Unknown => Seen::Unknown,
+        })
     }
 
     /// Learns the tools of one `tools/list` answer in the upstream session `key`
@@ -486,31 +465,19 @@ impl ToolWatch {
                 changes.push(change);
             }
             self.latest.lock().insert(name.to_owned(), definition(tool));
-            listed.push((name, Listed { digest, unchanged }));
+            listed.push(Listing {
+                name,
+                digest,
+                unchanged,
+            });
         }
-        let mut learned = self.learned.write();
-        if learned.sessions.len() >= MAX_LISTINGS && !learned.sessions.contains_key(key) {
-            *learned = Learned::default();
-        }
-        if complete {
-            learned.tools.retain(|k, _| *k.0 != *key);
-        }
-        let was_complete = learned.sessions.get(key).copied().unwrap_or(false);
-        learned
-            .sessions
-            .insert(key.into(), complete || was_complete);
-        for (name, tool) in listed {
-            learned.tools.insert(Key(key.into(), name.into()), tool);
-        }
+        self.learned.learn(key, listed, complete);
         (keep, changes)
     }
 
     /// Forgets what the upstream session `key` listed (its tools changed).
     pub fn forget(&self, key: &str) {
-        let mut learned = self.learned.write();
-        if learned.sessions.remove(key).is_some() {
-            learned.tools.retain(|k, _| *k.0 != *key);
-        }
+        self.learned.forget(key);
     }
 
     /// Whether calls to changed tools go on.

@@ -296,12 +296,16 @@ fn build_server(
             })?;
             let lock = crate::lock::ToolLock::parse(&text, &path.display().to_string())
                 .map_err(|e| BuildError::Lock(name.into(), e.to_string()))?;
-            Some(crate::lock::ToolWatch::new(
+            let watch = crate::lock::ToolWatch::new(
                 lock,
                 path.clone(),
                 crate::audit::text_digest(&text),
                 config.on_tool_change,
-            ))
+            );
+            Some(match kit.remote {
+                Some(remote) => watch.with_shared(remote.clone(), name),
+                None => watch,
+            })
         }
         None => None,
     };
@@ -340,7 +344,10 @@ fn build_server(
             last_error: None,
             failed_hash: None,
         }),
-        params: ToolParams::default(),
+        params: match kit.remote {
+            Some(remote) => ToolParams::shared(remote.clone(), name),
+            None => ToolParams::default(),
+        },
     })
 }
 
@@ -492,7 +499,7 @@ impl Shared {
                             config.limits.streams_per_session,
                         );
                 match &remote {
-                    Some(remote) => sessions.with_shared(remote.clone()),
+                    Some(remote) => sessions.with_shared(remote.clone(), config.state.on_failure),
                     None => sessions,
                 }
             },

@@ -1,6 +1,6 @@
 //! State that outlives one request and that several replicas would share: sessions,
-//! rate-limit windows, pending approvals, the tools' learned `Mcp-Param-*` headers
-//! and the owners of the MCP tasks Tollgate relayed.
+//! rate-limit windows, pending approvals, the tools' learned `Mcp-Param-*` headers,
+//! the tool lock's learned definitions and the owners of the MCP tasks Tollgate relayed.
 //!
 //! Each store is a narrow interface (a handful of methods, private fields) over an
 //! in-memory implementation. A shared backend (Redis, for several replicas) is a
@@ -11,6 +11,7 @@
 //! imports nothing else of the proxy but the configuration.
 
 pub mod approvals;
+pub mod definitions;
 pub mod limits;
 pub mod params;
 pub mod remote;

@@ -10,7 +10,7 @@ use super::context::{Caller, Context, Meta};
 use super::inbound::Decoded;
 use crate::error::ProxyError;
 use crate::state::{Server, Shared};
-use crate::store::sessions::Session;
+use crate::store::sessions::{Missing, NewSession, NotOpened, Opened, Session};
 use crate::upstream::{Lane, Payload, Request};
 
 /// The session a message belongs to: none in the stateless era or for
@@ -44,35 +44,30 @@ pub async fn find(
     let Some(id) = id else {
         return Ok(None);
     };
-    let session = match shared.sessions.get(id).await {
-        Ok(found) => found.ok_or(ProxyError::UnknownSession)?,
-        Err(error) => {
-            let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
-            shared.metrics.state_unavailable(&server.name, refuse);
+    let principal = caller.principal();
+    match shared
+        .sessions
+        .get(id, &server.name, principal.as_deref())
+        .await
+    {
+        Ok(session) => Ok(Some(session)),
+        Err(Missing::Unknown) => Err(ProxyError::UnknownSession),
+        Err(Missing::Unavailable { error, refused }) => {
+            shared.metrics.state_unavailable(&server.name, refused);
             tracing::warn!(error = %error, "a session could not be looked up in the shared state");
             // Unreadable is unknown with `allow`: nothing is let through unchecked.
-            return Err(if refuse {
+            Err(if refused {
                 ProxyError::StateUnavailable(error)
             } else {
                 ProxyError::UnknownSession
-            });
+            })
         }
-    };
-    // A session is only valid for the server and client that opened it.
-    if session.server != server.name || session.client != caller.principal() {
-        return Err(ProxyError::UnknownSession);
-    }
-    if let (Some(remote), Some(owner)) = (&shared.remote, &session.replica)
-        && session.pinned
-        && owner != remote.replica()
-    {
-        return Err(ProxyError::OtherReplica {
+        Err(Missing::OtherReplica { owner, here }) => Err(ProxyError::OtherReplica {
             replica: owner.to_string(),
-            here: remote.replica().to_string(),
+            here: here.to_string(),
             server: server.name.to_string(),
-        });
+        }),
     }
-    Ok(Some(session))
 }
 
 /// The largest `initialize` accepted: a session keeps it for as long as it lives.
@@ -139,33 +134,38 @@ pub async fn open(
         .and_then(|a| a.pointer("/result/protocolVersion"))
         .and_then(Value::as_str)
         .map(Into::into);
-    let session = ctx
-        .shared()
+    let shared = ctx.shared();
+    let opened = shared
         .sessions
-        .open(crate::store::sessions::NewSession {
+        .open(NewSession {
             server: ctx.server.name.clone(),
             client: ctx.caller.principal(),
-            upstream_id,
+            upstream_id: upstream_id.clone(),
             initialize: Some(replayable(initialize)),
             elicitation,
             protocol_version,
             quota_key: ctx.user_key.clone(),
             pinned: ctx.server.pinned,
-        })?;
-    let shared = ctx.shared();
-    if let Err(error) = shared.sessions.share(&session).await {
-        let refuse = shared.state_on_failure == crate::config::OnStateFailure::Refuse;
-        shared.metrics.state_unavailable(&ctx.server.name, refuse);
-        if refuse {
+        })
+        .await;
+    let session = match opened {
+        Ok(Opened { session, unshared }) => {
+            if let Some(error) = unshared {
+                shared.metrics.state_unavailable(&ctx.server.name, false);
+                tracing::warn!(error = %error, "session kept on this replica only: the shared state cannot be reached (state.on_failure: allow)");
+            }
+            session
+        }
+        Err(NotOpened::Full(full)) => return Err(full.into()),
+        Err(NotOpened::Unavailable(error)) => {
+            shared.metrics.state_unavailable(&ctx.server.name, true);
             tracing::warn!(error = %error, "initialize refused: its session could not be written to the shared state (state.on_failure: refuse)");
-            shared.sessions.remove(&session.id);
-            if let Some(upstream_id) = session.upstream_id() {
+            if let Some(upstream_id) = upstream_id {
                 let _ = ctx.server.upstream.end(ctx.lane, &upstream_id).await;
             }
             return Err(ProxyError::StateUnavailable(error));
         }
-        tracing::warn!(error = %error, "session kept on this replica only: the shared state cannot be reached (state.on_failure: allow)");
-    }
+    };
     tracing::info!(session = %session.id, "session opened");
     Ok(session)
 }

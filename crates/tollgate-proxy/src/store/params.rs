@@ -1,46 +1,88 @@
 //! The `x-mcp-header` annotations learned from a server's `tools/list` answers:
 //! which `Mcp-Param-*` headers each tool's calls carry, and which argument each
 //! mirrors. Bounded, so an upstream listing endless tools cannot grow it without end.
+//!
+//! [`ToolParams`] is the front: a table in this process ([`memory`]), or one the
+//! replicas share through Redis ([`redis`], `state.backend: redis`), where what one
+//! replica learned is known to the others. Either way a call reads this process's
+//! memory only. Both are held to one behaviour by `params/contract.rs`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
 use tollgate_mcp::ParamHeader;
+
+use super::remote::Remote;
+
+#[cfg(test)]
+mod contract;
+mod memory;
+mod redis;
 
 /// Most tools with annotations remembered per server.
 pub const MAX_TOOLS: usize = 4096;
 
 /// One server's tools that mirror arguments into headers, by tool name.
-#[derive(Debug, Default)]
 pub struct ToolParams {
-    tools: RwLock<HashMap<String, Arc<[ParamHeader]>>>,
+    store: Store,
+}
+
+/// The backends, dispatched without boxing.
+enum Store {
+    Memory(memory::Params),
+    Redis(redis::Params),
+}
+
+impl Default for ToolParams {
+    fn default() -> ToolParams {
+        ToolParams {
+            store: Store::Memory(memory::Params::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for ToolParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolParams").finish_non_exhaustive()
+    }
 }
 
 impl ToolParams {
+    /// The table of `server`, shared by the replicas through the shared Redis.
+    pub fn shared(remote: Arc<Remote>, server: &str) -> ToolParams {
+        ToolParams {
+            store: Store::Redis(redis::Params::new(remote, server)),
+        }
+    }
+
+    fn local(&self) -> &memory::Params {
+        match &self.store {
+            Store::Memory(local) => local,
+            Store::Redis(shared) => shared.local(),
+        }
+    }
+
     /// Records what a listed tool declares; a tool that declares nothing is forgotten.
     /// Returns `false` when the table is full and the tool could not be recorded.
     pub fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool {
-        let mut tools = self.tools.write();
-        if declared.is_empty() {
-            tools.remove(tool);
-            return true;
+        match &self.store {
+            Store::Memory(local) => local.learn(tool, declared) != memory::Learnt::Full,
+            Store::Redis(shared) => shared.learn(tool, declared),
         }
-        if tools.len() >= MAX_TOOLS && !tools.contains_key(tool) {
-            return false;
-        }
-        tools.insert(tool.to_owned(), declared.into());
-        true
     }
 
     /// Forgets a tool (listed with annotations that are not valid).
     pub fn forget(&self, tool: &str) {
-        self.tools.write().remove(tool);
+        match &self.store {
+            Store::Memory(local) => {
+                local.forget(tool);
+            }
+            Store::Redis(shared) => shared.forget(tool),
+        }
     }
 
-    /// What `tool` declares, if it declares anything.
+    /// What `tool` declares, if it declares anything: from this process's memory.
     pub fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>> {
-        self.tools.read().get(tool).cloned()
+        self.local().get(tool)
     }
 }
 

@@ -193,8 +193,33 @@ impl Remote {
         self: &Arc<Self>,
         channel: String,
         on_message: impl Fn(&str) + Send + 'static,
-        on_gap: impl Fn() + Send + 'static,
+        on_gap: impl Fn() + Send + Sync + 'static,
     ) {
+        let on_gap = Arc::new(on_gap);
+        let at_end = on_gap.clone();
+        self.follow_from(
+            channel,
+            on_message,
+            move || {
+                on_gap();
+                std::future::ready(())
+            },
+            move || at_end(),
+        );
+    }
+
+    /// [`Remote::follow`], awaiting `on_start` each time the feed starts, before any
+    /// of its messages is handled (a backend reads its whole state there, so that
+    /// the messages that follow apply to it in order); `on_end` when it stops.
+    pub fn follow_from<F>(
+        self: &Arc<Self>,
+        channel: String,
+        on_message: impl Fn(&str) + Send + 'static,
+        on_start: impl Fn() -> F + Send + 'static,
+        on_end: impl Fn() + Send + 'static,
+    ) where
+        F: Future<Output = ()> + Send,
+    {
         use futures::StreamExt as _;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -207,7 +232,7 @@ impl Remote {
                     let subscribed =
                         tokio::time::timeout(remote.timeout, pubsub.subscribe(&channel)).await;
                     if matches!(subscribed, Ok(Ok(()))) {
-                        on_gap();
+                        on_start().await;
                         let mut messages = pubsub.on_message();
                         while let Some(message) = messages.next().await {
                             let Ok(text) = message.get_payload::<String>() else {
@@ -221,7 +246,7 @@ impl Remote {
                         }
                     }
                 }
-                on_gap();
+                on_end();
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });

@@ -1,15 +1,28 @@
 //! Handshake-era sessions: ids Tollgate issues, each mapped to the upstream's own
 //! session and bound to the server and the client that opened it.
+//!
+//! [`Sessions`] is the front every caller uses: a table in this process
+//! ([`memory`]) or one shared by the replicas through Redis ([`redis`],
+//! `state.backend: redis`), behind `state.on_failure` (what an `initialize` or a
+//! lookup gets when the shared state cannot be reached) and replica pinning (a
+//! session whose upstream lives on another replica is not served here). The caller
+//! never learns which backend it has. Both are held to one behaviour by
+//! `sessions/contract.rs`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::remote::{Remote, Unavailable};
+use crate::config::OnStateFailure;
+
+#[cfg(test)]
+mod contract;
+mod memory;
+mod redis;
 
 /// One downstream session.
 #[derive(Debug)]
@@ -36,16 +49,16 @@ pub struct Session {
     /// The upstream's session id, when the upstream issued one; replaced when
     /// Tollgate re-initializes a session the upstream lost.
     upstream_id: Mutex<Option<String>>,
-    /// Requests of this session waiting for the upstream's answer.
+    /// Requests of this session waiting for the upstream.
     in_flight: AtomicUsize,
     /// Held while re-initializing, so only one request does it.
     pub reinitializing: tokio::sync::Mutex<()>,
     last_seen_ms: AtomicU64,
     /// The replica that opened it (with a shared backend).
-    pub replica: Option<Arc<str>>,
+    replica: Option<Arc<str>>,
     /// Whether its upstream session lives on that replica only (a stdio process, a
     /// legacy SSE connection), so no other replica can serve it.
-    pub pinned: bool,
+    pinned: bool,
     /// Whether it counts towards its client's `limits.sessions_per_client` here
     /// (opened here, not a copy read from the shared backend).
     counted: bool,
@@ -53,20 +66,6 @@ pub struct Session {
     shared: Option<Arc<Remote>>,
     /// When its shared record's expiry was last pushed back.
     refreshed_ms: AtomicU64,
-}
-
-/// A session as the shared backend keeps it: what any replica needs to serve it.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Record {
-    server: String,
-    client: Option<String>,
-    upstream_id: Option<String>,
-    initialize: Option<Value>,
-    elicitation: bool,
-    protocol_version: Option<String>,
-    quota_key: String,
-    replica: Option<String>,
-    pinned: bool,
 }
 
 /// What a new session starts with.
@@ -89,6 +88,16 @@ pub struct NewSession {
     pub pinned: bool,
 }
 
+/// Where a [`Session`] object comes from: opened here, or a copy of another
+/// replica's read from the shared backend.
+struct Origin {
+    replica: Option<Arc<str>>,
+    counted: bool,
+    shared: Option<Arc<Remote>>,
+    max_streams: usize,
+    now_ms: u64,
+}
+
 /// A fresh unguessable id: 128 random bits in hex.
 pub fn random_id() -> String {
     super::random_hex(16)
@@ -103,6 +112,30 @@ fn session_key(id: &str) -> Arc<str> {
 }
 
 impl Session {
+    fn new(id: Arc<str>, new: NewSession, origin: Origin) -> Session {
+        Session {
+            key: session_key(&id),
+            id,
+            server: new.server,
+            client: new.client,
+            initialize: new.initialize,
+            elicitation: new.elicitation,
+            quota_key: new.quota_key,
+            streams: AtomicUsize::new(0),
+            max_streams: origin.max_streams,
+            protocol_version: Mutex::new(new.protocol_version),
+            upstream_id: Mutex::new(new.upstream_id),
+            in_flight: AtomicUsize::new(0),
+            reinitializing: tokio::sync::Mutex::new(()),
+            last_seen_ms: AtomicU64::new(origin.now_ms),
+            replica: origin.replica,
+            pinned: new.pinned,
+            counted: origin.counted,
+            shared: origin.shared,
+            refreshed_ms: AtomicU64::new(origin.now_ms),
+        }
+    }
+
     /// The upstream's current session id.
     pub fn upstream_id(&self) -> Option<String> {
         self.upstream_id.lock().clone()
@@ -125,46 +158,11 @@ impl Session {
         self.write_through();
     }
 
-    fn record(&self) -> Record {
-        Record {
-            server: self.server.to_string(),
-            client: self.client.as_deref().map(str::to_owned),
-            upstream_id: self.upstream_id(),
-            initialize: self.initialize.clone(),
-            elicitation: self.elicitation,
-            protocol_version: self.protocol_version().as_deref().map(str::to_owned),
-            quota_key: self.quota_key.to_string(),
-            replica: self.replica.as_deref().map(str::to_owned),
-            pinned: self.pinned,
-        }
-    }
-
-    /// Writes a change to the shared record (keeping its expiry) and tells the other
-    /// replicas to drop their copies, by a task of its own.
+    /// Writes a change to the shared record, if the session has one.
     fn write_through(&self) {
-        let Some(remote) = self.shared.clone() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Ok(text) = serde_json::to_string(&self.record()) else {
-            return;
-        };
-        let id = self.id.clone();
-        runtime.spawn(async move {
-            let mut conn = remote.connection();
-            let key = remote.key(&["session", &id]);
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET").arg(&key).arg(&text).arg("XX").arg("KEEPTTL").ignore();
-            pipe.cmd("PUBLISH")
-                .arg(remote.key(&["sessions", "changed"]))
-                .arg(format!("{}\n{id}", remote.replica()))
-                .ignore();
-            if let Err(err) = remote.run(pipe.query_async::<()>(&mut conn)).await {
-                tracing::warn!(session = %id, error = %err, "a session's change could not be shared");
-            }
-        });
+        if let Some(remote) = &self.shared {
+            redis::write_through(remote, self);
+        }
     }
 
     /// Counts a request as waiting for the upstream until the guard drops.
@@ -211,29 +209,6 @@ impl Drop for InFlight {
     }
 }
 
-/// The session table.
-pub struct Sessions {
-    map: Mutex<HashMap<Arc<str>, Arc<Session>>>,
-    /// Sessions held by each client key.
-    held: Mutex<HashMap<Arc<str>, usize>>,
-    max: usize,
-    per_client: usize,
-    streams_per_session: usize,
-    idle: Duration,
-    epoch: Instant,
-    /// The shared backend, and the ids of copies other replicas changed or ended.
-    shared: Option<Arc<Remote>>,
-    stale: Arc<Mutex<Stale>>,
-}
-
-/// Copies of shared sessions to drop before the next lookup.
-#[derive(Default)]
-struct Stale {
-    ids: Vec<String>,
-    /// The change feed was interrupted: every copy may be out of date.
-    all: bool,
-}
-
 /// No session can be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionsFull {
@@ -247,462 +222,213 @@ pub enum SessionsFull {
     Client(usize, String),
 }
 
+/// The session table, in this process or shared by the replicas.
+pub struct Sessions {
+    store: Store,
+    on_failure: OnStateFailure,
+}
+
+/// The backends, dispatched without boxing: a lookup costs one match.
+enum Store {
+    Memory(memory::Sessions),
+    Redis(redis::Sessions),
+}
+
+/// A session opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// The session.
+    pub session: Arc<Session>,
+    /// Why it is kept on this replica only, if the shared state could not be
+    /// written and `state.on_failure` is `allow`.
+    pub unshared: Option<Unavailable>,
+}
+
+/// Why no session was opened.
+#[derive(Debug)]
+pub enum NotOpened {
+    /// No room: the table or the client's quota is full.
+    Full(SessionsFull),
+    /// The shared state could not be written (`state.on_failure: refuse`).
+    Unavailable(Unavailable),
+}
+
+/// Why a lookup found no session to serve.
+#[derive(Debug)]
+pub enum Missing {
+    /// No such session (or not the asking server's and client's).
+    Unknown,
+    /// The shared state could not be read: with `state.on_failure: refuse` the call
+    /// is refused for it (`refused`), else the session is unknown.
+    Unavailable {
+        /// Why.
+        error: Unavailable,
+        /// Whether `state.on_failure` is `refuse`.
+        refused: bool,
+    },
+    /// The session's upstream lives on another replica (a process or connection of it).
+    OtherReplica {
+        /// The replica that opened it.
+        owner: Arc<str>,
+        /// This replica.
+        here: Arc<str>,
+    },
+}
+
 impl Sessions {
-    /// An empty table holding at most `max` sessions, each forgotten after `idle`.
+    /// An empty table in this process holding at most `max` sessions, each
+    /// forgotten after `idle`.
     pub fn new(max: usize, idle: Duration) -> Sessions {
         Sessions {
-            map: Mutex::new(HashMap::new()),
-            held: Mutex::new(HashMap::new()),
-            max,
-            per_client: usize::MAX,
-            streams_per_session: usize::MAX,
-            idle,
-            epoch: Instant::now(),
-            shared: None,
-            stale: Arc::new(Mutex::new(Stale::default())),
+            store: Store::Memory(memory::Sessions::new(max, idle)),
+            on_failure: OnStateFailure::default(),
         }
     }
 
     /// The same table kept in the shared backend too, so that every replica can
-    /// serve every session; a task follows the other replicas' changes.
-    pub fn with_shared(mut self, remote: Arc<Remote>) -> Sessions {
-        // Each message names a session whose copy here is out of date; after a gap in
-        // the feed every copy may be.
-        let (stale, gap) = (self.stale.clone(), self.stale.clone());
-        remote.follow(
-            remote.key(&["sessions", "changed"]),
-            move |id| {
-                let mut stale = stale.lock();
-                // Bounded: a burst beyond it drops every copy instead.
-                if stale.ids.len() < 10_000 {
-                    stale.ids.push(id.to_owned());
-                } else {
-                    stale.all = true;
-                }
-            },
-            move || gap.lock().all = true,
-        );
-        self.shared = Some(remote);
-        self
+    /// serve every session; `on_failure` says what a call gets when it cannot be
+    /// reached.
+    pub fn with_shared(self, remote: Arc<Remote>, on_failure: OnStateFailure) -> Sessions {
+        let local = match self.store {
+            Store::Memory(local) => local,
+            Store::Redis(shared) => shared.into_local(),
+        };
+        Sessions {
+            store: Store::Redis(redis::Sessions::new(local, remote)),
+            on_failure,
+        }
     }
 
     /// The same table with per-client quotas: at most `per_client` sessions per
     /// client key, and `streams_per_session` GET streams on each session.
     pub fn with_quotas(mut self, per_client: usize, streams_per_session: usize) -> Sessions {
-        self.per_client = per_client;
-        self.streams_per_session = streams_per_session;
+        self.local_mut().set_quotas(per_client, streams_per_session);
         self
+    }
+
+    fn local(&self) -> &memory::Sessions {
+        match &self.store {
+            Store::Memory(local) => local,
+            Store::Redis(shared) => shared.local(),
+        }
+    }
+
+    fn local_mut(&mut self) -> &mut memory::Sessions {
+        match &mut self.store {
+            Store::Memory(local) => local,
+            Store::Redis(shared) => shared.local_mut(),
+        }
     }
 
     /// The most sessions (and legacy streams) one client may hold.
     pub fn per_client(&self) -> usize {
-        self.per_client
+        self.local().per_client()
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// Opens a session with a fresh random id (128 bits) and, with a shared
+    /// backend, writes it there, to expire after `limits.session_idle` unless used.
+    pub async fn open(&self, new: NewSession) -> Result<Opened, NotOpened> {
+        let shared = match &self.store {
+            Store::Memory(local) => {
+                let session = local.open(new, None).map_err(NotOpened::Full)?;
+                return Ok(Opened {
+                    session,
+                    unshared: None,
+                });
+            }
+            Store::Redis(shared) => shared,
+        };
+        let session = shared.open(new).map_err(NotOpened::Full)?;
+        let Err(error) = shared.share(&session).await else {
+            return Ok(Opened {
+                session,
+                unshared: None,
+            });
+        };
+        if self.on_failure == OnStateFailure::Refuse {
+            self.remove(&session.id);
+            return Err(NotOpened::Unavailable(error));
+        }
+        Ok(Opened {
+            session,
+            unshared: Some(error),
+        })
     }
 
-    /// Opens a session with a fresh random id (128 bits).
-    pub fn open(&self, new: NewSession) -> Result<Arc<Session>, SessionsFull> {
-        let id = random_id();
-        let session = Arc::new(Session {
-            key: session_key(&id),
-            id: id.into(),
-            server: new.server,
-            client: new.client,
-            initialize: new.initialize,
-            elicitation: new.elicitation,
-            quota_key: new.quota_key,
-            streams: AtomicUsize::new(0),
-            max_streams: self.streams_per_session,
-            protocol_version: Mutex::new(new.protocol_version),
-            upstream_id: Mutex::new(new.upstream_id),
-            in_flight: AtomicUsize::new(0),
-            reinitializing: tokio::sync::Mutex::new(()),
-            last_seen_ms: AtomicU64::new(self.now_ms()),
-            replica: self.shared.as_ref().map(|r| r.replica().clone()),
-            pinned: new.pinned,
-            counted: true,
-            shared: self.shared.clone(),
-            refreshed_ms: AtomicU64::new(self.now_ms()),
-        });
-        let mut map = self.map.lock();
-        if map.len() >= self.max {
-            self.sweep_locked(&mut map);
-            if map.len() >= self.max {
-                return Err(SessionsFull::Total(self.max));
-            }
+    /// The live session `id` of `server` opened by `client`, refreshed: from this
+    /// process, else (with a shared backend) read once from it and kept; and only if
+    /// this replica can serve it.
+    pub async fn get(
+        &self,
+        id: &str,
+        server: &str,
+        client: Option<&str>,
+    ) -> Result<Arc<Session>, Missing> {
+        let found = match &self.store {
+            Store::Memory(local) => local.get(id),
+            Store::Redis(shared) => match shared.get(id).await {
+                Ok(found) => found,
+                Err(error) => {
+                    return Err(Missing::Unavailable {
+                        error,
+                        refused: self.on_failure == OnStateFailure::Refuse,
+                    });
+                }
+            },
+        };
+        let session = found.ok_or(Missing::Unknown)?;
+        // A session is only valid for the server and client that opened it.
+        if *session.server != *server || session.client.as_deref() != client {
+            return Err(Missing::Unknown);
         }
-        let mut held = self.held.lock();
-        let count = held.entry(session.quota_key.clone()).or_insert(0);
-        if *count >= self.per_client {
-            drop(held);
-            // Idle sessions of this client may be what holds its quota.
-            self.sweep_locked(&mut map);
-            held = self.held.lock();
-            if held.get(&session.quota_key).copied().unwrap_or(0) >= self.per_client {
-                let counted = tollgate_policy::counted_on(&session.quota_key)
-                    .unwrap_or_else(|| "this client".to_owned());
-                return Err(SessionsFull::Client(self.per_client, counted));
-            }
-        }
-        *held.entry(session.quota_key.clone()).or_insert(0) += 1;
-        drop(held);
-        map.insert(session.id.clone(), session.clone());
+        self.pinned_elsewhere(&session)?;
         Ok(session)
     }
 
-    /// Writes a new session to the shared backend (a no-op without one), to expire
-    /// after `limits.session_idle` unless used.
-    pub async fn share(&self, session: &Session) -> Result<(), Unavailable> {
-        let Some(remote) = &self.shared else {
+    /// Replica pinning: a session whose upstream lives on the replica that opened
+    /// it is served there only.
+    fn pinned_elsewhere(&self, session: &Session) -> Result<(), Missing> {
+        let Store::Redis(shared) = &self.store else {
             return Ok(());
         };
-        let text = serde_json::to_string(&session.record()).map_err(|e| Unavailable {
-            url: remote.shown().to_owned(),
-            reason: e.to_string(),
-        })?;
-        let mut conn = remote.connection();
-        let key = remote.key(&["session", &session.id]);
-        let idle = self.idle_ms();
-        remote
-            .run(
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&text)
-                    .arg("PX")
-                    .arg(idle)
-                    .query_async::<()>(&mut conn),
-            )
-            .await
-    }
-
-    fn idle_ms(&self) -> u64 {
-        u64::try_from(self.idle.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
-    /// Gives a forgotten session's quota back to its client.
-    fn release(&self, session: &Session) {
-        if !session.counted {
-            return;
-        }
-        let mut held = self.held.lock();
-        if let Some(count) = held.get_mut(&session.quota_key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                held.remove(&session.quota_key);
+        match &session.replica {
+            Some(owner) if session.pinned && owner != shared.replica() => {
+                Err(Missing::OtherReplica {
+                    owner: owner.clone(),
+                    here: shared.replica().clone(),
+                })
             }
-        }
-    }
-
-    /// The live session with this id, refreshed: from this process, else (with a
-    /// shared backend) read once from it and kept.
-    pub async fn get(&self, id: &str) -> Result<Option<Arc<Session>>, Unavailable> {
-        self.drop_stale();
-        let found = self.map.lock().get(id).cloned();
-        if let Some(session) = found {
-            let now = self.now_ms();
-            session.last_seen_ms.store(now, Ordering::Relaxed);
-            self.refresh(&session, now);
-            return Ok(Some(session));
-        }
-        let Some(remote) = &self.shared else {
-            return Ok(None);
-        };
-        // Session ids are 32 hex digits; nothing else is worth a round trip.
-        if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Ok(None);
-        }
-        let mut conn = remote.connection();
-        let key = remote.key(&["session", id]);
-        let text: Option<String> = remote
-            .run(redis::cmd("GET").arg(&key).query_async(&mut conn))
-            .await?;
-        let Some(record) = text.and_then(|t| serde_json::from_str::<Record>(&t).ok()) else {
-            return Ok(None);
-        };
-        let session = Arc::new(Session {
-            key: session_key(id),
-            id: id.into(),
-            server: record.server.into(),
-            client: record.client.map(Into::into),
-            initialize: record.initialize,
-            elicitation: record.elicitation,
-            quota_key: record.quota_key.into(),
-            streams: AtomicUsize::new(0),
-            max_streams: self.streams_per_session,
-            protocol_version: Mutex::new(record.protocol_version.map(Into::into)),
-            upstream_id: Mutex::new(record.upstream_id),
-            in_flight: AtomicUsize::new(0),
-            reinitializing: tokio::sync::Mutex::new(()),
-            last_seen_ms: AtomicU64::new(self.now_ms()),
-            replica: record.replica.map(Into::into),
-            pinned: record.pinned,
-            counted: false,
-            shared: Some(remote.clone()),
-            refreshed_ms: AtomicU64::new(self.now_ms()),
-        });
-        let mut map = self.map.lock();
-        if map.len() >= self.max {
-            self.sweep_locked(&mut map);
-        }
-        // A copy that does not fit is still served, just not kept.
-        if map.len() < self.max {
-            map.entry(session.id.clone())
-                .or_insert_with(|| session.clone());
-        }
-        Ok(Some(session))
-    }
-
-    /// Pushes a used shared session's expiry back, at most every eighth of
-    /// `limits.session_idle`, by a task of its own (off the request's path).
-    fn refresh(&self, session: &Arc<Session>, now: u64) {
-        let Some(remote) = &session.shared else {
-            return;
-        };
-        let every = self.idle_ms() / 8;
-        if now.saturating_sub(session.refreshed_ms.load(Ordering::Relaxed)) < every {
-            return;
-        }
-        session.refreshed_ms.store(now, Ordering::Relaxed);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (remote, key, idle) = (
-            remote.clone(),
-            remote.key(&["session", &session.id]),
-            self.idle_ms(),
-        );
-        runtime.spawn(async move {
-            let mut conn = remote.connection();
-            let _ = remote
-                .run(
-                    redis::cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(idle)
-                        .query_async::<i64>(&mut conn),
-                )
-                .await;
-        });
-    }
-
-    /// Drops the copies that other replicas changed or ended since the last lookup.
-    fn drop_stale(&self) {
-        let stale = {
-            let mut stale = self.stale.lock();
-            if stale.ids.is_empty() && !stale.all {
-                return;
-            }
-            std::mem::take(&mut *stale)
-        };
-        let mut map = self.map.lock();
-        if stale.all {
-            map.retain(|_, s| s.counted);
-        }
-        for id in stale.ids {
-            if let Some(session) = map.remove(id.as_str()) {
-                self.release(&session);
-            }
+            _ => Ok(()),
         }
     }
 
     /// Forgets a session, here and (by a task of its own) in the shared backend,
     /// telling the other replicas to drop their copies.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        let removed = self.map.lock().remove(id);
-        if let Some(session) = &removed {
-            self.release(session);
+        match &self.store {
+            Store::Memory(local) => local.remove(id),
+            Store::Redis(shared) => shared.remove(id),
         }
-        if let Some(remote) = self.shared.clone()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let id = id.to_owned();
-            runtime.spawn(async move {
-                let mut conn = remote.connection();
-                let mut pipe = redis::pipe();
-                pipe.cmd("DEL").arg(remote.key(&["session", &id])).ignore();
-                pipe.cmd("PUBLISH")
-                    .arg(remote.key(&["sessions", "changed"]))
-                    .arg(format!("{}\n{id}", remote.replica()))
-                    .ignore();
-                if let Err(err) = remote.run(pipe.query_async::<()>(&mut conn)).await {
-                    tracing::warn!(session = %id, error = %err, "an ended session could not be removed from the shared state; it expires after limits.session_idle");
-                }
-            });
-        }
-        removed
     }
 
     /// How long an unused session is kept (`limits.session_idle`).
     pub fn idle(&self) -> Duration {
-        self.idle
+        self.local().idle()
     }
 
     /// The most sessions the table holds (`limits.max_sessions`).
     pub fn capacity(&self) -> usize {
-        self.max
+        self.local().capacity()
     }
 
-    /// Number of live sessions.
+    /// Number of live sessions (and copies of other replicas' kept here).
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.local().len()
     }
 
-    /// Forgets sessions idle for longer than the limit.
+    /// Forgets sessions idle for longer than the limit (shared records expire by
+    /// themselves).
     pub fn sweep(&self) {
-        let mut map = self.map.lock();
-        self.sweep_locked(&mut map);
-    }
-
-    fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Arc<Session>>) {
-        let now = self.now_ms();
-        let idle = u64::try_from(self.idle.as_millis()).unwrap_or(u64::MAX);
-        map.retain(|_, s| {
-            let live = now.saturating_sub(s.last_seen_ms.load(Ordering::Relaxed)) < idle;
-            if !live {
-                self.release(s);
-            }
-            live
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    fn new(upstream_id: Option<&str>) -> NewSession {
-        NewSession {
-            server: "s".into(),
-            client: None,
-            upstream_id: upstream_id.map(Into::into),
-            initialize: None,
-            elicitation: false,
-            protocol_version: None,
-            quota_key: "peer:127.0.0.1".into(),
-            pinned: false,
-        }
-    }
-
-    #[test]
-    fn issues_unguessable_ids_and_finds_them() {
-        let sessions = Sessions::new(10, Duration::from_secs(60));
-        let a = sessions.open(new(Some("up"))).unwrap();
-        let b = sessions.open(new(None)).unwrap();
-        assert_eq!(a.id.len(), 32);
-        assert_ne!(a.id, b.id);
-        let get = |id: &str| sessions.map.lock().get(id).cloned();
-        assert_eq!(get(&a.id).unwrap().upstream_id().as_deref(), Some("up"));
-        assert!(get("nope").is_none());
-        sessions.remove(&a.id);
-        assert!(get(&a.id).is_none());
-    }
-
-    #[test]
-    fn refuses_beyond_the_maximum_and_sweeps_idle_ones() {
-        let sessions = Sessions::new(2, Duration::from_millis(0));
-        sessions.open(new(None)).unwrap();
-        sessions.open(new(None)).unwrap();
-        // Idle limit 0: both are idle, so a third one fits after the sweep.
-        sessions.open(new(None)).unwrap();
-        assert_eq!(sessions.len(), 1);
-        let strict = Sessions::new(1, Duration::from_secs(3600));
-        strict.open(new(None)).unwrap();
-        assert!(strict.open(new(None)).is_err());
-    }
-}
-
-#[cfg(test)]
-mod shared_tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    #[test]
-    fn a_sessions_record_carries_what_another_replica_needs() {
-        let sessions = Sessions::new(10, Duration::from_secs(60));
-        let session = sessions
-            .open(NewSession {
-                server: "s".into(),
-                client: Some("alice".into()),
-                upstream_id: Some("up-1".into()),
-                initialize: Some(serde_json::json!({"method": "initialize"})),
-                elicitation: true,
-                protocol_version: Some("2025-11-25".into()),
-                quota_key: "client:alice".into(),
-                pinned: true,
-            })
-            .unwrap();
-        session.set_upstream_id(Some("up-2".into()));
-        let text = serde_json::to_string(&session.record()).unwrap();
-        let record: Record = serde_json::from_str(&text).unwrap();
-        assert_eq!(record.server, "s");
-        assert_eq!(record.client.as_deref(), Some("alice"));
-        assert_eq!(record.upstream_id.as_deref(), Some("up-2"));
-        assert_eq!(record.protocol_version.as_deref(), Some("2025-11-25"));
-        assert!(record.elicitation && record.pinned);
-        assert_eq!(record.initialize, session.initialize);
-    }
-
-    #[test]
-    fn copies_named_stale_are_dropped_before_the_next_lookup() {
-        let sessions = Sessions::new(10, Duration::from_secs(60));
-        let a = sessions.open(of_key("client:a")).unwrap();
-        let b = sessions.open(of_key("client:a")).unwrap();
-        sessions.stale.lock().ids.push(a.id.to_string());
-        sessions.drop_stale();
-        assert!(sessions.map.lock().get(&a.id).is_none());
-        assert!(sessions.map.lock().get(&b.id).is_some());
-        // Its client's quota was given back with it.
-        assert_eq!(sessions.held.lock().get("client:a").copied(), Some(1));
-    }
-
-    /// A new session with quota key `key` and nothing else.
-    pub(super) fn of_key(key: &str) -> NewSession {
-        NewSession {
-            server: "s".into(),
-            client: None,
-            upstream_id: None,
-            initialize: None,
-            elicitation: false,
-            protocol_version: None,
-            quota_key: key.into(),
-            pinned: false,
-        }
-    }
-}
-
-#[cfg(test)]
-mod quota_tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    use super::shared_tests::of_key as of;
-
-    #[test]
-    fn one_client_cannot_take_every_session() {
-        let sessions = Sessions::new(10, Duration::from_secs(60)).with_quotas(2, 1);
-        let a = sessions.open(of("client:a")).unwrap();
-        sessions.open(of("client:a")).unwrap();
-        assert!(matches!(
-            sessions.open(of("client:a")),
-            Err(SessionsFull::Client(2, _))
-        ));
-        sessions.open(of("client:b")).unwrap();
-        sessions.remove(&a.id);
-        sessions.open(of("client:a")).unwrap();
-    }
-
-    #[test]
-    fn a_session_has_one_stream_at_a_time() {
-        let sessions = Sessions::new(10, Duration::from_secs(60)).with_quotas(2, 1);
-        let session = sessions.open(of("client:a")).unwrap();
-        let first = session.open_stream().unwrap();
-        assert_eq!(session.open_stream().err(), Some(1));
-        drop(first);
-        assert!(session.open_stream().is_ok());
+        self.local().sweep();
     }
 }
