@@ -55,14 +55,14 @@ pub async fn decide(
             tracing::warn!(approval = %id, %reason, "approval refused by the policy in force");
             let (approval, _) = shared
                 .approvals
-                .decide_anywhere(id, false, by, Some(reason), None)
+                .decide(id, false, by, Some(reason), None)
                 .await?;
             Decided::PolicyChanged(approval)
         }
         None => {
             let (approval, grant) = shared
                 .approvals
-                .decide_anywhere(id, approved, by, reason, grant)
+                .decide(id, approved, by, reason, grant)
                 .await?;
             Decided::AsAsked(approval, grant.map(Box::new))
         }
@@ -132,7 +132,7 @@ pub async fn revoke(
     id: &str,
     by: &str,
 ) -> Result<Option<Grant>, crate::store::remote::Unavailable> {
-    let Some(grant) = shared.approvals.revoke_anywhere(id).await? else {
+    let Some(grant) = shared.approvals.revoke(id).await? else {
         return Ok(None);
     };
     shared.audit.write(&Record::GrantRevoked {

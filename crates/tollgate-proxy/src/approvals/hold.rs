@@ -160,7 +160,7 @@ pub async fn hold(
     // before any grant; else a grant; else the approval (a new one if none).
     let found = match claims {
         Some(claims) if claims.kind == Kind::Queue => {
-            match shared.approvals.standing_anywhere(&claims.id).await {
+            match shared.approvals.standing(&claims.id).await {
                 Ok(Some(standing)) => Some((claims.id, standing)),
                 Ok(None) => {
                     return Ending::Refuse(
@@ -177,7 +177,7 @@ pub async fn hold(
         // A question's state on a rule that now uses the queue: ask anew.
         _ => match shared
             .approvals
-            .find_anywhere(&hold.server, &hold.principal, &hold.tool, &hold.digest)
+            .find(&hold.server, &hold.principal, &hold.tool, &hold.digest)
             .await
         {
             Ok(found) => found,
@@ -188,7 +188,7 @@ pub async fn hold(
     if !approved {
         let grant = shared
             .approvals
-            .use_grant_anywhere(
+            .use_grant(
                 &hold.server,
                 &hold.tool,
                 &hold.client_key,
@@ -305,7 +305,7 @@ async fn settle(shared: &Shared, hold: &Hold<'_>, id: &str, standing: Standing) 
         tool: &hold.tool,
         digest: &hold.digest,
     };
-    match shared.approvals.redeem_anywhere(id, binding).await {
+    match shared.approvals.redeem(id, binding).await {
         Ok(Ok(verdict)) => {
             tracing::info!(approval = %id, tool = %hold.tool, "approval redeemed");
             shared.audit.write(&Record::ApprovalRedeemed {

@@ -47,13 +47,19 @@ impl RedisServer {
 
     /// A connection to it, keys under `prefix`.
     pub fn remote(&self, prefix: &str) -> Arc<Remote> {
+        self.remote_as(prefix, "test")
+    }
+
+    /// A connection to it as replica `replica` (replicas skip their own
+    /// publications, so two fronts on one Redis need two names), keys under `prefix`.
+    pub fn remote_as(&self, prefix: &str, replica: &str) -> Arc<Remote> {
         Arc::new(
             Remote::connect(RemoteConfig {
                 url: &self.url,
                 shown: self.url.clone(),
                 prefix,
                 timeout: Duration::from_secs(2),
-                replica: "test".into(),
+                replica: replica.into(),
             })
             .unwrap(),
         )
