@@ -81,6 +81,7 @@ fn approved(standing: &Standing) -> bool {
 async fn an_approved_call_is_redeemed_once_even_when_two_fronts_race() {
     for f in backends() {
         let id = open(&f.a, request());
+        assert!(matches!(seen(&f.b, &id).await, Standing::Pending(_)));
         assert_eq!(
             f.b.find(
                 BINDING.server,
@@ -95,7 +96,6 @@ async fn an_approved_call_is_redeemed_once_even_when_two_fronts_race() {
             "{}: the call's approval is found by its key",
             f.name
         );
-        assert!(matches!(seen(&f.b, &id).await, Standing::Pending(_)));
         // Pending: nothing to redeem yet.
         assert!(matches!(
             f.b.redeem(&id, BINDING).await.unwrap(),
