@@ -9,7 +9,7 @@ use tollgate_policy::{Action, ToolCall};
 use crate::audit::Record;
 use crate::state::Shared;
 use crate::store::approvals::{
-    Approval, DecideError, Grant, GrantRequest, Identity, Scope, Status,
+    Approval, DecideError, Grant, GrantRequest, Principal, Scope, Status,
 };
 
 /// What a decision did.
@@ -43,7 +43,7 @@ pub async fn decide(
         shared
             .approvals
             .held_call(id)
-            .and_then(|(approval, identity)| refused_now(shared, &approval, &identity))
+            .and_then(|(approval, principal)| refused_now(shared, &approval, &principal))
     } else {
         None
     };
@@ -102,7 +102,7 @@ pub async fn decide(
 }
 
 /// Why the policy in force refuses the held call now, if it does.
-fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Option<String> {
+fn refused_now(shared: &Shared, approval: &Approval, principal: &Principal) -> Option<String> {
     let Some(server) = shared.servers.get(&approval.server) else {
         return Some(format!("server `{}` is gone", approval.server));
     };
@@ -120,8 +120,8 @@ fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Opt
         session_key: "",
         client_key: "",
         user_key: "",
-        claims: identity.claims.as_ref(),
-        scopes: &identity.scopes,
+        claims: principal.claims(),
+        scopes: principal.scopes(),
     });
     (decision.action == Action::Deny).then_some(decision.reason)
 }

@@ -4,19 +4,22 @@
 //! memory alone to the admin stream and the waiting requests; under the Redis
 //! backend, which keeps its replica's approvals here, also to the other replicas.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use parking_lot::Mutex;
-use serde_json::Value;
 use tokio::sync::broadcast;
 
 use super::record::{
-    Approval, Binding, DEFAULT_BYTES_PER_PRINCIPAL, DecideError, Grant, GrantRequest, Identity,
-    MAX_GRANTS, MAX_LIVE, MAX_LIVE_BYTES, MAX_LIVE_PER_PRINCIPAL, OpenError, PREVIEW_BYTES,
-    Request, SETTLED_KEPT, Scope, Standing, Status, Verdict, key_of, rfc3339,
+    Approval, Binding, DEFAULT_BYTES_PER_PRINCIPAL, DecideError, Grant, GrantRequest, OpenError,
+    Principal, Request, Standing, Status, Verdict, key_of, rfc3339,
+};
+use table::{
+    Table, admit, decide_in, insert, preview, push_settled, remove_live, standing, standing_in,
+    sweep,
 };
 
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -39,41 +42,6 @@ impl Announce for Local {
     fn changed(&self, changes: &broadcast::Sender<Approval>, approval: Approval, _: Option<Grant>) {
         let _ = changes.send(approval);
     }
-}
-
-struct Entry {
-    approval: Approval,
-    identity: Identity,
-    /// Size of the arguments as JSON, counted against [`MAX_LIVE_BYTES`].
-    bytes: usize,
-    /// When it is over: the deadline, or once approved `valid_until`.
-    due: SystemTime,
-    key: String,
-    client_key: String,
-    session_key: String,
-    deadline: SystemTime,
-    valid_for: Duration,
-    valid_until: Option<SystemTime>,
-}
-
-#[derive(Default)]
-struct Table {
-    /// Approvals still answering retries: pending, or decided and not yet over.
-    live: HashMap<String, Entry>,
-    /// Live approvals by key.
-    by_key: HashMap<String, String>,
-    /// Bytes of arguments the live approvals keep.
-    live_bytes: usize,
-    /// Live approvals per principal.
-    per_principal: HashMap<String, usize>,
-    /// Bytes of arguments the live approvals of each principal keep.
-    principal_bytes: HashMap<String, usize>,
-    /// Live approvals by when they are over, so a sweep looks only at those due.
-    due: BTreeSet<(SystemTime, String)>,
-    settled: VecDeque<Approval>,
-    grants: Vec<Grant>,
-    /// One-use tokens already used, until they expire.
-    used: HashMap<String, SystemTime>,
 }
 
 /// The approvals of this process.
@@ -191,7 +159,7 @@ impl<A: Announce> Approvals<A> {
         let now = SystemTime::now();
         let key = key_of(
             &request.server,
-            &request.principal,
+            &request.principal.key,
             &request.tool,
             &request.arguments_digest,
         );
@@ -201,88 +169,22 @@ impl<A: Announce> Approvals<A> {
             .by_key
             .get(&key)
             .and_then(|id| Some((id.clone(), standing(table.live.get(id)?))));
-        let bytes = serde_json::to_vec(&request.arguments).map_or(0, |v| v.len());
-        let per_principal_bytes = self
-            .bytes_per_principal
-            .load(std::sync::atomic::Ordering::Relaxed);
         let result = match found {
             Some((id, standing)) => Ok((id, standing, false)),
-            None if table.live.len() >= MAX_LIVE || table.live_bytes + bytes > MAX_LIVE_BYTES => {
-                Err(OpenError::Full)
-            }
-            None if table
-                .per_principal
-                .get(&request.principal)
-                .is_some_and(|n| *n >= MAX_LIVE_PER_PRINCIPAL) =>
-            {
-                Err(OpenError::TooManyForPrincipal)
-            }
-            None if table
-                .principal_bytes
-                .get(&request.principal)
-                .map_or(0, |b| *b)
-                + bytes
-                > per_principal_bytes =>
-            {
-                Err(OpenError::TooManyBytesForPrincipal(per_principal_bytes))
-            }
             None => {
-                let id = crate::store::random_hex(12);
-                let deadline = now + request.timeout;
-                let approval = Approval {
-                    id: id.clone(),
-                    status: Status::Pending,
-                    server: request.server,
-                    tool: request.tool,
-                    arguments: request.arguments,
-                    arguments_truncated_from: None,
-                    arguments_digest: request.arguments_digest,
-                    client: request.client,
-                    user: request.user,
-                    client_id: request.client_id,
-                    session: request.session,
-                    principal: request.principal,
-                    call_id: request.call_id,
-                    rule: request.rule,
-                    reason: request.reason,
-                    created_at: rfc3339(now),
-                    deadline: rfc3339(deadline),
-                    valid_for_secs: request.valid_for.as_secs(),
-                    decided_by: None,
-                    decision_reason: None,
-                    decided_at: None,
-                    valid_until: None,
-                    redeemed_at: None,
-                    grant_id: None,
-                };
-                table.by_key.insert(key.clone(), id.clone());
-                table.live_bytes += bytes;
-                table.due.insert((deadline, id.clone()));
-                *table
-                    .per_principal
-                    .entry(approval.principal.clone())
-                    .or_default() += 1;
-                *table
-                    .principal_bytes
-                    .entry(approval.principal.clone())
-                    .or_default() += bytes;
-                table.live.insert(
-                    id.clone(),
-                    Entry {
-                        approval: approval.clone(),
-                        identity: request.identity,
-                        bytes,
-                        due: deadline,
-                        key,
-                        client_key: request.client_key,
-                        session_key: request.session_key,
-                        deadline,
-                        valid_for: request.valid_for,
-                        valid_until: None,
-                    },
-                );
-                self.changed(approval);
-                Ok((id, Standing::Pending(deadline), true))
+                let bytes = serde_json::to_vec(&request.arguments).map_or(0, |v| v.len());
+                let per_principal = self
+                    .bytes_per_principal
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                admit(&table, &request.principal.key, bytes, per_principal).map(|()| {
+                    let approval = insert(&mut table, key, request, bytes, now);
+                    let opened = (approval.id.clone(), standing_in(&table, &approval.id));
+                    self.changed(approval);
+                    match opened {
+                        (id, Some(standing)) => (id, standing, true),
+                        (id, None) => (id, Standing::Over(Status::Expired), true),
+                    }
+                })
             }
         };
         drop(table);
@@ -323,7 +225,7 @@ impl<A: Announce> Approvals<A> {
     /// Waits up to `max` for a pending approval to be decided (or to expire); then
     /// where it stands (the front's [`super::Approvals::wait`] is the one callers use).
     #[cfg(test)]
-    pub async fn wait(&self, id: &str, max: Duration) -> Option<Standing> {
+    pub async fn wait(&self, id: &str, max: std::time::Duration) -> Option<Standing> {
         super::wait_for(self.subscribe(), id, max, || {
             std::future::ready(Ok(self.standing(id)))
         })
@@ -367,13 +269,13 @@ impl<A: Announce> Approvals<A> {
             binding.tool,
             binding.digest,
         );
-        self.redeem_where(id, |entry| entry.key == key)
+        self.redeem_where(id, |entry| entry.is_for(&key))
     }
 
     fn redeem_where(
         &self,
         id: &str,
-        bound: impl Fn(&Entry) -> bool,
+        bound: impl Fn(&table::Entry) -> bool,
     ) -> Result<Verdict, Option<Standing>> {
         let now = SystemTime::now();
         let mut table = self.table.lock();
@@ -450,10 +352,10 @@ impl<A: Announce> Approvals<A> {
 
     /// A pending approval held here, with what the policy needs of its caller to
     /// decide it again.
-    pub fn held_call(&self, id: &str) -> Option<(Approval, Identity)> {
+    pub fn held_call(&self, id: &str) -> Option<(Approval, Arc<Principal>)> {
         let table = self.table.lock();
         let entry = table.live.get(id)?;
-        Some((entry.approval.clone(), entry.identity.clone()))
+        Some((entry.approval.clone(), entry.principal.clone()))
     }
 
     /// Number of pending approvals.
@@ -561,162 +463,4 @@ impl<A: Announce> Approvals<A> {
             self.changed(approval);
         }
     }
-}
-
-fn decide_in(
-    table: &mut Table,
-    id: &str,
-    approved: bool,
-    by: &str,
-    reason: Option<String>,
-    grant: Option<GrantRequest>,
-    now: SystemTime,
-) -> Result<(Approval, Option<Grant>), DecideError> {
-    let Some(entry) = table.live.get_mut(id) else {
-        return match table.settled.iter().find(|a| a.id == id) {
-            Some(settled) => Err(DecideError::Settled(Box::new(settled.clone()))),
-            None => Err(DecideError::NotFound(id.to_owned())),
-        };
-    };
-    if entry.approval.status != Status::Pending {
-        return Err(DecideError::Settled(Box::new(entry.approval.clone())));
-    }
-    entry.approval.status = if approved {
-        Status::Approved
-    } else {
-        Status::Denied
-    };
-    entry.approval.decided_by = Some(by.to_owned());
-    entry.approval.decision_reason = reason;
-    entry.approval.decided_at = Some(rfc3339(now));
-    let mut due = None;
-    if approved {
-        let until = now + entry.valid_for;
-        entry.valid_until = Some(until);
-        entry.approval.valid_until = Some(rfc3339(until));
-        due = Some((std::mem::replace(&mut entry.due, until), until));
-    }
-    let granted = match grant {
-        Some(request) if approved && table.grants.len() < MAX_GRANTS => {
-            let until = now + request.window;
-            let grant = Grant {
-                id: crate::store::random_hex(8),
-                server: entry.approval.server.clone(),
-                tool: entry.approval.tool.clone(),
-                scope: request.scope,
-                principal: match request.scope {
-                    Scope::Client => entry.client_key.clone(),
-                    Scope::Session => entry.session_key.clone(),
-                },
-                arguments_digest: (!request.any_arguments)
-                    .then(|| entry.approval.arguments_digest.clone()),
-                granted_by: by.to_owned(),
-                approval_id: id.to_owned(),
-                created_at: rfc3339(now),
-                expires_at: rfc3339(until),
-                uses: 0,
-                until,
-            };
-            entry.approval.grant_id = Some(grant.id.clone());
-            Some(grant)
-        }
-        _ => None,
-    };
-    let approval = entry.approval.clone();
-    if let Some((old, new)) = due {
-        table.due.remove(&(old, id.to_owned()));
-        table.due.insert((new, id.to_owned()));
-    }
-    if let Some(grant) = &granted {
-        table.grants.push(grant.clone());
-    }
-    Ok((approval, granted))
-}
-
-/// Where approval `id` stands in `table`: live, settled, or never seen (`None`).
-fn standing_in(table: &Table, id: &str) -> Option<Standing> {
-    match table.live.get(id) {
-        Some(entry) => Some(standing(entry)),
-        None => table
-            .settled
-            .iter()
-            .find(|a| a.id == id)
-            .map(|a| Standing::Over(a.status)),
-    }
-}
-
-fn standing(entry: &Entry) -> Standing {
-    match entry.approval.status {
-        Status::Pending => Standing::Pending(entry.deadline),
-        Status::Approved | Status::Denied => Standing::Decided(Verdict {
-            approved: entry.approval.status == Status::Approved,
-            by: entry.approval.decided_by.clone().unwrap_or_default(),
-            reason: entry.approval.decision_reason.clone(),
-        }),
-        Status::Expired => Standing::Over(Status::Expired),
-    }
-}
-
-fn remove_live(table: &mut Table, id: &str) -> Option<Entry> {
-    let entry = table.live.remove(id)?;
-    table.by_key.remove(&entry.key);
-    table.live_bytes -= entry.bytes;
-    table.due.remove(&(entry.due, entry.approval.id.clone()));
-    if let Some(n) = table.per_principal.get_mut(&entry.approval.principal) {
-        *n -= 1;
-        if *n == 0 {
-            table.per_principal.remove(&entry.approval.principal);
-        }
-    }
-    if let Some(b) = table.principal_bytes.get_mut(&entry.approval.principal) {
-        *b = b.saturating_sub(entry.bytes);
-        if *b == 0 {
-            table.principal_bytes.remove(&entry.approval.principal);
-        }
-    }
-    Some(entry)
-}
-
-/// Settles what is over: pending past the deadline and approved past `valid_until`
-/// expire; denied past the deadline stops answering retries. Returns what changed.
-fn sweep(table: &mut Table, now: SystemTime) -> Vec<Approval> {
-    let mut changed = Vec::new();
-    while let Some((due, id)) = table.due.first().cloned()
-        && due <= now
-    {
-        match remove_live(table, &id) {
-            Some(entry) => {
-                let mut approval = entry.approval;
-                if approval.status != Status::Denied {
-                    approval.status = Status::Expired;
-                }
-                push_settled(table, approval.clone());
-                changed.push(approval);
-            }
-            None => {
-                table.due.remove(&(due, id));
-            }
-        }
-    }
-    changed
-}
-
-fn push_settled(table: &mut Table, mut approval: Approval) {
-    preview(&mut approval);
-    table.settled.push_front(approval);
-    table.settled.truncate(SETTLED_KEPT);
-}
-
-/// Replaces arguments larger than [`PREVIEW_BYTES`] of JSON by a preview of them.
-fn preview(approval: &mut Approval) {
-    let text = serde_json::to_string(&approval.arguments).unwrap_or_default();
-    if text.len() <= PREVIEW_BYTES {
-        return;
-    }
-    let mut end = PREVIEW_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    approval.arguments = Value::String(format!("{}…", &text[..end]));
-    approval.arguments_truncated_from = Some(text.len());
 }

@@ -33,7 +33,7 @@ mod record;
 mod redis;
 
 pub use record::{
-    Approval, Binding, DecideError, Grant, GrantRequest, Identity, OpenError, Request, Scope,
+    Approval, Binding, DecideError, Grant, GrantRequest, OpenError, Principal, Request, Scope,
     Standing, Status, Verdict,
 };
 
@@ -191,7 +191,7 @@ impl Approvals {
 
     /// A pending approval held here, with what the policy needs of its caller to
     /// decide it again.
-    pub fn held_call(&self, id: &str) -> Option<(Approval, Identity)> {
+    pub fn held_call(&self, id: &str) -> Option<(Approval, Arc<Principal>)> {
         local!(self, local => local.held_call(id))
     }
 

@@ -1,10 +1,13 @@
 //! What the approvals store keeps and answers: approvals, grants, verdicts, and
 //! the bounds on them. Both backends keep the same records.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use crate::store::principal::Principal;
 
 /// How many settled approvals are kept for `GET /approvals`.
 pub(super) const SETTLED_KEPT: usize = 500;
@@ -141,20 +144,9 @@ pub struct Request {
     pub arguments: Value,
     /// `sha256:<hex>` of the arguments as canonical JSON.
     pub arguments_digest: String,
-    /// Client.
-    pub client: Option<String>,
-    /// The OAuth token's user.
-    pub user: Option<String>,
-    /// The OAuth token's client.
-    pub client_id: Option<String>,
-    /// Session.
-    pub session: Option<String>,
-    /// Who may retry: see [`Approval::principal`].
-    pub principal: String,
-    /// Key of the client (`client:<name>`, else `peer:<address>`), for client grants.
-    pub client_key: String,
-    /// Key of the session (`session:<id>`, else the client key), for session grants.
-    pub session_key: String,
+    /// Who asks: shared with the call, kept with the approval (its token's claims
+    /// decide the call again at approval, and are never shown).
+    pub principal: Arc<Principal>,
     /// The asking call's id.
     pub call_id: String,
     /// Deciding rule.
@@ -165,17 +157,6 @@ pub struct Request {
     pub timeout: Duration,
     /// How long after approval the call may be retried.
     pub valid_for: Duration,
-    /// The caller's token claims and scopes, for deciding the call again (never shown).
-    pub identity: Identity,
-}
-
-/// What the policy may need of the caller to decide a held call again.
-#[derive(Debug, Clone, Default)]
-pub struct Identity {
-    /// The OAuth token's claims.
-    pub claims: Option<serde_json::Map<String, Value>>,
-    /// Its scopes.
-    pub scopes: Vec<String>,
 }
 
 /// Opening an approval failed.
@@ -320,18 +301,53 @@ pub(super) fn sample_request(timeout: Duration) -> Request {
         tool: "start_fhir_export_job".into(),
         arguments: serde_json::json!({"a": 1}),
         arguments_digest: "sha256:aa".into(),
-        client: None,
-        user: None,
-        client_id: None,
-        session: Some("abc".into()),
-        principal: "session:abc".into(),
-        client_key: "peer:127.0.0.1".into(),
-        session_key: "session:abc".into(),
+        principal: Arc::new(Principal {
+            client: None,
+            token: None,
+            session: Some("abc".into()),
+            key: "session:abc".into(),
+            client_key: "peer:127.0.0.1".into(),
+            session_key: "session:abc".into(),
+        }),
         call_id: "call".into(),
         rule: "rules[0] (start_*)".into(),
         reason: "needs a human".into(),
         timeout,
         valid_for: Duration::from_secs(600),
-        identity: Identity::default(),
+    }
+}
+
+impl Approval {
+    /// A new pending approval of `request`, made at `now` with id `id`: the record
+    /// the admin API shows, the caller as its fields say (never its token's claims).
+    pub(super) fn pending(id: String, request: Request, now: SystemTime) -> Approval {
+        let principal = &request.principal;
+        let text = |value: Option<&Arc<str>>| value.map(|v| v.to_string());
+        Approval {
+            id,
+            status: Status::Pending,
+            client: text(principal.client.as_ref()),
+            user: text(principal.user()),
+            client_id: text(principal.client_id()),
+            session: text(principal.session.as_ref()),
+            principal: principal.key.to_string(),
+            server: request.server,
+            tool: request.tool,
+            arguments: request.arguments,
+            arguments_truncated_from: None,
+            arguments_digest: request.arguments_digest,
+            call_id: request.call_id,
+            rule: request.rule,
+            reason: request.reason,
+            created_at: rfc3339(now),
+            deadline: rfc3339(now + request.timeout),
+            valid_for_secs: request.valid_for.as_secs(),
+            decided_by: None,
+            decision_reason: None,
+            decided_at: None,
+            valid_until: None,
+            redeemed_at: None,
+            grant_id: None,
+        }
     }
 }

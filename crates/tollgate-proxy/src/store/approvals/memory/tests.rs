@@ -3,30 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use serde_json::json;
 
-fn request(timeout: Duration) -> Request {
-    Request {
-        server: "s".into(),
-        tool: "start_fhir_export_job".into(),
-        arguments: json!({"a": 1}),
-        arguments_digest: "sha256:aa".into(),
-        client: None,
-        user: None,
-        client_id: None,
-        session: Some("abc".into()),
-        principal: "session:abc".into(),
-        client_key: "peer:127.0.0.1".into(),
-        session_key: "session:abc".into(),
-        call_id: "call".into(),
-        rule: "rules[0] (start_*)".into(),
-        reason: "needs a human".into(),
-        timeout,
-        valid_for: Duration::from_secs(600),
-        identity: Identity::default(),
-    }
+use super::super::record::{
+    DEFAULT_BYTES_PER_PRINCIPAL, MAX_LIVE, MAX_LIVE_BYTES, MAX_LIVE_PER_PRINCIPAL, PREVIEW_BYTES,
+    Scope, sample_request as request,
+};
+
+/// Who calls, as `key` (the one who may retry).
+fn key(r: &mut Request, key: impl Into<Arc<str>>) {
+    Arc::make_mut(&mut r.principal).key = key.into();
 }
 
 fn open(store: &Approvals, request: Request) -> String {
@@ -115,16 +104,16 @@ async fn the_same_call_joins_and_another_call_opens_its_own() {
     let (joined, _, new) = store.open(request(Duration::from_secs(60))).unwrap();
     assert_eq!((joined.as_str(), new), (first.as_str(), false));
     let r = request(Duration::from_secs(60));
-    let found = store.find(&r.server, &r.principal, &r.tool, &r.arguments_digest);
+    let found = store.find(&r.server, &r.principal.key, &r.tool, &r.arguments_digest);
     assert_eq!(found.map(|f| f.0), Some(first.clone()));
     assert!(
         store
-            .find(&r.server, &r.principal, &r.tool, "sha256:zz")
+            .find(&r.server, &r.principal.key, &r.tool, "sha256:zz")
             .is_none()
     );
     for change in [
         |r: &mut Request| r.arguments_digest = "sha256:bb".into(),
-        |r: &mut Request| r.principal = "session:other".into(),
+        |r: &mut Request| key(r, "session:other"),
         |r: &mut Request| r.tool = "other".into(),
         |r: &mut Request| r.server = "t".into(),
     ] {
@@ -186,7 +175,7 @@ async fn live_approvals_are_bounded_in_number_per_principal_and_in_bytes() {
     let store = Approvals::new();
     let numbered = |principal: usize, i: usize| {
         let mut r = request(Duration::from_secs(60));
-        r.principal = format!("client:{principal}");
+        key(&mut r, format!("client:{principal}"));
         r.arguments_digest = i.to_string();
         r
     };
