@@ -67,7 +67,13 @@ pub async fn decide(
             Decided::AsAsked(approval, grant.map(Box::new))
         }
     };
-    let (Decided::AsAsked(approval, _) | Decided::PolicyChanged(approval)) = &decided;
+    audit(shared, &decided, by);
+    Ok(decided)
+}
+
+/// Writes a decision (and the grant it gave) to the audit log.
+fn audit(shared: &Shared, decided: &Decided, by: &str) {
+    let (Decided::AsAsked(approval, _) | Decided::PolicyChanged(approval)) = decided;
     shared.audit.write(&Record::Approval {
         call_id: &approval.call_id,
         approval_id: &approval.id,
@@ -81,8 +87,8 @@ pub async fn decide(
         decided_by: Some(by),
         reason: approval.decision_reason.as_deref(),
     });
-    tracing::info!(approval = %id, status = ?approval.status, by, "approval decided");
-    if let Decided::AsAsked(_, Some(grant)) = &decided {
+    tracing::info!(approval = %approval.id, status = ?approval.status, by, "approval decided");
+    if let Decided::AsAsked(_, Some(grant)) = decided {
         shared.audit.write(&Record::GrantCreated {
             grant_id: &grant.id,
             approval_id: &grant.approval_id,
@@ -98,7 +104,6 @@ pub async fn decide(
             expires_at: &grant.expires_at,
         });
     }
-    Ok(decided)
 }
 
 /// Why the policy in force refuses the held call now, if it does.

@@ -146,59 +146,13 @@ pub async fn hold(
     }
     // The approval the state names, else this call's own; an approved one is used
     // before any grant; else a grant; else the approval (a new one if none).
-    let found = match claims {
-        Some(claims) if claims.kind == Kind::Queue => {
-            match shared.approvals.standing(&claims.id).await {
-                Ok(Some(standing)) => Some((claims.id, standing)),
-                Ok(None) => {
-                    return Ending::Refuse(
-                        DenyKind::ApprovalTimeout,
-                        format!(
-                            "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
-                            claims.id
-                        ),
-                    );
-                }
-                Err(err) => return unreachable(hold, &err),
-            }
-        }
-        // A question's state on a rule that now uses the queue: ask anew.
-        _ => match shared
-            .approvals
-            .find(&hold.server, &hold.principal.key, &hold.tool, &hold.digest)
-            .await
-        {
-            Ok(found) => found,
-            Err(err) => return unreachable(hold, &err),
-        },
+    let found = match approval_of(shared, hold, claims).await {
+        Ok(found) => found,
+        Err(ending) => return ending,
     };
     let approved = matches!(&found, Some((_, Standing::Decided(v))) if v.approved);
-    if !approved {
-        let grant = shared
-            .approvals
-            .use_grant(
-                &hold.server,
-                &hold.tool,
-                &hold.principal.client_key,
-                &hold.principal.session_key,
-                &hold.digest,
-            )
-            .await;
-        match grant {
-            Ok(Some(grant)) => {
-                tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
-                shared.audit.write(&Record::GrantUsed {
-                    call_id: &hold.call_id,
-                    grant_id: &grant.id,
-                    server: &hold.server,
-                    tool: &hold.tool,
-                    granted_by: &grant.granted_by,
-                });
-                return Ending::Forward;
-            }
-            Ok(None) => {}
-            Err(err) => return unreachable(hold, &err),
-        }
+    if !approved && let Some(ending) = granted(shared, hold).await {
+        return ending;
     }
     let (id, standing) = match found {
         Some(found) => found,
@@ -221,6 +175,66 @@ pub async fn hold(
         return ending;
     }
     pending(shared, key, hold, &id)
+}
+
+/// The approval the retry's state names, else this call's own (by its key), and
+/// where it stands; or how the call ends when that cannot be known.
+async fn approval_of(
+    shared: &Shared,
+    hold: &Hold<'_>,
+    claims: Option<Claims>,
+) -> Result<Option<(String, Standing)>, Ending> {
+    match claims {
+        Some(claims) if claims.kind == Kind::Queue => {
+            match shared.approvals.standing(&claims.id).await {
+                Ok(Some(standing)) => Ok(Some((claims.id, standing))),
+                Ok(None) => Err(Ending::Refuse(
+                    DenyKind::ApprovalTimeout,
+                    format!(
+                        "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
+                        claims.id
+                    ),
+                )),
+                Err(err) => Err(unreachable(hold, &err)),
+            }
+        }
+        // A question's state on a rule that now uses the queue: ask anew.
+        _ => shared
+            .approvals
+            .find(&hold.server, &hold.principal.key, &hold.tool, &hold.digest)
+            .await
+            .map_err(|err| unreachable(hold, &err)),
+    }
+}
+
+/// How the call ends when a grant lets it through (or the grants cannot be
+/// read); `None` when no grant does.
+async fn granted(shared: &Shared, hold: &Hold<'_>) -> Option<Ending> {
+    let grant = shared
+        .approvals
+        .use_grant(
+            &hold.server,
+            &hold.tool,
+            &hold.principal.client_key,
+            &hold.principal.session_key,
+            &hold.digest,
+        )
+        .await;
+    match grant {
+        Ok(Some(grant)) => {
+            tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
+            shared.audit.write(&Record::GrantUsed {
+                call_id: &hold.call_id,
+                grant_id: &grant.id,
+                server: &hold.server,
+                tool: &hold.tool,
+                granted_by: &grant.granted_by,
+            });
+            Some(Ending::Forward)
+        }
+        Ok(None) => None,
+        Err(err) => Some(unreachable(hold, &err)),
+    }
 }
 
 /// The live approval of this call, or a new one (then announced).

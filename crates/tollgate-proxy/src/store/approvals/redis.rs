@@ -144,8 +144,7 @@ impl Approvals {
             .or_else(|| self.others.lock().get(id).cloned())
     }
 
-    /// [`Approvals::find`], and with a shared backend the approval of this call
-    /// any replica opened.
+    /// The approval of this call any replica opened.
     pub async fn find(
         &self,
         server: &str,
@@ -167,8 +166,7 @@ impl Approvals {
         Ok(self.standing(&id).await?.map(|standing| (id, standing)))
     }
 
-    /// [`Approvals::standing`], and with a shared backend that of an approval
-    /// another replica holds.
+    /// Where an approval stands, held here or by another replica.
     pub async fn standing(&self, id: &str) -> Result<Option<Standing>, Unavailable> {
         let found = self.local.standing(id);
         if found.is_some() {
@@ -196,9 +194,8 @@ impl Approvals {
         }))
     }
 
-    /// [`Approvals::redeem`] of the call `binding`; with a shared backend, by one
-    /// check-and-consume in Redis, so that it is used once whichever replica the
-    /// retries reach.
+    /// Uses an approved approval of the call `binding` by one check-and-consume in
+    /// Redis, so that it is used once whichever replica the retries reach.
     pub async fn redeem(
         &self,
         id: &str,
@@ -260,8 +257,7 @@ impl Approvals {
         Ok(Ok(verdict))
     }
 
-    /// Approves or denies an approval held by this replica or, with a shared
-    /// backend, by another one: the holder settles it (exactly once, whoever asks
+    /// Approves or denies an approval held by this replica or by another one: the holder settles it (exactly once, whoever asks
     /// first), and the answer is what it published, awaited for at most 3 s, with
     /// the grant it gave (read from Redis, where every replica finds it).
     pub async fn decide(
@@ -290,7 +286,20 @@ impl Approvals {
         if known.status != Status::Pending {
             return Err(DecideError::Settled(Box::new(known)));
         }
-        let mut changes = self.local.subscribe();
+        self.decide_elsewhere(id, approved, by, reason, grant).await
+    }
+
+    /// Sends a decision to the replica holding the approval, and awaits what it
+    /// published (at most 3 s), with the grant it gave (read from Redis).
+    async fn decide_elsewhere(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: Option<String>,
+        grant: Option<GrantRequest>,
+    ) -> Result<(Approval, Option<Grant>), DecideError> {
+        let changes = self.local.subscribe();
         let body = serde_json::to_string(&RemoteDecision {
             id: id.to_owned(),
             approved,
@@ -304,54 +313,65 @@ impl Approvals {
             .publish(&self.remote.key(&["approvals", "decide"]), &body)
             .await
             .map_err(|e| unconfirmed(e.to_string()))?;
+        let settled = settled(changes, id)
+            .await
+            .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
         let wanted = if approved {
             Status::Approved
         } else {
             Status::Denied
         };
-        let settled = tokio::time::timeout(Duration::from_secs(3), async {
-            loop {
-                match changes.recv().await {
-                    Ok(change) if change.id == id && change.status != Status::Pending => {
-                        return Some(change);
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| unconfirmed("no answer within 3s".to_owned()))?;
-        if settled.status == wanted && settled.decided_by.as_deref() == Some(by) {
-            // The holder wrote the grant before it published the decision.
-            let grant = match &settled.grant_id {
-                Some(grant_id) => {
-                    let remote = &self.remote;
-                    let mut conn = remote.connection();
-                    let text: Option<String> = remote
-                        .run(
-                            redis::cmd("HGET")
-                                .arg(remote.key(&["approvals", "grants"]))
-                                .arg(grant_id)
-                                .query_async(&mut conn),
-                        )
-                        .await
-                        .map_err(|e| unconfirmed(e.to_string()))?;
-                    text.and_then(|t| serde_json::from_str::<Grant>(&t).ok())
-                        .map(|mut g| {
-                            g.until = parse_time(Some(&g.expires_at)).unwrap_or(g.until);
-                            g
-                        })
-                }
-                None => None,
-            };
-            Ok((settled, grant))
-        } else {
-            Err(DecideError::Settled(Box::new(settled)))
+        if settled.status != wanted || settled.decided_by.as_deref() != Some(by) {
+            return Err(DecideError::Settled(Box::new(settled)));
         }
+        // The holder wrote the grant before it published the decision.
+        let grant = match &settled.grant_id {
+            Some(grant_id) => self
+                .stored_grant(grant_id)
+                .await
+                .map_err(|e| unconfirmed(e.to_string()))?,
+            None => None,
+        };
+        Ok((settled, grant))
     }
+
+    /// Grant `id` as Redis keeps it.
+    async fn stored_grant(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
+        let remote = &self.remote;
+        let mut conn = remote.connection();
+        let text: Option<String> = remote
+            .run(
+                redis::cmd("HGET")
+                    .arg(remote.key(&["approvals", "grants"]))
+                    .arg(id)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(text
+            .and_then(|t| serde_json::from_str::<Grant>(&t).ok())
+            .map(|mut g| {
+                g.until = parse_time(Some(&g.expires_at)).unwrap_or(g.until);
+                g
+            }))
+    }
+}
+
+/// Approval `id` once `changes` tell it left pending; `None` after 3 s.
+async fn settled(mut changes: broadcast::Receiver<Approval>, id: &str) -> Option<Approval> {
+    tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match changes.recv().await {
+                Ok(change) if change.id == id && change.status != Status::Pending => {
+                    return Some(change);
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Follows the changes the replicas publish: one this replica holds that another

@@ -10,7 +10,7 @@ use super::{Approvals, parse_time};
 use crate::store::remote::Unavailable;
 
 impl Approvals {
-    /// [`Approvals::use_grant`], and with a shared backend a grant given on any replica.
+    /// A grant given on any replica that lets this call through, its use counted.
     pub async fn use_grant(
         &self,
         server: &str,
@@ -75,8 +75,8 @@ impl Approvals {
         Ok(found)
     }
 
-    /// [`Approvals::grants`], and with a shared backend every replica's (this
-    /// replica's alone while Redis cannot be reached).
+    /// Every replica's active grants (this replica's alone while Redis cannot be
+    /// reached), newest first.
     pub async fn grants(&self) -> Vec<Grant> {
         let mut all = Vec::new();
         let remote = &self.remote;
@@ -110,7 +110,7 @@ impl Approvals {
         all
     }
 
-    /// [`Approvals::revoke`], and with a shared backend a grant given on any replica.
+    /// Ends a grant given on any replica.
     pub async fn revoke(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
         let local = self.local.revoke(id);
         let remote = &self.remote;
