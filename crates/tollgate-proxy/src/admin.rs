@@ -371,7 +371,7 @@ async fn decide(
 }
 
 async fn grants(State(admin): State<Admin>) -> impl IntoResponse {
-    Json(admin.app.approvals.grants_anywhere().await)
+    Json(admin.app.approvals.grants().await)
 }
 
 async fn revoke(

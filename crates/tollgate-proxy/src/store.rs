@@ -14,6 +14,7 @@ pub mod approvals;
 pub mod definitions;
 pub mod limits;
 pub mod params;
+pub mod principal;
 pub mod remote;
 pub mod sessions;
 pub mod tasks;

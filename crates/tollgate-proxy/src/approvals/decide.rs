@@ -9,7 +9,7 @@ use tollgate_policy::{Action, ToolCall};
 use crate::audit::Record;
 use crate::state::Shared;
 use crate::store::approvals::{
-    Approval, DecideError, Grant, GrantRequest, Identity, Scope, Status,
+    Approval, DecideError, Grant, GrantRequest, Principal, Scope, Status,
 };
 
 /// What a decision did.
@@ -43,7 +43,7 @@ pub async fn decide(
         shared
             .approvals
             .held_call(id)
-            .and_then(|(approval, identity)| refused_now(shared, &approval, &identity))
+            .and_then(|(approval, principal)| refused_now(shared, &approval, &principal))
     } else {
         None
     };
@@ -55,19 +55,25 @@ pub async fn decide(
             tracing::warn!(approval = %id, %reason, "approval refused by the policy in force");
             let (approval, _) = shared
                 .approvals
-                .decide_anywhere(id, false, by, Some(reason), None)
+                .decide(id, false, by, Some(reason), None)
                 .await?;
             Decided::PolicyChanged(approval)
         }
         None => {
             let (approval, grant) = shared
                 .approvals
-                .decide_anywhere(id, approved, by, reason, grant)
+                .decide(id, approved, by, reason, grant)
                 .await?;
             Decided::AsAsked(approval, grant.map(Box::new))
         }
     };
-    let (Decided::AsAsked(approval, _) | Decided::PolicyChanged(approval)) = &decided;
+    audit(shared, &decided, by);
+    Ok(decided)
+}
+
+/// Writes a decision (and the grant it gave) to the audit log.
+fn audit(shared: &Shared, decided: &Decided, by: &str) {
+    let (Decided::AsAsked(approval, _) | Decided::PolicyChanged(approval)) = decided;
     shared.audit.write(&Record::Approval {
         call_id: &approval.call_id,
         approval_id: &approval.id,
@@ -81,8 +87,8 @@ pub async fn decide(
         decided_by: Some(by),
         reason: approval.decision_reason.as_deref(),
     });
-    tracing::info!(approval = %id, status = ?approval.status, by, "approval decided");
-    if let Decided::AsAsked(_, Some(grant)) = &decided {
+    tracing::info!(approval = %approval.id, status = ?approval.status, by, "approval decided");
+    if let Decided::AsAsked(_, Some(grant)) = decided {
         shared.audit.write(&Record::GrantCreated {
             grant_id: &grant.id,
             approval_id: &grant.approval_id,
@@ -98,11 +104,10 @@ pub async fn decide(
             expires_at: &grant.expires_at,
         });
     }
-    Ok(decided)
 }
 
 /// Why the policy in force refuses the held call now, if it does.
-fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Option<String> {
+fn refused_now(shared: &Shared, approval: &Approval, principal: &Principal) -> Option<String> {
     let Some(server) = shared.servers.get(&approval.server) else {
         return Some(format!("server `{}` is gone", approval.server));
     };
@@ -120,8 +125,8 @@ fn refused_now(shared: &Shared, approval: &Approval, identity: &Identity) -> Opt
         session_key: "",
         client_key: "",
         user_key: "",
-        claims: identity.claims.as_ref(),
-        scopes: &identity.scopes,
+        claims: principal.claims(),
+        scopes: principal.scopes(),
     });
     (decision.action == Action::Deny).then_some(decision.reason)
 }
@@ -132,7 +137,7 @@ pub async fn revoke(
     id: &str,
     by: &str,
 ) -> Result<Option<Grant>, crate::store::remote::Unavailable> {
-    let Some(grant) = shared.approvals.revoke_anywhere(id).await? else {
+    let Some(grant) = shared.approvals.revoke(id).await? else {
         return Ok(None);
     };
     shared.audit.write(&Record::GrantRevoked {

@@ -20,7 +20,7 @@ use super::elicit::{Elicitations, Question};
 use super::state::{Claims, Expected, Keys, Kind, StateError, StateKey, unix_after, unix_of};
 use crate::audit::Record;
 use crate::state::Shared;
-use crate::store::approvals::{Binding, Identity, Request, Standing, Status, Verdict};
+use crate::store::approvals::{Binding, Principal, Request, Standing, Status, Verdict};
 use crate::upstream::{Event, Failure};
 
 /// Where a held call's messages go while it waits.
@@ -60,20 +60,8 @@ pub struct Hold<'m> {
     pub arguments: &'m Value,
     /// `sha256:<hex>` of the arguments as canonical JSON.
     pub digest: String,
-    /// The authenticated client.
-    pub client: Option<Arc<str>>,
-    /// The OAuth token's user and client, when the caller sent a token.
-    pub user: Option<(Arc<str>, Option<Arc<str>>)>,
-    /// The token's claims and scopes, for deciding the call again at approval.
-    pub identity: Identity,
-    /// Tollgate's session id.
-    pub session: Option<Arc<str>>,
-    /// Who may retry it: client key, else session, else peer.
-    pub principal: String,
-    /// Key of the client (or peer), for client grants.
-    pub client_key: String,
-    /// Key of the session (or client), for session grants.
-    pub session_key: String,
+    /// Who calls (and may retry it), shared with its approval.
+    pub principal: Arc<Principal>,
     /// The deciding rule.
     pub rule: String,
     /// The rule's reason.
@@ -135,7 +123,7 @@ pub async fn hold(
         Err(err) => return unreachable(hold, &err),
     };
     let expected = Expected {
-        principal: &hold.principal,
+        principal: &hold.principal.key,
         server: &hold.server,
         tool: &hold.tool,
         digest: &hold.digest,
@@ -158,59 +146,13 @@ pub async fn hold(
     }
     // The approval the state names, else this call's own; an approved one is used
     // before any grant; else a grant; else the approval (a new one if none).
-    let found = match claims {
-        Some(claims) if claims.kind == Kind::Queue => {
-            match shared.approvals.standing_anywhere(&claims.id).await {
-                Ok(Some(standing)) => Some((claims.id, standing)),
-                Ok(None) => {
-                    return Ending::Refuse(
-                        DenyKind::ApprovalTimeout,
-                        format!(
-                            "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
-                            claims.id
-                        ),
-                    );
-                }
-                Err(err) => return unreachable(hold, &err),
-            }
-        }
-        // A question's state on a rule that now uses the queue: ask anew.
-        _ => match shared
-            .approvals
-            .find_anywhere(&hold.server, &hold.principal, &hold.tool, &hold.digest)
-            .await
-        {
-            Ok(found) => found,
-            Err(err) => return unreachable(hold, &err),
-        },
+    let found = match approval_of(shared, hold, claims).await {
+        Ok(found) => found,
+        Err(ending) => return ending,
     };
     let approved = matches!(&found, Some((_, Standing::Decided(v))) if v.approved);
-    if !approved {
-        let grant = shared
-            .approvals
-            .use_grant_anywhere(
-                &hold.server,
-                &hold.tool,
-                &hold.client_key,
-                &hold.session_key,
-                &hold.digest,
-            )
-            .await;
-        match grant {
-            Ok(Some(grant)) => {
-                tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
-                shared.audit.write(&Record::GrantUsed {
-                    call_id: &hold.call_id,
-                    grant_id: &grant.id,
-                    server: &hold.server,
-                    tool: &hold.tool,
-                    granted_by: &grant.granted_by,
-                });
-                return Ending::Forward;
-            }
-            Ok(None) => {}
-            Err(err) => return unreachable(hold, &err),
-        }
+    if !approved && let Some(ending) = granted(shared, hold).await {
+        return ending;
     }
     let (id, standing) = match found {
         Some(found) => found,
@@ -235,6 +177,66 @@ pub async fn hold(
     pending(shared, key, hold, &id)
 }
 
+/// The approval the retry's state names, else this call's own (by its key), and
+/// where it stands; or how the call ends when that cannot be known.
+async fn approval_of(
+    shared: &Shared,
+    hold: &Hold<'_>,
+    claims: Option<Claims>,
+) -> Result<Option<(String, Standing)>, Ending> {
+    match claims {
+        Some(claims) if claims.kind == Kind::Queue => {
+            match shared.approvals.standing(&claims.id).await {
+                Ok(Some(standing)) => Ok(Some((claims.id, standing))),
+                Ok(None) => Err(Ending::Refuse(
+                    DenyKind::ApprovalTimeout,
+                    format!(
+                        "approval {} is not known here (was Tollgate restarted?); call the tool again without requestState to ask anew",
+                        claims.id
+                    ),
+                )),
+                Err(err) => Err(unreachable(hold, &err)),
+            }
+        }
+        // A question's state on a rule that now uses the queue: ask anew.
+        _ => shared
+            .approvals
+            .find(&hold.server, &hold.principal.key, &hold.tool, &hold.digest)
+            .await
+            .map_err(|err| unreachable(hold, &err)),
+    }
+}
+
+/// How the call ends when a grant lets it through (or the grants cannot be
+/// read); `None` when no grant does.
+async fn granted(shared: &Shared, hold: &Hold<'_>) -> Option<Ending> {
+    let grant = shared
+        .approvals
+        .use_grant(
+            &hold.server,
+            &hold.tool,
+            &hold.principal.client_key,
+            &hold.principal.session_key,
+            &hold.digest,
+        )
+        .await;
+    match grant {
+        Ok(Some(grant)) => {
+            tracing::info!(grant = %grant.id, tool = %hold.tool, "call let through by a grant");
+            shared.audit.write(&Record::GrantUsed {
+                call_id: &hold.call_id,
+                grant_id: &grant.id,
+                server: &hold.server,
+                tool: &hold.tool,
+                granted_by: &grant.granted_by,
+            });
+            Some(Ending::Forward)
+        }
+        Ok(None) => None,
+        Err(err) => Some(unreachable(hold, &err)),
+    }
+}
+
 /// The live approval of this call, or a new one (then announced).
 fn open(shared: &Arc<Shared>, hold: &Hold<'_>) -> Result<(String, Standing), String> {
     let opened = shared.approvals.open(Request {
@@ -242,22 +244,12 @@ fn open(shared: &Arc<Shared>, hold: &Hold<'_>) -> Result<(String, Standing), Str
         tool: hold.tool.clone(),
         arguments: hold.arguments.clone(),
         arguments_digest: hold.digest.clone(),
-        client: hold.client.as_deref().map(str::to_owned),
-        user: hold.user.as_ref().map(|(user, _)| user.to_string()),
-        client_id: hold
-            .user
-            .as_ref()
-            .and_then(|(_, client_id)| client_id.as_deref().map(str::to_owned)),
-        session: hold.session.as_deref().map(str::to_owned),
         principal: hold.principal.clone(),
-        client_key: hold.client_key.clone(),
-        session_key: hold.session_key.clone(),
         call_id: hold.call_id.clone(),
         rule: hold.rule.clone(),
         reason: hold.reason.clone(),
         timeout: hold.approval.timeout,
         valid_for: hold.approval.valid_for,
-        identity: hold.identity.clone(),
     });
     let (id, standing, new) =
         opened.map_err(|err| format!("the call could not be held for approval: {err}"))?;
@@ -300,12 +292,12 @@ async fn settle(shared: &Shared, hold: &Hold<'_>, id: &str, standing: Standing) 
         return Some(refused(&verdict));
     }
     let binding = Binding {
-        principal: &hold.principal,
+        principal: &hold.principal.key,
         server: &hold.server,
         tool: &hold.tool,
         digest: &hold.digest,
     };
-    match shared.approvals.redeem_anywhere(id, binding).await {
+    match shared.approvals.redeem(id, binding).await {
         Ok(Ok(verdict)) => {
             tracing::info!(approval = %id, tool = %hold.tool, "approval redeemed");
             shared.audit.write(&Record::ApprovalRedeemed {
@@ -458,7 +450,7 @@ fn claims_for(hold: &Hold<'_>, kind: Kind, id: &str, expires: u64) -> Claims {
     Claims {
         kind,
         id: id.to_owned(),
-        principal: hold.principal.clone(),
+        principal: hold.principal.key.to_string(),
         server: hold.server.to_string(),
         tool: hold.tool.clone(),
         digest: hold.digest.clone(),
@@ -541,7 +533,7 @@ async fn ask_on_stream(
         tool: &hold.tool,
         arguments: hold.arguments,
         reason: &hold.reason,
-        session: hold.session.clone(),
+        session: hold.principal.session.clone(),
         timeout: hold.approval.timeout,
     });
     tracing::info!(approval = %id, tool = %hold.tool, "call held: asking the client's user");

@@ -30,20 +30,9 @@ pub struct Caller {
     user_key: Arc<str>,
 }
 
-/// What a validated OAuth access token says about its bearer.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// `sub`: the user (for a client-credentials token, the client itself).
-    pub user: Arc<str>,
-    /// The OAuth client: `azp`, else `client_id` (else Okta's `cid`).
-    pub client_id: Option<Arc<str>>,
-    /// `jti`, when the token has one.
-    pub jti: Option<Arc<str>>,
-    /// `scope` (space-separated) or `scp` (a list, or space-separated).
-    pub scopes: Vec<String>,
-    /// Every claim, for rules with `when: {claims}`.
-    pub claims: tollgate_policy::Claims,
-}
+/// What a validated OAuth access token says about its bearer (kept by the store,
+/// which an approval carries it to).
+pub use crate::store::principal::Identity;
 
 impl Caller {
     /// A caller: an API key's client, or a token's bearer, or neither.

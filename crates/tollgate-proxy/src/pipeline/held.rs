@@ -5,6 +5,8 @@
 //! refusal, or tells the client to call again: an `approval_pending` tool result,
 //! or in the stateless era an `InputRequiredResult` (multi round-trip requests).
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -18,6 +20,7 @@ use super::{call, relay, tasks};
 use crate::approvals::hold::{Asking, Ending, Hold, Pending, QUESTION_KEY, Sink, hold};
 use crate::approvals::state::PREFIX;
 use crate::audit::canonical_digest;
+use crate::store::principal::Principal;
 use crate::telemetry;
 use crate::upstream::{Body, Event, Payload};
 
@@ -116,30 +119,19 @@ fn hold_of<'m>(ctx: &Context, message: &'m Message, held: &Held) -> Hold<'m> {
         digest: canonical_digest(arguments),
         tool: tool.to_owned(),
         arguments,
-        client: ctx.caller.client.clone(),
-        user: ctx
-            .caller
-            .identity
-            .as_ref()
-            .map(|id| (id.user.clone(), id.client_id.clone())),
-        identity: crate::store::approvals::Identity {
-            claims: ctx.caller.identity.as_ref().map(|id| id.claims.clone()),
-            scopes: ctx
-                .caller
-                .identity
-                .as_ref()
-                .map(|id| id.scopes.clone())
-                .unwrap_or_default(),
-        },
-        session: session.map(|s| s.id.clone()),
-        // The client's key (or the token's user), else the session, else the peer.
-        principal: if ctx.caller.client.is_some() || ctx.caller.identity.is_some() {
-            ctx.user_key.to_string()
-        } else {
-            ctx.session_key.to_string()
-        },
-        client_key: ctx.client_key.to_string(),
-        session_key: ctx.session_key.to_string(),
+        principal: Arc::new(Principal {
+            client: ctx.caller.client.clone(),
+            token: ctx.caller.identity.clone(),
+            session: session.map(|s| s.id.clone()),
+            // The client's key (or the token's user), else the session, else the peer.
+            key: if ctx.caller.client.is_some() || ctx.caller.identity.is_some() {
+                ctx.user_key.clone()
+            } else {
+                ctx.session_key.clone()
+            },
+            client_key: ctx.client_key.clone(),
+            session_key: ctx.session_key.clone(),
+        }),
         rule: rule_label(&held.decision).to_owned(),
         reason: held.decision.reason.clone(),
         wait: approval.wait.unwrap_or(ctx.shared().approval_wait),

@@ -50,7 +50,8 @@ impl RedisServer {
         self.remote_as(prefix, "test")
     }
 
-    /// A connection to it of the replica named `replica`, keys under `prefix`.
+    /// A connection to it as replica `replica` (replicas skip their own
+    /// publications, so two fronts on one Redis need two names), keys under `prefix`.
     pub fn remote_as(&self, prefix: &str, replica: &str) -> Arc<Remote> {
         Arc::new(
             Remote::connect(RemoteConfig {
