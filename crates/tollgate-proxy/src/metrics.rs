@@ -161,6 +161,65 @@ impl ConnectionMetrics {
     }
 }
 
+/// The state counted at each scrape: sessions, streams, approvals, failures, processes.
+struct Gauges {
+    sessions: Gauge,
+    streams: Gauge,
+    pending_approvals: Gauge,
+    audit_failures: Gauge,
+    webhook_failures: Gauge,
+    upstream_processes: Family<ServerLabels, Gauge>,
+}
+
+impl Gauges {
+    fn register(registry: &mut Registry) -> Gauges {
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Open handshake-era sessions",
+            sessions.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register(
+            "streams_active",
+            "Open downstream SSE response streams",
+            streams.clone(),
+        );
+        let pending_approvals = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Calls waiting for a human",
+            pending_approvals.clone(),
+        );
+        let audit_failures = Gauge::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written",
+            audit_failures.clone(),
+        );
+        let webhook_failures = Gauge::default();
+        registry.register(
+            "webhook_failures",
+            "Approval webhooks that failed after every retry",
+            webhook_failures.clone(),
+        );
+        let upstream_processes = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "upstream_processes",
+            "Live processes of each stdio upstream",
+            upstream_processes.clone(),
+        );
+        Gauges {
+            sessions,
+            streams,
+            pending_approvals,
+            audit_failures,
+            webhook_failures,
+            upstream_processes,
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -179,12 +238,7 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     result_redactions: Family<RedactionLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
-    sessions: Gauge,
-    streams: Gauge,
-    pending_approvals: Gauge,
-    audit_failures: Gauge,
-    webhook_failures: Gauge,
-    upstream_processes: Family<ServerLabels, Gauge>,
+    gauges: Gauges,
     tools_seen: Mutex<HashSet<String>>,
     audit_refusals: Family<ServerLabels, Counter>,
     tool_changes: Family<ServerLabels, Counter>,
@@ -239,42 +293,7 @@ impl Metrics {
             "Policy reloads by server and result (ok, failed)",
             reloads.clone(),
         );
-        let sessions = Gauge::default();
-        registry.register(
-            "sessions_active",
-            "Open handshake-era sessions",
-            sessions.clone(),
-        );
-        let streams = Gauge::default();
-        registry.register(
-            "streams_active",
-            "Open downstream SSE response streams",
-            streams.clone(),
-        );
-        let pending_approvals = Gauge::default();
-        registry.register(
-            "approvals_pending",
-            "Calls waiting for a human",
-            pending_approvals.clone(),
-        );
-        let audit_failures = Gauge::default();
-        registry.register(
-            "audit_write_failures",
-            "Audit records that could not be written",
-            audit_failures.clone(),
-        );
-        let webhook_failures = Gauge::default();
-        registry.register(
-            "webhook_failures",
-            "Approval webhooks that failed after every retry",
-            webhook_failures.clone(),
-        );
-        let upstream_processes = Family::<ServerLabels, Gauge>::default();
-        registry.register(
-            "upstream_processes",
-            "Live processes of each stdio upstream",
-            upstream_processes.clone(),
-        );
+        let gauges = Gauges::register(&mut registry);
         let audit_refusals = Family::<ServerLabels, Counter>::default();
         registry.register(
             "audit_refusals",
@@ -321,12 +340,7 @@ impl Metrics {
             upstream_errors,
             result_redactions,
             reloads,
-            sessions,
-            streams,
-            pending_approvals,
-            audit_failures,
-            webhook_failures,
-            upstream_processes,
+            gauges,
             tools_seen: Mutex::new(HashSet::new()),
             open_streams: AtomicU64::new(0),
         }
@@ -416,7 +430,8 @@ impl Metrics {
 
     /// Sets a stdio upstream's live processes (read at scrape time).
     pub fn upstream_processes(&self, server: &str, live: usize) {
-        self.upstream_processes
+        self.gauges
+            .upstream_processes
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -518,11 +533,11 @@ impl Metrics {
         webhook_failures: u64,
     ) -> String {
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.sessions.set(as_i64(sessions as u64));
-        self.pending_approvals.set(as_i64(pending as u64));
-        self.audit_failures.set(as_i64(audit_failures));
-        self.webhook_failures.set(as_i64(webhook_failures));
-        self.streams.set(as_i64(
+        self.gauges.sessions.set(as_i64(sessions as u64));
+        self.gauges.pending_approvals.set(as_i64(pending as u64));
+        self.gauges.audit_failures.set(as_i64(audit_failures));
+        self.gauges.webhook_failures.set(as_i64(webhook_failures));
+        self.gauges.streams.set(as_i64(
             self.open_streams.load(std::sync::atomic::Ordering::Relaxed),
         ));
         let mut out = String::new();
