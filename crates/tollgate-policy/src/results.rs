@@ -533,6 +533,14 @@ impl Registry {
         self.detectors.iter().position(|d| d.name == name)
     }
 
+    /// The names of the detectors `list` holds the indices of.
+    fn names(&self, list: &[usize]) -> Vec<String> {
+        list.iter()
+            .filter_map(|&d| self.detectors.get(d))
+            .map(|d| d.name.clone())
+            .collect()
+    }
+
     /// Adds a detector first defined at `site`; its index.
     fn add(&mut self, detector: Detector, site: Site<'_>) -> Option<usize> {
         self.detectors.push(detector);
@@ -703,26 +711,14 @@ fn compile_entry(
     if doc.redact.is_empty() && doc.block.is_empty() {
         check.at(span, "tool", format!("{label}: names no detector; add `redact: [...]` or `block: [...]` (e.g. `redact: [aws_access_key, private_key]`)"));
     }
-    let mut detector = |check: &mut Checker<'_>, doc: &DetectorDoc, key: &str| {
-        resolve_detector(check, registry, site, doc, key)
-    };
-    let redact: Vec<usize> = doc
-        .redact
-        .iter()
-        .filter_map(|d| detector(check, d, "redact"))
-        .collect();
-    let block: Vec<usize> = doc
-        .block
-        .iter()
-        .filter_map(|d| detector(check, d, "block"))
-        .collect();
-    let names = |list: &[usize]| -> Vec<String> {
-        list.iter()
-            .filter_map(|&d| registry.detectors.get(d))
-            .map(|d| d.name.clone())
+    let mut detectors = |check: &mut Checker<'_>, docs: &[DetectorDoc], key: &str| -> Vec<usize> {
+        docs.iter()
+            .filter_map(|doc| resolve_detector(check, registry, site, doc, key))
             .collect()
     };
-    let (redact_names, block_names) = (names(&redact), names(&block));
+    let redact = detectors(check, &doc.redact, "redact");
+    let block = detectors(check, &doc.block, "block");
+    let (redact_names, block_names) = (registry.names(&redact), registry.names(&block));
     for name in redact_names.iter().filter(|n| block_names.contains(n)) {
         let at = span.and_then(|s| yaml::find_key(check.source, s, "block"));
         check.error_at(at, format!("{label}: `{name}` is in both `redact` and `block`; a block withholds the whole result, so remove it from one"));

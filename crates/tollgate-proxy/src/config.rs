@@ -985,15 +985,8 @@ impl ConfigOf<RawServer> {
             problems.push("health_interval: must be more than 0 seconds".to_owned());
         }
         check_state(&self.state, &mut problems);
-        if let Some(ratio) = self
-            .telemetry
-            .as_ref()
-            .and_then(|t| t.traces.sample_ratio)
-            .filter(|r| !(0.0..=1.0).contains(r))
-        {
-            problems.push(format!(
-                "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
-            ));
+        if let Some(telemetry) = &self.telemetry {
+            check_telemetry(telemetry, &mut problems);
         }
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
@@ -1027,6 +1020,19 @@ impl ConfigOf<RawServer> {
             health_interval: self.health_interval,
             servers,
         })
+    }
+}
+
+/// `telemetry:`: a sample ratio between 0 and 1.
+fn check_telemetry(telemetry: &TelemetryConfig, problems: &mut Vec<String>) {
+    if let Some(ratio) = telemetry
+        .traces
+        .sample_ratio
+        .filter(|r| !(0.0..=1.0).contains(r))
+    {
+        problems.push(format!(
+            "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
+        ));
     }
 }
 

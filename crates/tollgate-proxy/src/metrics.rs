@@ -220,6 +220,58 @@ impl Gauges {
     }
 }
 
+/// What the safeguards counted: calls refused for the audit log, tool changes, the
+/// shared state unreachable and its round trips, telemetry dropped.
+struct Safeguards {
+    audit_refusals: Family<ServerLabels, Counter>,
+    tool_changes: Family<ServerLabels, Counter>,
+    state_unavailable: Family<UpstreamErrorLabels, Counter>,
+    state_round_trips: Mutex<Counter>,
+    telemetry_dropped: Counter,
+}
+
+impl Safeguards {
+    fn register(registry: &mut Registry) -> Safeguards {
+        let audit_refusals = Family::<ServerLabels, Counter>::default();
+        registry.register(
+        "audit_refusals",
+        "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
+        audit_refusals.clone(),
+    );
+        let tool_changes = Family::<ServerLabels, Counter>::default();
+        registry.register(
+        "tool_changes",
+        "Tool definitions the upstream advertised that differ from the tool lock (or that it does not name), each counted once",
+        tool_changes.clone(),
+    );
+        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+        "state_unavailable",
+        "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
+        state_unavailable.clone(),
+    );
+        let state_round_trips = Counter::default();
+        registry.register(
+            "state_round_trips",
+            "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
+            state_round_trips.clone(),
+        );
+        let telemetry_dropped = Counter::default();
+        registry.register(
+        "telemetry_dropped",
+        "Spans and log records dropped before export: the queue was full, or the collector failed or timed out (telemetry:)",
+        telemetry_dropped.clone(),
+    );
+        Safeguards {
+            audit_refusals,
+            tool_changes,
+            state_unavailable,
+            state_round_trips: Mutex::new(state_round_trips),
+            telemetry_dropped,
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -240,11 +292,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     gauges: Gauges,
     tools_seen: Mutex<HashSet<String>>,
-    audit_refusals: Family<ServerLabels, Counter>,
-    tool_changes: Family<ServerLabels, Counter>,
-    state_unavailable: Family<UpstreamErrorLabels, Counter>,
-    state_round_trips: Mutex<Counter>,
-    telemetry_dropped: Counter,
+    safeguards: Safeguards,
     connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -294,43 +342,10 @@ impl Metrics {
             reloads.clone(),
         );
         let gauges = Gauges::register(&mut registry);
-        let audit_refusals = Family::<ServerLabels, Counter>::default();
-        registry.register(
-            "audit_refusals",
-            "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
-            audit_refusals.clone(),
-        );
-        let tool_changes = Family::<ServerLabels, Counter>::default();
-        registry.register(
-            "tool_changes",
-            "Tool definitions the upstream advertised that differ from the tool lock (or that it does not name), each counted once",
-            tool_changes.clone(),
-        );
-        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
-        registry.register(
-            "state_unavailable",
-            "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
-            state_unavailable.clone(),
-        );
-        let state_round_trips = Counter::default();
-        registry.register(
-            "state_round_trips",
-            "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
-            state_round_trips.clone(),
-        );
-        let telemetry_dropped = Counter::default();
-        registry.register(
-            "telemetry_dropped",
-            "Spans and log records dropped before export: the queue was full, or the collector failed or timed out (telemetry:)",
-            telemetry_dropped.clone(),
-        );
+        let safeguards = Safeguards::register(&mut registry);
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
-            audit_refusals,
-            tool_changes,
-            state_unavailable,
-            state_round_trips: Mutex::new(state_round_trips),
-            telemetry_dropped,
+            safeguards,
             connections,
             registry,
             decisions,
@@ -440,7 +455,8 @@ impl Metrics {
 
     /// Counts a tool definition that differs from the lock.
     pub fn tool_change(&self, server: &str) {
-        self.tool_changes
+        self.safeguards
+            .tool_changes
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -449,7 +465,8 @@ impl Metrics {
 
     /// Counts a call refused because its decision could not be recorded.
     pub fn audit_refusal(&self, server: &str) {
-        self.audit_refusals
+        self.safeguards
+            .audit_refusals
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -459,7 +476,8 @@ impl Metrics {
     /// Counts a request that needed the shared state while it was unreachable:
     /// `refused` (`state.on_failure: refuse`) or `allowed` without its limit.
     pub fn state_unavailable(&self, server: &str, refused: bool) {
-        self.state_unavailable
+        self.safeguards
+            .state_unavailable
             .get_or_create(&UpstreamErrorLabels {
                 server: label(server),
                 kind: if refused { "refused" } else { "allowed" }.to_owned(),
@@ -469,7 +487,7 @@ impl Metrics {
 
     /// Brings the shared state's round-trip count up to `total` (read from the store).
     pub fn state_round_trips(&self, total: u64) {
-        let counter = self.state_round_trips.lock();
+        let counter = self.safeguards.state_round_trips.lock();
         let seen = counter.get();
         if total > seen {
             counter.inc_by(total - seen);
@@ -510,7 +528,7 @@ impl Metrics {
 
     /// The counter of telemetry dropped before export (`telemetry:`).
     pub fn telemetry_dropped(&self) -> Counter {
-        self.telemetry_dropped.clone()
+        self.safeguards.telemetry_dropped.clone()
     }
 
     /// Counts a policy reload.

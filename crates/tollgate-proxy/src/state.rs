@@ -364,49 +364,10 @@ struct Reached {
 
 /// The upstream of server `name`, as its configuration says it is reached.
 fn reach(name: &str, config: &ServerConfig, kit: &UpstreamKit<'_>) -> Result<Reached, BuildError> {
-    let parse_url = |text: &str| {
-        reqwest::Url::parse(text)
-            .map_err(|e| BuildError::BadUrl(name.into(), text.to_owned(), e.to_string()))
-    };
     let headers = build_headers(name, config)?;
-    let bridge = |connector| {
-        Bridge::new(
-            name.into(),
-            connector,
-            kit.http.clone(),
-            kit.children.clone(),
-            config.timeout,
-        )
-    };
-    Ok(match &config.upstream {
-        UpstreamConfig::Http { url } => {
-            let parsed = parse_url(url)?;
-            let upstream = HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
-                .map_err(|e| BuildError::BadUrl(name.into(), url.clone(), e.to_string()))?
-                .with_lanes(kit.lanes);
-            Reached {
-                upstream: Box::new(upstream),
-                location: url.clone(),
-                location_key: "url",
-                network: address_of(&parsed),
-            }
-        }
-        UpstreamConfig::Sse { url } => {
-            let parsed = parse_url(url)?;
-            let network = address_of(&parsed);
-            let target = legacy_sse::Target {
-                server: name.into(),
-                url: parsed,
-                headers,
-                timeout: config.timeout,
-            };
-            Reached {
-                upstream: Box::new(bridge(Connector::LegacySse(target))),
-                location: url.clone(),
-                location_key: "url",
-                network,
-            }
-        }
+    let (command, env, inherit_env, cwd, max_processes, idle) = match &config.upstream {
+        UpstreamConfig::Http { url } => return reach_url(name, url, false, headers, config, kit),
+        UpstreamConfig::Sse { url } => return reach_url(name, url, true, headers, config, kit),
         UpstreamConfig::Stdio {
             command,
             env,
@@ -414,25 +375,76 @@ fn reach(name: &str, config: &ServerConfig, kit: &UpstreamKit<'_>) -> Result<Rea
             cwd,
             max_processes,
             idle,
-        } => {
-            let command = stdio::Command {
-                server: name.into(),
-                argv: command.clone(),
-                env: env.clone(),
-                inherit_env: inherit_env.clone(),
-                cwd: cwd.clone(),
-                max_line: kit.max_message,
-            };
-            let location = command.display();
-            let upstream = bridge(Connector::Stdio(command)).with_processes(*max_processes, *idle);
-            Reached {
-                upstream: Box::new(upstream),
-                location,
-                location_key: "command",
-                network: None,
-            }
-        }
+        } => (command, env, inherit_env, cwd, max_processes, idle),
+    };
+    let command = stdio::Command {
+        server: name.into(),
+        argv: command.clone(),
+        env: env.clone(),
+        inherit_env: inherit_env.clone(),
+        cwd: cwd.clone(),
+        max_line: kit.max_message,
+    };
+    let location = command.display();
+    let upstream =
+        bridge(name, Connector::Stdio(command), config, kit).with_processes(*max_processes, *idle);
+    Ok(Reached {
+        upstream: Box::new(upstream),
+        location,
+        location_key: "command",
+        network: None,
     })
+}
+
+/// A network upstream at `url`: Streamable HTTP, or legacy SSE (`sse`) through a bridge.
+fn reach_url(
+    name: &str,
+    url: &str,
+    sse: bool,
+    headers: HeaderMap,
+    config: &ServerConfig,
+    kit: &UpstreamKit<'_>,
+) -> Result<Reached, BuildError> {
+    let bad_url = |e: String| BuildError::BadUrl(name.into(), url.to_owned(), e);
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
+    let network = address_of(&parsed);
+    let upstream: Box<dyn Upstream> = if sse {
+        let target = legacy_sse::Target {
+            server: name.into(),
+            url: parsed,
+            headers,
+            timeout: config.timeout,
+        };
+        Box::new(bridge(name, Connector::LegacySse(target), config, kit))
+    } else {
+        Box::new(
+            HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
+                .map_err(|e| bad_url(e.to_string()))?
+                .with_lanes(kit.lanes),
+        )
+    };
+    Ok(Reached {
+        upstream,
+        location: url.to_owned(),
+        location_key: "url",
+        network,
+    })
+}
+
+/// The bridge that carries a legacy SSE or stdio upstream's sessions.
+fn bridge(
+    name: &str,
+    connector: Connector,
+    config: &ServerConfig,
+    kit: &UpstreamKit<'_>,
+) -> Bridge {
+    Bridge::new(
+        name.into(),
+        connector,
+        kit.http.clone(),
+        kit.children.clone(),
+        config.timeout,
+    )
 }
 
 /// The server's tool lock and what it learns, with `tools_lock:`.

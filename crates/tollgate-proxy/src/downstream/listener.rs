@@ -217,6 +217,39 @@ struct Accepted {
 }
 
 impl Listening {
+    /// Admits a connection from `peer` within `max_connections` and, but for a
+    /// trusted proxy's, `connections_per_peer`; `None` (counted and logged) when either
+    /// is reached.
+    fn admit(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        open: &Arc<Semaphore>,
+    ) -> Option<Accepted> {
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            self.refuse("max_connections", peer.ip());
+            return None;
+        };
+        let trusted = !self.entry.trusted.is_empty() && self.entry.trusted.contains(peer.ip());
+        let peer_slot = if trusted {
+            None
+        } else {
+            let Some(slot) = self.peers.take(peer_key(peer.ip()), self.limits.per_peer) else {
+                self.refuse("connections_per_peer", peer.ip());
+                return None;
+            };
+            Some(slot)
+        };
+        let _ = stream.set_nodelay(true);
+        Some(Accepted {
+            stream,
+            peer,
+            trusted,
+            peer_slot,
+            _permit: permit,
+        })
+    }
+
     /// Counts and logs a connection refused for `limits.<limit>`.
     fn refuse(&self, limit: &str, client: IpAddr) {
         self.shared.metrics().connection_refused(self.name, limit);
@@ -387,28 +420,8 @@ where
             },
             () = &mut shutdown => break,
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            listening.refuse("max_connections", peer.ip());
+        let Some(accepted) = listening.admit(stream, peer, &open) else {
             continue;
-        };
-        let entry = &listening.entry;
-        let trusted = !entry.trusted.is_empty() && entry.trusted.contains(peer.ip());
-        let peer_slot = if trusted {
-            None
-        } else {
-            let Some(slot) = listening.peers.take(peer_key(peer.ip()), limits.per_peer) else {
-                listening.refuse("connections_per_peer", peer.ip());
-                continue;
-            };
-            Some(slot)
-        };
-        let _ = stream.set_nodelay(true);
-        let accepted = Accepted {
-            stream,
-            peer,
-            trusted,
-            peer_slot,
-            _permit: permit,
         };
         let (builder, service) = (builder.clone(), service.clone());
         let stop = stop_rx.clone();
