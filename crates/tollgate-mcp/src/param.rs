@@ -41,6 +41,47 @@ pub fn param_headers(input_schema: &Value) -> Result<Vec<ParamHeader>, InvalidPa
     Ok(found)
 }
 
+/// The header an `x-mcp-header` annotation (`name`) on the property at `path`
+/// declares, checked against those `found` before.
+fn declared(
+    object: &serde_json::Map<String, Value>,
+    name: &Value,
+    path: &[String],
+    reachable: bool,
+    found: &[ParamHeader],
+) -> Result<ParamHeader, InvalidParamHeaders> {
+    let invalid = |why: String| Err(InvalidParamHeaders(why));
+    let at = path_text(path);
+    if !reachable || path.is_empty() {
+        return invalid(format!(
+            "on `{at}`, which is not reached through `properties` alone"
+        ));
+    }
+    let Some(name) = name.as_str().filter(|n| is_token(n)) else {
+        return invalid(format!("on `{at}`: the name is not an HTTP token"));
+    };
+    if !matches!(
+        object.get("type").and_then(Value::as_str),
+        Some("string" | "integer" | "boolean")
+    ) {
+        return invalid(format!(
+            "on `{at}`: only string, integer and boolean properties may be mirrored"
+        ));
+    }
+    let header = format!("mcp-param-{}", name.to_ascii_lowercase());
+    if found.iter().any(|f| f.header == header) {
+        return invalid(format!("`{name}` is declared twice"));
+    }
+    if found.len() == MAX_PARAM_HEADERS {
+        return invalid(format!("more than {MAX_PARAM_HEADERS} annotations"));
+    }
+    Ok(ParamHeader {
+        name: name.to_owned(),
+        header,
+        path: path.to_vec(),
+    })
+}
+
 fn walk(
     schema: &Value,
     path: &mut Vec<String>,
@@ -53,7 +94,6 @@ fn walk(
             "schema nested deeper than {MAX_DEPTH} levels"
         )));
     }
-    let invalid = |why: String| Err(InvalidParamHeaders(why));
     match schema {
         Value::Array(items) => {
             for item in items {
@@ -62,35 +102,8 @@ fn walk(
         }
         Value::Object(object) => {
             if let Some(name) = object.get("x-mcp-header") {
-                let at = path_text(path);
-                if !reachable || path.is_empty() {
-                    return invalid(format!(
-                        "on `{at}`, which is not reached through `properties` alone"
-                    ));
-                }
-                let Some(name) = name.as_str().filter(|n| is_token(n)) else {
-                    return invalid(format!("on `{at}`: the name is not an HTTP token"));
-                };
-                if !matches!(
-                    object.get("type").and_then(Value::as_str),
-                    Some("string" | "integer" | "boolean")
-                ) {
-                    return invalid(format!(
-                        "on `{at}`: only string, integer and boolean properties may be mirrored"
-                    ));
-                }
-                let header = format!("mcp-param-{}", name.to_ascii_lowercase());
-                if found.iter().any(|f: &ParamHeader| f.header == header) {
-                    return invalid(format!("`{name}` is declared twice"));
-                }
-                if found.len() == MAX_PARAM_HEADERS {
-                    return invalid(format!("more than {MAX_PARAM_HEADERS} annotations"));
-                }
-                found.push(ParamHeader {
-                    name: name.to_owned(),
-                    header,
-                    path: path.clone(),
-                });
+                let header = declared(object, name, path, reachable, found)?;
+                found.push(header);
             }
             for (key, value) in object {
                 if key == "properties"

@@ -417,6 +417,41 @@ pub(crate) struct Scanner {
 type Kept = HashMap<Box<[usize]>, Option<Arc<Together>>>;
 
 /// Where a detector was last looked for from, and its next match (start, end) there.
+/// Where detector `detector` (pattern `id` of `together`, not the one the automaton
+/// found) matches at `start`, if it does there: a short detector looks there (a few
+/// bytes); one that is not looks for its next match onwards, kept in `next` until
+/// passed (made at the first match: most strings have none).
+fn end_here(
+    together: &Together,
+    detector: &Detector,
+    id: usize,
+    hay: &str,
+    start: usize,
+    next: &mut Vec<Next>,
+) -> Option<usize> {
+    if detector.short {
+        let pattern = PatternID::new(id).ok()?;
+        let here = Input::new(hay)
+            .span(start..hay.len())
+            .anchored(Anchored::Pattern(pattern));
+        return together.regex.search(&here).map(|m| m.end());
+    }
+    if next.is_empty() {
+        *next = vec![None; together.order.len()];
+    }
+    let slot = next.get_mut(id)?;
+    let known = matches!(*slot, Some((looked, found))
+        if looked <= start && found.is_none_or(|(s, _)| s >= start));
+    if !known {
+        let found = detector.regex.find_at(hay, start);
+        *slot = Some((start, found.map(|m| (m.start(), m.end()))));
+    }
+    match *slot {
+        Some((_, Some((s, end)))) if s == start => Some(end),
+        _ => None,
+    }
+}
+
 type Next = Option<(usize, Option<(usize, usize)>)>;
 
 /// Sets of detectors kept searched for together at most; a further set is searched for
@@ -544,8 +579,7 @@ impl Scanner {
         let Some(together) = &wanted.together else {
             return self.find_each(hay, &wanted.detectors, 0, out);
         };
-        // The next match of a detector that is not short, from where it was looked for
-        // (made at the first match: most strings have none).
+        // The next match of each detector that is not short, from where it was looked for.
         let mut next: Vec<Next> = Vec::new();
         let mut at = 0;
         while at <= hay.len() {
@@ -562,31 +596,8 @@ impl Scanner {
                 };
                 let end = if id == from {
                     Some(first.end())
-                } else if detector.short {
-                    let Ok(pattern) = PatternID::new(id) else {
-                        continue;
-                    };
-                    let here = Input::new(hay)
-                        .span(start..hay.len())
-                        .anchored(Anchored::Pattern(pattern));
-                    together.regex.search(&here).map(|m| m.end())
                 } else {
-                    if next.is_empty() {
-                        next = vec![None; together.order.len()];
-                    }
-                    let Some(slot) = next.get_mut(id) else {
-                        continue;
-                    };
-                    let known = matches!(*slot, Some((looked, found))
-                        if looked <= start && found.is_none_or(|(s, _)| s >= start));
-                    if !known {
-                        let found = detector.regex.find_at(hay, start);
-                        *slot = Some((start, found.map(|m| (m.start(), m.end()))));
-                    }
-                    match *slot {
-                        Some((_, Some((s, end)))) if s == start => Some(end),
-                        _ => None,
-                    }
+                    end_here(together, detector, id, hay, start, &mut next)
                 };
                 let Some(end) = end else { continue };
                 match detector.confirm(hay, start, end) {

@@ -255,6 +255,81 @@ pub struct Policy {
     results: Option<Results>,
 }
 
+/// Compiles `rules:` (raw items, with their spans when written in block style),
+/// reporting every problem to `check`.
+fn compile_rules(
+    check: &mut Checker<'_>,
+    spans: Option<&[yaml::Span]>,
+    raw: Vec<yaml::RawValue>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for (index, raw) in raw.into_iter().enumerate() {
+        let span = spans.and_then(|s| s.get(index).copied());
+        let parsed: Result<RuleDoc, PolicyError> = match span {
+            Some(span) => yaml::item(&yaml::item_text(check.source, span), check.origin),
+            None => yaml::from_value(raw).map_err(|message| PolicyError {
+                origin: check.origin.to_owned(),
+                line: 1,
+                column: 1,
+                message: format!("rules[{index}]: {message}"),
+            }),
+        };
+        match parsed {
+            Ok(rule) => {
+                if let Some(rule) = compile_rule(check, span, index, rule) {
+                    rules.push(rule);
+                }
+            }
+            Err(error) => check.errors.push(error),
+        }
+    }
+    rules
+}
+
+/// The rules by tool: exact names to their rules, and the globs (to build) with
+/// the rule each stands for.
+fn index_tools(
+    check: &mut Checker<'_>,
+    spans: Option<&[yaml::Span]>,
+    rules: &[Rule],
+) -> (HashMap<String, Vec<usize>>, GlobSetBuilder, Vec<usize>) {
+    let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut globs = GlobSetBuilder::new();
+    let mut glob_rules = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        if !is_glob(&rule.name.tool) {
+            exact
+                .entry(rule.name.tool.to_string())
+                .or_default()
+                .push(index);
+            continue;
+        }
+        match GlobBuilder::new(&rule.name.tool)
+            .literal_separator(false)
+            .build()
+        {
+            Ok(glob) => {
+                globs.add(glob);
+                glob_rules.push(index);
+            }
+            Err(err) => {
+                let span = spans.and_then(|s| s.get(rule.name.index).copied());
+                check.at(
+                    span,
+                    "tool",
+                    format!(
+                        "rules[{}].tool: `{}` is not a valid glob: {}",
+                        rule.name.index,
+                        rule.name.tool,
+                        err.kind()
+                    ),
+                );
+            }
+        }
+    }
+    (exact, globs, glob_rules)
+}
+
 impl Policy {
     /// Parses, validates (collecting every error) and compiles a policy. Pure.
     pub fn from_yaml(source: &str, origin: &str) -> Result<Policy, PolicyErrors> {
@@ -275,61 +350,8 @@ impl Policy {
             );
         }
         let spans = yaml::rule_spans(source).filter(|spans| spans.len() == doc.rules.len());
-        let mut rules = Vec::new();
-        for (index, raw) in doc.rules.into_iter().enumerate() {
-            let span = spans.as_ref().and_then(|s| s.get(index).copied());
-            let parsed: Result<RuleDoc, PolicyError> = match span {
-                Some(span) => yaml::item(&yaml::item_text(source, span), origin),
-                None => yaml::from_value(raw).map_err(|message| PolicyError {
-                    origin: origin.to_owned(),
-                    line: 1,
-                    column: 1,
-                    message: format!("rules[{index}]: {message}"),
-                }),
-            };
-            match parsed {
-                Ok(rule) => {
-                    if let Some(rule) = compile_rule(&mut check, span, index, rule) {
-                        rules.push(rule);
-                    }
-                }
-                Err(error) => check.errors.push(error),
-            }
-        }
-        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut globs = GlobSetBuilder::new();
-        let mut glob_rules = Vec::new();
-        for (index, rule) in rules.iter().enumerate() {
-            if is_glob(&rule.name.tool) {
-                match GlobBuilder::new(&rule.name.tool)
-                    .literal_separator(false)
-                    .build()
-                {
-                    Ok(glob) => {
-                        globs.add(glob);
-                        glob_rules.push(index);
-                    }
-                    Err(err) => {
-                        let span = spans.as_ref().and_then(|s| s.get(rule.name.index).copied());
-                        check.at(
-                            span,
-                            "tool",
-                            format!(
-                                "rules[{}].tool: `{}` is not a valid glob: {}",
-                                rule.name.index,
-                                rule.name.tool,
-                                err.kind()
-                            ),
-                        );
-                    }
-                }
-            } else {
-                exact
-                    .entry(rule.name.tool.to_string())
-                    .or_default()
-                    .push(index);
-            }
-        }
+        let rules = compile_rules(&mut check, spans.as_deref(), doc.rules);
+        let (exact, globs, glob_rules) = index_tools(&mut check, spans.as_deref(), &rules);
         let results = crate::results::compile(&mut check, doc.results, doc.mode);
         let globs = match globs.build() {
             Ok(set) => set,
@@ -571,91 +593,44 @@ impl Policy {
             .matching_rule(call.tool, call.client, call.claims)
             .and_then(|i| self.rules.get(i))
         else {
-            decision.reason = match self.default {
-                Action::Deny => format!(
-                    "no rule allows `{}`, and the policy's default is deny",
-                    call.tool
-                ),
-                Action::Allow => format!(
-                    "no rule matches `{}`; the policy's default is allow",
-                    call.tool
-                ),
-                Action::RequireApproval => {
-                    format!(
-                        "no rule matches `{}`; the policy's default is to ask a human",
-                        call.tool
-                    )
-                }
-            };
-            decision.kind = (self.default == Action::Deny).then_some(DenyKind::Deny);
-            decision.approval = (self.default == Action::RequireApproval).then(Approval::default);
+            self.by_default(&mut decision, call.tool);
             return decision;
         };
-        let rule_ref = rule.name.clone();
         decision.action = rule.action;
-        decision.reason = rule.reason.clone().unwrap_or_else(|| match rule.action {
-            // The common case, once per allowed call: built without `format!`.
-            Action::Allow => {
-                let mut reason = String::with_capacity(call.tool.len() + rule_ref.label.len() + 18);
-                reason.push('`');
-                reason.push_str(call.tool);
-                reason.push_str("` is allowed by ");
-                reason.push_str(&rule_ref.label);
-                reason
-            }
-            Action::Deny => format!("`{}` is denied by the policy", call.tool),
-            Action::RequireApproval => format!("`{}` needs a human's approval", call.tool),
-        });
-        decision.rule = Some(rule_ref);
+        decision.reason = rule
+            .reason
+            .clone()
+            .unwrap_or_else(|| rule_reason(rule, call.tool));
+        decision.rule = Some(rule.name.clone());
         if rule.action == Action::Deny {
             decision.kind = Some(DenyKind::Deny);
             return decision;
         }
-        let missing: Vec<&str> = rule
-            .scopes
-            .iter()
-            .filter(|needed| !call.scopes.contains(needed))
-            .map(String::as_str)
-            .collect();
-        if !missing.is_empty() {
-            decision.action = Action::Deny;
-            decision.kind = Some(DenyKind::InsufficientScope);
-            decision.reason = format!(
-                "`{}` needs the scope `{}`, which the caller's token does not carry; ask the authorization server for it",
-                call.tool,
-                missing.join(" ")
-            );
-            decision.required_scopes = rule.scopes.clone();
+        if refused_for_scopes(rule, call, &mut decision) {
             return decision;
         }
-        if let Some(schema) = &rule.arguments {
-            let empty = Value::Object(serde_json::Map::new());
-            let arguments = if call.arguments.is_null() {
-                &empty
-            } else {
-                call.arguments
-            };
-            // `is_valid` builds no errors: the error is looked for only when there is one.
-            if !schema.is_valid(arguments)
-                && let Some(error) = schema.iter_errors(arguments).next()
-            {
-                let path = error.instance_path().to_string();
-                let shown = if path.is_empty() {
-                    "/".to_owned()
-                } else {
-                    path.clone()
-                };
-                decision.action = Action::Deny;
-                decision.kind = Some(DenyKind::Arguments);
-                decision.reason = format!("argument `{shown}` is not allowed: {error}");
-                decision.failing_path = Some(shown);
-                return decision;
-            }
+        if let Some(schema) = &rule.arguments
+            && refused_for_arguments(schema, call.arguments, &mut decision)
+        {
+            return decision;
         }
         if rule.action == Action::RequireApproval {
             decision.approval = Some(rule.approval.clone());
         }
         decision
+    }
+
+    /// The decision of a call no rule matches: the policy's default.
+    fn by_default(&self, decision: &mut Decision, tool: &str) {
+        decision.reason = match self.default {
+            Action::Deny => format!("no rule allows `{tool}`, and the policy's default is deny"),
+            Action::Allow => format!("no rule matches `{tool}`; the policy's default is allow"),
+            Action::RequireApproval => {
+                format!("no rule matches `{tool}`; the policy's default is to ask a human")
+            }
+        };
+        decision.kind = (self.default == Action::Deny).then_some(DenyKind::Deny);
+        decision.approval = (self.default == Action::RequireApproval).then(Approval::default);
     }
 
     fn rate_limit_of(&self, decision: &Decision) -> Option<&RateLimit> {
@@ -668,6 +643,77 @@ impl Policy {
 
 /// The top level of a policy whose top level has errors (already reported): the
 /// rules, if they are a list, so they are checked too; defaults for the rest.
+/// Why `rule` decides a call of `tool` as it does, when it gives no `reason`.
+fn rule_reason(rule: &Rule, tool: &str) -> String {
+    match rule.action {
+        // The common case, once per allowed call: built without `format!`.
+        Action::Allow => {
+            let mut reason = String::with_capacity(tool.len() + rule.name.label.len() + 18);
+            reason.push('`');
+            reason.push_str(tool);
+            reason.push_str("` is allowed by ");
+            reason.push_str(&rule.name.label);
+            reason
+        }
+        Action::Deny => format!("`{tool}` is denied by the policy"),
+        Action::RequireApproval => format!("`{tool}` needs a human's approval"),
+    }
+}
+
+/// Refuses a call whose token lacks a scope `rule` needs; whether it did.
+fn refused_for_scopes(rule: &Rule, call: &ToolCall<'_>, decision: &mut Decision) -> bool {
+    let missing: Vec<&str> = rule
+        .scopes
+        .iter()
+        .filter(|needed| !call.scopes.contains(needed))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return false;
+    }
+    decision.action = Action::Deny;
+    decision.kind = Some(DenyKind::InsufficientScope);
+    decision.reason = format!(
+        "`{}` needs the scope `{}`, which the caller's token does not carry; ask the authorization server for it",
+        call.tool,
+        missing.join(" ")
+    );
+    decision.required_scopes = rule.scopes.clone();
+    true
+}
+
+/// Refuses a call whose arguments `schema` does not accept; whether it did.
+fn refused_for_arguments(
+    schema: &jsonschema::Validator,
+    arguments: &Value,
+    decision: &mut Decision,
+) -> bool {
+    let empty = Value::Object(serde_json::Map::new());
+    let arguments = if arguments.is_null() {
+        &empty
+    } else {
+        arguments
+    };
+    // `is_valid` builds no errors: the error is looked for only when there is one.
+    if schema.is_valid(arguments) {
+        return false;
+    }
+    let Some(error) = schema.iter_errors(arguments).next() else {
+        return false;
+    };
+    let path = error.instance_path().to_string();
+    let shown = if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path.clone()
+    };
+    decision.action = Action::Deny;
+    decision.kind = Some(DenyKind::Arguments);
+    decision.reason = format!("argument `{shown}` is not allowed: {error}");
+    decision.failing_path = Some(shown);
+    true
+}
+
 fn lenient_doc(raw: &yaml::RawValue) -> PolicyDoc<yaml::RawValue> {
     let list = |key: &str| match raw.get(key) {
         Some(yaml::RawValue::Sequence(items)) => items.clone(),
@@ -728,32 +774,14 @@ fn shadow_warnings(
         .collect()
 }
 
-fn compile_rule(
+/// A rule's `rate_limit`, checked.
+fn compile_rate_limit(
     check: &mut Checker<'_>,
     span: Option<yaml::Span>,
     index: usize,
-    doc: RuleDoc,
-) -> Option<Rule> {
-    let before = check.errors.len();
-    if doc.tool.is_empty() {
-        check.at(span, "tool", format!("rules[{index}].tool: must not be empty: use an exact name or a glob like `describe_*`"));
-    }
-    if matches!(&doc.clients, Some(c) if c.is_empty()) {
-        check.at(span, "clients", format!("rules[{index}].clients: an empty list matches no one; remove it to match every client"));
-    }
-    let claims = compile_claims(check, span, &format!("rules[{index}]"), doc.when.as_ref());
-    let scopes = doc.scopes.clone().unwrap_or_default();
-    if matches!(&doc.scopes, Some(s) if s.is_empty())
-        || scopes
-            .iter()
-            .any(|s| s.is_empty() || s.contains(char::is_whitespace) || s.contains(['"', '\\']))
-    {
-        check.at(span, "scopes", format!("rules[{index}].scopes: list one or more scope names, each without spaces or quotes; remove it to need none"));
-    }
-    if !scopes.is_empty() && doc.action == Action::Deny {
-        check.at(span, "scopes", format!("rules[{index}].scopes: a deny rule lets nothing through, so scopes have no effect; remove them"));
-    }
-    let rate_limit = match &doc.rate_limit {
+    doc: &RuleDoc,
+) -> Option<RateLimit> {
+    match &doc.rate_limit {
         None => None,
         Some(_) if doc.action == Action::Deny => {
             check.at(span, "rate_limit", format!("rules[{index}].rate_limit: a deny rule lets nothing through, so a rate limit has no effect; remove it"));
@@ -789,7 +817,16 @@ fn compile_rule(
                 }
             }
         }
-    };
+    }
+}
+
+/// A rule's `approval` settings, checked (the defaults where it has none).
+fn compile_approval(
+    check: &mut Checker<'_>,
+    span: Option<yaml::Span>,
+    index: usize,
+    doc: &RuleDoc,
+) -> Approval {
     let mut approval = Approval::default();
     if let Some(doc_approval) = &doc.approval {
         if doc.action != Action::RequireApproval {
@@ -820,6 +857,36 @@ fn compile_rule(
             approval.valid_for = valid_for;
         }
     }
+    approval
+}
+
+fn compile_rule(
+    check: &mut Checker<'_>,
+    span: Option<yaml::Span>,
+    index: usize,
+    doc: RuleDoc,
+) -> Option<Rule> {
+    let before = check.errors.len();
+    if doc.tool.is_empty() {
+        check.at(span, "tool", format!("rules[{index}].tool: must not be empty: use an exact name or a glob like `describe_*`"));
+    }
+    if matches!(&doc.clients, Some(c) if c.is_empty()) {
+        check.at(span, "clients", format!("rules[{index}].clients: an empty list matches no one; remove it to match every client"));
+    }
+    let claims = compile_claims(check, span, &format!("rules[{index}]"), doc.when.as_ref());
+    let scopes = doc.scopes.clone().unwrap_or_default();
+    if matches!(&doc.scopes, Some(s) if s.is_empty())
+        || scopes
+            .iter()
+            .any(|s| s.is_empty() || s.contains(char::is_whitespace) || s.contains(['"', '\\']))
+    {
+        check.at(span, "scopes", format!("rules[{index}].scopes: list one or more scope names, each without spaces or quotes; remove it to need none"));
+    }
+    if !scopes.is_empty() && doc.action == Action::Deny {
+        check.at(span, "scopes", format!("rules[{index}].scopes: a deny rule lets nothing through, so scopes have no effect; remove them"));
+    }
+    let rate_limit = compile_rate_limit(check, span, index, &doc);
+    let approval = compile_approval(check, span, index, &doc);
     let arguments = match &doc.arguments {
         None => None,
         Some(schema) => match jsonschema::options().build(schema) {

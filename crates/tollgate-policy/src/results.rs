@@ -247,56 +247,10 @@ impl<'p> ResultRules<'p> {
         let Some(object) = result.as_object_mut() else {
             return ResultVerdict::default();
         };
-        if let Some(Value::Array(items)) = object.get_mut("content") {
-            for item in items.iter_mut().filter_map(Value::as_object_mut) {
-                if let Some(Value::String(text)) = item.get_mut("text") {
-                    self.scan(text, &mut tally);
-                }
-                if let Some(Value::String(text)) = item
-                    .get_mut("resource")
-                    .and_then(Value::as_object_mut)
-                    .and_then(|resource| resource.get_mut("text"))
-                {
-                    self.scan(text, &mut tally);
-                }
-            }
-        }
-        if let Some(structured) = object.get_mut("structuredContent") {
-            // Iterative: a value built in memory may be deeper than any stack.
-            let mut stack = vec![structured];
-            while let Some(value) = stack.pop() {
-                match value {
-                    Value::String(text) => self.scan(text, &mut tally),
-                    Value::Array(items) => stack.extend(items.iter_mut()),
-                    Value::Object(map) => stack.extend(map.values_mut()),
-                    _ => {}
-                }
-            }
-        }
-        let name = |d: usize| {
-            self.results
-                .scanner
-                .detectors()
-                .get(d)
-                .map(|d| d.name.as_str())
-        };
-        let counts = |counts: &[u64]| {
-            let mut list: Vec<Redaction> = counts
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .filter_map(|(d, n)| {
-                    Some(Redaction {
-                        name: name(d)?.to_owned(),
-                        count: *n,
-                    })
-                })
-                .collect();
-            list.sort_by(|a, b| a.name.cmp(&b.name));
-            list
-        };
+        self.scan_result(object, &mut tally);
+        let name = |d: usize| self.detector_name(d);
         let mut verdict = ResultVerdict {
-            redactions: counts(&tally.found),
+            redactions: self.redactions(&tally.found),
             blocked: None,
             changed: false,
         };
@@ -312,7 +266,7 @@ impl<'p> ResultRules<'p> {
             verdict.changed = true;
             return verdict;
         }
-        let redacted = counts(&tally.redacted);
+        let redacted = self.redactions(&tally.redacted);
         if !redacted.is_empty() {
             let meta = object
                 .entry("_meta")
@@ -326,6 +280,63 @@ impl<'p> ResultRules<'p> {
             verdict.changed = true;
         }
         verdict
+    }
+
+    /// Scans what SPEC §9 says a result's rules read: each `content` item's `text`,
+    /// an embedded `resource`'s `text`, and every string in `structuredContent`.
+    fn scan_result(&self, object: &mut Map<String, Value>, tally: &mut Tally) {
+        if let Some(Value::Array(items)) = object.get_mut("content") {
+            for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                if let Some(Value::String(text)) = item.get_mut("text") {
+                    self.scan(text, tally);
+                }
+                if let Some(Value::String(text)) = item
+                    .get_mut("resource")
+                    .and_then(Value::as_object_mut)
+                    .and_then(|resource| resource.get_mut("text"))
+                {
+                    self.scan(text, tally);
+                }
+            }
+        }
+        if let Some(structured) = object.get_mut("structuredContent") {
+            // Iterative: a value built in memory may be deeper than any stack.
+            let mut stack = vec![structured];
+            while let Some(value) = stack.pop() {
+                match value {
+                    Value::String(text) => self.scan(text, tally),
+                    Value::Array(items) => stack.extend(items.iter_mut()),
+                    Value::Object(map) => stack.extend(map.values_mut()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The name of detector `d`.
+    fn detector_name(&self, d: usize) -> Option<&str> {
+        self.results
+            .scanner
+            .detectors()
+            .get(d)
+            .map(|d| d.name.as_str())
+    }
+
+    /// The detectors counted at least once, by name.
+    fn redactions(&self, counts: &[u64]) -> Vec<Redaction> {
+        let mut list: Vec<Redaction> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .filter_map(|(d, n)| {
+                Some(Redaction {
+                    name: self.detector_name(d)?.to_owned(),
+                    count: *n,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     /// Looks for the applying detectors in one string, redacting in place.
@@ -468,7 +479,25 @@ pub(crate) fn compile(
             Err(error) => check.errors.push(error),
         }
     }
-    // A custom pattern that matches a marker would change redacted text again.
+    markers_unmatched(check, &registry);
+    if check.errors.len() > before {
+        return None;
+    }
+    match Scanner::new(registry.detectors) {
+        Ok(scanner) => Some(Results { entries, scanner }),
+        Err(err) => {
+            check.error_at(
+                spans.as_ref().and_then(|s| s.first()).map(|s| (s.start + 1, 1)),
+                format!("results: the detectors do not compile together ({err}); use fewer or simpler custom patterns"),
+            );
+            None
+        }
+    }
+}
+
+/// A custom pattern that matches a marker would change redacted text again: an
+/// error for each.
+fn markers_unmatched(check: &mut Checker<'_>, registry: &Registry) {
     let markers: Vec<String> = registry
         .detectors
         .iter()
@@ -489,19 +518,6 @@ pub(crate) fn compile(
             );
         }
     }
-    if check.errors.len() > before {
-        return None;
-    }
-    match Scanner::new(registry.detectors) {
-        Ok(scanner) => Some(Results { entries, scanner }),
-        Err(err) => {
-            check.error_at(
-                spans.as_ref().and_then(|s| s.first()).map(|s| (s.start + 1, 1)),
-                format!("results: the detectors do not compile together ({err}); use fewer or simpler custom patterns"),
-            );
-            None
-        }
-    }
 }
 
 /// The detectors of a policy, each compiled once however many entries name it.
@@ -516,6 +532,154 @@ impl Registry {
     fn index_of(&self, name: &str) -> Option<usize> {
         self.detectors.iter().position(|d| d.name == name)
     }
+
+    /// The names of the detectors `list` holds the indices of.
+    fn names(&self, list: &[usize]) -> Vec<String> {
+        list.iter()
+            .filter_map(|&d| self.detectors.get(d))
+            .map(|d| d.name.clone())
+            .collect()
+    }
+
+    /// Adds a detector first defined at `site`; its index.
+    fn add(&mut self, detector: Detector, site: Site<'_>) -> Option<usize> {
+        self.detectors.push(detector);
+        self.defined_at.push((site.span, site.index));
+        Some(self.detectors.len() - 1)
+    }
+}
+
+/// An entry's `tool`: an exact name or a glob.
+fn compile_tool(check: &mut Checker<'_>, site: Site<'_>, tool: &str) -> Option<ToolMatch> {
+    let (span, label) = (site.span, site.label);
+    if tool.is_empty() {
+        check.at(
+            span,
+            "tool",
+            format!("{label}.tool: must not be empty: use an exact name or a glob like `read_*`"),
+        );
+    }
+    if !is_glob(tool) {
+        return Some(ToolMatch::Exact(tool.to_owned()));
+    }
+    match GlobBuilder::new(tool).literal_separator(false).build() {
+        Ok(glob) => Some(ToolMatch::Glob(glob.compile_matcher())),
+        Err(err) => {
+            check.at(
+                span,
+                "tool",
+                format!("{label}.tool: `{tool}` is not a valid glob: {}", err.kind()),
+            );
+            None
+        }
+    }
+}
+
+/// The registry index of a detector named under the entry's `key` (`redact` or
+/// `block`): a built-in one, or one of the policy's own, defined here or before.
+fn resolve_detector(
+    check: &mut Checker<'_>,
+    registry: &mut Registry,
+    site: Site<'_>,
+    doc: &DetectorDoc,
+    key: &str,
+) -> Option<usize> {
+    let (span, label) = (site.span, site.label);
+    let (name, pattern) = match doc {
+        DetectorDoc::BuiltIn(name) => (name.as_str(), None),
+        DetectorDoc::Custom(custom) => (custom.name.as_str(), Some(custom.pattern.as_str())),
+    };
+    let at = span.and_then(|s| {
+        yaml::find_word(check.source, s, name).or_else(|| yaml::find_key(check.source, s, key))
+    });
+    let at = at.or(span.map(|s| (s.start + 1, 1)));
+    let Some(pattern) = pattern else {
+        if !detect::is_built_in(name) {
+            let known: Vec<&str> = detect::built_in_names().collect();
+            check.error_at(at, format!(
+                "{label}.{key}: `{name}` is not a detector: use one of {}, or `{{name: ..., pattern: ...}}` for one of your own",
+                known.join(", ")
+            ));
+            return None;
+        }
+        if let Some(index) = registry.index_of(name) {
+            return Some(index);
+        }
+        return registry.add(Detector::built_in(name)?, site);
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        check.error_at(
+            at,
+            format!(
+                "{label}.{key}: `{name}` is not a detector name: use 1 to 64 letters, digits or `_`"
+            ),
+        );
+        return None;
+    }
+    if detect::is_built_in(name) {
+        check.error_at(at, format!("{label}.{key}: `{name}` is a built-in detector; give yours another name, or write just `{name}`"));
+        return None;
+    }
+    let compiled = match Detector::custom(name, pattern) {
+        Ok(compiled) => compiled,
+        Err(err) => {
+            check.error_at(
+                at,
+                format!("{label}.{key}: the pattern of `{name}` is not valid: {err}"),
+            );
+            return None;
+        }
+    };
+    match registry.index_of(name) {
+        Some(existing) => same_pattern(check, registry, existing, (name, pattern), at, site, key),
+        None => registry.add(compiled, site),
+    }
+}
+
+/// `existing`, when the detector defined again under `name` has its first
+/// pattern; else an error naming where it was first defined.
+fn same_pattern(
+    check: &mut Checker<'_>,
+    registry: &Registry,
+    existing: usize,
+    (name, pattern): (&str, &str),
+    at: Option<(usize, usize)>,
+    site: Site<'_>,
+    key: &str,
+) -> Option<usize> {
+    let same = registry
+        .detectors
+        .get(existing)
+        .is_some_and(|d| d.pattern() == pattern);
+    if same {
+        return Some(existing);
+    }
+    let (first_span, first_index) = registry
+        .defined_at
+        .get(existing)
+        .copied()
+        .unwrap_or((None, 0));
+    let first = first_span
+        .and_then(|s| yaml::find_word(check.source, s, name))
+        .map_or_else(String::new, |(l, c)| {
+            format!(" at {}:{l}:{c}", check.origin)
+        });
+    let label = site.label;
+    check.error_at(at, format!(
+        "{label}.{key}: `{name}` is defined with another pattern in results[{first_index}]{first}; give one of them another name"
+    ));
+    None
+}
+
+/// Where a `results` entry is, for its messages and for the detectors it defines.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    span: Option<yaml::Span>,
+    index: usize,
+    label: &'a str,
 }
 
 fn compile_entry(
@@ -528,32 +692,12 @@ fn compile_entry(
 ) -> Option<Entry> {
     let before = check.errors.len();
     let label = format!("results[{index}]");
-    if doc.tool.is_empty() {
-        check.at(
-            span,
-            "tool",
-            format!("{label}.tool: must not be empty: use an exact name or a glob like `read_*`"),
-        );
-    }
-    let tool = if is_glob(&doc.tool) {
-        match GlobBuilder::new(&doc.tool).literal_separator(false).build() {
-            Ok(glob) => Some(ToolMatch::Glob(glob.compile_matcher())),
-            Err(err) => {
-                check.at(
-                    span,
-                    "tool",
-                    format!(
-                        "{label}.tool: `{}` is not a valid glob: {}",
-                        doc.tool,
-                        err.kind()
-                    ),
-                );
-                None
-            }
-        }
-    } else {
-        Some(ToolMatch::Exact(doc.tool.clone()))
+    let site = Site {
+        span,
+        index,
+        label: &label,
     };
+    let tool = compile_tool(check, site, &doc.tool);
     if matches!(&doc.clients, Some(c) if c.is_empty()) {
         check.at(
             span,
@@ -567,96 +711,14 @@ fn compile_entry(
     if doc.redact.is_empty() && doc.block.is_empty() {
         check.at(span, "tool", format!("{label}: names no detector; add `redact: [...]` or `block: [...]` (e.g. `redact: [aws_access_key, private_key]`)"));
     }
-    let mut detector = |check: &mut Checker<'_>, doc: &DetectorDoc, key: &str| -> Option<usize> {
-        let (name, pattern) = match doc {
-            DetectorDoc::BuiltIn(name) => (name.as_str(), None),
-            DetectorDoc::Custom(custom) => (custom.name.as_str(), Some(custom.pattern.as_str())),
-        };
-        let at = span.and_then(|s| {
-            yaml::find_word(check.source, s, name).or_else(|| yaml::find_key(check.source, s, key))
-        });
-        let at = at.or(span.map(|s| (s.start + 1, 1)));
-        let Some(pattern) = pattern else {
-            if !detect::is_built_in(name) {
-                let known: Vec<&str> = detect::built_in_names().collect();
-                check.error_at(at, format!(
-                    "{label}.{key}: `{name}` is not a detector: use one of {}, or `{{name: ..., pattern: ...}}` for one of your own",
-                    known.join(", ")
-                ));
-                return None;
-            }
-            if let Some(index) = registry.index_of(name) {
-                return Some(index);
-            }
-            registry.detectors.push(Detector::built_in(name)?);
-            registry.defined_at.push((span, index));
-            return Some(registry.detectors.len() - 1);
-        };
-        if name.is_empty()
-            || name.len() > 64
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            check.error_at(at, format!("{label}.{key}: `{name}` is not a detector name: use 1 to 64 letters, digits or `_`"));
-            return None;
-        }
-        if detect::is_built_in(name) {
-            check.error_at(at, format!("{label}.{key}: `{name}` is a built-in detector; give yours another name, or write just `{name}`"));
-            return None;
-        }
-        let compiled = match Detector::custom(name, pattern) {
-            Ok(compiled) => compiled,
-            Err(err) => {
-                check.error_at(
-                    at,
-                    format!("{label}.{key}: the pattern of `{name}` is not valid: {err}"),
-                );
-                return None;
-            }
-        };
-        if let Some(existing) = registry.index_of(name) {
-            let same = registry
-                .detectors
-                .get(existing)
-                .is_some_and(|d| d.pattern() == pattern);
-            if !same {
-                let (first_span, first_index) = registry
-                    .defined_at
-                    .get(existing)
-                    .copied()
-                    .unwrap_or((None, 0));
-                let first = first_span
-                    .and_then(|s| yaml::find_word(check.source, s, name))
-                    .map_or_else(String::new, |(l, c)| {
-                        format!(" at {}:{l}:{c}", check.origin)
-                    });
-                check.error_at(at, format!(
-                    "{label}.{key}: `{name}` is defined with another pattern in results[{first_index}]{first}; give one of them another name"
-                ));
-                return None;
-            }
-            return Some(existing);
-        }
-        registry.detectors.push(compiled);
-        registry.defined_at.push((span, index));
-        Some(registry.detectors.len() - 1)
-    };
-    let redact: Vec<usize> = doc
-        .redact
-        .iter()
-        .filter_map(|d| detector(check, d, "redact"))
-        .collect();
-    let block: Vec<usize> = doc
-        .block
-        .iter()
-        .filter_map(|d| detector(check, d, "block"))
-        .collect();
-    let names = |list: &[usize]| -> Vec<String> {
-        list.iter()
-            .filter_map(|&d| registry.detectors.get(d))
-            .map(|d| d.name.clone())
+    let mut detectors = |check: &mut Checker<'_>, docs: &[DetectorDoc], key: &str| -> Vec<usize> {
+        docs.iter()
+            .filter_map(|doc| resolve_detector(check, registry, site, doc, key))
             .collect()
     };
-    let (redact_names, block_names) = (names(&redact), names(&block));
+    let redact = detectors(check, &doc.redact, "redact");
+    let block = detectors(check, &doc.block, "block");
+    let (redact_names, block_names) = (registry.names(&redact), registry.names(&block));
     for name in redact_names.iter().filter(|n| block_names.contains(n)) {
         let at = span.and_then(|s| yaml::find_key(check.source, s, "block"));
         check.error_at(at, format!("{label}: `{name}` is in both `redact` and `block`; a block withholds the whole result, so remove it from one"));

@@ -133,11 +133,11 @@ impl AppState {
     /// Probes every upstream for readiness now and then every `health_interval`, for
     /// `/readyz` and `/status`; runs until dropped.
     pub async fn watch_health(self) {
-        let mut every = tokio::time::interval(self.shared.health_interval);
+        let mut every = tokio::time::interval(self.shared.upstreams().health_interval());
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            futures::future::join_all(self.shared.servers.values().map(|s| s.probe())).await;
+            futures::future::join_all(self.shared.servers().values().map(|s| s.probe())).await;
         }
     }
 

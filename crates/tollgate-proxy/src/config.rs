@@ -976,18 +976,7 @@ impl ConfigOf<RawServer> {
             );
         }
         if let Some(approvals) = &self.approvals {
-            if approvals.state_key.as_ref().is_some_and(|k| k.len() < 32) {
-                problems.push(
-                    "approvals.state_key: shorter than 32 characters; use a long random secret (e.g. `openssl rand -hex 32`)"
-                        .to_owned(),
-                );
-            }
-            if approvals.state_key.as_deref().is_some_and(placeholder) {
-                problems.push(placeholder_problem("approvals.state_key"));
-            }
-            if approvals.wait.is_some_and(|w| w.is_zero()) {
-                problems.push("approvals.wait: must be more than 0 seconds".to_owned());
-            }
+            check_approvals(approvals, &mut problems);
         }
         if self.servers.is_empty() {
             problems.push("servers: at least one server is needed".to_owned());
@@ -996,37 +985,13 @@ impl ConfigOf<RawServer> {
             problems.push("health_interval: must be more than 0 seconds".to_owned());
         }
         check_state(&self.state, &mut problems);
-        if let Some(ratio) = self
-            .telemetry
-            .as_ref()
-            .and_then(|t| t.traces.sample_ratio)
-            .filter(|r| !(0.0..=1.0).contains(r))
-        {
-            problems.push(format!(
-                "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
-            ));
+        if let Some(telemetry) = &self.telemetry {
+            check_telemetry(telemetry, &mut problems);
         }
         if let Some(oauth) = &self.auth.oauth {
             check_oauth(oauth, &mut problems);
         }
-        let mut seen = std::collections::HashSet::new();
-        for client in &self.clients {
-            if !seen.insert(client.name.as_str()) {
-                problems.push(format!("clients: `{}` appears twice", client.name));
-            }
-            if client.key.len() < 16 {
-                problems.push(format!(
-                    "clients: the key of `{}` is shorter than 16 characters",
-                    client.name
-                ));
-            }
-            if placeholder(&client.key) {
-                problems.push(placeholder_problem(&format!(
-                    "clients: the key of `{}`",
-                    client.name
-                )));
-            }
-        }
+        check_clients(&self.clients, &mut problems);
         let mut servers = BTreeMap::new();
         for (name, raw) in self.servers {
             if let Some(server) = raw.check(&name, &mut problems) {
@@ -1055,6 +1020,58 @@ impl ConfigOf<RawServer> {
             health_interval: self.health_interval,
             servers,
         })
+    }
+}
+
+/// `telemetry:`: a sample ratio between 0 and 1.
+fn check_telemetry(telemetry: &TelemetryConfig, problems: &mut Vec<String>) {
+    if let Some(ratio) = telemetry
+        .traces
+        .sample_ratio
+        .filter(|r| !(0.0..=1.0).contains(r))
+    {
+        problems.push(format!(
+            "telemetry.traces.sample_ratio: {ratio} is not between 0 and 1"
+        ));
+    }
+}
+
+/// `approvals:`: a state key long and not a placeholder, a wait above zero.
+fn check_approvals(approvals: &ApprovalsConfig, problems: &mut Vec<String>) {
+    if approvals.state_key.as_ref().is_some_and(|k| k.len() < 32) {
+        problems.push(
+            "approvals.state_key: shorter than 32 characters; use a long random secret (e.g. `openssl rand -hex 32`)"
+                .to_owned(),
+        );
+    }
+    if approvals.state_key.as_deref().is_some_and(placeholder) {
+        problems.push(placeholder_problem("approvals.state_key"));
+    }
+    if approvals.wait.is_some_and(|w| w.is_zero()) {
+        problems.push("approvals.wait: must be more than 0 seconds".to_owned());
+    }
+}
+
+/// `clients:`: each named once, with a key of at least 16 characters that is not a
+/// placeholder.
+fn check_clients(clients: &[ClientConfig], problems: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    for client in clients {
+        if !seen.insert(client.name.as_str()) {
+            problems.push(format!("clients: `{}` appears twice", client.name));
+        }
+        if client.key.len() < 16 {
+            problems.push(format!(
+                "clients: the key of `{}` is shorter than 16 characters",
+                client.name
+            ));
+        }
+        if placeholder(&client.key) {
+            problems.push(placeholder_problem(&format!(
+                "clients: the key of `{}`",
+                client.name
+            )));
+        }
     }
 }
 
@@ -1179,7 +1196,7 @@ fn check_approvers(admin: &AdminConfig, problems: &mut Vec<String>) {
 
 impl RawServer {
     /// The checked server, or `None` with its problems added to `problems`.
-    fn check(self, name: &str, problems: &mut Vec<String>) -> Option<ServerConfig> {
+    fn check(mut self, name: &str, problems: &mut Vec<String>) -> Option<ServerConfig> {
         let before = problems.len();
         if name.is_empty()
             || !name
@@ -1217,7 +1234,29 @@ impl RawServer {
         if self.max_processes == Some(0) {
             problems.push(format!("servers.{name}.max_processes: must be at least 1"));
         }
-        let upstream = match (self.url, self.command, transport) {
+        let upstream = self.upstream(name, transport, problems);
+        if problems.len() > before {
+            return None;
+        }
+        Some(ServerConfig {
+            upstream: upstream?,
+            headers: self.headers,
+            policy: self.policy,
+            timeout: self.timeout,
+            tools_lock: self.tools_lock,
+            on_tool_change: self.on_tool_change,
+        })
+    }
+
+    /// Its upstream, as `url`, `command` and `transport` say; `None` with the
+    /// problem added when they disagree.
+    fn upstream(
+        &mut self,
+        name: &str,
+        transport: Transport,
+        problems: &mut Vec<String>,
+    ) -> Option<UpstreamConfig> {
+        match (self.url.take(), self.command.take(), transport) {
             (Some(_), Some(_), _) => {
                 problems.push(format!(
                     "servers.{name}: set either `url` or `command`, not both"
@@ -1257,9 +1296,9 @@ impl RawServer {
             }
             (None, Some(command), Transport::Stdio) => Some(UpstreamConfig::Stdio {
                 command,
-                env: self.env,
-                inherit_env: self.inherit_env,
-                cwd: self.cwd,
+                env: std::mem::take(&mut self.env),
+                inherit_env: std::mem::take(&mut self.inherit_env),
+                cwd: self.cwd.take(),
                 max_processes: self.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES),
                 idle: self.idle.unwrap_or(DEFAULT_PROCESS_IDLE),
             }),
@@ -1274,18 +1313,7 @@ impl RawServer {
                 ));
                 None
             }
-        };
-        if problems.len() > before {
-            return None;
         }
-        Some(ServerConfig {
-            upstream: upstream?,
-            headers: self.headers,
-            policy: self.policy,
-            timeout: self.timeout,
-            tools_lock: self.tools_lock,
-            on_tool_change: self.on_tool_change,
-        })
     }
 }
 

@@ -213,9 +213,9 @@ impl Doors {
                 self.proxy_protocol
             },
             tls: if admin {
-                shared.admin_tls.clone()
+                shared.tls().admin().cloned()
             } else {
-                shared.listen_tls.clone()
+                shared.tls().listen().cloned()
             },
         }
     }
@@ -379,7 +379,7 @@ impl Doors {
         name: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<Arc<Server>, ProxyError> {
-        let servers = &self.shared().servers;
+        let servers = self.shared().servers();
         match name {
             Some(name) => servers
                 .get(name)
@@ -398,7 +398,7 @@ impl Doors {
     /// learns which names are: to anyone else the list would map the deployment.
     fn unknown_server(&self, headers: &HeaderMap) -> ProxyError {
         if !self.clients.is_empty() && matches!(self.authenticate(headers), Ok(Some(_))) {
-            let names: Vec<&str> = self.shared().servers.keys().map(String::as_str).collect();
+            let names: Vec<&str> = self.shared().servers().keys().map(String::as_str).collect();
             return ProxyError::UnknownServerOf(names.join(", "));
         }
         ProxyError::UnknownServer
@@ -462,11 +462,11 @@ pub fn lane_of(request: &Request) -> Lane {
 
 /// Reads a request body of at most `limit` bytes, within `limits.body_read_timeout`.
 pub async fn read_body(shared: &Shared, request: Request) -> Result<bytes::Bytes, ProxyError> {
-    let within = shared.limits.body_read_timeout;
-    match tokio::time::timeout(within, read_bounded(shared.max_body, request)).await {
+    let within = shared.limits().body_read_timeout;
+    match tokio::time::timeout(within, read_bounded(shared.max_body(), request)).await {
         Ok(body) => body,
         Err(_) => {
-            shared.metrics.client_timeout("proxy", "body");
+            shared.metrics().client_timeout("proxy", "body");
             tracing::info!(
                 "request refused: its body did not arrive within {}s (limits.body_read_timeout)",
                 within.as_secs_f64()
@@ -514,7 +514,10 @@ pub fn counted<S: Stream + Send + 'static>(
     shared: &Arc<Shared>,
     stream: S,
 ) -> impl Stream<Item = S::Item> + Send + 'static {
-    shared.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics()
+        .open_streams
+        .fetch_add(1, Ordering::Relaxed);
     let guard = OpenStream(shared.clone());
     stream.map(move |item| {
         let _alive = &guard;

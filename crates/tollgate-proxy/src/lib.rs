@@ -50,6 +50,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 pub use upstream::{Lane, Lanes};
 
+/// Drops idle sessions, processes and empty windows every `sweep_every`, for ever.
+async fn sweep_every(state: AppState) {
+    let mut tick = tokio::time::interval(state.sweep_every());
+    loop {
+        tick.tick().await;
+        state.sweep();
+    }
+}
+
 /// Serves the proxy on `listeners` ([`AppState::bind`]) until `shutdown` completes,
 /// then lets requests in flight finish for at most `grace` (streams that never end,
 /// like GET streams, would otherwise hold the process forever).
@@ -68,17 +77,8 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let (listener, lanes) = listeners.into_parts();
-    let sweeper = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(state.sweep_every());
-            loop {
-                tick.tick().await;
-                state.sweep();
-            }
-        })
-    };
-    let limits = ConnectionLimits::new(&state.limits);
+    let sweeper = tokio::spawn(sweep_every(state.clone()));
+    let limits = ConnectionLimits::new(state.limits());
     tracing::debug!(
         max_connections = limits.max,
         connections_per_peer = limits.per_peer,
@@ -129,7 +129,7 @@ pub async fn serve(
             result = lane;
         }
     }
-    state.audit.flush();
+    state.audit().flush();
     result
 }
 
@@ -223,12 +223,12 @@ pub fn prepare_admin(
     if let Some(problem) = config::admin_problem(bound, token) {
         return Err(AdminStartError(problem));
     }
-    let scheme = if state.admin_tls.is_some() {
+    let scheme = if state.tls().admin().is_some() {
         "https"
     } else {
         "http"
     };
-    if state.admin_url.set(format!("{scheme}://{bound}")).is_err() {
+    if !state.notify().set_admin_url(format!("{scheme}://{bound}")) {
         tracing::debug!("the admin URL was already recorded");
     }
     Ok(Admin {
@@ -246,7 +246,7 @@ pub async fn serve_admin(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let shared = admin.app.shared().clone();
-    let gate = Gate::new(ConnectionLimits::new(&shared.limits));
+    let gate = Gate::new(ConnectionLimits::new(shared.limits()));
     let entry = admin.app.doors().entry(true);
     downstream::listener::serve(
         "admin",

@@ -161,6 +161,117 @@ impl ConnectionMetrics {
     }
 }
 
+/// The state counted at each scrape: sessions, streams, approvals, failures, processes.
+struct Gauges {
+    sessions: Gauge,
+    streams: Gauge,
+    pending_approvals: Gauge,
+    audit_failures: Gauge,
+    webhook_failures: Gauge,
+    upstream_processes: Family<ServerLabels, Gauge>,
+}
+
+impl Gauges {
+    fn register(registry: &mut Registry) -> Gauges {
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Open handshake-era sessions",
+            sessions.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register(
+            "streams_active",
+            "Open downstream SSE response streams",
+            streams.clone(),
+        );
+        let pending_approvals = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Calls waiting for a human",
+            pending_approvals.clone(),
+        );
+        let audit_failures = Gauge::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written",
+            audit_failures.clone(),
+        );
+        let webhook_failures = Gauge::default();
+        registry.register(
+            "webhook_failures",
+            "Approval webhooks that failed after every retry",
+            webhook_failures.clone(),
+        );
+        let upstream_processes = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "upstream_processes",
+            "Live processes of each stdio upstream",
+            upstream_processes.clone(),
+        );
+        Gauges {
+            sessions,
+            streams,
+            pending_approvals,
+            audit_failures,
+            webhook_failures,
+            upstream_processes,
+        }
+    }
+}
+
+/// What the safeguards counted: calls refused for the audit log, tool changes, the
+/// shared state unreachable and its round trips, telemetry dropped.
+struct Safeguards {
+    audit_refusals: Family<ServerLabels, Counter>,
+    tool_changes: Family<ServerLabels, Counter>,
+    state_unavailable: Family<UpstreamErrorLabels, Counter>,
+    state_round_trips: Mutex<Counter>,
+    telemetry_dropped: Counter,
+}
+
+impl Safeguards {
+    fn register(registry: &mut Registry) -> Safeguards {
+        let audit_refusals = Family::<ServerLabels, Counter>::default();
+        registry.register(
+        "audit_refusals",
+        "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
+        audit_refusals.clone(),
+    );
+        let tool_changes = Family::<ServerLabels, Counter>::default();
+        registry.register(
+        "tool_changes",
+        "Tool definitions the upstream advertised that differ from the tool lock (or that it does not name), each counted once",
+        tool_changes.clone(),
+    );
+        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+        "state_unavailable",
+        "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
+        state_unavailable.clone(),
+    );
+        let state_round_trips = Counter::default();
+        registry.register(
+            "state_round_trips",
+            "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
+            state_round_trips.clone(),
+        );
+        let telemetry_dropped = Counter::default();
+        registry.register(
+        "telemetry_dropped",
+        "Spans and log records dropped before export: the queue was full, or the collector failed or timed out (telemetry:)",
+        telemetry_dropped.clone(),
+    );
+        Safeguards {
+            audit_refusals,
+            tool_changes,
+            state_unavailable,
+            state_round_trips: Mutex::new(state_round_trips),
+            telemetry_dropped,
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -179,18 +290,9 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     result_redactions: Family<RedactionLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
-    sessions: Gauge,
-    streams: Gauge,
-    pending_approvals: Gauge,
-    audit_failures: Gauge,
-    webhook_failures: Gauge,
-    upstream_processes: Family<ServerLabels, Gauge>,
+    gauges: Gauges,
     tools_seen: Mutex<HashSet<String>>,
-    audit_refusals: Family<ServerLabels, Counter>,
-    tool_changes: Family<ServerLabels, Counter>,
-    state_unavailable: Family<UpstreamErrorLabels, Counter>,
-    state_round_trips: Mutex<Counter>,
-    telemetry_dropped: Counter,
+    safeguards: Safeguards,
     connections: ConnectionMetrics,
     /// Open downstream response streams (SSE), counted by the relay.
     pub open_streams: AtomicU64,
@@ -239,79 +341,11 @@ impl Metrics {
             "Policy reloads by server and result (ok, failed)",
             reloads.clone(),
         );
-        let sessions = Gauge::default();
-        registry.register(
-            "sessions_active",
-            "Open handshake-era sessions",
-            sessions.clone(),
-        );
-        let streams = Gauge::default();
-        registry.register(
-            "streams_active",
-            "Open downstream SSE response streams",
-            streams.clone(),
-        );
-        let pending_approvals = Gauge::default();
-        registry.register(
-            "approvals_pending",
-            "Calls waiting for a human",
-            pending_approvals.clone(),
-        );
-        let audit_failures = Gauge::default();
-        registry.register(
-            "audit_write_failures",
-            "Audit records that could not be written",
-            audit_failures.clone(),
-        );
-        let webhook_failures = Gauge::default();
-        registry.register(
-            "webhook_failures",
-            "Approval webhooks that failed after every retry",
-            webhook_failures.clone(),
-        );
-        let upstream_processes = Family::<ServerLabels, Gauge>::default();
-        registry.register(
-            "upstream_processes",
-            "Live processes of each stdio upstream",
-            upstream_processes.clone(),
-        );
-        let audit_refusals = Family::<ServerLabels, Counter>::default();
-        registry.register(
-            "audit_refusals",
-            "Calls refused because their decision could not be written to the audit log (audit.on_failure: refuse)",
-            audit_refusals.clone(),
-        );
-        let tool_changes = Family::<ServerLabels, Counter>::default();
-        registry.register(
-            "tool_changes",
-            "Tool definitions the upstream advertised that differ from the tool lock (or that it does not name), each counted once",
-            tool_changes.clone(),
-        );
-        let state_unavailable = Family::<UpstreamErrorLabels, Counter>::default();
-        registry.register(
-            "state_unavailable",
-            "Requests that needed the shared state (Redis) while it could not be reached, by server and kind (refused, allowed)",
-            state_unavailable.clone(),
-        );
-        let state_round_trips = Counter::default();
-        registry.register(
-            "state_round_trips",
-            "Round trips to the shared state (Redis) made for requests (state.backend: redis)",
-            state_round_trips.clone(),
-        );
-        let telemetry_dropped = Counter::default();
-        registry.register(
-            "telemetry_dropped",
-            "Spans and log records dropped before export: the queue was full, or the collector failed or timed out (telemetry:)",
-            telemetry_dropped.clone(),
-        );
+        let gauges = Gauges::register(&mut registry);
+        let safeguards = Safeguards::register(&mut registry);
         let connections = ConnectionMetrics::register(&mut registry);
         Metrics {
-            audit_refusals,
-            tool_changes,
-            state_unavailable,
-            state_round_trips: Mutex::new(state_round_trips),
-            telemetry_dropped,
+            safeguards,
             connections,
             registry,
             decisions,
@@ -321,12 +355,7 @@ impl Metrics {
             upstream_errors,
             result_redactions,
             reloads,
-            sessions,
-            streams,
-            pending_approvals,
-            audit_failures,
-            webhook_failures,
-            upstream_processes,
+            gauges,
             tools_seen: Mutex::new(HashSet::new()),
             open_streams: AtomicU64::new(0),
         }
@@ -416,7 +445,8 @@ impl Metrics {
 
     /// Sets a stdio upstream's live processes (read at scrape time).
     pub fn upstream_processes(&self, server: &str, live: usize) {
-        self.upstream_processes
+        self.gauges
+            .upstream_processes
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -425,7 +455,8 @@ impl Metrics {
 
     /// Counts a tool definition that differs from the lock.
     pub fn tool_change(&self, server: &str) {
-        self.tool_changes
+        self.safeguards
+            .tool_changes
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -434,7 +465,8 @@ impl Metrics {
 
     /// Counts a call refused because its decision could not be recorded.
     pub fn audit_refusal(&self, server: &str) {
-        self.audit_refusals
+        self.safeguards
+            .audit_refusals
             .get_or_create(&ServerLabels {
                 server: server.to_owned(),
             })
@@ -444,7 +476,8 @@ impl Metrics {
     /// Counts a request that needed the shared state while it was unreachable:
     /// `refused` (`state.on_failure: refuse`) or `allowed` without its limit.
     pub fn state_unavailable(&self, server: &str, refused: bool) {
-        self.state_unavailable
+        self.safeguards
+            .state_unavailable
             .get_or_create(&UpstreamErrorLabels {
                 server: label(server),
                 kind: if refused { "refused" } else { "allowed" }.to_owned(),
@@ -454,7 +487,7 @@ impl Metrics {
 
     /// Brings the shared state's round-trip count up to `total` (read from the store).
     pub fn state_round_trips(&self, total: u64) {
-        let counter = self.state_round_trips.lock();
+        let counter = self.safeguards.state_round_trips.lock();
         let seen = counter.get();
         if total > seen {
             counter.inc_by(total - seen);
@@ -495,7 +528,7 @@ impl Metrics {
 
     /// The counter of telemetry dropped before export (`telemetry:`).
     pub fn telemetry_dropped(&self) -> Counter {
-        self.telemetry_dropped.clone()
+        self.safeguards.telemetry_dropped.clone()
     }
 
     /// Counts a policy reload.
@@ -518,11 +551,11 @@ impl Metrics {
         webhook_failures: u64,
     ) -> String {
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.sessions.set(as_i64(sessions as u64));
-        self.pending_approvals.set(as_i64(pending as u64));
-        self.audit_failures.set(as_i64(audit_failures));
-        self.webhook_failures.set(as_i64(webhook_failures));
-        self.streams.set(as_i64(
+        self.gauges.sessions.set(as_i64(sessions as u64));
+        self.gauges.pending_approvals.set(as_i64(pending as u64));
+        self.gauges.audit_failures.set(as_i64(audit_failures));
+        self.gauges.webhook_failures.set(as_i64(webhook_failures));
+        self.gauges.streams.set(as_i64(
             self.open_streams.load(std::sync::atomic::Ordering::Relaxed),
         ));
         let mut out = String::new();

@@ -72,7 +72,7 @@ fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
             info.last_error = None;
             info.failed_hash = None;
             drop(info);
-            app.metrics.reload(&server.name, true);
+            app.metrics().reload(&server.name, true);
             tracing::info!(server = %server.name, path = %path.display(), "policy reloaded");
             report("reloaded", None)
         }
@@ -80,7 +80,7 @@ fn reload_server(app: &Shared, server: &Server) -> Option<ReloadReport> {
             info.last_error = Some(error.clone());
             info.failed_hash = hash;
             drop(info);
-            app.metrics.reload(&server.name, false);
+            app.metrics().reload(&server.name, false);
             tracing::error!(server = %server.name, %error, "policy reload refused; the previous policy stays in force");
             report("failed", Some(error))
         }
@@ -121,7 +121,7 @@ fn reload_lock(app: &Shared, server: &Server) -> Option<ReloadReport> {
         Ok(Some((lock, hash))) => {
             drop(info);
             watch.replace(lock, hash);
-            app.metrics.reload(&server.name, true);
+            app.metrics().reload(&server.name, true);
             tracing::info!(server = %server.name, path = %path.display(), "tool lock reloaded");
             report("reloaded", None)
         }
@@ -130,7 +130,7 @@ fn reload_lock(app: &Shared, server: &Server) -> Option<ReloadReport> {
         Err(error) => {
             info.last_error = Some(error.clone());
             drop(info);
-            app.metrics.reload(&server.name, false);
+            app.metrics().reload(&server.name, false);
             tracing::error!(server = %server.name, %error, "tool lock reload refused; the previous lock stays in force");
             report("failed", Some(error))
         }
@@ -145,12 +145,12 @@ fn reload_certs(app: &Shared, certs: &Certs) -> ReloadReport {
     let result = match outcome {
         CertReload::Unchanged => "unchanged",
         CertReload::Loaded => {
-            app.metrics.reload(certs.listener, true);
+            app.metrics().reload(certs.listener, true);
             tracing::info!(listener = certs.listener, fingerprint = %certs.info().fingerprint, "TLS certificate reloaded; new connections get it");
             "reloaded"
         }
         CertReload::Failed => {
-            app.metrics.reload(certs.listener, false);
+            app.metrics().reload(certs.listener, false);
             tracing::error!(
                 listener = certs.listener,
                 error = error.as_deref().unwrap_or(""),
@@ -170,12 +170,12 @@ fn reload_certs(app: &Shared, certs: &Certs) -> ReloadReport {
 
 /// The listeners' certificates.
 fn certs(app: &Shared) -> impl Iterator<Item = &Certs> {
-    app.listen_tls.iter().chain(&app.admin_tls).map(|c| &**c)
+    app.tls().all()
 }
 
 /// Re-reads every server's policy file and tool lock, and the listeners' certificates.
 pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
-    app.servers
+    app.servers()
         .values()
         .flat_map(|server| [reload_server(app, server), reload_lock(app, server)])
         .flatten()
@@ -185,7 +185,7 @@ pub fn reload_all(app: &Shared) -> Vec<ReloadReport> {
 
 /// Every file a reload reads: the policies, the tool locks and the certificates.
 fn watched_files(app: &Shared) -> Vec<PathBuf> {
-    app.servers
+    app.servers()
         .values()
         .flat_map(|s| {
             let policy = s.policy_info.lock().path.clone();

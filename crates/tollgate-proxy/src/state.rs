@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -114,23 +114,18 @@ impl LoadedPolicy {
     }
 }
 
-/// Everything the request handlers share.
+/// Everything the request handlers share, built once: the owner of the narrow
+/// handles a stage is given ([`Upstreams`], [`Audit`], [`Metrics`], [`Notify`],
+/// [`Tls`], the `limits:`), each reached through its accessor.
 pub struct Shared {
-    /// Servers by name.
-    pub(crate) servers: BTreeMap<String, Arc<Server>>,
+    /// The servers and what their upstreams share.
+    upstreams: Upstreams,
     /// Handshake-era sessions.
     pub(crate) sessions: Sessions,
     /// The audit log.
     pub(crate) audit: Audit,
-    /// Largest body accepted from a client.
-    pub(crate) max_body: usize,
     /// `limits:`, for what reads them late (the listeners, body reads).
-    pub(crate) limits: crate::config::Limits,
-    /// The HTTP client for legacy SSE upstreams and webhooks (a Streamable HTTP
-    /// upstream has its own pool).
-    pub(crate) http: reqwest::Client,
-    /// Every process started for stdio upstreams.
-    pub(crate) children: Arc<stdio::Children>,
+    limits: crate::config::Limits,
     /// Time zero for the policy engine's clock.
     epoch: Instant,
     /// Calls waiting for a human.
@@ -139,26 +134,135 @@ pub struct Shared {
     pub(crate) tasks: Tasks,
     /// Prometheus metrics.
     pub(crate) metrics: Metrics,
-    /// Base URL of the admin listener once bound; approvals need it.
-    pub(crate) admin_url: std::sync::OnceLock<String>,
-    /// POSTed for each new pending approval.
-    pub(crate) webhook: Option<reqwest::Url>,
-    /// Webhook deliveries that failed after every retry.
-    pub(crate) webhook_failures: AtomicU64,
+    /// How people hear of held calls: the admin page and `approvals.webhook`.
+    notify: Notify,
     /// How often idle sessions and processes are looked for.
-    pub(crate) sweep_every: Duration,
+    sweep_every: Duration,
     /// `approvals.wait`: how long a held call's request waits by default.
     pub(crate) approval_wait: Duration,
     /// The shared backend (`state.backend: redis`), if any.
     pub(crate) remote: Option<Arc<Remote>>,
     /// `state.on_failure`.
     pub(crate) state_on_failure: crate::config::OnStateFailure,
+    /// The listeners' certificates.
+    tls: Tls,
+}
+
+/// The upstream servers and what their connections share: what a stage that
+/// finds a server or forwards to one is given.
+pub struct Upstreams {
+    /// Servers by name.
+    servers: BTreeMap<String, Arc<Server>>,
+    /// Every process started for stdio upstreams.
+    children: Arc<stdio::Children>,
     /// How often each upstream is probed for readiness.
-    pub(crate) health_interval: Duration,
-    /// The proxy listener's certificate (`listen_tls:`), reloaded with the policies.
-    pub(crate) listen_tls: Option<Arc<crate::tls::Certs>>,
+    health_interval: Duration,
+}
+
+impl Upstreams {
+    /// The server named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Server>> {
+        self.servers.get(name)
+    }
+
+    /// The servers, by name.
+    pub fn servers(&self) -> &BTreeMap<String, Arc<Server>> {
+        &self.servers
+    }
+
+    /// How often each upstream is probed for readiness (`health_interval`).
+    pub fn health_interval(&self) -> Duration {
+        self.health_interval
+    }
+
+    /// Ends every upstream session and every child process.
+    pub async fn shutdown(&self) {
+        for server in self.servers.values() {
+            server.upstream.shutdown().await;
+        }
+        let children = self.children.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || children.shutdown()).await {
+            tracing::error!(error = %err, "ending the stdio upstreams failed");
+        }
+    }
+
+    /// Drops upstream sessions idle for `idle` and rate-limit windows empty at `now`.
+    fn sweep(&self, idle: Duration, now: Duration) {
+        for server in self.servers.values() {
+            server.upstream.sweep(idle);
+            server.limits.sweep(now);
+        }
+    }
+}
+
+/// How people hear of a held call: the admin page's address once its listener is
+/// bound, and `approvals.webhook` with the client that posts to it.
+pub struct Notify {
+    /// Base URL of the admin listener once bound; approvals need it.
+    admin_url: std::sync::OnceLock<String>,
+    /// POSTed for each new pending approval.
+    webhook: Option<reqwest::Url>,
+    /// The HTTP client the webhook is posted with.
+    http: reqwest::Client,
+    /// Webhook deliveries that failed after every retry.
+    failures: AtomicU64,
+}
+
+impl Notify {
+    /// The admin listener's base URL, once bound.
+    pub fn admin_url(&self) -> Option<&str> {
+        self.admin_url.get().map(String::as_str)
+    }
+
+    /// Records the admin listener's base URL; `false` if one was already set.
+    pub fn set_admin_url(&self, url: String) -> bool {
+        self.admin_url.set(url).is_ok()
+    }
+
+    /// `approvals.webhook`, if set.
+    pub fn webhook(&self) -> Option<&reqwest::Url> {
+        self.webhook.as_ref()
+    }
+
+    /// The HTTP client to post the webhook with.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Counts a webhook delivery that failed after every retry.
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Webhook deliveries that failed after every retry.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// The listeners' certificates, reloaded with the policies.
+pub struct Tls {
+    /// The proxy listener's (`listen_tls:`).
+    listen: Option<Arc<crate::tls::Certs>>,
     /// The admin listener's (`admin.listen_tls:`).
-    pub(crate) admin_tls: Option<Arc<crate::tls::Certs>>,
+    admin: Option<Arc<crate::tls::Certs>>,
+}
+
+impl Tls {
+    /// The proxy listener's certificate, with `listen_tls:`.
+    pub fn listen(&self) -> Option<&Arc<crate::tls::Certs>> {
+        self.listen.as_ref()
+    }
+
+    /// The admin listener's certificate, with `admin.listen_tls:`.
+    pub fn admin(&self) -> Option<&Arc<crate::tls::Certs>> {
+        self.admin.as_ref()
+    }
+
+    /// Every certificate in use.
+    pub fn all(&self) -> impl Iterator<Item = &crate::tls::Certs> {
+        self.listen.iter().chain(&self.admin).map(|c| &**c)
+    }
 }
 
 /// The longest wait between sweeps; a short `servers.<n>.idle` sweeps more often.
@@ -218,114 +322,16 @@ fn build_server(
     loaded: LoadedPolicy,
     kit: &UpstreamKit<'_>,
 ) -> Result<Server, BuildError> {
-    let parse_url = |text: &str| {
-        reqwest::Url::parse(text)
-            .map_err(|e| BuildError::BadUrl(name.into(), text.to_owned(), e.to_string()))
-    };
-    let headers = build_headers(name, config)?;
-    let bridge = |connector| -> Box<dyn Upstream> {
-        Box::new(Bridge::new(
-            name.into(),
-            connector,
-            kit.http.clone(),
-            kit.children.clone(),
-            config.timeout,
-        ))
-    };
-    let (upstream, location, location_key, network): (Box<dyn Upstream>, _, _, _) =
-        match &config.upstream {
-            UpstreamConfig::Http { url } => {
-                let parsed = parse_url(url)?;
-                let network = address_of(&parsed);
-                let upstream = HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
-                    .map_err(|e| BuildError::BadUrl(name.into(), url.clone(), e.to_string()))?
-                    .with_lanes(kit.lanes);
-                (Box::new(upstream), url.clone(), "url", network)
-            }
-            UpstreamConfig::Sse { url } => {
-                let parsed = parse_url(url)?;
-                let network = address_of(&parsed);
-                let target = legacy_sse::Target {
-                    server: name.into(),
-                    url: parsed,
-                    headers,
-                    timeout: config.timeout,
-                };
-                (
-                    bridge(Connector::LegacySse(target)),
-                    url.clone(),
-                    "url",
-                    network,
-                )
-            }
-            UpstreamConfig::Stdio {
-                command,
-                env,
-                inherit_env,
-                cwd,
-                max_processes,
-                idle,
-            } => {
-                let command = stdio::Command {
-                    server: name.into(),
-                    argv: command.clone(),
-                    env: env.clone(),
-                    inherit_env: inherit_env.clone(),
-                    cwd: cwd.clone(),
-                    max_line: kit.max_message,
-                };
-                let location = command.display();
-                let upstream = Bridge::new(
-                    name.into(),
-                    Connector::Stdio(command),
-                    kit.http.clone(),
-                    kit.children.clone(),
-                    config.timeout,
-                )
-                .with_processes(*max_processes, *idle);
-                (Box::new(upstream), location, "command", None)
-            }
-        };
-    let tools = match &config.tools_lock {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                BuildError::Lock(
-                    name.into(),
-                    format!("{}: cannot read the tool lock: {e}", path.display()),
-                )
-            })?;
-            let lock = crate::lock::ToolLock::parse(&text, &path.display().to_string())
-                .map_err(|e| BuildError::Lock(name.into(), e.to_string()))?;
-            let watch = crate::lock::ToolWatch::new(
-                lock,
-                path.clone(),
-                crate::audit::text_digest(&text),
-                config.on_tool_change,
-            );
-            Some(match kit.remote {
-                Some(remote) => watch.with_shared(remote.clone(), name),
-                None => watch,
-            })
-        }
-        None => None,
-    };
-    let probe = match &config.upstream {
-        UpstreamConfig::Stdio {
-            command, env, cwd, ..
-        } => crate::upstream::probe::Probe::Command {
-            program: command.first().cloned().unwrap_or_default(),
-            path: env
-                .get("PATH")
-                .cloned()
-                .or_else(|| std::env::var("PATH").ok()),
-            cwd: cwd.clone(),
-        },
-        _ => crate::upstream::probe::Probe::Exchange,
-    };
+    let Reached {
+        upstream,
+        location,
+        location_key,
+        network,
+    } = reach(name, config, kit)?;
     Ok(Server {
-        tools,
+        tools: tool_watch(name, config, kit.remote)?,
         name: name.into(),
-        health: crate::upstream::probe::Health::new(probe),
+        health: crate::upstream::probe::Health::new(probe_of(&config.upstream)),
         upstream,
         location,
         location_key: format!("servers.{name}.{location_key}"),
@@ -349,6 +355,146 @@ fn build_server(
             None => ToolParams::default(),
         },
     })
+}
+
+/// A server's upstream and where it is, for messages and readiness.
+struct Reached {
+    upstream: Box<dyn Upstream>,
+    location: String,
+    location_key: &'static str,
+    network: Option<(String, u16)>,
+}
+
+/// The upstream of server `name`, as its configuration says it is reached.
+fn reach(name: &str, config: &ServerConfig, kit: &UpstreamKit<'_>) -> Result<Reached, BuildError> {
+    let headers = build_headers(name, config)?;
+    let (command, env, inherit_env, cwd, max_processes, idle) = match &config.upstream {
+        UpstreamConfig::Http { url } => return reach_url(name, url, false, headers, config, kit),
+        UpstreamConfig::Sse { url } => return reach_url(name, url, true, headers, config, kit),
+        UpstreamConfig::Stdio {
+            command,
+            env,
+            inherit_env,
+            cwd,
+            max_processes,
+            idle,
+        } => (command, env, inherit_env, cwd, max_processes, idle),
+    };
+    let command = stdio::Command {
+        server: name.into(),
+        argv: command.clone(),
+        env: env.clone(),
+        inherit_env: inherit_env.clone(),
+        cwd: cwd.clone(),
+        max_line: kit.max_message,
+    };
+    let location = command.display();
+    let upstream =
+        bridge(name, Connector::Stdio(command), config, kit).with_processes(*max_processes, *idle);
+    Ok(Reached {
+        upstream: Box::new(upstream),
+        location,
+        location_key: "command",
+        network: None,
+    })
+}
+
+/// A network upstream at `url`: Streamable HTTP, or legacy SSE (`sse`) through a bridge.
+fn reach_url(
+    name: &str,
+    url: &str,
+    sse: bool,
+    headers: HeaderMap,
+    config: &ServerConfig,
+    kit: &UpstreamKit<'_>,
+) -> Result<Reached, BuildError> {
+    let bad_url = |e: String| BuildError::BadUrl(name.into(), url.to_owned(), e);
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
+    let network = address_of(&parsed);
+    let upstream: Box<dyn Upstream> = if sse {
+        let target = legacy_sse::Target {
+            server: name.into(),
+            url: parsed,
+            headers,
+            timeout: config.timeout,
+        };
+        Box::new(bridge(name, Connector::LegacySse(target), config, kit))
+    } else {
+        Box::new(
+            HttpUpstream::new(&parsed, headers, config.timeout, kit.max_message)
+                .map_err(|e| bad_url(e.to_string()))?
+                .with_lanes(kit.lanes),
+        )
+    };
+    Ok(Reached {
+        upstream,
+        location: url.to_owned(),
+        location_key: "url",
+        network,
+    })
+}
+
+/// The bridge that carries a legacy SSE or stdio upstream's sessions.
+fn bridge(
+    name: &str,
+    connector: Connector,
+    config: &ServerConfig,
+    kit: &UpstreamKit<'_>,
+) -> Bridge {
+    Bridge::new(
+        name.into(),
+        connector,
+        kit.http.clone(),
+        kit.children.clone(),
+        config.timeout,
+    )
+}
+
+/// The server's tool lock and what it learns, with `tools_lock:`.
+fn tool_watch(
+    name: &str,
+    config: &ServerConfig,
+    remote: Option<&Arc<Remote>>,
+) -> Result<Option<crate::lock::ToolWatch>, BuildError> {
+    let Some(path) = &config.tools_lock else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        BuildError::Lock(
+            name.into(),
+            format!("{}: cannot read the tool lock: {e}", path.display()),
+        )
+    })?;
+    let lock = crate::lock::ToolLock::parse(&text, &path.display().to_string())
+        .map_err(|e| BuildError::Lock(name.into(), e.to_string()))?;
+    let watch = crate::lock::ToolWatch::new(
+        lock,
+        path.clone(),
+        crate::audit::text_digest(&text),
+        config.on_tool_change,
+    );
+    Ok(Some(match remote {
+        Some(remote) => watch.with_shared(remote.clone(), name),
+        None => watch,
+    }))
+}
+
+/// How the upstream's readiness is probed: a stdio command is looked for on its
+/// `PATH`; anything else answers an exchange.
+fn probe_of(upstream: &UpstreamConfig) -> crate::upstream::probe::Probe {
+    match upstream {
+        UpstreamConfig::Stdio {
+            command, env, cwd, ..
+        } => crate::upstream::probe::Probe::Command {
+            program: command.first().cloned().unwrap_or_default(),
+            path: env
+                .get("PATH")
+                .cloned()
+                .or_else(|| std::env::var("PATH").ok()),
+            cwd: cwd.clone(),
+        },
+        _ => crate::upstream::probe::Probe::Exchange,
+    }
 }
 
 /// This replica's name: `state.replica`, else `$HOSTNAME` (a pod's name), else a
@@ -378,14 +524,29 @@ fn build_headers(name: &str, config: &ServerConfig) -> Result<HeaderMap, BuildEr
 }
 
 impl Shared {
+    /// The servers and what their upstreams share.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// The servers, by name.
     pub fn servers(&self) -> &BTreeMap<String, Arc<Server>> {
-        &self.servers
+        self.upstreams.servers()
+    }
+
+    /// Handshake-era sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// Pending and settled approvals.
     pub fn approvals(&self) -> &Arc<Approvals> {
         &self.approvals
+    }
+
+    /// The MCP tasks relayed.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     /// The audit log.
@@ -398,71 +559,42 @@ impl Shared {
         &self.metrics
     }
 
+    /// The admin page's address and `approvals.webhook`.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    /// The listeners' certificates.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// `limits:`.
+    pub fn limits(&self) -> &crate::config::Limits {
+        &self.limits
+    }
+
     /// The largest body accepted from a client (`limits.max_body`).
     pub fn max_body(&self) -> usize {
-        self.max_body
+        self.limits.max_body
+    }
+
+    /// `approvals.wait`: how long a held call's request waits by default.
+    pub fn approval_wait(&self) -> Duration {
+        self.approval_wait
     }
 
     /// Builds the state from a validated configuration and each server's compiled
     /// policy, with upstream connections for each of `lanes`.
     pub fn build(
         config: &Config,
-        mut policies: BTreeMap<String, LoadedPolicy>,
+        policies: BTreeMap<String, LoadedPolicy>,
         lanes: Lanes,
     ) -> Result<Shared, BuildError> {
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| BuildError::Http(e.to_string()))?;
-        let children = Arc::new(stdio::Children::default());
-        // A message from an upstream may be as large as four of a client's.
-        let max_message = config.limits.max_body.max(1 << 20) * 4;
-        let remote = match (&config.state.backend, &config.state.url) {
-            (crate::config::StateBackend::Redis, Some(url)) => Some(Arc::new(
-                Remote::connect(RemoteConfig {
-                    url,
-                    shown: crate::config::redacted_url(url),
-                    prefix: &config.state.prefix,
-                    timeout: config.state.timeout,
-                    replica: replica_name(config.state.replica.as_deref()),
-                })
-                .map_err(BuildError::State)?,
-            )),
-            _ => None,
-        };
-        if let Some(remote) = &remote {
-            remote.keep_alive();
-        }
-        let kit = UpstreamKit {
-            http: &http,
-            children: &children,
-            max_message,
-            remote: remote.as_ref(),
-            on_state_failure: config.state.on_failure,
-            lanes,
-        };
-        let mut servers = BTreeMap::new();
-        for (name, server) in &config.servers {
-            let policy = policies
-                .remove(name)
-                .ok_or_else(|| BuildError::MissingPolicy(name.clone()))?;
-            servers.insert(
-                name.clone(),
-                Arc::new(build_server(name, server, policy, &kit)?),
-            );
-        }
-        let certs = |listener, tls: Option<&crate::config::TlsConfig>| {
-            tls.map(|tls| crate::tls::Certs::load(listener, tls).map_err(BuildError::Tls))
-                .transpose()
-        };
-        let listen_tls = certs("listen", config.listen_tls.as_ref())?;
-        let admin_tls = certs(
-            "admin.listen",
-            config.admin.as_ref().and_then(|a| a.listen_tls.as_ref()),
-        )?;
+        let http = http_client()?;
+        let remote = connect_remote(config)?;
+        let upstreams = build_upstreams(config, policies, lanes, &http, remote.as_ref())?;
+        let tls = listener_certs(config)?;
         let audit = match &config.audit {
             Some(audit) => Audit::open(&audit.path, audit.arguments)?.on_failure(audit.on_failure),
             None => Audit::disabled(),
@@ -473,61 +605,25 @@ impl Shared {
                 std::env::var(name).ok()
             })?;
         }
-        let webhook = match config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) {
-            Some(url) => Some(reqwest::Url::parse(url).map_err(|e| {
-                BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string())
-            })?),
-            None => None,
-        };
-        // An idle process should be ended within a quarter of its idle time.
-        let sweep_every = config
-            .servers
-            .values()
-            .filter_map(|server| match &server.upstream {
-                UpstreamConfig::Stdio { idle, .. } => Some(*idle / 4),
-                _ => None,
-            })
-            .fold(SWEEP_EVERY, Duration::min)
-            .max(Duration::from_millis(100));
         Ok(Shared {
-            servers,
-            sessions: {
-                let sessions =
-                    Sessions::new(config.limits.max_sessions, config.limits.session_idle)
-                        .with_quotas(
-                            config.limits.sessions_per_client,
-                            config.limits.streams_per_session,
-                        );
-                match &remote {
-                    Some(remote) => sessions.with_shared(remote.clone(), config.state.on_failure),
-                    None => sessions,
-                }
-            },
+            upstreams,
+            sessions: build_sessions(&config.limits, config.state.on_failure, remote.as_ref()),
             audit,
-            max_body: config.limits.max_body,
             limits: config.limits.clone(),
-            http,
-            children,
             epoch: Instant::now(),
-            approvals: {
-                let approvals = match &remote {
-                    Some(remote) => Approvals::shared(remote.clone()),
-                    None => Arc::new(Approvals::new()),
-                };
-                if let Some(bytes) = config.approvals.as_ref().and_then(|a| a.bytes_per_client) {
-                    approvals.set_bytes_per_principal(bytes);
-                }
-                approvals
-            },
+            approvals: build_approvals(config, remote.as_ref()),
             tasks: match &remote {
                 Some(remote) => Tasks::shared(remote.clone()),
                 None => Tasks::new(),
             },
             metrics,
-            admin_url: std::sync::OnceLock::new(),
-            webhook,
-            webhook_failures: AtomicU64::new(0),
-            sweep_every,
+            notify: Notify {
+                admin_url: std::sync::OnceLock::new(),
+                webhook: webhook_url(config)?,
+                http,
+                failures: AtomicU64::new(0),
+            },
+            sweep_every: sweep_every(config),
             approval_wait: config
                 .approvals
                 .as_ref()
@@ -535,9 +631,7 @@ impl Shared {
                 .unwrap_or(crate::config::DEFAULT_APPROVAL_WAIT),
             remote,
             state_on_failure: config.state.on_failure,
-            health_interval: config.health_interval,
-            listen_tls,
-            admin_tls,
+            tls,
         })
     }
 
@@ -553,23 +647,145 @@ impl Shared {
 
     /// Ends every upstream session and every child process.
     pub async fn shutdown_upstreams(&self) {
-        for server in self.servers.values() {
-            server.upstream.shutdown().await;
-        }
-        let children = self.children.clone();
-        if let Err(err) = tokio::task::spawn_blocking(move || children.shutdown()).await {
-            tracing::error!(error = %err, "ending the stdio upstreams failed");
-        }
+        self.upstreams.shutdown().await;
     }
 
     /// Drops state for idle sessions and empty rate-limit windows; run periodically.
     pub fn sweep(&self) {
         self.sessions.sweep();
         self.tasks.sweep();
-        let now = self.now();
-        for server in self.servers.values() {
-            server.upstream.sweep(self.sessions.idle());
-            server.limits.sweep(now);
-        }
+        self.upstreams.sweep(self.sessions.idle(), self.now());
     }
+}
+
+/// The client for legacy SSE upstreams and webhooks (a Streamable HTTP upstream
+/// has its own pool).
+fn http_client() -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| BuildError::Http(e.to_string()))
+}
+
+/// The shared backend of `state.backend: redis`, kept alive, or `None`.
+fn connect_remote(config: &Config) -> Result<Option<Arc<Remote>>, BuildError> {
+    let (crate::config::StateBackend::Redis, Some(url)) =
+        (&config.state.backend, &config.state.url)
+    else {
+        return Ok(None);
+    };
+    let remote = Remote::connect(RemoteConfig {
+        url,
+        shown: crate::config::redacted_url(url),
+        prefix: &config.state.prefix,
+        timeout: config.state.timeout,
+        replica: replica_name(config.state.replica.as_deref()),
+    })
+    .map(Arc::new)
+    .map_err(BuildError::State)?;
+    remote.keep_alive();
+    Ok(Some(remote))
+}
+
+/// Every configured server with its policy and upstream.
+fn build_upstreams(
+    config: &Config,
+    mut policies: BTreeMap<String, LoadedPolicy>,
+    lanes: Lanes,
+    http: &reqwest::Client,
+    remote: Option<&Arc<Remote>>,
+) -> Result<Upstreams, BuildError> {
+    let children = Arc::new(stdio::Children::default());
+    let kit = UpstreamKit {
+        http,
+        children: &children,
+        // A message from an upstream may be as large as four of a client's.
+        max_message: config.limits.max_body.max(1 << 20) * 4,
+        remote,
+        on_state_failure: config.state.on_failure,
+        lanes,
+    };
+    let mut servers = BTreeMap::new();
+    for (name, server) in &config.servers {
+        let policy = policies
+            .remove(name)
+            .ok_or_else(|| BuildError::MissingPolicy(name.clone()))?;
+        servers.insert(
+            name.clone(),
+            Arc::new(build_server(name, server, policy, &kit)?),
+        );
+    }
+    Ok(Upstreams {
+        servers,
+        children,
+        health_interval: config.health_interval,
+    })
+}
+
+/// The handshake-era sessions, shared with other replicas through `remote`.
+fn build_sessions(
+    limits: &crate::config::Limits,
+    on_failure: crate::config::OnStateFailure,
+    remote: Option<&Arc<Remote>>,
+) -> Sessions {
+    let sessions = Sessions::new(limits.max_sessions, limits.session_idle)
+        .with_quotas(limits.sessions_per_client, limits.streams_per_session);
+    match remote {
+        Some(remote) => sessions.with_shared(remote.clone(), on_failure),
+        None => sessions,
+    }
+}
+
+/// The approvals, shared with other replicas through `remote`.
+fn build_approvals(config: &Config, remote: Option<&Arc<Remote>>) -> Arc<Approvals> {
+    let approvals = match remote {
+        Some(remote) => Approvals::shared(remote.clone()),
+        None => Arc::new(Approvals::new()),
+    };
+    if let Some(bytes) = config.approvals.as_ref().and_then(|a| a.bytes_per_client) {
+        approvals.set_bytes_per_principal(bytes);
+    }
+    approvals
+}
+
+/// `approvals.webhook`, parsed.
+fn webhook_url(config: &Config) -> Result<Option<reqwest::Url>, BuildError> {
+    let Some(url) = config.approvals.as_ref().and_then(|a| a.webhook.as_deref()) else {
+        return Ok(None);
+    };
+    reqwest::Url::parse(url)
+        .map(Some)
+        .map_err(|e| BuildError::BadUrl("approvals.webhook".into(), url.to_owned(), e.to_string()))
+}
+
+/// How often to sweep: an idle process should be ended within a quarter of its
+/// idle time.
+fn sweep_every(config: &Config) -> Duration {
+    config
+        .servers
+        .values()
+        .filter_map(|server| match &server.upstream {
+            UpstreamConfig::Stdio { idle, .. } => Some(*idle / 4),
+            _ => None,
+        })
+        .fold(SWEEP_EVERY, Duration::min)
+        .max(Duration::from_millis(100))
+}
+
+/// The listeners' certificates, read.
+fn listener_certs(config: &Config) -> Result<Tls, BuildError> {
+    let certs = |listener, tls: Option<&crate::config::TlsConfig>| {
+        tls.map(|tls| crate::tls::Certs::load(listener, tls).map_err(BuildError::Tls))
+            .transpose()
+    };
+    Ok(Tls {
+        listen: certs("listen", config.listen_tls.as_ref())?,
+        admin: certs(
+            "admin.listen",
+            config.admin.as_ref().and_then(|a| a.listen_tls.as_ref()),
+        )?,
+    })
 }

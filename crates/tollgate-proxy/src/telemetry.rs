@@ -111,6 +111,71 @@ impl Bounds {
     }
 }
 
+/// The resource every export names: `telemetry.service_name` (else
+/// `OTEL_SERVICE_NAME`, else `tollgate`) and this version.
+fn resource(config: &TelemetryConfig, env: &dyn Fn(&str) -> Option<String>) -> Resource {
+    let service_name = config
+        .service_name
+        .clone()
+        .or_else(|| env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "tollgate".to_owned());
+    Resource::builder()
+        .with_service_name(service_name)
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// `telemetry.otlp.endpoint` with `path` (`/v1/traces`, `/v1/logs`), when set
+/// (else the exporter reads the `OTEL_EXPORTER_OTLP_*` variables).
+fn endpoint(config: &TelemetryConfig, path: &str) -> Option<String> {
+    config
+        .otlp
+        .endpoint
+        .as_deref()
+        .map(|base| format!("{}{path}", base.trim_end_matches('/')))
+}
+
+/// The OTLP/HTTP exporter of the spans.
+fn span_exporter(
+    config: &TelemetryConfig,
+    client: Transport,
+    headers: HashMap<String, String>,
+    bounds: Bounds,
+) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    let mut spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(Protocol::HttpBinary)
+        .with_timeout(bounds.timeout)
+        .with_headers(headers);
+    if let Some(url) = endpoint(config, "/v1/traces") {
+        spans = spans.with_endpoint(url);
+    }
+    spans
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))
+}
+
+/// The OTLP/HTTP exporter of the audit records (`telemetry.audit_logs`).
+fn log_exporter(
+    config: &TelemetryConfig,
+    client: Transport,
+    headers: HashMap<String, String>,
+    bounds: Bounds,
+) -> Result<opentelemetry_otlp::LogExporter, TelemetryError> {
+    let mut logs = opentelemetry_otlp::LogExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_protocol(Protocol::HttpBinary)
+        .with_timeout(bounds.timeout)
+        .with_headers(headers);
+    if let Some(url) = endpoint(config, "/v1/logs") {
+        logs = logs.with_endpoint(url);
+    }
+    logs.build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))
+}
+
 /// Sets telemetry up from `telemetry:` (and the `OTEL_*` variables `env` reads), once
 /// per process; `dropped` counts what is dropped. Must run inside the Tokio runtime
 /// that will drive the exports.
@@ -125,15 +190,7 @@ pub fn install(
     }
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
     let bounds = Bounds::from_env(env);
-    let service_name = config
-        .service_name
-        .clone()
-        .or_else(|| env("OTEL_SERVICE_NAME"))
-        .unwrap_or_else(|| "tollgate".to_owned());
-    let resource = Resource::builder()
-        .with_service_name(service_name)
-        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build();
+    let resource = resource(config, env);
     let client = Transport::new(bounds.timeout)?;
     let headers: HashMap<String, String> = config
         .otlp
@@ -141,28 +198,10 @@ pub fn install(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let endpoint = |path: &str| {
-        config
-            .otlp
-            .endpoint
-            .as_deref()
-            .map(|base| format!("{}{path}", base.trim_end_matches('/')))
-    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut drains = Vec::new();
 
-    let mut spans = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(client.clone())
-        .with_protocol(Protocol::HttpBinary)
-        .with_timeout(bounds.timeout)
-        .with_headers(headers.clone());
-    if let Some(url) = endpoint("/v1/traces") {
-        spans = spans.with_endpoint(url);
-    }
-    let mut spans = spans
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let mut spans = span_exporter(config, client.clone(), headers.clone(), bounds)?;
     spans.set_resource(&resource);
     let span_queue = Arc::new(Queue::new(bounds, dropped.clone()));
     drains.push(runtime.spawn(drain(
@@ -183,18 +222,7 @@ pub fn install(
     let traces = traces.build();
 
     let logs = if config.audit_logs {
-        let mut logs = opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_http_client(client)
-            .with_protocol(Protocol::HttpBinary)
-            .with_timeout(bounds.timeout)
-            .with_headers(headers);
-        if let Some(url) = endpoint("/v1/logs") {
-            logs = logs.with_endpoint(url);
-        }
-        let mut logs = logs
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let mut logs = log_exporter(config, client, headers, bounds)?;
         opentelemetry_sdk::logs::LogExporter::set_resource(&mut logs, &resource);
         let log_queue = Arc::new(Queue::new(bounds, dropped));
         drains.push(runtime.spawn(drain(log_queue.clone(), LogSink(logs), bounds, stopped)));

@@ -25,7 +25,7 @@ pub fn routes() -> Router<Admin> {
 async fn tools(State(admin): State<Admin>) -> Json<Value> {
     let servers: serde_json::Map<String, Value> = admin
         .app
-        .servers
+        .servers()
         .values()
         .filter_map(|server| {
             let watch = server.tools.as_ref()?;
@@ -47,7 +47,7 @@ async fn tools(State(admin): State<Admin>) -> Json<Value> {
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     let app = &admin.app;
-    for server in app.servers.values() {
+    for server in app.servers().values() {
         if let Some(live) = server.upstream.live_processes() {
             app.metrics.upstream_processes(&server.name, live);
         }
@@ -59,8 +59,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         app.sessions.len(),
         app.approvals.pending(),
         app.audit.failures(),
-        app.webhook_failures
-            .load(std::sync::atomic::Ordering::Relaxed),
+        app.notify().failures(),
     );
     (
         [(
@@ -77,7 +76,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 /// and the shared state (Redis) answers when there is one. Without the admin token only
 /// `ready` is told: upstream names and errors stay behind it.
 pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    let checks = admin.app.servers.values().map(|server| async move {
+    let checks = admin.app.servers().values().map(|server| async move {
         let checked = match server.health.last() {
             Some(checked) => checked,
             None => server.probe().await,
@@ -120,7 +119,7 @@ pub(super) async fn readyz(State(admin): State<Admin>, headers: HeaderMap) -> Re
 async fn status(State(admin): State<Admin>) -> Json<Value> {
     let app = &admin.app;
     let servers: Vec<Value> = app
-        .servers
+        .servers()
         .values()
         .map(|server| {
             let info = server.policy_info.lock().clone();
@@ -136,7 +135,7 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
             })
         })
         .collect();
-    let connections = crate::downstream::listener::ConnectionLimits::new(&app.limits);
+    let connections = crate::downstream::listener::ConnectionLimits::new(app.limits());
     Json(json!({
         "version": &*admin.version,
         "connections": {"max": connections.max, "per_peer": connections.per_peer},
@@ -145,8 +144,8 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
         "approvals_pending": app.approvals.pending(),
         "audit_write_failures": app.audit.failures(),
         "tls": {
-            "listen": app.listen_tls.as_ref().map(|c| c.info()),
-            "admin.listen": app.admin_tls.as_ref().map(|c| c.info()),
+            "listen": app.tls().listen().map(|c| c.info()),
+            "admin.listen": app.tls().admin().map(|c| c.info()),
         },
     }))
 }

@@ -108,7 +108,7 @@ fn audit(shared: &Shared, decided: &Decided, by: &str) {
 
 /// Why the policy in force refuses the held call now, if it does.
 fn refused_now(shared: &Shared, approval: &Approval, principal: &Principal) -> Option<String> {
-    let Some(server) = shared.servers.get(&approval.server) else {
+    let Some(server) = shared.upstreams().get(&approval.server) else {
         return Some(format!("server `{}` is gone", approval.server));
     };
     // A call whose client went away keeps only a preview of its arguments; its

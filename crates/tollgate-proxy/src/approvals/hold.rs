@@ -405,8 +405,8 @@ fn pending(shared: &Shared, key: &StateKey, hold: &Hold<'_>, id: &str) -> Ending
         .and_then(|a| humantime::parse_rfc3339(&a.deadline).ok())
         .unwrap_or_else(|| SystemTime::now() + hold.approval.timeout);
     let url = shared
-        .admin_url
-        .get()
+        .notify()
+        .admin_url()
         .map(|admin| format!("{admin}/#approval={id}"));
     let expires = humantime::format_rfc3339_seconds(expires_at).to_string();
     shared.audit.write(&Record::ApprovalPending {

@@ -2,7 +2,6 @@
 //! Delivery runs in the background with bounded retries, so a slow or dead
 //! receiver never delays the call path.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -15,10 +14,13 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends the webhook for a new pending approval, if one is configured.
 pub fn notify(app: &std::sync::Arc<Shared>, approval_id: &str) {
-    let (Some(url), Some(approval)) = (app.webhook.clone(), app.approvals.get(approval_id)) else {
+    let (Some(url), Some(approval)) = (
+        app.notify().webhook().cloned(),
+        app.approvals.get(approval_id),
+    ) else {
         return;
     };
-    let admin = app.admin_url.get().cloned().unwrap_or_default();
+    let admin = app.notify().admin_url().unwrap_or_default();
     let body = json!({
         "type": "approval.pending",
         "approval": approval,
@@ -31,7 +33,8 @@ pub fn notify(app: &std::sync::Arc<Shared>, approval_id: &str) {
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
             let result = app
-                .http
+                .notify()
+                .http()
                 .post(url.clone())
                 .timeout(ATTEMPT_TIMEOUT)
                 .json(&body)
@@ -49,7 +52,7 @@ pub fn notify(app: &std::sync::Arc<Shared>, approval_id: &str) {
                 backoff *= 2;
             }
         }
-        app.webhook_failures.fetch_add(1, Ordering::Relaxed);
+        app.notify().failed();
         tracing::error!(url = %url, "approval webhook gave up after {ATTEMPTS} attempts");
     });
 }

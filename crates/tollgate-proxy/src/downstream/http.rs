@@ -159,7 +159,7 @@ async fn resource_metadata_of(
     State(doors): State<Arc<Doors>>,
     Path(path): Path<String>,
 ) -> Response {
-    let servers = &doors.shared().servers;
+    let servers = doors.shared().servers();
     let parts: Vec<&str> = path.split('/').collect();
     let served = match parts.as_slice() {
         ["mcp" | "sse" | "messages"] => servers.len() == 1,

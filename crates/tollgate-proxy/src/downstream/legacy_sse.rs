@@ -109,7 +109,7 @@ async fn open_stream(
     let caller = doors
         .identify(request.headers(), doors.client_address(&request), &path)
         .await?;
-    let sessions = &doors.shared().sessions;
+    let sessions = &doors.shared().sessions();
     let capacity = sessions.capacity();
     if doors.legacy.len() >= capacity {
         return Err(ProxyError::SessionsFull(SessionsFull::Total(capacity)));

@@ -190,6 +190,174 @@ impl Entry {
     }
 }
 
+/// What the connections of one listener share.
+struct Listening {
+    /// The listener's name in metrics and logs.
+    name: &'static str,
+    shared: Arc<Shared>,
+    entry: Entry,
+    peers: Arc<Peers>,
+    limits: ConnectionLimits,
+    /// Time zero of the log throttles.
+    epoch: Instant,
+    /// Lines about refused connections, throttled.
+    refused_log: Throttle,
+    /// Lines about connections closed before or between requests, throttled.
+    timeout_log: Throttle,
+}
+
+/// A connection accepted, with what it holds: a place under `max_connections` and,
+/// but for a trusted proxy's, its peer's slot.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+    peer_slot: Option<PeerSlot>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Listening {
+    /// Admits a connection from `peer` within `max_connections` and, but for a
+    /// trusted proxy's, `connections_per_peer`; `None` (counted and logged) when either
+    /// is reached.
+    fn admit(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        open: &Arc<Semaphore>,
+    ) -> Option<Accepted> {
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            self.refuse("max_connections", peer.ip());
+            return None;
+        };
+        let trusted = !self.entry.trusted.is_empty() && self.entry.trusted.contains(peer.ip());
+        let peer_slot = if trusted {
+            None
+        } else {
+            let Some(slot) = self.peers.take(peer_key(peer.ip()), self.limits.per_peer) else {
+                self.refuse("connections_per_peer", peer.ip());
+                return None;
+            };
+            Some(slot)
+        };
+        let _ = stream.set_nodelay(true);
+        Some(Accepted {
+            stream,
+            peer,
+            trusted,
+            peer_slot,
+            _permit: permit,
+        })
+    }
+
+    /// Counts and logs a connection refused for `limits.<limit>`.
+    fn refuse(&self, limit: &str, client: IpAddr) {
+        self.shared.metrics().connection_refused(self.name, limit);
+        if self.refused_log.ready(self.epoch) {
+            tracing::warn!(listener = self.name, peer = %client, "connection refused: limits.{limit} reached");
+        }
+    }
+
+    /// Serves an accepted connection until it ends.
+    async fn connection<S>(
+        self: Arc<Self>,
+        accepted: Accepted,
+        builder: hyper::server::conn::http1::Builder,
+        service: S,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        S: tower::Service<
+                axum::http::Request<hyper::body::Incoming>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Accepted {
+            stream,
+            peer,
+            trusted,
+            peer_slot,
+            _permit,
+        } = accepted;
+        let name = self.name;
+        let Some((opened, client)) = self.open(stream, peer, trusted).await else {
+            return;
+        };
+        // The client a trusted proxy's PROXY header names holds a slot of its own.
+        let _peer_slot = match peer_slot {
+            Some(slot) => Some(slot),
+            None if client.ip() != peer.ip() => {
+                let Some(slot) = self.peers.take(peer_key(client.ip()), self.limits.per_peer)
+                else {
+                    self.refuse("connections_per_peer", client.ip());
+                    return;
+                };
+                Some(slot)
+            }
+            None => None,
+        };
+        // axum's `ConnectInfo` extractor finds the client's address in the request.
+        let service = tower::ServiceExt::map_request(
+            service,
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(client));
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        self.shared.metrics().connection(name, 1);
+        let result = match opened {
+            Opened::Plain(io) => run(&builder, io, service, &mut stop).await,
+            Opened::Tls(io) => run(&builder, io, service, &mut stop).await,
+        };
+        self.shared.metrics().connection(name, -1);
+        match result {
+            Err(err) if err.is_timeout() => {
+                self.shared.metrics().client_timeout(name, "header");
+                if self.timeout_log.ready(self.epoch) {
+                    tracing::info!(listener = name, peer = %client.ip(), "connection closed: no request headers within {}s (limits.header_read_timeout)", self.limits.header_read_timeout.as_secs_f64());
+                }
+            }
+            Err(err) => tracing::debug!(listener = name, error = %err, "connection ended"),
+            Ok(()) => {}
+        }
+    }
+
+    /// Opens a connection (its PROXY header, its TLS handshake) within
+    /// `header_read_timeout`: the connection and its client, or `None` (counted and
+    /// logged) when it failed or took too long.
+    async fn open(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        trusted: bool,
+    ) -> Option<(Opened, SocketAddr)> {
+        let name = self.name;
+        let header_timeout = self.limits.header_read_timeout;
+        let opening = self.entry.open(stream, peer, trusted);
+        match tokio::time::timeout(header_timeout, opening).await {
+            Ok(Ok(opened)) => Some(opened),
+            Ok(Err(err)) => {
+                self.shared.metrics().connection_refused(name, "handshake");
+                if self.timeout_log.ready(self.epoch) {
+                    tracing::info!(listener = name, peer = %peer.ip(), error = %err, "connection closed before its first request");
+                }
+                None
+            }
+            Err(_) => {
+                self.shared.metrics().client_timeout(name, "handshake");
+                if self.timeout_log.ready(self.epoch) {
+                    tracing::info!(listener = name, peer = %peer.ip(), "connection closed: no PROXY header or TLS handshake within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Serves `service` on `listener` (named `name` in metrics and logs) until
 /// `shutdown` completes; then connections finish their requests in flight and
 /// close. Returns once every connection through `gate` is closed (several lanes
@@ -219,17 +387,23 @@ where
     S::Future: Send + 'static,
 {
     let limits = gate.limits;
-    let (open, peers) = (gate.open.clone(), gate.peers.clone());
+    let open = gate.open.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    let epoch = Instant::now();
-    let refused_log = Arc::new(Throttle(AtomicU64::new(0)));
-    let timeout_log = Arc::new(Throttle(AtomicU64::new(0)));
-    let entry = Arc::new(entry);
+    let listening = Arc::new(Listening {
+        name,
+        shared,
+        entry,
+        peers: gate.peers.clone(),
+        limits,
+        epoch: Instant::now(),
+        refused_log: Throttle(AtomicU64::new(0)),
+        timeout_log: Throttle(AtomicU64::new(0)),
+    });
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -237,7 +411,7 @@ where
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors, most often: wait for some to be freed.
-                    if refused_log.ready(epoch) {
+                    if listening.refused_log.ready(listening.epoch) {
                         tracing::warn!(listener = name, error = %err, "could not accept a connection");
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -246,95 +420,16 @@ where
             },
             () = &mut shutdown => break,
         };
-        let refuse = {
-            let (shared, refused_log) = (shared.clone(), refused_log.clone());
-            move |limit: &str, client: IpAddr| {
-                shared.metrics.connection_refused(name, limit);
-                if refused_log.ready(epoch) {
-                    tracing::warn!(listener = name, peer = %client, "connection refused: limits.{limit} reached");
-                }
-            }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            refuse("max_connections", peer.ip());
+        let Some(accepted) = listening.admit(stream, peer, &open) else {
             continue;
         };
-        let trusted = !entry.trusted.is_empty() && entry.trusted.contains(peer.ip());
-        let peer_slot = if trusted {
-            None
-        } else {
-            let Some(slot) = peers.take(peer_key(peer.ip()), limits.per_peer) else {
-                refuse("connections_per_peer", peer.ip());
-                continue;
-            };
-            Some(slot)
-        };
-        let _ = stream.set_nodelay(true);
-        let builder = builder.clone();
-        let service = service.clone();
-        let (entry, peers) = (entry.clone(), peers.clone());
-        let mut stop = stop_rx.clone();
-        let shared = shared.clone();
-        let timeout_log = timeout_log.clone();
-        let header_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let opening = entry.open(stream, peer, trusted);
-            let (opened, client) = match tokio::time::timeout(header_timeout, opening).await {
-                Ok(Ok(opened)) => opened,
-                Ok(Err(err)) => {
-                    shared.metrics.connection_refused(name, "handshake");
-                    if timeout_log.ready(epoch) {
-                        tracing::info!(listener = name, peer = %peer.ip(), error = %err, "connection closed before its first request");
-                    }
-                    return;
-                }
-                Err(_) => {
-                    shared.metrics.client_timeout(name, "handshake");
-                    if timeout_log.ready(epoch) {
-                        tracing::info!(listener = name, peer = %peer.ip(), "connection closed: no PROXY header or TLS handshake within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
-                    }
-                    return;
-                }
-            };
-            // The client a trusted proxy's PROXY header names holds a slot of its own.
-            let _peer_slot = match peer_slot {
-                Some(slot) => Some(slot),
-                None if client.ip() != peer.ip() => {
-                    let Some(slot) = peers.take(peer_key(client.ip()), limits.per_peer) else {
-                        refuse("connections_per_peer", client.ip());
-                        return;
-                    };
-                    Some(slot)
-                }
-                None => None,
-            };
-            // axum's `ConnectInfo` extractor finds the client's address in the request.
-            let service = tower::ServiceExt::map_request(
-                service,
-                move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(client));
-                    request
-                },
-            );
-            let service = hyper_util::service::TowerToHyperService::new(service);
-            shared.metrics.connection(name, 1);
-            let result = match opened {
-                Opened::Plain(io) => run(&builder, io, service, &mut stop).await,
-                Opened::Tls(io) => run(&builder, io, service, &mut stop).await,
-            };
-            shared.metrics.connection(name, -1);
-            match result {
-                Err(err) if err.is_timeout() => {
-                    shared.metrics.client_timeout(name, "header");
-                    if timeout_log.ready(epoch) {
-                        tracing::info!(listener = name, peer = %client.ip(), "connection closed: no request headers within {}s (limits.header_read_timeout)", header_timeout.as_secs_f64());
-                    }
-                }
-                Err(err) => tracing::debug!(listener = name, error = %err, "connection ended"),
-                Ok(()) => {}
-            }
-        });
+        let (builder, service) = (builder.clone(), service.clone());
+        let stop = stop_rx.clone();
+        tokio::spawn(
+            listening
+                .clone()
+                .connection(accepted, builder, service, stop),
+        );
     }
     drop(listener);
     let _ = stop_tx.send(true);

@@ -11,7 +11,7 @@ use tollgate_mcp::{Era, Message};
 use tollgate_policy::DenyKind;
 
 use super::context::{Answer, Caller, Context, Core, Meta};
-use super::decide::{Permit, Verdict, decide, deny, refusal};
+use super::decide::{Held, Permit, Verdict, decide, deny, refusal};
 use super::respond::Chain;
 use super::{call, session, tasks};
 use crate::error::ProxyError;
@@ -28,51 +28,12 @@ pub async fn handle(
     messages: Vec<Message>,
     arrival: Option<telemetry::Arrival<'_>>,
 ) -> Result<Answer, ProxyError> {
-    // Routing headers describe one message; on a batch they could only mislead
-    // whatever routes on them after Tollgate.
-    if meta
-        .routing
-        .as_ref()
-        .is_some_and(|r| r.method.is_some() || r.name.is_some())
-    {
-        return Err(ProxyError::HeaderMismatch {
-            id: None,
-            message: "header mismatch: Mcp-Method and Mcp-Name cannot describe a JSON-RPC batch"
-                .into(),
-        });
-    }
-    // So does an `Mcp-Param-*` header one of the batch's tools declares: it cannot
-    // be checked against one call. Headers no tool declares go on untouched.
-    let declared = |header: &str| {
-        messages.iter().filter_map(Message::tool_call).any(|call| {
-            server
-                .params
-                .get(call.name)
-                .is_some_and(|d| d.iter().any(|p| p.header == header))
-        })
-    };
-    if let Some((name, _)) = meta.params.iter().find(|(name, _)| declared(name.as_str())) {
-        return Err(ProxyError::HeaderMismatch {
-            id: None,
-            message: format!("header mismatch: {name} cannot describe a JSON-RPC batch"),
-        });
-    }
+    headers_fit_batch(server, meta, &messages)?;
     let session = session::find(core.shared(), server, caller, meta.session.as_deref()).await?;
     if session.is_none() && !messages.iter().any(|m| m.method() == Some("initialize")) {
         return Err(ProxyError::MissingSession);
     }
-    let mut forwarded = Vec::new();
-    if let Some(version) = meta
-        .routing
-        .as_ref()
-        .and_then(|r| r.protocol_version.clone())
-    {
-        forwarded.push((
-            axum::http::HeaderName::from_static("mcp-protocol-version"),
-            version,
-        ));
-    }
-    forwarded.extend(meta.params.iter().cloned());
+    let forwarded = forwarded_headers(meta);
     let ctx = Context::new(
         core,
         server,
@@ -122,6 +83,82 @@ pub async fn handle(
     merge(server, body, refused)
 }
 
+/// Headers that describe one message cannot describe a batch: the routing headers,
+/// and an `Mcp-Param-*` header one of the batch's tools declares (it cannot be
+/// checked against one call). Headers no tool declares go on untouched.
+fn headers_fit_batch(server: &Server, meta: &Meta, messages: &[Message]) -> Result<(), ProxyError> {
+    // On a batch they could only mislead whatever routes on them after Tollgate.
+    if meta
+        .routing
+        .as_ref()
+        .is_some_and(|r| r.method.is_some() || r.name.is_some())
+    {
+        return Err(ProxyError::HeaderMismatch {
+            id: None,
+            message: "header mismatch: Mcp-Method and Mcp-Name cannot describe a JSON-RPC batch"
+                .into(),
+        });
+    }
+    let declared = |header: &str| {
+        messages.iter().filter_map(Message::tool_call).any(|call| {
+            server
+                .params
+                .get(call.name)
+                .is_some_and(|d| d.iter().any(|p| p.header == header))
+        })
+    };
+    if let Some((name, _)) = meta.params.iter().find(|(name, _)| declared(name.as_str())) {
+        return Err(ProxyError::HeaderMismatch {
+            id: None,
+            message: format!("header mismatch: {name} cannot describe a JSON-RPC batch"),
+        });
+    }
+    Ok(())
+}
+
+/// The headers forwarded upstream with the batch: its protocol version and its
+/// `Mcp-Param-*` headers.
+fn forwarded_headers(meta: &Meta) -> Vec<(axum::http::HeaderName, axum::http::HeaderValue)> {
+    let mut forwarded = Vec::new();
+    if let Some(version) = meta
+        .routing
+        .as_ref()
+        .and_then(|r| r.protocol_version.clone())
+    {
+        forwarded.push((
+            axum::http::HeaderName::from_static("mcp-protocol-version"),
+            version,
+        ));
+    }
+    forwarded.extend(meta.params.iter().cloned());
+    forwarded
+}
+
+/// The answer to a member refused with an error: with the member's own id, so the
+/// client knows which call was refused (a step-up refusal is an error without one).
+fn refused_member(err: &ProxyError, message: &Message) -> Value {
+    let mut answer = err.to_json();
+    if let (Some(id), Some(slot)) = (message.id(), answer.get_mut("id"))
+        && slot.is_null()
+    {
+        *slot = id.clone();
+    }
+    answer
+}
+
+/// The refusal of a member that needs approval: a batch has one answer for all its
+/// calls, so one call cannot wait for a human while the others return. Its permit is
+/// dropped unused.
+fn held_in_batch(mut held: Held, message: &Message) -> Value {
+    let reason = format!(
+        "{} (calls that need approval cannot be sent in a JSON-RPC batch; send it on its own)",
+        held.decision.reason
+    );
+    deny(&mut held.decision, DenyKind::ApprovalDenied, reason);
+    let id = message.id().cloned().unwrap_or(Value::Null);
+    refusal(&held.decision, &id, Era::Handshake, held.deny_as)
+}
+
 /// A batch's messages, decided one by one.
 struct Decided {
     /// Answers to the calls refused here.
@@ -166,30 +203,11 @@ async fn decide_each(
         };
         match verdict {
             Err(answer) => refused.push(answer),
-            Ok(Err(err)) => {
-                // The member's own id, so the client knows which call was refused
-                // (a step-up refusal is an error without one).
-                let mut answer = err.to_json();
-                if let (Some(id), Some(slot)) = (message.id(), answer.get_mut("id"))
-                    && slot.is_null()
-                {
-                    *slot = id.clone();
-                }
-                refused.push(answer);
-            }
+            Ok(Err(err)) => refused.push(refused_member(&err, &message)),
             Ok(Ok(Verdict::Refuse(answer))) => refused.push(answer),
             Ok(Ok(Verdict::Hold(held))) => {
-                let mut held = *held;
-                // A batch has one answer for all its calls, so one call cannot wait
-                // for a human while the others return. Its permit is dropped unused.
-                let reason = format!(
-                    "{} (calls that need approval cannot be sent in a JSON-RPC batch; send it on its own)",
-                    held.decision.reason
-                );
-                deny(&mut held.decision, DenyKind::ApprovalDenied, reason);
                 refused_here = Some(DenyKind::ApprovalDenied.as_str().to_owned());
-                let id = message.id().cloned().unwrap_or(Value::Null);
-                refused.push(refusal(&held.decision, &id, Era::Handshake, held.deny_as));
+                refused.push(held_in_batch(*held, &message));
             }
             Ok(Ok(Verdict::Forward(permit))) => {
                 went = Some((forward.len(), permit.is_some().then_some(permits.len())));

@@ -104,7 +104,7 @@ fn account(
     id: Option<&Value>,
 ) -> Result<Reply, ProxyError> {
     let server = &ctx.server;
-    let metrics = &ctx.shared().metrics;
+    let metrics = ctx.shared().metrics();
     match sent {
         Ok(mut reply) => {
             metrics.upstream_latency(&server.name, started.elapsed().as_secs_f64());
@@ -119,7 +119,7 @@ fn account(
             }
             if let (true, Some(session)) = (lost, &ctx.session) {
                 // The upstream forgot its session: forget ours so the client re-initializes.
-                ctx.shared().sessions.remove(&session.id);
+                ctx.shared().sessions().remove(&session.id);
                 return Err(ProxyError::UnknownSession);
             }
             if !reply.status.is_success() {
@@ -203,12 +203,22 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
             .map_err(failed)?;
     }
     if reply.status == StatusCode::NOT_FOUND && upstream_session.is_some() {
-        ctx.shared().sessions.remove(&session.id);
+        ctx.shared().sessions().remove(&session.id);
         return Err(ProxyError::UnknownSession);
     }
     let body = super::tools::on_list_changed(ctx, reply.body);
-    // The slot is held for as long as the stream lives.
-    let body = match body {
+    let body = holding(body, slot);
+    Ok(Answer {
+        status: reply.status,
+        body,
+        session: None,
+        retry_after: reply.retry_after,
+    })
+}
+
+/// The stream `body`, holding the session's stream `slot` for as long as it lives.
+fn holding<T: Send + Sync + 'static>(body: Body, slot: T) -> Body {
+    match body {
         Body::Events(events) => Body::Events(
             events
                 .map(move |event| {
@@ -226,13 +236,7 @@ pub async fn listen(ctx: &Context) -> Result<Answer, ProxyError> {
                 .boxed(),
         ),
         other => other,
-    };
-    Ok(Answer {
-        status: reply.status,
-        body,
-        session: None,
-        retry_after: reply.retry_after,
-    })
+    }
 }
 
 /// An error answer's body, and whether it carries JSON-RPC (a JSON object or batch

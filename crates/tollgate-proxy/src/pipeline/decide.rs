@@ -16,8 +16,10 @@ use tollgate_policy::{Action, Decision, DenyAs, DenyKind, Mode, Redaction, ToolC
 use super::context::Context;
 use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
-use crate::state::{Server, Shared};
+use crate::metrics::Metrics;
+use crate::state::{Notify, Server, Shared};
 use crate::store::limits::{Decided, Taken, Unchecked};
+use crate::store::remote::Unavailable;
 use crate::telemetry;
 
 /// What to do with an evaluated message.
@@ -161,7 +163,7 @@ impl Permit {
         }
         // A sent call keeps its slot, whatever happened after.
         self.slot = None;
-        self.shared.audit.write_soon(&Record::Outcome {
+        self.shared.audit().write_soon(&Record::Outcome {
             call_id: &self.call_id,
             server: &self.server.name,
             tool: &self.tool,
@@ -228,21 +230,28 @@ async fn refuse_changed(
 ) -> Verdict {
     let deciding = telemetry::clock();
     let policy = ctx.server.policy.load_full();
-    let permit = Permit {
-        shared: ctx.shared().clone(),
-        server: ctx.server.clone(),
-        call_id: uuid_v7(),
-        request_id: id.clone(),
-        tool: decision.tool.clone(),
-        slot: None,
-        started: None,
-        latency: None,
-        trace: telemetry::call(),
-        redactions: Vec::new(),
-    };
+    let permit = Permit::new(ctx, id, decision.tool.clone(), None);
     let named = policy.names_tool(&decision.tool);
     record(ctx, &decision, &permit, arguments, false, named, deciding).await;
     Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
+}
+
+impl Permit {
+    /// The permit of call `id` to `tool`, holding its rate-limit `slot` if it took one.
+    fn new(ctx: &Context, id: &Value, tool: String, slot: Option<Taken>) -> Permit {
+        Permit {
+            shared: ctx.shared().clone(),
+            server: ctx.server.clone(),
+            call_id: uuid_v7(),
+            request_id: id.clone(),
+            tool,
+            slot,
+            started: None,
+            latency: None,
+            trace: telemetry::call(),
+            redactions: Vec::new(),
+        }
+    }
 }
 
 /// Evaluates one `tools/call`, writes the decision to the audit log, and says what
@@ -275,48 +284,15 @@ async fn enforce(
         unchecked,
     } = server.limits.decide(&policy, &call, shared.now()).await;
     // A call refused for it is refused as any other call is: with its audit record.
-    let unchecked = unchecked.and_then(|Unchecked { error, refused }| {
-        shared.metrics.state_unavailable(&server.name, refused);
-        if refused {
-            tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
-        } else {
-            tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
-        }
-        refused.then_some(error)
-    });
+    let unchecked = unchecked.and_then(|u| limits_unchecked(shared.metrics(), server, tool, u));
     let audit_mode = policy.mode() == Mode::Audit && unchecked.is_none();
-    let mut permit = Permit {
-        shared: shared.clone(),
-        server: server.clone(),
-        call_id: uuid_v7(),
-        request_id: id.clone(),
-        tool: tool.to_owned(),
-        slot: taken,
-        started: None,
-        latency: None,
-        trace: telemetry::call(),
-        redactions: Vec::new(),
-    };
-
-    // Without an admin listener no human can decide, so refuse at once instead of
-    // holding the call until it times out.
-    if decision.action == Action::RequireApproval && !audit_mode && shared.admin_url.get().is_none()
-    {
-        decision.action = Action::Deny;
-        decision.kind = Some(DenyKind::ApprovalDenied);
-        decision.reason = format!(
-            "{} (this call needs a human's approval, and approval is not available: no admin listener is configured)",
-            decision.reason
-        );
+    let permit = Permit::new(ctx, id, tool.to_owned(), taken);
+    if !audit_mode {
+        refuse_without_approvers(&mut decision, shared.notify());
     }
+    let named = policy.names_tool(tool);
     let recorded = record(
-        ctx,
-        &decision,
-        &permit,
-        arguments,
-        audit_mode,
-        policy.names_tool(tool),
-        deciding,
+        ctx, &decision, &permit, arguments, audit_mode, named, deciding,
     )
     .await;
     if let Some(error) = unchecked {
@@ -330,36 +306,90 @@ async fn enforce(
         )));
     }
     let goes_on = audit_mode || decision.action != Action::Deny;
-    if !recorded && goes_on && shared.audit.refuses_unrecorded() {
+    if !recorded && goes_on && shared.audit().refuses_unrecorded() {
         // `audit.on_failure: refuse`: what cannot be recorded does not happen. The
         // permit is dropped unused, so its slot is given back.
-        shared.metrics.audit_refusal(&server.name);
-        tracing::warn!(
+        return Ok(Verdict::Refuse(refuse_unrecorded(
+            shared.metrics(),
+            server,
+            id,
             tool,
-            "tools/call refused: its decision could not be written to the audit log"
-        );
-        return Ok(Verdict::Refuse(error_response(
-            Some(id),
-            ErrorCode::InternalError,
-            &format!(
-                "tools/call `{tool}` was not forwarded: its decision could not be written to the audit log (audit.on_failure: refuse); the operator must fix the audit log"
-            ),
-            None,
         )));
     }
+    if audit_mode {
+        return Ok(Verdict::Forward(Some(permit)));
+    }
+    verdict(ctx, id, decision, permit, policy.deny_as())
+}
 
+/// A rate limit the shared state could not check: counted and logged; the error
+/// when `state.on_failure: refuse` refuses the call.
+fn limits_unchecked(
+    metrics: &Metrics,
+    server: &Server,
+    tool: &str,
+    Unchecked { error, refused }: Unchecked,
+) -> Option<Unavailable> {
+    metrics.state_unavailable(&server.name, refused);
+    if refused {
+        tracing::warn!(tool, error = %error, "tools/call refused: its rate limit is kept in the shared state, which cannot be reached (state.on_failure: refuse)");
+    } else {
+        tracing::warn!(tool, error = %error, "tools/call let through without its rate limit: the shared state cannot be reached (state.on_failure: allow)");
+    }
+    refused.then_some(error)
+}
+
+/// Without an admin listener no human can decide, so a call that needs approval is
+/// refused at once instead of held until it times out.
+fn refuse_without_approvers(decision: &mut Decision, notify: &Notify) {
+    if decision.action == Action::RequireApproval && notify.admin_url().is_none() {
+        decision.action = Action::Deny;
+        decision.kind = Some(DenyKind::ApprovalDenied);
+        decision.reason = format!(
+            "{} (this call needs a human's approval, and approval is not available: no admin listener is configured)",
+            decision.reason
+        );
+    }
+}
+
+/// The answer to a call refused because its decision could not be recorded
+/// (`audit.on_failure: refuse`).
+fn refuse_unrecorded(metrics: &Metrics, server: &Server, id: &Value, tool: &str) -> Value {
+    metrics.audit_refusal(&server.name);
+    tracing::warn!(
+        tool,
+        "tools/call refused: its decision could not be written to the audit log"
+    );
+    error_response(
+        Some(id),
+        ErrorCode::InternalError,
+        &format!(
+            "tools/call `{tool}` was not forwarded: its decision could not be written to the audit log (audit.on_failure: refuse); the operator must fix the audit log"
+        ),
+        None,
+    )
+}
+
+/// What an enforced decision does with the call.
+fn verdict(
+    ctx: &Context,
+    id: &Value,
+    decision: Decision,
+    mut permit: Permit,
+    deny_as: DenyAs,
+) -> Result<Verdict, ProxyError> {
     Ok(match decision.action {
-        _ if audit_mode => Verdict::Forward(Some(permit)),
         Action::Allow => Verdict::Forward(Some(permit)),
         Action::RequireApproval => Verdict::Hold(Box::new(Held {
             permit,
-            deny_as: policy.deny_as(),
+            deny_as,
             decision,
         })),
         // A token bearer can get the scope and retry (MCP's step-up flow); anyone
         // else is refused like any other denial.
         Action::Deny
-            if decision.kind == Some(DenyKind::InsufficientScope) && identity.is_some() =>
+            if decision.kind == Some(DenyKind::InsufficientScope)
+                && ctx.caller.identity.is_some() =>
         {
             return Err(ProxyError::InsufficientScope {
                 scope: decision.required_scopes.join(" "),
@@ -369,9 +399,9 @@ async fn enforce(
         Action::Deny => {
             // Refused here: the slot (if the decision took one) is not spent.
             if let Some(slot) = permit.slot.take() {
-                server.limits.release(slot);
+                ctx.server.limits.release(slot);
             }
-            Verdict::Refuse(refusal(&decision, id, ctx.era, policy.deny_as()))
+            Verdict::Refuse(refusal(&decision, id, ctx.era, deny_as))
         }
     })
 }
@@ -390,9 +420,9 @@ async fn record(
     let identity = ctx.caller.identity.as_deref();
     let rule = rule_label(decision);
     // Building the record (and hashing the arguments) is skipped when nothing is logged.
-    let recorded = !shared.audit.enabled()
+    let recorded = !shared.audit().enabled()
         || shared
-            .audit
+            .audit()
             .write_together(&Record::Decision {
                 call_id: &permit.call_id,
                 server: &ctx.server.name,
@@ -409,11 +439,11 @@ async fn record(
                 reason: &decision.reason,
                 mode: if audit_mode { "audit" } else { "enforce" },
                 arguments_digest: digest(arguments),
-                arguments: shared.audit.includes_arguments().then_some(arguments),
+                arguments: shared.audit().includes_arguments().then_some(arguments),
                 failing_path: decision.failing_path.as_deref(),
             })
             .await;
-    shared.metrics.decision(
+    shared.metrics().decision(
         &ctx.server.name,
         &permit.tool,
         named_by_policy,

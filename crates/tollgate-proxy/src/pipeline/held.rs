@@ -134,7 +134,7 @@ fn hold_of<'m>(ctx: &Context, message: &'m Message, held: &Held) -> Hold<'m> {
         }),
         rule: rule_label(&held.decision).to_owned(),
         reason: held.decision.reason.clone(),
-        wait: approval.wait.unwrap_or(ctx.shared().approval_wait),
+        wait: approval.wait.unwrap_or(ctx.shared().approval_wait()),
         approval,
         progress_token: message.progress_token().cloned(),
         asking,

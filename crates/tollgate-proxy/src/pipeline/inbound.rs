@@ -10,8 +10,8 @@
 
 use axum::http::{HeaderName, HeaderValue};
 use tollgate_mcp::{
-    Era, Kind, Message, RoutingHeaders, check_param_headers, era_of, is_stateless_version,
-    meta_protocol_version, mirrored_headers, mirrored_param_headers,
+    Era, Kind, Message, ParamHeader, RoutingHeaders, check_param_headers, era_of,
+    is_stateless_version, meta_protocol_version, mirrored_headers, mirrored_param_headers,
 };
 
 use super::context::Meta;
@@ -26,6 +26,31 @@ pub struct Decoded {
     pub initialize: bool,
     /// Headers forwarded upstream with it.
     pub forwarded: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The headers a binding without headers gets mirrored from `message`: the routing
+/// headers, and the `Mcp-Param-*` headers its tool `declared` (a stateless-era
+/// call's, with its arguments).
+fn mirror(
+    message: &Message,
+    declared: Option<&[ParamHeader]>,
+    arguments: Option<&serde_json::Map<String, serde_json::Value>>,
+    forwarded: &mut Vec<(HeaderName, HeaderValue)>,
+) {
+    for (name, value) in mirrored_headers(message) {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            forwarded.push((HeaderName::from_static(name), value));
+        }
+    }
+    if let Some(declared) = declared {
+        for (name, value) in mirrored_param_headers(declared, arguments) {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::try_from(name), HeaderValue::from_str(&value))
+            {
+                forwarded.push((name, value));
+            }
+        }
+    }
 }
 
 /// Checks the routing headers (and the `Mcp-Param-*` headers the called tool
@@ -73,20 +98,9 @@ pub fn decode(message: &Message, meta: &Meta, params: &ToolParams) -> Result<Dec
                 .and_then(|v| v.to_str().ok())
         }
         None => {
-            for (name, value) in mirrored_headers(message) {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    forwarded.push((HeaderName::from_static(name), value));
-                }
-            }
-            if stateless && let (Some(call), Some(declared)) = (&call, &declared) {
-                for (name, value) in mirrored_param_headers(declared, call.arguments.as_object()) {
-                    if let (Ok(name), Ok(value)) =
-                        (HeaderName::try_from(name), HeaderValue::from_str(&value))
-                    {
-                        forwarded.push((name, value));
-                    }
-                }
-            }
+            let arguments = call.as_ref().and_then(|call| call.arguments.as_object());
+            let param = declared.as_deref().filter(|_| stateless);
+            mirror(message, param, arguments, &mut forwarded);
             None
         }
     };

@@ -13,8 +13,9 @@ use tollgate_mcp::Message;
 use tollgate_policy::{Action, Decision, DenyKind};
 
 use super::context::Context;
-use crate::audit::Record;
+use crate::audit::{Audit, Record};
 use crate::lock::{Change, Status, ToolWatch};
+use crate::metrics::Metrics;
 use crate::state::{Server, Shared};
 use crate::upstream::{Body, Json, Payload, Request};
 
@@ -68,7 +69,13 @@ impl Screen {
             return false;
         };
         let (keep, changes) = watch.learn(&self.key, tools, false);
-        record(&self.shared, &self.server, watch, &changes);
+        record(
+            self.shared.audit(),
+            self.shared.metrics(),
+            &self.server,
+            watch,
+            &changes,
+        );
         let before = tools.len();
         let mut keep = keep.into_iter();
         tools.retain(|_| keep.next().unwrap_or(true));
@@ -77,17 +84,23 @@ impl Screen {
 }
 
 /// Records changes seen for the first time: the audit record, the metric, a WARN line.
-fn record(shared: &Shared, server: &Server, watch: &ToolWatch, changes: &[Change]) {
+fn record(
+    audit: &Audit,
+    metrics: &Metrics,
+    server: &Server,
+    watch: &ToolWatch,
+    changes: &[Change],
+) {
     let mode = if watch.warns() { "warn" } else { "refuse" };
     for change in changes {
-        shared.audit.write_soon(&Record::ToolChanged {
+        audit.write_soon(&Record::ToolChanged {
             server: &server.name,
             tool: &change.tool,
             locked: change.locked.as_deref(),
             seen: &change.seen,
             on_tool_change: mode,
         });
-        shared.metrics.tool_change(&server.name);
+        metrics.tool_change(&server.name);
         tracing::warn!(
             server = %server.name,
             tool = %change.tool,
@@ -141,7 +154,13 @@ pub async fn check(ctx: &Context, call: &Message, tool: &str) -> Option<Decision
         ),
     };
     if let Some(change) = watch.change(tool, status) {
-        record(ctx.shared(), &ctx.server, watch, &[change]);
+        record(
+            ctx.shared().audit(),
+            ctx.shared().metrics(),
+            &ctx.server,
+            watch,
+            &[change],
+        );
     }
     (!watch.warns()).then(|| refused(tool, reason))
 }
@@ -173,15 +192,20 @@ async fn list(ctx: &Context, call: &Message, watch: &ToolWatch, key: &str) -> Re
         .await
         .map_err(|_| format!("no answer within {}s", timeout.as_secs()))??;
     let (_, changes) = watch.learn(key, &listed, true);
-    record(ctx.shared(), &ctx.server, watch, &changes);
+    record(
+        ctx.shared().audit(),
+        ctx.shared().metrics(),
+        &ctx.server,
+        watch,
+        &changes,
+    );
     Ok(())
 }
 
-async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
-    let upstream_session = ctx.session.as_ref().and_then(|s| s.upstream_id());
-    let version = ctx.session.as_ref().and_then(|s| s.protocol_version());
-    let meta: serde_json::Map<String, Value> = call
-        .pointer("/params/_meta")
+/// The listing's `_meta`: the call's stateless-era keys (protocol version, client
+/// info and capabilities).
+fn listing_meta(call: &Value) -> serde_json::Map<String, Value> {
+    call.pointer("/params/_meta")
         .and_then(Value::as_object)
         .map(|meta| {
             meta.iter()
@@ -189,9 +213,15 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect()
         })
-        .unwrap_or_default();
-    let mut headers: Vec<_> = ctx
-        .forwarded
+        .unwrap_or_default()
+}
+
+/// The listing's headers: the call's, but for those that name the call
+/// (`Mcp-Method` says `tools/list` instead).
+fn listing_headers(
+    forwarded: &[(axum::http::HeaderName, axum::http::HeaderValue)],
+) -> Vec<(axum::http::HeaderName, axum::http::HeaderValue)> {
+    let mut headers: Vec<_> = forwarded
         .iter()
         .filter(|(name, _)| {
             let name = name.as_str();
@@ -199,12 +229,40 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
         })
         .cloned()
         .collect();
-    if ctx.forwarded.iter().any(|(name, _)| name == "mcp-method") {
+    if forwarded.iter().any(|(name, _)| name == "mcp-method") {
         headers.push((
             axum::http::HeaderName::from_static("mcp-method"),
             axum::http::HeaderValue::from_static("tools/list"),
         ));
     }
+    headers
+}
+
+/// The JSON-RPC answer in a listing's reply: the body, or the stream's first answer.
+async fn answer_of(body: Body) -> Result<Value, String> {
+    match body.into_events() {
+        Body::Json(json) => json.into_value().map_err(|e| e.to_string()),
+        Body::Events(mut events) => loop {
+            match events.next().await {
+                Some(Ok(event)) => {
+                    let message = event.data.into_value().map_err(|e| e.to_string())?;
+                    if message.get("method").is_none() && message.get("id").is_some() {
+                        return Ok(message);
+                    }
+                }
+                Some(Err(failure)) => return Err(failure.to_string()),
+                None => return Err("the stream ended without an answer".into()),
+            }
+        },
+        _ => Err("the answer is not JSON-RPC".into()),
+    }
+}
+
+async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
+    let upstream_session = ctx.session.as_ref().and_then(|s| s.upstream_id());
+    let version = ctx.session.as_ref().and_then(|s| s.protocol_version());
+    let meta = listing_meta(call);
+    let headers = listing_headers(&ctx.forwarded);
     let mut tools = Vec::new();
     let mut cursor: Option<String> = None;
     for page in 0..MAX_PAGES {
@@ -233,22 +291,7 @@ async fn all_pages(ctx: &Context, call: &Value) -> Result<Vec<Value>, String> {
         if !reply.status.is_success() {
             return Err(format!("the upstream answered HTTP {}", reply.status));
         }
-        let answer = match reply.body.into_events() {
-            Body::Json(json) => json.into_value().map_err(|e| e.to_string())?,
-            Body::Events(mut events) => loop {
-                match events.next().await {
-                    Some(Ok(event)) => {
-                        let message = event.data.into_value().map_err(|e| e.to_string())?;
-                        if message.get("method").is_none() && message.get("id").is_some() {
-                            break message;
-                        }
-                    }
-                    Some(Err(failure)) => return Err(failure.to_string()),
-                    None => return Err("the stream ended without an answer".into()),
-                }
-            },
-            _ => return Err("the answer is not JSON-RPC".into()),
-        };
+        let answer = answer_of(reply.body).await?;
         if let Some(error) = answer.get("error") {
             return Err(format!("tools/list failed: {error}"));
         }

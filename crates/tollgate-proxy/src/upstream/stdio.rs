@@ -224,16 +224,10 @@ pub struct SpawnError {
     source: std::io::Error,
 }
 
-/// Starts the command and returns a channel to it.
-pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnError> {
-    let failed = |source| SpawnError {
-        command: command.display(),
-        source,
-    };
-    let (program, args) = command
-        .argv
-        .split_first()
-        .ok_or_else(|| failed(std::io::Error::other("the command is empty")))?;
+/// The process to start for `command` (`program` and its `args`): under the guard
+/// when there is one, with a cleared environment, piped standard streams, and a
+/// process group of its own.
+fn process_of(command: &Command, program: &str, args: &[String]) -> tokio::process::Command {
     let mut process = match GUARD.get() {
         Some(guard) => {
             let mut process = tokio::process::Command::new(guard);
@@ -265,6 +259,20 @@ pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnErr
     if let Some(cwd) = &command.cwd {
         process.current_dir(cwd);
     }
+    process
+}
+
+/// Starts the command and returns a channel to it.
+pub fn spawn(command: &Command, children: &Children) -> Result<Channel, SpawnError> {
+    let failed = |source| SpawnError {
+        command: command.display(),
+        source,
+    };
+    let (program, args) = command
+        .argv
+        .split_first()
+        .ok_or_else(|| failed(std::io::Error::other("the command is empty")))?;
+    let mut process = process_of(command, program, args);
     let mut child = process.spawn().map_err(failed)?;
     let pid = child.id();
     // The child leads its own group, so the group id is its pid.

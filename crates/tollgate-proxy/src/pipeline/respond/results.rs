@@ -51,7 +51,7 @@ impl Results {
     /// rules say; `None` when no entry applies.
     pub(super) fn apply(&self, tool: &str, result: &mut Value) -> Option<ResultVerdict> {
         let verdict = self.rules(tool)?.apply(result);
-        let metrics = &self.shared.metrics;
+        let metrics = &self.shared.metrics();
         for redaction in &verdict.redactions {
             metrics.result_redactions(&self.server, &redaction.name, redaction.count);
         }
