@@ -507,7 +507,7 @@ fn replay_audit(
     let file =
         std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    let (mut old, mut new) = (
+    let mut sides = [
         Side {
             policy: old,
             limiter: RateLimiter::new(),
@@ -516,11 +516,10 @@ fn replay_audit(
             policy: new,
             limiter: RateLimiter::new(),
         },
-    );
+    ];
     let mut line = String::new();
     let mut number = 0u64;
-    let mut start: Option<SystemTime> = None;
-    let mut now = Duration::ZERO;
+    let mut clock = Clock::default();
     let unreadable = |report: &mut Report, number: u64, why: String| {
         report.unreadable += 1;
         report
@@ -545,17 +544,14 @@ fn replay_audit(
         if text.is_empty() {
             continue;
         }
-        let record: Record<'_> = match serde_json::from_str(text) {
-            Ok(record) => record,
-            Err(e) => {
-                unreadable(report, number, format!("not an audit record: {e}"));
+        let record = match decision_record(text, server) {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(why) => {
+                unreadable(report, number, why);
                 continue;
             }
         };
-        if record.event != "decision" || server.is_some_and(|s| record.server.as_deref() != Some(s))
-        {
-            continue;
-        }
         let Some(tool) = record.tool.as_deref() else {
             unreadable(
                 report,
@@ -564,59 +560,97 @@ fn replay_audit(
             );
             continue;
         };
-        // Time since the log's first decision, never going back (records written
-        // together may be a millisecond out of order).
-        if let Some(at) = record
-            .time
-            .as_deref()
-            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        {
-            let start = *start.get_or_insert(at);
-            now = now.max(at.duration_since(start).unwrap_or_default());
-        }
-        // The keys the proxy counted limits under (pipeline/context.rs); the log
-        // keeps no peer address, so calls with neither client nor token share one.
-        let client = record.client.as_deref();
-        let user = record.user.as_deref();
-        let (client_key, user_key) = match (client, user) {
-            (Some(c), _) => {
-                let key = format!("client:{c}");
-                (key.clone(), key)
-            }
-            (None, Some(u)) => {
-                let user_key = format!("user:{u}");
-                match record.client_id.as_deref() {
-                    Some(id) => (format!("oauth-client:{id}"), user_key),
-                    None => (user_key.clone(), user_key),
-                }
-            }
-            (None, None) => ("peer:unknown".to_owned(), "peer:unknown".to_owned()),
-        };
-        let session_key = match record.session.as_deref() {
-            Some(id) => format!("session:{id}"),
-            None => user_key.clone(),
-        };
-        let null = Value::Null;
-        let call = ToolCall {
-            tool,
-            arguments: record.arguments.as_ref().unwrap_or(&null),
-            client,
-            session_key: &session_key,
-            client_key: &client_key,
-            user_key: &user_key,
-            claims: None,
-            scopes: &[],
-        };
-        let known = Known {
-            arguments: record.arguments.is_some(),
-            // Without a token there are no claims and no scopes: that is known.
-            identity: user.is_none(),
-        };
-        let before = old.decide(&call, now, known, false);
-        let after = new.decide(&call, now, known, false);
-        report.add(tool, || who(client, user), before, after);
+        let now = clock.at(record.time.as_deref());
+        replay_record(&record, tool, now, &mut sides, report);
     }
     Ok(())
+}
+
+/// The record on one line when it is a decision (of `server`, when given); `Err` says
+/// why the line is no audit record.
+fn decision_record<'a>(text: &'a str, server: Option<&str>) -> Result<Option<Record<'a>>, String> {
+    let record: Record<'a> =
+        serde_json::from_str(text).map_err(|e| format!("not an audit record: {e}"))?;
+    let wanted =
+        record.event == "decision" && server.is_none_or(|s| record.server.as_deref() == Some(s));
+    Ok(wanted.then_some(record))
+}
+
+/// Time since the log's first decision, never going back (records written together
+/// may be a millisecond out of order).
+#[derive(Default)]
+struct Clock {
+    start: Option<SystemTime>,
+    now: Duration,
+}
+
+impl Clock {
+    /// The time of a record written at `time` (RFC 3339); one without a readable time
+    /// is taken to be as late as the one before it.
+    fn at(&mut self, time: Option<&str>) -> Duration {
+        if let Some(at) = time.and_then(|t| humantime::parse_rfc3339_weak(t).ok()) {
+            let start = *self.start.get_or_insert(at);
+            self.now = self.now.max(at.duration_since(start).unwrap_or_default());
+        }
+        self.now
+    }
+}
+
+/// The keys the proxy counted limits under (pipeline/context.rs): client, user and
+/// session. The log keeps no peer address, so calls with neither client nor token
+/// share one.
+fn limit_keys(record: &Record<'_>) -> (String, String, String) {
+    let (client_key, user_key) = match (record.client.as_deref(), record.user.as_deref()) {
+        (Some(c), _) => {
+            let key = format!("client:{c}");
+            (key.clone(), key)
+        }
+        (None, Some(u)) => {
+            let user_key = format!("user:{u}");
+            match record.client_id.as_deref() {
+                Some(id) => (format!("oauth-client:{id}"), user_key),
+                None => (user_key.clone(), user_key),
+            }
+        }
+        (None, None) => ("peer:unknown".to_owned(), "peer:unknown".to_owned()),
+    };
+    let session_key = match record.session.as_deref() {
+        Some(id) => format!("session:{id}"),
+        None => user_key.clone(),
+    };
+    (client_key, user_key, session_key)
+}
+
+/// Decides one recorded call under both policies, at `now`, and adds the pair to
+/// the report.
+fn replay_record(
+    record: &Record<'_>,
+    tool: &str,
+    now: Duration,
+    [old, new]: &mut [Side<'_>; 2],
+    report: &mut Report,
+) {
+    let (client, user) = (record.client.as_deref(), record.user.as_deref());
+    let (client_key, user_key, session_key) = limit_keys(record);
+    let null = Value::Null;
+    let call = ToolCall {
+        tool,
+        arguments: record.arguments.as_ref().unwrap_or(&null),
+        client,
+        session_key: &session_key,
+        client_key: &client_key,
+        user_key: &user_key,
+        claims: None,
+        scopes: &[],
+    };
+    let known = Known {
+        arguments: record.arguments.is_some(),
+        // Without a token there are no claims and no scopes: that is known.
+        identity: user.is_none(),
+    };
+    let before = old.decide(&call, now, known, false);
+    let after = new.decide(&call, now, known, false);
+    report.add(tool, || who(client, user), before, after);
 }
 
 /// Runs `tollgate diff`.
