@@ -502,7 +502,8 @@ def test_a_flooding_legacy_sse_upstream_does_not_grow_memory(reader, procs, tmp_
     procs.append(flood)
     wait_port(port)
     block = f"    transport: sse\n    url: http://127.0.0.1:{port}/sse\n"
-    base, proc = serve_config(procs, write_config(tmp_path, {"up": (block, ALLOW)}))
+    base, proc = serve_config(procs, write_config(tmp_path, {"up": (block, ALLOW)}),
+                              env={"MIMALLOC_PURGE_DELAY": "0"})
     url = f"{base}/mcp"
     pid = proc.proc.pid
     before = rss_mib(pid)
