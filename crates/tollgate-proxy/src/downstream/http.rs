@@ -394,7 +394,58 @@ fn sse_frame(event: Event) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    use super::mcp_endpoint;
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn meta_keeps_each_routing_headers_first_value_and_every_param_header() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("Mcp-Method", "tools/call"),
+            ("mcp-param-region", "eu"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("mcp-name", "first"),
+            ("mcp-name", "second"),
+            ("mcp-method", "later"),
+            ("Mcp-Param-Region", "us"),
+            ("mcp-param-id", "7"),
+            ("mcp-parameter", "not a param header"),
+        ] {
+            headers.append(
+                HeaderName::try_from(name).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        let meta = meta_of(&headers, Some("s1".into()), Lane::FIRST);
+        let routing = meta.routing.unwrap();
+        // What `HeaderMap::get` gives: the first value of each name.
+        assert_eq!(
+            routing.protocol_version,
+            headers.get("mcp-protocol-version").cloned()
+        );
+        assert_eq!(routing.method.unwrap(), "tools/call");
+        assert_eq!(routing.name.unwrap(), "first");
+        let params: Vec<(&str, &str)> = meta
+            .params
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            params,
+            [
+                ("mcp-param-region", "eu"),
+                ("mcp-param-region", "us"),
+                ("mcp-param-id", "7")
+            ]
+        );
+        assert_eq!(meta.session.as_deref(), Some("s1"));
+        // Without the headers, nothing is made up.
+        let bare = meta_of(&HeaderMap::new(), None, Lane::FIRST);
+        let routing = bare.routing.unwrap();
+        assert!(routing.protocol_version.is_none() && routing.method.is_none());
+        assert!(routing.name.is_none() && bare.params.is_empty() && bare.session.is_none());
+    }
 
     #[test]
     fn only_plain_mcp_endpoint_paths_skip_the_router() {
