@@ -390,6 +390,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_answers_headers_are_read_as_get_reads_them() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("date", "today"),
+            ("Content-Type", "application/json"),
+            ("mcp-session-id", "s1"),
+            ("content-type", "text/plain"),
+            ("Retry-After", "3"),
+            ("Mcp-Session-Id", "s2"),
+            ("content-length", "10"),
+        ] {
+            headers.append(
+                HeaderName::try_from(name).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        let heads = Read::of(&headers);
+        for (read, name) in [
+            (heads.content_type, header::CONTENT_TYPE),
+            (heads.content_length, header::CONTENT_LENGTH),
+            (heads.retry_after, header::RETRY_AFTER),
+            (heads.session, SESSION_HEADER),
+        ] {
+            assert_eq!(read, headers.get(&name), "{name}");
+            assert!(read.is_some(), "{name}");
+        }
+        let none = HeaderMap::new();
+        let heads = Read::of(&none);
+        assert!(heads.content_type.is_none() && heads.content_length.is_none());
+        assert!(heads.retry_after.is_none() && heads.session.is_none());
+    }
+
+    #[test]
     fn credentials_in_the_url_become_a_basic_header() {
         let url = reqwest::Url::parse("http://al%40ice:s3cret@127.0.0.1:9/mcp?x=1#frag").unwrap();
         let upstream =
