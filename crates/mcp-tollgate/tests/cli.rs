@@ -2,6 +2,8 @@
 //! 1 a file the user must fix, 2 usage or I/O) and located messages.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

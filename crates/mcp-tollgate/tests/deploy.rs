@@ -6,6 +6,8 @@
 //! exists); tests/e2e/test_chart.py renders it with Helm's engine.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,8 @@
 //! keys, commands and their flags, admin routes, audit fields, links and paths.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

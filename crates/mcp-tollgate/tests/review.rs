@@ -2,6 +2,8 @@
 //! unexercised) and `tollgate diff` (the calls whose decision a change changes).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

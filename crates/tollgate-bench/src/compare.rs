@@ -2,14 +2,14 @@
 //! generator, CPU per call of nginx, Tollgate and the upstream from `/proc`, and
 //! issue 15's targets printed as ratios with pass/miss. Output is markdown.
 
+mod extras;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use crate::load::{self, Cell, Era, Target, Workload};
-use crate::procs::{Child, Lab, rule_policy};
+use crate::procs::{Child, Lab};
 use crate::wrk;
 
 /// Which load generator drives the cells.
@@ -92,7 +92,7 @@ pub async fn run(tollgate: &Path, options: &Options) -> anyhow::Result<()> {
         );
         print_grid(&rows);
         if !options.quick {
-            extras(&mut lab, tollgate, &driver, options, &mut figures).await?;
+            extras::extras(&mut lab, tollgate, &driver, options, &mut figures).await?;
         }
         lab.stop_all();
         runs.push(figures);
@@ -197,34 +197,53 @@ async fn grid(
                     era,
                     secs: options.secs,
                 };
-                let direct = bench
-                    .measure(&upstream.url, None, Workload::Call, concurrency)
-                    .await?;
-                let nginx_cell = match &nginx {
-                    Some(n) => Some(
-                        bench
-                            .measure(&n.url, Some(n), Workload::Call, concurrency)
-                            .await?,
-                    ),
-                    None => None,
-                };
-                let through = bench
-                    .measure(&proxy.url, Some(&proxy), Workload::Call, concurrency)
-                    .await?;
+                let row = measure_row(&bench, answer, &proxy, nginx.as_ref(), concurrency).await?;
                 eprintln!("measured {answer} {era:?} c={concurrency}");
-                rows.push(Row {
-                    answer,
-                    era,
-                    concurrency,
-                    direct,
-                    nginx: nginx_cell,
-                    tollgate: through,
-                });
+                rows.push(row);
             }
         }
         lab.stop_all();
     }
-    for row in &rows {
+    record_grid(&rows, figures);
+    Ok(rows)
+}
+
+/// One row's cells, in this order: direct, through nginx (when it runs), through Tollgate.
+async fn measure_row(
+    bench: &Bench<'_>,
+    answer: &'static str,
+    proxy: &Child,
+    nginx: Option<&Child>,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    let upstream = bench.upstream;
+    let direct = bench
+        .measure(&upstream.url, None, Workload::Call, concurrency)
+        .await?;
+    let nginx = match nginx {
+        Some(n) => Some(
+            bench
+                .measure(&n.url, Some(n), Workload::Call, concurrency)
+                .await?,
+        ),
+        None => None,
+    };
+    let tollgate = bench
+        .measure(&proxy.url, Some(proxy), Workload::Call, concurrency)
+        .await?;
+    Ok(Row {
+        answer,
+        era: bench.era,
+        concurrency,
+        direct,
+        nginx,
+        tollgate,
+    })
+}
+
+/// The grid's figures for the targets table, named `answer/era/cN/figure`.
+fn record_grid(rows: &[Row], figures: &mut Figures) {
+    for row in rows {
         let key = |name: &'static str| -> &'static str {
             // Leaked once per figure name and run: a handful of short strings.
             Box::leak(
@@ -248,7 +267,6 @@ async fn grid(
             );
         }
     }
-    Ok(rows)
 }
 
 fn print_grid(rows: &[Row]) {
@@ -280,155 +298,6 @@ fn print_grid(rows: &[Row]) {
         );
     }
     println!();
-}
-
-/// The cells beyond the grid, all stateless-era JSON: an audit log, 1,000 rules,
-/// 1 MiB arguments, `tools/list` of 1,000 tools, 10,000 idle sessions, a 1 ms upstream.
-async fn extras(
-    lab: &mut Lab,
-    tollgate: &Path,
-    driver: &Driver,
-    options: &Options,
-    figures: &mut Figures,
-) -> anyhow::Result<()> {
-    let dir = lab.dir().to_owned();
-    let (era, secs) = (Era::Stateless, options.secs);
-    let upstream = lab.demo_upstream_with(tollgate, false, 0, 1000).await?;
-    let proxy = lab.tollgate(tollgate, &upstream.url).await?;
-    let nginx = lab.nginx(&upstream.url).await.ok();
-    let audit_log = dir.join("audit.jsonl");
-    let audited = lab
-        .tollgate_with(
-            tollgate,
-            &upstream.url,
-            &rule_policy(50),
-            &format!("audit:\n  path: {}\n", audit_log.display()),
-        )
-        .await?;
-    let thousand = lab
-        .tollgate_with(tollgate, &upstream.url, &rule_policy(1000), "")
-        .await?;
-    let bench = Bench {
-        driver,
-        dir: &dir,
-        upstream: &upstream,
-        era,
-        secs,
-    };
-    println!("Stateless-era JSON, beyond the grid:\n");
-    println!("| cell | rps | p50 µs | p99 µs | proxy CPU µs/call | upstream CPU µs/call |");
-    println!("|---|---|---|---|---|---|");
-    let show = |name: &str, m: &Measured| {
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
-            m.cell.rps, m.cell.p50_us, m.cell.p99_us, m.proxy_cpu, m.upstream_cpu
-        );
-    };
-    // Each variant back to back with the plain Tollgate, at c=64.
-    let plain = bench
-        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
-        .await?;
-    show("tollgate, 50 rules, c=64", &plain);
-    let with_audit = bench
-        .measure(&audited.url, Some(&audited), Workload::Call, 64)
-        .await?;
-    show("tollgate with an audit log file, c=64", &with_audit);
-    let rules = bench
-        .measure(&thousand.url, Some(&thousand), Workload::Call, 64)
-        .await?;
-    show("tollgate, 1,000 rules, c=64", &rules);
-    figures.insert("plain_cpu", plain.proxy_cpu);
-    figures.insert("audit_cpu", with_audit.proxy_cpu);
-    figures.insert("thousand_rules_cpu", rules.proxy_cpu);
-    if let Some(nginx) = &nginx {
-        let n = bench
-            .measure(&nginx.url, Some(nginx), Workload::Call, 64)
-            .await?;
-        show("nginx, c=64", &n);
-        figures.insert("extras_nginx_cpu", n.proxy_cpu);
-    }
-    // 1 MiB of arguments: CPU per MiB is the difference from a small call.
-    let mib = 1 << 20;
-    let small = bench
-        .measure(&proxy.url, Some(&proxy), Workload::Call, 1)
-        .await?;
-    let big = bench
-        .measure(&proxy.url, Some(&proxy), Workload::BigCall(mib), 1)
-        .await?;
-    show("tollgate, 1 MiB argument, c=1", &big);
-    figures.insert("tollgate_us_per_mib", big.proxy_cpu - small.proxy_cpu);
-    if let Some(nginx) = &nginx {
-        let small = bench
-            .measure(&nginx.url, Some(nginx), Workload::Call, 1)
-            .await?;
-        let big = bench
-            .measure(&nginx.url, Some(nginx), Workload::BigCall(mib), 1)
-            .await?;
-        show("nginx, 1 MiB argument, c=1", &big);
-        figures.insert("nginx_us_per_mib", big.proxy_cpu - small.proxy_cpu);
-    }
-    // tools/list of 1,004 tools, of which the policy hides all but one (default: deny).
-    let direct_list = bench
-        .measure(&upstream.url, None, Workload::ToolsList, 1)
-        .await?;
-    let list = bench
-        .measure(&proxy.url, Some(&proxy), Workload::ToolsList, 1)
-        .await?;
-    show("direct, tools/list of 1,004 tools, c=1", &direct_list);
-    show("tollgate, tools/list of 1,004 tools, c=1", &list);
-    figures.insert(
-        "tools_list_added_p50",
-        list.cell.p50_us - direct_list.cell.p50_us,
-    );
-    // Idle sessions, on a Tollgate of their own: their memory, and whether calls on
-    // other sessions slow down (against the same process before they were opened).
-    let idle = options.idle_sessions.max(1);
-    let fresh = lab.tollgate(tollgate, &upstream.url).await?;
-    let before = fresh.rss()?;
-    load::open_sessions(&Target::new(&fresh.url), idle)
-        .await
-        .with_context(|| format!("opening {idle} idle sessions"))?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let per_session = fresh.rss()?.saturating_sub(before) as f64 / idle as f64;
-    let uncrowded = bench
-        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
-        .await?;
-    let crowded = bench
-        .measure(&fresh.url, Some(&fresh), Workload::Call, 64)
-        .await?;
-    show("tollgate, no idle sessions, c=64", &uncrowded);
-    show(
-        &format!("tollgate with {idle} idle sessions, c=64"),
-        &crowded,
-    );
-    figures.insert("uncrowded_cpu", uncrowded.proxy_cpu);
-    figures.insert("idle_session_bytes", per_session);
-    figures.insert("crowded_cpu", crowded.proxy_cpu);
-    lab.stop_all();
-    // An upstream that takes 1 ms per call.
-    let slow = lab.demo_upstream(tollgate, false, 1).await?;
-    let proxy = lab.tollgate(tollgate, &slow.url).await?;
-    let bench = Bench {
-        upstream: &slow,
-        ..bench
-    };
-    let direct = bench.measure(&slow.url, None, Workload::Call, 64).await?;
-    let through = bench
-        .measure(&proxy.url, Some(&proxy), Workload::Call, 64)
-        .await?;
-    show("direct, 1 ms upstream, c=64", &direct);
-    show("tollgate, 1 ms upstream, c=64", &through);
-    figures.insert("slow_ratio", through.cell.rps / direct.cell.rps.max(1e-9));
-    // nginx in the same cell tells what any hop costs against this upstream.
-    if let Ok(nginx) = lab.nginx(&slow.url).await {
-        let hop = bench
-            .measure(&nginx.url, Some(&nginx), Workload::Call, 64)
-            .await?;
-        show("nginx, 1 ms upstream, c=64", &hop);
-        figures.insert("slow_nginx_ratio", hop.cell.rps / direct.cell.rps.max(1e-9));
-    }
-    println!();
-    Ok(())
 }
 
 /// A target: its figure from a run's figures, the comparison and the goal.

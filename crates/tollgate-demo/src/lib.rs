@@ -132,45 +132,11 @@ async fn answer(
     let id = message.id().cloned().unwrap_or(Value::Null);
     let era = era_of(message, header_version);
     let params = message.params().cloned().unwrap_or_default();
-    let result = match message.method().unwrap_or("") {
-        "initialize" => {
-            let asked = params
-                .get("protocolVersion")
-                .and_then(Value::as_str)
-                .unwrap_or("2025-11-25");
-            let version = if SUPPORTED[1..].contains(&asked) {
-                asked
-            } else {
-                "2025-11-25"
-            };
-            json!({
-                "protocolVersion": version,
-                "capabilities": {"tools": {"listChanged": false}},
-                "serverInfo": server_info(),
-                "instructions": "A demo HealthLake-like server. Nothing here touches real data.",
-            })
-        }
-        "server/discover" => json!({
-            "supportedVersions": SUPPORTED,
-            "capabilities": {"tools": {"listChanged": false}},
-            "instructions": "A demo HealthLake-like server. Nothing here touches real data.",
-            "ttlMs": 0,
-            "cacheScope": "public",
-        }),
+    let mut result = match message.method().unwrap_or("") {
+        "initialize" => initialize_result(&params),
+        "server/discover" => discover_result(),
         "ping" => json!({}),
-        "tools/list" => {
-            let mut tools = tools();
-            if let Value::Array(list) = &mut tools {
-                list.extend((0..demo.options.extra_tools).map(|i| {
-                    json!({
-                        "name": format!("filler_tool_{i}"),
-                        "description": "A tool that does nothing, listed for benchmarks.",
-                        "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}},
-                    })
-                }));
-            }
-            json!({ "tools": tools, "ttlMs": 0, "cacheScope": "public" })
-        }
+        "tools/list" => tools_list_result(demo),
         "tools/call" => match call_tool(demo, &params).await {
             Ok(result) => result,
             Err(message) => {
@@ -178,22 +144,71 @@ async fn answer(
                 return Some((answer, StatusCode::OK));
             }
         },
-        other => {
-            let answer = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("method not found: {other}")}});
-            let status = if era == Era::Stateless {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::OK
-            };
-            return Some((answer, status));
-        }
+        other => return Some(method_not_found(&id, other, era)),
     };
-    let mut result = result;
     if era == Era::Stateless {
         result["resultType"] = json!("complete");
         result["_meta"] = json!({"io.modelcontextprotocol/serverInfo": server_info()});
     }
     Some((result_response(&id, result), StatusCode::OK))
+}
+
+/// The `initialize` result: the version the client asked for when the demo speaks it
+/// (a handshake-era one), else the newest handshake-era version.
+fn initialize_result(params: &serde_json::Map<String, Value>) -> Value {
+    let asked = params
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("2025-11-25");
+    let version = if SUPPORTED[1..].contains(&asked) {
+        asked
+    } else {
+        "2025-11-25"
+    };
+    json!({
+        "protocolVersion": version,
+        "capabilities": {"tools": {"listChanged": false}},
+        "serverInfo": server_info(),
+        "instructions": "A demo HealthLake-like server. Nothing here touches real data.",
+    })
+}
+
+/// The stateless era's `server/discover` result.
+fn discover_result() -> Value {
+    json!({
+        "supportedVersions": SUPPORTED,
+        "capabilities": {"tools": {"listChanged": false}},
+        "instructions": "A demo HealthLake-like server. Nothing here touches real data.",
+        "ttlMs": 0,
+        "cacheScope": "public",
+    })
+}
+
+/// The `tools/list` result: the demo's tools, then `extra_tools` fillers.
+fn tools_list_result(demo: &Demo) -> Value {
+    let mut tools = tools();
+    if let Value::Array(list) = &mut tools {
+        list.extend((0..demo.options.extra_tools).map(|i| {
+            json!({
+                "name": format!("filler_tool_{i}"),
+                "description": "A tool that does nothing, listed for benchmarks.",
+                "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}},
+            })
+        }));
+    }
+    json!({ "tools": tools, "ttlMs": 0, "cacheScope": "public" })
+}
+
+/// An unknown method: a JSON-RPC error, with 404 in the stateless era (which says so
+/// in HTTP too).
+fn method_not_found(id: &Value, method: &str, era: Era) -> (Value, StatusCode) {
+    let answer = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("method not found: {method}")}});
+    let status = if era == Era::Stateless {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::OK
+    };
+    (answer, status)
 }
 
 fn server_info() -> Value {

@@ -362,6 +362,8 @@ impl<'de> Visitor<'de> for KeySeed {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    // A scenario test reads top to bottom as one story: its length is allowed here.
+    #![allow(clippy::too_many_lines)]
     use super::*;
 
     fn refused(body: &str) -> String {

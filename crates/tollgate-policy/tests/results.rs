@@ -1,6 +1,8 @@
 //! Result rules (SPEC §9): loading, which entries apply, and what `apply` does to a result.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -2,13 +2,12 @@
 //! rate-limit windows, pending approvals, the tools' learned `Mcp-Param-*` headers,
 //! the tool lock's learned definitions and the owners of the MCP tasks Tollgate relayed.
 //!
-//! Each store is a narrow interface (a handful of methods, private fields) over an
-//! in-memory implementation. A shared backend (Redis, for several replicas) is a
-//! second implementation of the same methods; nothing above this module reaches
-//! into a store's insides. The rate-limit windows are split so already: `limits`
-//! is the facade (with `state.on_failure`), `limits/memory.rs` and `limits/redis.rs`
-//! the two backends, held to one behaviour by `limits/contract.rs`. This module
-//! imports nothing else of the proxy but the configuration.
+//! Each store is a front (a handful of methods, private fields) dispatching, without
+//! boxing, to one of two backends: `memory` (this process) and `redis` (shared by the
+//! replicas, through [`remote`]); one contract suite per store (`X/contract.rs`) holds
+//! both to one behaviour. The `redis` crate is used in this module only, and nothing
+//! above it names a backend. This module imports nothing else of the proxy but the
+//! configuration.
 
 pub mod approvals;
 pub mod definitions;

@@ -267,6 +267,46 @@ fn use_trees_are_read_whole() {
     assert_eq!(paths, ["x", "x::Y", "w", "a::c::run", "d::E"]);
 }
 
+/// The imports between siblings in one crate: (scope, from child, to child) → one
+/// place that makes the edge. An import is counted between the top-most distinct
+/// ancestors of the two modules; a module's own ancestors and descendants are not.
+fn sibling_edges(src: &Path) -> BTreeMap<(Vec<String>, String, String), String> {
+    let mut files = Vec::new();
+    sources(src, &mut files);
+    let modules: Vec<Vec<String>> = files.iter().map(|f| module_path(src, f)).collect();
+    let mut edges = BTreeMap::new();
+    for (file, module) in files.iter().zip(&modules) {
+        let text = without_comments(code(&std::fs::read_to_string(file).unwrap()));
+        for path in named_paths(&text, module) {
+            let Some(target) = modules
+                .iter()
+                .filter(|m| path.starts_with(m))
+                .max_by_key(|m| m.len())
+            else {
+                continue;
+            };
+            let shared = module
+                .iter()
+                .zip(target)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if shared == module.len() || shared == target.len() {
+                continue; // a module and its own ancestor or descendant
+            }
+            let key = (
+                module[..shared].to_vec(),
+                module[shared].clone(),
+                target[shared].clone(),
+            );
+            let relative = file.strip_prefix(src).unwrap().display().to_string();
+            edges
+                .entry(key)
+                .or_insert_with(|| format!("{relative} names {}", path.join("::")));
+        }
+    }
+    edges
+}
+
 /// No module imports a sibling that imports it back, directly or around a circle:
 /// for each module, the modules below it form a DAG when each import between two of
 /// them is counted as one between their top-most distinct ancestors.
@@ -274,40 +314,7 @@ fn use_trees_are_read_whole() {
 fn no_module_circles_in_any_crate() {
     let mut circles = Vec::new();
     for (name, src) in workspace_crates() {
-        let mut files = Vec::new();
-        sources(&src, &mut files);
-        let modules: Vec<Vec<String>> = files.iter().map(|f| module_path(&src, f)).collect();
-        // (scope, from child, to child) → one place that makes the edge.
-        let mut edges: BTreeMap<(Vec<String>, String, String), String> = BTreeMap::new();
-        for (file, module) in files.iter().zip(&modules) {
-            let text = without_comments(code(&std::fs::read_to_string(file).unwrap()));
-            for path in named_paths(&text, module) {
-                let Some(target) = modules
-                    .iter()
-                    .filter(|m| path.starts_with(m))
-                    .max_by_key(|m| m.len())
-                else {
-                    continue;
-                };
-                let shared = module
-                    .iter()
-                    .zip(target)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                if shared == module.len() || shared == target.len() {
-                    continue; // a module and its own ancestor or descendant
-                }
-                let key = (
-                    module[..shared].to_vec(),
-                    module[shared].clone(),
-                    target[shared].clone(),
-                );
-                let relative = file.strip_prefix(&src).unwrap().display().to_string();
-                edges
-                    .entry(key)
-                    .or_insert_with(|| format!("{relative} names {}", path.join("::")));
-            }
-        }
+        let edges = sibling_edges(&src);
         for ((scope, from, to), place) in &edges {
             let mut seen = vec![to.clone()];
             let mut next = vec![to.clone()];

@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use tollgate_demo::{Demo, DemoOptions};
-use tollgate_proxy::{Lanes, LoadedPolicy};
+use tollgate_proxy::{Config, Lanes, LoadedPolicy};
 
 use super::serve::{
     AdminMode, Bound, Failure, LogFormat, finish, init_logging, load_policy, run_proxy, runtime,
@@ -42,79 +42,17 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> ExitCode {
     init_logging(args.log_format);
     let result = (|| {
-        let policy = match &args.policy {
-            Some(path) => load_policy(path)?,
-            None => LoadedPolicy::compile(
-                HEALTHLAKE_POLICY,
-                None,
-                "policies/healthlake.yaml (built in)",
-            )
-            .map_err(|e| Failure::invalid(anyhow::anyhow!("{e}")))?,
-        };
+        let policy = demo_policy(args.policy.as_deref())?;
         let runtime = runtime()?;
         runtime.block_on(async {
-            let upstream = match tokio::net::TcpListener::bind(args.upstream_listen).await {
-                Ok(listener) => listener,
-                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                    tracing::warn!(
-                        "--upstream-listen {} is taken, so the demo upstream uses a free port: the `tollgate stdio` entry printed below holds it for this run only",
-                        args.upstream_listen
-                    );
-                    tokio::net::TcpListener::bind(SocketAddr::new(args.upstream_listen.ip(), 0))
-                        .await
-                        .map_err(|e| Failure::io(e.into()))?
-                }
-                Err(err) => {
-                    return Err(super::serve::cannot_listen(
-                        args.upstream_listen,
-                        "--upstream-listen",
-                        err,
-                    ));
-                }
-            };
+            let upstream = bind_upstream(args.upstream_listen).await?;
             let upstream_addr = upstream.local_addr().map_err(|e| Failure::io(e.into()))?;
             let demo = Demo::new(DemoOptions::default());
             tokio::spawn(async move {
                 let _ = axum::serve(upstream, tollgate_demo::router(demo)).await;
             });
             let upstream_url = format!("http://{upstream_addr}/mcp");
-            let policy_path = args
-                .policy
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("policies/healthlake.yaml"));
-            let mut config = single_server_config(
-                super::serve::CommandLineUpstream::Url {
-                    url: &upstream_url,
-                    sse: false,
-                },
-                &policy_path,
-                args.listen,
-            )?;
-            // A token each run (TOLLGATE_ADMIN_TOKEN, else one generated, printed and
-            // recorded for `approvals`): without one, any local program (the very agent
-            // whose calls wait for a human) could approve its own calls by curl.
-            let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty());
-            let mode = match env_token {
-                Some(token) => {
-                    config.admin = Some(tollgate_proxy::AdminConfig {
-                        listen: args.admin_listen,
-                        token: Some(token),
-                        approvers: Vec::new(),
-                        listen_tls: None,
-                        proxy_protocol: false,
-                    });
-                    AdminMode::Configured
-                }
-                None => AdminMode::Personal {
-                    default_listen: args.admin_listen,
-                    explicit: true,
-                },
-            };
-            if let Some(server) = config.servers.remove("upstream") {
-                config.servers.insert("healthlake".into(), server);
-            }
+            let (config, mode) = demo_config(&args, &upstream_url)?;
             let mut policies = BTreeMap::new();
             policies.insert("healthlake".to_owned(), policy);
             let stdio_policy = stdio_policy_path(args.policy.as_deref());
@@ -128,6 +66,83 @@ pub fn run(args: DemoArgs) -> ExitCode {
         })
     })();
     finish(result)
+}
+
+/// `--policy`, else the built-in HealthLake policy.
+fn demo_policy(path: Option<&Path>) -> Result<LoadedPolicy, Failure> {
+    match path {
+        Some(path) => load_policy(path),
+        None => LoadedPolicy::compile(
+            HEALTHLAKE_POLICY,
+            None,
+            "policies/healthlake.yaml (built in)",
+        )
+        .map_err(|e| Failure::invalid(anyhow::anyhow!("{e}"))),
+    }
+}
+
+/// The demo upstream's listener: at `--upstream-listen`, or a free port when that is
+/// taken (a second demo, say), since the port only matters across restarts.
+async fn bind_upstream(listen: SocketAddr) -> Result<tokio::net::TcpListener, Failure> {
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => Ok(listener),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(
+                "--upstream-listen {listen} is taken, so the demo upstream uses a free port: the `tollgate stdio` entry printed below holds it for this run only"
+            );
+            tokio::net::TcpListener::bind(SocketAddr::new(listen.ip(), 0))
+                .await
+                .map_err(|e| Failure::io(e.into()))
+        }
+        Err(err) => Err(super::serve::cannot_listen(
+            listen,
+            "--upstream-listen",
+            err,
+        )),
+    }
+}
+
+/// The demo's configuration (one server, `healthlake`, in front of `upstream_url`) and
+/// how its admin listener is chosen.
+fn demo_config(args: &DemoArgs, upstream_url: &str) -> Result<(Config, AdminMode), Failure> {
+    let policy_path = args
+        .policy
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("policies/healthlake.yaml"));
+    let mut config = single_server_config(
+        super::serve::CommandLineUpstream::Url {
+            url: upstream_url,
+            sse: false,
+        },
+        &policy_path,
+        args.listen,
+    )?;
+    // A token each run (TOLLGATE_ADMIN_TOKEN, else one generated, printed and
+    // recorded for `approvals`): without one, any local program (the very agent
+    // whose calls wait for a human) could approve its own calls by curl.
+    let env_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let mode = match env_token {
+        Some(token) => {
+            config.admin = Some(tollgate_proxy::AdminConfig {
+                listen: args.admin_listen,
+                token: Some(token),
+                approvers: Vec::new(),
+                listen_tls: None,
+                proxy_protocol: false,
+            });
+            AdminMode::Configured
+        }
+        None => AdminMode::Personal {
+            default_listen: args.admin_listen,
+            explicit: true,
+        },
+    };
+    if let Some(server) = config.servers.remove("upstream") {
+        config.servers.insert("healthlake".into(), server);
+    }
+    Ok((config, mode))
 }
 
 fn print_admin(token: &str, admin_page: &str) {

@@ -11,14 +11,13 @@
 //! when the deciding rule needs some. Such calls are counted and said, not guessed,
 //! and take no rate-limit slot in the replay.
 
-use std::borrow::Cow;
+mod audit;
+
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use tollgate_policy::{Action, Decision, DenyKind, Policy, RateLimiter, ToolCall, evaluate};
 
@@ -467,158 +466,6 @@ fn replay_cases(
     Ok(())
 }
 
-/// `Some(value)` for a member that is present, `null` included.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
-/// The members of an audit record the replay reads (docs/audit.md).
-#[derive(Deserialize)]
-struct Record<'a> {
-    #[serde(borrow)]
-    event: Cow<'a, str>,
-    #[serde(borrow, default)]
-    time: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    server: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    client: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    user: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    client_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    session: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "present")]
-    arguments: Option<Value>,
-}
-
-/// Replays the decision records of one audit log, streamed, in the recorded order and
-/// at the recorded times.
-fn replay_audit(
-    path: &Path,
-    server: Option<&str>,
-    old: &Policy,
-    new: &Policy,
-    report: &mut Report,
-) -> Result<(), String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    let (mut old, mut new) = (
-        Side {
-            policy: old,
-            limiter: RateLimiter::new(),
-        },
-        Side {
-            policy: new,
-            limiter: RateLimiter::new(),
-        },
-    );
-    let mut line = String::new();
-    let mut number = 0u64;
-    let mut start: Option<SystemTime> = None;
-    let mut now = Duration::ZERO;
-    let unreadable = |report: &mut Report, number: u64, why: String| {
-        report.unreadable += 1;
-        report
-            .first_unreadable
-            .get_or_insert_with(|| format!("{}:{number}: {why}", path.display()));
-    };
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                return Err(format!(
-                    "{}:{}: cannot read: {e}",
-                    path.display(),
-                    number + 1
-                ));
-            }
-        }
-        number += 1;
-        let text = line.trim_end();
-        if text.is_empty() {
-            continue;
-        }
-        let record: Record<'_> = match serde_json::from_str(text) {
-            Ok(record) => record,
-            Err(e) => {
-                unreadable(report, number, format!("not an audit record: {e}"));
-                continue;
-            }
-        };
-        if record.event != "decision" || server.is_some_and(|s| record.server.as_deref() != Some(s))
-        {
-            continue;
-        }
-        let Some(tool) = record.tool.as_deref() else {
-            unreadable(
-                report,
-                number,
-                "a decision record without `tool`".to_owned(),
-            );
-            continue;
-        };
-        // Time since the log's first decision, never going back (records written
-        // together may be a millisecond out of order).
-        if let Some(at) = record
-            .time
-            .as_deref()
-            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        {
-            let start = *start.get_or_insert(at);
-            now = now.max(at.duration_since(start).unwrap_or_default());
-        }
-        // The keys the proxy counted limits under (pipeline/context.rs); the log
-        // keeps no peer address, so calls with neither client nor token share one.
-        let client = record.client.as_deref();
-        let user = record.user.as_deref();
-        let (client_key, user_key) = match (client, user) {
-            (Some(c), _) => {
-                let key = format!("client:{c}");
-                (key.clone(), key)
-            }
-            (None, Some(u)) => {
-                let user_key = format!("user:{u}");
-                match record.client_id.as_deref() {
-                    Some(id) => (format!("oauth-client:{id}"), user_key),
-                    None => (user_key.clone(), user_key),
-                }
-            }
-            (None, None) => ("peer:unknown".to_owned(), "peer:unknown".to_owned()),
-        };
-        let session_key = match record.session.as_deref() {
-            Some(id) => format!("session:{id}"),
-            None => user_key.clone(),
-        };
-        let null = Value::Null;
-        let call = ToolCall {
-            tool,
-            arguments: record.arguments.as_ref().unwrap_or(&null),
-            client,
-            session_key: &session_key,
-            client_key: &client_key,
-            user_key: &user_key,
-            claims: None,
-            scopes: &[],
-        };
-        let known = Known {
-            arguments: record.arguments.is_some(),
-            // Without a token there are no claims and no scopes: that is known.
-            identity: user.is_none(),
-        };
-        let before = old.decide(&call, now, known, false);
-        let after = new.decide(&call, now, known, false);
-        report.add(tool, || who(client, user), before, after);
-    }
-    Ok(())
-}
-
 /// Runs `tollgate diff`.
 pub fn run(args: DiffArgs, format: Format) -> ExitCode {
     if args.cases.is_empty() && args.audit.is_empty() {
@@ -648,7 +495,7 @@ pub fn run(args: DiffArgs, format: Format) -> ExitCode {
         }
     }
     for path in &args.audit {
-        if let Err(e) = replay_audit(path, args.server.as_deref(), &old, &new, &mut report) {
+        if let Err(e) = audit::replay_audit(path, args.server.as_deref(), &old, &new, &mut report) {
             errors.push(e);
         }
     }

@@ -72,6 +72,25 @@ pub fn list_blocking(source: Source, timeout: Duration) -> anyhow::Result<(Strin
     runtime.block_on(list(source, timeout))
 }
 
+/// The headers an HTTP or SSE source is reached with, checked as HTTP headers.
+fn header_map(headers: &BTreeMap<String, String>) -> anyhow::Result<axum::http::HeaderMap> {
+    let mut map = axum::http::HeaderMap::new();
+    for (name, value) in headers {
+        let name: axum::http::HeaderName = name
+            .parse()
+            .with_context(|| format!("`{name}` is not a header name"))?;
+        let value = value
+            .parse()
+            .with_context(|| format!("the value of header `{name}` is not valid"))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+fn parse_url(url: &str) -> anyhow::Result<reqwest::Url> {
+    reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))
+}
+
 /// The upstream being listed, reached as the proxy reaches it.
 struct Target {
     upstream: Box<dyn Upstream>,
@@ -83,22 +102,7 @@ struct Target {
 impl Target {
     fn new(source: Source, timeout: Duration) -> anyhow::Result<Target> {
         let http = reqwest::Client::builder().timeout(timeout).build()?;
-        let header_map = |headers: &BTreeMap<String, String>| -> anyhow::Result<_> {
-            let mut map = axum::http::HeaderMap::new();
-            for (name, value) in headers {
-                let name: axum::http::HeaderName = name
-                    .parse()
-                    .with_context(|| format!("`{name}` is not a header name"))?;
-                let value = value
-                    .parse()
-                    .with_context(|| format!("the value of header `{name}` is not valid"))?;
-                map.insert(name, value);
-            }
-            Ok(map)
-        };
         let children = Arc::new(stdio::Children::default());
-        let parse =
-            |url: &str| reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"));
         let bridge = |connector| -> Box<dyn Upstream> {
             Box::new(Bridge::new(
                 "scan".into(),
@@ -110,14 +114,18 @@ impl Target {
         };
         let (upstream, location) = match source {
             Source::Http(url, headers) => {
-                let upstream =
-                    HttpUpstream::new(&parse(&url)?, header_map(&headers)?, timeout, MAX_MESSAGE)?;
+                let upstream = HttpUpstream::new(
+                    &parse_url(&url)?,
+                    header_map(&headers)?,
+                    timeout,
+                    MAX_MESSAGE,
+                )?;
                 (Box::new(upstream) as Box<dyn Upstream>, url)
             }
             Source::Sse(url, headers) => {
                 let target = legacy_sse::Target {
                     server: "scan".into(),
-                    url: parse(&url)?,
+                    url: parse_url(&url)?,
                     headers: header_map(&headers)?,
                     timeout,
                 };

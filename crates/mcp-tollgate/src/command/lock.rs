@@ -69,6 +69,8 @@ pub fn run(args: LockArgs) -> ExitCode {
     }
 }
 
+/// The locks to write or check: the one of `--upstream URL`/`-- CMD ARGS` and
+/// `--output`, else those of the configuration's servers.
 fn jobs(args: &LockArgs) -> anyhow::Result<Vec<Job>> {
     let Some(path) = &args.config else {
         let source = args
@@ -90,6 +92,12 @@ fn jobs(args: &LockArgs) -> anyhow::Result<Vec<Job>> {
             path: output,
         }]);
     };
+    config_jobs(path, args.server.as_deref())
+}
+
+/// The locks of the servers of the configuration at `path` that have `tools_lock:`
+/// (only `only`, when given, which must have one).
+fn config_jobs(path: &Path, only: Option<&str>) -> anyhow::Result<Vec<Job>> {
     let text = super::read_file(path).map_err(anyhow::Error::msg)?;
     let mut config =
         tollgate_proxy::Config::from_yaml(&text, &path.display().to_string(), &|name| {
@@ -98,7 +106,7 @@ fn jobs(args: &LockArgs) -> anyhow::Result<Vec<Job>> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     config.resolve_paths(dir);
-    if let Some(name) = &args.server
+    if let Some(name) = only
         && !config.servers.contains_key(name)
     {
         let known: Vec<&str> = config.servers.keys().map(String::as_str).collect();
@@ -110,11 +118,11 @@ fn jobs(args: &LockArgs) -> anyhow::Result<Vec<Job>> {
     }
     let mut jobs = Vec::new();
     for (name, server) in &config.servers {
-        if args.server.as_ref().is_some_and(|only| only != name) {
+        if only.is_some_and(|only| only != name) {
             continue;
         }
         let Some(lock) = server.tools_lock.clone() else {
-            if args.server.is_some() {
+            if only.is_some() {
                 anyhow::bail!(
                     "{}: server `{name}` has no `tools_lock:`; add one (e.g. `tools_lock: policies/{name}.tools.lock`) to say where its lock is kept",
                     path.display()

@@ -1,12 +1,17 @@
 //! `tollgate serve`: run the proxy from a configuration file, or in front of one upstream.
 
+mod admin;
+mod logging;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use tollgate_proxy::{AppState, Config, Lanes, LoadedPolicy};
+
+pub use admin::{AdminMode, AdminStarted, bind_admin, start_admin};
+pub use logging::{LogFormat, init_logging};
 
 /// Arguments of `tollgate serve`.
 #[derive(Debug, clap::Args)]
@@ -39,15 +44,6 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
-/// How logs are written.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// A failure with its exit code (docs/configuration.md, "Command line").
 #[derive(Debug)]
 pub struct Failure {
@@ -66,146 +62,6 @@ impl Failure {
     pub fn io(error: anyhow::Error) -> Failure {
         Failure { code: 2, error }
     }
-}
-
-/// Sets up `tracing` on stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal: files and log collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    let _ = match format {
-        // Field values and messages carry what clients and upstreams sent (tool names,
-        // reasons, stderr lines): escaped, so none can start a forged line or drive the
-        // terminal. JSON already escapes every string.
-        LogFormat::Text => builder.fmt_fields(escaping_fields()).try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-/// The text format's field formatter: `message` first as it is, then `name=value`,
-/// each with control, bidi and invisible characters escaped ([`escape_log_text`]).
-fn escaping_fields() -> EscapingFields {
-    EscapingFields
-}
-
-/// See [`escaping_fields`]. Every span and event of every call passes here, so values
-/// are escaped as they are written (no string per field), and a plain string is
-/// written between its quotes without the `Debug` machinery.
-struct EscapingFields;
-
-impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapingFields {
-    fn format_fields<R: tracing_subscriber::field::RecordFields>(
-        &self,
-        writer: tracing_subscriber::fmt::format::Writer<'w>,
-        fields: R,
-    ) -> std::fmt::Result {
-        let mut visitor = EscapingVisitor {
-            writer,
-            first: true,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
-    }
-}
-
-struct EscapingVisitor<'w> {
-    writer: tracing_subscriber::fmt::format::Writer<'w>,
-    first: bool,
-    result: std::fmt::Result,
-}
-
-impl EscapingVisitor<'_> {
-    fn field(
-        &mut self,
-        field: &tracing::field::Field,
-        value: impl FnOnce(&mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result,
-    ) {
-        if self.result.is_err() {
-            return;
-        }
-        let writer = &mut self.writer;
-        self.result = (|| {
-            if !std::mem::take(&mut self.first) {
-                writer.write_char(' ')?;
-            }
-            if field.name() != "message" {
-                let name = field.name();
-                writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
-                writer.write_char('=')?;
-            }
-            value(writer)
-        })();
-    }
-}
-
-impl tracing::field::Visit for EscapingVisitor<'_> {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        // What `Debug` would print, without it, when nothing needs escaping.
-        if every_byte(value, |b| {
-            (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
-        }) {
-            self.field(field, |w| {
-                w.write_char('"')?;
-                w.write_str(value)?;
-                w.write_char('"')
-            });
-        } else {
-            self.record_debug(field, &value);
-        }
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.field(field, |w| {
-            std::fmt::Write::write_fmt(&mut Escaping(w), format_args!("{value:?}"))
-        });
-    }
-}
-
-/// Writes through [`escape_log_text`].
-struct Escaping<'a, W: std::fmt::Write>(&'a mut W);
-
-impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
-    fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        self.0.write_str(&escape_log_text(text))
-    }
-}
-
-/// Whether every byte of `text` is `plain`. Each is looked at (no early exit), which
-/// the compiler does many at a time: log fields are short and almost always plain.
-fn every_byte(text: &str, plain: impl Fn(u8) -> bool) -> bool {
-    text.bytes().fold(true, |all, b| all & plain(b))
-}
-
-/// Escapes what must not reach a text log raw: control characters (`\n` `\r` `\t`
-/// as such, others as `\x1b`, `\u{85}`), and bidi and invisible characters that
-/// reorder or hide text (`\u{202e}`). Everything else is kept.
-pub fn escape_log_text(text: &str) -> std::borrow::Cow<'_, str> {
-    let needs = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
-    };
-    // Printable ASCII, as most fields are, needs nothing: told without decoding.
-    if every_byte(text, |b| (0x20..0x7f).contains(&b)) || !text.chars().any(needs) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if needs(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
@@ -313,191 +169,6 @@ pub fn start_reloading(state: &AppState) -> Option<tollgate_proxy::PolicyWatcher
         }
     }
     watcher
-}
-
-/// How the admin listener is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdminMode {
-    /// `admin:` exactly as configured, or none (`serve --config`, `demo`).
-    Configured,
-    /// Tollgate started for one person (`serve --upstream/--policy`, `stdio`): a
-    /// configured admin port that is taken is replaced by an ephemeral one, and with no
-    /// `admin:` at all, a policy that holds calls for a human gets a listener at
-    /// `default_listen` (an ephemeral port if that is taken) with a generated token.
-    Personal {
-        /// Where the generated listener goes.
-        default_listen: SocketAddr,
-        /// `--admin-listen` named it: start it whatever the policies say, and fail
-        /// rather than move when its port is taken.
-        explicit: bool,
-    },
-}
-
-/// A running admin listener.
-pub struct AdminStarted {
-    /// Its task; ends when `stop` turns true.
-    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    /// The token Tollgate generated for it, if it did.
-    pub generated_token: Option<String>,
-    /// `https` with `admin.listen_tls`, else `http`.
-    pub scheme: &'static str,
-}
-
-impl AdminStarted {
-    /// The line that announces it (with a generated token: printed this once).
-    pub fn announcement(&self) -> String {
-        match &self.generated_token {
-            None => format!("Tollgate admin on {}://{}/", self.scheme, self.addr),
-            Some(token) => format!(
-                "Tollgate admin on {}://{}/ (token {token}, generated for this run; `{} approvals` finds it)",
-                self.scheme,
-                self.addr,
-                super::own_binary()
-            ),
-        }
-    }
-}
-
-/// Whether some server's policy holds calls in the admin queue.
-fn policies_need_approvers(state: &AppState) -> bool {
-    state
-        .servers()
-        .values()
-        .any(|server| server.policy.load().uses_approval_queue())
-}
-
-/// 256 random bits as 64 hex digits.
-fn generated_token() -> String {
-    format!(
-        "{:032x}{:032x}",
-        rand::random::<u128>(),
-        rand::random::<u128>()
-    )
-}
-
-/// Starts the admin listener of a `tollgate stdio` process (see [`AdminMode::Personal`]:
-/// each stdio process of one configuration gets a port of its own), until `stop`;
-/// returns its task and the line that announces it.
-pub async fn start_admin(
-    config: &Config,
-    state: &AppState,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<
-    (
-        Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-        Option<String>,
-    ),
-    Failure,
-> {
-    let mode = AdminMode::Personal {
-        default_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        explicit: false,
-    };
-    Ok(
-        match bind_admin(config, state, stop, mode, "stdio").await? {
-            Some(admin) => {
-                let line = admin.announcement();
-                (Some(admin.task), Some(line))
-            }
-            None => (None, None),
-        },
-    )
-}
-
-/// Starts the admin listener `mode` asks for, until `stop`, and records it in the
-/// runtime directory (removed when it stops) so `tollgate approvals` finds it.
-pub async fn bind_admin(
-    config: &Config,
-    state: &AppState,
-    stop: tokio::sync::watch::Receiver<bool>,
-    mode: AdminMode,
-    command: &str,
-) -> Result<Option<AdminStarted>, Failure> {
-    let (listen, token, generated_token) = match (&config.admin, mode) {
-        (Some(admin), _) => (admin.listen, admin.token.clone(), None),
-        (
-            None,
-            AdminMode::Personal {
-                default_listen,
-                explicit,
-            },
-        ) if explicit || policies_need_approvers(state) => {
-            let token = generated_token();
-            (default_listen, Some(token.clone()), Some(token))
-        }
-        (None, _) => {
-            if policies_need_approvers(state) {
-                tracing::warn!(
-                    "a policy holds calls for a human, but there is no `admin:` listener to approve them, so they are refused; add `admin: {{listen: 127.0.0.1:9090}}` to the configuration"
-                );
-            }
-            return Ok(None);
-        }
-    };
-    let admin_listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(listener) => listener,
-        Err(err)
-            if err.kind() == std::io::ErrorKind::AddrInUse
-                && matches!(
-                    mode,
-                    AdminMode::Personal {
-                        explicit: false,
-                        ..
-                    }
-                ) =>
-        {
-            let any = SocketAddr::new(listen.ip(), 0);
-            let listener = tokio::net::TcpListener::bind(any)
-                .await
-                .with_context(|| format!("cannot listen on {any} for the admin API"))
-                .map_err(Failure::io)?;
-            if let Ok(addr) = listener.local_addr() {
-                tracing::warn!(
-                    "admin.listen {listen} is taken (another Tollgate with this configuration?); the admin API is on http://{addr}/ instead"
-                );
-            }
-            listener
-        }
-        Err(err) => {
-            return Err(Failure::io(
-                anyhow::Error::new(err).context(format!("cannot listen on admin.listen {listen}")),
-            ));
-        }
-    };
-    let addr = admin_listener
-        .local_addr()
-        .map_err(|e| Failure::io(e.into()))?;
-    let admin = tollgate_proxy::prepare_admin(state, addr, token.as_deref(), crate::VERSION)
-        .map_err(|e| Failure::invalid(e.into()))?;
-    let scheme = if config
-        .admin
-        .as_ref()
-        .is_some_and(|a| a.listen_tls.is_some())
-    {
-        "https"
-    } else {
-        "http"
-    };
-    let registration = super::instances::register(&super::instances::Instance {
-        pid: std::process::id(),
-        admin: format!("{scheme}://{addr}"),
-        token: generated_token.clone(),
-        command: command.to_owned(),
-        servers: config.servers.keys().cloned().collect(),
-    });
-    let task = tokio::spawn(async move {
-        // The record lives exactly as long as the listener.
-        let _registration = registration;
-        tollgate_proxy::serve_admin(admin, admin_listener, tollgate_proxy::stopped(stop)).await
-    });
-    Ok(Some(AdminStarted {
-        task,
-        addr,
-        generated_token,
-        scheme,
-    }))
 }
 
 /// Where the listeners are, once bound.
@@ -660,38 +331,10 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 pub fn run(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
     let result = (|| {
-        let usage = |text: &str| Failure {
-            code: 2,
-            error: anyhow::anyhow!("{text}"),
-        };
         let command_line = args.config.is_none();
         let (mut config, policies) = match (&args.config, &args.policy) {
             (Some(path), _) => load_config(path)?,
-            (None, Some(policy)) => {
-                let listen = args
-                    .listen
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-                let upstream = match (&args.upstream, args.command.as_slice()) {
-                    (Some(_), []) if !args.child_env.is_empty() => {
-                        return Err(usage(
-                            "--env and --inherit-env are for a stdio server (-- CMD ARGS); an --upstream URL has its own environment",
-                        ));
-                    }
-                    (Some(url), []) => CommandLineUpstream::Url { url, sse: false },
-                    (None, command) if !command.is_empty() => {
-                        CommandLineUpstream::Command(command, &args.child_env)
-                    }
-                    _ => {
-                        return Err(usage(
-                            "with --policy, give either --upstream URL or -- CMD ARGS (not both)",
-                        ));
-                    }
-                };
-                let config = single_server_config(upstream, policy, listen)?;
-                let mut policies = BTreeMap::new();
-                policies.insert("upstream".to_owned(), load_policy(policy)?);
-                (config, policies)
-            }
+            (None, Some(policy)) => command_line_config(&args, policy)?,
             _ => {
                 return Err(usage(
                     "give either --config FILE, or --policy FILE with --upstream URL or -- CMD ARGS",
@@ -701,21 +344,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         if let Some(listen) = args.listen {
             config.listen = listen;
         }
-        let mode = match (args.admin_listen, &mut config.admin) {
-            (Some(listen), Some(admin)) => {
-                admin.listen = listen;
-                AdminMode::Configured
-            }
-            (Some(listen), None) => AdminMode::Personal {
-                default_listen: listen,
-                explicit: true,
-            },
-            (None, _) if command_line => AdminMode::Personal {
-                default_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-                explicit: false,
-            },
-            (None, _) => AdminMode::Configured,
-        };
+        let mode = admin_mode(args.admin_listen, &mut config, command_line);
         // One lane per core (or `TOKIO_WORKER_THREADS`), each a thread with a
         // current-thread runtime; this thread is the first.
         let lanes = Lanes::new(lane_count());
@@ -724,6 +353,68 @@ pub fn run(args: ServeArgs) -> ExitCode {
             .block_on(run_proxy(config, policies, lanes, mode, "serve", |_| {}))
     })();
     finish(result)
+}
+
+/// A usage error (exit 2).
+fn usage(text: &str) -> Failure {
+    Failure {
+        code: 2,
+        error: anyhow::anyhow!("{text}"),
+    }
+}
+
+/// The one-server configuration of `--policy` with `--upstream URL` or `-- CMD ARGS`.
+fn command_line_config(
+    args: &ServeArgs,
+    policy: &Path,
+) -> Result<(Config, BTreeMap<String, LoadedPolicy>), Failure> {
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let upstream = match (&args.upstream, args.command.as_slice()) {
+        (Some(_), []) if !args.child_env.is_empty() => {
+            return Err(usage(
+                "--env and --inherit-env are for a stdio server (-- CMD ARGS); an --upstream URL has its own environment",
+            ));
+        }
+        (Some(url), []) => CommandLineUpstream::Url { url, sse: false },
+        (None, command) if !command.is_empty() => {
+            CommandLineUpstream::Command(command, &args.child_env)
+        }
+        _ => {
+            return Err(usage(
+                "with --policy, give either --upstream URL or -- CMD ARGS (not both)",
+            ));
+        }
+    };
+    let config = single_server_config(upstream, policy, listen)?;
+    let mut policies = BTreeMap::new();
+    policies.insert("upstream".to_owned(), load_policy(policy)?);
+    Ok((config, policies))
+}
+
+/// How the admin listener is chosen: `--admin-listen` moves a configured one, or asks
+/// for a personal one; a Tollgate started without a configuration file is personal.
+fn admin_mode(
+    admin_listen: Option<SocketAddr>,
+    config: &mut Config,
+    command_line: bool,
+) -> AdminMode {
+    match (admin_listen, &mut config.admin) {
+        (Some(listen), Some(admin)) => {
+            admin.listen = listen;
+            AdminMode::Configured
+        }
+        (Some(listen), None) => AdminMode::Personal {
+            default_listen: listen,
+            explicit: true,
+        },
+        (None, _) if command_line => AdminMode::Personal {
+            default_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            explicit: false,
+        },
+        (None, _) => AdminMode::Configured,
+    }
 }
 
 /// How many lanes serve the proxy listener: `TOKIO_WORKER_THREADS` when set (as tokio
@@ -762,63 +453,4 @@ pub fn error_chain(error: &anyhow::Error) -> String {
         }
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn log_text_escapes_control_bidi_and_invisible_characters() {
-        assert_eq!(escape_log_text("plain tool_name é"), "plain tool_name é");
-        assert_eq!(
-            escape_log_text("x\n2026-01-01 INFO approval settled\u{1b}[2J\r\t\u{7f}\u{85}"),
-            "x\\n2026-01-01 INFO approval settled\\x1b[2J\\r\\t\\x7f\\u{85}"
-        );
-        assert_eq!(
-            escape_log_text("a\u{202e}b\u{200b}c"),
-            "a\\u{202e}b\\u{200b}c"
-        );
-    }
-
-    #[test]
-    fn the_text_format_escapes_every_field_and_the_message() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .fmt_fields(escaping_fields())
-            .finish();
-        let evil = "t\n2026 INFO forged\u{1b}[2J";
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("call", tool = %evil);
-            let _entered = span.enter();
-            tracing::info!(reason = %evil, debug = ?evil, plain = evil, quoted = "a \"b\"", simple = "a b", "decided {evil}");
-        });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(!text.contains('\u{1b}'), "{text}");
-        assert!(
-            text.contains("decided t\\n2026 INFO forged\\x1b[2J"),
-            "{text}"
-        );
-        assert!(text.contains("call{tool=t\\n2026"), "{text}");
-        assert!(text.contains("reason=t\\n2026"), "{text}");
-        // Strings read as `Debug` prints them, whether or not they needed escaping.
-        assert!(text.contains(r#" quoted="a \"b\"" simple="a b""#), "{text}");
-    }
 }

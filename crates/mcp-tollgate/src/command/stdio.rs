@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tollgate_mcp::{ErrorCode, Line, LineReader, error_response, sniff_id};
-use tollgate_proxy::{AppState, Config, LoadedPolicy};
+use tollgate_proxy::{AppState, Config, Conversation, LoadedPolicy};
 
 use super::listing::UpstreamTransport;
 use super::serve::{
@@ -164,24 +164,62 @@ async fn serve_stdio(
     }
     let _watcher = start_reloading(&state);
 
-    let (out, mut to_client) = tokio::sync::mpsc::channel::<Value>(64);
-    let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
-        while let Some(message) = to_client.recv().await {
-            // Serialised JSON has no raw newline: one message, one line.
-            let mut line = serde_json::to_vec(&message).unwrap_or_default();
-            line.push(b'\n');
-            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
-                break;
-            }
-        }
-    });
+    let (out, to_client) = tokio::sync::mpsc::channel::<Value>(64);
+    let writer = tokio::spawn(write_stdout(to_client));
     let conversation = state.local_conversation(&server, out.clone());
     tracing::info!(server = %server_name, "Tollgate on stdio");
-
     let mut in_flight = tokio::task::JoinSet::new();
+    read_stdin(&conversation, &out, state.max_body(), &mut in_flight).await;
+
+    // stdin closed: let calls in flight finish (bounded), then end the session.
+    state
+        .approvals()
+        .deny_all("tollgate", "the stdio client went away");
+    let drain = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight after the grace period; ending them");
+    }
+    conversation.close().await;
+    drop(conversation);
+    drop(out);
+    let _ = writer.await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    state.shutdown_upstreams().await;
+    state.audit().flush();
+    tollgate_proxy::telemetry::shutdown(TELEMETRY_FLUSH).await;
+    Ok(())
+}
+
+/// Writes each message for the client to stdout, one line each, until every sender
+/// is gone or stdout is closed.
+async fn write_stdout(mut to_client: tokio::sync::mpsc::Receiver<Value>) {
+    let mut stdout = tokio::io::stdout();
+    while let Some(message) = to_client.recv().await {
+        // Serialised JSON has no raw newline: one message, one line.
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads messages from stdin, one a line, into `conversation` until stdin closes, it
+/// fails, or a signal arrives; each is handled as a task of `in_flight`. A line over
+/// `max_line` bytes is refused (on `out`) and skipped.
+async fn read_stdin(
+    conversation: &Arc<Conversation>,
+    out: &tokio::sync::mpsc::Sender<Value>,
+    max_line: usize,
+    in_flight: &mut tokio::task::JoinSet<()>,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let max_line = state.max_body();
     let mut lines = LineReader::new(tokio::io::BufReader::new(tokio::io::stdin()), max_line);
     let shutdown = super::serve::shutdown_signal();
     tokio::pin!(shutdown);
@@ -221,29 +259,6 @@ async fn serve_stdio(
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
-    // stdin closed: let calls in flight finish (bounded), then end the session.
-    state
-        .approvals()
-        .deny_all("tollgate", "the stdio client went away");
-    let drain = async { while in_flight.join_next().await.is_some() {} };
-    if tokio::time::timeout(config.shutdown_grace, drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("calls still in flight after the grace period; ending them");
-    }
-    conversation.close().await;
-    drop(conversation);
-    drop(out);
-    let _ = writer.await;
-    let _ = stop_tx.send(true);
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
-    state.shutdown_upstreams().await;
-    state.audit().flush();
-    tollgate_proxy::telemetry::shutdown(TELEMETRY_FLUSH).await;
-    Ok(())
 }
 
 /// How long spans and log records still queued may take to export at exit.

@@ -333,54 +333,57 @@ pub fn run_suite(
         {
             observe(&call, Seen::Result(&verdict));
         }
-        let describe = |d: &Decision| {
-            let rule = d
-                .rule
-                .as_ref()
-                .map_or_else(|| "default".to_owned(), ToString::to_string);
-            let kind = d
-                .kind
-                .map(|k| format!(" ({})", k.as_str()))
-                .unwrap_or_default();
-            format!("{}{kind} by {rule}: {}", action_name(d.action), d.reason)
-        };
-        let last_index = decisions.len().saturating_sub(1);
-        let mut failure = None;
-        for (i, decision) in decisions.iter().enumerate() {
-            let expected = match (case.expect, case.expect_last) {
-                (_, Some(last)) if i == last_index => Some(last),
-                (Some(all), _) => Some(all),
-                _ => None,
-            };
-            if let Some(expected) = expected
-                && decision.action != action_of(expected)
-            {
-                failure = Some(format!(
-                    "call {} of {}: expected {}, got {}",
-                    i + 1,
-                    decisions.len(),
-                    action_name(action_of(expected)),
-                    describe(decision)
-                ));
-                break;
-            }
-        }
-        if failure.is_none()
-            && let (Some(kind), Some(last)) = (&case.kind, decisions.last())
-        {
-            let got = last.kind.map_or("none", |k| k.as_str());
-            if got != kind {
-                failure = Some(format!("expected kind {kind}, got {}", describe(last)));
-            }
-        }
-        if failure.is_none() {
-            failure = check_result(policy, case);
-        }
+        let failure = check_decisions(case, &decisions).or_else(|| check_result(policy, case));
         if let Some(message) = failure {
             failures.push((case.name.clone(), message));
         }
     }
     failures
+}
+
+/// How a decision reads in a failure message: action, kind, deciding rule, reason.
+fn describe(d: &Decision) -> String {
+    let rule = d
+        .rule
+        .as_ref()
+        .map_or_else(|| "default".to_owned(), ToString::to_string);
+    let kind = d
+        .kind
+        .map(|k| format!(" ({})", k.as_str()))
+        .unwrap_or_default();
+    format!("{}{kind} by {rule}: {}", action_name(d.action), d.reason)
+}
+
+/// A case's decisions (one per repeat) against its `expect` (every call),
+/// `expect_last` (the last one) and `kind` (of the last one); `None` when they hold,
+/// else the first that does not.
+fn check_decisions(case: &Case, decisions: &[Decision]) -> Option<String> {
+    let last_index = decisions.len().saturating_sub(1);
+    for (i, decision) in decisions.iter().enumerate() {
+        let expected = match (case.expect, case.expect_last) {
+            (_, Some(last)) if i == last_index => Some(last),
+            (Some(all), _) => Some(all),
+            _ => None,
+        };
+        if let Some(expected) = expected
+            && decision.action != action_of(expected)
+        {
+            return Some(format!(
+                "call {} of {}: expected {}, got {}",
+                i + 1,
+                decisions.len(),
+                action_name(action_of(expected)),
+                describe(decision)
+            ));
+        }
+    }
+    if let (Some(kind), Some(last)) = (&case.kind, decisions.last()) {
+        let got = last.kind.map_or("none", |k| k.as_str());
+        if got != kind {
+            return Some(format!("expected kind {kind}, got {}", describe(last)));
+        }
+    }
+    None
 }
 
 /// A case's result expectations against the policy's `results:` entries: which
@@ -437,47 +440,38 @@ fn is_test_file(path: &Path) -> bool {
         .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
 }
 
-/// Runs `tollgate test`.
-pub fn run(args: TestArgs, format: Format) -> ExitCode {
-    let (files, mut io_errors) = super::collect(&args.paths, is_test_file);
-    let (mut passed, mut failed, mut broken) = (0usize, 0usize, 0usize);
-    let mut report = Vec::new();
-    let with_coverage = args.coverage || args.min_coverage.is_some();
-    // Per policy file (several test files may test one), in the order first tested.
-    let mut coverages: Vec<(PathBuf, coverage::Coverage)> = Vec::new();
-    for file in &files {
-        let source = match read_file(file) {
-            Ok(source) => source,
-            Err(err) => {
-                io_errors.push(err);
-                continue;
-            }
-        };
-        let (suite, policy) = match load_suite(file, &source) {
+/// What `tollgate test` found, over all its files.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    /// Files that could not be loaded.
+    broken: usize,
+    /// One entry per file, for `--format json`.
+    report: Vec<Value>,
+    /// Per policy file (several test files may test one), in the order first tested;
+    /// with `--coverage` only.
+    coverages: Vec<(PathBuf, coverage::Coverage)>,
+}
+
+impl Tally {
+    /// Loads one test file, runs its cases (recording coverage when asked) and adds
+    /// the outcome; failures are printed as found in the human format.
+    fn test_file(&mut self, file: &Path, source: &str, with_coverage: bool, format: Format) {
+        let (suite, policy) = match load_suite(file, source) {
             Ok(loaded) => loaded,
             Err(problems) => {
-                broken += 1;
+                self.broken += 1;
                 for problem in &problems {
                     eprintln!("error: {problem}");
                 }
-                report.push(json!({"path": file.display().to_string(), "errors": problems}));
-                continue;
+                self.report
+                    .push(json!({"path": file.display().to_string(), "errors": problems}));
+                return;
             }
         };
         let failures = if with_coverage {
-            let policy_path = policy_path(file, &suite);
-            let key = policy_path
-                .canonicalize()
-                .unwrap_or_else(|_| policy_path.clone());
-            let at = match coverages.iter().position(|(k, _)| *k == key) {
-                Some(at) => at,
-                None => {
-                    let origin = policy_path.display().to_string();
-                    coverages.push((key, coverage::Coverage::new(&policy, &origin)));
-                    coverages.len() - 1
-                }
-            };
-            let mut cov = coverages.get_mut(at).map(|(_, c)| c);
+            let mut cov = self.coverage_of(file, &suite, &policy);
             run_suite(&suite, &policy, |call, seen| {
                 if let Some(cov) = cov.as_deref_mut() {
                     match seen {
@@ -489,8 +483,8 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
         } else {
             run_suite(&suite, &policy, |_, _| {})
         };
-        passed += suite.cases.len() - failures.len();
-        failed += failures.len();
+        self.passed += suite.cases.len() - failures.len();
+        self.failed += failures.len();
         if format == Format::Human {
             for (name, message) in &failures {
                 println!("FAIL {}: {name}: {message}", file.display());
@@ -502,29 +496,72 @@ pub fn run(args: TestArgs, format: Format) -> ExitCode {
                 suite.cases.len()
             );
         }
-        report.push(json!({"path": file.display().to_string(), "cases": suite.cases.len(),
+        self.report.push(json!({"path": file.display().to_string(), "cases": suite.cases.len(),
             "failures": failures.iter().map(|(n, m)| json!({"name": n, "message": m})).collect::<Vec<_>>()}));
+    }
+
+    /// The coverage of the policy that `suite` (in `file`) tests, started when first
+    /// tested.
+    fn coverage_of(
+        &mut self,
+        file: &Path,
+        suite: &Suite,
+        policy: &Policy,
+    ) -> Option<&mut coverage::Coverage> {
+        let policy_path = policy_path(file, suite);
+        let key = policy_path
+            .canonicalize()
+            .unwrap_or_else(|_| policy_path.clone());
+        if !self.coverages.iter().any(|(k, _)| *k == key) {
+            let origin = policy_path.display().to_string();
+            self.coverages
+                .push((key.clone(), coverage::Coverage::new(policy, &origin)));
+        }
+        self.coverages
+            .iter_mut()
+            .find(|(k, _)| *k == key)
+            .map(|(_, c)| c)
+    }
+}
+
+/// Runs `tollgate test`.
+pub fn run(args: TestArgs, format: Format) -> ExitCode {
+    let (files, mut io_errors) = super::collect(&args.paths, is_test_file);
+    let with_coverage = args.coverage || args.min_coverage.is_some();
+    let mut tally = Tally::default();
+    for file in &files {
+        match read_file(file) {
+            Ok(source) => tally.test_file(file, &source, with_coverage, format),
+            Err(err) => io_errors.push(err),
+        }
     }
     for error in &io_errors {
         eprintln!("error: {error}");
     }
-    let below: Vec<&coverage::Coverage> = coverages
+    let below: Vec<&coverage::Coverage> = tally
+        .coverages
         .iter()
         .map(|(_, c)| c)
         .filter(|c| args.min_coverage.is_some_and(|min| c.percent() < min))
         .collect();
+    let Tally {
+        passed,
+        failed,
+        broken,
+        ..
+    } = tally;
     match format {
         Format::Json => {
-            let mut out = json!({"passed": passed, "failed": failed, "files": report, "io_errors": io_errors});
+            let mut out = json!({"passed": passed, "failed": failed, "files": tally.report, "io_errors": io_errors});
             if with_coverage {
-                out["coverage"] = coverages.iter().map(|(_, c)| c.json()).collect();
+                out["coverage"] = tally.coverages.iter().map(|(_, c)| c.json()).collect();
                 out["min_coverage"] = json!(args.min_coverage);
                 out["below_min_coverage"] = below.iter().map(|c| json!(c.policy)).collect();
             }
             println!("{out}");
         }
         Format::Human => {
-            for (_, cov) in &coverages {
+            for (_, cov) in &tally.coverages {
                 print!("{}", cov.human());
             }
             println!("{passed} passed, {failed} failed, {broken} broken file(s)");

@@ -548,6 +548,8 @@ fn usable_key(value: &Value) -> Option<Key> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    // A scenario test reads top to bottom as one story: its length is allowed here.
+    #![allow(clippy::too_many_lines)]
     use super::*;
 
     fn config() -> OAuthConfig {

@@ -20,18 +20,23 @@
 //! missing `ttl` is [`MAX_TTL`]); an owner keeps at most [`TASKS_PER_OWNER`] records
 //! (a new one pushes the oldest out), and this process at most [`MAX_TASKS`]. A task
 //! Tollgate has forgotten is unknown to everyone, its owner included: the bounds fail
-//! closed. With `state.backend: redis` the records live in Redis (each a key expiring
-//! with its task, each owner's a sorted set), so every replica agrees.
+//! closed.
+//!
+//! [`Tasks`] is the front: the records live in this process ([`memory`]) or in the
+//! shared Redis ([`redis`], `state.backend: redis`), where every replica agrees. Both
+//! are held to one behaviour by `tasks/contract.rs`.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
-use redis::Script;
 use serde::{Deserialize, Serialize};
 
 use super::remote::{Remote, Unavailable};
+
+#[cfg(test)]
+mod contract;
+mod memory;
+mod redis;
 
 /// The longest a task is remembered: a task whose `ttl` is longer, unlimited or unsaid.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -81,48 +86,16 @@ impl TaskRecord {
     }
 }
 
-/// The tasks of every server: in this process, or in the shared Redis.
+/// The tasks of every server.
 pub struct Tasks {
-    local: Mutex<Local>,
-    shared: Option<Shared>,
+    store: Store,
 }
 
-struct Shared {
-    remote: Arc<Remote>,
-    script: Script,
+/// The backends, dispatched without boxing.
+enum Store {
+    Memory(memory::Tasks),
+    Redis(redis::Tasks),
 }
-
-type Key = (Arc<str>, String);
-
-#[derive(Default)]
-struct Local {
-    records: HashMap<Key, (TaskRecord, Instant)>,
-    /// Each owner's tasks, oldest first.
-    by_owner: HashMap<String, VecDeque<(Key, Instant)>>,
-}
-
-/// Records a task (KEYS[1]) unless it is recorded already, and adds it to its owner's
-/// sorted set (KEYS[2], scored by expiry), dropping the owner's expired entries and,
-/// past ARGV[3], its oldest tasks.
-/// ARGV: the record, its ttl in ms, the owner's bound. Redis's own clock is used.
-const RECORD: &str = r"
-local ttl = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'NX') then
-  return 0
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + ttl, KEYS[1])
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
-if excess > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[2], excess)
-  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
-end
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], tonumber(last[2]))
-return 1
-";
 
 impl Default for Tasks {
     fn default() -> Tasks {
@@ -134,19 +107,14 @@ impl Tasks {
     /// Tasks kept in this process.
     pub fn new() -> Tasks {
         Tasks {
-            local: Mutex::new(Local::default()),
-            shared: None,
+            store: Store::Memory(memory::Tasks::default()),
         }
     }
 
     /// Tasks kept in the shared Redis.
     pub fn shared(remote: Arc<Remote>) -> Tasks {
         Tasks {
-            local: Mutex::new(Local::default()),
-            shared: Some(Shared {
-                remote,
-                script: Script::new(RECORD),
-            }),
+            store: Store::Redis(redis::Tasks::new(remote)),
         }
     }
 
@@ -166,62 +134,13 @@ impl Tasks {
         ttl: Duration,
     ) -> Result<(), Unavailable> {
         let ttl = ttl.clamp(Duration::from_millis(1), MAX_TTL);
-        if let Some(shared) = &self.shared {
-            let remote = &shared.remote;
-            let key = remote.key(&["task", &digest(&[server, task_id])]);
-            let owner = remote.key(&["tasks-of", &digest(&[&record.owner.bucket()])]);
-            let text = serde_json::to_string(&record).map_err(|e| Unavailable {
-                url: remote.shown().to_owned(),
-                reason: format!("a task's record cannot be written: {e}"),
-            })?;
-            let mut conn = remote.connection();
-            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            let mut invocation = shared.script.key(&key);
-            invocation
-                .key(&owner)
-                .arg(text)
-                .arg(ttl_ms)
-                .arg(TASKS_PER_OWNER);
-            return remote
-                .run(invocation.invoke_async::<i64>(&mut conn))
-                .await
-                .map(drop);
-        }
-        let now = Instant::now();
-        let expires = now + ttl;
-        let mut local = self.local.lock();
-        if local.records.len() >= MAX_TASKS {
-            local.sweep(now);
-        }
-        if local.records.len() >= MAX_TASKS {
-            tracing::warn!(
-                server = %server,
-                "{MAX_TASKS} tasks are remembered already; this one is unknown to its caller too"
-            );
-            return Ok(());
-        }
-        let key: Key = (server.clone(), task_id.to_owned());
-        if local
-            .records
-            .get(&key)
-            .is_some_and(|(_, until)| *until > now)
-        {
-            return Ok(());
-        }
-        let bucket = record.owner.bucket();
-        local.records.insert(key.clone(), (record, expires));
-        let Local { records, by_owner } = &mut *local;
-        let owned = by_owner.entry(bucket).or_default();
-        owned.retain(|(_, until)| *until > now);
-        owned.push_back((key, expires));
-        while owned.len() > TASKS_PER_OWNER {
-            if let Some((old, until)) = owned.pop_front()
-                && records.get(&old).is_some_and(|(_, e)| *e == until)
-            {
-                records.remove(&old);
+        match &self.store {
+            Store::Memory(local) => {
+                local.record(server, task_id, record, ttl);
+                Ok(())
             }
+            Store::Redis(shared) => shared.record(server, task_id, &record, ttl).await,
         }
-        Ok(())
     }
 
     /// Who owns `task_id` of `server` and which tool created it; `None` for a task
@@ -248,171 +167,16 @@ impl Tasks {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(shared) = &self.shared {
-            let remote = &shared.remote;
-            let keys: Vec<String> = ids
-                .iter()
-                .map(|id| remote.key(&["task", &digest(&[server, id])]))
-                .collect();
-            let mut conn = remote.connection();
-            let texts: Vec<Option<String>> = remote
-                .run(
-                    redis::cmd("MGET")
-                        .arg(&keys)
-                        .query_async::<Vec<Option<String>>>(&mut conn),
-                )
-                .await?;
-            return Ok(texts
-                .into_iter()
-                .map(|text| text.and_then(|t| serde_json::from_str(&t).ok()))
-                .collect());
+        match &self.store {
+            Store::Memory(local) => Ok(local.owners_of(server, ids)),
+            Store::Redis(shared) => shared.owners_of(server, ids).await,
         }
-        let now = Instant::now();
-        let local = self.local.lock();
-        Ok(ids
-            .iter()
-            .map(|id| {
-                local
-                    .records
-                    .get(&(server.clone(), (*id).to_owned()))
-                    .filter(|(_, expires)| *expires > now)
-                    .map(|(record, _)| record.clone())
-            })
-            .collect())
     }
 
     /// Forgets expired tasks (memory backend; Redis expires its own).
     pub fn sweep(&self) {
-        self.local.lock().sweep(Instant::now());
-    }
-
-    /// Tasks remembered in this process.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.local.lock().records.len()
-    }
-
-    /// Whether no task is remembered in this process.
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl Local {
-    fn sweep(&mut self, now: Instant) {
-        self.records.retain(|_, (_, expires)| *expires > now);
-        self.by_owner.retain(|_, owned| {
-            owned.retain(|(_, expires)| *expires > now);
-            !owned.is_empty()
-        });
-    }
-}
-
-/// A Redis key part for values a client or upstream chose (any bytes, any length).
-fn digest(parts: &[&str]) -> String {
-    use sha2::{Digest as _, Sha256};
-    use std::fmt::Write as _;
-    let mut hash = Sha256::new();
-    for part in parts {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn owner(client: &str, session: Option<&str>) -> TaskOwner {
-        TaskOwner {
-            client: format!("client:{client}"),
-            user: format!("client:{client}"),
-            session: session.map(str::to_owned),
+        if let Store::Memory(local) = &self.store {
+            local.sweep();
         }
-    }
-
-    fn record(client: &str, session: Option<&str>) -> TaskRecord {
-        TaskRecord {
-            owner: owner(client, session),
-            tool: "payroll_report".into(),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_task_is_known_to_its_owner_only_and_per_server() {
-        let tasks = Tasks::new();
-        let (s, t): (Arc<str>, Arc<str>) = ("s".into(), "t".into());
-        tasks
-            .record(&s, "T", record("alice", None), Duration::from_secs(60))
-            .await
-            .unwrap();
-        let found = tasks.owner_of(&s, "T").await.unwrap().unwrap();
-        assert_eq!(found.tool, "payroll_report");
-        assert!(found.owned_by(&owner("alice", None)));
-        assert!(found.owned_by(&owner("alice", Some("any"))));
-        assert!(!found.owned_by(&owner("bob", None)));
-        assert!(tasks.owner_of(&t, "T").await.unwrap().is_none());
-        assert!(tasks.owner_of(&s, "U").await.unwrap().is_none());
-        // The same id again (a buggy or hostile upstream) does not move the task.
-        tasks
-            .record(&s, "T", record("bob", None), Duration::from_secs(60))
-            .await
-            .unwrap();
-        let found = tasks.owner_of(&s, "T").await.unwrap().unwrap();
-        assert!(found.owned_by(&owner("alice", None)) && !found.owned_by(&owner("bob", None)));
-        // A task created in a session belongs to that session.
-        tasks
-            .record(&s, "S", record("alice", Some("1")), Duration::from_secs(60))
-            .await
-            .unwrap();
-        let found = tasks.owner_of(&s, "S").await.unwrap().unwrap();
-        assert!(found.owned_by(&owner("alice", Some("1"))));
-        assert!(!found.owned_by(&owner("alice", Some("2"))));
-        assert!(!found.owned_by(&owner("alice", None)));
-    }
-
-    #[tokio::test]
-    async fn records_expire_and_each_owner_keeps_a_bounded_number() {
-        let tasks = Tasks::new();
-        let s: Arc<str> = "s".into();
-        tasks
-            .record(&s, "short", record("alice", None), Duration::from_millis(1))
-            .await
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(tasks.owner_of(&s, "short").await.unwrap().is_none());
-        tasks.sweep();
-        assert!(tasks.is_empty());
-        for i in 0..=TASKS_PER_OWNER {
-            tasks
-                .record(
-                    &s,
-                    &i.to_string(),
-                    record("alice", None),
-                    Duration::from_secs(60),
-                )
-                .await
-                .unwrap();
-        }
-        tasks
-            .record(&s, "b", record("bob", None), Duration::from_secs(60))
-            .await
-            .unwrap();
-        // Alice's oldest was pushed out; bob's own is untouched.
-        let ids = ["0", "1", "b"];
-        let found = tasks.owners_of(&s, &ids).await.unwrap();
-        assert!(found[0].is_none() && found[1].is_some() && found[2].is_some());
-        assert_eq!(tasks.len(), TASKS_PER_OWNER + 1);
-        assert_eq!(Tasks::ttl(None), MAX_TTL);
-        assert_eq!(Tasks::ttl(Some(1500)), Duration::from_millis(1500));
-        assert_eq!(Tasks::ttl(Some(u64::MAX)), MAX_TTL);
     }
 }

@@ -2,6 +2,8 @@
 //! `contract.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A scenario test reads top to bottom as one story: its length is allowed here.
+#![allow(clippy::too_many_lines)]
 use std::sync::Arc;
 use std::time::Duration;
 
