@@ -7,6 +7,8 @@
 //! body is refused: otherwise a header-routed component could be steered around
 //! the policy.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 
 use crate::jsonrpc::{Kind, Message};
@@ -63,14 +65,17 @@ pub struct RoutingHeaders<'a> {
 pub struct HeaderMismatch(pub String);
 
 /// Decodes a header value, including the `=?base64?…?=` sentinel form of 2026-07-28.
-pub fn decode_header_value(raw: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(raw).ok()?;
-    if !text
-        .bytes()
-        .all(|b| b == b'\t' || (0x20..=0x7e).contains(&b))
+/// A plain value is borrowed: every routing header of every call is decoded, and
+/// most are plain.
+pub fn decode_header_value(raw: &[u8]) -> Option<Cow<'_, str>> {
+    // Visible ASCII and tabs only, hence UTF-8.
+    if !raw
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b))
     {
         return None;
     }
+    let text = std::str::from_utf8(raw).ok()?;
     match text
         .strip_prefix("=?base64?")
         .and_then(|t| t.strip_suffix("?="))
@@ -79,9 +84,9 @@ pub fn decode_header_value(raw: &[u8]) -> Option<String> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .ok()?;
-            String::from_utf8(bytes).ok()
+            String::from_utf8(bytes).ok().map(Cow::Owned)
         }
-        None => Some(text.to_owned()),
+        None => Some(Cow::Borrowed(text)),
     }
 }
 
@@ -129,23 +134,28 @@ fn requires_name(method: &str) -> bool {
     matches!(method, "tools/call" | "resources/read" | "prompts/get")
 }
 
+/// A routing header's value, decoded; an error names the header.
+fn routing_header<'a>(
+    name: &str,
+    raw: Option<&'a [u8]>,
+) -> Result<Option<Cow<'a, str>>, HeaderMismatch> {
+    raw.map(|raw| {
+        decode_header_value(raw).ok_or_else(|| {
+            HeaderMismatch(format!(
+                "{name} header value is not valid (visible ASCII or =?base64?…?=)"
+            ))
+        })
+    })
+    .transpose()
+}
+
 impl RoutingHeaders<'_> {
     /// Checks the headers against the body. Headers present in any era must agree
     /// with it; in the stateless era the standard ones are also required.
     pub fn validate(&self, message: &Message) -> Result<(), HeaderMismatch> {
-        let header = |name: &str, raw: Option<&[u8]>| -> Result<Option<String>, HeaderMismatch> {
-            raw.map(|raw| {
-                decode_header_value(raw).ok_or_else(|| {
-                    HeaderMismatch(format!(
-                        "{name} header value is not valid (visible ASCII or =?base64?…?=)"
-                    ))
-                })
-            })
-            .transpose()
-        };
-        let version = header("MCP-Protocol-Version", self.protocol_version)?;
-        let method = header("Mcp-Method", self.method)?;
-        let name = header("Mcp-Name", self.name)?;
+        let version = routing_header("MCP-Protocol-Version", self.protocol_version)?;
+        let method = routing_header("Mcp-Method", self.method)?;
+        let name = routing_header("Mcp-Name", self.name)?;
         let stateless = meta_protocol_version(message);
 
         if let (Some(header), Some(body)) = (&version, stateless)

@@ -31,12 +31,6 @@ use crate::state::{Server, Shared};
 use crate::upstream::http::SESSION_HEADER;
 use crate::upstream::{Body, Event, Lane};
 
-// The routing headers, looked up by name: a constant spares each lookup a parse of
-// the name.
-const PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
-const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
-const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
-
 /// How often a quiet stream gets a keep-alive comment. Writing is also how a
 /// vanished client is noticed, which ends a held call's wait (its approval stays).
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -241,7 +235,7 @@ async fn answer(
     // layer around the core's future, copied with it.
     let result = match *request.method() {
         Method::POST => {
-            let meta = meta_of(request.headers(), lane);
+            let meta = meta_of(request.headers(), session, lane);
             match read_body(doors.shared(), request).await {
                 Ok(body) => match Incoming::parse_bytes(body) {
                     Ok(incoming) => {
@@ -291,20 +285,35 @@ fn session_of(headers: &HeaderMap) -> Option<String> {
         .map(|v| v.to_str().unwrap_or("").to_owned())
 }
 
-fn meta_of(headers: &HeaderMap, lane: Lane) -> Meta {
+/// A POST's [`Meta`]: `session` is its `Mcp-Session-Id` ([`session_of`]).
+fn meta_of(headers: &HeaderMap, session: Option<String>, lane: Lane) -> Meta {
+    // One pass over the headers, which the `Mcp-Param-*` need anyway, instead of a
+    // hashed lookup per routing header. The first value of a name is the one kept,
+    // as `HeaderMap::get` would give it.
+    let mut routing = Routing::default();
+    let mut params = Vec::new();
+    for (name, value) in headers {
+        let slot = match name.as_str() {
+            "mcp-protocol-version" => &mut routing.protocol_version,
+            "mcp-method" => &mut routing.method,
+            "mcp-name" => &mut routing.name,
+            // `Mcp-Param-*` mirror tool arguments for the upstream to check; forward
+            // them untouched.
+            other => {
+                if other.starts_with("mcp-param-") {
+                    params.push((name.clone(), value.clone()));
+                }
+                continue;
+            }
+        };
+        if slot.is_none() {
+            *slot = Some(value.clone());
+        }
+    }
     Meta {
-        session: session_of(headers),
-        routing: Some(Routing {
-            protocol_version: headers.get(PROTOCOL_VERSION).cloned(),
-            method: headers.get(MCP_METHOD).cloned(),
-            name: headers.get(MCP_NAME).cloned(),
-        }),
-        // `Mcp-Param-*` mirror tool arguments for the upstream to check; forward them untouched.
-        params: headers
-            .iter()
-            .filter(|(name, _)| name.as_str().starts_with("mcp-param-"))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect(),
+        session,
+        routing: Some(routing),
+        params,
         trace: crate::telemetry::headers_of(headers),
         pipe: false,
         lane,
@@ -385,7 +394,58 @@ fn sse_frame(event: Event) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    use super::mcp_endpoint;
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn meta_keeps_each_routing_headers_first_value_and_every_param_header() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("Mcp-Method", "tools/call"),
+            ("mcp-param-region", "eu"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("mcp-name", "first"),
+            ("mcp-name", "second"),
+            ("mcp-method", "later"),
+            ("Mcp-Param-Region", "us"),
+            ("mcp-param-id", "7"),
+            ("mcp-parameter", "not a param header"),
+        ] {
+            headers.append(
+                HeaderName::try_from(name).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        let meta = meta_of(&headers, Some("s1".into()), Lane::FIRST);
+        let routing = meta.routing.unwrap();
+        // What `HeaderMap::get` gives: the first value of each name.
+        assert_eq!(
+            routing.protocol_version,
+            headers.get("mcp-protocol-version").cloned()
+        );
+        assert_eq!(routing.method.unwrap(), "tools/call");
+        assert_eq!(routing.name.unwrap(), "first");
+        let params: Vec<(&str, &str)> = meta
+            .params
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            params,
+            [
+                ("mcp-param-region", "eu"),
+                ("mcp-param-region", "us"),
+                ("mcp-param-id", "7")
+            ]
+        );
+        assert_eq!(meta.session.as_deref(), Some("s1"));
+        // Without the headers, nothing is made up.
+        let bare = meta_of(&HeaderMap::new(), None, Lane::FIRST);
+        let routing = bare.routing.unwrap();
+        assert!(routing.protocol_version.is_none() && routing.method.is_none());
+        assert!(routing.name.is_none() && bare.params.is_empty() && bare.session.is_none());
+    }
 
     #[test]
     fn only_plain_mcp_endpoint_paths_skip_the_router() {

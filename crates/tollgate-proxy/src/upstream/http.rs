@@ -258,11 +258,41 @@ impl Upstream for HttpUpstream {
     }
 }
 
-fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
+fn content_type_is(content_type: Option<&HeaderValue>, prefix: &str) -> bool {
+    content_type
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with(prefix))
+}
+
+/// The headers of an upstream response that Tollgate reads, each its first value
+/// (as `HeaderMap::get` gives it), found in one pass instead of a hashed lookup each.
+#[derive(Default)]
+struct Read<'a> {
+    content_type: Option<&'a HeaderValue>,
+    content_length: Option<&'a HeaderValue>,
+    retry_after: Option<&'a HeaderValue>,
+    session: Option<&'a HeaderValue>,
+}
+
+impl<'a> Read<'a> {
+    fn of(headers: &'a HeaderMap) -> Read<'a> {
+        let mut read = Read::default();
+        for (name, value) in headers {
+            let slot = if name == header::CONTENT_TYPE {
+                &mut read.content_type
+            } else if name == header::CONTENT_LENGTH {
+                &mut read.content_length
+            } else if name == header::RETRY_AFTER {
+                &mut read.retry_after
+            } else if name == SESSION_HEADER {
+                &mut read.session
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        read
+    }
 }
 
 /// The answer of an upstream response: a stream of events, or the body read whole
@@ -274,19 +304,19 @@ async fn reply(
     max: usize,
 ) -> Result<Reply, Failure> {
     let (parts, incoming) = response.into_parts();
-    let headers = parts.headers;
-    let session = headers
-        .get(SESSION_HEADER)
+    let heads = Read::of(&parts.headers);
+    let session = heads
+        .session
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = if content_type_is(&headers, "text/event-stream") {
+    let body = if content_type_is(heads.content_type, "text/event-stream") {
         let bytes = lease
             .stream(incoming)
             .map_err(|err| Failure::Broken(format!("its event stream failed: {}", describe(&err))));
         Body::Sse(bytes.boxed())
     } else {
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
+        let declared = heads
+            .content_length
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         let read = tokio::time::timeout(timeout, read_whole(incoming, declared, max));
@@ -297,11 +327,11 @@ async fn reply(
         lease.done();
         if bytes.is_empty() {
             Body::Empty
-        } else if content_type_is(&headers, "application/json") {
+        } else if content_type_is(heads.content_type, "application/json") {
             Body::Json(Json::Text(bytes))
         } else {
             Body::Other {
-                content_type: headers.get(header::CONTENT_TYPE).cloned(),
+                content_type: heads.content_type.cloned(),
                 bytes,
             }
         }
@@ -309,7 +339,7 @@ async fn reply(
     Ok(Reply {
         status: parts.status,
         session,
-        retry_after: headers.get(header::RETRY_AFTER).cloned(),
+        retry_after: heads.retry_after.cloned(),
         body,
     })
 }
@@ -358,6 +388,39 @@ async fn read_whole(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn an_answers_headers_are_read_as_get_reads_them() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("date", "today"),
+            ("Content-Type", "application/json"),
+            ("mcp-session-id", "s1"),
+            ("content-type", "text/plain"),
+            ("Retry-After", "3"),
+            ("Mcp-Session-Id", "s2"),
+            ("content-length", "10"),
+        ] {
+            headers.append(
+                HeaderName::try_from(name).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        let heads = Read::of(&headers);
+        for (read, name) in [
+            (heads.content_type, header::CONTENT_TYPE),
+            (heads.content_length, header::CONTENT_LENGTH),
+            (heads.retry_after, header::RETRY_AFTER),
+            (heads.session, SESSION_HEADER),
+        ] {
+            assert_eq!(read, headers.get(&name), "{name}");
+            assert!(read.is_some(), "{name}");
+        }
+        let none = HeaderMap::new();
+        let heads = Read::of(&none);
+        assert!(heads.content_type.is_none() && heads.content_length.is_none());
+        assert!(heads.retry_after.is_none() && heads.session.is_none());
+    }
 
     #[test]
     fn credentials_in_the_url_become_a_basic_header() {
