@@ -70,19 +70,18 @@ impl Guard {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        if !host.is_empty() && !is_authority(host) {
-            return Err(ProxyError::BadHost(host.to_owned()));
-        }
-        if loopback_listener {
-            let name = host_name(host);
-            if !is_loopback(name)
-                && !self
-                    .allowed_hosts
-                    .iter()
-                    .any(|h| h.eq_ignore_ascii_case(name))
-            {
-                return Err(ProxyError::MisdirectedHost(host.to_owned()));
-            }
+        let name = match host {
+            "" => "",
+            _ => authority(host).ok_or_else(|| ProxyError::BadHost(host.to_owned()))?,
+        };
+        if loopback_listener
+            && !is_loopback(name)
+            && !self
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            return Err(ProxyError::MisdirectedHost(host.to_owned()));
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
             let origin = origin.to_str().unwrap_or("");
@@ -108,31 +107,28 @@ impl Guard {
 
 /// Whether a host name is a loopback one.
 fn is_loopback(name: &str) -> bool {
-    name.eq_ignore_ascii_case("localhost")
+    // The usual names first: no parse on every call.
+    matches!(name, "127.0.0.1" | "localhost")
+        || name.eq_ignore_ascii_case("localhost")
         || matches!(name, "[::1]" | "::1")
         || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether a `Host` is `host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP
 /// literal in brackets, an IPv4 address, or a name of letters, digits, `-`, `.` and
-/// `_`; the port digits only. `[::1]evil.example`, `a b`, `x@y` are not.
-fn is_authority(host: &str) -> bool {
+/// `_`; the port digits only. `[::1]evil.example`, `a b`, `x@y` are not. Its host
+/// name (as [`host_name`] gives it) when it is one: the check reads the `Host` once.
+fn authority(host: &str) -> Option<&str> {
     let (name, port) = match host.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((literal, after)) => {
-                if literal.parse::<std::net::Ipv6Addr>().is_err() {
-                    return false;
-                }
-                match after {
-                    "" => return true,
-                    _ => match after.strip_prefix(':') {
-                        Some(port) => ("", port),
-                        None => return false,
-                    },
-                }
+        Some(rest) => {
+            let (literal, after) = rest.split_once(']')?;
+            literal.parse::<std::net::Ipv6Addr>().ok()?;
+            let name = &host[..literal.len() + 2];
+            match after {
+                "" => return Some(name),
+                _ => (name, after.strip_prefix(':')?),
             }
-            None => return false,
-        },
+        }
         None => match host.rsplit_once(':') {
             Some((name, port)) => (name, port),
             None => (host, "1"),
@@ -145,7 +141,7 @@ fn is_authority(host: &str) -> bool {
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
-    port_ok && name_ok
+    (port_ok && name_ok).then_some(name)
 }
 
 /// `example.com:8080` → `example.com`, `[::1]:80` → `[::1]`.
@@ -527,7 +523,7 @@ pub fn counted<S: Stream + Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use super::{host_name, is_authority};
+    use super::{authority, host_name};
 
     #[test]
     fn a_host_is_an_ip_literal_or_a_name_with_an_optional_port() {
@@ -540,7 +536,7 @@ mod tests {
             "a-b.example_x",
             "h:65535",
         ] {
-            assert!(is_authority(good), "{good}");
+            assert_eq!(authority(good), Some(host_name(good)), "{good}");
         }
         for bad in [
             "[::1]evil.example",
@@ -556,7 +552,7 @@ mod tests {
             "h\\x",
             "é.example",
         ] {
-            assert!(!is_authority(bad), "{bad}");
+            assert_eq!(authority(bad), None, "{bad}");
         }
     }
 
