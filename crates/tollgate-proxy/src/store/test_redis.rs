@@ -72,3 +72,31 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The test functions of a contract suite, one per case on each backend: `on_memory::case`
+/// and `on_redis::case` (skipped, saying so, without a `redis-server`). The suite's module
+/// has the cases as `async fn case(&Backend)` and a `Backend` with `Memory` and `redis()`.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod on_memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::Backend::Memory).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(redis) = super::Backend::redis() else {
+                        return;
+                    };
+                    super::$case(&redis).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use contract;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::{Definitions, Found, Judge, Listing};
 use crate::store::test_redis::RedisServer;
+use crate::store::test_redis::contract;
 
 /// Where the tables live.
 enum Backend {
@@ -222,30 +223,6 @@ async fn the_listings_kept_are_bounded(b: &Backend) {
     r.a.learn("one-more", listing(&[("read", "r1")]), true);
     assert_eq!(found(&r.a, "s0", "read").2, "unknown");
     assert_eq!(found(&r.a, "one-more", "read").2, "listed");
-}
-
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(&super::Backend::Memory).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let Some(redis) = super::Backend::redis() else {
-                        return;
-                    };
-                    super::$case(&redis).await;
-                }
-            )*
-        }
-    };
 }
 
 contract!(

@@ -11,6 +11,7 @@ use tollgate_mcp::ParamHeader;
 
 use super::{MAX_TOOLS, ToolParams};
 use crate::store::test_redis::RedisServer;
+use crate::store::test_redis::contract;
 
 /// Where the tables live.
 enum Backend {
@@ -153,30 +154,6 @@ impl Backend {
             }
         }
     }
-}
-
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(&super::Backend::Memory).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let Some(redis) = super::Backend::redis() else {
-                        return;
-                    };
-                    super::$case(&redis).await;
-                }
-            )*
-        }
-    };
 }
 
 contract!(

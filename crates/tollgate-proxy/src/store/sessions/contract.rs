@@ -12,6 +12,7 @@ use super::{Missing, NewSession, NotOpened, Opened, Session, Sessions, SessionsF
 use crate::config::OnStateFailure;
 use crate::store::remote::{Remote, RemoteConfig};
 use crate::store::test_redis::RedisServer;
+use crate::store::test_redis::contract;
 
 /// The table's limits.
 #[derive(Clone, Copy)]
@@ -272,30 +273,6 @@ async fn a_pinned_session_is_served_by_its_own_replica_only(b: &Backend) {
     // Not pinned: any replica serves it.
     let free = open(&r.a, of("k")).await.unwrap();
     assert!(get(&r.b, &free.id).await.is_ok());
-}
-
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(&super::Backend::Memory).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let Some(redis) = super::Backend::redis() else {
-                        return;
-                    };
-                    super::$case(&redis).await;
-                }
-            )*
-        }
-    };
 }
 
 contract!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::{MAX_TTL, TASKS_PER_OWNER, TaskOwner, TaskRecord, Tasks};
 use crate::store::test_redis::RedisServer;
+use crate::store::test_redis::contract;
 
 /// Where the records live.
 enum Backend {
@@ -228,30 +229,6 @@ async fn an_expired_task_does_not_count_towards_the_bound(b: &Backend) {
         owner_of(&r.b, &s, "0").await.is_some(),
         "a live task was pushed out by an expired one"
     );
-}
-
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(&super::Backend::Memory).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let Some(redis) = super::Backend::redis() else {
-                        return;
-                    };
-                    super::$case(&redis).await;
-                }
-            )*
-        }
-    };
 }
 
 contract!(
