@@ -332,11 +332,7 @@ impl<A: Announce> Approvals<A> {
             .collect();
         drop(table);
         self.announce(changed);
-        all.sort_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| b.id.cmp(&a.id))
-        });
+        super::record::newest_first(&mut all);
         all
     }
 

@@ -292,6 +292,15 @@ pub(super) fn key_of(server: &str, principal: &str, tool: &str, digest: &str) ->
     format!("{server}\n{principal}\n{tool}\n{digest}")
 }
 
+/// Orders approvals newest first (ties by id), as every listing shows them.
+pub(super) fn newest_first(all: &mut [Approval]) {
+    all.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.id.cmp(&a.id))
+    });
+}
+
 /// A request as the tests of both backends open it: server `s`, tool
 /// `start_fhir_export_job`, an anonymous caller of session `abc`.
 #[cfg(test)]

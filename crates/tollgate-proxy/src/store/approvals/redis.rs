@@ -129,11 +129,7 @@ impl Approvals {
     pub fn list(&self) -> Vec<Approval> {
         let mut all = self.local.list();
         all.extend(self.others.lock().values().cloned());
-        all.sort_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| b.id.cmp(&a.id))
-        });
+        super::record::newest_first(&mut all);
         all
     }
 
