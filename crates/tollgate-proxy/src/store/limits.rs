@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
-use tollgate_policy::{Decision, Policy, Slot, ToolCall};
+use tollgate_policy::{Decision, Policy, RateLimit, ToolCall};
 
 use super::remote::{Remote, Unavailable};
 use crate::config::OnStateFailure;
@@ -50,17 +50,48 @@ fn dotted(v4: std::net::Ipv4Addr) -> String {
     text
 }
 
+/// What a backend of rate-limit windows does: the rolling-window log of each
+/// limit and key, one slot per call that fits. [`memory::Windows`] and
+/// [`redis::Windows`] implement it; `limits/contract.rs` holds both to one
+/// behaviour on a driven clock.
+pub trait WindowStore {
+    /// A slot one call holds in a window.
+    type Slot: std::fmt::Debug + Send;
+
+    /// Takes a slot of `limit` for `key` if fewer than `limit.max` calls were
+    /// taken in the half-open window `(now - limit.window, now]`, or says how long
+    /// until the oldest of them leaves it (at least 1 ms). A refused call takes no
+    /// slot. A backend on a clock of its own (the shared one's) may read `now`
+    /// from it instead. `Err` when the windows cannot be reached; then nothing
+    /// was taken.
+    fn take(
+        &self,
+        limit: &RateLimit,
+        key: &str,
+        now: Duration,
+    ) -> impl Future<Output = Result<Result<Self::Slot, Duration>, Unavailable>> + Send;
+
+    /// Gives a slot back, so later calls count without it: at once in this
+    /// process, soon in a shared backend (best effort: a slot that cannot be
+    /// given back leaves with its window).
+    fn release(&self, slot: Self::Slot);
+
+    /// Forgets windows with nothing left in them at `now` (a backend whose
+    /// windows expire by themselves does nothing).
+    fn sweep(&self, now: Duration);
+}
+
 /// One server's rolling windows, kept across policy reloads: in this process
 /// ([`memory`]) or in the shared Redis ([`redis`], `state.backend: redis`) where every
 /// replica counts the same, behind `state.on_failure` (what a call whose limit cannot
 /// be checked gets). The caller never learns which.
 pub struct CallLimits {
-    windows: Windows,
+    windows: Backend,
     on_failure: OnStateFailure,
 }
 
 /// The backends, dispatched without boxing: a call costs one match.
-enum Windows {
+enum Backend {
     Memory(memory::Windows),
     Redis(redis::Windows),
 }
@@ -71,8 +102,8 @@ pub struct Taken(Held);
 
 #[derive(Debug)]
 enum Held {
-    Memory(Slot),
-    Redis(redis::Slot),
+    Memory(<memory::Windows as WindowStore>::Slot),
+    Redis(<redis::Windows as WindowStore>::Slot),
 }
 
 /// What the windows made of a call.
@@ -99,7 +130,7 @@ impl CallLimits {
     /// Windows in this process.
     pub fn local() -> CallLimits {
         CallLimits {
-            windows: Windows::Memory(memory::Windows::default()),
+            windows: Backend::Memory(memory::Windows::default()),
             on_failure: OnStateFailure::default(),
         }
     }
@@ -108,7 +139,7 @@ impl CallLimits {
     /// there is refused or let through as `on_failure` says.
     pub fn shared(remote: Arc<Remote>, server: &str, on_failure: OnStateFailure) -> CallLimits {
         CallLimits {
-            windows: Windows::Redis(redis::Windows::new(remote, server)),
+            windows: Backend::Redis(redis::Windows::new(remote, server)),
             on_failure,
         }
     }
@@ -125,11 +156,12 @@ impl CallLimits {
             };
         };
         let took = match &self.windows {
-            Windows::Memory(windows) => Ok(windows.take(limit, key, now).map(Held::Memory)),
-            Windows::Redis(windows) => windows
-                .take(limit, key, now)
-                .await
-                .map(|took| took.map(Held::Redis)),
+            Backend::Memory(windows) => {
+                (windows.take(limit, key, now).await).map(|took| took.map(Held::Memory))
+            }
+            Backend::Redis(windows) => {
+                (windows.take(limit, key, now).await).map(|took| took.map(Held::Redis))
+            }
         };
         let (taken, unchecked) = match took {
             Ok(Ok(held)) => (Some(Taken(held)), None),
@@ -163,8 +195,8 @@ impl CallLimits {
     /// leaves with its window).
     pub fn release(&self, taken: Taken) {
         match (&self.windows, taken.0) {
-            (Windows::Memory(windows), Held::Memory(slot)) => windows.release(slot),
-            (Windows::Redis(windows), Held::Redis(slot)) => windows.release_soon(slot),
+            (Backend::Memory(windows), Held::Memory(slot)) => windows.release(slot),
+            (Backend::Redis(windows), Held::Redis(slot)) => windows.release(slot),
             // A slot of other windows (there are none: each server has one kind).
             _ => {}
         }
@@ -172,8 +204,9 @@ impl CallLimits {
 
     /// Forgets windows with nothing left in them (shared ones expire by themselves).
     pub fn sweep(&self, now: Duration) {
-        if let Windows::Memory(windows) = &self.windows {
-            windows.sweep(now);
+        match &self.windows {
+            Backend::Memory(windows) => windows.sweep(now),
+            Backend::Redis(windows) => windows.sweep(now),
         }
     }
 }

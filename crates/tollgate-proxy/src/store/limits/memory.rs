@@ -6,25 +6,33 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tollgate_policy::{RateLimit, RateLimiter, Slot};
 
+use super::WindowStore;
+use crate::store::remote::Unavailable;
+
 /// One server's windows in this process.
 #[derive(Default)]
 pub struct Windows {
     limiter: Mutex<RateLimiter>,
 }
 
-impl Windows {
-    /// Takes a slot of `limit` for `key` at `now`, or says how long until one frees.
-    pub fn take(&self, limit: &RateLimit, key: &str, now: Duration) -> Result<Slot, Duration> {
-        self.limiter.lock().try_acquire(limit, key, now)
+impl WindowStore for Windows {
+    type Slot = Slot;
+
+    /// Never unavailable; done when called (the future is ready).
+    fn take(
+        &self,
+        limit: &RateLimit,
+        key: &str,
+        now: Duration,
+    ) -> impl Future<Output = Result<Result<Slot, Duration>, Unavailable>> + Send {
+        std::future::ready(Ok(self.limiter.lock().try_acquire(limit, key, now)))
     }
 
-    /// Gives a slot back.
-    pub fn release(&self, slot: Slot) {
+    fn release(&self, slot: Slot) {
         self.limiter.lock().release(slot);
     }
 
-    /// Forgets windows with nothing left in them.
-    pub fn sweep(&self, now: Duration) {
+    fn sweep(&self, now: Duration) {
         self.limiter.lock().sweep(now);
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tollgate_policy::RateLimit;
 
+use super::WindowStore;
 use crate::store::remote::{Remote, Unavailable};
 
 /// The rolling-window log of one key in one step: drop what left the window, count
@@ -67,10 +68,13 @@ impl Windows {
         self.given_clock = true;
         self
     }
+}
 
-    /// Takes a slot of `limit` for `key` (at `now` only on a given clock), or says
-    /// how long until one frees: one round trip.
-    pub async fn take(
+impl WindowStore for Windows {
+    type Slot = Slot;
+
+    /// One round trip; `now` is used only on a given clock.
+    async fn take(
         &self,
         limit: &RateLimit,
         key: &str,
@@ -100,15 +104,8 @@ impl Windows {
         })
     }
 
-    /// Gives a slot back, waiting for it (the contract tests do).
-    #[cfg(test)]
-    pub async fn release(&self, slot: Slot) -> Result<(), Unavailable> {
-        release(&self.remote, slot).await
-    }
-
-    /// Gives a slot back from a task of its own (best effort: if Redis is away, the
-    /// slot leaves with its window).
-    pub fn release_soon(&self, slot: Slot) {
+    /// From a task of its own.
+    fn release(&self, slot: Slot) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -119,6 +116,9 @@ impl Windows {
             }
         });
     }
+
+    /// Shared windows expire by themselves.
+    fn sweep(&self, _now: Duration) {}
 }
 
 async fn release(remote: &Remote, slot: Slot) -> Result<(), Unavailable> {
