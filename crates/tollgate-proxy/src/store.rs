@@ -20,6 +20,19 @@ pub mod tasks;
 #[cfg(test)]
 pub mod test_redis;
 
+/// Runs `$body` with `$backend` bound to whichever backend a front's `Backend`
+/// enum (`Memory(..)`, `Redis(..)`) holds: one match, no boxing; both arms are the
+/// same code, each backend's implementation of the store's trait.
+macro_rules! dispatch {
+    ($backends:expr, $backend:ident => $body:expr) => {
+        match $backends {
+            Backend::Memory($backend) => $body,
+            Backend::Redis($backend) => $body,
+        }
+    };
+}
+use dispatch;
+
 /// A fresh unguessable id: `bytes` random bytes in hex.
 pub fn random_hex(bytes: usize) -> String {
     use rand::RngCore as _;

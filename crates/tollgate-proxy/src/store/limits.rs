@@ -9,6 +9,7 @@ use std::time::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tollgate_policy::{Decision, Policy, RateLimit, ToolCall};
 
+use super::dispatch;
 use super::remote::{Remote, Unavailable};
 use crate::config::OnStateFailure;
 
@@ -204,10 +205,7 @@ impl CallLimits {
 
     /// Forgets windows with nothing left in them (shared ones expire by themselves).
     pub fn sweep(&self, now: Duration) {
-        match &self.windows {
-            Backend::Memory(windows) => windows.sweep(now),
-            Backend::Redis(windows) => windows.sweep(now),
-        }
+        dispatch!(&self.windows, windows => windows.sweep(now));
     }
 }
 

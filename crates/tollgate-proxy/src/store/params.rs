@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tollgate_mcp::ParamHeader;
 
+use super::dispatch;
 use super::remote::Remote;
 
 #[cfg(test)]
@@ -21,13 +22,31 @@ mod redis;
 /// Most tools with annotations remembered per server.
 pub const MAX_TOOLS: usize = 4096;
 
+/// What a backend of learned param headers does: one server's table, by tool
+/// name, bounded at [`MAX_TOOLS`]. [`memory::Params`] and [`redis::Params`]
+/// implement it; `params/contract.rs` holds both to one behaviour.
+pub trait ParamStore {
+    /// Records what a listed tool declares (replacing what it declared before); a
+    /// tool that declares nothing is forgotten. `false` when the table is full
+    /// and the tool is not in it: then it is not recorded. A shared table tells
+    /// the other replicas soon (best effort).
+    fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool;
+
+    /// Forgets a tool (here at once, on the other replicas soon).
+    fn forget(&self, tool: &str);
+
+    /// What `tool` declares, if anything: read from this process's memory only,
+    /// so what another replica learned shows a moment later.
+    fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>>;
+}
+
 /// One server's tools that mirror arguments into headers, by tool name.
 pub struct ToolParams {
-    store: Store,
+    store: Backend,
 }
 
 /// The backends, dispatched without boxing.
-enum Store {
+enum Backend {
     Memory(memory::Params),
     Redis(redis::Params),
 }
@@ -35,7 +54,7 @@ enum Store {
 impl Default for ToolParams {
     fn default() -> ToolParams {
         ToolParams {
-            store: Store::Memory(memory::Params::default()),
+            store: Backend::Memory(memory::Params::default()),
         }
     }
 }
@@ -50,39 +69,24 @@ impl ToolParams {
     /// The table of `server`, shared by the replicas through the shared Redis.
     pub fn shared(remote: Arc<Remote>, server: &str) -> ToolParams {
         ToolParams {
-            store: Store::Redis(redis::Params::new(remote, server)),
-        }
-    }
-
-    fn local(&self) -> &memory::Params {
-        match &self.store {
-            Store::Memory(local) => local,
-            Store::Redis(shared) => shared.local(),
+            store: Backend::Redis(redis::Params::new(remote, server)),
         }
     }
 
     /// Records what a listed tool declares; a tool that declares nothing is forgotten.
     /// Returns `false` when the table is full and the tool could not be recorded.
     pub fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool {
-        match &self.store {
-            Store::Memory(local) => local.learn(tool, declared) != memory::Learnt::Full,
-            Store::Redis(shared) => shared.learn(tool, declared),
-        }
+        dispatch!(&self.store, store => store.learn(tool, declared))
     }
 
     /// Forgets a tool (listed with annotations that are not valid).
     pub fn forget(&self, tool: &str) {
-        match &self.store {
-            Store::Memory(local) => {
-                local.forget(tool);
-            }
-            Store::Redis(shared) => shared.forget(tool),
-        }
+        dispatch!(&self.store, store => store.forget(tool));
     }
 
     /// What `tool` declares, if it declares anything: from this process's memory.
     pub fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>> {
-        self.local().get(tool)
+        dispatch!(&self.store, store => store.get(tool))
     }
 }
 

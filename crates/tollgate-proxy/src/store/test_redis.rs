@@ -75,14 +75,17 @@ impl Drop for RedisServer {
 
 /// The test functions of a contract suite, one per case on each backend: `on_memory::case`
 /// and `on_redis::case` (skipped, saying so, without a `redis-server`). The suite's module
-/// has the cases as `async fn case(&Backend)` and a `Backend` with `Memory` and `redis()`.
+/// has the cases as `async fn case(&B)` generic over its fixture `B` (what gives the
+/// stores: each case runs on the backends' implementations of the store's trait, or on
+/// fronts over them where it tests a front's wrapper), and `on_memory()` and `on_redis()`
+/// giving one (`None`: no `redis-server`, said on stderr).
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod on_memory {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    super::$case(&super::Backend::Memory).await;
+                    super::$case(&super::on_memory()).await;
                 }
             )*
         }
@@ -90,7 +93,7 @@ macro_rules! contract {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let Some(redis) = super::Backend::redis() else {
+                    let Some(redis) = super::on_redis() else {
                         return;
                     };
                     super::$case(&redis).await;
@@ -100,3 +103,14 @@ macro_rules! contract {
     };
 }
 pub(crate) use contract;
+
+/// A redis-server for a suite's Redis half, or `None` (said on stderr) without one.
+pub fn start_or_skip() -> Option<RedisServer> {
+    match RedisServer::start() {
+        Ok(server) => Some(server),
+        Err(why) => {
+            eprintln!("skipped on Redis: {why}");
+            None
+        }
+    }
+}

@@ -225,6 +225,15 @@ async fn the_listings_kept_are_bounded(b: &Backend) {
     assert_eq!(found(&r.a, "one-more", "read").2, "listed");
 }
 
+/// The suite's backends (see [`contract`]).
+fn on_memory() -> Backend {
+    Backend::Memory
+}
+
+fn on_redis() -> Option<Backend> {
+    Backend::redis()
+}
+
 contract!(
     a_listing_learned_on_one_replica_is_known_to_the_other,
     a_partial_listing_leaves_the_rest_unknown_and_a_complete_one_replaces,

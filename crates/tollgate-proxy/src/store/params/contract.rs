@@ -1,6 +1,7 @@
-//! The contract of learned param headers, one suite run against both backends: the
-//! memory table (one process, one replica) and the Redis one, where two fronts on
-//! one Redis are two replicas of one deployment and what one learns the other knows.
+//! The contract of learned param headers ([`ParamStore`]), one suite run against
+//! both backends: the memory table (one process, one replica) and the Redis one,
+//! where two tables on one Redis are two replicas of one deployment and what one
+//! learns the other knows.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,61 +10,78 @@ use std::time::Duration;
 
 use tollgate_mcp::ParamHeader;
 
-use super::{MAX_TOOLS, ToolParams};
-use crate::store::test_redis::RedisServer;
-use crate::store::test_redis::contract;
+use super::{MAX_TOOLS, ParamStore, memory, redis};
+use crate::store::test_redis::{RedisServer, contract, start_or_skip};
 
-/// Where the tables live.
-enum Backend {
-    Memory,
-    Redis(RedisServer),
+/// What gives a case its tables: the backends' implementations of [`ParamStore`].
+trait Backend {
+    type Store: ParamStore;
+
+    /// Two replicas' tables of server `s` (on the memory backend, one table
+    /// twice), and, on Redis, another server's.
+    fn replicas(&self) -> Replicas<Self::Store>;
+
+    /// One more replica of the deployment `r` is of.
+    fn replicas_like(&self, r: &Replicas<Self::Store>) -> Arc<Self::Store>;
 }
 
-/// Two replicas' tables of server `s` (on the memory backend, one table twice),
-/// and, on Redis, another server's.
-struct Replicas {
-    a: Arc<ToolParams>,
-    b: Arc<ToolParams>,
-    other_server: Option<ToolParams>,
+struct Replicas<S> {
+    a: Arc<S>,
+    b: Arc<S>,
+    other_server: Option<S>,
     /// The deployment's key prefix (Redis).
     prefix: String,
 }
 
-impl Backend {
-    fn redis() -> Option<Backend> {
-        match RedisServer::start() {
-            Ok(server) => Some(Backend::Redis(server)),
-            Err(why) => {
-                eprintln!("skipped on Redis: {why}");
-                None
-            }
+/// Tables in this process.
+struct OnMemory;
+
+impl Backend for OnMemory {
+    type Store = memory::Params;
+
+    fn replicas(&self) -> Replicas<memory::Params> {
+        let a = Arc::new(memory::Params::default());
+        Replicas {
+            b: a.clone(),
+            a,
+            other_server: None,
+            prefix: String::new(),
         }
     }
 
-    fn replicas(&self) -> Replicas {
-        match self {
-            Backend::Memory => {
-                let a = Arc::new(ToolParams::default());
-                Replicas {
-                    b: a.clone(),
-                    a,
-                    other_server: None,
-                    prefix: String::new(),
-                }
-            }
-            Backend::Redis(server) => {
-                let prefix = format!("contract-{}:", crate::store::random_hex(4));
-                let on =
-                    |replica, name| ToolParams::shared(server.remote_as(&prefix, replica), name);
-                Replicas {
-                    a: Arc::new(on("a", "s")),
-                    b: Arc::new(on("b", "s")),
-                    other_server: Some(on("c", "t")),
-                    prefix,
-                }
-            }
+    fn replicas_like(&self, r: &Replicas<memory::Params>) -> Arc<memory::Params> {
+        r.a.clone()
+    }
+}
+
+/// Tables in a redis-server of the test's own.
+struct OnRedis(RedisServer);
+
+impl Backend for OnRedis {
+    type Store = redis::Params;
+
+    fn replicas(&self) -> Replicas<redis::Params> {
+        let prefix = format!("contract-{}:", crate::store::random_hex(4));
+        let on = |replica, name| redis::Params::new(self.0.remote_as(&prefix, replica), name);
+        Replicas {
+            a: Arc::new(on("a", "s")),
+            b: Arc::new(on("b", "s")),
+            other_server: Some(on("c", "t")),
+            prefix,
         }
     }
+
+    fn replicas_like(&self, r: &Replicas<redis::Params>) -> Arc<redis::Params> {
+        Arc::new(redis::Params::new(self.0.remote_as(&r.prefix, "late"), "s"))
+    }
+}
+
+fn on_memory() -> OnMemory {
+    OnMemory
+}
+
+fn on_redis() -> Option<OnRedis> {
+    start_or_skip().map(OnRedis)
 }
 
 fn declared(name: &str) -> Vec<ParamHeader> {
@@ -74,7 +92,7 @@ fn declared(name: &str) -> Vec<ParamHeader> {
     }]
 }
 
-fn header(params: &ToolParams, tool: &str) -> Option<String> {
+fn header(params: &(impl ParamStore + ?Sized), tool: &str) -> Option<String> {
     params.get(tool).map(|d| d[0].header.clone())
 }
 
@@ -89,19 +107,19 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     panic!("not within 5 s: {what}");
 }
 
-async fn learns_replaces_and_forgets_on_every_replica(b: &Backend) {
+async fn learns_replaces_and_forgets_on_every_replica<B: Backend>(b: &B) {
     let r = b.replicas();
     assert!(r.a.learn("read", declared("path")));
-    assert_eq!(header(&r.a, "read").as_deref(), Some("mcp-param-path"));
+    assert_eq!(header(&*r.a, "read").as_deref(), Some("mcp-param-path"));
     eventually("the other replica learns it", || {
-        header(&r.b, "read").as_deref() == Some("mcp-param-path")
+        header(&*r.b, "read").as_deref() == Some("mcp-param-path")
     })
     .await;
     assert_eq!(r.b.get("read").unwrap()[0].path, ["args", "path"]);
     // Replaced on the other replica, seen here.
     assert!(r.b.learn("read", declared("file")));
     eventually("a change made elsewhere is seen", || {
-        header(&r.a, "read").as_deref() == Some("mcp-param-file")
+        header(&*r.a, "read").as_deref() == Some("mcp-param-file")
     })
     .await;
     // Declaring nothing forgets it.
@@ -120,7 +138,7 @@ async fn learns_replaces_and_forgets_on_every_replica(b: &Backend) {
     }
 }
 
-async fn a_replica_that_starts_later_knows_what_was_learned(b: &Backend) {
+async fn a_replica_that_starts_later_knows_what_was_learned<B: Backend>(b: &B) {
     let r = b.replicas();
     r.a.learn("read", declared("path"));
     eventually("shared", || r.b.get("read").is_some()).await;
@@ -128,7 +146,7 @@ async fn a_replica_that_starts_later_knows_what_was_learned(b: &Backend) {
     eventually("the late replica reads it", || late.get("read").is_some()).await;
 }
 
-async fn is_bounded(b: &Backend) {
+async fn is_bounded<B: Backend>(b: &B) {
     let r = b.replicas();
     for i in 0..MAX_TOOLS {
         assert!(r.a.learn(&format!("t{i}"), declared("a")));
@@ -142,18 +160,6 @@ async fn is_bounded(b: &Backend) {
     })
     .await;
     assert!(r.b.get("one-more").is_none());
-}
-
-impl Backend {
-    /// One more replica of the deployment `r` is of.
-    fn replicas_like(&self, r: &Replicas) -> Arc<ToolParams> {
-        match self {
-            Backend::Memory => r.a.clone(),
-            Backend::Redis(server) => {
-                Arc::new(ToolParams::shared(server.remote_as(&r.prefix, "late"), "s"))
-            }
-        }
-    }
 }
 
 contract!(

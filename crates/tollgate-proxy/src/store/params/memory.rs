@@ -8,7 +8,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tollgate_mcp::ParamHeader;
 
-use super::MAX_TOOLS;
+use super::{MAX_TOOLS, ParamStore};
 
 /// One server's tools that mirror arguments into headers, by tool name.
 #[derive(Debug, Default)]
@@ -16,7 +16,7 @@ pub struct Params {
     tools: RwLock<HashMap<String, Arc<[ParamHeader]>>>,
 }
 
-/// What [`Params::learn`] did.
+/// What [`Params::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learnt {
     /// Recorded (or forgotten, declaring nothing), and it is news.
@@ -28,8 +28,9 @@ pub enum Learnt {
 }
 
 impl Params {
-    /// Records what a listed tool declares; a tool that declares nothing is forgotten.
-    pub fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> Learnt {
+    /// Records what a listed tool declares; a tool that declares nothing is
+    /// forgotten. Says whether that is news (what the Redis backend shares).
+    pub fn apply(&self, tool: &str, declared: Vec<ParamHeader>) -> Learnt {
         if self.tools.read().get(tool).map(|known| &known[..]) == Some(&declared[..])
             || (declared.is_empty() && !self.tools.read().contains_key(tool))
         {
@@ -48,12 +49,21 @@ impl Params {
     }
 
     /// Forgets a tool; whether it was known.
-    pub fn forget(&self, tool: &str) -> bool {
+    pub fn remove(&self, tool: &str) -> bool {
         self.tools.write().remove(tool).is_some()
     }
+}
 
-    /// What `tool` declares, if it declares anything.
-    pub fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>> {
+impl ParamStore for Params {
+    fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool {
+        self.apply(tool, declared) != Learnt::Full
+    }
+
+    fn forget(&self, tool: &str) {
+        self.remove(tool);
+    }
+
+    fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>> {
         self.tools.read().get(tool).cloned()
     }
 }

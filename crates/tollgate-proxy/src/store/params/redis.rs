@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tollgate_mcp::ParamHeader;
 
+use super::ParamStore;
 use super::memory::{self, Learnt};
 use crate::store::remote::{Remote, Unavailable};
 
@@ -82,7 +83,7 @@ impl Params {
                 if let Ok(change) = serde_json::from_str::<Change>(text)
                     && *change.server == *own
                 {
-                    on_change.learn(&change.tool, declared(change.declared));
+                    on_change.apply(&change.tool, declared(change.declared));
                 }
             },
             move || {
@@ -98,32 +99,6 @@ impl Params {
         }
     }
 
-    /// This replica's copy.
-    pub fn local(&self) -> &memory::Params {
-        &self.local
-    }
-
-    /// Records what a listed tool declares, here and (by the writer task) for every
-    /// replica; `false` when the table is full.
-    pub fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool {
-        let shared = stored(&declared);
-        match self.local.learn(tool, declared) {
-            Learnt::Full => false,
-            Learnt::Same => true,
-            Learnt::Changed => {
-                self.share(tool, shared);
-                true
-            }
-        }
-    }
-
-    /// Forgets a tool, here and for every replica.
-    pub fn forget(&self, tool: &str) {
-        if self.local.forget(tool) {
-            self.share(tool, Vec::new());
-        }
-    }
-
     fn share(&self, tool: &str, declared: Stored) {
         let change = Change {
             server: self.server.to_string(),
@@ -133,6 +108,32 @@ impl Params {
         if self.writes.try_send(change).is_err() {
             tracing::warn!(server = %self.server, tool, "a tool's learned param headers were not shared: too many changes wait to be written");
         }
+    }
+}
+
+impl ParamStore for Params {
+    /// Here, and by the writer task for every replica.
+    fn learn(&self, tool: &str, declared: Vec<ParamHeader>) -> bool {
+        let shared = stored(&declared);
+        match self.local.apply(tool, declared) {
+            Learnt::Full => false,
+            Learnt::Same => true,
+            Learnt::Changed => {
+                self.share(tool, shared);
+                true
+            }
+        }
+    }
+
+    fn forget(&self, tool: &str) {
+        if self.local.remove(tool) {
+            self.share(tool, Vec::new());
+        }
+    }
+
+    /// This replica's copy.
+    fn get(&self, tool: &str) -> Option<Arc<[ParamHeader]>> {
+        self.local.get(tool)
     }
 }
 
@@ -169,7 +170,7 @@ async fn load(local: &memory::Params, remote: &Remote, key: &str) {
         Ok(all) => {
             for (tool, text) in all {
                 if let Ok(stored) = serde_json::from_str::<Stored>(&text) {
-                    local.learn(&tool, declared(stored));
+                    local.apply(&tool, declared(stored));
                 }
             }
         }

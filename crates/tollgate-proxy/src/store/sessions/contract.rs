@@ -275,6 +275,15 @@ async fn a_pinned_session_is_served_by_its_own_replica_only(b: &Backend) {
     assert!(get(&r.b, &free.id).await.is_ok());
 }
 
+/// The suite's backends (see [`contract`]).
+fn on_memory() -> Backend {
+    Backend::Memory
+}
+
+fn on_redis() -> Option<Backend> {
+    Backend::redis()
+}
+
 contract!(
     a_session_is_found_by_its_id_server_and_client_on_any_replica,
     an_unknown_id_is_unknown,

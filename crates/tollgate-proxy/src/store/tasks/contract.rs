@@ -231,6 +231,15 @@ async fn an_expired_task_does_not_count_towards_the_bound(b: &Backend) {
     );
 }
 
+/// The suite's backends (see [`contract`]).
+fn on_memory() -> Backend {
+    Backend::Memory
+}
+
+fn on_redis() -> Option<Backend> {
+    Backend::redis()
+}
+
 contract!(
     a_task_is_known_to_its_owner_on_every_replica,
     a_task_keeps_its_first_owner,
