@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dispatch;
 use super::remote::{Remote, Unavailable};
 
 #[cfg(test)]
@@ -86,13 +87,43 @@ impl TaskRecord {
     }
 }
 
+/// What a backend of task owners does. [`memory::Tasks`] and [`redis::Tasks`]
+/// implement it; `tasks/contract.rs` holds both to one behaviour.
+pub trait TaskStore {
+    /// Records `task_id` of `server` for `ttl` (1 ms to [`MAX_TTL`]: the front
+    /// bounds it), unless a live record of it exists: a task keeps its first owner.
+    /// An owner keeps at most [`TASKS_PER_OWNER`] live records, the deployment's
+    /// bound (a new one pushes the owner's oldest out, whatever their ttls). `Err`
+    /// when the records cannot be reached.
+    fn record(
+        &self,
+        server: &Arc<str>,
+        task_id: &str,
+        record: TaskRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), Unavailable>> + Send;
+
+    /// The live record of each of `ids` (at least one: the front answers none
+    /// itself) of `server`, in their order; `None` for an id never recorded,
+    /// expired or pushed out. What one replica recorded the others know at once.
+    fn owners_of(
+        &self,
+        server: &Arc<str>,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<Option<TaskRecord>>, Unavailable>> + Send;
+
+    /// Forgets expired records (a backend whose records expire by themselves does
+    /// nothing).
+    fn sweep(&self);
+}
+
 /// The tasks of every server.
 pub struct Tasks {
-    store: Store,
+    store: Backend,
 }
 
 /// The backends, dispatched without boxing.
-enum Store {
+enum Backend {
     Memory(memory::Tasks),
     Redis(redis::Tasks),
 }
@@ -107,14 +138,14 @@ impl Tasks {
     /// Tasks kept in this process.
     pub fn new() -> Tasks {
         Tasks {
-            store: Store::Memory(memory::Tasks::default()),
+            store: Backend::Memory(memory::Tasks::default()),
         }
     }
 
     /// Tasks kept in the shared Redis.
     pub fn shared(remote: Arc<Remote>) -> Tasks {
         Tasks {
-            store: Store::Redis(redis::Tasks::new(remote)),
+            store: Backend::Redis(redis::Tasks::new(remote)),
         }
     }
 
@@ -134,13 +165,7 @@ impl Tasks {
         ttl: Duration,
     ) -> Result<(), Unavailable> {
         let ttl = ttl.clamp(Duration::from_millis(1), MAX_TTL);
-        match &self.store {
-            Store::Memory(local) => {
-                local.record(server, task_id, record, ttl);
-                Ok(())
-            }
-            Store::Redis(shared) => shared.record(server, task_id, &record, ttl).await,
-        }
+        dispatch!(&self.store, store => store.record(server, task_id, record, ttl).await)
     }
 
     /// Who owns `task_id` of `server` and which tool created it; `None` for a task
@@ -167,16 +192,11 @@ impl Tasks {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        match &self.store {
-            Store::Memory(local) => Ok(local.owners_of(server, ids)),
-            Store::Redis(shared) => shared.owners_of(server, ids).await,
-        }
+        dispatch!(&self.store, store => store.owners_of(server, ids).await)
     }
 
     /// Forgets expired tasks (memory backend; Redis expires its own).
     pub fn sweep(&self) {
-        if let Store::Memory(local) = &self.store {
-            local.sweep();
-        }
+        dispatch!(&self.store, store => store.sweep());
     }
 }

@@ -1,55 +1,82 @@
-//! The contract of task owners, one suite run against both backends: the memory
-//! table (one process, one replica) and the Redis one, where two fronts on one Redis
-//! are two replicas of one deployment and what one records the other knows at once.
+//! The contract of task owners ([`TaskStore`]), one suite run against both
+//! backends: the memory table (one process, one replica) and the Redis one, where
+//! two stores on one Redis are two replicas of one deployment and what one records
+//! the other knows at once; and what the front adds, on either.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{MAX_TTL, TASKS_PER_OWNER, TaskOwner, TaskRecord, Tasks};
-use crate::store::test_redis::RedisServer;
-use crate::store::test_redis::contract;
+use super::{MAX_TTL, TASKS_PER_OWNER, TaskOwner, TaskRecord, TaskStore, Tasks, memory, redis};
+use crate::store::test_redis::{RedisServer, contract, start_or_skip};
 
-/// Where the records live.
-enum Backend {
-    Memory,
-    Redis(RedisServer),
+/// What gives a case its records: the backends' implementations of [`TaskStore`],
+/// and a front over one (for what the front adds).
+trait Backend {
+    type Store: TaskStore;
+
+    /// Two replicas' tasks (on the memory backend, one table twice).
+    fn replicas(&self) -> Replicas<Self::Store>;
+
+    /// A front on this backend.
+    fn front(&self) -> Tasks;
 }
 
-/// Two replicas' tasks (on the memory backend, one table twice).
-struct Replicas {
-    a: Arc<Tasks>,
-    b: Arc<Tasks>,
+struct Replicas<S> {
+    a: Arc<S>,
+    b: Arc<S>,
 }
 
-impl Backend {
-    fn redis() -> Option<Backend> {
-        match RedisServer::start() {
-            Ok(server) => Some(Backend::Redis(server)),
-            Err(why) => {
-                eprintln!("skipped on Redis: {why}");
-                None
-            }
+/// Records in this process.
+struct OnMemory;
+
+impl Backend for OnMemory {
+    type Store = memory::Tasks;
+
+    fn replicas(&self) -> Replicas<memory::Tasks> {
+        let a = Arc::new(memory::Tasks::default());
+        Replicas { b: a.clone(), a }
+    }
+
+    fn front(&self) -> Tasks {
+        Tasks::new()
+    }
+}
+
+/// Records in a redis-server of the test's own, each deployment under a prefix.
+struct OnRedis(RedisServer);
+
+impl OnRedis {
+    fn remote(&self, prefix: &str, replica: &str) -> Arc<crate::store::remote::Remote> {
+        self.0.remote_as(prefix, replica)
+    }
+}
+
+impl Backend for OnRedis {
+    type Store = redis::Tasks;
+
+    fn replicas(&self) -> Replicas<redis::Tasks> {
+        let prefix = format!("contract-{}:", crate::store::random_hex(4));
+        let on = |replica| Arc::new(redis::Tasks::new(self.remote(&prefix, replica)));
+        Replicas {
+            a: on("a"),
+            b: on("b"),
         }
     }
 
-    fn replicas(&self) -> Replicas {
-        match self {
-            Backend::Memory => {
-                let a = Arc::new(Tasks::new());
-                Replicas { b: a.clone(), a }
-            }
-            Backend::Redis(server) => {
-                let prefix = format!("contract-{}:", crate::store::random_hex(4));
-                let on = |replica| Arc::new(Tasks::shared(server.remote_as(&prefix, replica)));
-                Replicas {
-                    a: on("a"),
-                    b: on("b"),
-                }
-            }
-        }
+    fn front(&self) -> Tasks {
+        let prefix = format!("contract-{}:", crate::store::random_hex(4));
+        Tasks::shared(self.remote(&prefix, "front"))
     }
+}
+
+fn on_memory() -> OnMemory {
+    OnMemory
+}
+
+fn on_redis() -> Option<OnRedis> {
+    start_or_skip().map(OnRedis)
 }
 
 fn owner(client: &str, session: Option<&str>) -> TaskOwner {
@@ -73,18 +100,29 @@ fn server(name: &str) -> Arc<str> {
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-async fn put(tasks: &Tasks, server: &Arc<str>, id: &str, client: &str, ttl: Duration) {
+async fn put(
+    tasks: &Arc<impl TaskStore>,
+    server: &Arc<str>,
+    id: &str,
+    client: &str,
+    ttl: Duration,
+) {
     tasks
         .record(server, id, record(client, None), ttl)
         .await
         .expect("the store answers");
 }
 
-async fn owner_of(tasks: &Tasks, server: &Arc<str>, id: &str) -> Option<TaskRecord> {
-    tasks.owner_of(server, id).await.expect("the store answers")
+async fn owner_of(tasks: &Arc<impl TaskStore>, server: &Arc<str>, id: &str) -> Option<TaskRecord> {
+    let mut found = tasks
+        .owners_of(server, &[id])
+        .await
+        .expect("the store answers");
+    assert_eq!(found.len(), 1, "one answer per id");
+    found.pop().flatten()
 }
 
-async fn a_task_is_known_to_its_owner_on_every_replica(b: &Backend) {
+async fn a_task_is_known_to_its_owner_on_every_replica<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "T", "alice", MINUTE).await;
@@ -102,7 +140,7 @@ async fn a_task_is_known_to_its_owner_on_every_replica(b: &Backend) {
     }
 }
 
-async fn a_task_keeps_its_first_owner(b: &Backend) {
+async fn a_task_keeps_its_first_owner<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "T", "alice", MINUTE).await;
@@ -114,7 +152,7 @@ async fn a_task_keeps_its_first_owner(b: &Backend) {
     assert_eq!(found.tool, "report-of-alice");
 }
 
-async fn a_task_created_in_a_session_belongs_to_that_session(b: &Backend) {
+async fn a_task_created_in_a_session_belongs_to_that_session<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     r.a.record(&s, "S", record("alice", Some("1")), MINUTE)
@@ -126,7 +164,7 @@ async fn a_task_created_in_a_session_belongs_to_that_session(b: &Backend) {
     assert!(!found.owned_by(&owner("alice", None)));
 }
 
-async fn owners_of_answers_in_the_order_asked(b: &Backend) {
+async fn owners_of_answers_in_the_order_asked<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "1", "alice", MINUTE).await;
@@ -150,22 +188,18 @@ async fn owners_of_answers_in_the_order_asked(b: &Backend) {
             Some("client:bob")
         ]
     );
-    assert!(r.a.owners_of(&s, &[]).await.unwrap().is_empty());
 }
 
-async fn a_record_lives_as_long_as_its_ttl(b: &Backend) {
+async fn a_record_lives_as_long_as_its_ttl<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "short", "alice", Duration::from_millis(30)).await;
     put(&r.a, &s, "long", "alice", MINUTE).await;
-    // A ttl of zero is kept for the shortest time there is, not forever.
-    put(&r.a, &s, "zero", "alice", Duration::ZERO).await;
     assert!(owner_of(&r.b, &s, "short").await.is_some());
     tokio::time::sleep(Duration::from_millis(60)).await;
     for replica in [&r.a, &r.b] {
         replica.sweep();
         assert!(owner_of(replica, &s, "short").await.is_none());
-        assert!(owner_of(replica, &s, "zero").await.is_none());
         assert!(
             owner_of(replica, &s, "long").await.is_some(),
             "swept too early"
@@ -175,12 +209,35 @@ async fn a_record_lives_as_long_as_its_ttl(b: &Backend) {
     put(&r.b, &s, "short", "bob", MINUTE).await;
     let found = owner_of(&r.a, &s, "short").await.unwrap();
     assert!(found.owned_by(&owner("bob", None)));
+}
+
+/// What the front adds to either backend: ttls bounded, an empty question
+/// answered at once, one id's owner.
+async fn the_front_bounds_ttls_and_asks_only_for_ids<B: Backend>(b: &B) {
+    let front = b.front();
+    let s = server("s");
+    // A ttl of zero is kept for the shortest time there is, not forever.
+    let zero = record("alice", None);
+    front
+        .record(&s, "zero", zero, Duration::ZERO)
+        .await
+        .unwrap();
+    front
+        .record(&s, "long", record("bob", None), MINUTE)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    front.sweep();
+    assert!(front.owner_of(&s, "zero").await.unwrap().is_none());
+    let long = front.owner_of(&s, "long").await.unwrap().unwrap();
+    assert!(long.owned_by(&owner("bob", None)));
+    assert!(front.owners_of(&s, &[]).await.unwrap().is_empty());
     assert_eq!(Tasks::ttl(None), MAX_TTL);
     assert_eq!(Tasks::ttl(Some(1500)), Duration::from_millis(1500));
     assert_eq!(Tasks::ttl(Some(u64::MAX)), MAX_TTL);
 }
 
-async fn each_owner_keeps_a_bounded_number(b: &Backend) {
+async fn each_owner_keeps_a_bounded_number<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.b, &s, "b", "bob", MINUTE).await;
@@ -202,7 +259,7 @@ async fn each_owner_keeps_a_bounded_number(b: &Backend) {
     assert!(owner_of(&r.b, &s, "in-a-session").await.is_some());
 }
 
-async fn the_oldest_is_pushed_out_whatever_its_ttl(b: &Backend) {
+async fn the_oldest_is_pushed_out_whatever_its_ttl<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "first", "alice", 2 * MINUTE).await;
@@ -217,7 +274,7 @@ async fn the_oldest_is_pushed_out_whatever_its_ttl(b: &Backend) {
     );
 }
 
-async fn an_expired_task_does_not_count_towards_the_bound(b: &Backend) {
+async fn an_expired_task_does_not_count_towards_the_bound<B: Backend>(b: &B) {
     let r = b.replicas();
     let s = server("s");
     put(&r.a, &s, "short", "alice", Duration::from_millis(1)).await;
@@ -231,16 +288,8 @@ async fn an_expired_task_does_not_count_towards_the_bound(b: &Backend) {
     );
 }
 
-/// The suite's backends (see [`contract`]).
-fn on_memory() -> Backend {
-    Backend::Memory
-}
-
-fn on_redis() -> Option<Backend> {
-    Backend::redis()
-}
-
 contract!(
+    the_front_bounds_ttls_and_asks_only_for_ids,
     a_task_is_known_to_its_owner_on_every_replica,
     a_task_keeps_its_first_owner,
     a_task_created_in_a_session_belongs_to_that_session,

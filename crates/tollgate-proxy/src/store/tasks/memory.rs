@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::{MAX_TASKS, TASKS_PER_OWNER, TaskRecord};
+use super::{MAX_TASKS, TASKS_PER_OWNER, TaskRecord, TaskStore};
+use crate::store::remote::Unavailable;
 
 /// The tasks of every server in this process.
 #[derive(Default)]
@@ -27,7 +28,7 @@ struct Local {
 impl Tasks {
     /// Records `task_id` of `server` for `ttl`, unless it is recorded already; past
     /// [`MAX_TASKS`] it is not recorded (and so unknown to its caller too).
-    pub fn record(&self, server: &Arc<str>, task_id: &str, record: TaskRecord, ttl: Duration) {
+    fn insert(&self, server: &Arc<str>, task_id: &str, record: TaskRecord, ttl: Duration) {
         let now = Instant::now();
         let expires = now + ttl;
         let mut local = self.local.lock();
@@ -66,7 +67,7 @@ impl Tasks {
     }
 
     /// The live record of each of `ids` of `server`, in their order.
-    pub fn owners_of(&self, server: &Arc<str>, ids: &[&str]) -> Vec<Option<TaskRecord>> {
+    fn lookup(&self, server: &Arc<str>, ids: &[&str]) -> Vec<Option<TaskRecord>> {
         let now = Instant::now();
         let local = self.local.lock();
         ids.iter()
@@ -80,15 +81,38 @@ impl Tasks {
             .collect()
     }
 
-    /// Forgets expired tasks.
-    pub fn sweep(&self) {
-        self.local.lock().sweep(Instant::now());
-    }
-
     /// Tasks remembered, expired or not.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.local.lock().records.len()
+    }
+}
+
+/// Done when called (the futures are ready); never unavailable.
+impl TaskStore for Tasks {
+    /// Past [`MAX_TASKS`] in this process a task is not recorded (and so unknown
+    /// to its caller too).
+    fn record(
+        &self,
+        server: &Arc<str>,
+        task_id: &str,
+        record: TaskRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), Unavailable>> + Send {
+        self.insert(server, task_id, record, ttl);
+        std::future::ready(Ok(()))
+    }
+
+    fn owners_of(
+        &self,
+        server: &Arc<str>,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<Option<TaskRecord>>, Unavailable>> + Send {
+        std::future::ready(Ok(self.lookup(server, ids)))
+    }
+
+    fn sweep(&self) {
+        self.local.lock().sweep(Instant::now());
     }
 }
 
@@ -123,13 +147,13 @@ mod tests {
     fn a_sweep_frees_what_expired_and_keeps_the_rest() {
         let tasks = Tasks::default();
         let s: Arc<str> = "s".into();
-        tasks.record(&s, "short", record("alice"), Duration::from_millis(1));
-        tasks.record(&s, "long", record("alice"), Duration::from_secs(60));
+        tasks.insert(&s, "short", record("alice"), Duration::from_millis(1));
+        tasks.insert(&s, "long", record("alice"), Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(tasks.len(), 2, "expired, not yet swept");
         tasks.sweep();
         assert_eq!(tasks.len(), 1);
-        assert!(tasks.owners_of(&s, &["long"])[0].is_some());
+        assert!(tasks.lookup(&s, &["long"])[0].is_some());
         assert!(tasks.local.lock().by_owner.values().all(|o| o.len() == 1));
     }
 
@@ -140,12 +164,12 @@ mod tests {
         // An owner each, so that the per-owner bound drops none.
         for i in 0..MAX_TASKS {
             let id = i.to_string();
-            tasks.record(&s, &id, record(&id), Duration::from_secs(60));
+            tasks.insert(&s, &id, record(&id), Duration::from_secs(60));
         }
         assert_eq!(tasks.len(), MAX_TASKS);
-        tasks.record(&s, "one-more", record("late"), Duration::from_secs(60));
+        tasks.insert(&s, "one-more", record("late"), Duration::from_secs(60));
         assert_eq!(tasks.len(), MAX_TASKS);
-        assert!(tasks.owners_of(&s, &["one-more"])[0].is_none());
-        assert!(tasks.owners_of(&s, &["0"])[0].is_some(), "none pushed out");
+        assert!(tasks.lookup(&s, &["one-more"])[0].is_none());
+        assert!(tasks.lookup(&s, &["0"])[0].is_some(), "none pushed out");
     }
 }

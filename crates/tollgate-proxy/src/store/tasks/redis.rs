@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ::redis::Script;
 
-use super::{TASKS_PER_OWNER, TaskRecord};
+use super::{TASKS_PER_OWNER, TaskRecord, TaskStore};
 use crate::store::remote::{Remote, Unavailable};
 
 /// Records a task (KEYS[1]) unless it is recorded already, and adds it to its
@@ -65,18 +65,20 @@ impl Tasks {
     fn key(&self, server: &str, task_id: &str) -> String {
         self.remote.key(&["task", &digest(&[server, task_id])])
     }
+}
 
-    /// Records `task_id` of `server` for `ttl`, unless it is recorded already.
-    pub async fn record(
+impl TaskStore for Tasks {
+    /// One script, one round trip.
+    async fn record(
         &self,
         server: &Arc<str>,
         task_id: &str,
-        record: &TaskRecord,
+        record: TaskRecord,
         ttl: Duration,
     ) -> Result<(), Unavailable> {
         let remote = &self.remote;
         let bucket = digest(&[&record.owner.bucket()]);
-        let text = serde_json::to_string(record).map_err(|e| Unavailable {
+        let text = serde_json::to_string(&record).map_err(|e| Unavailable {
             url: remote.shown().to_owned(),
             reason: format!("a task's record cannot be written: {e}"),
         })?;
@@ -95,8 +97,8 @@ impl Tasks {
             .map(drop)
     }
 
-    /// The live record of each of `ids` of `server`, in their order (one `MGET`).
-    pub async fn owners_of(
+    /// One `MGET`.
+    async fn owners_of(
         &self,
         server: &Arc<str>,
         ids: &[&str],
@@ -116,6 +118,9 @@ impl Tasks {
             .map(|text| text.and_then(|t| serde_json::from_str(&t).ok()))
             .collect())
     }
+
+    /// Records expire by themselves.
+    fn sweep(&self) {}
 }
 
 /// A Redis key part for values a client or upstream chose (any bytes, any length).
