@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::dispatch;
 use super::remote::Remote;
 
 #[cfg(test)]
@@ -48,13 +49,41 @@ pub struct Listing<'a> {
 /// replica judges what another one listed.
 pub type Judge = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
+/// What a backend of learned definitions does: per upstream session, each listed
+/// tool's digest and whether it is as locked. [`memory::Definitions`] and
+/// [`redis::Definitions`] implement it; `definitions/contract.rs` holds both to one
+/// behaviour.
+pub trait DefinitionStore {
+    /// What is known of `tool` in the upstream session `key`, given to `read`
+    /// (borrowed: a lookup allocates nothing), from this process's memory only:
+    /// `Listed`, `NotListed` (a complete listing of the session lacked it) or
+    /// `Unknown`.
+    fn find<R>(&self, key: &str, tool: &str, read: impl FnOnce(Found<'_>) -> R) -> R;
+
+    /// Learns the tools of one listing in the upstream session `key` (every page of
+    /// it when `complete`; a session once complete stays so until forgotten). Known
+    /// here at once, to the other replicas of a shared table soon (best effort),
+    /// each judging it against its own lock. Past a bound of sessions everything
+    /// learned is forgotten, to be listed again.
+    fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool);
+
+    /// Forgets what the upstream session `key` listed (here at once, on the other
+    /// replicas soon).
+    fn forget(&self, key: &str);
+
+    /// Judges every tool learned here again with `unchanged` (a lock was
+    /// reloaded), and runs `then` (putting that lock in force) before any lookup
+    /// sees the result.
+    fn restamp(&self, unchanged: impl Fn(&str, &str) -> bool, then: impl FnOnce());
+}
+
 /// One server's learned definitions.
 pub struct Definitions {
-    store: Store,
+    store: Backend,
 }
 
 /// The backends, dispatched without boxing: a call's lookup costs one match.
-enum Store {
+enum Backend {
     Memory(memory::Definitions),
     Redis(redis::Definitions),
 }
@@ -62,7 +91,7 @@ enum Store {
 impl Default for Definitions {
     fn default() -> Definitions {
         Definitions {
-            store: Store::Memory(memory::Definitions::default()),
+            store: Backend::Memory(memory::Definitions::default()),
         }
     }
 }
@@ -72,46 +101,31 @@ impl Definitions {
     /// what another replica listed is judged here by `judge`.
     pub fn shared(remote: Arc<Remote>, server: &str, judge: Judge) -> Definitions {
         Definitions {
-            store: Store::Redis(redis::Definitions::new(remote, server, judge)),
-        }
-    }
-
-    fn local(&self) -> &memory::Definitions {
-        match &self.store {
-            Store::Memory(local) => local,
-            Store::Redis(shared) => shared.local(),
+            store: Backend::Redis(redis::Definitions::new(remote, server, judge)),
         }
     }
 
     /// What is known of `tool` in the upstream session `key`, given to `read`
     /// (borrowed: a lookup allocates nothing).
     pub fn find<R>(&self, key: &str, tool: &str, read: impl FnOnce(Found<'_>) -> R) -> R {
-        self.local().find(key, tool, read)
+        dispatch!(&self.store, store => store.find(key, tool, read))
     }
 
     /// Learns the tools of one listing in the upstream session `key` (every page of
     /// it when `complete`), here and for every replica.
     pub fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool) {
-        match &self.store {
-            Store::Memory(local) => local.learn(key, listed, complete),
-            Store::Redis(shared) => shared.learn(key, listed, complete),
-        }
+        dispatch!(&self.store, store => store.learn(key, listed, complete));
     }
 
     /// Forgets what the upstream session `key` listed (its tools changed), here and
     /// for every replica.
     pub fn forget(&self, key: &str) {
-        match &self.store {
-            Store::Memory(local) => {
-                local.forget(key);
-            }
-            Store::Redis(shared) => shared.forget(key),
-        }
+        dispatch!(&self.store, store => store.forget(key));
     }
 
     /// Judges every learned tool again with `unchanged` (a lock was reloaded), and
     /// runs `then` (putting that lock in force) before any lookup sees the result.
     pub fn restamp(&self, unchanged: impl Fn(&str, &str) -> bool, then: impl FnOnce()) {
-        self.local().restamp(unchanged, then);
+        dispatch!(&self.store, store => store.restamp(unchanged, then));
     }
 }

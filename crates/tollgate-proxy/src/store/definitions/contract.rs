@@ -1,6 +1,6 @@
-//! The contract of the tool lock's learned definitions, one suite run against both
-//! backends: the memory table (one process, one replica) and the Redis one, where
-//! two fronts on one Redis are two replicas of one deployment: a listing learned on
+//! The contract of the tool lock's learned definitions ([`DefinitionStore`]), one
+//! suite run against both backends: the memory table (one process, one replica) and
+//! the Redis one, where two tables on one Redis are two replicas of one deployment: a listing learned on
 //! one is known to the other, judged against that replica's own lock.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -8,20 +8,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Definitions, Found, Judge, Listing};
-use crate::store::test_redis::RedisServer;
-use crate::store::test_redis::contract;
+use super::{DefinitionStore, Found, Judge, Listing, memory, redis};
+use crate::store::test_redis::{RedisServer, contract, start_or_skip};
 
-/// Where the tables live.
-enum Backend {
-    Memory,
-    Redis(RedisServer),
+/// What gives a case its tables: the backends' implementations of
+/// [`DefinitionStore`].
+trait Backend {
+    type Store: DefinitionStore;
+
+    /// Two replicas' tables of server `s` (on the memory backend, one table twice),
+    /// B judging with `b_judge`, not yet known to hear each other.
+    fn unconnected(&self, b_judge: Judge) -> Replicas<Self::Store>;
 }
 
-/// Two replicas' tables of server `s` (on the memory backend, one table twice).
-struct Replicas {
-    a: Arc<Definitions>,
-    b: Arc<Definitions>,
+struct Replicas<S> {
+    a: Arc<S>,
+    b: Arc<S>,
     distinct: bool,
 }
 
@@ -30,60 +32,67 @@ fn judge() -> Judge {
     Arc::new(|tool, digest| matches!((tool, digest), ("read", "r1") | ("write", "w1")))
 }
 
-impl Backend {
-    fn redis() -> Option<Backend> {
-        match RedisServer::start() {
-            Ok(server) => Some(Backend::Redis(server)),
-            Err(why) => {
-                eprintln!("skipped on Redis: {why}");
-                None
-            }
-        }
-    }
+/// Tables in this process.
+struct OnMemory;
 
-    /// The replicas, B judging with `b_judge`, each hearing the other.
-    async fn replicas(&self, b_judge: Judge) -> Replicas {
-        let r = self.unconnected(b_judge);
-        // Each replica's feed is up once it hears the other (it forgets what it
-        // learned when its feed starts).
-        for (from, to) in [(&r.a, &r.b), (&r.b, &r.a)] {
-            eventually(
-                "the replicas hear each other",
-                || from.learn("probe", listing(&[("read", "r1")]), true),
-                || found(to, "probe", "read").2 == "listed",
-            )
-            .await;
-        }
-        r
-    }
+impl Backend for OnMemory {
+    type Store = memory::Definitions;
 
-    fn unconnected(&self, b_judge: Judge) -> Replicas {
-        match self {
-            Backend::Memory => {
-                let a = Arc::new(Definitions::default());
-                Replicas {
-                    b: a.clone(),
-                    a,
-                    distinct: false,
-                }
-            }
-            Backend::Redis(server) => {
-                let prefix = format!("contract-{}:", crate::store::random_hex(4));
-                let on = |replica, judge| {
-                    Arc::new(Definitions::shared(
-                        server.remote_as(&prefix, replica),
-                        "s",
-                        judge,
-                    ))
-                };
-                Replicas {
-                    a: on("a", judge()),
-                    b: on("b", b_judge),
-                    distinct: true,
-                }
-            }
+    fn unconnected(&self, _b_judge: Judge) -> Replicas<memory::Definitions> {
+        let a = Arc::new(memory::Definitions::default());
+        Replicas {
+            b: a.clone(),
+            a,
+            distinct: false,
         }
     }
+}
+
+/// Tables in a redis-server of the test's own, each deployment under a prefix.
+struct OnRedis(RedisServer);
+
+impl Backend for OnRedis {
+    type Store = redis::Definitions;
+
+    fn unconnected(&self, b_judge: Judge) -> Replicas<redis::Definitions> {
+        let prefix = format!("contract-{}:", crate::store::random_hex(4));
+        let on = |replica, judge| {
+            Arc::new(redis::Definitions::new(
+                self.0.remote_as(&prefix, replica),
+                "s",
+                judge,
+            ))
+        };
+        Replicas {
+            a: on("a", judge()),
+            b: on("b", b_judge),
+            distinct: true,
+        }
+    }
+}
+
+fn on_memory() -> OnMemory {
+    OnMemory
+}
+
+fn on_redis() -> Option<OnRedis> {
+    start_or_skip().map(OnRedis)
+}
+
+/// The replicas, B judging with `b_judge`, each hearing the other.
+async fn replicas<B: Backend>(b: &B, b_judge: Judge) -> Replicas<B::Store> {
+    let r = b.unconnected(b_judge);
+    // Each replica's feed is up once it hears the other (it forgets what it
+    // learned when its feed starts).
+    for (from, to) in [(&r.a, &r.b), (&r.b, &r.a)] {
+        eventually(
+            "the replicas hear each other",
+            || from.learn("probe", listing(&[("read", "r1")]), true),
+            || found(to, "probe", "read").2 == "listed",
+        )
+        .await;
+    }
+    r
 }
 
 fn listing<'a>(tools: &[(&'a str, &str)]) -> Vec<Listing<'a>> {
@@ -99,7 +108,11 @@ fn listing<'a>(tools: &[(&'a str, &str)]) -> Vec<Listing<'a>> {
 }
 
 /// What `d` knows of `tool` in session `key`, owned.
-fn found(d: &Definitions, key: &str, tool: &str) -> (Option<String>, Option<bool>, &'static str) {
+fn found(
+    d: &Arc<impl DefinitionStore>,
+    key: &str,
+    tool: &str,
+) -> (Option<String>, Option<bool>, &'static str) {
     d.find(key, tool, |found| match found {
         Found::Listed { digest, unchanged } => (Some(digest.to_owned()), Some(unchanged), "listed"),
         Found::NotListed => (None, None, "not listed"),
@@ -120,8 +133,8 @@ async fn eventually(what: &str, mut step: impl FnMut(), mut done: impl FnMut() -
     panic!("not within 5 s: {what}");
 }
 
-async fn a_listing_learned_on_one_replica_is_known_to_the_other(b: &Backend) {
-    let r = b.replicas(judge()).await;
+async fn a_listing_learned_on_one_replica_is_known_to_the_other<B: Backend>(b: &B) {
+    let r = replicas(b, judge()).await;
     assert_eq!(found(&r.b, "s1", "read").2, "unknown");
     eventually(
         "the other replica learns the listing",
@@ -147,8 +160,8 @@ async fn a_listing_learned_on_one_replica_is_known_to_the_other(b: &Backend) {
     }
 }
 
-async fn a_partial_listing_leaves_the_rest_unknown_and_a_complete_one_replaces(b: &Backend) {
-    let r = b.replicas(judge()).await;
+async fn a_partial_listing_leaves_the_rest_unknown_and_a_complete_one_replaces<B: Backend>(b: &B) {
+    let r = replicas(b, judge()).await;
     eventually(
         "learned",
         || r.a.learn("s1", listing(&[("read", "r1")]), false),
@@ -168,8 +181,8 @@ async fn a_partial_listing_leaves_the_rest_unknown_and_a_complete_one_replaces(b
     assert_eq!(found(&r.a, "s1", "other").2, "not listed");
 }
 
-async fn a_session_forgotten_on_one_replica_is_forgotten_on_the_other(b: &Backend) {
-    let r = b.replicas(judge()).await;
+async fn a_session_forgotten_on_one_replica_is_forgotten_on_the_other<B: Backend>(b: &B) {
+    let r = replicas(b, judge()).await;
     eventually(
         "learned",
         || r.a.learn("s1", listing(&[("read", "r1")]), true),
@@ -193,10 +206,10 @@ async fn a_session_forgotten_on_one_replica_is_forgotten_on_the_other(b: &Backen
     .await;
 }
 
-async fn each_replica_judges_with_its_own_lock(b: &Backend) {
+async fn each_replica_judges_with_its_own_lock<B: Backend>(b: &B) {
     // B's lock accepts `write` at w2 (it was reloaded there).
     let accepts: Judge = Arc::new(|tool, digest| matches!((tool, digest), ("write", "w2")));
-    let r = b.replicas(accepts.clone()).await;
+    let r = replicas(b, accepts.clone()).await;
     eventually(
         "learned",
         || r.a.learn("s1", listing(&[("write", "w2")]), true),
@@ -212,8 +225,8 @@ async fn each_replica_judges_with_its_own_lock(b: &Backend) {
     assert_eq!(found(&r.a, "s1", "write").1, Some(true));
 }
 
-async fn the_listings_kept_are_bounded(b: &Backend) {
-    let r = b.replicas(judge()).await;
+async fn the_listings_kept_are_bounded<B: Backend>(b: &B) {
+    let r = replicas(b, judge()).await;
     r.a.forget("probe");
     for i in 0..4096 {
         r.a.learn(&format!("s{i}"), listing(&[("read", "r1")]), true);
@@ -223,15 +236,6 @@ async fn the_listings_kept_are_bounded(b: &Backend) {
     r.a.learn("one-more", listing(&[("read", "r1")]), true);
     assert_eq!(found(&r.a, "s0", "read").2, "unknown");
     assert_eq!(found(&r.a, "one-more", "read").2, "listed");
-}
-
-/// The suite's backends (see [`contract`]).
-fn on_memory() -> Backend {
-    Backend::Memory
-}
-
-fn on_redis() -> Option<Backend> {
-    Backend::redis()
 }
 
 contract!(

@@ -4,7 +4,7 @@
 
 use parking_lot::RwLock;
 
-use super::{Found, Listing};
+use super::{DefinitionStore, Found, Listing};
 
 /// Upstream sessions whose tools are remembered at most; past it all are forgotten
 /// (and listed again when needed).
@@ -46,10 +46,8 @@ struct Listed {
     unchanged: bool,
 }
 
-impl Definitions {
-    /// What is known of `tool` in the upstream session `key`, given to `read`
-    /// (borrowed: a lookup allocates nothing).
-    pub fn find<R>(&self, key: &str, tool: &str, read: impl FnOnce(Found<'_>) -> R) -> R {
+impl DefinitionStore for Definitions {
+    fn find<R>(&self, key: &str, tool: &str, read: impl FnOnce(Found<'_>) -> R) -> R {
         let learned = self.learned.read();
         if let Some(listed) = learned.tools.get(&KeyRef(key, tool)) {
             return read(Found::Listed {
@@ -63,9 +61,7 @@ impl Definitions {
         })
     }
 
-    /// Learns the tools of one listing in the upstream session `key` (every page
-    /// of it when `complete`).
-    pub fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool) {
+    fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool) {
         let mut learned = self.learned.write();
         learned.start(key, complete);
         for tool in listed {
@@ -79,7 +75,24 @@ impl Definitions {
         }
     }
 
-    /// [`Definitions::learn`] of `(name, digest)` pairs, each judged by `unchanged`
+    fn forget(&self, key: &str) {
+        let mut learned = self.learned.write();
+        if learned.sessions.remove(key).is_some() {
+            learned.tools.retain(|k, _| *k.0 != *key);
+        }
+    }
+
+    fn restamp(&self, unchanged: impl Fn(&str, &str) -> bool, then: impl FnOnce()) {
+        let mut learned = self.learned.write();
+        for (key, listed) in &mut learned.tools {
+            listed.unchanged = unchanged(&key.1, &listed.digest);
+        }
+        then();
+    }
+}
+
+impl Definitions {
+    /// [`DefinitionStore::learn`] of `(name, digest)` pairs, each judged by `unchanged`
     /// under the table's lock (so that a lock reloaded meanwhile judges them all).
     pub fn learn_judged(
         &self,
@@ -98,29 +111,9 @@ impl Definitions {
         }
     }
 
-    /// Forgets what the upstream session `key` listed; whether anything was known.
-    pub fn forget(&self, key: &str) -> bool {
-        let mut learned = self.learned.write();
-        let known = learned.sessions.remove(key).is_some();
-        if known {
-            learned.tools.retain(|k, _| *k.0 != *key);
-        }
-        known
-    }
-
     /// Forgets everything learned.
     pub fn clear(&self) {
         *self.learned.write() = Learned::default();
-    }
-
-    /// Judges every learned tool again with `unchanged` (a lock was reloaded), and
-    /// runs `then` (putting that lock in force) before any lookup sees the result.
-    pub fn restamp(&self, unchanged: impl Fn(&str, &str) -> bool, then: impl FnOnce()) {
-        let mut learned = self.learned.write();
-        for (key, listed) in &mut learned.tools {
-            listed.unchanged = unchanged(&key.1, &listed.digest);
-        }
-        then();
     }
 }
 

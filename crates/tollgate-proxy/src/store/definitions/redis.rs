@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{Judge, Listing, memory};
+use super::{DefinitionStore, Found, Judge, Listing, memory};
 use crate::store::remote::{Remote, Unavailable};
 
 /// A listing learned (or, with `forget`, a session's forgotten) as published.
@@ -85,27 +85,6 @@ impl Definitions {
         }
     }
 
-    /// This replica's copy.
-    pub fn local(&self) -> &memory::Definitions {
-        &self.local
-    }
-
-    /// Learns a listing here and (by the writer task) for every replica.
-    pub fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool) {
-        let tools = listed
-            .iter()
-            .map(|t| (t.name.to_owned(), t.digest.clone()))
-            .collect();
-        self.local.learn(key, listed, complete);
-        self.share(key, tools, complete, false);
-    }
-
-    /// Forgets a session's listing here and for every replica.
-    pub fn forget(&self, key: &str) {
-        self.local.forget(key);
-        self.share(key, Vec::new(), false, true);
-    }
-
     fn share(&self, key: &str, tools: Vec<(String, String)>, complete: bool, forget: bool) {
         let change = Change {
             server: self.server.to_string(),
@@ -117,6 +96,33 @@ impl Definitions {
         if self.writes.try_send(change).is_err() {
             tracing::warn!(server = %self.server, "tools learned for the tool lock were not shared: too many changes wait to be published");
         }
+    }
+}
+
+/// This replica's copy answers; changes are published to the others.
+impl DefinitionStore for Definitions {
+    fn find<R>(&self, key: &str, tool: &str, read: impl FnOnce(Found<'_>) -> R) -> R {
+        self.local.find(key, tool, read)
+    }
+
+    /// Here, and by the writer task for every replica.
+    fn learn(&self, key: &str, listed: Vec<Listing<'_>>, complete: bool) {
+        let tools = listed
+            .iter()
+            .map(|t| (t.name.to_owned(), t.digest.clone()))
+            .collect();
+        self.local.learn(key, listed, complete);
+        self.share(key, tools, complete, false);
+    }
+
+    fn forget(&self, key: &str) {
+        self.local.forget(key);
+        self.share(key, Vec::new(), false, true);
+    }
+
+    /// This replica's copy only: each replica judges with its own lock.
+    fn restamp(&self, unchanged: impl Fn(&str, &str) -> bool, then: impl FnOnce()) {
+        self.local.restamp(unchanged, then);
     }
 }
 
