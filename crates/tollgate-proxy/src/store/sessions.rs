@@ -16,6 +16,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::dispatch;
 use super::remote::{Remote, Unavailable};
 use crate::config::OnStateFailure;
 
@@ -222,14 +223,47 @@ pub enum SessionsFull {
     Client(usize, String),
 }
 
+/// What a backend of the session table does. [`memory::Sessions`] and
+/// [`redis::Sessions`] implement it; `sessions/contract.rs` holds both to one
+/// behaviour.
+pub trait SessionStore {
+    /// Opens a session with a fresh random id (128 bits in hex), counted against
+    /// its client's quota: `Err` when the table (`limits.max_sessions`) or the
+    /// client's quota is full even after idle sessions are swept. A shared
+    /// backend writes it there too, to expire after `limits.session_idle` unless
+    /// used; `unshared` says why it could not (it is then kept here only).
+    fn open(&self, new: NewSession) -> impl Future<Output = Result<Opened, SessionsFull>> + Send;
+
+    /// The live session with this id, whoever opened it, its idle time restarted:
+    /// from this process, else read once from a shared backend and kept (a copy
+    /// that does not count against its client's quota here). A change made, or a
+    /// removal, on another replica is seen a moment later. `Err` when the shared
+    /// backend cannot be read.
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Arc<Session>>, Unavailable>> + Send;
+
+    /// Forgets a session, giving its quota back: here at once, in a shared backend
+    /// (and the other replicas' copies) soon. The session, if it was here.
+    fn remove(&self, id: &str) -> Option<Arc<Session>>;
+
+    /// Forgets sessions idle longer than `limits.session_idle` (shared records
+    /// expire by themselves).
+    fn sweep(&self);
+
+    /// Sessions held here (copies of other replicas' included).
+    fn len(&self) -> usize;
+}
+
 /// The session table, in this process or shared by the replicas.
 pub struct Sessions {
-    store: Store,
+    store: Backend,
     on_failure: OnStateFailure,
 }
 
 /// The backends, dispatched without boxing: a lookup costs one match.
-enum Store {
+enum Backend {
     Memory(memory::Sessions),
     Redis(redis::Sessions),
 }
@@ -280,7 +314,7 @@ impl Sessions {
     /// forgotten after `idle`.
     pub fn new(max: usize, idle: Duration) -> Sessions {
         Sessions {
-            store: Store::Memory(memory::Sessions::new(max, idle)),
+            store: Backend::Memory(memory::Sessions::new(max, idle)),
             on_failure: OnStateFailure::default(),
         }
     }
@@ -290,11 +324,11 @@ impl Sessions {
     /// reached.
     pub fn with_shared(self, remote: Arc<Remote>, on_failure: OnStateFailure) -> Sessions {
         let local = match self.store {
-            Store::Memory(local) => local,
-            Store::Redis(shared) => shared.into_local(),
+            Backend::Memory(local) => local,
+            Backend::Redis(shared) => shared.into_local(),
         };
         Sessions {
-            store: Store::Redis(redis::Sessions::new(local, remote)),
+            store: Backend::Redis(redis::Sessions::new(local, remote)),
             on_failure,
         }
     }
@@ -308,15 +342,15 @@ impl Sessions {
 
     fn local(&self) -> &memory::Sessions {
         match &self.store {
-            Store::Memory(local) => local,
-            Store::Redis(shared) => shared.local(),
+            Backend::Memory(local) => local,
+            Backend::Redis(shared) => shared.local(),
         }
     }
 
     fn local_mut(&mut self) -> &mut memory::Sessions {
         match &mut self.store {
-            Store::Memory(local) => local,
-            Store::Redis(shared) => shared.local_mut(),
+            Backend::Memory(local) => local,
+            Backend::Redis(shared) => shared.local_mut(),
         }
     }
 
@@ -328,31 +362,15 @@ impl Sessions {
     /// Opens a session with a fresh random id (128 bits) and, with a shared
     /// backend, writes it there, to expire after `limits.session_idle` unless used.
     pub async fn open(&self, new: NewSession) -> Result<Opened, NotOpened> {
-        let shared = match &self.store {
-            Store::Memory(local) => {
-                let session = local.open(new, None).map_err(NotOpened::Full)?;
-                return Ok(Opened {
-                    session,
-                    unshared: None,
-                });
-            }
-            Store::Redis(shared) => shared,
-        };
-        let session = shared.open(new).map_err(NotOpened::Full)?;
-        let Err(error) = shared.share(&session).await else {
-            return Ok(Opened {
-                session,
-                unshared: None,
-            });
-        };
-        if self.on_failure == OnStateFailure::Refuse {
-            self.remove(&session.id);
+        let opened = dispatch!(&self.store, store => store.open(new).await);
+        let opened = opened.map_err(NotOpened::Full)?;
+        if self.on_failure == OnStateFailure::Refuse
+            && let Some(error) = opened.unshared
+        {
+            self.remove(&opened.session.id);
             return Err(NotOpened::Unavailable(error));
         }
-        Ok(Opened {
-            session,
-            unshared: Some(error),
-        })
+        Ok(opened)
     }
 
     /// The live session `id` of `server` opened by `client`, refreshed: from this
@@ -364,19 +382,13 @@ impl Sessions {
         server: &str,
         client: Option<&str>,
     ) -> Result<Arc<Session>, Missing> {
-        let found = match &self.store {
-            Store::Memory(local) => local.get(id),
-            Store::Redis(shared) => match shared.get(id).await {
-                Ok(found) => found,
-                Err(error) => {
-                    return Err(Missing::Unavailable {
-                        error,
-                        refused: self.on_failure == OnStateFailure::Refuse,
-                    });
-                }
-            },
-        };
-        let session = found.ok_or(Missing::Unknown)?;
+        let found = dispatch!(&self.store, store => store.get(id).await);
+        let session = found
+            .map_err(|error| Missing::Unavailable {
+                error,
+                refused: self.on_failure == OnStateFailure::Refuse,
+            })?
+            .ok_or(Missing::Unknown)?;
         // A session is only valid for the server and client that opened it.
         if *session.server != *server || session.client.as_deref() != client {
             return Err(Missing::Unknown);
@@ -388,7 +400,7 @@ impl Sessions {
     /// Replica pinning: a session whose upstream lives on the replica that opened
     /// it is served there only.
     fn pinned_elsewhere(&self, session: &Session) -> Result<(), Missing> {
-        let Store::Redis(shared) = &self.store else {
+        let Backend::Redis(shared) = &self.store else {
             return Ok(());
         };
         match &session.replica {
@@ -405,10 +417,7 @@ impl Sessions {
     /// Forgets a session, here and (by a task of its own) in the shared backend,
     /// telling the other replicas to drop their copies.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        match &self.store {
-            Store::Memory(local) => local.remove(id),
-            Store::Redis(shared) => shared.remove(id),
-        }
+        dispatch!(&self.store, store => store.remove(id))
     }
 
     /// How long an unused session is kept (`limits.session_idle`).
@@ -423,12 +432,12 @@ impl Sessions {
 
     /// Number of live sessions (and copies of other replicas' kept here).
     pub fn len(&self) -> usize {
-        self.local().len()
+        dispatch!(&self.store, store => store.len())
     }
 
     /// Forgets sessions idle for longer than the limit (shared records expire by
     /// themselves).
     pub fn sweep(&self) {
-        self.local().sweep();
+        dispatch!(&self.store, store => store.sweep());
     }
 }

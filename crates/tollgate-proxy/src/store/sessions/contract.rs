@@ -1,18 +1,21 @@
-//! The contract of the session table, one suite run against both backends: the
-//! memory table (one process, one replica) and the Redis one, where two fronts on
-//! one Redis are two replicas of one deployment. What a session is, who may use
-//! it, its quotas, idle expiry and pinning behave the same on both.
+//! The contract of the session table ([`SessionStore`]), one suite run against both
+//! backends: the memory table (one process, one replica) and the Redis one, where
+//! two tables on one Redis are two replicas of one deployment. What a session is,
+//! its quotas and idle expiry behave the same on both; so do who may use it and
+//! pinning, which the front adds (those cases run on fronts over either backend).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Missing, NewSession, NotOpened, Opened, Session, Sessions, SessionsFull};
+use super::{
+    Missing, NewSession, NotOpened, Opened, Session, SessionStore, Sessions, SessionsFull, memory,
+    redis,
+};
 use crate::config::OnStateFailure;
 use crate::store::remote::{Remote, RemoteConfig};
-use crate::store::test_redis::RedisServer;
-use crate::store::test_redis::contract;
+use crate::store::test_redis::{RedisServer, contract, start_or_skip};
 
 /// The table's limits.
 #[derive(Clone, Copy)]
@@ -28,57 +31,95 @@ const ROOMY: Limits = Limits {
     per_client: usize::MAX,
 };
 
-/// Where the sessions live.
-enum Backend {
-    Memory,
-    Redis(RedisServer),
+/// What gives a case its tables: the backends' implementations of
+/// [`SessionStore`], and fronts over them (for what the front adds: the server and
+/// client binding, pinning, its settings).
+trait Backend {
+    type Store: SessionStore;
+
+    /// Two replicas' tables of one deployment (on the memory backend, one
+    /// process: the same table twice).
+    fn replicas(&self, limits: Limits) -> Replicas<Self::Store>;
+
+    /// The same with fronts over this backend.
+    fn fronts(&self, limits: Limits) -> Replicas<Sessions>;
 }
 
-/// Two replicas of one deployment (on the memory backend, one process: the same
-/// table twice).
-struct Replicas {
-    a: Arc<Sessions>,
-    b: Arc<Sessions>,
+/// Two replicas of one deployment.
+struct Replicas<S> {
+    a: Arc<S>,
+    b: Arc<S>,
     distinct: bool,
 }
 
-impl Backend {
-    fn redis() -> Option<Backend> {
-        match RedisServer::start() {
-            Ok(server) => Some(Backend::Redis(server)),
-            Err(why) => {
-                eprintln!("skipped on Redis: {why}");
-                None
-            }
+/// A table of this process with `limits`.
+fn table(limits: Limits) -> memory::Sessions {
+    let mut table = memory::Sessions::new(limits.max, limits.idle);
+    table.set_quotas(limits.per_client, 1);
+    table
+}
+
+/// Sessions in this process.
+struct OnMemory;
+
+impl Backend for OnMemory {
+    type Store = memory::Sessions;
+
+    fn replicas(&self, limits: Limits) -> Replicas<memory::Sessions> {
+        let a = Arc::new(table(limits));
+        Replicas {
+            b: a.clone(),
+            a,
+            distinct: false,
         }
     }
 
-    fn replicas(&self, limits: Limits) -> Replicas {
-        let table = || Sessions::new(limits.max, limits.idle).with_quotas(limits.per_client, 1);
-        match self {
-            Backend::Memory => {
-                let a = Arc::new(table());
-                Replicas {
-                    b: a.clone(),
-                    a,
-                    distinct: false,
-                }
-            }
-            Backend::Redis(server) => {
-                // A deployment of its own: keys under a fresh prefix.
-                let prefix = format!("contract-{}:", crate::store::random_hex(4));
-                let replica = |name| {
-                    let remote = server.remote_as(&prefix, name);
-                    Arc::new(table().with_shared(remote, OnStateFailure::Refuse))
-                };
-                Replicas {
-                    a: replica("a"),
-                    b: replica("b"),
-                    distinct: true,
-                }
-            }
+    fn fronts(&self, limits: Limits) -> Replicas<Sessions> {
+        let a = Arc::new(Sessions::new(limits.max, limits.idle).with_quotas(limits.per_client, 1));
+        Replicas {
+            b: a.clone(),
+            a,
+            distinct: false,
         }
     }
+}
+
+/// Sessions in a redis-server of the test's own, each deployment under a prefix.
+struct OnRedis(RedisServer);
+
+impl OnRedis {
+    fn deployment<S>(&self, on: impl Fn(Arc<Remote>) -> S) -> Replicas<S> {
+        let prefix = format!("contract-{}:", crate::store::random_hex(4));
+        Replicas {
+            a: Arc::new(on(self.0.remote_as(&prefix, "a"))),
+            b: Arc::new(on(self.0.remote_as(&prefix, "b"))),
+            distinct: true,
+        }
+    }
+}
+
+impl Backend for OnRedis {
+    type Store = redis::Sessions;
+
+    fn replicas(&self, limits: Limits) -> Replicas<redis::Sessions> {
+        self.deployment(|remote| redis::Sessions::new(table(limits), remote))
+    }
+
+    fn fronts(&self, limits: Limits) -> Replicas<Sessions> {
+        self.deployment(|remote| {
+            Sessions::new(limits.max, limits.idle)
+                .with_quotas(limits.per_client, 1)
+                .with_shared(remote, OnStateFailure::Refuse)
+        })
+    }
+}
+
+fn on_memory() -> OnMemory {
+    OnMemory
+}
+
+fn on_redis() -> Option<OnRedis> {
+    start_or_skip().map(OnRedis)
 }
 
 fn new(server: &str, client: Option<&str>, quota_key: &str, pinned: bool) -> NewSession {
@@ -98,13 +139,29 @@ fn of(quota_key: &str) -> NewSession {
     new("s", None, quota_key, false)
 }
 
-async fn open(sessions: &Sessions, new: NewSession) -> Result<Arc<Session>, NotOpened> {
+/// Opens a session, written to the shared backend (if any).
+async fn open(
+    sessions: &Arc<impl SessionStore>,
+    new: NewSession,
+) -> Result<Arc<Session>, SessionsFull> {
     let Opened { session, unshared } = sessions.open(new).await?;
     assert!(unshared.is_none(), "{unshared:?}");
     Ok(session)
 }
 
-async fn get(sessions: &Sessions, id: &str) -> Result<Arc<Session>, Missing> {
+/// A session by its id, which the test's backends always answer.
+async fn get(sessions: &Arc<impl SessionStore>, id: &str) -> Option<Arc<Session>> {
+    sessions.get(id).await.expect("the test's backend answers")
+}
+
+/// The same through a front.
+async fn open_front(sessions: &Sessions, new: NewSession) -> Result<Arc<Session>, NotOpened> {
+    let Opened { session, unshared } = sessions.open(new).await?;
+    assert!(unshared.is_none(), "{unshared:?}");
+    Ok(session)
+}
+
+async fn get_front(sessions: &Sessions, id: &str) -> Result<Arc<Session>, Missing> {
     sessions.get(id, "s", None).await
 }
 
@@ -119,9 +176,9 @@ async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
     panic!("not within 5 s: {what}");
 }
 
-async fn a_session_is_found_by_its_id_server_and_client_on_any_replica(b: &Backend) {
-    let r = b.replicas(ROOMY);
-    let opened = open(&r.a, new("s", Some("alice"), "client:alice", false))
+async fn a_session_is_found_by_its_id_server_and_client_on_any_replica<B: Backend>(b: &B) {
+    let r = b.fronts(ROOMY);
+    let opened = open_front(&r.a, new("s", Some("alice"), "client:alice", false))
         .await
         .unwrap();
     assert_eq!(opened.id.len(), 32);
@@ -143,40 +200,34 @@ async fn a_session_is_found_by_its_id_server_and_client_on_any_replica(b: &Backe
         let anonymous = replica.get(&opened.id, "s", None).await;
         assert!(matches!(anonymous, Err(Missing::Unknown)));
     }
-    let again = open(&r.a, of("k")).await.unwrap();
+    let again = open_front(&r.a, of("k")).await.unwrap();
     assert_ne!(again.id, opened.id, "every id is fresh");
 }
 
-async fn an_unknown_id_is_unknown(b: &Backend) {
+async fn an_unknown_id_is_unknown<B: Backend>(b: &B) {
     let r = b.replicas(ROOMY);
     for id in ["nope", "", &super::random_id(), &"f".repeat(32)] {
         for replica in [&r.a, &r.b] {
-            assert!(
-                matches!(get(replica, id).await, Err(Missing::Unknown)),
-                "{id}"
-            );
+            assert!(get(replica, id).await.is_none(), "{id}");
         }
     }
 }
 
-async fn a_removed_session_is_gone_from_every_replica(b: &Backend) {
+async fn a_removed_session_is_gone_from_every_replica<B: Backend>(b: &B) {
     let r = b.replicas(ROOMY);
     let session = open(&r.a, of("k")).await.unwrap();
     // The other replica holds a copy of it now.
     get(&r.b, &session.id).await.unwrap();
     assert_eq!(r.a.remove(&session.id).unwrap().id, session.id);
-    assert!(matches!(
-        get(&r.a, &session.id).await,
-        Err(Missing::Unknown)
-    ));
+    assert!(get(&r.a, &session.id).await.is_none());
     eventually("the other replica drops its copy", async || {
-        matches!(get(&r.b, &session.id).await, Err(Missing::Unknown))
+        get(&r.b, &session.id).await.is_none()
     })
     .await;
     assert!(r.a.remove(&session.id).is_none());
 }
 
-async fn a_change_is_seen_by_every_replica(b: &Backend) {
+async fn a_change_is_seen_by_every_replica<B: Backend>(b: &B) {
     let r = b.replicas(ROOMY);
     let session = open(&r.a, of("k")).await.unwrap();
     get(&r.b, &session.id).await.unwrap();
@@ -190,7 +241,7 @@ async fn a_change_is_seen_by_every_replica(b: &Backend) {
     .await;
 }
 
-async fn an_idle_session_expires_and_is_swept(b: &Backend) {
+async fn an_idle_session_expires_and_is_swept<B: Backend>(b: &B) {
     let idle = Duration::from_millis(40);
     let r = b.replicas(Limits { idle, ..ROOMY });
     let session = open(&r.a, of("k")).await.unwrap();
@@ -198,22 +249,19 @@ async fn an_idle_session_expires_and_is_swept(b: &Backend) {
     r.a.sweep();
     assert_eq!(r.a.len(), 0);
     for replica in [&r.a, &r.b] {
-        assert!(matches!(
-            get(replica, &session.id).await,
-            Err(Missing::Unknown)
-        ));
+        assert!(get(replica, &session.id).await.is_none());
     }
-    assert_eq!(r.a.idle(), idle);
+    assert_eq!(b.fronts(Limits { idle, ..ROOMY }).a.idle(), idle);
 }
 
-async fn a_full_table_refuses_until_idle_sessions_are_swept(b: &Backend) {
+async fn a_full_table_refuses_until_idle_sessions_are_swept<B: Backend>(b: &B) {
     let strict = b.replicas(Limits { max: 1, ..ROOMY });
     open(&strict.a, of("k")).await.unwrap();
     assert!(matches!(
         open(&strict.a, of("k")).await,
-        Err(NotOpened::Full(SessionsFull::Total(1)))
+        Err(SessionsFull::Total(1))
     ));
-    assert_eq!(strict.a.capacity(), 1);
+    assert_eq!(b.fronts(Limits { max: 1, ..ROOMY }).a.capacity(), 1);
     // Idle limit 0: both are idle, so a third one fits after the sweep.
     let idle = b.replicas(Limits {
         max: 2,
@@ -226,16 +274,20 @@ async fn a_full_table_refuses_until_idle_sessions_are_swept(b: &Backend) {
     assert_eq!(idle.a.len(), 1);
 }
 
-async fn one_client_cannot_take_every_session(b: &Backend) {
+async fn one_client_cannot_take_every_session<B: Backend>(b: &B) {
     let r = b.replicas(Limits {
         per_client: 2,
         ..ROOMY
     });
-    assert_eq!(r.a.per_client(), 2);
+    let limits = Limits {
+        per_client: 2,
+        ..ROOMY
+    };
+    assert_eq!(b.fronts(limits).a.per_client(), 2);
     let first = open(&r.a, of("client:a")).await.unwrap();
     open(&r.a, of("client:a")).await.unwrap();
     match open(&r.a, of("client:a")).await {
-        Err(NotOpened::Full(SessionsFull::Client(2, who))) => assert_eq!(who, "client a"),
+        Err(SessionsFull::Client(2, who)) => assert_eq!(who, "client a"),
         other => panic!("{other:?}"),
     }
     open(&r.a, of("client:b")).await.unwrap();
@@ -250,7 +302,7 @@ async fn one_client_cannot_take_every_session(b: &Backend) {
     }
 }
 
-async fn a_session_has_one_stream_at_a_time(b: &Backend) {
+async fn a_session_has_one_stream_at_a_time<B: Backend>(b: &B) {
     let r = b.replicas(ROOMY);
     let session = open(&r.a, of("k")).await.unwrap();
     let first = session.open_stream().unwrap();
@@ -259,11 +311,11 @@ async fn a_session_has_one_stream_at_a_time(b: &Backend) {
     assert!(session.open_stream().is_ok());
 }
 
-async fn a_pinned_session_is_served_by_its_own_replica_only(b: &Backend) {
-    let r = b.replicas(ROOMY);
-    let pinned = open(&r.a, new("s", None, "k", true)).await.unwrap();
-    assert!(get(&r.a, &pinned.id).await.is_ok());
-    match get(&r.b, &pinned.id).await {
+async fn a_pinned_session_is_served_by_its_own_replica_only<B: Backend>(b: &B) {
+    let r = b.fronts(ROOMY);
+    let pinned = open_front(&r.a, new("s", None, "k", true)).await.unwrap();
+    assert!(get_front(&r.a, &pinned.id).await.is_ok());
+    match get_front(&r.b, &pinned.id).await {
         Err(Missing::OtherReplica { owner, here }) if r.distinct => {
             assert_eq!((&*owner, &*here), ("a", "b"));
         }
@@ -271,17 +323,8 @@ async fn a_pinned_session_is_served_by_its_own_replica_only(b: &Backend) {
         other => panic!("{other:?}"),
     }
     // Not pinned: any replica serves it.
-    let free = open(&r.a, of("k")).await.unwrap();
-    assert!(get(&r.b, &free.id).await.is_ok());
-}
-
-/// The suite's backends (see [`contract`]).
-fn on_memory() -> Backend {
-    Backend::Memory
-}
-
-fn on_redis() -> Option<Backend> {
-    Backend::redis()
+    let free = open_front(&r.a, of("k")).await.unwrap();
+    assert!(get_front(&r.b, &free.id).await.is_ok());
 }
 
 contract!(
@@ -322,7 +365,7 @@ async fn unreachable_shared_state_refuses_with_on_failure_refuse() {
         Err(NotOpened::Unavailable(_))
     ));
     assert_eq!(sessions.len(), 0, "the refused session is not kept");
-    match get(&sessions, &super::random_id()).await {
+    match get_front(&sessions, &super::random_id()).await {
         Err(Missing::Unavailable { refused, .. }) => assert!(refused),
         other => panic!("{other:?}"),
     }
@@ -333,8 +376,8 @@ async fn unreachable_shared_state_keeps_sessions_here_with_on_failure_allow() {
     let sessions = unreachable(OnStateFailure::Allow);
     let opened = sessions.open(of("k")).await.unwrap();
     assert!(opened.unshared.is_some());
-    assert!(get(&sessions, &opened.session.id).await.is_ok());
-    match get(&sessions, &super::random_id()).await {
+    assert!(get_front(&sessions, &opened.session.id).await.is_ok());
+    match get_front(&sessions, &super::random_id()).await {
         Err(Missing::Unavailable { refused, .. }) => assert!(!refused),
         other => panic!("{other:?}"),
     }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::{NewSession, Origin, Session, SessionsFull};
-use crate::store::remote::Remote;
+use super::{NewSession, Opened, Origin, Session, SessionStore, SessionsFull};
+use crate::store::remote::{Remote, Unavailable};
 
 /// The table of one process.
 pub struct Sessions {
@@ -67,11 +67,6 @@ impl Sessions {
         self.max
     }
 
-    /// Sessions held.
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-
     /// This table's clock, in milliseconds.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -90,7 +85,7 @@ impl Sessions {
 
     /// Opens a session with a fresh id, counted against its client's quota;
     /// `shared` is the backend it is written to, if any.
-    pub fn open(
+    pub fn create(
         &self,
         new: NewSession,
         shared: Option<&Arc<Remote>>,
@@ -145,7 +140,7 @@ impl Sessions {
     }
 
     /// The live session with this id, its idle time restarted.
-    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+    pub fn lookup(&self, id: &str) -> Option<Arc<Session>> {
         let session = self.map.lock().get(id).cloned()?;
         session.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
         Some(session)
@@ -165,24 +160,9 @@ impl Sessions {
         }
     }
 
-    /// Forgets a session.
-    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        let removed = self.map.lock().remove(id);
-        if let Some(session) = &removed {
-            self.release(session);
-        }
-        removed
-    }
-
     /// Forgets the copies of other replicas' sessions.
     pub fn drop_copies(&self) {
         self.map.lock().retain(|_, s| s.counted);
-    }
-
-    /// Forgets sessions idle for longer than the limit.
-    pub fn sweep(&self) {
-        let mut map = self.map.lock();
-        self.sweep_locked(&mut map);
     }
 
     fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Arc<Session>>) {
@@ -195,5 +175,39 @@ impl Sessions {
             }
             live
         });
+    }
+}
+
+/// Done when called (the futures are ready); never unavailable.
+impl SessionStore for Sessions {
+    fn open(&self, new: NewSession) -> impl Future<Output = Result<Opened, SessionsFull>> + Send {
+        std::future::ready(self.create(new, None).map(|session| Opened {
+            session,
+            unshared: None,
+        }))
+    }
+
+    fn get(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Arc<Session>>, Unavailable>> + Send {
+        std::future::ready(Ok(self.lookup(id)))
+    }
+
+    fn remove(&self, id: &str) -> Option<Arc<Session>> {
+        let removed = self.map.lock().remove(id);
+        if let Some(session) = &removed {
+            self.release(session);
+        }
+        removed
+    }
+
+    fn sweep(&self) {
+        let mut map = self.map.lock();
+        self.sweep_locked(&mut map);
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().len()
     }
 }

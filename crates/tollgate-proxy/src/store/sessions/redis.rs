@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use super::{NewSession, Session, SessionsFull, memory};
+use super::{NewSession, Opened, Session, SessionStore, SessionsFull, memory};
 use crate::store::remote::{Remote, Unavailable};
 
 /// A session as the shared backend keeps it: what any replica needs to serve it.
@@ -116,14 +116,9 @@ impl Sessions {
         self.remote.replica()
     }
 
-    /// Opens a session here (see [`Sessions::share`]).
-    pub fn open(&self, new: NewSession) -> Result<Arc<Session>, SessionsFull> {
-        self.local.open(new, Some(&self.remote))
-    }
-
     /// Writes a new session to the shared backend, to expire after
     /// `limits.session_idle` unless used.
-    pub async fn share(&self, session: &Session) -> Result<(), Unavailable> {
+    async fn share(&self, session: &Session) -> Result<(), Unavailable> {
         let text = serde_json::to_string(&Record::of(session)).map_err(|e| Unavailable {
             url: self.remote.shown().to_owned(),
             reason: e.to_string(),
@@ -140,47 +135,6 @@ impl Sessions {
                     .query_async::<()>(&mut conn),
             )
             .await
-    }
-
-    /// The live session with this id, refreshed: from this replica's table, else
-    /// read once from the shared backend and kept.
-    pub async fn get(&self, id: &str) -> Result<Option<Arc<Session>>, Unavailable> {
-        self.drop_stale();
-        if let Some(session) = self.local.get(id) {
-            self.refresh(&session);
-            return Ok(Some(session));
-        }
-        // Session ids are 32 hex digits; nothing else is worth a round trip.
-        if id.len() != 32
-            || !id.bytes().all(|b| b.is_ascii_hexdigit())
-            || self.ending.lock().contains(id)
-        {
-            return Ok(None);
-        }
-        let mut conn = self.remote.connection();
-        let key = self.remote.key(&["session", id]);
-        let text: Option<String> = self
-            .remote
-            .run(::redis::cmd("GET").arg(&key).query_async(&mut conn))
-            .await?;
-        let Some(record) = text.and_then(|t| serde_json::from_str::<Record>(&t).ok()) else {
-            return Ok(None);
-        };
-        let mut origin = self.local.origin(Some(&self.remote), false);
-        origin.replica = record.replica.map(Into::into);
-        let new = NewSession {
-            server: record.server.into(),
-            client: record.client.map(Into::into),
-            upstream_id: record.upstream_id,
-            initialize: record.initialize,
-            elicitation: record.elicitation,
-            protocol_version: record.protocol_version.map(Into::into),
-            quota_key: record.quota_key.into(),
-            pinned: record.pinned,
-        };
-        let session = Arc::new(Session::new(id.into(), new, origin));
-        self.local.keep_copy(&session);
-        Ok(Some(session))
     }
 
     /// Pushes a used session's expiry back, at most every eighth of
@@ -228,10 +182,60 @@ impl Sessions {
             self.local.remove(&id);
         }
     }
+}
+
+impl SessionStore for Sessions {
+    /// Opened here, then written to the shared backend (one round trip).
+    async fn open(&self, new: NewSession) -> Result<Opened, SessionsFull> {
+        let session = self.local.create(new, Some(&self.remote))?;
+        let unshared = self.share(&session).await.err();
+        Ok(Opened { session, unshared })
+    }
+
+    /// The live session with this id, refreshed: from this replica's table, else
+    /// read once from the shared backend and kept.
+    async fn get(&self, id: &str) -> Result<Option<Arc<Session>>, Unavailable> {
+        self.drop_stale();
+        if let Some(session) = self.local.lookup(id) {
+            self.refresh(&session);
+            return Ok(Some(session));
+        }
+        // Session ids are 32 hex digits; nothing else is worth a round trip.
+        if id.len() != 32
+            || !id.bytes().all(|b| b.is_ascii_hexdigit())
+            || self.ending.lock().contains(id)
+        {
+            return Ok(None);
+        }
+        let mut conn = self.remote.connection();
+        let key = self.remote.key(&["session", id]);
+        let text: Option<String> = self
+            .remote
+            .run(::redis::cmd("GET").arg(&key).query_async(&mut conn))
+            .await?;
+        let Some(record) = text.and_then(|t| serde_json::from_str::<Record>(&t).ok()) else {
+            return Ok(None);
+        };
+        let mut origin = self.local.origin(Some(&self.remote), false);
+        origin.replica = record.replica.map(Into::into);
+        let new = NewSession {
+            server: record.server.into(),
+            client: record.client.map(Into::into),
+            upstream_id: record.upstream_id,
+            initialize: record.initialize,
+            elicitation: record.elicitation,
+            protocol_version: record.protocol_version.map(Into::into),
+            quota_key: record.quota_key.into(),
+            pinned: record.pinned,
+        };
+        let session = Arc::new(Session::new(id.into(), new, origin));
+        self.local.keep_copy(&session);
+        Ok(Some(session))
+    }
 
     /// Forgets a session, here and (by a task of its own) in the shared backend,
     /// telling the other replicas to drop their copies.
-    pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
+    fn remove(&self, id: &str) -> Option<Arc<Session>> {
         let removed = self.local.remove(id);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return removed;
@@ -257,6 +261,14 @@ impl Sessions {
             ending.lock().remove(&id);
         });
         removed
+    }
+
+    fn sweep(&self) {
+        self.local.sweep();
+    }
+
+    fn len(&self) -> usize {
+        self.local.len()
     }
 }
 
