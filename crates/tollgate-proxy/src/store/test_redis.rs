@@ -79,11 +79,21 @@ impl Drop for RedisServer {
 /// stores: each case runs on the backends' implementations of the store's trait, or on
 /// fronts over them where it tests a front's wrapper), and `on_memory()` and `on_redis()`
 /// giving one (`None`: no `redis-server`, said on stderr).
+/// `contract!(multi_thread: case, ..)` runs each on two worker threads (for cases
+/// that race two calls).
 macro_rules! contract {
+    (multi_thread: $($case:ident),* $(,)?) => {
+        $crate::store::test_redis::contract!(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)] $($case),*
+        );
+    };
     ($($case:ident),* $(,)?) => {
+        $crate::store::test_redis::contract!(#[tokio::test] $($case),*);
+    };
+    (#[$test:meta] $($case:ident),*) => {
         mod on_memory {
             $(
-                #[tokio::test]
+                #[$test]
                 async fn $case() {
                     super::$case(&super::on_memory()).await;
                 }
@@ -91,7 +101,7 @@ macro_rules! contract {
         }
         mod on_redis {
             $(
-                #[tokio::test]
+                #[$test]
                 async fn $case() {
                     let Some(redis) = super::on_redis() else {
                         return;

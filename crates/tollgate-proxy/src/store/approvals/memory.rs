@@ -5,15 +5,17 @@
 //! backend, which keeps its replica's approvals here, also to the other replicas.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use super::ApprovalStore;
 use super::record::{
     Approval, Binding, DEFAULT_BYTES_PER_PRINCIPAL, DecideError, Grant, GrantRequest, OpenError,
     Principal, Request, Standing, Status, Verdict, key_of, rfc3339,
 };
+use crate::store::remote::Unavailable;
 use table::{
     Table, admit, decide_in, insert, preview, push_settled, remove_live, standing, standing_in,
     sweep,
@@ -220,16 +222,6 @@ impl<A: Announce> Approvals<A> {
         drop(table);
         self.announce(changed);
         found
-    }
-
-    /// Waits up to `max` for a pending approval to be decided (or to expire); then
-    /// where it stands (the front's [`super::Approvals::wait`] is the one callers use).
-    #[cfg(test)]
-    pub async fn wait(&self, id: &str, max: std::time::Duration) -> Option<Standing> {
-        super::wait_for(self.subscribe(), id, max, || {
-            std::future::ready(Ok(self.standing(id)))
-        })
-        .await
     }
 
     /// Approves or denies a pending approval. An approval with a grant request
@@ -458,5 +450,122 @@ impl<A: Announce> Approvals<A> {
         for approval in changed {
             self.changed(approval);
         }
+    }
+}
+
+/// The table's own methods (which the Redis backend's copy shares), done when
+/// called: the futures are ready, and never unavailable. (Method calls below reach
+/// the inherent methods, which take precedence over the trait's.)
+impl ApprovalStore for Approvals {
+    fn set_bytes_per_principal(&self, bytes: usize) {
+        self.set_bytes_per_principal(bytes);
+    }
+
+    fn open(&self, request: Request) -> Result<(String, Standing, bool), OpenError> {
+        self.open(request)
+    }
+
+    fn find(
+        &self,
+        server: &str,
+        principal: &str,
+        tool: &str,
+        digest: &str,
+    ) -> impl Future<Output = Result<Option<(String, Standing)>, Unavailable>> + Send {
+        std::future::ready(Ok(self.find(server, principal, tool, digest)))
+    }
+
+    fn standing(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Standing>, Unavailable>> + Send {
+        std::future::ready(Ok(self.standing(id)))
+    }
+
+    async fn wait(&self, id: &str, max: Duration) -> Option<Standing> {
+        super::wait_for(self.subscribe(), id, max, || {
+            std::future::ready(Ok(self.standing(id)))
+        })
+        .await
+    }
+
+    fn redeem(
+        &self,
+        id: &str,
+        binding: Binding<'_>,
+    ) -> impl Future<Output = Result<Result<Verdict, Option<Standing>>, Unavailable>> + Send {
+        std::future::ready(Ok(self.redeem_call(id, binding)))
+    }
+
+    fn decide(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: Option<String>,
+        grant: Option<GrantRequest>,
+    ) -> impl Future<Output = Result<(Approval, Option<Grant>), DecideError>> + Send {
+        std::future::ready(self.decide(id, approved, by, reason, grant))
+    }
+
+    fn abandon(&self, id: &str) {
+        self.abandon(id);
+    }
+
+    fn consume(&self, token: &str, until: SystemTime) -> bool {
+        self.consume(token, until)
+    }
+
+    fn list(&self) -> Vec<Approval> {
+        self.list()
+    }
+
+    fn get(&self, id: &str) -> Option<Approval> {
+        self.get(id)
+    }
+
+    fn held_call(&self, id: &str) -> Option<(Approval, Arc<Principal>)> {
+        self.held_call(id)
+    }
+
+    fn pending(&self) -> usize {
+        self.pending()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Approval> {
+        self.subscribe()
+    }
+
+    fn deny_all(&self, by: &str, reason: &str) {
+        self.deny_all(by, reason);
+    }
+
+    fn session_closed(&self, session: &str) {
+        self.session_closed(session);
+    }
+
+    fn use_grant(
+        &self,
+        server: &str,
+        tool: &str,
+        client_key: &str,
+        session_key: &str,
+        digest: &str,
+    ) -> impl Future<Output = Result<Option<Grant>, Unavailable>> + Send {
+        std::future::ready(Ok(self.use_grant(
+            server,
+            tool,
+            client_key,
+            session_key,
+            digest,
+        )))
+    }
+
+    fn grants(&self) -> impl Future<Output = Vec<Grant>> + Send {
+        std::future::ready(self.grants())
+    }
+
+    fn revoke(&self, id: &str) -> impl Future<Output = Result<Option<Grant>, Unavailable>> + Send {
+        std::future::ready(Ok(self.revoke(id)))
     }
 }

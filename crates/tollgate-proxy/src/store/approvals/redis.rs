@@ -15,10 +15,11 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::ApprovalStore;
 use super::memory::{self, Announce as _};
 use super::record::{
-    Approval, Binding, DecideError, Grant, GrantRequest, SETTLED_KEPT, Standing, Status, Verdict,
-    key_of, rfc3339,
+    Approval, Binding, DecideError, Grant, GrantRequest, OpenError, Principal, Request,
+    SETTLED_KEPT, Standing, Status, Verdict, key_of, rfc3339,
 };
 use crate::store::remote::{Remote, Unavailable};
 
@@ -120,171 +121,6 @@ impl Approvals {
         }
     }
 
-    /// This replica's approvals.
-    pub fn local(&self) -> &memory::Approvals<Share> {
-        &self.local
-    }
-
-    /// Pending and recently settled approvals of every replica, newest first.
-    pub fn list(&self) -> Vec<Approval> {
-        let mut all = self.local.list();
-        all.extend(self.others.lock().values().cloned());
-        super::record::newest_first(&mut all);
-        all
-    }
-
-    /// One approval, held here or by another replica.
-    pub fn get(&self, id: &str) -> Option<Approval> {
-        self.local
-            .get(id)
-            .or_else(|| self.others.lock().get(id).cloned())
-    }
-
-    /// The approval of this call any replica opened.
-    pub async fn find(
-        &self,
-        server: &str,
-        principal: &str,
-        tool: &str,
-        digest: &str,
-    ) -> Result<Option<(String, Standing)>, Unavailable> {
-        let found = self.local.find(server, principal, tool, digest);
-        if found.is_some() {
-            return Ok(found);
-        }
-        let remote = &self.remote;
-        let mut conn = remote.connection();
-        let name = key_name(remote, &key_of(server, principal, tool, digest));
-        let id: Option<String> = remote
-            .run(redis::cmd("GET").arg(name).query_async(&mut conn))
-            .await?;
-        let Some(id) = id else { return Ok(None) };
-        Ok(self.standing(&id).await?.map(|standing| (id, standing)))
-    }
-
-    /// Where an approval stands, held here or by another replica.
-    pub async fn standing(&self, id: &str) -> Result<Option<Standing>, Unavailable> {
-        let found = self.local.standing(id);
-        if found.is_some() {
-            return Ok(found);
-        }
-        let remote = &self.remote;
-        let mut conn = remote.connection();
-        let (status, body): (Option<String>, Option<String>) = remote
-            .run(
-                redis::cmd("HMGET")
-                    .arg(remote.key(&["approvals", "id", id]))
-                    .arg("status")
-                    .arg("json")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(status.zip(body).and_then(|(status, body)| {
-            let approval = serde_json::from_str::<Approval>(&body).ok()?;
-            let standing = standing_of(&status, &approval, SystemTime::now());
-            let mut others = self.others.lock();
-            if others.len() < MIRRORED {
-                others.entry(approval.id.clone()).or_insert(approval);
-            }
-            Some(standing)
-        }))
-    }
-
-    /// Uses an approved approval of the call `binding` by one check-and-consume in
-    /// Redis, so that it is used once whichever replica the retries reach.
-    pub async fn redeem(
-        &self,
-        id: &str,
-        binding: Binding<'_>,
-    ) -> Result<Result<Verdict, Option<Standing>>, Unavailable> {
-        let remote = &self.remote;
-        let mut conn = remote.connection();
-        let key = key_of(
-            binding.server,
-            binding.principal,
-            binding.tool,
-            binding.digest,
-        );
-        let (outcome, body): (String, String) = remote
-            .run(
-                self.redeem_script
-                    .key(remote.key(&["approvals", "id", id]))
-                    .key(key_name(remote, &key))
-                    .arg(binding.principal)
-                    .arg(binding.server)
-                    .arg(binding.tool)
-                    .arg(binding.digest)
-                    .arg(id)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        let approval = serde_json::from_str::<Approval>(&body).ok();
-        if outcome != "ok" {
-            // Used or over in Redis: so it is here.
-            if matches!(outcome.as_str(), "redeemed" | "expired") {
-                self.local.settle_redeemed(id);
-            }
-            return Ok(Err(match (outcome.as_str(), approval) {
-                ("missing" | "other_call", _) => None,
-                ("redeemed", _) => Some(Standing::Over(Status::Approved)),
-                (status, Some(approval)) => Some(standing_of(status, &approval, SystemTime::now())),
-                (_, None) => None,
-            }));
-        }
-        if let Ok(verdict) = self.local.redeem(id) {
-            return Ok(Ok(verdict));
-        }
-        // Held by another replica: tell it (and the pages) that it was used.
-        let Some(mut approval) = approval else {
-            return Ok(Err(None));
-        };
-        approval.redeemed_at = Some(rfc3339(SystemTime::now()));
-        let verdict = Verdict {
-            approved: true,
-            by: approval.decided_by.clone().unwrap_or_default(),
-            reason: approval.decision_reason.clone(),
-        };
-        self.others
-            .lock()
-            .insert(approval.id.clone(), approval.clone());
-        self.local
-            .announcer()
-            .changed(self.local.changes(), approval, None);
-        Ok(Ok(verdict))
-    }
-
-    /// Approves or denies an approval held by this replica or by another one: the holder settles it (exactly once, whoever asks
-    /// first), and the answer is what it published, awaited for at most 3 s, with
-    /// the grant it gave (read from Redis, where every replica finds it).
-    pub async fn decide(
-        &self,
-        id: &str,
-        approved: bool,
-        by: &str,
-        reason: Option<String>,
-        grant: Option<GrantRequest>,
-    ) -> Result<(Approval, Option<Grant>), DecideError> {
-        if self.local.holds(id) {
-            let decided = self.local.decide(id, approved, by, reason, grant)?;
-            // Written before the approver is answered, so that a retry reaching
-            // another replica right after finds the decision.
-            self.local
-                .announcer()
-                .write(decided.0.clone(), decided.1.clone())
-                .await
-                .map_err(|e| DecideError::Unconfirmed(id.to_owned(), e.to_string()))?;
-            return Ok(decided);
-        }
-        let known = self.others.lock().get(id).cloned();
-        let Some(known) = known else {
-            return Err(DecideError::NotFound(id.to_owned()));
-        };
-        if known.status != Status::Pending {
-            return Err(DecideError::Settled(Box::new(known)));
-        }
-        self.decide_elsewhere(id, approved, by, reason, grant).await
-    }
-
     /// Sends a decision to the replica holding the approval, and awaits what it
     /// published (at most 3 s), with the grant it gave (read from Redis).
     async fn decide_elsewhere(
@@ -349,6 +185,237 @@ impl Approvals {
                 g.until = parse_time(Some(&g.expires_at)).unwrap_or(g.until);
                 g
             }))
+    }
+}
+
+impl ApprovalStore for Approvals {
+    /// This replica's table.
+    fn set_bytes_per_principal(&self, bytes: usize) {
+        self.local.set_bytes_per_principal(bytes);
+    }
+
+    /// Held by this replica (and written to Redis by its announcer).
+    fn open(&self, request: Request) -> Result<(String, Standing, bool), OpenError> {
+        self.local.open(request)
+    }
+
+    async fn wait(&self, id: &str, max: Duration) -> Option<Standing> {
+        super::wait_for(self.local.subscribe(), id, max, || async move {
+            match self.standing(id).await {
+                Ok(standing) => Ok(standing),
+                Err(_) => Err(self.local.standing(id)),
+            }
+        })
+        .await
+    }
+
+    /// Pending and recently settled approvals of every replica, newest first.
+    fn list(&self) -> Vec<Approval> {
+        let mut all = self.local.list();
+        all.extend(self.others.lock().values().cloned());
+        super::record::newest_first(&mut all);
+        all
+    }
+
+    /// One approval, held here or by another replica.
+    fn get(&self, id: &str) -> Option<Approval> {
+        self.local
+            .get(id)
+            .or_else(|| self.others.lock().get(id).cloned())
+    }
+
+    /// The approval of this call any replica opened.
+    async fn find(
+        &self,
+        server: &str,
+        principal: &str,
+        tool: &str,
+        digest: &str,
+    ) -> Result<Option<(String, Standing)>, Unavailable> {
+        let found = self.local.find(server, principal, tool, digest);
+        if found.is_some() {
+            return Ok(found);
+        }
+        let remote = &self.remote;
+        let mut conn = remote.connection();
+        let name = key_name(remote, &key_of(server, principal, tool, digest));
+        let id: Option<String> = remote
+            .run(redis::cmd("GET").arg(name).query_async(&mut conn))
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self.standing(&id).await?.map(|standing| (id, standing)))
+    }
+
+    /// Where an approval stands, held here or by another replica.
+    async fn standing(&self, id: &str) -> Result<Option<Standing>, Unavailable> {
+        let found = self.local.standing(id);
+        if found.is_some() {
+            return Ok(found);
+        }
+        let remote = &self.remote;
+        let mut conn = remote.connection();
+        let (status, body): (Option<String>, Option<String>) = remote
+            .run(
+                redis::cmd("HMGET")
+                    .arg(remote.key(&["approvals", "id", id]))
+                    .arg("status")
+                    .arg("json")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(status.zip(body).and_then(|(status, body)| {
+            let approval = serde_json::from_str::<Approval>(&body).ok()?;
+            let standing = standing_of(&status, &approval, SystemTime::now());
+            let mut others = self.others.lock();
+            if others.len() < MIRRORED {
+                others.entry(approval.id.clone()).or_insert(approval);
+            }
+            Some(standing)
+        }))
+    }
+
+    /// Uses an approved approval of the call `binding` by one check-and-consume in
+    /// Redis, so that it is used once whichever replica the retries reach.
+    async fn redeem(
+        &self,
+        id: &str,
+        binding: Binding<'_>,
+    ) -> Result<Result<Verdict, Option<Standing>>, Unavailable> {
+        let remote = &self.remote;
+        let mut conn = remote.connection();
+        let key = key_of(
+            binding.server,
+            binding.principal,
+            binding.tool,
+            binding.digest,
+        );
+        let (outcome, body): (String, String) = remote
+            .run(
+                self.redeem_script
+                    .key(remote.key(&["approvals", "id", id]))
+                    .key(key_name(remote, &key))
+                    .arg(binding.principal)
+                    .arg(binding.server)
+                    .arg(binding.tool)
+                    .arg(binding.digest)
+                    .arg(id)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let approval = serde_json::from_str::<Approval>(&body).ok();
+        if outcome != "ok" {
+            // Used or over in Redis: so it is here.
+            if matches!(outcome.as_str(), "redeemed" | "expired") {
+                self.local.settle_redeemed(id);
+            }
+            return Ok(Err(match (outcome.as_str(), approval) {
+                ("missing" | "other_call", _) => None,
+                ("redeemed", _) => Some(Standing::Over(Status::Approved)),
+                (status, Some(approval)) => Some(standing_of(status, &approval, SystemTime::now())),
+                (_, None) => None,
+            }));
+        }
+        if let Ok(verdict) = self.local.redeem(id) {
+            return Ok(Ok(verdict));
+        }
+        // Held by another replica: tell it (and the pages) that it was used.
+        let Some(mut approval) = approval else {
+            return Ok(Err(None));
+        };
+        approval.redeemed_at = Some(rfc3339(SystemTime::now()));
+        let verdict = Verdict {
+            approved: true,
+            by: approval.decided_by.clone().unwrap_or_default(),
+            reason: approval.decision_reason.clone(),
+        };
+        self.others
+            .lock()
+            .insert(approval.id.clone(), approval.clone());
+        self.local
+            .announcer()
+            .changed(self.local.changes(), approval, None);
+        Ok(Ok(verdict))
+    }
+
+    /// Approves or denies an approval held by this replica or by another one: the holder settles it (exactly once, whoever asks
+    /// first), and the answer is what it published, awaited for at most 3 s, with
+    /// the grant it gave (read from Redis, where every replica finds it).
+    async fn decide(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: Option<String>,
+        grant: Option<GrantRequest>,
+    ) -> Result<(Approval, Option<Grant>), DecideError> {
+        if self.local.holds(id) {
+            let decided = self.local.decide(id, approved, by, reason, grant)?;
+            // Written before the approver is answered, so that a retry reaching
+            // another replica right after finds the decision.
+            self.local
+                .announcer()
+                .write(decided.0.clone(), decided.1.clone())
+                .await
+                .map_err(|e| DecideError::Unconfirmed(id.to_owned(), e.to_string()))?;
+            return Ok(decided);
+        }
+        let known = self.others.lock().get(id).cloned();
+        let Some(known) = known else {
+            return Err(DecideError::NotFound(id.to_owned()));
+        };
+        if known.status != Status::Pending {
+            return Err(DecideError::Settled(Box::new(known)));
+        }
+        self.decide_elsewhere(id, approved, by, reason, grant).await
+    }
+
+    fn abandon(&self, id: &str) {
+        self.local.abandon(id);
+    }
+
+    fn consume(&self, token: &str, until: SystemTime) -> bool {
+        self.local.consume(token, until)
+    }
+
+    fn held_call(&self, id: &str) -> Option<(Approval, Arc<Principal>)> {
+        self.local.held_call(id)
+    }
+
+    fn pending(&self) -> usize {
+        self.local.pending()
+    }
+
+    /// This replica's changes and the others' (as they publish them).
+    fn subscribe(&self) -> broadcast::Receiver<Approval> {
+        self.local.subscribe()
+    }
+
+    fn deny_all(&self, by: &str, reason: &str) {
+        self.local.deny_all(by, reason);
+    }
+
+    fn session_closed(&self, session: &str) {
+        self.local.session_closed(session);
+    }
+
+    async fn use_grant(
+        &self,
+        server: &str,
+        tool: &str,
+        client_key: &str,
+        session_key: &str,
+        digest: &str,
+    ) -> Result<Option<Grant>, Unavailable> {
+        self.grant_for(server, tool, client_key, session_key, digest)
+            .await
+    }
+
+    async fn grants(&self) -> Vec<Grant> {
+        self.all_grants().await
+    }
+
+    async fn revoke(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
+        self.end_grant(id).await
     }
 }
 

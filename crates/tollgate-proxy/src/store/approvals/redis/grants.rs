@@ -11,7 +11,7 @@ use crate::store::remote::Unavailable;
 
 impl Approvals {
     /// A grant given on any replica that lets this call through, its use counted.
-    pub async fn use_grant(
+    pub(super) async fn grant_for(
         &self,
         server: &str,
         tool: &str,
@@ -77,7 +77,7 @@ impl Approvals {
 
     /// Every replica's active grants (this replica's alone while Redis cannot be
     /// reached), newest first.
-    pub async fn grants(&self) -> Vec<Grant> {
+    pub(super) async fn all_grants(&self) -> Vec<Grant> {
         let mut all = Vec::new();
         let remote = &self.remote;
         let mut conn = remote.connection();
@@ -111,7 +111,7 @@ impl Approvals {
     }
 
     /// Ends a grant given on any replica.
-    pub async fn revoke(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
+    pub(super) async fn end_grant(&self, id: &str) -> Result<Option<Grant>, Unavailable> {
         let local = self.local.revoke(id);
         let remote = &self.remote;
         let mut conn = remote.connection();
