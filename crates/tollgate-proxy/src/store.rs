@@ -2,10 +2,15 @@
 //! rate-limit windows, pending approvals, the tools' learned `Mcp-Param-*` headers,
 //! the tool lock's learned definitions and the owners of the MCP tasks Tollgate relayed.
 //!
-//! Each store is a front (a handful of methods, private fields) dispatching, without
-//! boxing, to one of two backends: `memory` (this process) and `redis` (shared by the
-//! replicas, through [`remote`]); one contract suite per store (`X/contract.rs`) holds
-//! both to one behaviour. The `redis` crate is used in this module only, and nothing
+//! Each store is a trait saying what a backend does and what a caller may rely on
+//! ([`limits::WindowStore`], [`sessions::SessionStore`], [`approvals::ApprovalStore`],
+//! [`params::ParamStore`], [`definitions::DefinitionStore`], [`tasks::TaskStore`]),
+//! implemented by two backends: `memory` (this process) and `redis` (shared by the
+//! replicas, through [`remote`]). Callers use the store's front (a handful of methods,
+//! private fields): an enum of the two backends, each operation one `match`
+//! ([`dispatch!`]) calling the trait, without boxing, plus what both backends share
+//! (`state.on_failure`, replica pinning). One contract suite per trait
+//! (`X/contract.rs`), generic over it, holds both backends to one behaviour. The `redis` crate is used in this module only, and nothing
 //! above it names a backend. This module imports nothing else of the proxy but the
 //! configuration.
 
