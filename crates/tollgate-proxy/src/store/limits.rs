@@ -157,12 +157,14 @@ impl CallLimits {
             };
         };
         let took = match &self.windows {
-            Backend::Memory(windows) => {
-                (windows.take(limit, key, now).await).map(|took| took.map(Held::Memory))
-            }
-            Backend::Redis(windows) => {
-                (windows.take(limit, key, now).await).map(|took| took.map(Held::Redis))
-            }
+            Backend::Memory(windows) => windows
+                .take(limit, key, now)
+                .await
+                .map(|took| took.map(Held::Memory)),
+            Backend::Redis(windows) => windows
+                .take(limit, key, now)
+                .await
+                .map(|took| took.map(Held::Redis)),
         };
         let (taken, unchecked) = match took {
             Ok(Ok(held)) => (Some(Taken(held)), None),
