@@ -456,51 +456,43 @@ pub fn lane_of(request: &Request) -> Lane {
         .unwrap_or_default()
 }
 
-/// Reads a request body of at most `limits.max_body` bytes, within
-/// `limits.body_read_timeout`. Not an `async fn`: the request's head is read here and
-/// only its body goes into the future, where the whole request would be copied in,
-/// and again into the timeout's future (a few hundred bytes each time, every call).
-pub fn read_body(
-    shared: &Shared,
-    request: Request,
-) -> impl Future<Output = Result<bytes::Bytes, ProxyError>> + Send + '_ {
+/// Reads a request body of at most `limit` bytes, within `limits.body_read_timeout`.
+pub async fn read_body(shared: &Shared, request: Request) -> Result<bytes::Bytes, ProxyError> {
     let within = shared.limits().body_read_timeout;
-    let limit = shared.max_body();
+    match tokio::time::timeout(within, read_bounded(shared.max_body(), request)).await {
+        Ok(body) => body,
+        Err(_) => {
+            shared.metrics().client_timeout("proxy", "body");
+            tracing::info!(
+                "request refused: its body did not arrive within {}s (limits.body_read_timeout)",
+                within.as_secs_f64()
+            );
+            Err(ProxyError::BodyTimeout(within))
+        }
+    }
+}
+
+async fn read_bounded(limit: usize, request: Request) -> Result<bytes::Bytes, ProxyError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let body = request.into_body();
-    async move {
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ProxyError::BodyTooLarge(limit));
-        }
-        match tokio::time::timeout(within, read_bounded(limit, body)).await {
-            Ok(body) => body,
-            Err(_) => {
-                shared.metrics().client_timeout("proxy", "body");
-                tracing::info!(
-                    "request refused: its body did not arrive within {}s (limits.body_read_timeout)",
-                    within.as_secs_f64()
-                );
-                Err(ProxyError::BodyTimeout(within))
-            }
-        }
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge(limit));
     }
-}
-
-async fn read_bounded(limit: usize, body: axum::body::Body) -> Result<bytes::Bytes, ProxyError> {
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        let too_large = std::error::Error::source(&err)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || err.to_string().contains("length limit");
-        if too_large {
-            ProxyError::BodyTooLarge(limit)
-        } else {
-            ProxyError::BodyRead(err.to_string())
-        }
-    })
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|err| {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || err.to_string().contains("length limit");
+            if too_large {
+                ProxyError::BodyTooLarge(limit)
+            } else {
+                ProxyError::BodyRead(err.to_string())
+            }
+        })
 }
 
 /// Counts an open downstream stream (`tollgate_streams_active`) for as long as it
