@@ -128,6 +128,8 @@ impl Target {
                     url: parse_url(&url)?,
                     headers: header_map(&headers)?,
                     timeout,
+                    // One call on one thread: pooling cannot move the stream elsewhere.
+                    stream: http.clone(),
                 };
                 (bridge(Connector::LegacySse(target)), url)
             }

@@ -239,8 +239,10 @@ async fn answer(
             match read_body(doors.shared(), request).await {
                 Ok(body) => match Incoming::parse_bytes(body) {
                     Ok(incoming) => {
-                        core.handle(&server, &caller, Inbound { incoming, meta })
-                            .await
+                        // Pinned where it is made: awaited by value, the core's future
+                        // (a few KiB) would be copied once more, every call.
+                        let inbound = Inbound { incoming, meta };
+                        std::pin::pin!(core.handle(&server, &caller, inbound)).await
                     }
                     Err(err) => Err(err.into()),
                 },

@@ -18,7 +18,7 @@ use crate::audit::{Record, digest, uuid_v7};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::state::{Notify, Server, Shared};
-use crate::store::limits::{Decided, Taken, Unchecked};
+use crate::store::limits::{Taken, Unchecked};
 use crate::store::remote::Unavailable;
 use crate::telemetry;
 
@@ -214,7 +214,11 @@ pub async fn decide(ctx: &Context, message: &Message) -> Result<Verdict, ProxyEr
     };
     tracing::Span::current().record("tool", call.name);
     let id = message.id().cloned().unwrap_or(Value::Null);
-    if let Some(changed) = super::tools::check(ctx, message, call.name).await {
+    // Only a server with a tool lock checks: without one, the check's future and its
+    // answer (a whole `Decision`, copied out of it) would be part of every call.
+    if ctx.server.tools.is_some()
+        && let Some(changed) = super::tools::check(ctx, message, call.name).await
+    {
         return Ok(refuse_changed(ctx, &id, changed, call.arguments).await);
     }
     enforce(ctx, &id, call.name, call.arguments).await
@@ -238,6 +242,8 @@ async fn refuse_changed(
 
 impl Permit {
     /// The permit of call `id` to `tool`, holding its rate-limit `slot` if it took one.
+    /// Inlined: built in place in the caller's future instead of copied into it.
+    #[inline(always)]
     fn new(ctx: &Context, id: &Value, tool: String, slot: Option<Taken>) -> Permit {
         Permit {
             shared: ctx.shared().clone(),
@@ -278,21 +284,22 @@ async fn enforce(
         claims: identity.map(|id| &id.claims),
         scopes: identity.map_or(&[], |id| id.scopes.as_slice()),
     };
-    let Decided {
-        mut decision,
-        taken,
-        unchecked,
-    } = server.limits.decide(&policy, &call, shared.now()).await;
+    // Kept whole, the decision in place: taken apart, it would be copied once more.
+    let mut decided = server.limits.decide(&policy, &call, shared.now()).await;
     // A call refused for it is refused as any other call is: with its audit record.
-    let unchecked = unchecked.and_then(|u| limits_unchecked(shared.metrics(), server, tool, u));
+    let unchecked = decided
+        .unchecked
+        .take()
+        .and_then(|u| limits_unchecked(shared.metrics(), server, tool, u));
     let audit_mode = policy.mode() == Mode::Audit && unchecked.is_none();
-    let permit = Permit::new(ctx, id, tool.to_owned(), taken);
+    let permit = Permit::new(ctx, id, tool.to_owned(), decided.taken.take());
     if !audit_mode {
-        refuse_without_approvers(&mut decision, shared.notify());
+        refuse_without_approvers(&mut decided.decision, shared.notify());
     }
     let named = policy.names_tool(tool);
+    let decision = &decided.decision;
     let recorded = record(
-        ctx, &decision, &permit, arguments, audit_mode, named, deciding,
+        ctx, decision, &permit, arguments, audit_mode, named, deciding,
     )
     .await;
     if let Some(error) = unchecked {
@@ -316,10 +323,11 @@ async fn enforce(
             tool,
         )));
     }
-    if audit_mode {
+    // The usual way on, without handing the decision to `verdict` (a copy of it).
+    if audit_mode || decision.action == Action::Allow {
         return Ok(Verdict::Forward(Some(permit)));
     }
-    verdict(ctx, id, decision, permit, policy.deny_as())
+    verdict(ctx, id, decided.decision, permit, policy.deny_as())
 }
 
 /// A rate limit the shared state could not check: counted and logged; the error

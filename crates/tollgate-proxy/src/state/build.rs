@@ -175,6 +175,7 @@ fn reach_url(
             url: parsed,
             headers,
             timeout: config.timeout,
+            stream: http_client(0)?,
         };
         Box::new(bridge(name, Connector::LegacySse(target), config, kit))
     } else {
@@ -289,7 +290,7 @@ impl Shared {
         policies: BTreeMap<String, LoadedPolicy>,
         lanes: Lanes,
     ) -> Result<Shared, BuildError> {
-        let http = http_client()?;
+        let http = http_client(1024)?;
         let remote = connect_remote(config)?;
         let upstreams = build_upstreams(config, policies, lanes, &http, remote.as_ref())?;
         let tls = listener_certs(config)?;
@@ -335,12 +336,12 @@ impl Shared {
 }
 
 /// The client for legacy SSE upstreams and webhooks (a Streamable HTTP upstream
-/// has its own pool).
-fn http_client() -> Result<reqwest::Client, BuildError> {
+/// has its own pool), keeping up to `idle_per_host` idle connections.
+fn http_client(idle_per_host: usize) -> Result<reqwest::Client, BuildError> {
     reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(idle_per_host)
         .connect_timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| BuildError::Http(e.to_string()))

@@ -29,6 +29,12 @@ pub struct Target {
     pub headers: HeaderMap,
     /// Bound on connecting and on each POST.
     pub timeout: Duration,
+    /// The client for the GET stream: one that keeps no idle connection, so the
+    /// stream always has a connection of its own, read on the lane that reads the
+    /// stream. A pooled one may have been opened by another lane, and every event
+    /// would then be allocated on one thread and freed on another, which made the
+    /// allocator hold tens of MiB under a flood of large events.
+    pub stream: reqwest::Client,
 }
 
 /// Why no connection could be made.
@@ -64,7 +70,8 @@ pub async fn connect(http: &reqwest::Client, target: &Target) -> Result<Channel,
 }
 
 async fn connect_once(http: &reqwest::Client, target: &Target) -> Result<Channel, String> {
-    let response = http
+    let response = target
+        .stream
         .get(target.url.clone())
         .header(header::ACCEPT, "text/event-stream")
         .headers(target.headers.clone())
@@ -215,6 +222,7 @@ mod tests {
             url,
             headers: HeaderMap::new(),
             timeout: Duration::from_secs(5),
+            stream: reqwest::Client::new(),
         }
     }
 
